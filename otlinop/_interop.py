@@ -1,0 +1,241 @@
+"""Bridges between otlinop operators and torch sparse tensors, NumPy, scipy and
+GPyTorch's ``linear_operator`` package.
+
+scipy and linear_operator are imported lazily so that ``import otlinop`` stays
+cheap and works without the optional ``linear_operator`` package.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._base import Dense, LinearOperator, _fmt_shape, _REAL_DTYPES
+
+_NUMPY_TO_TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+                   np.dtype(np.float64): torch.float64}
+_TORCH_TO_NUMPY = {torch.float16: np.float16, torch.bfloat16: np.float32, torch.float32: np.float32,
+                   torch.float64: np.float64}
+
+
+def _torch_dtype_for(np_dtype, dtype):
+    if dtype is not None:
+        return dtype
+    return _NUMPY_TO_TORCH.get(np.dtype(np_dtype), torch.float64)
+
+
+class _SparseTensorOperator(LinearOperator):
+    """A torch sparse COO or CSR matrix. Adjoint by transposition, O(nnz) matvec."""
+
+    def __init__(self, S: torch.Tensor):
+        if S.ndim != 2:
+            raise ValueError(f"aslinearoperator: a sparse tensor must be 2-D, got shape {_fmt_shape(S.shape)}")
+        if S.dtype not in _REAL_DTYPES:
+            raise TypeError(f"aslinearoperator: sparse tensor has dtype {S.dtype}, expected a real floating dtype")
+        S = S.coalesce() if S.layout == torch.sparse_coo else S
+        super().__init__(S.shape, S.dtype, S.device)
+        self.S = S
+        self._ST = None
+
+    def _matmat(self, V):
+        return self.S @ V
+
+    def _transposed(self):
+        if self._ST is None:
+            coo = self.S if self.S.layout == torch.sparse_coo else self.S.to_sparse_coo()
+            self._ST = coo.t().coalesce()
+        return self._ST
+
+    def _rmatmat(self, U):
+        return self._transposed() @ U
+
+    def _diagonal(self):
+        coo = self.S if self.S.layout == torch.sparse_coo else self.S.to_sparse_coo().coalesce()
+        idx, val = coo.indices(), coo.values()
+        on_diag = idx[0] == idx[1]
+        out = torch.zeros(min(self.shape), dtype=self.dtype, device=self.device)
+        return out.index_add(0, idx[0][on_diag], val[on_diag])
+
+    def to_dense(self):
+        return self.S.to_dense()
+
+
+class _ScipyOperator(LinearOperator):
+    """Wraps a scipy sparse matrix/array or scipy LinearOperator (host memory).
+
+    Vectors are moved to the host, multiplied by scipy and moved back.
+    """
+
+    def __init__(self, A, dtype, device):
+        super().__init__(A.shape, dtype, device)
+        self.A = A
+
+    def _host(self, V):
+        return V.detach().cpu().numpy().astype(self._np_dtype(), copy=False)
+
+    def _np_dtype(self):
+        return _TORCH_TO_NUMPY[self.dtype]
+
+    def _back(self, arr):
+        return torch.as_tensor(np.ascontiguousarray(arr), dtype=self.dtype, device=self.device)
+
+    def _matmat(self, V):
+        return self._back(self.A @ self._host(V))
+
+    def _rmatmat(self, U):
+        AT = self.A.T if hasattr(self.A, "T") else self.A.adjoint()
+        return self._back(AT @ self._host(U))
+
+    def _diagonal(self):
+        import scipy.sparse as sp
+        if sp.issparse(self.A):
+            return self._back(self.A.diagonal())
+        return super()._diagonal()
+
+
+class _GPyTorchOperator(LinearOperator):
+    """Wraps a ``linear_operator.LinearOperator`` of shape (n, m) (no batch dims)."""
+
+    def __init__(self, L):
+        if len(L.shape) != 2:
+            raise ValueError(f"aslinearoperator: a linear_operator object must be 2-D (no batch dims), "
+                             f"got shape {_fmt_shape(L.shape)}")
+        super().__init__(tuple(L.shape), L.dtype, L.device)
+        self.L = L
+
+    def _matmat(self, V):
+        return self.L @ V
+
+    def _rmatmat(self, U):
+        return self.L.mT @ U
+
+    def _diagonal(self):
+        if self.shape[0] == self.shape[1]:
+            return self.L.diagonal()
+        return super()._diagonal()
+
+    def to_dense(self):
+        return self.L.to_dense()
+
+
+def convert(obj, *, dtype=None, device=None) -> LinearOperator:
+    """See ``otlinop.aslinearoperator``."""
+    if isinstance(obj, torch.Tensor):
+        if obj.layout == torch.strided:
+            return Dense(obj if dtype is None else obj.to(dtype))
+        if obj.layout in (torch.sparse_coo, torch.sparse_csr):
+            return _SparseTensorOperator(obj if dtype is None else obj.to(dtype))
+        raise TypeError(f"aslinearoperator: torch layout {obj.layout} is not supported; "
+                        "use a dense, sparse COO or sparse CSR tensor")
+    if isinstance(obj, np.ndarray):
+        if obj.ndim != 2:
+            raise ValueError(f"aslinearoperator: a NumPy array must be 2-D, got shape {_fmt_shape(obj.shape)}")
+        if not np.issubdtype(obj.dtype, np.floating) and not np.issubdtype(obj.dtype, np.integer):
+            raise TypeError(f"aslinearoperator: NumPy dtype {obj.dtype} is not supported; use a real dtype")
+        t = torch.as_tensor(np.ascontiguousarray(obj), dtype=_torch_dtype_for(obj.dtype, dtype),
+                            device=device or "cpu")
+        return Dense(t)
+    import scipy.sparse as sp
+    import scipy.sparse.linalg as sla
+    if sp.issparse(obj) or isinstance(obj, sla.LinearOperator):
+        if obj.dtype is not None and np.issubdtype(np.dtype(obj.dtype), np.complexfloating):
+            raise TypeError(f"aslinearoperator: complex scipy operators are not supported, got {obj.dtype}")
+        tdtype = _torch_dtype_for(obj.dtype if obj.dtype is not None else np.float64, dtype)
+        return _ScipyOperator(obj, tdtype, device or "cpu")
+    try:
+        import linear_operator
+    except ImportError:  # optional dependency
+        linear_operator = None
+    if linear_operator is not None and isinstance(obj, linear_operator.LinearOperator):
+        return _GPyTorchOperator(obj)
+    raise TypeError(
+        f"aslinearoperator: cannot convert {type(obj).__module__}.{type(obj).__name__}; expected an otlinop "
+        "LinearOperator, a torch tensor (dense, sparse COO or CSR), a NumPy array, a scipy sparse matrix, "
+        "a scipy.sparse.linalg.LinearOperator or a linear_operator.LinearOperator")
+
+
+# --------------------------------------------------------------------------
+# Outgoing
+# --------------------------------------------------------------------------
+def to_scipy(A: LinearOperator):
+    import scipy.sparse.linalg as sla
+
+    np_dtype = _TORCH_TO_NUMPY[A.dtype]
+
+    def to_torch(arr):
+        return torch.as_tensor(np.asarray(arr, dtype=np_dtype), device=A.device)
+
+    def to_numpy(t):
+        return t.detach().to("cpu").numpy()
+
+    class _OtlinopScipyOperator(sla.LinearOperator):
+        def __init__(self):
+            super().__init__(dtype=np.dtype(np_dtype), shape=A.shape)
+            self.operator = A
+
+        def _matvec(self, x):
+            x = to_torch(x).reshape(A.shape[1])
+            return to_numpy(A.matvec(x))
+
+        def _matmat(self, X):
+            return to_numpy(A.matmat(to_torch(X)))
+
+        def _rmatvec(self, x):
+            x = to_torch(x).reshape(A.shape[0])
+            return to_numpy(A.rmatvec(x))
+
+        def _rmatmat(self, X):
+            return to_numpy(A.rmatmat(to_torch(X)))
+
+        def _adjoint(self):
+            if A.has_adjoint:
+                return to_scipy(A.adjoint())
+            return super()._adjoint()
+
+    with torch.no_grad():
+        return _OtlinopScipyOperator()
+
+
+def to_linear_operator(A: LinearOperator):
+    try:
+        import linear_operator
+    except ImportError as err:
+        raise ImportError("to_linear_operator needs the linear_operator package: pip install linear_operator") from err
+
+    class _OtlinopGPyTorchOperator(linear_operator.LinearOperator):
+        """linear_operator view of an otlinop operator.
+
+        The only tensor argument is a 0-element placeholder that carries dtype
+        and device; the otlinop operator rides along as a non-tensor kwarg.
+        """
+
+        def __init__(self, placeholder, *, otlinop_op):
+            super().__init__(placeholder, otlinop_op=otlinop_op)
+            self._placeholder = placeholder
+            self._op = otlinop_op
+
+        def _matmul(self, rhs):
+            if rhs.ndim == 1:
+                return self._op.matvec(rhs)
+            if rhs.ndim == 2:
+                return self._op.matmat(rhs)
+            raise ValueError(f"to_linear_operator: batched right-hand sides are not supported, got shape "
+                             f"{_fmt_shape(rhs.shape)}")
+
+        def _size(self):
+            return torch.Size(self._op.shape)
+
+        def _transpose_nonbatch(self):
+            return _OtlinopGPyTorchOperator(self._placeholder, otlinop_op=self._op.adjoint())
+
+        def _diagonal(self):
+            return self._op.diagonal()
+
+        def to_dense(self):
+            return self._op.to_dense()
+
+        def _expand_batch(self, batch_shape):
+            raise NotImplementedError("otlinop operators have no batch dimensions")
+
+    placeholder = torch.zeros(0, dtype=A.dtype, device=A.device)
+    return _OtlinopGPyTorchOperator(placeholder, otlinop_op=A)

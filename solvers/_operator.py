@@ -1,0 +1,154 @@
+"""The operator protocol the solvers rely on, and the adaptor ``as_operator``.
+
+An operator has ``shape`` (n, m), ``dtype`` (a torch dtype), ``device`` and
+``A @ v`` for v of shape (m,) or (m, k); optionally ``.T``, ``diagonal()``,
+``splitting()`` and the flags ``is_symmetric`` / ``is_psd``. Nothing here
+imports ``otlinop`` at import time: ``otlinop`` re-exports the solvers, so an
+eager import would be circular.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["as_operator"]
+
+_REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fmt_shape(shape) -> str:
+    shape = tuple(int(s) for s in shape)
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _is_operator(obj) -> bool:
+    """Whether ``obj`` already follows the operator protocol (tensors excluded)."""
+    if isinstance(obj, torch.Tensor):
+        return False
+    return (hasattr(obj, "shape") and isinstance(getattr(obj, "dtype", None), torch.dtype)
+            and hasattr(obj, "device") and hasattr(type(obj), "__matmul__"))
+
+
+class _DenseOperator:
+    """A strided (n, m) torch tensor seen through the operator protocol.
+
+    Adjoint: the transposed view. Diagonal: ``M.diagonal()``. One matvec costs
+    O(nm). Symmetry is unknown (not checked: it would cost a pass over M).
+    """
+
+    is_symmetric = False
+    is_psd = False
+
+    def __init__(self, M: torch.Tensor):
+        self.M = M
+        self.shape = (int(M.shape[0]), int(M.shape[1]))
+        self.dtype = M.dtype
+        self.device = M.device
+        self._T = None
+
+    def __matmul__(self, v):
+        return self.M @ v
+
+    @property
+    def T(self) -> "_DenseOperator":
+        if self._T is None:
+            self._T = _DenseOperator(self.M.mT)
+            self._T._T = self
+        return self._T
+
+    def diagonal(self) -> torch.Tensor:
+        return self.M.diagonal()
+
+    def _differentiable_tensors(self) -> tuple:
+        return (self.M,) if self.M.requires_grad else ()
+
+    def to_dense(self) -> torch.Tensor:
+        return self.M
+
+    def __repr__(self) -> str:
+        return f"<dense {self.shape[0]}x{self.shape[1]} {self.dtype} on {self.device}>"
+
+
+class _CallableOperator:
+    """A user function ``r -> M r`` seen as an (n, n) operator.
+
+    ``vector_input`` says whether the solver was given a 1-D right-hand side;
+    the function then receives 1-D vectors, as the user would expect.
+    """
+
+    is_symmetric = False
+    is_psd = False
+
+    def __init__(self, fn, n: int, dtype, device, vector_input: bool):
+        self._fn = fn
+        self.shape = (n, n)
+        self.dtype = dtype
+        self.device = device
+        self._vector_input = vector_input
+
+    def __matmul__(self, V):
+        if self._vector_input and V.ndim == 2 and V.shape[1] == 1:
+            return self._fn(V[:, 0]).reshape(-1, 1)
+        return self._fn(V)
+
+    def __repr__(self) -> str:
+        return f"<callable preconditioner {self._fn!r}>"
+
+
+def as_operator(A, *, name: str = "A", caller: str = "as_operator"):
+    """Return ``A`` as an object following the solvers' operator protocol.
+
+    Parameters
+    ----------
+    A : operator, torch.Tensor, numpy.ndarray, scipy sparse matrix, scipy or
+        linear_operator LinearOperator
+        Objects that already have ``shape``, a torch ``dtype``, ``device`` and
+        ``@`` are returned unchanged. A dense 2-D torch tensor is wrapped in a
+        small private class (no ``otlinop`` needed); everything else goes
+        through ``otlinop._base.aslinearoperator``, imported lazily.
+    name, caller : str
+        Used in error messages ("cg: A must be ...").
+
+    Returns
+    -------
+    operator
+
+    Raises
+    ------
+    TypeError
+        If ``A`` cannot be converted.
+    ValueError
+        If a tensor is not 2-D.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from solvers._operator import as_operator
+    >>> A = as_operator(torch.eye(3, dtype=torch.float64))
+    >>> A.shape, (A @ torch.ones(3, dtype=torch.float64)).tolist()
+    ((3, 3), [1.0, 1.0, 1.0])
+    """
+    if _is_operator(A):
+        if len(tuple(A.shape)) != 2:
+            raise ValueError(f"{caller}: {name} must be 2-D, got shape {_fmt_shape(A.shape)}")
+        return A
+    if isinstance(A, torch.Tensor):
+        if A.ndim != 2:
+            raise ValueError(f"{caller}: {name} must be a 2-D matrix or an operator, got a tensor of shape "
+                             f"{_fmt_shape(A.shape)}")
+        if A.dtype not in _REAL_DTYPES:
+            raise TypeError(f"{caller}: {name} has dtype {A.dtype}, expected a real floating dtype "
+                            f"(float32 or float64); convert with {name}.to(torch.float64)")
+        if A.layout == torch.strided:
+            return _DenseOperator(A)
+    try:
+        from otlinop._base import aslinearoperator
+    except ImportError:  # solvers used without otlinop installed
+        raise TypeError(
+            f"{caller}: {name} must be an operator (shape, dtype, device, @) or a dense 2-D torch tensor, "
+            f"got {type(A).__name__}; install otlinop to pass NumPy arrays, scipy matrices or "
+            "foreign LinearOperators") from None
+    try:
+        return aslinearoperator(A)
+    except TypeError as err:
+        raise TypeError(f"{caller}: {name} could not be used as a linear operator: {err}") from err
