@@ -1,0 +1,37 @@
+"""Streaming Triton kernels of otlinop, with their torch references.
+
+One file per primitive; each computes on the squared Euclidean cost
+``C_ij = cost_scale * |x_i - y_j|^2`` without ever storing an n x m matrix:
+
+- :func:`lse_cost`, :func:`softmin` (``softmin.py``): the Sinkhorn update
+  ``-eps LSE_j(h_j - C_ij / eps)``.
+- :func:`plan_apply` (``plan_apply.py``): ``P @ V`` for the entropic plan;
+  ``P.T @ U`` is the same call with the roles of (x, f, log_a) and
+  (y, g, log_b) swapped.
+- :func:`plan_bilinear` (``plan_bilinear.py``): ``sum_j P_ij <W_i, V_j> Y_j``.
+
+Every primitive accepts unbatched inputs or a leading batch dim B (one kernel
+launch), a ``backend`` (None, "triton", "torch") and a ``precision`` (None,
+"ieee", "tf32", "tf32x3"; None means :data:`DEFAULT_PRECISION`). The
+``*_torch`` functions are the float64-capable references and the CPU fallback.
+Only the operators import this package.
+"""
+
+from ._common import BACKENDS, DEFAULT_PRECISION, PRECISIONS
+from .plan_apply import plan_apply, plan_apply_torch
+from .plan_bilinear import plan_bilinear, plan_bilinear_torch
+from .softmin import lse_cost, lse_cost_torch, softmin, softmin_torch
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_PRECISION",
+    "PRECISIONS",
+    "lse_cost",
+    "lse_cost_torch",
+    "plan_apply",
+    "plan_apply_torch",
+    "plan_bilinear",
+    "plan_bilinear_torch",
+    "softmin",
+    "softmin_torch",
+]

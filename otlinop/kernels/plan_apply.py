@@ -1,0 +1,401 @@
+"""Streaming product of the entropic transport plan with a vector or a matrix.
+
+Computes ``(P V)_i = sum_j P_ij V_j`` for
+
+    P_ij = exp(log_a_i + log_b_j + (f_i + g_j - C_ij) / eps),  C_ij = c |x_i - y_j|^2,
+
+without storing P (MATH.md section 2): each program owns a tile of rows of x
+and streams the columns of y. With ``l_ij = log_b_j + (g_j - C_ij) / eps`` it
+keeps a running maximum ``M_i`` (rescaling the partial sums when it grows) and
+``S_i = sum_j exp(l_ij - M_i) V_j``, where the probability tile times the V
+tile is a tensor-core dot; at the end ``(P V)_i = exp(log_a_i + f_i/eps + M_i) S_i``.
+Everything runs in base 2 (``exp2``), with the constants folded into per-row
+and per-column biases.
+
+``P.T @ U`` is the same call with the roles swapped:
+``plan_apply(y, x, g, f, U, log_a=log_b, log_b=log_a)``.
+
+Cost: time O(n m (d + k)) (n m exponentials per chunk of at most 64 columns
+of V, 2 n m (d + k) dot FLOPs); memory O((n + m)(d + k)), never an n x m
+buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import LOG2E, _cross_tile, _LOG2E, _mma, _online_step, _row_setup
+
+__all__ = ["plan_apply", "plan_apply_torch"]
+
+_FN = "plan_apply"
+
+# --------------------------------------------------------------------------
+# Autotuning
+# --------------------------------------------------------------------------
+
+# Largest tile first; the last one is the safe fallback.
+_CONFIGS = _common.configs_or_interpreter([
+    _common.config(128, 64, 4, 3),
+    _common.config(128, 64, 8, 3),
+    _common.config(128, 64, 8, 2),
+    _common.config(64, 64, 4, 2),
+    _common.config(64, 32, 4, 2),
+])
+
+# Widest feature chunk held in registers (wider d loops over chunks).
+_MAX_BLOCK_D = 64
+# Widest chunk of the columns of V per program. Wider V is split over the
+# second grid axis; every chunk recomputes the probability tiles (exp-bound),
+# hence the large per-chunk price given to pick_block.
+_MAX_BLOCK_K = 64
+
+
+def _fits(cfg, args):
+    # ptxas (sm_90, tf32x3): with a (BLOCK_M, BLOCK_K) accumulator or a feature
+    # chunk over 16, a 128-row tile needs 8 warps not to spill.
+    small = args["V_MODE"] < 2 and args["BLOCK_D"] <= 16
+    return not (cfg.kwargs["BLOCK_M"] == 128 and cfg.num_warps == 4 and not small)
+
+
+def _prune(configs, named_args, **kwargs):
+    return _common.prune_configs(configs, {**named_args, **kwargs}, _fits)
+
+
+# --------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    # Bucketed sizes only; eps and cost_scale are runtime floats (no re-tune
+    # when eps changes). Tensor dtypes are added to the key by Triton.
+    key=["N_BUCKET", "M_BUCKET", "D_PAD", "K_PAD"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+# Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
+# would compile a new variant for every parity of n or m.
+@triton.jit(do_not_specialize=["n", "m", "k"])
+def _plan_apply_kernel(
+    X, Y, CEN, F, G, LOG_A, LOG_B, V, OUT,
+    n, m, d, k,
+    stride_xb, stride_xn, stride_xd,
+    stride_yb, stride_ym, stride_yd,
+    stride_cb, stride_fb, stride_gb, stride_lab, stride_lbb,
+    stride_vb, stride_vm, stride_vk,
+    stride_ob, stride_on, stride_ok,
+    k2,        # cost_scale * log2(e) / eps (runtime: eps changes never recompile)
+    inv_eps2,  # log2(e) / eps
+    N_BUCKET, M_BUCKET, D_PAD, K_PAD,  # autotuning keys only
+    # Optional log-weights: absent ones cost neither a load nor an add.
+    HAS_LOG_A: tl.constexpr, HAS_LOG_B: tl.constexpr,
+    # 0: V = ones (row sums, a plain reduction); 1: a vector (elementwise
+    # product and reduction: a tl.dot would pad k = 1 to 16); 2: a matrix
+    # (tensor-core dot of the probability tile with the V tile).
+    V_MODE: tl.constexpr,
+    # Feature chunk (>= 16 for tl.dot, a power of two) and its trip count.
+    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    # Columns of V handled by one program (>= 16 for tl.dot).
+    BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    X += b * stride_xb
+    Y += b * stride_yb
+    CEN += b * stride_cb
+    F += b * stride_fb
+    G += b * stride_gb
+    LOG_A += b * stride_lab
+    LOG_B += b * stride_lbb
+    V += b * stride_vb
+    OUT += b * stride_ob
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    xc0, xn, cen0 = _row_setup(X, CEN, rows, n, d, stride_xn, stride_xd, BLOCK_D, D_CHUNKS)
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+
+    two_k2 = 2.0 * k2
+    M = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    if V_MODE == 2:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, m, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < m
+        dot, yn = _cross_tile(xc0, cen0, X, Y, CEN, rows, cols, n, m, d,
+                              stride_xn, stride_xd, stride_ym, stride_yd,
+                              BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, PREC)
+        # Column bias of l_ij in base 2: log2(e) (log_b_j + g_j / eps) - k2 |y_j|^2.
+        g = tl.load(G + cols, mask=col_ok, other=0.0).to(tl.float32)
+        u = inv_eps2 * g - k2 * yn
+        if HAS_LOG_B:
+            u += _LOG2E * tl.load(LOG_B + cols, mask=col_ok, other=0.0).to(tl.float32)
+        u = tl.where(col_ok, u, float("-inf"))
+        t = u[None, :] + two_k2 * dot
+        M, alpha, p = _online_step(M, t)
+        if V_MODE == 0:
+            acc = acc * alpha + tl.sum(p, axis=1)
+        elif V_MODE == 1:
+            # other=0: p = 0 past m, but 0 * (garbage NaN) would still be NaN.
+            v = tl.load(V + cols * stride_vm, mask=col_ok, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p * v[None, :], axis=1)
+        else:
+            vt = tl.load(V + cols[:, None] * stride_vm + kk[None, :] * stride_vk,
+                         mask=col_ok[:, None] & (kk[None, :] < k), other=0.0)
+            # p is in [0, 1]: casting it to a half V is safe.
+            acc = _mma(p.to(vt.dtype), vt, acc * alpha[:, None], PREC)
+
+    # Row factor exp(log_a_i + f_i/eps + M_i - c|x_i|^2/eps), in base 2. A row
+    # with no finite logit has M = -inf and acc = 0, hence 0 (never NaN).
+    row_ok = rows < n
+    r = inv_eps2 * tl.load(F + rows, mask=row_ok, other=0.0).to(tl.float32) - k2 * xn
+    if HAS_LOG_A:
+        r += _LOG2E * tl.load(LOG_A + rows, mask=row_ok, other=0.0).to(tl.float32)
+    scale = tl.exp2(r + M)
+    if V_MODE == 2:
+        out = acc * scale[:, None]
+        tl.store(OUT + rows[:, None] * stride_on + kk[None, :] * stride_ok,
+                 out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (kk[None, :] < k))
+    else:
+        out = acc * scale
+        tl.store(OUT + rows * stride_on, out.to(OUT.dtype.element_ty), mask=row_ok)
+
+
+# --------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------
+
+
+def _validate(fn, x, y, f, g, V, log_a, log_b, eps, cost_scale):
+    geo = _common.check_points(fn, x, y)
+    for name, t, length in (("f", f, geo.n), ("g", g, geo.m)):
+        if t is None:
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor of shape ({length},), got None")
+        _common.check_vector(geo, name, t, length)
+    _common.check_vector(geo, "log_a", log_a, geo.n)
+    _common.check_vector(geo, "log_b", log_b, geo.m)
+    if V is not None:
+        if not isinstance(V, torch.Tensor):
+            raise TypeError(f"{fn}: V must be a torch.Tensor or None, got {type(V).__name__}")
+        # A batched call needs a batched V: (B, m) and (m, k) would be ambiguous.
+        if geo.batched:
+            ok = (V.ndim == 2 and tuple(V.shape) == (geo.B, geo.m)) or \
+                 (V.ndim == 3 and tuple(V.shape[:2]) == (geo.B, geo.m))
+        else:
+            ok = V.ndim in (1, 2) and V.shape[0] == geo.m
+        if not ok:
+            expected = (f"({geo.B}, {geo.m}, k) or ({geo.B}, {geo.m})" if geo.batched
+                        else f"({geo.m}, k) or ({geo.m},)")
+            raise ValueError(f"{fn}: V has shape {tuple(V.shape)}, expected {expected}")
+        _common._check_tensor(geo, "V", V)
+    eps = _common.check_eps(fn, eps)
+    cost_scale = _common.check_cost_scale(fn, cost_scale)
+    _common.check_finite(
+        geo, {"x": x, "y": y, "f": f, "g": g, "V": V, "log_a": log_a, "log_b": log_b},
+        allow_neg_inf=("f", "g", "log_a", "log_b"),
+    )
+    return geo, eps, cost_scale
+
+
+def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precision):
+    vec_ndim = 2 if geo.batched else 1  # ndim of a V vector in this call
+    if V is None:
+        mode, k, out_shape = 0, 1, geo.shape(geo.n)
+    elif V.ndim == vec_ndim:
+        mode, k, out_shape = 1, 1, geo.shape(geo.n)
+    else:
+        k = V.shape[-1]
+        mode, out_shape = (1 if k == 1 else 2), geo.shape(geo.n, k)
+    out = torch.empty(out_shape, device=geo.device, dtype=geo.dtype)
+    if out.numel() == 0 or geo.m == 0:
+        return out.zero_()
+    x, y, f, g = (_common.unit_last(t) for t in (x, y, f, g))
+    log_a, log_b = _common.unit_last(log_a), _common.unit_last(log_b)
+    cen = _common.centre(x, y, torch.float32)
+    block_d = _common.pick_block(geo.d, _MAX_BLOCK_D, chunk_cost=16)
+    block_k = _common.pick_block(k, _MAX_BLOCK_K, chunk_cost=64) if mode == 2 else 16
+
+    # Strides of V and OUT as (batch, row, column) whatever the mode.
+    if V is None:
+        V_arg, v_strides = f, (0, 0, 0)  # never read
+    else:
+        V_arg = V
+        vb = V.stride(0) if geo.batched else 0
+        vk = V.stride(-1) if V.ndim == vec_ndim + 1 else 0
+        v_strides = (vb, V.stride(-2) if V.ndim == vec_ndim + 1 else V.stride(-1), vk)
+    ob = out.stride(0) if geo.batched else 0
+    if out.ndim == (3 if geo.batched else 2):
+        o_strides = (ob, out.stride(-2), out.stride(-1))
+    else:
+        o_strides = (ob, out.stride(-1), 0)
+
+    grid = lambda meta: (triton.cdiv(geo.n, meta["BLOCK_M"]), triton.cdiv(k, block_k), geo.B)  # noqa: E731
+    with _common.device_guard(geo.device):
+        _plan_apply_kernel[grid](
+            x, y, cen, f, g,
+            log_a if log_a is not None else f, log_b if log_b is not None else g,
+            V_arg, out,
+            geo.n, geo.m, geo.d, k,
+            _common.batch_stride(x, 2), x.stride(-2), x.stride(-1),
+            _common.batch_stride(y, 2), y.stride(-2), y.stride(-1),
+            _common.batch_stride(cen, 1), _common.batch_stride(f, 1), _common.batch_stride(g, 1),
+            _common.batch_stride(log_a, 1) if log_a is not None else 0,
+            _common.batch_stride(log_b, 1) if log_b is not None else 0,
+            *v_strides, *o_strides,
+            cost_scale * LOG2E / eps, LOG2E / eps,
+            _common.bucket(geo.n), _common.bucket(geo.m), _common.bucket(geo.d),
+            _common.bucket(k) if mode == 2 else mode,
+            HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None, V_MODE=mode,
+            BLOCK_D=block_d, D_CHUNKS=triton.cdiv(geo.d, block_d), BLOCK_K=block_k,
+            PREC=precision,
+        )
+    return out
+
+
+def plan_apply(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_scale=1.0,
+               backend=None, precision=None):
+    r"""Streaming product ``P @ V`` of the entropic plan with a vector or a matrix.
+
+    Parameters
+    ----------
+    x : Tensor, shape (n, d) or (B, n, d)
+        Row points.
+    y : Tensor, shape (m, d) or (B, m, d)
+        Column points (same dtype and device as ``x``).
+    f : Tensor, shape (n,) or (B, n)
+        Row potential.
+    g : Tensor, shape (m,) or (B, m)
+        Column potential.
+    V : Tensor or None, shape (m,), (m, k), (B, m) or (B, m, k)
+        The operand; ``None`` means ones (the row sums ``P 1``). A batched
+        call needs a batched ``V``. Any k (columns are processed in chunks of
+        at most 64 per program).
+    eps : float
+        Entropic regularisation, positive (a runtime kernel argument).
+    log_a : Tensor or None, shape (n,) or (B, n)
+        Row log-weights; None means zeros (the OTT convention, unit weights).
+        ``-inf`` marks a zero weight.
+    log_b : Tensor or None, shape (m,) or (B, m)
+        Column log-weights; None means zeros. ``-inf`` marks a zero weight.
+    cost_scale : float, default 1.0
+        ``c`` in ``C_ij = c |x_i - y_j|^2``.
+    backend : {None, "triton", "torch"}
+        As in :func:`otlinop.kernels.lse_cost`.
+    precision : {None, "ieee", "tf32", "tf32x3"}
+        Tensor-core precision of the fp32 dots (the cost dots and P @ V);
+        None means ``DEFAULT_PRECISION`` ("tf32x3").
+
+    In a batched call the vectors f, g, log_a, log_b may be unbatched (shared
+    by the batch). f, g, log_a, log_b and V have the dtype of ``x`` (float32
+    is also accepted when ``x`` is float16/bfloat16).
+
+    Returns
+    -------
+    Tensor, dtype of ``x``
+        Shape (n,) for V None or a vector, (n, k) for a matrix; with a leading
+        B when batched. A row with no nonzero weight gives 0.
+
+    Raises
+    ------
+    ValueError
+        Inconsistent shapes or devices, invalid eps, cost_scale, backend or
+        precision, non-finite inputs (f, g, log_a, log_b may hold -inf).
+    TypeError
+        Non-tensor inputs or inconsistent dtypes.
+
+    Notes
+    -----
+    .. math:: (PV)_i = \sum_j \exp\big(\log a_i + \log b_j
+              + (f_i + g_j - c\|x_i - y_j\|^2)/\varepsilon\big) V_j
+
+    ``P.T @ U = plan_apply(y, x, g, f, U, log_a=log_b, log_b=log_a)``. Time
+    O(n m (d + k)), memory O((n + m)(d + k)).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from otlinop.kernels import plan_apply
+    >>> x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    >>> f, g = torch.zeros(5, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    >>> plan_apply(x, y, f, g, torch.ones(4, 3, dtype=torch.float64), eps=1.0).shape
+    torch.Size([5, 3])
+    """
+    geo, eps, cost_scale = _validate(_FN, x, y, f, g, V, log_a, log_b, eps, cost_scale)
+    precision = _common.resolve_precision(_FN, precision)
+    if _common.resolve_backend(_FN, backend, x) == "torch":
+        return _plan_apply_torch(x, y, f, g, V, log_a, log_b, eps, cost_scale)
+    return _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precision)
+
+
+# --------------------------------------------------------------------------
+# Torch reference
+# --------------------------------------------------------------------------
+
+
+def _plan_apply_torch(x, y, f, g, V, log_a, log_b, eps, cost_scale):
+    dtype = _common.compute_dtype(x.dtype)
+    batched = x.ndim == 3 or y.ndim == 3
+    xc, yc, xn, yn = _common.centred_points(x, y, dtype)
+    f3, g3 = _common.as_batched(f, 1).to(dtype), _common.as_batched(g, 1).to(dtype)
+    col = g3 / eps
+    if log_b is not None:
+        col = col + _common.as_batched(log_b, 1).to(dtype)
+    row = f3 / eps
+    if log_a is not None:
+        row = row + _common.as_batched(log_a, 1).to(dtype)
+    vector = V is None or V.ndim == (2 if batched else 1)
+    if V is not None:
+        V3 = _common.as_batched(V, 2 if batched else 1).to(dtype)
+        V3 = V3.unsqueeze(-1) if vector else V3  # (Bv, m, k)
+    B = max(xc.shape[0], yc.shape[0], f3.shape[0], g3.shape[0])
+    n, m = xc.shape[1], yc.shape[1]
+    k = 1 if vector else V.shape[-1]
+    out = torch.zeros((B, n, k), device=x.device, dtype=dtype)
+    if m == 0:
+        return _finish(out, batched, vector, x.dtype)
+    for rows in _common.row_blocks(n, m, B, out.element_size(), temporaries=2):
+        # l_ij = log_b_j + (g_j - C_ij) / eps, built in place in the cost block.
+        logits = _common.cost_block(xc, yc, xn, yn, rows, cost_scale).div_(-eps).add_(col[:, None, :])
+        M = logits.amax(dim=-1, keepdim=True)
+        # A row without a finite logit shifts by 0: exp(-inf) = 0, no NaN.
+        M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+        p = logits.sub_(M).exp_()
+        S = p.sum(-1, keepdim=True) if V is None else torch.matmul(p, V3)
+        out[:, rows] = torch.exp(row[:, rows, None] + M) * S
+    return _finish(out, batched, vector, x.dtype)
+
+
+def _finish(out, batched, vector, dtype):
+    if vector:
+        out = out[..., 0]
+    if not batched:
+        out = out[0]
+    return out.to(dtype)
+
+
+def plan_apply_torch(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_scale=1.0):
+    """Torch reference of :func:`plan_apply` (same arguments but backend/precision).
+
+    Works on any device in float64 and float32 (half inputs are computed in
+    float32). Row blocks keep the (B, rows, m) temporaries under
+    ``TORCH_BLOCK_BYTES``: n x m is never allocated at once for large inputs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from otlinop.kernels import plan_apply_torch
+    >>> x = torch.randn(5, 2, dtype=torch.float64)
+    >>> z = torch.zeros(5, dtype=torch.float64)
+    >>> plan_apply_torch(x, x, z, z, eps=1.0).shape
+    torch.Size([5])
+    """
+    _, eps, cost_scale = _validate("plan_apply_torch", x, y, f, g, V, log_a, log_b, eps, cost_scale)
+    return _plan_apply_torch(x, y, f, g, V, log_a, log_b, eps, cost_scale)

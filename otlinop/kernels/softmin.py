@@ -1,0 +1,327 @@
+"""Streaming soft-minimum of the squared Euclidean cost (the Sinkhorn update).
+
+Computes, for ``C_ij = c |x_i - y_j|^2``,
+
+    lse_cost(x, y, h)_i = LSE_j (h_j - C_ij / eps)
+    softmin(x, y, h)_i  = -eps * lse_cost(x, y, h)_i
+
+without storing C: each program owns a tile of rows of x and streams the
+columns of y in tiles, keeping a running maximum and a running sum of
+exponentials (MATH.md section 2). The dots x_i . y_j run on tensor cores
+(``tl.dot``), the exponentials in base 2 (``exp2``), with every constant folded
+into per-column biases so that the inner loop costs one FMA, one max and one
+exp2 per entry.
+
+The Sinkhorn update of MATH.md is ``f <- softmin(x, y, log b + g / eps)``; the
+update of g is the same call with (x, y) swapped (the cost is symmetric).
+
+Cost: time O(n m d) (n m exponentials, 2 n m d dot FLOPs); memory
+O((n + m) d): the output and the O(d) centre, never an n x m buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import (
+    LN2,
+    LOG2E,
+    _cross_tile,
+    _LOG2E,
+    _online_step,
+    _row_setup,
+)
+
+__all__ = ["lse_cost", "softmin", "lse_cost_torch", "softmin_torch"]
+
+_FN_LSE = "lse_cost"
+_FN_SOFTMIN = "softmin"
+
+# --------------------------------------------------------------------------
+# Autotuning
+# --------------------------------------------------------------------------
+
+# Largest tile first; the last one is the safe fallback. 128 x 64-128 tiles
+# suit an exp-bound loop (FlashAttention's choice); 64 x 64 keeps every SM busy
+# for smaller n.
+_CONFIGS = _common.configs_or_interpreter([
+    _common.config(128, 64, 4, 3),
+    _common.config(128, 128, 8, 2),
+    _common.config(128, 64, 8, 3),
+    _common.config(64, 64, 4, 2),
+])
+
+# Widest feature chunk held in registers: wider d loops over chunks.
+_MAX_BLOCK_D = 64
+
+
+def _fits(cfg, args):
+    # ptxas (sm_90, tf32x3): a 128-row tile on 4 warps spills once the
+    # feature chunk exceeds 16; 8 warps do not.
+    return not (cfg.kwargs["BLOCK_M"] == 128 and cfg.num_warps == 4 and args["BLOCK_D"] > 16)
+
+
+def _prune(configs, named_args, **kwargs):
+    return _common.prune_configs(configs, {**named_args, **kwargs}, _fits)
+
+
+# --------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    # Bucketed sizes, never raw n or m (one tuning per power of two), and no
+    # eps / cost_scale: they are runtime floats, so eps-scaling never re-tunes
+    # nor recompiles. Tensor dtypes are added to the key by Triton.
+    key=["N_BUCKET", "M_BUCKET", "D_PAD"],
+    prune_configs_by={"early_config_prune": _prune},
+)
+# Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
+# would compile a new variant for every parity of n or m.
+@triton.jit(do_not_specialize=["n", "m"])
+def _lse_kernel(
+    X, Y, CEN, H, OUT,
+    n, m, d,
+    stride_xb, stride_xn, stride_xd,
+    stride_yb, stride_ym, stride_yd,
+    stride_cb, stride_hb, stride_ob,
+    k2,          # cost_scale * log2(e) / eps: runtime, so eps changes never recompile
+    out_scale,   # ln 2 for lse_cost, -eps ln 2 for softmin (fused final scaling)
+    N_BUCKET, M_BUCKET, D_PAD,  # autotuning keys only
+    # Feature chunk (>= 16 because tl.dot needs K >= 16; a power of two for
+    # tl.arange) and the number of chunks: a compile-time loop trip count.
+    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    # Dot precision ("ieee", "tf32", "tf32x3"): a different instruction sequence.
+    PREC: tl.constexpr,
+    # Tile shape, set by the autotuner.
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    # int64 batch offsets: B * n * d may exceed 2^31.
+    b = tl.program_id(2).to(tl.int64)
+    X += b * stride_xb
+    Y += b * stride_yb
+    CEN += b * stride_cb
+    H += b * stride_hb
+    OUT += b * stride_ob
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    xc0, xn, cen0 = _row_setup(X, CEN, rows, n, d, stride_xn, stride_xd, BLOCK_D, D_CHUNKS)
+
+    # In base 2: h_j log2(e) - k2 (|x_i|^2 + |y_j|^2 - 2 x_i.y_j). The row term
+    # -k2 |x_i|^2 is constant along the stream and is added once at the end.
+    two_k2 = 2.0 * k2
+    M = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    S = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, m, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        dot, yn = _cross_tile(xc0, cen0, X, Y, CEN, rows, cols, n, m, d,
+                              stride_xn, stride_xd, stride_ym, stride_yd,
+                              BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, PREC)
+        # Columns past m load h = -inf: they drop out of the max and the sum.
+        h = tl.load(H + cols, mask=cols < m, other=float("-inf")).to(tl.float32)
+        u = h * _LOG2E - k2 * yn
+        t = u[None, :] + two_k2 * dot
+        M, alpha, p = _online_step(M, t)
+        S = S * alpha + tl.sum(p, axis=1)
+
+    # A row with no finite term: M = -inf and log2(S) = -inf, so out = -inf
+    # (or +inf for softmin), never NaN.
+    out = out_scale * (M + tl.log2(S) - k2 * xn)
+    tl.store(OUT + rows, out.to(OUT.dtype.element_ty), mask=rows < n)
+
+
+# --------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------
+
+
+def _validate(fn, x, y, h, eps, cost_scale):
+    geo = _common.check_points(fn, x, y)
+    if h is None:
+        raise TypeError(f"{fn}: h must be a torch.Tensor of shape ({geo.m},), got None")
+    _common.check_vector(geo, "h", h, geo.m)
+    eps = _common.check_eps(fn, eps)
+    cost_scale = _common.check_cost_scale(fn, cost_scale)
+    _common.check_finite(geo, {"x": x, "y": y, "h": h}, allow_neg_inf=("h",))
+    return geo, eps, cost_scale
+
+
+def _lse_triton(geo, x, y, h, eps, cost_scale, precision, out_scale):
+    out = torch.empty(geo.shape(geo.n), device=geo.device, dtype=geo.dtype)
+    if geo.n == 0 or geo.m == 0:
+        return out.fill_(float("-inf") * (1.0 if out_scale > 0 else -1.0))
+    x, y, h = _common.unit_last(x), _common.unit_last(y), _common.unit_last(h)
+    cen = _common.centre(x, y, torch.float32)
+    block_d = _common.pick_block(geo.d, _MAX_BLOCK_D, chunk_cost=16)
+    grid = lambda meta: (triton.cdiv(geo.n, meta["BLOCK_M"]), 1, geo.B)  # noqa: E731
+    with _common.device_guard(geo.device):
+        _lse_kernel[grid](
+            x, y, cen, h, out,
+            geo.n, geo.m, geo.d,
+            _common.batch_stride(x, 2), x.stride(-2), x.stride(-1),
+            _common.batch_stride(y, 2), y.stride(-2), y.stride(-1),
+            _common.batch_stride(cen, 1), _common.batch_stride(h, 1), _common.batch_stride(out, 1),
+            cost_scale * LOG2E / eps, out_scale,
+            _common.bucket(geo.n), _common.bucket(geo.m), _common.bucket(geo.d),
+            BLOCK_D=block_d, D_CHUNKS=triton.cdiv(geo.d, block_d), PREC=precision,
+        )
+    return out
+
+
+def lse_cost(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None):
+    r"""Streaming log-sum-exp of ``h_j - C_ij / eps`` over the columns.
+
+    Parameters
+    ----------
+    x : Tensor, shape (n, d) or (B, n, d)
+        Row points.
+    y : Tensor, shape (m, d) or (B, m, d)
+        Column points (same dtype and device as ``x``).
+    h : Tensor, shape (m,) or (B, m)
+        Column log-weights; ``-inf`` marks a zero weight. Same dtype as ``x``
+        (float32 is also accepted when ``x`` is float16/bfloat16). An unbatched
+        ``h`` is shared by all entries of a batched call.
+    eps : float
+        Entropic regularisation, positive. A runtime argument of the kernel:
+        changing it neither recompiles nor re-tunes.
+    cost_scale : float, default 1.0
+        ``c`` in ``C_ij = c |x_i - y_j|^2`` (1/2 for GeomLoss' p = 2).
+    backend : {None, "triton", "torch"}
+        None: Triton for CUDA tensors of dtype float32/float16/bfloat16, the
+        torch reference otherwise. "triton" on CPU needs TRITON_INTERPRET=1.
+    precision : {None, "ieee", "tf32", "tf32x3"}
+        Tensor-core precision of the fp32 dots (Triton only; None means
+        ``DEFAULT_PRECISION`` = "tf32x3", accurate to fp32 level).
+
+    Returns
+    -------
+    Tensor, shape (n,) or (B, n), dtype of ``x``
+        Computed in fp32 by the Triton kernels (float64 by the reference for
+        float64 inputs). A row whose terms are all ``-inf`` gives ``-inf``.
+
+    Raises
+    ------
+    ValueError
+        Shapes, devices, ``eps``, ``cost_scale``, ``backend`` or ``precision``
+        invalid, or non-finite inputs (``h`` may hold ``-inf``).
+    TypeError
+        Non-tensor inputs or inconsistent dtypes.
+
+    Notes
+    -----
+    .. math:: \mathrm{out}_i = \log \sum_j \exp(h_j - c\|x_i - y_j\|^2/\varepsilon)
+
+    Both clouds are shifted by ``(mean(x) + mean(y)) / 2`` (the cost is
+    translation invariant) and ``C`` is expanded as
+    ``c (|x|^2 + |y|^2 - 2 x.y)`` with fp32 norms. Time O(n m d), memory
+    O((n + m) d).
+
+    Examples
+    --------
+    >>> import math, torch
+    >>> from otlinop.kernels import lse_cost
+    >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    >>> h = torch.full((4,), -math.log(4.0), dtype=torch.float64)
+    >>> lse_cost(x, y, h, eps=0.1).shape
+    torch.Size([5])
+    """
+    geo, eps, cost_scale = _validate(_FN_LSE, x, y, h, eps, cost_scale)
+    precision = _common.resolve_precision(_FN_LSE, precision)
+    if _common.resolve_backend(_FN_LSE, backend, x) == "torch":
+        return _lse_torch(x, y, h, eps, cost_scale)
+    return _lse_triton(geo, x, y, h, eps, cost_scale, precision, LN2)
+
+
+def softmin(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None):
+    r"""Entropic soft-minimum ``-eps * lse_cost(x, y, h)``: the Sinkhorn update.
+
+    Parameters
+    ----------
+    x, y, h, eps, cost_scale, backend, precision
+        As in :func:`lse_cost`.
+
+    Returns
+    -------
+    Tensor, shape (n,) or (B, n), dtype of ``x``
+        ``+inf`` on a row whose terms are all ``-inf``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As in :func:`lse_cost`.
+
+    Notes
+    -----
+    .. math:: \mathrm{smin}(h)_i = -\varepsilon \log \sum_j \exp(h_j - C_{ij}/\varepsilon)
+
+    The balanced Sinkhorn updates are ``f = softmin(x, y, log_b + g / eps)``
+    and ``g = softmin(y, x, log_a + f / eps)``. The factor ``-eps`` is fused
+    into the kernel's final store.
+
+    Examples
+    --------
+    >>> import math, torch
+    >>> from otlinop.kernels import softmin
+    >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    >>> log_b = torch.full((4,), -math.log(4.0), dtype=torch.float64)
+    >>> f = softmin(x, y, log_b, eps=0.1)  # one half Sinkhorn step from g = 0
+    """
+    geo, eps, cost_scale = _validate(_FN_SOFTMIN, x, y, h, eps, cost_scale)
+    precision = _common.resolve_precision(_FN_SOFTMIN, precision)
+    if _common.resolve_backend(_FN_SOFTMIN, backend, x) == "torch":
+        return -eps * _lse_torch(x, y, h, eps, cost_scale)
+    return _lse_triton(geo, x, y, h, eps, cost_scale, precision, -eps * LN2)
+
+
+# --------------------------------------------------------------------------
+# Torch reference
+# --------------------------------------------------------------------------
+
+
+def _lse_torch(x, y, h, eps, cost_scale):
+    dtype = _common.compute_dtype(x.dtype)
+    xc, yc, xn, yn = _common.centred_points(x, y, dtype)
+    h3 = _common.as_batched(h, 1).to(dtype)
+    B = max(xc.shape[0], yc.shape[0], h3.shape[0])
+    n, m = xc.shape[1], yc.shape[1]
+    out = torch.empty((B, n), device=x.device, dtype=dtype)
+    if m == 0:
+        out.fill_(float("-inf"))
+    # logsumexp allocates about two more (B, rows, m) temporaries.
+    for rows in _common.row_blocks(n, m, B, out.element_size(), temporaries=3):
+        logits = _common.cost_block(xc, yc, xn, yn, rows, cost_scale).div_(-eps).add_(h3[:, None, :])
+        out[:, rows] = torch.logsumexp(logits, dim=-1)
+    if not (x.ndim == 3 or y.ndim == 3):
+        out = out[0]
+    return out.to(x.dtype)
+
+
+def lse_cost_torch(x, y, h, *, eps, cost_scale=1.0):
+    """Torch reference of :func:`lse_cost` (same arguments but backend/precision).
+
+    Works on any device in float64, float32 (and half inputs, computed in
+    float32). Processes row blocks whose (B, rows, m) temporaries stay under
+    ``TORCH_BLOCK_BYTES``; never allocates n x m at once for large inputs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from otlinop.kernels import lse_cost_torch
+    >>> x = torch.randn(5, 3, dtype=torch.float64)
+    >>> lse_cost_torch(x, x, torch.zeros(5, dtype=torch.float64), eps=1.0).shape
+    torch.Size([5])
+    """
+    _, eps, cost_scale = _validate("lse_cost_torch", x, y, h, eps, cost_scale)
+    return _lse_torch(x, y, h, eps, cost_scale)
+
+
+def softmin_torch(x, y, h, *, eps, cost_scale=1.0):
+    """Torch reference of :func:`softmin`: ``-eps * lse_cost_torch(...)``."""
+    _, eps, cost_scale = _validate("softmin_torch", x, y, h, eps, cost_scale)
+    return -eps * _lse_torch(x, y, h, eps, cost_scale)
