@@ -1,0 +1,115 @@
+"""Timing helpers and hardware ceilings shared by the benchmarks.
+
+Times are medians over repeated runs measured with CUDA events (through
+``triton.testing.do_bench``) after a warm-up; on the CPU, wall-clock medians.
+The ceilings are measured in the same run as the figures they scale.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def bench(fn, *, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
+    """Median time of ``fn()`` in milliseconds."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while not times or (time.perf_counter() < deadline and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def peak_memory(fn) -> int:
+    """Peak extra bytes allocated on the current CUDA device while ``fn()`` runs."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _exp2_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(X, O, N_ITERS: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x0 = tl.load(X + offs)
+        # Four independent chains keep the special-function unit busy while
+        # each chain waits on its previous result.
+        a, b, c, d = x0, x0 + 0.25, x0 + 0.5, x0 + 0.75
+        for _ in range(N_ITERS):
+            a = tl.exp2(a * -0.5)
+            b = tl.exp2(b * -0.5)
+            c = tl.exp2(c * -0.5)
+            d = tl.exp2(d * -0.5)
+        tl.store(O + offs, a + b + c + d)
+
+    return kernel
+
+
+def ceilings() -> dict:
+    """Measured exp2 rate (1/s), fp32 strict and TF32 matmul rates (FLOP/s) and
+    device-memory copy bandwidth (bytes read + written per second)."""
+    if not torch.cuda.is_available():
+        return {}
+    out = {}
+    n_iters, block = 256, 1024
+    X = torch.rand(132 * 64 * block, device="cuda")
+    O = torch.empty_like(X)
+    kernel = _exp2_kernel()
+    grid = (X.numel() // block,)
+    t = bench(lambda: kernel[grid](X, O, N_ITERS=n_iters, BLOCK=block))
+    out["exp2_per_s"] = 4 * n_iters * X.numel() / (t * 1e-3)
+
+    A = torch.randn(8192, 8192, device="cuda")
+    B = torch.randn(8192, 8192, device="cuda")
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for name, tf32 in (("fp32_flops", False), ("tf32_flops", True)):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            t = bench(lambda: A @ B)
+            out[name] = 2 * 8192 ** 3 / (t * 1e-3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    src = torch.empty(2 ** 28, device="cuda", dtype=torch.float32)
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src))
+    out["copy_bytes_per_s"] = 2 * src.numel() * 4 / (t * 1e-3)
+    del A, B, src, dst, X, O
+    torch.cuda.empty_cache()
+    return out
+
+
+def format_ceilings(c: dict) -> str:
+    if not c:
+        return "(no GPU: ceilings not measured)"
+    return (f"measured ceilings: exp2 {c['exp2_per_s']:.3g}/s, fp32 matmul {c['fp32_flops'] / 1e12:.1f} TFLOP/s, "
+            f"TF32 matmul {c['tf32_flops'] / 1e12:.1f} TFLOP/s, copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s")
+
+
+def matmul_rate(c: dict, precision: str) -> float:
+    """Dot-product rate for a kernel precision: tf32x3 does three TF32 products."""
+    if precision == "ieee":
+        return c["fp32_flops"]
+    if precision == "tf32":
+        return c["tf32_flops"]
+    return c["tf32_flops"] / 3
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "CPU (not a GPU figure)"

@@ -1,0 +1,901 @@
+"""Sinkhorn solvers for entropic optimal transport with the squared Euclidean cost.
+
+``sinkhorn(x, y, a, b, ...)`` returns the dual potentials ``(f, g)`` of
+
+    OT_eps(a, b) = min_P <P, C> + eps KL(P | a⊗b) [+ rho_x KL(P1 | a) + rho_y KL(P^T1 | b)]
+
+with ``C_ij = c |x_i - y_j|^2`` (``c = cost_scale``), as a ``SinkhornResult``.
+Potentials follow GeomLoss' convention: ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``.
+
+Two methods (MATH.md section 3):
+
+- ``"symmetric"``: GeomLoss' algorithm. An eps-scaling schedule from the
+  diameter of the data down to ``blur^2``, one averaged (Jacobi) update of both
+  potentials per value of eps, then a final unaveraged "extrapolation" step.
+- ``"alternating"``: OTT-JAX's algorithm. Fixed eps, Gauss-Seidel updates (g
+  then f), stopped when the L1 marginal error falls below ``threshold``.
+
+Every update is one streaming soft-min (``otlinop.kernels.softmin``): the cost
+matrix is never stored, and a batch of problems runs in one launch per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ._base import _fmt_shape
+from .kernels import _common as _kernel_common
+from .kernels.softmin import softmin as _softmin
+
+__all__ = ["sinkhorn", "SinkhornResult", "epsilon_schedule"]
+
+_METHODS = ("symmetric", "alternating")
+_BACKENDS = (None, "auto", "torch", "triton")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+#: Default blur when neither ``blur`` nor ``eps`` is given (GeomLoss' default).
+DEFAULT_BLUR = 0.05
+
+
+# --------------------------------------------------------------------------
+# Validation of scalars and options
+# --------------------------------------------------------------------------
+def _positive_float(owner: str, name: str, value, hint: str = "", *, allow_inf: bool = False) -> float:
+    """A positive finite Python float from a number or a 0-d tensor without grad."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{owner}: {name} must be a positive number, got a tensor of shape "
+                            f"{_fmt_shape(value.shape)}")
+        if value.requires_grad:
+            raise TypeError(f"{owner}: {name} is a tensor that requires grad; gradients w.r.t. {name} "
+                            f"are not implemented. Pass float({name}) instead")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a positive number, got {type(value).__name__}")
+    value = float(value)
+    ok = value > 0 and (math.isfinite(value) or (allow_inf and value == math.inf))
+    if not ok:
+        raise ValueError(f"{owner}: {name} must be positive{'' if allow_inf else ' and finite'}, "
+                         f"got {value}" + (f"; {hint}" if hint else ""))
+    return value
+
+
+def _positive_int(owner: str, name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _resolve_reach(owner: str, reach, reach_x, reach_y):
+    """Return (rho_x, rho_y): ``reach**2`` per side, None for a balanced side."""
+    if reach is not None and (reach_x is not None or reach_y is not None):
+        raise ValueError(f"{owner}: give either reach (both sides) or reach_x / reach_y (one side each), "
+                         f"not both; got reach={reach!r}, reach_x={reach_x!r}, reach_y={reach_y!r}")
+    if reach is not None:
+        reach_x = reach_y = reach
+    rhos = []
+    for name, r in (("reach_x" if reach is None else "reach", reach_x),
+                    ("reach_y" if reach is None else "reach", reach_y)):
+        if r is None:
+            rhos.append(None)
+            continue
+        r = _positive_float(owner, name, r, "None means a balanced (hard) marginal constraint",
+                            allow_inf=True)
+        rhos.append(None if r == math.inf else r * r)
+    return tuple(rhos)
+
+
+def _resolve_backend(owner: str, backend):
+    if backend not in _BACKENDS:
+        raise ValueError(f"{owner}: backend must be None or 'auto' (Triton on CUDA, torch otherwise), "
+                         f"'torch' or 'triton'; got {backend!r}")
+    return None if backend == "auto" else backend
+
+
+def _damping(eps: float, rho) -> float:
+    """GeomLoss' dampening ``lam = rho / (rho + eps)`` (1 on a balanced side)."""
+    return 1.0 if rho is None else 1.0 / (1.0 + eps / rho)
+
+
+# --------------------------------------------------------------------------
+# Input tensors
+# --------------------------------------------------------------------------
+@dataclass
+class _Inputs:
+    """Validated data of one call, always batched: x (B, n, d), a (B, n), ...
+
+    ``pot_dtype`` is the dtype of the potentials: that of x, float32 for half
+    inputs (potentials in half precision lose the small eps scales).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    batched: bool
+
+    @property
+    def pot_dtype(self) -> torch.dtype:
+        return torch.float32 if self.x.dtype in _HALF_DTYPES else self.x.dtype
+
+    @property
+    def log_a(self) -> torch.Tensor:
+        return torch.log(self.a.to(self.pot_dtype))
+
+    @property
+    def log_b(self) -> torch.Tensor:
+        return torch.log(self.b.to(self.pot_dtype))
+
+    def unbatch(self, t):
+        return t if (t is None or self.batched) else t[0]
+
+
+def _check_points(owner: str, x, y) -> bool:
+    """Types, shapes, dtypes and devices of the clouds; returns ``batched``."""
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}; "
+                            "convert with torch.as_tensor(...)")
+        if t.ndim not in (2, 3):
+            rows = "n" if name == "x" else "m"
+            raise ValueError(f"{owner}: {name} must have shape ({rows}, d) or (B, {rows}, d), got "
+                             f"{_fmt_shape(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{owner}: {name} must have a floating dtype (float16, bfloat16, float32, "
+                            f"float64), got {t.dtype}; convert with {name}.to(torch.float32)")
+    if x.ndim != y.ndim:
+        raise ValueError(f"{owner}: x has shape {_fmt_shape(x.shape)} and y has shape {_fmt_shape(y.shape)}; "
+                         "both must be unbatched (n, d), (m, d) or both batched (B, n, d), (B, m, d)")
+    if x.ndim == 3 and x.shape[0] != y.shape[0]:
+        raise ValueError(f"{owner}: x has batch size {x.shape[0]} but y has {y.shape[0]} "
+                         f"(shapes {_fmt_shape(x.shape)} and {_fmt_shape(y.shape)})")
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"{owner}: x and y must have the same dimension d, got x {_fmt_shape(x.shape)} "
+                         f"and y {_fmt_shape(y.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{owner}: the points have 0 coordinates (x has shape {_fmt_shape(x.shape)})")
+    for name, t in (("x", x), ("y", y)):
+        if t.shape[-2] == 0:
+            raise ValueError(f"{owner}: {name} is an empty point cloud (shape {_fmt_shape(t.shape)}); "
+                             "each measure needs at least one point")
+    if x.ndim == 3 and x.shape[0] == 0:
+        raise ValueError(f"{owner}: the batch is empty (x has shape {_fmt_shape(x.shape)})")
+    if y.dtype != x.dtype:
+        raise TypeError(f"{owner}: y has dtype {y.dtype}, but x has dtype {x.dtype}; convert with "
+                        f"y.to({x.dtype})")
+    if y.device != x.device:
+        raise ValueError(f"{owner}: y is on device {y.device}, but x is on {x.device}; move it with "
+                         f"y.to('{x.device}')")
+    return x.ndim == 3
+
+
+def _check_weights(owner: str, name: str, w, pts: torch.Tensor, pts_name: str) -> torch.Tensor:
+    """Weights of shape (n,) or (B, n); None gives uniform weights 1/n."""
+    lead, n = tuple(pts.shape[:-2]), pts.shape[-2]
+    if w is None:
+        return torch.full(lead + (n,), 1.0 / n, dtype=pts.dtype, device=pts.device)
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor or None (uniform weights), got "
+                        f"{type(w).__name__}")
+    if tuple(w.shape) != lead + (n,):
+        hint = ""
+        if lead and tuple(w.shape) == (n,):
+            hint = f"; batched points need batched weights, e.g. {name}.expand({lead[0]}, {n})"
+        raise ValueError(f"{owner}: {name} has shape {_fmt_shape(w.shape)}, expected "
+                         f"{_fmt_shape(lead + (n,))} (one weight per point of {pts_name}){hint}")
+    if w.dtype != pts.dtype:
+        raise TypeError(f"{owner}: {name} has dtype {w.dtype}, but {pts_name} has dtype {pts.dtype}; "
+                        f"convert with {name}.to({pts.dtype})")
+    if w.device != pts.device:
+        raise ValueError(f"{owner}: {name} is on device {w.device}, but {pts_name} is on {pts.device}; "
+                         f"move it with {name}.to('{pts.device}')")
+    return w
+
+
+def _check_values(owner: str, x, y, a, b, *, balanced: bool) -> None:
+    """Finite points, finite non-negative weights with positive mass: one device sync."""
+    with torch.no_grad():
+        ma, mb = a.sum(-1, dtype=torch.float64), b.sum(-1, dtype=torch.float64)
+        flags = [torch.isfinite(x).all(), torch.isfinite(y).all(),
+                 torch.isfinite(a).all(), (a >= 0).all(), (ma > 0).all(),
+                 torch.isfinite(b).all(), (b >= 0).all(), (mb > 0).all()]
+        if balanced:
+            # Half-precision weights cannot even represent 1/n exactly.
+            tol = max(1e-3, 8 * torch.finfo(a.dtype).eps)
+            flags.append(((ma - mb).abs() <= tol * torch.maximum(ma, mb)).all())
+        flags = torch.stack(flags).tolist()
+    messages = [
+        "x has non-finite entries (inf or nan)",
+        "y has non-finite entries (inf or nan)",
+        "the weights a have non-finite entries (inf or nan)",
+        "the weights a have negative entries; weights must be >= 0 (zeros are allowed)",
+        "the weights a have zero total mass; each measure needs a positive mass",
+        "the weights b have non-finite entries (inf or nan)",
+        "the weights b have negative entries; weights must be >= 0 (zeros are allowed)",
+        "the weights b have zero total mass; each measure needs a positive mass",
+        "balanced OT needs equal total masses, but sum(a) != sum(b) (relative difference above "
+        "1e-3, or 8 ulps for half precision); normalise the weights, or pass reach=... for unbalanced OT",
+    ]
+    for ok, msg in zip(flags, messages):
+        if not ok:
+            raise ValueError(f"{owner}: {msg}")
+
+
+def _prepare(owner: str, x, y, a, b, *, balanced: bool) -> _Inputs:
+    batched = _check_points(owner, x, y)
+    a = _check_weights(owner, "a", a, x, "x")
+    b = _check_weights(owner, "b", b, y, "y")
+    _check_values(owner, x, y, a, b, balanced=balanced)
+    if not batched:
+        x, y, a, b = x.unsqueeze(0), y.unsqueeze(0), a.unsqueeze(0), b.unsqueeze(0)
+    return _Inputs(x, y, a, b, batched)
+
+
+def _check_potential(owner: str, name: str, t, like: torch.Tensor, inp: _Inputs) -> torch.Tensor | None:
+    """A warm-start potential with the shape of the weights ``like``; returned batched."""
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    want = tuple(like.shape) if inp.batched else tuple(like.shape[1:])
+    if tuple(t.shape) != want:
+        raise ValueError(f"{owner}: {name} has shape {_fmt_shape(t.shape)}, expected {_fmt_shape(want)} "
+                         "(one value per point)")
+    if t.device != like.device:
+        raise ValueError(f"{owner}: {name} is on device {t.device}, expected {like.device}")
+    if not t.is_floating_point():
+        raise TypeError(f"{owner}: {name} must have a floating dtype, got {t.dtype}")
+    t = t.detach().to(inp.pot_dtype)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{owner}: {name} has non-finite entries (inf or nan)")
+    return t if inp.batched else t.unsqueeze(0)
+
+
+# --------------------------------------------------------------------------
+# The eps schedule
+# --------------------------------------------------------------------------
+def _diameter(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Diagonal of the joint bounding box of all the points (all batch entries)."""
+    d = x.shape[-1]
+    with torch.no_grad():
+        pts = (x.reshape(-1, d), y.reshape(-1, d))
+        lo = torch.minimum(pts[0].min(0).values, pts[1].min(0).values)
+        hi = torch.maximum(pts[0].max(0).values, pts[1].max(0).values)
+        return float((hi - lo).to(torch.float64).norm().item())
+
+
+def epsilon_schedule(diameter: float, blur: float, scaling: float) -> list[float]:
+    """GeomLoss' eps-scaling schedule for the squared Euclidean cost (p = 2).
+
+    Parameters
+    ----------
+    diameter : float
+        Largest distance between points (the first blur scale), > 0.
+    blur : float
+        Final blur; the last eps is ``blur**2``, > 0.
+    scaling : float
+        Ratio between consecutive blur scales, in (0, 1).
+
+    Returns
+    -------
+    list of float
+        ``[diameter^2] + [exp(e) for e in arange(2 ln diameter, 2 ln blur, 2 ln scaling)] + [blur^2]``
+        (``diameter^2`` appears twice when ``diameter > blur``).
+
+    Raises
+    ------
+    ValueError
+        For a non-positive diameter or blur, or scaling outside (0, 1).
+
+    Examples
+    --------
+    >>> from otlinop.sinkhorn import epsilon_schedule
+    >>> [round(e, 4) for e in epsilon_schedule(1.0, 0.25, 0.5)]
+    [1.0, 1.0, 0.25, 0.0625]
+    """
+    owner = "epsilon_schedule"
+    diameter = _positive_float(owner, "diameter", diameter)
+    blur = _positive_float(owner, "blur", blur)
+    scaling = _positive_float(owner, "scaling", scaling)
+    if not scaling < 1:
+        raise ValueError(f"{owner}: scaling must be in (0, 1), got {scaling}")
+    # The log-spaced middle part is taken from numpy's arange, as GeomLoss does,
+    # so that both libraries run the same number of steps at the same eps.
+    middle = np.arange(2 * math.log(diameter), 2 * math.log(blur), 2 * math.log(scaling))
+    return [diameter ** 2] + [float(np.exp(e)) for e in middle] + [blur ** 2]
+
+
+# --------------------------------------------------------------------------
+# Batched soft-min with as few launches as possible
+# --------------------------------------------------------------------------
+@contextlib.contextmanager
+def _no_finite_checks():
+    """Turn off the kernels' per-call NaN checks (one host sync each) inside a loop.
+
+    The inputs were checked once on entry; inside the loop a sync per update
+    would stall the GPU pipeline.
+    """
+    old = _kernel_common._CHECK_FINITE
+    _kernel_common._CHECK_FINITE = False
+    try:
+        yield
+    finally:
+        _kernel_common._CHECK_FINITE = old
+
+
+class _SoftminBank:
+    """Several soft-min problems at the same eps, grouped into as few launches as possible.
+
+    ``pairs[k] = (X_k, Y_k)``, batched (B, n_k, d), (B, m_k, d). Problems with
+    the same (n_k, m_k) are stacked along the batch dimension once, here, so
+    that ``__call__`` runs one kernel launch per group: with n = m the four
+    updates of a debiased symmetric step are a single launch of batch 4B.
+
+    When the pairs of a group form a chain (``Y_k is X_{k+1}``), the stack is
+    ``Z = [X_0, ..., X_{K-1}, Y_{K-1}]`` and the rows and columns are the views
+    ``Z[:K]`` and ``Z[1:]``: K + 1 copies of the points instead of 2K. The
+    callers order their pairs so: (x, y), (y, x) gives Z = [x, y, x];
+    (x, x), (x, y), (y, y), (y, x) gives Z = [x, x, y, y, x].
+    """
+
+    def __init__(self, pairs, *, cost_scale: float, backend, precision, pot_dtype):
+        self._opts = dict(cost_scale=cost_scale, backend=backend, precision=precision)
+        self._pot_dtype = pot_dtype
+        self._count = len(pairs)
+        groups: dict[tuple, list[int]] = {}
+        for k, (X, Y) in enumerate(pairs):
+            groups.setdefault((X.shape[1], Y.shape[1]), []).append(k)
+        self._groups = []
+        for idx in groups.values():
+            group = [pairs[k] for k in idx]
+            if len(group) == 1:
+                X, Y = group[0]
+            elif all(group[k][1] is group[k + 1][0] for k in range(len(group) - 1)):
+                Z = torch.stack([p[0] for p in group] + [group[-1][1]])      # (K + 1, B, rows, d)
+                K, shape = len(group), group[0][0].shape
+                X = Z[:K].reshape((K * shape[0],) + tuple(shape[1:]))
+                Y = Z[1:].reshape((K * shape[0],) + tuple(shape[1:]))
+            else:
+                X = torch.cat([p[0] for p in group])
+                Y = torch.cat([p[1] for p in group])
+            self._groups.append((idx, X, Y))
+
+    def __call__(self, hs, eps: float):
+        """``hs[k]`` (B, m_k) column log-weights -> list of (B, n_k) soft-mins."""
+        out = [None] * self._count
+        for idx, X, Y in self._groups:
+            H = hs[idx[0]] if len(idx) == 1 else torch.cat([hs[k] for k in idx])
+            S = _softmin(X, Y, H, eps=eps, **self._opts).to(self._pot_dtype)
+            for k, s in zip(idx, S.chunk(len(idx)) if len(idx) > 1 else (S,)):
+                out[k] = s
+        return out
+
+
+def _row_error(f, s, a, eps: float, rho) -> torch.Tensor:
+    """L1 row-marginal error of the plan P(f, g), per batch entry (B,).
+
+    ``s = smin(log b + g / eps)`` (undamped), so ``(P 1)_i = a_i exp((f_i - s_i) / eps)``;
+    the target is ``a`` on a balanced side, ``a exp(-f / rho)`` (the fixed point)
+    on a relaxed one. Costs no extra pass over the data.
+    """
+    target = 0.0 if rho is None else -f / rho
+    ratio = torch.exp((f - s) / eps) - torch.exp(torch.as_tensor(target, dtype=f.dtype, device=f.device))
+    return torch.where(a > 0, a * ratio.abs(), torch.zeros_like(ratio)).sum(-1)
+
+
+# --------------------------------------------------------------------------
+# The two loops
+# --------------------------------------------------------------------------
+@dataclass
+class _Monitor:
+    """Marginal errors at the checks, the callback and the progress bar."""
+
+    check_every: int
+    callback: Callable | None
+    bar: object | None
+    method: str
+    inp: _Inputs
+    errors: list = field(default_factory=list)   # tensors (B,) until finish()
+
+    @property
+    def syncs(self) -> bool:
+        return self.callback is not None or self.bar is not None
+
+    def record(self, iteration: int, eps: float, err: torch.Tensor, f, g) -> float | None:
+        """Store the error of one check; returns it as a float only when synced."""
+        self.errors.append(err.max())
+        if not self.syncs:
+            return None
+        value = float(self.errors[-1].item())
+        if self.bar is not None:
+            self.bar.set_postfix(marginal_error=f"{value:.2e}", eps=f"{eps:.3g}", refresh=False)
+        if self.callback is not None:
+            self.callback({"method": self.method, "iteration": iteration, "eps": eps,
+                           "marginal_error": value, "f": self.inp.unbatch(f), "g": self.inp.unbatch(g)})
+        return value
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def advance_to(self, position: int) -> None:
+        if self.bar is not None:
+            self.bar.update(position - self.bar.n)
+
+    def finish(self) -> list[float]:
+        if self.bar is not None:
+            self.bar.close()
+        if not self.errors:
+            return []
+        return [float(e) for e in torch.stack(self.errors).tolist()]
+
+
+def _symmetric_loop(inp: _Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0, monitor: _Monitor,
+                    cost_scale: float, backend, precision):
+    """GeomLoss' symmetric Sinkhorn loop (MATH.md section 3).
+
+    Returns ``(pots, pre)``: the final (extrapolated) potentials and those
+    before the extrapolation, each the list ``[f, g]`` or, with ``debias``,
+    ``[f, g, f_aa, g_bb]`` (the last two for OT(a, a) and OT(b, b)).
+    """
+    x, y = inp.x, inp.y
+    log_a, log_b = inp.log_a, inp.log_b
+    # Problem k updates the potential on the rows of pairs[k] from the one on
+    # its columns, pots[partner[k]], with the column log-weights col_logs[k].
+    # The results are always listed as [f, g, f_aa, g_bb].
+    pairs = [(x, y), (y, x)]
+    col_logs, partner, rhos = [log_b, log_a], [1, 0], [rho_x, rho_y]
+    order = [0, 1]
+    if debias:
+        pairs += [(x, x), (y, y)]
+        col_logs += [log_a, log_b]
+        partner += [2, 3]
+        rhos += [rho_x, rho_y]
+        order = [2, 0, 3, 1]     # (x,x), (x,y), (y,y), (y,x): a chain, see _SoftminBank
+    bank = _SoftminBank([pairs[k] for k in order], cost_scale=cost_scale, backend=backend,
+                        precision=precision, pot_dtype=inp.pot_dtype)
+    K = len(pairs)
+    position = {k: i for i, k in enumerate(order)}
+
+    def run_bank(hs, eps):
+        out = bank([hs[k] for k in order], eps)
+        return [out[position[k]] for k in range(K)]
+
+    def step(pots, eps):
+        hs = [col_logs[k] + pots[partner[k]] / eps for k in range(K)]
+        return run_bank(hs, eps)
+
+    # Initialisation at the first (largest) eps, the other potential being 0:
+    # the soft-min is then nearly a convolution of the cost with the weights.
+    eps0 = eps_list[0]
+    zeros = [torch.zeros_like(col_logs[partner[k]]) for k in range(K)]
+    smins = step(zeros, eps0)
+    pots = [_damping(eps0, rhos[k]) * smins[k] for k in range(K)]
+    if f0 is not None or g0 is not None:
+        # Warm start: replace the initial (f, g); a missing one is the update of the other.
+        if f0 is not None and g0 is not None:
+            pots[0], pots[1] = f0, g0
+        elif f0 is not None:
+            pots[0] = f0
+            pots[1] = _damping(eps0, rho_y) * step(pots, eps0)[1]
+        else:
+            pots[1] = g0
+            pots[0] = _damping(eps0, rho_x) * step(pots, eps0)[0]
+
+    for i, eps in enumerate(eps_list):
+        smins = step(pots, eps)
+        if (i + 1) % monitor.check_every == 0:
+            err = _row_error(pots[0], smins[0], inp.a, eps, rho_x)
+            monitor.record(i + 1, eps, err, pots[0], pots[1])
+        # Averaged (Jacobi) updates: plain simultaneous updates oscillate.
+        pots = [0.5 * (pots[k] + _damping(eps, rhos[k]) * smins[k]) for k in range(K)]
+        monitor.advance()
+
+    # Final extrapolation: one unaveraged step at the last eps from the
+    # pre-last potentials. GeomLoss differentiates only this step.
+    eps = eps_list[-1]
+    smins = step(pots, eps)
+    pre = pots
+    pots = [_damping(eps, rhos[k]) * smins[k] for k in range(K)]
+    monitor.record(len(eps_list), eps, _row_error(pre[0], smins[0], inp.a, eps, rho_x), pots[0], pots[1])
+    return pots, pre
+
+
+def _alternating_loop(inp: _Inputs, eps: float, rho_x, rho_y, *, f0, g0, max_iter: int, threshold: float,
+                      monitor: _Monitor, cost_scale: float, backend, precision):
+    """OTT-JAX's alternating loop: g then f, checks every ``check_every`` iterations.
+
+    Returns ``(f, g, n_iter, converged)``.
+    """
+    x, y = inp.x, inp.y
+    log_a, log_b = inp.log_a, inp.log_b
+    opts = dict(cost_scale=cost_scale, backend=backend, precision=precision, pot_dtype=inp.pot_dtype)
+    rows = _SoftminBank([(x, y)], **opts)
+    cols = _SoftminBank([(y, x)], **opts)
+    lam_x, lam_y = _damping(eps, rho_x), _damping(eps, rho_y)
+
+    if f0 is not None:
+        f = f0
+    elif g0 is not None:
+        f = lam_x * rows([log_b + g0 / eps], eps)[0]
+    else:
+        f = torch.zeros_like(log_a)
+    g = None
+    converged = False
+    n_iter = 0
+    for it in range(1, max_iter + 1):
+        g = lam_y * cols([log_a + f / eps], eps)[0]
+        s = rows([log_b + g / eps], eps)[0]
+        f_prev, f = f, lam_x * s
+        n_iter = it
+        if it % monitor.check_every == 0 or it == max_iter:
+            # Row error of P(f_prev, g): free, from the update just made. The
+            # returned (f, g) has exact row marginals (balanced side).
+            err = _row_error(f_prev, s, inp.a, eps, rho_x)
+            value = monitor.record(it, eps, err, f, g)
+            monitor.advance_to(it)
+            if value is None:
+                value = float(monitor.errors[-1].item())
+            if value <= threshold:
+                converged = True
+                break
+            if not math.isfinite(value):   # diverged (as OTT, stop rather than iterate on NaNs)
+                break
+    return f, g, n_iter, converged
+
+
+# --------------------------------------------------------------------------
+# Result
+# --------------------------------------------------------------------------
+@dataclass(repr=False)
+class SinkhornResult:
+    """Dual potentials of entropic OT and what is needed to reuse them.
+
+    Attributes
+    ----------
+    f : Tensor, shape (n,) or (B, n)
+        Potential on x (GeomLoss convention, see Notes).
+    g : Tensor, shape (m,) or (B, m)
+        Potential on y.
+    eps : float
+        The (final) entropic regularisation.
+    n_iter : int
+        Iterations run: ``len(eps_schedule)`` averaged steps for "symmetric"
+        (plus an initial and a final half-step each), full (g, f) iterations
+        for "alternating".
+    converged : bool
+        Whether the last recorded marginal error is <= ``threshold`` (for
+        "symmetric", informative only: its iteration count is fixed).
+    marginal_error : list of float
+        L1 marginal errors recorded at each check (the maximum over a batch).
+    a, b, x, y : Tensor
+        The weights and points (as given, or the uniform default weights).
+    cost_scale : float
+        ``c`` in ``C_ij = c |x_i - y_j|^2``.
+    reach_x, reach_y : float or None
+        Marginal relaxation per side (``rho = reach^2``); None = balanced side.
+    method : str
+        "symmetric" or "alternating".
+    eps_schedule : list of float
+        The values of eps used (a single value for "alternating").
+    f_pre, g_pre : Tensor or None
+        "symmetric" only: the potentials before the final extrapolation
+        (``f = lam T_f(g_pre)``, ``g = lam T_g(f_pre)``); the loss gradients use
+        the plans ``P(f, g_pre)`` and ``P(f_pre, g)``.
+    backend, precision
+        Kernel options, reused by ``plan``.
+
+    Notes
+    -----
+    ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``. OTT-JAX's potentials are
+    ``f + eps log a`` and ``g + eps log b``; POT's ``log_u = (f + eps log a) / eps``.
+    """
+
+    f: torch.Tensor
+    g: torch.Tensor
+    eps: float
+    n_iter: int
+    converged: bool
+    marginal_error: list
+    a: torch.Tensor
+    b: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    cost_scale: float
+    reach_x: float | None
+    reach_y: float | None
+    method: str
+    eps_schedule: list
+    f_pre: torch.Tensor | None = None
+    g_pre: torch.Tensor | None = None
+    backend: str | None = None
+    precision: str | None = None
+
+    @property
+    def rho_x(self):
+        """``reach_x ** 2`` (None when balanced on x)."""
+        return None if self.reach_x is None else self.reach_x ** 2
+
+    @property
+    def rho_y(self):
+        """``reach_y ** 2`` (None when balanced on y)."""
+        return None if self.reach_y is None else self.reach_y ** 2
+
+    @property
+    def batched(self) -> bool:
+        return self.x.ndim == 3
+
+    @property
+    def cost(self) -> torch.Tensor:
+        """The entropic OT value, a scalar tensor, or shape (B,) when batched.
+
+        Balanced: ``<a, f> + <b, g>``. A relaxed side contributes
+        ``(rho + eps/2) <a, 1 - exp(-f/rho)>`` instead of ``<a, f>`` (GeomLoss'
+        unbalanced formula, MATH.md section 4).
+        """
+        return _ot_value(self.f, self.g, self.a, self.b, self.eps, self.rho_x, self.rho_y)
+
+    @property
+    def plan(self):
+        """The plan as a ``PlanOperator`` (n, m) built from (x, y, f, g, a, b).
+
+        Raises
+        ------
+        ValueError
+            For a batched result: use ``result.select(i).plan`` or ``otlinop.plan.plan_matmul``.
+        """
+        if self.batched:
+            raise ValueError(f"SinkhornResult.plan: this result holds a batch of {self.x.shape[0]} problems, "
+                             "but a PlanOperator is one (n, m) plan; use result.select(i).plan, or "
+                             "otlinop.plan.plan_matmul(x, y, f, g, V, eps=..., a=..., b=...) for a batch")
+        from .plan import PlanOperator
+        dt = self.f.dtype
+        return PlanOperator(self.x.to(dt), self.y.to(dt), self.f, self.g, eps=self.eps, a=self.a.to(dt),
+                            b=self.b.to(dt), cost_scale=self.cost_scale, backend=self.backend,
+                            precision=self.precision)
+
+    def select(self, i: int) -> "SinkhornResult":
+        """The i-th problem of a batched result, as an unbatched result."""
+        if not self.batched:
+            raise ValueError("SinkhornResult.select: this result is not batched")
+        pick = lambda t: None if t is None else t[i]  # noqa: E731
+        return SinkhornResult(
+            f=self.f[i], g=self.g[i], eps=self.eps, n_iter=self.n_iter, converged=self.converged,
+            marginal_error=list(self.marginal_error), a=self.a[i], b=self.b[i], x=self.x[i], y=self.y[i],
+            cost_scale=self.cost_scale, reach_x=self.reach_x, reach_y=self.reach_y, method=self.method,
+            eps_schedule=list(self.eps_schedule), f_pre=pick(self.f_pre), g_pre=pick(self.g_pre),
+            backend=self.backend, precision=self.precision)
+
+    def __repr__(self) -> str:
+        shape = f"batch={self.x.shape[0]}, " if self.batched else ""
+        n, m = self.x.shape[-2], self.y.shape[-2]
+        err = f"{self.marginal_error[-1]:.2e}" if self.marginal_error else "n/a"
+        return (f"SinkhornResult({shape}n={n}, m={m}, method={self.method!r}, eps={self.eps:.4g}, "
+                f"n_iter={self.n_iter}, converged={self.converged}, marginal_error={err}, "
+                f"reach_x={self.reach_x}, reach_y={self.reach_y}, cost_scale={self.cost_scale})")
+
+
+def _side_value(w, h, eps: float, rho) -> torch.Tensor:
+    """One side of GeomLoss' OT value: ``<w, h>`` or ``(rho + eps/2) <w, 1 - e^{-h/rho}>``."""
+    if rho is None:
+        return (w * h).sum(-1)
+    return (rho + 0.5 * eps) * (w * (-torch.expm1(-h / rho))).sum(-1)
+
+
+def _ot_value(f, g, a, b, eps: float, rho_x, rho_y) -> torch.Tensor:
+    dt = f.dtype
+    return _side_value(a.to(dt), f, eps, rho_x) + _side_value(b.to(dt), g, eps, rho_y)
+
+
+# --------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------
+def _resolve_eps(owner: str, method: str, blur, eps, scaling, diameter, inp: _Inputs):
+    """Return (final eps, schedule, blur)."""
+    if blur is not None and eps is not None:
+        raise ValueError(f"{owner}: give blur or eps, not both (eps = blur**2); got blur={blur!r}, eps={eps!r}")
+    if eps is not None:
+        eps = _positive_float(owner, "eps", eps, "eps is the entropic regularisation, e.g. eps=0.01")
+        blur = math.sqrt(eps)
+    else:
+        blur = _positive_float(owner, "blur", DEFAULT_BLUR if blur is None else blur,
+                               "blur is the final length scale, eps = blur**2")
+        eps = blur * blur
+    if method == "alternating":
+        return eps, [eps], blur
+    scaling = _positive_float(owner, "scaling", scaling)
+    if not scaling < 1:
+        raise ValueError(f"{owner}: scaling must be in (0, 1), got {scaling}; it is the ratio between "
+                         "consecutive blur scales (GeomLoss' default 0.5)")
+    if diameter is None:
+        diameter = _diameter(inp.x, inp.y)
+        if diameter <= 0:   # every point at the same place: any positive scale works
+            diameter = blur
+    else:
+        diameter = _positive_float(owner, "diameter", diameter)
+    # The last eps is blur**2 exactly (not the schedule's rounding of it).
+    schedule = epsilon_schedule(diameter, blur, scaling)
+    schedule[-1] = eps
+    return eps, schedule, blur
+
+
+def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter=None, cost_scale=1.0,
+             reach=None, reach_x=None, reach_y=None, method="symmetric", max_iter=None, threshold=None,
+             check_every=10, f0=None, g0=None, callback=None, verbose=False, backend=None,
+             precision=None) -> SinkhornResult:
+    r"""Entropic OT potentials between two weighted point clouds (squared Euclidean cost).
+
+    Parameters
+    ----------
+    x : Tensor, shape (n, d) or (B, n, d)
+        Source points; a batch of B problems is solved in one launch per step.
+    y : Tensor, shape (m, d) or (B, m, d)
+        Target points (same dtype, device, d and B).
+    a : Tensor, shape (n,) or (B, n), optional
+        Source weights, finite, >= 0, positive total mass; default uniform ``1/n``.
+    b : Tensor, shape (m,) or (B, m), optional
+        Target weights; default uniform ``1/m``. Balanced problems need
+        ``sum(a) == sum(b)``.
+    blur : float, optional
+        Final length scale, ``eps = blur**2`` whatever ``cost_scale`` (GeomLoss'
+        p = 2 convention). Default 0.05 when ``eps`` is not given either.
+    eps : float, optional
+        The entropic regularisation; the same as ``blur = sqrt(eps)``. Give
+        ``blur`` or ``eps``, not both.
+    scaling : float, default 0.5
+        "symmetric" only: ratio between consecutive blur scales, in (0, 1).
+    diameter : float, optional
+        "symmetric" only: first blur scale of the schedule; default the
+        diagonal of the joint bounding box of x and y (as GeomLoss; of all the
+        entries of a batch together).
+    cost_scale : float, default 1.0
+        ``c`` in ``C_ij = c |x_i - y_j|^2`` (0.5 is GeomLoss' p = 2 cost).
+    reach, reach_x, reach_y : float, optional
+        Unbalanced OT: a KL marginal penalty of strength ``rho = reach**2`` on
+        both sides (``reach``) or on one side (``reach_x`` on ``P 1``,
+        ``reach_y`` on ``P^T 1``); None keeps that side a hard constraint.
+    method : {"symmetric", "alternating"}
+        "symmetric": GeomLoss' eps-scaling with averaged updates and a final
+        extrapolation; its iteration count is fixed by the schedule.
+        "alternating": OTT-JAX's fixed-eps Gauss-Seidel updates (g then f)
+        until the marginal error is <= ``threshold``.
+    max_iter : int, optional
+        "alternating" only (default 2000). Ignored, with a warning, by
+        "symmetric", whose schedule fixes the number of iterations.
+    threshold : float, optional
+        Convergence threshold on the L1 marginal error, default 1e-3 (OTT's).
+    check_every : int, default 10
+        Iterations between two checks of the marginal error. "alternating"
+        synchronises with the host only at checks.
+    f0, g0 : Tensor, optional
+        Warm start (GeomLoss convention, shapes of a and b). "symmetric":
+        replace the initialisation (pass ``diameter=blur`` to skip the
+        annealing). "alternating": starts from ``f0`` (g is updated first, so
+        ``g0`` only matters without ``f0``).
+    callback : callable, optional
+        Called at each check with a dict: ``method``, ``iteration``, ``eps``,
+        ``marginal_error``, ``f``, ``g``.
+    verbose : bool, default False
+        Show a tqdm progress bar.
+    backend : {None, "auto", "torch", "triton"}
+        Kernel backend; None/"auto": Triton for CUDA float32/16/bf16 tensors,
+        torch otherwise.
+    precision : {None, "ieee", "tf32", "tf32x3"}
+        Precision of the Triton dot products (None: the kernels' default,
+        accurate to fp32).
+
+    Returns
+    -------
+    SinkhornResult
+        ``f``, ``g``, ``eps``, ``n_iter``, ``converged``, ``marginal_error``,
+        ``plan`` (a PlanOperator), ``cost`` and the data.
+
+    Raises
+    ------
+    TypeError
+        Non-tensor inputs, non-floating or mismatched dtypes.
+    ValueError
+        Mismatched shapes or devices, empty clouds, non-finite points, negative
+        weights or zero mass, unequal masses in a balanced problem,
+        non-positive blur/eps/reach/cost_scale, scaling outside (0, 1), an
+        unknown method or backend.
+
+    Notes
+    -----
+    With ``T_f(g) = smin_C(log b + g/eps)``, ``T_g(f) = smin_{C^T}(log a + f/eps)``,
+    ``smin_C(h)_i = -eps log sum_j exp(h_j - C_ij/eps)`` and the damping
+    ``lam = rho / (rho + eps)`` (1 on a balanced side):
+
+    - symmetric: ``eps_list = [diam^2] + [exp(e) for e in arange(2 ln diam,
+      2 ln blur, 2 ln scaling)] + [blur^2]``; init ``f = lam T_f(0)``,
+      ``g = lam T_g(0)`` at ``eps_list[0]``; for each eps,
+      ``(f, g) <- ((f + lam T_f(g)) / 2, (g + lam T_g(f)) / 2)``; finally
+      ``f = lam T_f(g_pre)``, ``g = lam T_g(f_pre)`` at ``blur^2``.
+    - alternating: ``g <- lam T_g(f)``, then ``f <- lam T_f(g)``. The error at
+      a check is ``|P(f_prev, g) 1 - a|_1`` (against ``a e^{-f/rho}`` on a
+      relaxed side), read from the update just made; OTT measures
+      ``|P^T 1 - b|_1`` after the f update, half an iteration later. The
+      unbalanced update is GeomLoss' (it damps only the soft-min); OTT's also
+      damps ``eps log b``, which solves a different (``-eps H(P)``) problem.
+
+    The result's ``cost`` is ``<a, f> + <b, g>`` (balanced) or GeomLoss'
+    unbalanced value (see ``SinkhornResult.cost``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from otlinop.sinkhorn import sinkhorn
+    >>> x = torch.randn(100, 2, dtype=torch.float64); y = torch.randn(80, 2, dtype=torch.float64) + 1
+    >>> res = sinkhorn(x, y, blur=0.1)
+    >>> res.f.shape, res.g.shape, round(res.eps, 6)
+    (torch.Size([100]), torch.Size([80]), 0.01)
+    >>> res = sinkhorn(x, y, eps=0.5, method="alternating", threshold=1e-9)
+    >>> bool(res.converged), torch.allclose(res.plan.row_sums(), res.a)
+    (True, True)
+    """
+    owner = "sinkhorn"
+    if method not in _METHODS:
+        raise ValueError(f"{owner}: method must be 'symmetric' (GeomLoss) or 'alternating' (OTT-JAX), "
+                         f"got {method!r}")
+    cost_scale = _positive_float(owner, "cost_scale", cost_scale, "use 1.0 for |x-y|^2 or 0.5 for |x-y|^2/2")
+    rho_x, rho_y = _resolve_reach(owner, reach, reach_x, reach_y)
+    backend = _resolve_backend(owner, backend)
+    check_every = _positive_int(owner, "check_every", check_every)
+    threshold = 1e-3 if threshold is None else float(threshold)
+    if not threshold >= 0:
+        raise ValueError(f"{owner}: threshold must be >= 0, got {threshold}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"{owner}: callback must be callable or None, got {type(callback).__name__}")
+    if method == "alternating":
+        max_iter = 2000 if max_iter is None else _positive_int(owner, "max_iter", max_iter)
+        if diameter is not None:
+            warnings.warn(f"{owner}: diameter is ignored by method='alternating' (fixed eps)", stacklevel=2)
+    elif max_iter is not None:
+        warnings.warn(f"{owner}: max_iter is ignored by method='symmetric', whose eps schedule fixes "
+                      "the number of iterations; use method='alternating' to iterate to a threshold",
+                      stacklevel=2)
+
+    inp = _prepare(owner, x, y, a, b, balanced=(rho_x is None and rho_y is None))
+    f0 = _check_potential(owner, "f0", f0, inp.a, inp)
+    g0 = _check_potential(owner, "g0", g0, inp.b, inp)
+    eps, schedule, _ = _resolve_eps(owner, method, blur, eps, scaling, diameter, inp)
+
+    bar = None
+    if verbose:
+        from tqdm.auto import tqdm
+        total = len(schedule) if method == "symmetric" else max_iter
+        bar = tqdm(total=total, desc=f"sinkhorn ({method})", leave=False)
+    monitor = _Monitor(check_every=check_every, callback=callback, bar=bar, method=method, inp=inp)
+    opts = dict(cost_scale=cost_scale, backend=backend, precision=precision)
+
+    f_pre = g_pre = None
+    with torch.no_grad(), _no_finite_checks():
+        if method == "symmetric":
+            pots, pre = _symmetric_loop(inp, schedule, rho_x, rho_y, debias=False, f0=f0, g0=g0,
+                                        monitor=monitor, **opts)
+            f, g = pots
+            f_pre, g_pre = pre
+            n_iter = len(schedule)
+        else:
+            f, g, n_iter, _ = _alternating_loop(inp, eps, rho_x, rho_y, f0=f0, g0=g0, max_iter=max_iter,
+                                                threshold=threshold, monitor=monitor, **opts)
+    errors = monitor.finish()
+    converged = bool(errors) and errors[-1] <= threshold
+
+    u = inp.unbatch
+    return SinkhornResult(
+        f=u(f), g=u(g), eps=eps, n_iter=n_iter, converged=converged, marginal_error=errors,
+        a=u(inp.a) if a is None else a, b=u(inp.b) if b is None else b, x=x, y=y, cost_scale=cost_scale,
+        reach_x=None if rho_x is None else math.sqrt(rho_x),
+        reach_y=None if rho_y is None else math.sqrt(rho_y),
+        method=method, eps_schedule=schedule, f_pre=u(f_pre), g_pre=u(g_pre),
+        backend=backend, precision=precision)

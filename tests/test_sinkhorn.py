@@ -1,0 +1,412 @@
+"""Tests of otlinop.sinkhorn: parity with GeomLoss and POT, batching, options, errors.
+
+The Triton kernels run under TRITON_INTERPRET=1 on CPU (set before triton is
+imported: here and in conftest.py).
+"""
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from otlinop.sinkhorn import SinkhornResult, epsilon_schedule, sinkhorn  # noqa: E402
+
+
+
+class _Lazy:
+    """A module imported on first use: tests that need it skip when it is missing
+    (the GPU machine has neither GeomLoss nor POT)."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        if attr.startswith("_"):   # pytest's collection probes module globals
+            raise AttributeError(attr)
+        return getattr(pytest.importorskip(self._name), attr)
+
+
+geomloss = _Lazy("geomloss")
+ot = _Lazy("ot")
+
+F64 = torch.float64
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+#: Relative tolerance of the float64 parity tests (the algorithms are identical,
+#: observed errors are ~1e-14).
+RTOL64 = 1e-6
+#: float32 against a float64 reference.
+RTOL32 = 2e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The problems are tiny: torch's intra-op thread pool only adds overhead
+    # (10x on a loaded 2-core machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rel(u, v):
+    u, v = torch.as_tensor(u, dtype=F64), torch.as_tensor(v, dtype=F64)
+    return float((u - v).norm() / v.norm().clamp_min(1e-300))
+
+
+def clouds(n=60, m=50, d=2, *, batch=None, dtype=F64, seed=0, weights=True, mass_b=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    lead = () if batch is None else (batch,)
+    x = torch.rand(lead + (n, d), generator=gen, dtype=dtype)
+    y = torch.rand(lead + (m, d), generator=gen, dtype=dtype) * 0.8 + 0.3
+    if not weights:
+        return x, y, None, None
+    a = torch.rand(lead + (n,), generator=gen, dtype=dtype) + 0.2
+    b = torch.rand(lead + (m,), generator=gen, dtype=dtype) + 0.2
+    a = a / a.sum(-1, keepdim=True)
+    b = mass_b * b / b.sum(-1, keepdim=True)
+    return x, y, a, b
+
+
+def sqdist(x, y):
+    return ((x[..., :, None, :] - y[..., None, :, :]) ** 2).sum(-1)
+
+
+def geomloss_potentials(x, y, a, b, *, blur, reach=None, scaling=0.5, cost_scale=0.5, diameter=None):
+    cost = None if cost_scale == 0.5 else (lambda u, v: cost_scale * sqdist(u, v))
+    L = geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, reach=reach, scaling=scaling, debias=False,
+                             potentials=True, backend="tensorized", cost=cost, diameter=diameter)
+    return L(a, x, b, y)
+
+
+def geomloss_value(x, y, a, b, *, blur, reach=None, scaling=0.5, cost_scale=0.5):
+    cost = None if cost_scale == 0.5 else (lambda u, v: cost_scale * sqdist(u, v))
+    L = geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, reach=reach, scaling=scaling, debias=False,
+                             backend="tensorized", cost=cost)
+    return L(a, x, b, y)
+
+
+# --------------------------------------------------------------------------
+# Symmetric method against GeomLoss
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("cost_scale", [0.5, 1.0])
+@pytest.mark.parametrize("reach", [None, 0.4])
+@pytest.mark.parametrize("scaling", [0.5, 0.8])
+def test_symmetric_matches_geomloss(cost_scale, reach, scaling):
+    x, y, a, b = clouds(mass_b=1.0 if reach is None else 1.4)
+    res = sinkhorn(x, y, a, b, blur=0.07, scaling=scaling, cost_scale=cost_scale, reach=reach)
+    F, G = geomloss_potentials(x, y, a, b, blur=0.07, reach=reach, scaling=scaling, cost_scale=cost_scale)
+    value = geomloss_value(x, y, a, b, blur=0.07, reach=reach, scaling=scaling, cost_scale=cost_scale)
+    assert rel(res.f, F) < RTOL64 and rel(res.g, G) < RTOL64
+    assert rel(res.cost, value) < RTOL64
+    assert res.eps == pytest.approx(0.07 ** 2, rel=1e-15)
+    assert res.n_iter == len(epsilon_schedule(res.eps_schedule[0] ** 0.5, 0.07, scaling))
+
+
+def test_symmetric_default_weights_and_eps_argument():
+    x, y, _, _ = clouds(weights=False)
+    res = sinkhorn(x, y, eps=0.01)                 # blur = sqrt(eps) = 0.1
+    F, G = geomloss_potentials(x, y, torch.full((60,), 1 / 60, dtype=F64), torch.full((50,), 1 / 50, dtype=F64),
+                               blur=0.1)
+    assert res.cost_scale == 1.0
+    res_half = sinkhorn(x, y, eps=0.01, cost_scale=0.5)
+    assert rel(res_half.f, F) < RTOL64 and rel(res_half.g, G) < RTOL64
+    assert torch.allclose(res.a, torch.full((60,), 1 / 60, dtype=F64))
+    assert res.f.shape == (60,) and res.g.shape == (50,)
+
+
+def test_epsilon_schedule_matches_geomloss():
+    pytest.importorskip("geomloss")
+    from geomloss._legacy.sinkhorn_divergence import epsilon_schedule as gl_schedule
+    for diameter, blur, scaling in [(3.0, 0.05, 0.5), (1.3, 0.1, 0.9), (0.05, 0.05, 0.5), (0.02, 0.05, 0.5)]:
+        ours = epsilon_schedule(diameter, blur, scaling)
+        theirs = gl_schedule(2, diameter, blur, scaling)
+        assert len(ours) == len(theirs)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-13)
+
+
+def test_symmetric_records_errors_and_calls_back():
+    x, y, a, b = clouds()
+    seen = []
+    res = sinkhorn(x, y, a, b, blur=0.05, check_every=2, callback=seen.append, verbose=True)
+    assert len(res.marginal_error) == len(seen) == res.n_iter // 2 + 1
+    assert all(isinstance(e, float) for e in res.marginal_error)
+    assert set(seen[0]) == {"method", "iteration", "eps", "marginal_error", "f", "g"}
+    assert seen[-1]["eps"] == res.eps
+    assert res.f_pre is not None and res.g_pre is not None
+    # The last error is that of the pre-extrapolation state; slow annealing lowers it.
+    assert not res.converged and res.marginal_error[-1] > 1e-2
+    slow = sinkhorn(x, y, a, b, blur=0.5, scaling=0.95, threshold=1e-2)
+    assert slow.converged and slow.marginal_error[-1] < 1e-2
+    assert "SinkhornResult(" in repr(slow)
+
+
+def test_symmetric_warm_start():
+    x, y, a, b = clouds()
+    ref = sinkhorn(x, y, a, b, eps=0.01, method="alternating", threshold=1e-12)
+    # diameter = blur: no annealing; starting at the solution keeps it.
+    res = sinkhorn(x, y, a, b, eps=0.01, diameter=0.1, f0=ref.f, g0=ref.g)
+    assert res.eps_schedule == pytest.approx([0.01, 0.01], rel=1e-12)
+    assert rel(res.f, ref.f) < 1e-9 and rel(res.g, ref.g) < 1e-9
+    res_f = sinkhorn(x, y, a, b, eps=0.01, diameter=0.1, f0=ref.f)
+    assert rel(res_f.g, ref.g) < 1e-9
+
+
+# --------------------------------------------------------------------------
+# Alternating method against POT
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("cost_scale", [0.5, 1.0])
+def test_alternating_matches_pot_balanced(cost_scale):
+    x, y, a, b = clouds()
+    eps = 0.02
+    res = sinkhorn(x, y, a, b, eps=eps, method="alternating", threshold=1e-12, cost_scale=cost_scale,
+                   max_iter=20000)
+    assert res.converged and res.marginal_error[-1] <= 1e-12
+    M = (cost_scale * sqdist(x, y)).numpy()
+    P_pot, log = ot.bregman.sinkhorn_log(a.numpy(), b.numpy(), M, eps, numItermax=20000, stopThr=1e-13,
+                                         log=True)
+    P = res.plan.to_dense()
+    assert rel(P, torch.from_numpy(P_pot)) < RTOL64
+    # OTT/POT convention fh = eps log u; GeomLoss f = fh - eps log a (up to the gauge f + t, g - t).
+    f_pot = eps * torch.from_numpy(log["log_u"]) - eps * torch.log(a)
+    g_pot = eps * torch.from_numpy(log["log_v"]) - eps * torch.log(b)
+    t = (f_pot - res.f).mean()
+    assert rel(res.f + t, f_pot) < RTOL64 and rel(res.g - t, g_pot) < RTOL64
+    # The entropic value <a,f> + <b,g> = <P,C> + eps KL(P | a⊗b).
+    Pn = torch.from_numpy(P_pot)
+    kl = (Pn * torch.log(Pn / (a[:, None] * b[None, :]))).sum() - Pn.sum() + 1.0
+    assert rel(res.cost, (Pn * torch.from_numpy(M)).sum() + eps * kl) < RTOL64
+    linear = ot.sinkhorn2(a.numpy(), b.numpy(), M, eps, method="sinkhorn_log", stopThr=1e-13,
+                          numItermax=20000)
+    assert rel((P * torch.from_numpy(M)).sum(), torch.as_tensor(float(linear))) < RTOL64
+    # Exact row marginals after the f update (OTT's order: g, then f).
+    assert rel(res.plan.row_sums(), a) < 1e-12
+
+
+@pytest.mark.parametrize("reach_x, reach_y", [(0.5, 0.5), (None, 0.5), (0.6, None)])
+def test_alternating_matches_pot_unbalanced(reach_x, reach_y):
+    x, y, a, b = clouds(mass_b=1.3)
+    eps = 0.03
+    res = sinkhorn(x, y, a, b, eps=eps, method="alternating", threshold=1e-13, reach_x=reach_x,
+                   reach_y=reach_y, cost_scale=0.5, max_iter=50000)
+    assert res.converged
+    rho = lambda r: float("inf") if r is None else r * r  # noqa: E731
+    M = (0.5 * sqdist(x, y)).numpy()
+    P_pot, log = ot.unbalanced.sinkhorn_knopp_unbalanced(
+        a.numpy(), b.numpy(), M, eps, (rho(reach_x), rho(reach_y)), reg_type="kl", numItermax=50000,
+        stopThr=1e-15, log=True)
+    # With c = a⊗b, POT's scalings are u = exp(f/eps): GeomLoss' potentials directly.
+    assert rel(res.f, eps * torch.from_numpy(log["logu"])) < RTOL64
+    assert rel(res.g, eps * torch.from_numpy(log["logv"])) < RTOL64
+    assert rel(res.plan.to_dense(), torch.from_numpy(P_pot)) < RTOL64
+    # GeomLoss' value = primal value + eps((m_a + m_b)/2 - m_a m_b) (MATH.md section 4),
+    # with generalised KL divergences (POT's log["total_cost"] drops their mass terms).
+    P = torch.from_numpy(P_pot)
+
+    def kl(p, q):
+        return (p * torch.log(p / q) - p + q).sum()
+
+    primal = (P * torch.from_numpy(M)).sum() + eps * kl(P, a[:, None] * b[None, :])
+    for r, marginal, w in ((reach_x, P.sum(1), a), (reach_y, P.sum(0), b)):
+        if r is not None:
+            primal = primal + r * r * kl(marginal, w)
+    ma, mb = a.sum(), b.sum()
+    assert rel(res.cost, primal + eps * ((ma + mb) / 2 - ma * mb)) < RTOL64
+
+
+def test_semi_unbalanced_fixed_point():
+    x, y, a, b = clouds(mass_b=2.0)
+    res = sinkhorn(x, y, a, b, eps=0.02, method="alternating", reach_y=0.5, threshold=1e-12)
+    P = res.plan
+    assert rel(P.row_sums(), a) < 1e-10                            # hard side
+    assert rel(P.col_sums(), b * torch.exp(-res.g / 0.25)) < 1e-8   # relaxed side: b e^{-g/rho}
+    assert res.reach_x is None and res.reach_y == 0.5
+
+
+def test_alternating_warm_start_and_callback():
+    x, y, a, b = clouds()
+    ref = sinkhorn(x, y, a, b, eps=0.01, method="alternating", threshold=1e-10)
+    seen = []
+    res = sinkhorn(x, y, a, b, eps=0.01, method="alternating", threshold=1e-9, f0=ref.f, callback=seen.append,
+                   check_every=5, verbose=True)
+    assert res.converged and res.n_iter == 5 and len(seen) == 1
+    assert seen[0]["iteration"] == 5 and seen[0]["marginal_error"] <= 1e-9
+    capped = sinkhorn(x, y, a, b, eps=0.001, method="alternating", max_iter=7, check_every=5)
+    assert not capped.converged and capped.n_iter == 7 and len(capped.marginal_error) == 2
+
+
+def test_zero_weights_are_ignored():
+    x, y, a, b = clouds()
+    a0 = a.clone()
+    a0[:10] = 0
+    a0 = a0 / a0.sum()
+    full = sinkhorn(x, y, a0, b, eps=0.02, method="alternating", threshold=1e-12)
+    sub = sinkhorn(x[10:], y, a0[10:], b, eps=0.02, method="alternating", threshold=1e-12)
+    t = (sub.f - full.f[10:]).mean()
+    assert rel(full.f[10:] + t, sub.f) < 1e-9 and rel(full.g - t, sub.g) < 1e-9
+    assert torch.isfinite(full.f).all()
+    sym = sinkhorn(x, y, a0, b, blur=0.1)
+    sym_sub = sinkhorn(x[10:], y, a0[10:], b, blur=0.1, diameter=sym.eps_schedule[0] ** 0.5)
+    assert rel(sym.g, sym_sub.g) < 1e-12
+
+
+# --------------------------------------------------------------------------
+# Batches, dtypes, backends
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["symmetric", "alternating"])
+def test_batched_equals_per_item(method):
+    x, y, a, b = clouds(40, 30, batch=3)
+    opts = dict(blur=0.1, reach=0.5 if method == "symmetric" else None, method=method, diameter=2.0)
+    if method == "alternating":
+        opts.pop("diameter")
+        opts["threshold"] = 1e-11
+    res = sinkhorn(x, y, a, b, **opts)
+    assert res.f.shape == (3, 40) and res.cost.shape == (3,)
+    for i in range(3):
+        one = sinkhorn(x[i], y[i], a[i], b[i], **opts)
+        assert rel(res.f[i], one.f) < 1e-10 and rel(res.g[i], one.g) < 1e-10
+        assert rel(res.cost[i], one.cost) < 1e-10
+    sel = res.select(1)
+    assert sel.f.shape == (40,) and sel.plan.shape == (40, 30)
+    with pytest.raises(ValueError, match="batch of 3 problems"):
+        res.plan
+
+
+def test_batched_matches_geomloss():
+    x, y, a, b = clouds(40, 30, batch=2)
+    res = sinkhorn(x, y, a, b, blur=0.1, cost_scale=0.5)
+    F, G = geomloss_potentials(x, y, a, b, blur=0.1)
+    assert rel(res.f, F) < RTOL64 and rel(res.g, G) < RTOL64
+
+
+@pytest.mark.parametrize("method", ["symmetric", "alternating"])
+def test_float32_against_float64(method):
+    x, y, a, b = clouds(80, 70)
+    opts = dict(blur=0.2, method=method)
+    ref = sinkhorn(x, y, a, b, **opts)
+    res = sinkhorn(x.float(), y.float(), a.float(), b.float(), **opts)
+    assert res.f.dtype == torch.float32
+    t = (ref.f - res.f.double()).mean() if method == "alternating" else 0.0
+    assert rel(res.f.double() + t, ref.f) < RTOL32 and rel(res.cost, ref.cost) < RTOL32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    x, y, _, _ = clouds(30, 20, weights=False)
+    ref = sinkhorn(x, y, blur=0.3)
+    res = sinkhorn(x.to(dtype), y.to(dtype), blur=0.3)
+    assert res.f.dtype == torch.float32      # potentials are kept in float32
+    assert rel(res.cost, ref.cost) < 0.02
+
+
+@pytest.mark.parametrize("method", ["symmetric", "alternating"])
+def test_triton_interpreter_matches_torch(method):
+    # Few eps steps: a large blur. float32 (the Triton kernels' dtype). On a GPU
+    # machine the same small problem runs compiled.
+    x, y, a, b = (t.to(DEVICE) for t in clouds(24, 20, d=3, batch=2, dtype=torch.float32))
+    opts = dict(blur=0.5, method=method, reach=0.7 if method == "symmetric" else None, threshold=1e-4,
+                max_iter=40 if method == "alternating" else None)
+    res_t = sinkhorn(x, y, a, b, backend="triton", **opts)
+    res_c = sinkhorn(x, y, a, b, backend="torch", **opts)
+    assert rel(res_t.f, res_c.f) < 1e-5 and rel(res_t.g, res_c.g) < 1e-5
+    assert rel(res_t.cost, res_c.cost) < 1e-5
+
+
+@requires_cuda
+@pytest.mark.parametrize("method", ["symmetric", "alternating"])
+def test_gpu_triton_matches_torch_large(method):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n, d = 50_000, 64
+    x = torch.randn(n, d, device="cuda", generator=gen)
+    y = torch.randn(n, d, device="cuda", generator=gen) + 0.5
+    opts = dict(method=method)
+    if method == "symmetric":
+        opts.update(blur=1.0, scaling=0.5)
+    else:
+        opts.update(eps=5.0, max_iter=20, threshold=0.0)
+    res_t = sinkhorn(x, y, backend="triton", **opts)
+    res_c = sinkhorn(x, y, backend="torch", **opts)
+    scale = res_c.f.abs().max()
+    assert float((res_t.f - res_c.f).abs().max() / scale) < 1e-4
+    assert float((res_t.g - res_c.g).abs().max() / scale) < 1e-4
+    assert rel(res_t.cost, res_c.cost) < 1e-4
+
+
+# --------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------
+def test_errors():
+    x, y, a, b = clouds(10, 8)
+    with pytest.raises(ValueError, match="method must be 'symmetric'"):
+        sinkhorn(x, y, method="newton")
+    with pytest.raises(ValueError, match="same dimension d"):
+        sinkhorn(x, torch.rand(8, 3, dtype=F64))
+    with pytest.raises(ValueError, match=r"x must have shape \(n, d\)"):
+        sinkhorn(x[0], y)
+    with pytest.raises(ValueError, match="empty point cloud"):
+        sinkhorn(x[:0], y)
+    with pytest.raises(ValueError, match="batch size 2 but y has 3"):
+        sinkhorn(torch.rand(2, 5, 2, dtype=F64), torch.rand(3, 5, 2, dtype=F64))
+    with pytest.raises(ValueError, match=r"a has shape \(9,\), expected \(10,\)"):
+        sinkhorn(x, y, a[:9], b)
+    with pytest.raises(ValueError, match="batched weights"):
+        sinkhorn(x.expand(2, 10, 2), y.expand(2, 8, 2), a, b.expand(2, 8))
+    with pytest.raises(ValueError, match="negative entries"):
+        sinkhorn(x, y, -a, b)
+    with pytest.raises(ValueError, match="zero total mass"):
+        sinkhorn(x, y, a * 0, b, reach=1.0)
+    with pytest.raises(ValueError, match="non-finite"):
+        sinkhorn(x, y, a.clone().fill_(float("nan")), b)
+    with pytest.raises(ValueError, match="x has non-finite"):
+        sinkhorn(x.clone().fill_(float("inf")), y)
+    with pytest.raises(ValueError, match="equal total masses"):
+        sinkhorn(x, y, a, 2 * b)
+    with pytest.raises(ValueError, match="blur must be positive"):
+        sinkhorn(x, y, blur=0.0)
+    with pytest.raises(ValueError, match="eps must be positive"):
+        sinkhorn(x, y, eps=-1.0, method="alternating")
+    with pytest.raises(ValueError, match="give blur or eps, not both"):
+        sinkhorn(x, y, blur=0.1, eps=0.01)
+    with pytest.raises(ValueError, match=r"scaling must be in \(0, 1\)"):
+        sinkhorn(x, y, scaling=1.5)
+    with pytest.raises(ValueError, match="reach must be positive"):
+        sinkhorn(x, y, reach=-1.0)
+    with pytest.raises(ValueError, match="either reach"):
+        sinkhorn(x, y, reach=1.0, reach_x=1.0)
+    with pytest.raises(ValueError, match="backend must be"):
+        sinkhorn(x, y, backend="keops")
+    with pytest.raises(ValueError, match="cost_scale must be positive"):
+        sinkhorn(x, y, cost_scale=0.0)
+    with pytest.raises(ValueError, match="check_every must be a positive integer"):
+        sinkhorn(x, y, check_every=0)
+    with pytest.raises(TypeError, match="y has dtype torch.float32"):
+        sinkhorn(x, y.float())
+    with pytest.raises(TypeError, match="a has dtype torch.float32"):
+        sinkhorn(x, y, a.float(), b)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        sinkhorn(x.numpy(), y)
+    with pytest.raises(TypeError, match="floating dtype"):
+        sinkhorn(torch.ones(3, 2, dtype=torch.int64), torch.ones(3, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"f0 has shape \(8,\), expected \(10,\)"):
+        sinkhorn(x, y, f0=torch.zeros(8, dtype=F64))
+    with pytest.raises(TypeError, match="callback must be callable"):
+        sinkhorn(x, y, callback=3)
+    with pytest.warns(UserWarning, match="max_iter is ignored"):
+        sinkhorn(x, y, max_iter=10)
+
+
+def test_result_is_a_dataclass():
+    x, y, a, b = clouds(10, 8)
+    res = sinkhorn(x, y, a, b, blur=0.3)
+    assert isinstance(res, SinkhornResult)
+    assert res.x is x and res.a is a and res.rho_x is None
+    assert res.cost.ndim == 0 and math.isfinite(float(res.cost))
+    with pytest.raises(ValueError, match="not batched"):
+        res.select(0)
