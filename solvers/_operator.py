@@ -33,10 +33,9 @@ class _DenseOperator:
     """A strided (n, m) torch tensor seen through the operator protocol.
 
     Adjoint: the transposed view. Diagonal: ``M.diagonal()``. One matvec costs
-    O(nm). Symmetry is unknown (not checked: it would cost a pass over M).
+    O(nm). ``is_symmetric`` is an exact ``M == M.T`` test, made on first use.
     """
 
-    is_symmetric = False
     is_psd = False
 
     def __init__(self, M: torch.Tensor):
@@ -45,6 +44,14 @@ class _DenseOperator:
         self.dtype = M.dtype
         self.device = M.device
         self._T = None
+        self._symmetric = None
+
+    @property
+    def is_symmetric(self) -> bool:
+        if self._symmetric is None:
+            # One pass over M and one host sync, outside any solver loop.
+            self._symmetric = self.shape[0] == self.shape[1] and bool(torch.equal(self.M, self.M.mT))
+        return self._symmetric
 
     def __matmul__(self, v):
         return self.M @ v

@@ -1,0 +1,31 @@
+"""Krylov solvers and preconditioners for matrix-free operators.
+
+Every solver takes an operator (anything with ``shape``, ``dtype``,
+``device`` and ``@``; dense torch tensors, NumPy arrays and scipy matrices
+are converted), one right-hand side of shape (n,) or k of shape (n, k), and
+scipy's keyword names (``x0``, ``rtol``, ``atol``, ``maxiter``, ``M``,
+``callback``); it returns a ``SolveResult``. ``solve`` adds gradients by the
+implicit function theorem. See docs/solvers.md for choosing among them.
+"""
+
+from ._result import SolveResult
+from .bicgstab import bicgstab
+from .cg import cg
+from .gmres import gmres
+from .lsmr import lsmr
+from .minres import minres
+from .preconditioners import PreconditionerFactory, jacobi, neumann
+from .solve import solve
+
+__all__ = [
+    "cg",
+    "minres",
+    "gmres",
+    "bicgstab",
+    "lsmr",
+    "solve",
+    "SolveResult",
+    "jacobi",
+    "neumann",
+    "PreconditionerFactory",
+]

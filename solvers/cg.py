@@ -1,0 +1,169 @@
+"""Preconditioned conjugate gradients for symmetric positive definite systems."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _result as R_
+from ._common import (bind_preconditioner, check_callback, check_every_for, check_maxiter,
+                      check_tolerance, col_dot, col_norm, setup, tolerance)
+
+__all__ = ["cg"]
+
+
+@torch.no_grad()
+def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=None, check_every=None):
+    """Solve ``A x = b`` for a symmetric positive definite ``A`` by (preconditioned) CG.
+
+    Parameters
+    ----------
+    A : operator or Tensor, shape (n, n)
+        Symmetric positive definite. Anything ``as_operator`` accepts: an
+        otlinop operator, a dense torch tensor, a NumPy array, a scipy sparse
+        matrix or LinearOperator, a ``linear_operator`` object.
+    b : Tensor, shape (n,) or (n, k)
+        One right-hand side, or k of them solved together: each column has
+        its own step sizes and stopping test, and one iteration costs one
+        ``A @ P`` with P of shape (n, k).
+    x0 : Tensor, shape like b, optional
+        Initial guess (default zeros).
+    rtol, atol : float
+        Column j stops when ``||r_j|| <= max(rtol * ||b_j||, atol)``
+        (scipy's rule), with r the recursively updated residual.
+    maxiter : int, optional
+        Iteration limit (default ``10 n``, as scipy).
+    M : operator, Tensor, callable or factory, optional
+        An SPD preconditioner approximating ``A^-1``: ``jacobi()``,
+        ``neumann(3)``, an operator, a dense tensor, or a callable
+        ``r -> M r`` receiving tensors shaped like b. Factories are bound to A.
+    callback : callable, optional
+        Called as ``callback(xk)`` after each iteration, xk shaped like b.
+        Reading its values forces a host synchronisation each iteration.
+    check_every : int, optional
+        The loop synchronises with the host only to test whether every
+        column has stopped, every ``check_every`` iterations (default 1 on
+        the CPU, 10 on accelerators). Columns freeze on the device at their
+        own convergence, so the result does not depend on it; up to
+        ``check_every - 1`` extra matvecs may run.
+
+    Returns
+    -------
+    SolveResult
+        ``x`` shaped like b, ``converged``, ``n_iter``, ``residual_norm``,
+        ``status``, per-column ``column_converged`` and ``column_iterations``.
+
+    Raises
+    ------
+    ValueError
+        If A is not square, b or x0 has the wrong shape or non-finite
+        entries, maxiter < 1, a tolerance is negative, or M is one of this
+        package's preconditioners and known not to be positive definite.
+    TypeError
+        If b, x0 or M have the wrong type or dtype.
+
+    Notes
+    -----
+    Hestenes-Stiefel CG: ``z = M r``, ``rho = r^T z``, ``p = z + (rho/rho_old) p``,
+    ``alpha = rho / p^T A p``, ``x += alpha p``, ``r -= alpha A p``. If
+    ``p^T A p <= 0`` the column stops and the status says that A is not
+    positive definite (use ``minres``); if ``r^T M r <= 0`` it says so of M.
+    Non-convergence is reported in ``status``, never raised.
+
+    The loop runs under ``torch.no_grad()``: ``x`` carries no gradient. Use
+    ``solve(A, b, method="cg")`` to differentiate (implicit function
+    theorem, one extra solve in the backward pass).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from solvers import cg, jacobi
+    >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+    >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    >>> res = cg(A, b, rtol=1e-10, M=jacobi())
+    >>> res.converged, torch.allclose(A @ res.x, b)
+    (True, True)
+    """
+    pb = setup("cg", A, b, x0, square=True)
+    rtol = check_tolerance("cg", "rtol", rtol)
+    atol = check_tolerance("cg", "atol", atol)
+    maxiter = check_maxiter("cg", maxiter, 10 * pb.n)
+    check_callback("cg", callback)
+    every = check_every_for("cg", check_every, pb.op.device)
+    Mop = bind_preconditioner("cg", M, pb.op, pb.vector, spd=True)
+    op, B = pb.op, pb.B
+
+    bnorm, tol = tolerance("cg", B, rtol, atol)
+    # One right-hand side runs on 1-D tensors with 0-d scalars: every view or reshape is a
+    # dispatcher call, and on a GPU this loop is bound by such host-side overheads.
+    flat = pb.k == 1
+    if flat:
+        B, tol = B[:, 0], tol[0]
+        dot = torch.dot
+    else:
+        dot = col_dot
+    if pb.X0 is None:
+        X, R = torch.zeros_like(B), B
+    else:
+        X = pb.X0[:, 0] if flat else pb.X0
+        R = B - op @ X
+    zero = torch.zeros((), dtype=B.dtype, device=B.device)
+    one = torch.ones(() if flat else pb.k, dtype=B.dtype, device=B.device)
+    Z = R if Mop is None else Mop @ R
+    rho = dot(R, Z)
+    rnorm = col_norm(R)
+    # The loop keeps few per-column flags, each costing a kernel launch per iteration: the
+    # status codes are derived afterwards. A column has converged iff rnorm <= tol (it froze
+    # there); failed_pq / failed_rho hold the p^T A p or r^T M r that stopped a column
+    # (positive while none did).
+    failed_pq = one
+    failed_rho = torch.where(rho > 0, one, rho)
+    active = (rnorm > tol) & (rho > 0)
+    iters = torch.zeros_like(active, dtype=torch.int64)
+    P = Z
+
+    if bool(active.any()):
+        for it in range(maxiter):
+            Q = op @ P
+            pq = dot(P, Q)
+            step = active & (pq > 0)
+            failed_pq = torch.where(active ^ step, pq, failed_pq)
+            # Frozen columns take alpha = 0, so x and r stay put without branching on the host.
+            alpha = torch.where(step, rho / pq, zero)
+            X = torch.addcmul(X, P, alpha)
+            R = torch.addcmul(R, Q, alpha, value=-1)
+            iters = iters + step
+            if Mop is None:
+                rho_new = dot(R, R)
+                rnorm = rho_new.sqrt()
+            else:
+                rnorm = col_norm(R)
+            active = step & (rnorm > tol)
+            if callback is not None:
+                callback(X if pb.vector or not flat else X[:, None])
+            if it == maxiter - 1 or ((it + 1) % every == 0 and not bool(active.any())):
+                break
+            if Mop is None:
+                Z = R  # r^T r > 0 unless NaN, which reaches p^T A p at the next step
+            else:
+                Z = Mop @ R
+                rho_new = dot(R, Z)
+                still = active & (rho_new > 0)
+                failed_rho = torch.where(active ^ still, rho_new, failed_rho)
+                active = still
+            # Masked beta keeps p finite in frozen columns (r = 0 would give 0/0).
+            beta = torch.where(active, rho_new / rho, zero)
+            P = torch.addcmul(Z, P, beta)
+            rho = rho_new
+
+    if flat:
+        X, rnorm, tol, iters = X[:, None], rnorm.reshape(1), tol.reshape(1), iters.reshape(1)
+        failed_pq, failed_rho = failed_pq.reshape(1), failed_rho.reshape(1)
+    codes = torch.zeros(pb.k, dtype=torch.int64, device=B.device)
+    codes = torch.where(~(failed_pq > 0), torch.where(torch.isnan(failed_pq), R_.NONFINITE, R_.INDEFINITE_A),
+                        codes)
+    codes = torch.where(~(failed_rho > 0), torch.where(torch.isnan(failed_rho), R_.NONFINITE, R_.INDEFINITE_M),
+                        codes)
+    codes = torch.where(rnorm <= tol, R_.CONVERGED, codes)
+    return R_.finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=rnorm, tol=tol, bnorm=bnorm,
+                     rtol=rtol, atol=atol, maxiter=maxiter,
+                     describe=R_.default_describe("cg", "try M=jacobi() or M=neumann(3), or a larger maxiter"))

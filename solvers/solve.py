@@ -1,0 +1,248 @@
+"""``solve``: a Krylov solve that autograd differentiates by the implicit function theorem."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from ._operator import _is_operator, as_operator
+from .bicgstab import bicgstab
+from .cg import cg
+from .gmres import gmres
+from .minres import minres
+from .preconditioners import PreconditionerFactory
+
+__all__ = ["solve"]
+
+_METHODS = {"cg": cg, "minres": minres, "gmres": gmres, "bicgstab": bicgstab}
+_SYMMETRIC_METHODS = ("cg", "minres")
+
+
+def _graph_leaves(root) -> list:
+    """Leaf tensors requiring grad reachable from the autograd node ``root``."""
+    seen, stack, leaves, ids = set(), [root], [], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if isinstance(var, torch.Tensor) and var.requires_grad and id(var) not in ids:
+            ids.add(id(var))
+            leaves.append(var)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return leaves
+
+
+def _find_params(op, params) -> tuple:
+    """The tensors requiring grad that ``op``'s matvec depends on (see ``solve``)."""
+    if params is not None:
+        if isinstance(params, torch.Tensor):
+            params = (params,)
+        params = tuple(params)
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"solve: params[{i}] must be a torch.Tensor, got {type(p).__name__}")
+        return tuple(p for p in params if p.requires_grad)
+    for attr in ("_differentiable_tensors", "parameters"):
+        fn = getattr(op, attr, None)
+        if callable(fn):
+            return tuple(p for p in fn() if isinstance(p, torch.Tensor) and p.requires_grad)
+    if not torch.is_grad_enabled():
+        return ()
+    # No declared tensors: run one matvec and collect the leaves its autograd graph reaches.
+    with torch.enable_grad():
+        probe = torch.ones(int(op.shape[1]), dtype=op.dtype, device=op.device)
+        y = op @ probe
+    if not isinstance(y, torch.Tensor) or y.grad_fn is None:
+        return ()
+    return tuple(_graph_leaves(y.grad_fn))
+
+
+def _adjoint_preconditioner(M, symmetric: bool):
+    if M is None or symmetric:
+        return M
+    if isinstance(M, PreconditionerFactory) or (hasattr(M, "bind") and not _is_operator(M)):
+        return M  # the solver binds it to A.T
+    try:
+        return M.T
+    except (AttributeError, NotImplementedError):
+        # A plain callable has no transpose; reusing it still gives a valid (if weaker) preconditioner.
+        return M
+
+
+@dataclasses.dataclass
+class _Spec:
+    op: object
+    adjoint: object
+    method: str
+    options: dict
+    adjoint_options: dict
+    params: tuple
+    result: object = None
+
+
+class _Solve(torch.autograd.Function):
+    """x = A(params)^-1 b; backward: one adjoint solve, then the parameter VJP."""
+
+    @staticmethod
+    def forward(ctx, spec: _Spec, b, *params):
+        result = _METHODS[spec.method](spec.op, b, **spec.options)
+        spec.result = result
+        x = result.x
+        ctx.spec = spec
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        spec = ctx.spec
+        (x,) = ctx.saved_tensors
+        nparams = len(spec.params)
+        if grad_x is None:
+            return (None, None) + (None,) * nparams
+        adj = solve(spec.adjoint, grad_x, spec.method, params=spec.params, **spec.adjoint_options)
+        if not adj.converged:
+            warnings.warn(f"solve: the adjoint solve of the backward pass did not converge, so the gradient "
+                          f"is inaccurate: {adj.status}", RuntimeWarning, stacklevel=2)
+        lam = adj.x
+        grads = (None,) * nparams
+        if nparams and any(ctx.needs_input_grad[2:]):
+            grads = _ParamGrad.apply(spec, lam, x, *spec.params)
+        return (None, lam if ctx.needs_input_grad[1] else None) + tuple(grads)
+
+
+class _ParamGrad(torch.autograd.Function):
+    """g_i = -d<lam, A(params) x>/d params_i with x held fixed.
+
+    A Function rather than inline autograd so that, under double backward,
+    the dependence of g on x flows to x's own history without the first
+    derivative walking through it.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _Spec, lam, x, *params):
+        with torch.enable_grad():
+            y = spec.op @ x.detach()
+            if isinstance(y, torch.Tensor) and y.requires_grad:
+                # retain_graph: the matvec may share nodes with the caller's graph (params built from leaves).
+                gs = torch.autograd.grad(y, params, grad_outputs=-lam.detach(), allow_unused=True,
+                                         retain_graph=True)
+            else:
+                gs = (None,) * len(params)
+        ctx.spec = spec
+        ctx.save_for_backward(lam, x)
+        return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(gs, params))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *vs):
+        spec = ctx.spec
+        lam, x = ctx.saved_tensors
+        params = spec.params
+        with torch.enable_grad():
+            lam_l = lam.detach().requires_grad_(True)
+            x_l = x.detach().requires_grad_(True)
+            y = spec.op @ x_l
+            gs = torch.autograd.grad(y, params, grad_outputs=-lam_l, create_graph=True, allow_unused=True,
+                                     retain_graph=True)
+            terms = [(g * v).sum() for g, v in zip(gs, vs) if g is not None and v is not None]
+            if not terms:
+                return (None, None, None) + (None,) * len(params)
+            s = torch.stack(terms).sum()
+            out = torch.autograd.grad(s, (lam_l, x_l) + tuple(params), allow_unused=True, retain_graph=True)
+        return (None,) + tuple(out)
+
+
+def solve(A, b, method="cg", *, params=None, **options):
+    """Solve ``A x = b`` with a Krylov method, differentiably in ``b`` and in A's tensors.
+
+    Parameters
+    ----------
+    A : operator or Tensor, shape (n, n)
+        Anything the chosen method accepts.
+    b : Tensor, shape (n,) or (n, k)
+    method : {"cg", "minres", "gmres", "bicgstab"}
+        The solver, used for the forward solve and for the adjoint solve of
+        the backward pass. ``lsmr`` is not offered: least-squares gradients
+        need other formulas.
+    params : tuple of Tensor, optional
+        The tensors A's matvec depends on, for gradients with respect to
+        them. When omitted they are taken from ``A._differentiable_tensors()``
+        or ``A.parameters()`` if A has either; from A itself for a dense torch
+        tensor; otherwise (with grad enabled) from one probe matvec, whose
+        autograd graph is searched for leaf tensors that require grad.
+    **options
+        Passed to the method: ``x0``, ``rtol``, ``atol``, ``maxiter``, ``M``,
+        ``callback``, ``check_every``, ``shift`` (minres), ``restart`` (gmres).
+        Use tight tolerances when the gradient matters.
+
+    Returns
+    -------
+    SolveResult
+        Its ``x`` is differentiable.
+
+    Raises
+    ------
+    ValueError
+        For an unknown method, or any error the method raises.
+    TypeError
+        If a non-symmetric method needs ``A.T`` for the backward pass and A
+        has none, or params holds a non-tensor.
+
+    Notes
+    -----
+    Implicit function theorem: with ``A(theta) x = b`` and an incoming
+    gradient ``g = dL/dx``, the backward pass solves ``A^T lam = g`` once
+    (the same method and options, without x0 and callback; ``A`` itself for
+    cg, minres or an ``A.is_symmetric`` operator, else ``A.T``; the
+    preconditioner is transposed or re-bound to ``A.T``), then returns
+    ``dL/db = lam`` and ``dL/dtheta = -lam^T (dA/dtheta) x``, computed by
+    autograd on one matvec ``A @ x`` with x held fixed. The backward pass
+    calls ``solve`` itself, so ``create_graph=True`` and double backward work
+    when the matvec is twice differentiable. The gradient is exact only to
+    the solver's tolerance; a backward solve that does not converge emits a
+    RuntimeWarning. ``x0`` receives no gradient.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from solvers import solve
+    >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64, requires_grad=True)
+    >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    >>> x = solve(A, b, "cg", rtol=1e-12).x
+    >>> x.sum().backward()
+    >>> torch.allclose(b.grad, torch.linalg.solve(A.detach().T, torch.ones(2, dtype=torch.float64)))
+    True
+    """
+    if not isinstance(method, str) or method not in _METHODS:
+        if method == "lsmr":
+            raise ValueError("solve: method='lsmr' is not supported (least-squares gradients are not "
+                             "implemented); call solvers.lsmr directly, or solve the normal equations with "
+                             "method='cg'")
+        raise ValueError(f"solve: unknown method {method!r}; expected one of 'cg', 'minres', 'gmres', "
+                         "'bicgstab'")
+    op = as_operator(A, caller="solve")
+    found = _find_params(op, params)
+    needs_grad = torch.is_grad_enabled() and (
+        (isinstance(b, torch.Tensor) and b.requires_grad) or any(p.requires_grad for p in found))
+    if not needs_grad:
+        return _METHODS[method](op, b, **options)
+    symmetric = method in _SYMMETRIC_METHODS or bool(getattr(op, "is_symmetric", False))
+    if symmetric:
+        adjoint = op
+    else:
+        try:
+            adjoint = op.T
+        except (AttributeError, NotImplementedError) as err:
+            raise TypeError(f"solve: method={method!r} needs A.T for the backward pass, but A "
+                            f"({type(op).__name__}) has none ({err}); give the operator an adjoint, declare "
+                            "is_symmetric=True, or use method='cg'/'minres' for a symmetric A") from None
+    adjoint_options = {key: value for key, value in options.items() if key not in ("x0", "callback")}
+    adjoint_options["M"] = _adjoint_preconditioner(options.get("M"), symmetric)
+    spec = _Spec(op=op, adjoint=adjoint, method=method, options=dict(options), adjoint_options=adjoint_options,
+                 params=found)
+    x = _Solve.apply(spec, b, *found)
+    return dataclasses.replace(spec.result, x=x)

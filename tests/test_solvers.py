@@ -1,0 +1,530 @@
+"""Krylov solvers against scipy.sparse.linalg (float64), batching, status and errors."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as sla
+import torch
+
+try:  # a test dependency; where it is missing (or cannot load) only the property test is skipped
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+import solvers
+from solvers import SolveResult, bicgstab, cg, gmres, jacobi, lsmr, minres
+
+F64 = torch.float64
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The problems here are tiny: on a loaded 2-core machine, multithreaded MKL GEMMs spin
+    # and wait on each other (a 150 x 150 @ 150 x 16 product took ~1 ms instead of ~30 us).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------- problems
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def spd(n, cond, seed=0):
+    """A random SPD matrix with eigenvalues geometrically spaced in [1, cond]."""
+    Q, _ = np.linalg.qr(_rng(seed).standard_normal((n, n)))
+    return (Q * np.geomspace(1.0, cond, n)) @ Q.T
+
+
+def sym_indefinite(n, seed=0):
+    Q, _ = np.linalg.qr(_rng(seed).standard_normal((n, n)))
+    ev = np.concatenate([-np.geomspace(1, 100, n // 2), np.geomspace(1, 100, n - n // 2)])
+    return (Q * ev) @ Q.T
+
+
+def nonsym(n, seed=0):
+    return _rng(seed).standard_normal((n, n)) / np.sqrt(n) + 2.0 * np.eye(n)
+
+
+def t(a):
+    return torch.as_tensor(a, dtype=F64)
+
+
+def rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def close_count(ours, theirs):
+    """Iteration counts within 10% or 2 of scipy's."""
+    assert abs(ours - theirs) <= max(2, 0.1 * theirs), (ours, theirs)
+
+
+def scipy_count(fn, *args, **kwargs):
+    calls = []
+    x, info = fn(*args, callback=lambda *_: calls.append(1), **kwargs)
+    return x, info, len(calls)
+
+
+def first_reaching(A, b, rtol, fn, **kwargs):
+    """Scipy's first iteration whose true residual meets ||r|| <= rtol ||b||."""
+    hist = []
+    fn(A, b, rtol=1e-15, callback=lambda x: hist.append(np.linalg.norm(b - A @ x)), **kwargs)
+    return next(i + 1 for i, r in enumerate(hist) if r <= rtol * np.linalg.norm(b))
+
+
+class Counting:
+    """A dense operator that counts its applications (k columns count once)."""
+
+    def __init__(self, A, symmetric=False):
+        self.A = A
+        self.shape, self.dtype, self.device = tuple(A.shape), A.dtype, A.device
+        self.is_symmetric = symmetric
+        self.calls = 0
+
+    def __matmul__(self, V):
+        self.calls += 1
+        return self.A @ V
+
+    @property
+    def T(self):
+        return Counting(self.A.T, self.is_symmetric)
+
+
+# ------------------------------------------------------------------- scipy
+@pytest.mark.parametrize("cond", [10.0, 1e3, 1e5])
+def test_cg_matches_scipy(cond):
+    A, b = spd(120, cond), _rng(1).standard_normal(120)
+    xs, info, its = scipy_count(sla.cg, A, b, rtol=1e-10, maxiter=5000)
+    res = cg(t(A), t(b), rtol=1e-10, maxiter=5000)
+    assert res.converged and info == 0
+    close_count(res.n_iter, its)
+    assert rel(res.x, xs) < 1e-8
+    assert rel(res.x, np.linalg.solve(A, b)) < 1e-9 * cond
+    assert float(res.residual_norm) <= 1e-10 * np.linalg.norm(b)
+
+
+def test_cg_x0_and_atol_match_scipy():
+    A, b = spd(80, 1e3), _rng(2).standard_normal(80)
+    x0 = _rng(3).standard_normal(80)
+    xs, _, its = scipy_count(sla.cg, A, b, x0=x0, rtol=0.0, atol=1e-8)
+    res = cg(t(A), t(b), t(x0), rtol=0.0, atol=1e-8)
+    close_count(res.n_iter, its)
+    assert rel(res.x, xs) < 1e-8
+
+
+def test_cg_preconditioned_matches_scipy():
+    A = spd(100, 1e2) * np.geomspace(1, 1e3, 100)[:, None] * np.geomspace(1, 1e3, 100)[None, :]
+    b = _rng(4).standard_normal(100)
+    Minv = np.diag(1 / np.diag(A))
+    xs, _, its = scipy_count(sla.cg, A, b, rtol=1e-10, M=Minv, maxiter=5000)
+    res = cg(t(A), t(b), rtol=1e-10, M=jacobi(), maxiter=5000)
+    close_count(res.n_iter, its)
+    assert rel(res.x, xs) < 1e-8
+
+
+def test_minres_matches_scipy_indefinite():
+    A, b = sym_indefinite(120), _rng(5).standard_normal(120)
+    res = minres(t(A), t(b), rtol=1e-10)
+    assert res.converged
+    close_count(res.n_iter, first_reaching(A, b, 1e-10, sla.minres, maxiter=5000))
+    assert rel(res.x, np.linalg.solve(A, b)) < 1e-8
+    xs, _ = sla.minres(A, b, rtol=1e-13, maxiter=5000)
+    assert rel(res.x, xs) < 1e-8
+
+
+def test_minres_shift_matches_scipy():
+    A, b = spd(80, 1e2), _rng(6).standard_normal(80)
+    shift = 3.5  # inside the spectrum: A - shift I is indefinite
+    res = minres(t(A), t(b), shift=shift, rtol=1e-11)
+    xs, _ = sla.minres(A, b, shift=shift, rtol=1e-13, maxiter=5000)
+    exact = np.linalg.solve(A - shift * np.eye(80), b)
+    assert res.converged
+    assert rel(res.x, exact) < 1e-8 and rel(xs, exact) < 1e-8
+
+
+def test_minres_preconditioned():
+    A = sym_indefinite(80) + np.diag(np.geomspace(1, 1e3, 80))
+    b = _rng(7).standard_normal(80)
+    res = minres(t(A), t(b), rtol=1e-12, M=torch.diag(t(1 / np.abs(np.diag(A)))))
+    assert res.converged and rel(res.x, np.linalg.solve(A, b)) < 1e-8
+
+
+@pytest.mark.parametrize("restart", [10, 20, 120])
+def test_gmres_matches_scipy(restart):
+    A, b = nonsym(120), _rng(8).standard_normal(120)
+    calls = []
+    xs, info = sla.gmres(A, b, rtol=1e-10, restart=restart, maxiter=1000, callback=lambda r: calls.append(r),
+                         callback_type="pr_norm")
+    res = gmres(t(A), t(b), rtol=1e-10, restart=restart)
+    assert res.converged and info == 0
+    close_count(res.n_iter, len(calls))
+    assert rel(res.x, xs) < 1e-8
+    assert rel(res.x, np.linalg.solve(A, b)) < 1e-8
+
+
+def test_gmres_restart_cycles_on_hard_problem():
+    A = nonsym(150, seed=9) - 0.9 * np.eye(150)  # eigenvalues near the origin: many restarts
+    b = _rng(10).standard_normal(150)
+    calls = []
+    xs, info = sla.gmres(A, b, rtol=1e-8, restart=10, maxiter=200, callback=lambda r: calls.append(r),
+                         callback_type="pr_norm")
+    res = gmres(t(A), t(b), rtol=1e-8, restart=10, maxiter=2000)
+    assert info == 0 and res.converged and len(calls) > 100
+    close_count(res.n_iter, len(calls))
+
+
+def test_gmres_preconditioned_right():
+    A = nonsym(100) * np.geomspace(1, 1e3, 100)[:, None]
+    b = _rng(11).standard_normal(100)
+    plain = gmres(t(A), t(b), rtol=1e-10, restart=100)
+    pre = gmres(t(A), t(b), rtol=1e-10, restart=100, M=jacobi())
+    assert pre.converged and pre.n_iter < plain.n_iter
+    # right preconditioning: the tested residual is the true one
+    assert np.linalg.norm(b - A @ pre.x.numpy()) <= 1.01e-10 * np.linalg.norm(b)
+
+
+def test_bicgstab_matches_scipy():
+    A, b = nonsym(120), _rng(12).standard_normal(120)
+    xs, info, its = scipy_count(sla.bicgstab, A, b, rtol=1e-10, maxiter=1000)
+    res = bicgstab(t(A), t(b), rtol=1e-10)
+    assert res.converged and info == 0
+    close_count(res.n_iter, its)
+    assert rel(res.x, xs) < 1e-8
+
+
+@pytest.mark.parametrize("shape", [(150, 60), (60, 150)])
+@pytest.mark.parametrize("damp", [0.0, 0.7])
+def test_lsmr_matches_scipy(shape, damp):
+    rng = _rng(13)
+    A, b = rng.standard_normal(shape), rng.standard_normal(shape[0])
+    xs, istop, itn, normr = sla.lsmr(A, b, damp=damp, atol=1e-12, btol=1e-12, maxiter=1000)[:4]
+    res = lsmr(t(A), t(b), damp=damp, atol=1e-12, btol=1e-12, maxiter=1000)
+    assert res.converged
+    close_count(res.n_iter, itn)
+    assert rel(res.x, xs) < 1e-8
+    exact = np.linalg.lstsq(np.vstack([A, damp * np.eye(shape[1])]),
+                            np.concatenate([b, np.zeros(shape[1])]), rcond=None)[0]
+    assert rel(res.x, exact) < 1e-8
+    assert abs(float(res.residual_norm) - normr) <= 1e-8 * max(1.0, normr)
+
+
+def test_lsmr_x0_matches_scipy():
+    rng = _rng(14)
+    A, b, x0 = rng.standard_normal((90, 40)), rng.standard_normal(90), rng.standard_normal(40)
+    xs, _, itn = sla.lsmr(A, b, x0=x0, atol=1e-12, btol=1e-12)[:3]
+    res = lsmr(t(A), t(b), t(x0), atol=1e-12, btol=1e-12)
+    close_count(res.n_iter, itn)
+    assert rel(res.x, xs) < 1e-8
+
+
+def test_lsmr_conlim_status():
+    A = np.diag(np.geomspace(1, 1e-10, 30)) @ _rng(15).standard_normal((30, 30))
+    b = _rng(16).standard_normal(30)
+    res = lsmr(t(A), t(b), conlim=1e3, atol=0.0, btol=0.0)
+    assert not res.converged
+    assert "conlim" in res.status and "damp" in res.status
+
+
+# ------------------------------------------------------------------ batching
+METHODS = {
+    "cg": (cg, lambda n, seed=0: spd(n, 1e2, seed)),
+    "minres": (minres, sym_indefinite),
+    "gmres": (gmres, nonsym),
+    "bicgstab": (bicgstab, nonsym),
+}
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_batched_equals_columnwise(name):
+    fn, make = METHODS[name]
+    n = 60
+    A = t(make(n))
+    B = t(_rng(17).standard_normal((n, 4)))
+    B[:, 2] = 0.0  # a zero column converges at once, without NaN
+    B[:, 3] = A @ B[:, 1]  # a different scale and history
+    op = Counting(A)
+    res = fn(op, B, rtol=1e-10)
+    assert op.calls <= res.n_iter * (2 if name == "bicgstab" else 1) + 2 + res.n_iter // 5
+    assert res.column_converged.shape == (4,) and res.column_iterations.shape == (4,)
+    assert res.converged and torch.isfinite(res.x).all()
+    for j in range(4):
+        col = fn(A, B[:, j], rtol=1e-10)
+        # GEMM and GEMV round differently, so counts may differ by an iteration or two.
+        close_count(int(res.column_iterations[j]), col.n_iter)
+        if j != 2:
+            assert rel(res.x[:, j], col.x) < 1e-8
+        assert float(res.residual_norm[j]) <= 1e-10 * float(B[:, j].norm())
+    assert torch.all(res.x[:, 2] == 0)
+
+
+def test_lsmr_batched_equals_columnwise():
+    rng = _rng(18)
+    A, B = t(rng.standard_normal((70, 30))), t(rng.standard_normal((70, 3)))
+    B[:, 1] = 0.0
+    res = lsmr(A, B, damp=0.1, atol=1e-10, btol=1e-10)
+    for j in range(3):
+        col = lsmr(A, B[:, j], damp=0.1, atol=1e-10, btol=1e-10)
+        close_count(int(res.column_iterations[j]), col.n_iter)
+        torch.testing.assert_close(res.x[:, j], col.x, rtol=1e-8, atol=1e-12)
+
+
+def _property_batched_equals_columnwise(n, k, name, seed):
+    fn, make = METHODS[name]
+    A = t(make(n, seed=seed))
+    B = t(_rng(seed + 1).standard_normal((n, k)))
+    res = fn(A, B, rtol=1e-9, maxiter=20 * n)
+    for j in range(k):
+        col = fn(A, B[:, j], rtol=1e-9, maxiter=20 * n)
+        assert bool(res.column_converged[j]) == col.converged
+        torch.testing.assert_close(res.x[:, j], col.x, rtol=1e-7, atol=1e-10)
+
+
+if given is not None:
+    test_property_batched_equals_columnwise = settings(max_examples=15, deadline=None)(
+        given(n=st.integers(2, 24), k=st.integers(1, 4), name=st.sampled_from(sorted(METHODS)),
+              seed=st.integers(0, 10_000))(_property_batched_equals_columnwise))
+else:  # pragma: no cover
+    @pytest.mark.skip(reason="hypothesis is not installed")
+    def test_property_batched_equals_columnwise():
+        pass
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_check_every_does_not_change_the_result(name):
+    fn, make = METHODS[name]
+    A, b = t(make(50)), t(_rng(19).standard_normal((50, 2)))
+    one = fn(A, b, rtol=1e-9, check_every=1)
+    seven = fn(A, b, rtol=1e-9, check_every=7)
+    assert one.n_iter == seven.n_iter
+    torch.testing.assert_close(one.x, seven.x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(METHODS) + ["lsmr"])
+def test_callback_sees_each_iterate(name):
+    fn, make = (lsmr, nonsym) if name == "lsmr" else METHODS[name]
+    A, b = t(make(30)), t(_rng(20).standard_normal(30))
+    seen = []
+    kwargs = dict(atol=1e-10, btol=1e-10) if name == "lsmr" else dict(rtol=1e-10)
+    res = fn(A, b, callback=lambda x: seen.append(x.clone()), **kwargs)
+    assert len(seen) >= res.n_iter and seen[0].shape == (30,)
+    torch.testing.assert_close(seen[res.n_iter - 1], res.x)
+
+
+# ----------------------------------------------------------- special cases
+@pytest.mark.parametrize("fn", [cg, minres, gmres, bicgstab, lsmr])
+def test_zero_rhs_gives_zero(fn):
+    res = fn(t(spd(10, 10)), torch.zeros(10, dtype=F64))
+    assert res.converged and res.n_iter == 0 and torch.all(res.x == 0)
+
+
+@pytest.mark.parametrize("fn", [cg, minres, gmres, bicgstab])
+def test_exact_x0_takes_no_iteration(fn):
+    A = t(spd(10, 10))
+    x = torch.randn(10, dtype=F64)
+    res = fn(A, A @ x, x0=x, rtol=1e-8)
+    assert res.converged and res.n_iter == 0
+    torch.testing.assert_close(res.x, x)
+
+
+def test_result_fields_and_repr():
+    res = cg(t(spd(20, 10)), torch.ones(20, dtype=F64), rtol=1e-10)
+    assert isinstance(res, SolveResult)
+    assert isinstance(res.converged, bool) and isinstance(res.n_iter, int)
+    assert res.residual_norm.shape == () and res.column_converged.shape == ()
+    assert res.status.startswith("converged in")
+    assert "converged=True" in repr(res)
+    with pytest.raises(AttributeError):
+        res.n_iter = 3  # frozen
+
+
+def test_cg_nonconvergence_is_a_status():
+    res = cg(t(spd(100, 1e4)), torch.ones(100, dtype=F64), maxiter=5, rtol=1e-8)
+    assert not res.converged and res.n_iter == 5
+    assert "maxiter=5 reached with relative residual" in res.status
+    assert "> rtol=1.0e-08" in res.status and "neumann(3)" in res.status
+
+
+def test_batched_nonconvergence_status_names_columns():
+    A = t(spd(40, 1e4))
+    B = torch.randn(40, 3, dtype=F64)
+    B[:, 1] = A @ torch.ones(40, dtype=F64) * 0  # converges at once
+    res = gmres(A, B, maxiter=4)
+    assert not res.converged
+    assert res.column_converged.tolist() == [False, True, False]
+    assert res.status.startswith("2 of 3 right-hand sides did not converge; columns [0, 2]")
+    assert "larger restart" in res.status
+
+
+def test_cg_on_indefinite_reports_not_positive_definite():
+    A = torch.diag(torch.tensor([1.0, -2.0, 3.0], dtype=F64))
+    res = cg(A, torch.ones(3, dtype=F64))
+    assert not res.converged
+    assert "A is not positive definite" in res.status and "use minres" in res.status
+    assert torch.isfinite(res.x).all()
+
+
+def test_minres_singular_inconsistent_gives_least_squares():
+    A = torch.diag(torch.tensor([1.0, 2.0, 0.0], dtype=F64))
+    res = minres(A, torch.ones(3, dtype=F64))
+    assert not res.converged and "least-squares" in res.status
+    torch.testing.assert_close(res.x[:2], torch.tensor([1.0, 0.5], dtype=F64))
+    assert torch.isfinite(res.x).all()
+
+
+def test_minres_singular_consistent_converges():
+    A = torch.diag(torch.tensor([1.0, 2.0, 0.0, 4.0], dtype=F64))
+    res = minres(A, torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=F64), rtol=1e-12)
+    assert res.converged
+    torch.testing.assert_close(res.x, torch.tensor([1.0, 0.5, 0.0, 0.25], dtype=F64))
+
+
+def test_bicgstab_breakdown_is_a_status():
+    A = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=F64)
+    res = bicgstab(A, torch.tensor([1.0, 0.0], dtype=F64))
+    assert not res.converged and "broke down" in res.status and "gmres" in res.status
+
+
+@pytest.mark.parametrize("fn", [cg, minres, gmres, bicgstab])
+def test_nonfinite_operator_is_a_status(fn):
+    A = torch.eye(3, dtype=F64)
+    A[0, 1] = float("nan")
+    res = fn(A, torch.ones(3, dtype=F64))
+    assert not res.converged and "NaN or inf" in res.status
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_float32(name):
+    fn, make = METHODS[name]
+    A = torch.as_tensor(make(40), dtype=torch.float32)
+    b = torch.randn(40, 2)
+    res = fn(A, b, rtol=1e-5)
+    assert res.converged and res.x.dtype == torch.float32
+    exact = torch.linalg.solve(A.double(), b.double())
+    assert float((res.x.double() - exact).norm() / exact.norm()) < 1e-3
+
+
+def test_lsmr_float32():
+    A, b = torch.randn(50, 20), torch.randn(50)
+    res = lsmr(A, b)
+    exact = torch.linalg.lstsq(A.double(), b.double()[:, None]).solution[:, 0]
+    assert res.converged and float((res.x.double() - exact).norm() / exact.norm()) < 1e-4
+
+
+# --------------------------------------------------------------- operators
+def test_accepts_numpy_scipy_and_operators():
+    A = spd(30, 10)
+    b = t(_rng(21).standard_normal(30))
+    exact = np.linalg.solve(A, b.numpy())
+    for obj in (A, sp.csr_matrix(A), sla.aslinearoperator(A)):
+        assert rel(cg(obj, b, rtol=1e-12).x, exact) < 1e-9
+    assert rel(cg(t(A).to_sparse(), b, rtol=1e-12).x, exact) < 1e-9
+
+
+def test_accepts_otlinop_and_linear_operator():
+    otlinop = pytest.importorskip("otlinop")
+    from linear_operator.operators import DenseLinearOperator
+    A = t(spd(30, 10))
+    b = torch.randn(30, dtype=F64)
+    exact = torch.linalg.solve(A, b)
+    ops = (otlinop.Dense(A), otlinop.aslinearoperator(A),
+           otlinop.Dense(A) + otlinop.Diag(torch.zeros(30, dtype=F64)), DenseLinearOperator(A))
+    for op in ops:
+        for fn in (cg, minres, gmres, bicgstab):
+            torch.testing.assert_close(fn(op, b, rtol=1e-12).x, exact, rtol=1e-9, atol=1e-12)
+    R = torch.randn(40, 30, dtype=F64)
+    torch.testing.assert_close(lsmr(otlinop.Dense(R), R @ exact, atol=1e-12, btol=1e-12, maxiter=200).x, exact,
+                               rtol=1e-8, atol=1e-10)
+
+
+def test_callable_and_dense_preconditioners():
+    A = t(spd(40, 1e3))
+    b = torch.randn(40, dtype=F64)
+    Ainv = torch.linalg.inv(A)
+    seen = []
+
+    def apply(r):
+        seen.append(r.shape)
+        return Ainv @ r
+
+    for M in (Ainv, apply):
+        res = cg(A, b, rtol=1e-10, M=M)
+        assert res.converged and res.n_iter <= 2
+    assert seen[0] == (40,)  # a 1-D b gives the callable 1-D vectors
+    cg(A, torch.randn(40, 3, dtype=F64), M=apply)
+    assert seen[-1] == (40, 3)
+
+
+# ------------------------------------------------------------------- errors
+@pytest.mark.parametrize("fn", [cg, minres, gmres, bicgstab])
+def test_nonsquare_rejected(fn):
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: A must be square, got shape \(3, 2\); use lsmr"):
+        fn(torch.ones(3, 2, dtype=F64), torch.ones(3, dtype=F64))
+
+
+@pytest.mark.parametrize("fn", [cg, minres, gmres, bicgstab, lsmr])
+def test_argument_errors(fn):
+    name = fn.__name__
+    A, b = torch.eye(4, dtype=F64), torch.ones(4, dtype=F64)
+    with pytest.raises(ValueError, match=rf"{name}: b has shape \(3,\), expected \(4,\) or \(4, k\)"):
+        fn(A, torch.ones(3, dtype=F64))
+    with pytest.raises(ValueError, match=rf"{name}: x0 has shape \(4, 1\), expected \(4,\)"):
+        fn(A, b, torch.ones(4, 1, dtype=F64))
+    with pytest.raises(ValueError, match=rf"{name}: b contains NaN or inf"):
+        fn(A, torch.tensor([1.0, float("inf"), 0.0, 0.0], dtype=F64))
+    with pytest.raises(ValueError, match=rf"{name}: x0 contains NaN or inf"):
+        fn(A, b, torch.full((4,), float("nan"), dtype=F64))
+    with pytest.raises(ValueError, match=rf"{name}: maxiter must be >= 1, got 0"):
+        fn(A, b, maxiter=0)
+    with pytest.raises(TypeError, match=rf"{name}: b has dtype torch.float32, but A has dtype torch.float64"):
+        fn(A, torch.ones(4))
+    with pytest.raises(TypeError, match=rf"{name}: b must be a torch.Tensor"):
+        fn(A, np.ones(4))
+    with pytest.raises(ValueError, match=rf"{name}: check_every must be a positive int"):
+        fn(A, b, check_every=0)
+    with pytest.raises(TypeError, match=rf"{name}: callback must be callable"):
+        fn(A, b, callback=3)
+    tol = "atol" if fn is lsmr else "rtol"
+    with pytest.raises(ValueError, match=rf"{name}: {tol} must be a finite non-negative float, got -1.0"):
+        fn(A, b, **{tol: -1.0})
+
+
+def test_more_argument_errors():
+    A, b = torch.eye(4, dtype=F64), torch.ones(4, dtype=F64)
+    with pytest.raises(ValueError, match=r"cg: atol must be a finite non-negative float, got -1e-08"):
+        cg(A, b, atol=-1e-8)
+    with pytest.raises(ValueError, match=r"gmres: restart must be a positive int, got 0"):
+        gmres(A, b, restart=0)
+    with pytest.raises(ValueError, match=r"lsmr: damp must be a non-negative float, got -1"):
+        lsmr(A, b, damp=-1)
+    with pytest.raises(ValueError, match=r"cg: M has shape \(3, 3\), expected \(4, 4\) like A"):
+        cg(A, b, M=torch.eye(3, dtype=F64))
+    with pytest.raises(TypeError, match=r"cg: M must be an operator, a 2-D tensor, a callable"):
+        cg(A, b, M=torch.ones(4, dtype=F64))
+    with pytest.raises(ValueError, match=r"cg: A must be a 2-D matrix or an operator, got a tensor of shape \(4,\)"):
+        cg(torch.ones(4, dtype=F64), b)
+    with pytest.raises(TypeError, match=r"minres: shift must be a real number"):
+        minres(A, b, shift="1")
+    with pytest.raises(TypeError, match=r"cg: A could not be used as a linear operator"):
+        cg(object(), b)
+
+
+# --------------------------------------------------------------------- GPU
+@requires_cuda
+@pytest.mark.parametrize("name", list(METHODS) + ["lsmr"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_cpu(name, dtype):
+    fn, make = (lsmr, nonsym) if name == "lsmr" else METHODS[name]
+    A = torch.as_tensor(make(64), dtype=dtype)
+    B = torch.randn(64, 3, dtype=dtype)
+    kwargs = {} if name == "lsmr" else dict(rtol=1e-5 if dtype == torch.float32 else 1e-10)
+    cpu = fn(A, B, M=None if name in ("lsmr", "minres") else jacobi(), **kwargs) if name != "lsmr" else fn(A, B)
+    gpu = fn(A.cuda(), B.cuda(), M=None if name in ("lsmr", "minres") else jacobi(), **kwargs) \
+        if name != "lsmr" else fn(A.cuda(), B.cuda())
+    assert gpu.x.device.type == "cuda" and gpu.converged == cpu.converged
+    tol = 1e-3 if dtype == torch.float32 else 1e-8
+    torch.testing.assert_close(gpu.x.cpu(), cpu.x, rtol=tol, atol=tol)
