@@ -1,0 +1,226 @@
+"""``python -m otlinop.bench hvp``: Hessian-vector products at converged potentials.
+
+At n = m = 10k, d = 64 (GPU; tiny sizes on a CPU), x ~ N(0, I), y ~ N(0.5, I),
+random positive weights, eps = 0.5: potentials converged in float64, a float64
+reference HVP ``H_xx A`` (checked against central finite differences of the
+gradient), then otlinop's float32 HVP for M = None, jacobi(), neumann(3): time
+(median), inner CG iterations and relative error against the reference.
+
+When flash-sinkhorn is importable (``flash_sinkhorn`` or ``ot_triton``), the same
+run measures it in a subprocess of its own: its HVP from the same converged
+potentials (``hvp_x_sqeuclid_from_potentials``, each preconditioner mode), and
+its double backward through ``SamplesLoss`` after 50 Sinkhorn iterations (as in
+BENCHMARKS.md). The tables are Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from . import _timing
+
+# The peer runs in its own process (its own Triton kernels and caches); it
+# reads the problem from a file and prints one JSON line.
+_PEER = r"""
+import importlib, json, math, sys, time, warnings
+import torch
+data = torch.load(sys.argv[1])
+mod = None
+for name in ("flash_sinkhorn", "ot_triton"):
+    try:
+        mod = importlib.import_module(name)
+        break
+    except ImportError:
+        pass
+if mod is None:
+    print(json.dumps({"error": "flash_sinkhorn / ot_triton not importable"}))
+    raise SystemExit(0)
+import triton.testing
+from importlib import import_module
+hvp_mod = import_module(mod.__name__ + ".hvp")
+x, y, a, b, f, g, A = (data[k].cuda() for k in ("x", "y", "a", "b", "f", "g", "A"))
+eps, ref = data["eps"], data["ref"].cuda()
+out = {"module": mod.__name__, "version": getattr(mod, "__version__", "?"), "from_potentials": {}, "double_backward": {}}
+f_hat, g_hat = hvp_mod.geomloss_to_ott_potentials(f, g, a, b, eps=eps)
+def rel(u):
+    return float((u.double() - ref).norm() / ref.norm())
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    for mode in ("none", "jacobi", "neumann"):
+        run = lambda: hvp_mod.hvp_x_sqeuclid_from_potentials(x, y, f_hat, g_hat, A, eps=eps, preconditioner=mode)
+        H, info = run()
+        ms = float(triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median"))
+        out["from_potentials"][mode] = {"ms": ms, "iters": int(info.cg_iters), "converged": bool(info.cg_converged),
+                                        "rel_err": rel(H)}
+    for mode in ("none", "jacobi", "neumann"):
+        loss = mod.SamplesLoss("sinkhorn", blur=math.sqrt(eps), eps=eps, n_iters=50, use_epsilon_scaling=False,
+                               debias=False, normalize=False, hvp_preconditioner=mode)
+        xr = x.clone().requires_grad_(True)
+        val = loss(a, xr, b, y)
+        gx = torch.autograd.grad(val, xr, create_graph=True)[0]
+        run = lambda: torch.autograd.grad((gx * A).sum(), xr, retain_graph=True)[0]
+        H = run()
+        ms = float(triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median"))
+        out["double_backward"][mode] = {"ms": ms, "rel_err": rel(H)}
+print(json.dumps(out))
+"""
+
+
+def _problem(n, d, device, seed, weights):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(n, d, device=device, generator=gen, dtype=torch.float64)
+    y = torch.randn(n, d, device=device, generator=gen, dtype=torch.float64) + 0.5
+    if weights == "lognormal":   # about 3 decades
+        a = torch.exp(1.3 * torch.randn(n, device=device, generator=gen, dtype=torch.float64))
+        b = torch.exp(1.3 * torch.randn(n, device=device, generator=gen, dtype=torch.float64))
+    else:
+        a = torch.rand(n, device=device, generator=gen, dtype=torch.float64) + 0.5
+        b = torch.rand(n, device=device, generator=gen, dtype=torch.float64) + 0.5
+    A = torch.randn(n, d, device=device, generator=gen, dtype=torch.float64)
+    return x, y, a / a.sum(), b / b.sum(), A
+
+
+def _converged(x, y, a, b, eps, f=None, tol=1e-13, max_iter=200_000):
+    """Alternating log-domain Sinkhorn in float64 on dense (n, m) matrices, to a
+    potential change <= tol; returns (f, g, iterations). A reference: at 10k
+    points the dense float64 cost (800 MB) is much faster to iterate on than
+    recomputing it each pass, and the thousands of iterations that 1e-13 takes
+    at eps = 0.5, d = 64 fit in seconds."""
+    C = torch.cdist(x, y).square_()
+    la, lb = a.log(), b.log()
+    g = torch.zeros(y.shape[0], dtype=x.dtype, device=x.device)
+    if f is None:
+        f = -eps * torch.logsumexp(lb[None, :] - C / eps, dim=1)
+    for it in range(1, max_iter + 1):
+        g = -eps * torch.logsumexp(la[:, None] + (f[:, None] - C) / eps, dim=0)
+        f_new = -eps * torch.logsumexp(lb[None, :] + (g[None, :] - C) / eps, dim=1)
+        if it % 50 == 0 and float((f_new - f).abs().max()) <= tol * max(1.0, float(f_new.abs().max())):
+            return f_new, g, it
+        f = f_new
+    raise RuntimeError(f"float64 reference Sinkhorn: no convergence in {max_iter} iterations")
+
+
+def _rel(u, ref):
+    return float((u.double() - ref).norm() / ref.norm())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m otlinop.bench hvp", description=__doc__)
+    parser.add_argument("--n", type=int, default=None, help="n = m (default 10000 on a GPU, 300 on a CPU)")
+    parser.add_argument("--d", type=int, default=None, help="dimension (default 64 on a GPU, 8 on a CPU)")
+    parser.add_argument("--eps", type=float, default=0.5)
+    parser.add_argument("--rtol", type=float, default=1e-5, help="inner CG tolerance of the float32 HVPs")
+    parser.add_argument("--precision", default=None, help="kernel precision (default: the kernels' default)")
+    parser.add_argument("--maxiter", type=int, default=2000, help="inner CG iteration limit")
+    parser.add_argument("--fd", action="store_true",
+                        help="check the float64 reference against central finite differences (2 more solves)")
+    parser.add_argument("--fd-step", type=float, default=1e-4, help="relative step of the finite differences")
+    parser.add_argument("--cache", default=None, help="file to keep the float64 reference in between runs")
+    parser.add_argument("--no-peer", action="store_true", help="skip flash-sinkhorn")
+    parser.add_argument("--peer-timeout", type=float, default=240.0, help="seconds for the flash-sinkhorn process")
+    parser.add_argument("--weights", choices=("random", "lognormal"), default="random",
+                        help="random: uniform in [0.5, 1.5); lognormal: about 3 decades")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from otlinop.hvp import grad_x, hvp_x
+    from otlinop.kernels import _common
+    from solvers import jacobi, neumann
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    n = args.n or (10_000 if cuda else 300)
+    d = args.d or (64 if cuda else 8)
+    eps = args.eps
+    print(f"device: {_timing.device_name()}; n = m = {n}, d = {d}, eps = {eps}, {args.weights} weights, "
+          f"inner rtol {args.rtol:g} (float32)")
+
+    # ---- float64 reference: converged potentials, HVP, finite differences
+    x, y, a, b, A = _problem(n, d, device, args.seed, args.weights)
+    key = (n, d, eps, args.seed, args.weights)
+    cached = torch.load(args.cache) if args.cache and os.path.exists(args.cache) else None
+    t0 = time.perf_counter()
+    if cached is not None and cached["key"] == key:
+        f, g, ref = (cached[k].to(device) for k in ("f", "g", "ref"))
+        print(f"float64 reference read from {args.cache}")
+    else:
+        f, g, its = _converged(x, y, a, b, eps)
+        print(f"float64 Sinkhorn: {its} alternating iterations to a potential change <= 1e-13 "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        ref, ref_info = hvp_x(x, y, f, g, A, eps=eps, a=a, b=b, rtol=1e-12, ridge=0.0)
+        print(f"float64 reference HVP: {ref_info.n_iter} CG iterations ({time.perf_counter() - t0:.1f} s in all)",
+              flush=True)
+        if args.cache:
+            torch.save({"key": key, "f": f.cpu(), "g": g.cpu(), "ref": ref.cpu()}, args.cache)
+    if args.fd:
+        h = args.fd_step * float(x.norm() / A.norm())
+        grads = []
+        for sign in (1.0, -1.0):
+            xs = x + sign * h * A
+            fs, gs, _ = _converged(xs, y, a, b, eps, f=f)
+            grads.append(grad_x(xs, y, fs, gs, eps=eps, a=a, b=b))
+        fd = (grads[0] - grads[1]) / (2 * h)
+        print(f"float64 reference HVP vs central finite differences: {_rel(fd, ref):.1e} relative", flush=True)
+
+    # ---- otlinop in float32
+    x32, y32, a32, b32, A32, f32, g32 = (t.float() for t in (x, y, a, b, A, f, g))
+    _common._CHECK_FINITE = False
+    rows = []
+    for name, M in (("None", None), ("jacobi()", jacobi()), ("neumann(3)", neumann(3))):
+        def run():
+            return hvp_x(x32, y32, f32, g32, A32, eps=eps, a=a32, b=b32, M=M, rtol=args.rtol,
+                         maxiter=args.maxiter, precision=args.precision)
+        H, info = run()
+        ms = _timing.bench(run, warmup_ms=1, rep_ms=200)
+        rows.append(("otlinop", f"M = {name}", ms, info.n_iter, _rel(H, ref)))
+        print(f"otlinop M = {name}: {ms:.2f} ms, {info.n_iter} iterations, converged {info.converged}, "
+              f"error {rows[-1][4]:.1e}", flush=True)
+    _common._CHECK_FINITE = True
+
+    # ---- flash-sinkhorn, in its own process
+    peer = None
+    if cuda and not args.no_peer:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "problem.pt")
+            torch.save({"x": x32.cpu(), "y": y32.cpu(), "a": a32.cpu(), "b": b32.cpu(), "f": f32.cpu(),
+                        "g": g32.cpu(), "A": A32.cpu(), "eps": eps, "ref": ref.cpu()}, path)
+            try:
+                proc = subprocess.run([sys.executable, "-c", _PEER, path], capture_output=True, text=True,
+                                      timeout=args.peer_timeout)
+            except subprocess.TimeoutExpired:
+                proc = subprocess.CompletedProcess([], 1, "", f"timed out after {args.peer_timeout} s")
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        peer = json.loads(lines[-1]) if lines else {"error": (proc.stderr or proc.stdout)[-500:]}
+
+    print()
+    print("| library | HVP | ms | inner CG iterations | rel. error vs float64 |")
+    print("|---|---|---|---|---|")
+    for lib, what, ms, its, err in rows:
+        print(f"| {lib} | {what} | {ms:.2f} | {its} | {err:.1e} |")
+    if peer is not None and "error" not in peer:
+        label = f"{peer['module']} {peer['version']}"
+        for mode, r in peer["from_potentials"].items():
+            print(f"| {label} | from potentials, {mode} | {r['ms']:.2f} | {r['iters']}"
+                  f"{'' if r['converged'] else ' (not converged)'} | {r['rel_err']:.1e} |")
+        for mode, r in peer["double_backward"].items():
+            print(f"| {label} | double backward (50 its), {mode} | {r['ms']:.2f} | - | {r['rel_err']:.1e} |")
+        best_peer = min(r["ms"] for r in peer["double_backward"].values())
+        best = min(r[2] for r in rows)
+        print(f"\nfastest otlinop HVP vs fastest flash-sinkhorn double backward: {best_peer / best:.1f}x")
+    elif peer is not None:
+        print(f"\nflash-sinkhorn: not measured ({peer['error'].strip()})")
+    elif not cuda:
+        print("\n(no GPU: tiny CPU sizes, not benchmark figures; flash-sinkhorn needs CUDA)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,259 @@
+"""The Sinkhorn dual Hessian and its Schur complement, as compositions of
+``PlanOperator`` and ``Diag``.
+
+With ``ah = P 1`` and ``bh = P.T 1`` (the plan's marginals) and the relaxation
+factors ``kx``, ``ky`` (``(rho + eps) / rho`` on a relaxed side, ``rho =
+reach**2``; 1 on a hard one), minus ``eps`` times the Hessian of the dual
+objective in ``(f, g)`` is
+
+    K = [[kx Diag(ah), P     ],
+         [P.T,         ky Diag(bh)]]
+
+and its Schur complement on the target potential ``g`` is
+
+    S = ky Diag(bh) - P.T @ Diag(1 / (kx ah)) @ P   (+ a small ridge).
+
+``K z = r`` is solved through ``S`` (one Krylov solve of size m). See
+``docs/hessian.md`` and MATH.md, section 5.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from solvers import cg
+
+from ._base import BlockOperator, Diag, LinearOperator
+from .plan import PlanOperator
+
+__all__ = ["HessianOperator", "DualHessianOperator", "dual_hessian", "DEFAULT_RIDGE"]
+
+#: Default relative ridge: ``S`` gets ``DEFAULT_RIDGE * mean(P.T 1)`` on its diagonal.
+#: It moves an HVP by about ``DEFAULT_RIDGE / gap`` (relative), where ``gap`` is
+#: the spectral gap of the normalised plan (``lambda_2(S) / mean(bh)``), which is
+#: above 1e-3 on the problems the tests and benchmarks cover: well under 1e-6.
+DEFAULT_RIDGE = 1e-9
+
+
+def _relaxation(reach, eps, name="reach") -> float:
+    """The factor ``k = (rho + eps) / rho`` (``rho = reach**2``) of a relaxed
+    side of K, or 1 for a hard marginal constraint (``reach=None``).
+
+    Raises
+    ------
+    ValueError
+        If ``eps`` or ``reach`` is not a positive number.
+    """
+    eps = _positive("eps", eps)
+    if reach is None:
+        return 1.0
+    rho = _positive(name, reach) ** 2
+    return (rho + eps) / rho
+
+
+def _positive(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+    return value
+
+
+def _ridge_factor(ridge) -> float:
+    if ridge is None:
+        return DEFAULT_RIDGE
+    try:
+        ridge = float(ridge)
+    except (TypeError, ValueError):
+        raise TypeError(f"ridge must be a non-negative number or None, got {type(ridge).__name__}") from None
+    if not ridge >= 0 or ridge == float("inf"):
+        raise ValueError(f"ridge must be a non-negative finite number (0 disables it), got {ridge}")
+    return ridge
+
+
+class HessianOperator(LinearOperator):
+    r"""The Schur complement of the Sinkhorn dual Hessian on the potential g.
+
+    ``S = ky Diag(P.T 1) - P.T @ Diag(1 / (kx P 1)) @ P + ridge * mean(P.T 1) * I``
+
+    Parameters
+    ----------
+    x : Tensor, shape (n, d)
+    y : Tensor, shape (m, d)
+    f : Tensor, shape (n,)
+    g : Tensor, shape (m,)
+        Converged dual potentials (GeomLoss convention) of the problem.
+    eps : float
+        The entropic regularisation (``blur**2`` in GeomLoss).
+    a : Tensor, shape (n,), optional
+    b : Tensor, shape (m,), optional
+        Weights, as in ``PlanOperator`` (None means ones: OTT-convention
+        potentials); pass ``result.a``, ``result.b`` of ``otlinop.sinkhorn``.
+    cost_scale : float, default 1.0
+        ``C = cost_scale * |x - y|^2`` (GeomLoss' ``p=2`` uses 0.5).
+    reach_x, reach_y : float, optional
+        Marginal relaxation of each side (``rho = reach**2``); None for a hard
+        constraint.
+    ridge : float, optional
+        Relative ridge ``tau``: ``tau * mean(P.T 1)`` is added to the
+        diagonal, so the ridge scales with the problem. Default
+        ``DEFAULT_RIDGE`` (1e-9), which biases HVPs by about ``tau / gap``
+        relative (``gap = lambda_2(S) / mean(bh)``); 0 disables it.
+    backend, precision : optional
+        Passed to ``PlanOperator``.
+
+    Notes
+    -----
+    * Shape (m, m). Symmetric positive semi-definite (``is_symmetric``,
+      ``is_psd``); its own adjoint.
+    * Null space: the constants when both marginals are hard and
+      ``ridge == 0`` (``S 1 = 0``: ``bh - P.T 1 = 0``); none (PD) when a side
+      is relaxed or ``ridge > 0``. For balanced problems a right-hand side
+      orthogonal to 1 (as in ``DualHessianOperator.solve``) keeps CG in
+      ``range(S)``.
+    * One matvec costs 2 streaming plan passes (``P``, then ``P.T``): O(nm(d +
+      k)) time for k columns, O((n + m)(d + k)) memory.
+    * ``splitting()`` returns ``D = ky P.T 1 + ridge`` and ``N = P.T
+      Diag(1/(kx P 1)) P`` (``S = Diag(D) - N``, ``rho(D^-1 N) <= 1``) for
+      ``solvers.neumann``; ``diagonal()`` is the exact diagonal ``D_j -
+      sum_i P_ij^2 / (kx ah_i)`` (one pass over ``P∘P``) for ``solvers.jacobi``.
+
+    Examples
+    --------
+    >>> import torch, solvers
+    >>> from otlinop.sinkhorn import sinkhorn
+    >>> from otlinop.hessian import HessianOperator
+    >>> _ = torch.manual_seed(0)
+    >>> x, y = torch.randn(30, 2, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+    >>> res = sinkhorn(x, y, eps=0.5, method="alternating", threshold=1e-10)
+    >>> S = HessianOperator(x, y, res.f, res.g, eps=res.eps, a=res.a, b=res.b)
+    >>> rhs = torch.randn(20, dtype=torch.float64); rhs -= rhs.mean()   # balanced: rhs orthogonal to 1
+    >>> out = solvers.cg(S, rhs, M=solvers.neumann(3), rtol=1e-10)
+    >>> out.converged, torch.allclose(S @ out.x, rhs, atol=1e-8)
+    (True, True)
+    """
+
+    is_symmetric = True
+    is_psd = True
+
+    def __init__(self, x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None,
+                 reach_y=None, ridge=None, backend=None, precision=None):
+        P = PlanOperator(x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
+                         precision=precision)
+        self._build(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
+
+    @classmethod
+    def from_plan(cls, P: PlanOperator, *, eps, reach_x=None, reach_y=None, ridge=None) -> "HessianOperator":
+        """The same operator built on an existing plan (reusing its cached marginals)."""
+        self = cls.__new__(cls)
+        self._build(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
+        return self
+
+    def _build(self, P, *, eps, reach_x, reach_y, ridge):
+        kx, ky = _relaxation(reach_x, eps, "reach_x"), _relaxation(reach_y, eps, "reach_y")
+        ah, bh = P.row_sums(), P.col_sums()
+        self.P, self.eps, self.kx, self.ky = P, float(eps), kx, ky
+        self.shift = _ridge_factor(ridge) * bh.mean()
+        self.D = ky * bh + self.shift
+        self.N = P.T @ Diag(1.0 / (kx * ah)) @ P
+        self._S = Diag(self.D) - self.N
+        super().__init__((P.shape[1], P.shape[1]), P.dtype, P.device, is_symmetric=True, is_psd=True)
+
+    def _matmat(self, V):
+        return self._S._matmat(V)
+
+    def _diagonal(self):
+        return self.D - self.P.squared().T @ (1.0 / (self.kx * self.P.row_sums()))
+
+    def splitting(self):
+        return self.D, self.N
+
+
+class DualHessianOperator(BlockOperator):
+    r"""``K = [[kx Diag(P 1), P], [P.T, ky Diag(P.T 1)]]``: minus ``eps`` times
+    the Hessian of the Sinkhorn dual in ``(f, g)``.
+
+    Built with ``dual_hessian(...)`` or ``DualHessianOperator(P, eps=...)``
+    from a ``PlanOperator``.
+
+    Notes
+    -----
+    * Shape (n + m, n + m); symmetric PSD.
+    * Null space: ``(1, -1)`` when both marginals are hard; none otherwise.
+    * One matvec: 2 plan passes. ``solve`` goes through the Schur complement
+      ``schur`` (a ``HessianOperator``, which carries the ridge).
+    """
+
+    def __init__(self, P: PlanOperator, *, eps, reach_x=None, reach_y=None, ridge=None):
+        self.schur = HessianOperator.from_plan(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
+        kx, ky = self.schur.kx, self.schur.ky
+        self.P, self.eps = P, self.schur.eps
+        self._row_scale = kx * P.row_sums()          # kx ah: the (1, 1) block
+        super().__init__([[Diag(self._row_scale), P], [P.T, Diag(ky * P.col_sums())]], is_symmetric=True)
+        self.is_psd = True
+
+    def solve(self, r: torch.Tensor, *, solver=cg, M=None, **options):
+        r"""A solution of ``K z = r`` through the Schur complement.
+
+        ``S z2 = r2 - P.T (r1 / (kx ah))``, then ``z1 = (r1 - P z2) / (kx ah)``.
+
+        Parameters
+        ----------
+        r : Tensor, shape (n + m,) or (n + m, k)
+        solver : callable, default ``solvers.cg``
+            ``solver(S, rhs, M=M, **options)`` returning a ``SolveResult``.
+        M : preconditioner for S, optional
+            An operator or a factory such as ``solvers.neumann(3)``.
+        **options
+            ``rtol``, ``atol``, ``maxiter``, ``x0``, ``callback``, passed on.
+
+        Returns
+        -------
+        z : Tensor, shape of r
+        result : SolveResult of the inner solve on S
+
+        Notes
+        -----
+        With hard marginals K is singular; a consistent r (``sum r1 == sum
+        r2``, true of ``R A`` in the HVP) has solutions ``z + c (1, -1)``, all
+        equally good where ``(1, -1)`` is in the null space of what follows.
+        Costs 2 plan passes plus the solve (2 per iteration, plus the
+        preconditioner's).
+        """
+        n = self.P.shape[0]
+        if not isinstance(r, torch.Tensor) or r.ndim not in (1, 2) or r.shape[0] != self.shape[0]:
+            got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
+            raise ValueError(f"DualHessianOperator.solve: r must have shape ({self.shape[0]},) or "
+                             f"({self.shape[0]}, k) (n + m rows), got {got}")
+        r1, r2 = r[:n], r[n:]
+        scale = self._row_scale if r.ndim == 1 else self._row_scale[:, None]
+        result = solver(self.schur, r2 - self.P.T @ (r1 / scale), M=M, **options)
+        z2 = result.x
+        z1 = (r1 - self.P @ z2) / scale
+        return torch.cat([z1, z2]), result
+
+
+def dual_hessian(x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, reach_y=None,
+                 ridge=None, backend=None, precision=None) -> DualHessianOperator:
+    """The dual Hessian ``K`` (a ``DualHessianOperator``) of the problem with
+    potentials ``(f, g)``; the arguments are those of ``HessianOperator``.
+
+    Examples
+    --------
+    >>> import torch, solvers
+    >>> from otlinop.sinkhorn import sinkhorn
+    >>> from otlinop.hessian import dual_hessian
+    >>> _ = torch.manual_seed(0)
+    >>> x, y = torch.randn(30, 2, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+    >>> res = sinkhorn(x, y, eps=0.5, reach=1.0, method="alternating", threshold=1e-10)
+    >>> K = dual_hessian(x, y, res.f, res.g, eps=res.eps, a=res.a, b=res.b, reach_x=1.0, reach_y=1.0)
+    >>> r = torch.randn(50, dtype=torch.float64)
+    >>> z, info = K.solve(r, M=solvers.jacobi(), rtol=1e-10)
+    >>> info.converged, torch.allclose(K @ z, r, atol=1e-8)
+    (True, True)
+    """
+    P = PlanOperator(x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
+                     precision=precision)
+    return DualHessianOperator(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
