@@ -1,11 +1,42 @@
 """otlinop: matrix-free linear operators and Krylov solvers for entropic optimal
-transport (squared Euclidean cost) in PyTorch + Triton."""
+transport (squared Euclidean cost) in PyTorch + Triton.
+
+- Operators (``LinearOperator``, ``Dense``, ``Diag``, ``BlockOperator``, ...)
+  and their algebra; ``aslinearoperator``, ``.to_scipy()``,
+  ``.to_linear_operator()``.
+- ``PlanOperator``: the entropic plan P, applied by streaming kernels.
+- ``sinkhorn``, ``SamplesLoss``, ``sinkhorn_loss``: potentials, the loss and
+  its analytic gradients and Hessian-vector products.
+- ``HessianOperator``: the Schur complement of the dual Hessian, with
+  ``splitting()`` and ``diagonal()`` for ``neumann`` and ``jacobi``.
+- Solvers (re-exported from the top-level package ``solvers``): ``cg``,
+  ``minres``, ``gmres``, ``bicgstab``, ``lsmr``, ``solve``, ``jacobi``,
+  ``neumann``.
+"""
 
 from ._base import (BlockOperator, Dense, Diag, Identity, LinearOperator, Zero,
                     aslinearoperator)
+from .plan import PlanOperator, plan_matmul
+from .marginals import marginal_error, plan_marginals
+from .sinkhorn import SinkhornResult, epsilon_schedule, sinkhorn
+from .loss import SamplesLoss, sinkhorn_loss
+from .hessian import DualHessianOperator, HessianOperator, dual_hessian
+from .hvp import (LossHessianOperator, grad_x, grad_y, hvp, hvp_self, hvp_x, hvp_y,
+                  loss_hessian_operator)
+from solvers import (SolveResult, bicgstab, cg, gmres, jacobi, lsmr, minres, neumann,
+                     solve)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # operators
     "LinearOperator", "Dense", "Diag", "Identity", "Zero", "BlockOperator", "aslinearoperator",
+    "PlanOperator", "plan_matmul", "plan_marginals", "marginal_error",
+    # Sinkhorn and the loss
+    "sinkhorn", "SinkhornResult", "epsilon_schedule", "SamplesLoss", "sinkhorn_loss",
+    # second order
+    "HessianOperator", "DualHessianOperator", "dual_hessian", "hvp", "hvp_x", "hvp_y", "hvp_self",
+    "grad_x", "grad_y", "loss_hessian_operator", "LossHessianOperator",
+    # solvers
+    "cg", "minres", "gmres", "bicgstab", "lsmr", "solve", "SolveResult", "jacobi", "neumann",
 ]
