@@ -15,32 +15,58 @@ final extrapolation step, ``P = P(f, g_pre)`` for x and ``P(f_pre, g)`` for y:
     grad_x S  = grad_x OT - c2 (ah_aa * x - P_aa x)      (debias, P_aa = P(f_aa, f_aa_pre) on (x, x)),
     grad_a OT = f (balanced), (rho + eps)(1 - e^{-f/rho}) - eps/2 (relaxed side).
 
-They are computed by ``_sinkhorn_grad`` from streaming plan products; the
-second derivative (double backward) is not implemented yet and raises.
+They are computed by ``_sinkhorn_grad`` from streaming plan products.
+
+Second order (double backward, e.g. ``torch.autograd.grad(g @ v, x)`` with
+``g = torch.autograd.grad(loss, x, create_graph=True)``): the grad-of-grad
+directions ``(A, B)`` of ``(x, y)`` give, per batch entry, the Hessian-vector
+products by implicit differentiation (``otlinop.hvp``, MATH.md section 6) at
+the final potentials ``(f, g)``,
+
+    H_x = hvp(x, y, f, g, A, B).Hx - hvp_self(x, f_aa, A)     (the last term with debias only),
+    H_y = hvp(x, y, f, g, A, B).Hy - hvp_self(y, g_bb, B),
+
+one Schur-complement solve each (``hvp_solver``, ``hvp_preconditioner``,
+``hvp_rtol``, ``hvp_maxiter``). They are exact at converged potentials.
+Derivatives that are not implemented (second ones involving the weights,
+third ones) raise NotImplementedError when autograd needs them, and only
+then: ``_NotImplementedDerivative`` nodes carry those dependencies.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+import solvers
+
+from .hvp import hvp, hvp_self, hvp_x, hvp_y
 from .plan import plan_matmul
-from .sinkhorn import (_Inputs, _Monitor, _no_finite_checks, _positive_float, _prepare, _resolve_eps,
-                       _symmetric_loop)
+from .sinkhorn import (_Inputs, _Monitor, _no_finite_checks, _positive_float, _positive_int, _prepare,
+                       _resolve_eps, _symmetric_loop)
 
 __all__ = ["SamplesLoss", "sinkhorn_loss"]
 
 _GEOMLOSS_BACKENDS = ("tensorized", "online", "multiscale")
 
-_DOUBLE_BACKWARD_MESSAGE = (
-    "otlinop.SamplesLoss: second derivatives of the Sinkhorn loss (double backward, e.g. a "
-    "Hessian-vector product through torch.autograd.grad(..., create_graph=True)) are not implemented "
-    "yet. The first-order gradient is exact; the analytic Hessian will come from otlinop.hessian. "
-    "Autograd through the Sinkhorn iterations would give a different (unrolled) answer, so none is "
-    "returned.")
+_WEIGHT_SECOND_ORDER_MESSAGE = (
+    "{owner}: second derivatives of the Sinkhorn loss that involve the weights (d^2 S / da^2, d^2 S / da dx, "
+    "...) are not implemented, but {why}. Second derivatives w.r.t. the points x and y are implemented: "
+    "differentiate the point gradients w.r.t. the points only (torch.autograd.grad(..., inputs=(x, y))), "
+    "pass the weights detached (a.detach(), b.detach()), and leave the weight gradients out of the function "
+    "you differentiate twice. No approximate answer is returned (autograd through the Sinkhorn iterations "
+    "would give a different, unrolled, one).")
+
+_THIRD_ORDER_MESSAGE = (
+    "{owner}: third derivatives of the Sinkhorn loss are not implemented: the Hessian-vector "
+    "product of a double backward can be differentiated w.r.t. the direction (it is linear in it), not "
+    "w.r.t. the points or the weights. Call the second torch.autograd.grad without create_graph, or with "
+    "inputs= that exclude the points and weights.")
 
 
 # --------------------------------------------------------------------------
@@ -66,6 +92,32 @@ class _Spec:
     @property
     def kernel_options(self) -> dict:
         return dict(cost_scale=self.cost_scale, backend=self.backend, precision=self.precision)
+
+    @property
+    def reach_x(self):
+        """``sqrt(rho_x)``, the ``reach_x`` of ``otlinop.hvp`` (None when balanced)."""
+        return None if self.rho_x is None else math.sqrt(self.rho_x)
+
+    @property
+    def reach_y(self):
+        """``sqrt(rho_y)`` (None when balanced)."""
+        return None if self.rho_y is None else math.sqrt(self.rho_y)
+
+
+@dataclass(frozen=True)
+class _SecondOrder:
+    """How a double backward solves its Schur systems, and who receives the ``SolveResult``s."""
+
+    owner: str = "SamplesLoss"
+    solver: Callable = solvers.cg
+    M: object = None
+    rtol: float | None = None
+    maxiter: int | None = None
+    record: Callable | None = None
+
+    @property
+    def solve_options(self) -> dict:
+        return dict(solver=self.solver, M=self.M, rtol=self.rtol, atol=0.0, maxiter=self.maxiter)
 
 
 @dataclass
@@ -170,54 +222,195 @@ def _sinkhorn_grad(x, y, a, b, sol: _Solution, spec: _Spec, needs) -> tuple:
     return gx, gy, ga, gb
 
 
-class _SinkhornGrad(torch.autograd.Function):
-    """The gradient map (x, y, a, b) -> (grad_x, grad_y, grad_a, grad_b) at a solution.
+def _direction(D, i):
+    """Entry i of a grad-of-grad direction, or None when absent or zero (nothing to propagate)."""
+    if D is None:
+        return None
+    Di = D[i]
+    return Di.contiguous() if bool(Di.any()) else None
 
-    A Function of its own so that the gradient can itself be differentiated
-    (double backward) once the analytic Hessian is available: that extension
-    replaces ``backward`` here. Until then ``backward`` raises.
+
+def _sinkhorn_hvp(x, y, a, b, A, B, sol: _Solution, spec: _Spec, second: _SecondOrder, needs) -> tuple:
+    """``(H_x, H_y) = H [A; B]`` for the Hessian H of the per-entry loss in (x, y), batched
+    (None where ``needs`` is False).
+
+    A loop over the batch: every entry with a direction is one ``otlinop.hvp``
+    call (one Schur solve) at the final potentials, plus one ``hvp_self`` per
+    debiased side with a direction. Each inner ``SolveResult`` goes to
+    ``second.record``.
+    """
+    need_x, need_y = needs
+    Hx = torch.zeros_like(x) if need_x else None
+    Hy = torch.zeros_like(y) if need_y else None
+    common = dict(eps=spec.eps, cost_scale=spec.cost_scale, backend=spec.backend, precision=spec.precision,
+                  **second.solve_options)
+
+    def record(result):
+        if second.record is not None:
+            second.record(result)
+
+    for i in range(x.shape[0]):
+        Ai, Bi = _direction(A, i), _direction(B, i)
+        if Ai is None and Bi is None:
+            continue
+        args = (x[i], y[i], sol.f[i], sol.g[i])
+        kw = dict(common, a=a[i], b=b[i], reach_x=spec.reach_x, reach_y=spec.reach_y)
+        hx = hy = None
+        if need_x and not need_y and Bi is None:
+            hx, result = hvp_x(*args, Ai, **kw)
+        elif need_y and not need_x and Ai is None:
+            hy, result = hvp_y(*args, Bi, **kw)
+        else:
+            hx, hy, result = hvp(*args, Ai, Bi, **kw)
+        record(result)
+        if need_x:
+            Hx[i] = hx
+        if need_y:
+            Hy[i] = hy
+        # The self terms OT(a, a)/2 and OT(b, b)/2 depend on one cloud each: no cross blocks.
+        if spec.debias and need_x and Ai is not None:
+            h, result = hvp_self(x[i], sol.f_aa[i], Ai, a=a[i], reach=spec.reach_x, **common)
+            record(result)
+            Hx[i] -= h
+        if spec.debias and need_y and Bi is not None:
+            h, result = hvp_self(y[i], sol.g_bb[i], Bi, a=b[i], reach=spec.reach_y, **common)
+            record(result)
+            Hy[i] -= h
+    return Hx, Hy
+
+
+class _NotImplementedDerivative(torch.autograd.Function):
+    """Zeros that depend on some tensors, with a backward that raises.
+
+    Added to a result whose derivative w.r.t. those tensors is not
+    implemented: autograd runs this node (and raises) only when a requested
+    gradient needs that derivative, so the implemented ones keep working.
     """
 
     @staticmethod
-    def forward(ctx, x, y, a, b, sol, spec, needs):
+    def forward(ctx, message, like, *deps):
+        ctx.message = message
+        return torch.zeros_like(like)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError(ctx.message)
+
+
+def _guard(t, message: str, *deps):
+    """``t``, made to depend on ``deps`` through a ``_NotImplementedDerivative`` when
+    recording a graph (differentiating ``t`` w.r.t. ``deps`` then raises ``message``)."""
+    if t is None or not torch.is_grad_enabled():
+        return t
+    deps = [u for u in deps if u.requires_grad]
+    if not deps:
+        return t
+    return t + _NotImplementedDerivative.apply(message, t.detach(), *deps)
+
+
+def _hessian_product(A, B, data, sol, spec, second, needs) -> tuple:
+    """``H [A; B]`` (``_sinkhorn_hvp``) for ``data = (x, y, a, b)``: differentiable
+    w.r.t. the directions, and raising if differentiated w.r.t. the data (third order)."""
+    Hx, Hy = _SinkhornHvp.apply(A, B, data, sol, spec, second, needs)
+    message = _THIRD_ORDER_MESSAGE.format(owner=second.owner)
+    return _guard(Hx, message, *data), _guard(Hy, message, *data)
+
+
+class _SinkhornHvp(torch.autograd.Function):
+    """``(A, B) -> H [A; B]`` with the data ``(x, y, a, b)`` held fixed.
+
+    Linear in the directions, with a symmetric H: its backward is the same
+    product applied to the incoming gradients (what
+    ``torch.autograd.functional.hvp``'s double-vjp trick differentiates).
+    """
+
+    @staticmethod
+    def forward(ctx, A, B, data, sol, spec, second, needs):
+        ctx.set_materialize_grads(False)
+        ctx.data, ctx.sol, ctx.spec, ctx.second = data, sol, spec, second
+        x, y, a, b = (t.detach() for t in data)
+        return _sinkhorn_hvp(x, y, a, b, A, B, sol, spec, second, needs)
+
+    @staticmethod
+    def backward(ctx, gx, gy):
+        needs = tuple(ctx.needs_input_grad[:2])
+        if not any(needs) or (gx is None and gy is None):
+            return None, None, None, None, None, None, None
+        dA, dB = _hessian_product(gx, gy, ctx.data, ctx.sol, ctx.spec, ctx.second, needs)
+        return dA, dB, None, None, None, None, None
+
+
+class _SinkhornGrad(torch.autograd.Function):
+    """The gradient map (x, y) -> (grad_x, grad_y, grad_a, grad_b) at a solution.
+
+    The weights come in detached: derivatives w.r.t. them are guarded by the
+    caller (``_SinkhornLoss.backward``), so that differentiating the point
+    gradients w.r.t. the points works whether the weights require grad or
+    not. ``backward`` (the double backward of the loss) returns the
+    Hessian-vector products ``H [A; B]`` in x and y; a direction on the
+    weight gradients raises (their derivatives are not implemented).
+    ``weights`` are the caller's weights (for the third-order guard).
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, a, b, sol, spec, needs, second, weights):
+        ctx.set_materialize_grads(False)   # an unused gradient arrives as None: no HVP for it
+        ctx.sol, ctx.spec, ctx.second, ctx.weights = sol, spec, second, weights
+        ctx.save_for_backward(x, y, a, b)
         return _sinkhorn_grad(x, y, a, b, sol, spec, needs)
 
     @staticmethod
-    def backward(ctx, *grad_outputs):
-        raise NotImplementedError(_DOUBLE_BACKWARD_MESSAGE)
+    def backward(ctx, A, B, dA, dB):
+        x, y, a, b = ctx.saved_tensors
+        for name, D in (("a", dA), ("b", dB)):
+            if D is not None and bool(D.any()):
+                why = f"the function differentiated twice depends on the gradient w.r.t. the weights {name}"
+                raise NotImplementedError(_WEIGHT_SECOND_ORDER_MESSAGE.format(owner=ctx.second.owner, why=why))
+        needs = tuple(ctx.needs_input_grad[:2])
+        if A is None and B is None:
+            return (None,) * 9
+        Hx, Hy = _hessian_product(A, B, (x, y, *ctx.weights), ctx.sol, ctx.spec, ctx.second, needs)
+        return Hx, Hy, None, None, None, None, None, None, None
 
 
 class _SinkhornLoss(torch.autograd.Function):
     """Per-entry Sinkhorn loss (B,) of batched (x, y, a, b); gradients by ``_SinkhornGrad``."""
 
     @staticmethod
-    def forward(ctx, x, y, a, b, spec, verbose):
+    def forward(ctx, x, y, a, b, spec, second, verbose):
         inp = _Inputs(x.detach(), y.detach(), a.detach(), b.detach(), batched=True)
         sol = _solve(inp, spec, verbose)
         dt = inp.pot_dtype
         value = _loss_value(inp.a.to(dt), inp.b.to(dt), sol, spec)
-        ctx.spec, ctx.sol = spec, sol
+        ctx.spec, ctx.sol, ctx.second = spec, sol, second
         ctx.save_for_backward(x, y, a, b)
         return value.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_value):
-        x, y, a, b = ctx.saved_tensors
+        inputs = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:4])
         if not any(needs):
-            return None, None, None, None, None, None
-        sol, spec = ctx.sol, ctx.spec
+            return None, None, None, None, None, None, None
+        sol, spec, second = ctx.sol, ctx.spec, ctx.second
         dt = sol.f.dtype
-        grads = _SinkhornGrad.apply(x.to(dt), y.to(dt), a.to(dt), b.to(dt), sol, spec, needs)
+        x, y, a, b = (t.to(dt) for t in inputs)
+        grads = _SinkhornGrad.apply(x, y, a.detach(), b.detach(), sol, spec, needs, second, (a, b))
+        names = " and ".join(n for n, t in (("a", a), ("b", b)) if t.requires_grad)
+        if names and torch.is_grad_enabled():
+            # The gradients' derivatives w.r.t. the weights (d^2 S / da dx, d^2 S / da^2) are not implemented.
+            why = f"a derivative of the gradients w.r.t. the weights {names} was requested"
+            message = _WEIGHT_SECOND_ORDER_MESSAGE.format(owner=second.owner, why=why)
+            grads = [_guard(gt, message, a, b) for gt in grads]
         w = grad_value.to(dt)
         out = []
-        for t, gt in zip((x, y, a, b), grads):
+        for t, gt in zip(inputs, grads):
             if gt is None:
                 out.append(None)
                 continue
             scale = w.view(-1, *([1] * (gt.ndim - 1)))
             out.append((scale * gt).to(t.dtype))
-        return (*out, None, None)
+        return (*out, None, None, None)
 
 
 # --------------------------------------------------------------------------
@@ -284,8 +477,23 @@ def _check_options(owner: str, loss, p, blur, reach, diameter, scaling, cost, ke
     return blur, reach, diameter, scaling, cost_scale
 
 
+def _check_second_order(owner: str, solver, M, rtol, maxiter) -> dict:
+    """The options of the double backward's inner solves; returns ``_SecondOrder`` keywords."""
+    if not callable(solver):
+        raise TypeError(f"{owner}: hvp_solver must be a solver function such as solvers.cg or solvers.minres, "
+                        f"got {type(solver).__name__} {solver!r}")
+    if isinstance(M, (str, bool, numbers.Number)):
+        raise TypeError(f"{owner}: hvp_preconditioner must be None, an operator, or a factory such as "
+                        f"solvers.jacobi() or solvers.neumann(3), got {type(M).__name__} {M!r}")
+    if rtol is not None:
+        rtol = _positive_float(owner, "hvp_rtol", rtol, "the inner solve's relative residual, e.g. 1e-10")
+    if maxiter is not None:
+        maxiter = _positive_int(owner, "hvp_maxiter", maxiter)
+    return dict(owner=owner, solver=solver, M=M, rtol=rtol, maxiter=maxiter)
+
+
 def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cost_scale, debias,
-                  potentials, backend, precision, verbose):
+                  potentials, backend, precision, verbose, second: _SecondOrder):
     shape_a = a.shape if isinstance(a, torch.Tensor) else None
     shape_b = b.shape if isinstance(b, torch.Tensor) else None
     a = _squeeze_weights(a, x)
@@ -303,7 +511,7 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
         F, G = inp.unbatch(F).to(x.dtype), inp.unbatch(G).to(x.dtype)
         # Shaped like the weights, as GeomLoss (view_as).
         return F.reshape(shape_a or F.shape), G.reshape(shape_b or G.shape)
-    value = _SinkhornLoss.apply(inp.x, inp.y, inp.a, inp.b, spec, verbose)
+    value = _SinkhornLoss.apply(inp.x, inp.y, inp.a, inp.b, spec, second, verbose)
     return value if inp.batched else value[0]
 
 
@@ -352,13 +560,35 @@ class SamplesLoss(torch.nn.Module):
         ``c`` in ``C = c |x - y|^2``; default 0.5 (GeomLoss' ``p = 2``).
     precision : {None, "ieee", "tf32", "tf32x3"}
         Precision of the Triton dot products (None: accurate to fp32).
+    hvp_solver : callable, default ``solvers.cg``
+        Second order only: the solver of the Schur system of each
+        Hessian-vector product, ``hvp_solver(S, rhs, M=, rtol=, atol=,
+        maxiter=)`` returning a ``SolveResult`` (``solvers.minres`` works too).
+    hvp_preconditioner : operator or preconditioner factory, optional
+        Second order only: ``M`` for that solve, e.g. ``solvers.jacobi()``
+        (helps with skewed weights) or ``solvers.neumann(3)``.
+    hvp_rtol : float, optional
+        Second order only: the inner solve's relative residual; default
+        ``otlinop.hvp``'s (1e-11 in float64, 1e-5 otherwise).
+    hvp_maxiter : int, optional
+        Second order only: the inner solve's iteration limit (default the
+        solver's).
+
+    Attributes
+    ----------
+    last_hvp_solve : SolveResult or None
+        The ``SolveResult`` of the last inner solve of the last double
+        backward (None before any). Per batch entry the solves are that of
+        ``OT(a, b)``, then, with ``debias``, those of ``OT(a, a)`` and
+        ``OT(b, b)``; check ``converged`` and ``n_iter`` here.
 
     Raises
     ------
     NotImplementedError
         For ``loss`` other than "sinkhorn", ``p`` other than 2, a custom
-        ``cost`` or ``kernel``, cluster labels (the six-argument call), and
-        second derivatives.
+        ``cost`` or ``kernel``, cluster labels (the six-argument call); in a
+        double backward, for second derivatives involving the weights, and
+        for third derivatives.
     ValueError, TypeError
         For invalid options (at construction) or inputs (at the call).
 
@@ -384,6 +614,37 @@ class SamplesLoss(torch.nn.Module):
     factor ``rho + eps/2``: its point gradients are ``(rho + eps/2)/(rho + eps)``
     times these.
 
+    **Second order.** The point gradients can be differentiated again
+    (double backward): with ``g = torch.autograd.grad(value, x,
+    create_graph=True)``, ``torch.autograd.grad((g * v).sum(), (x, y))``
+    returns ``(H_xx v, H_yx v)``, Hessian-vector products by implicit
+    differentiation (``otlinop.hvp``; MATH.md section 6), never by
+    autograd through the iterations. For grad-of-grad directions ``(A, B)``
+    of ``(x, y)``, each batch entry costs one ``otlinop.hvp.hvp`` call (one
+    Schur solve, ``hvp_solver`` preconditioned by ``hvp_preconditioner``) at
+    the final potentials ``(f, g)``; with ``debias``, ``otlinop.hvp.hvp_self``
+    at ``f_aa`` (resp. ``g_bb``) is subtracted on each side that has a
+    direction:
+
+        H_x = Hx(x, y, f, g; A, B) - H_self(x, f_aa; A),
+        H_y = Hy(x, y, f, g; A, B) - H_self(y, g_bb; B).
+
+    The batch entries run one after the other (the Schur solves differ).
+    The products are exact at converged potentials. GeomLoss' schedule
+    (``scaling``, ``diameter``, ``blur``) fixes the number of iterations, so
+    the final potentials are converged only as far as the schedule takes
+    them: their accuracy, and the HVP's, improve with ``scaling`` closer to 1
+    (more steps near the final eps) and with a larger ``blur`` relative to
+    the diameter. The inner solves' status is in ``last_hvp_solve``
+    (``hvp_log`` for ``sinkhorn_loss``).
+    Second derivatives that involve the weights raise NotImplementedError
+    (a direction on the weight gradients, or a requested derivative of the
+    gradients w.r.t. weights that require grad, e.g. ``.backward()`` on a
+    function of the gradients); those w.r.t. the points work whether the
+    weights require grad or not. The HVP is linear in its direction and can
+    be differentiated w.r.t. it (``torch.autograd.functional.hvp`` and
+    ``hessian`` work), but not w.r.t. the points: third derivatives raise.
+
     Examples
     --------
     >>> import torch
@@ -394,16 +655,34 @@ class SamplesLoss(torch.nn.Module):
     >>> value.backward()
     >>> x.grad.shape
     torch.Size([200, 3])
+
+    A Hessian-vector product by double backward, with a preconditioned inner
+    solve:
+
+    >>> import solvers
+    >>> x = torch.randn(40, 2, dtype=torch.float64, requires_grad=True)
+    >>> y = torch.randn(30, 2, dtype=torch.float64)
+    >>> L = SamplesLoss(blur=0.5, hvp_preconditioner=solvers.jacobi())
+    >>> (g,) = torch.autograd.grad(L(x, y), x, create_graph=True)
+    >>> v = torch.randn_like(x)
+    >>> (Hv,) = torch.autograd.grad((g * v).sum(), x)
+    >>> Hv.shape, L.last_hvp_solve.converged
+    (torch.Size([40, 2]), True)
     """
 
     def __init__(self, loss="sinkhorn", p=2, blur=0.05, reach=None, diameter=None, scaling=0.5, truncate=5,
                  cost=None, kernel=None, cluster_scale=None, debias=True, potentials=False, verbose=False,
-                 backend="auto", cost_scale=None, precision=None):
+                 backend="auto", cost_scale=None, precision=None, hvp_solver=solvers.cg, hvp_preconditioner=None,
+                 hvp_rtol=None, hvp_maxiter=None):
         super().__init__()
         owner = "SamplesLoss"
         blur, reach, diameter, scaling, cost_scale = _check_options(
             owner, loss, p, blur, reach, diameter, scaling, cost, kernel, cluster_scale, cost_scale,
             debias, potentials)
+        second = _check_second_order(owner, hvp_solver, hvp_preconditioner, hvp_rtol, hvp_maxiter)
+        self.hvp_solver, self.hvp_preconditioner = second["solver"], second["M"]
+        self.hvp_rtol, self.hvp_maxiter = second["rtol"], second["maxiter"]
+        self.last_hvp_solve = None
         self.loss, self.p = loss, p
         self.blur, self.reach, self.diameter, self.scaling = blur, reach, diameter, scaling
         self.truncate, self.cluster_scale = truncate, cluster_scale
@@ -426,10 +705,16 @@ class SamplesLoss(torch.nn.Module):
                                       "call loss(a, x, b, y)")
         else:
             raise TypeError(f"{owner}: expected loss(x, y) or loss(a, x, b, y), got {len(args)} arguments")
+        second = _SecondOrder(**_check_second_order(owner, self.hvp_solver, self.hvp_preconditioner,
+                                                    self.hvp_rtol, self.hvp_maxiter),
+                              record=self._record_hvp_solve)
         return _samples_loss(owner, a, x, b, y, blur=self.blur, reach=self.reach, diameter=self.diameter,
                              scaling=self.scaling, cost_scale=self.cost_scale, debias=self.debias,
                              potentials=self.potentials, backend=self._backend, precision=self.precision,
-                             verbose=self.verbose)
+                             verbose=self.verbose, second=second)
+
+    def _record_hvp_solve(self, result) -> None:
+        self.last_hvp_solve = result
 
     def extra_repr(self) -> str:
         return (f"loss={self.loss!r}, p={self.p}, blur={self.blur}, reach={self.reach}, "
@@ -440,7 +725,8 @@ class SamplesLoss(torch.nn.Module):
 
 def sinkhorn_loss(x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
                   debias=True, potentials=False, cost_scale=None, backend="auto", precision=None,
-                  verbose=False):
+                  verbose=False, hvp_solver=solvers.cg, hvp_preconditioner=None, hvp_rtol=None,
+                  hvp_maxiter=None, hvp_log=None):
     """Functional form of :class:`SamplesLoss` (loss="sinkhorn").
 
     Parameters
@@ -452,6 +738,14 @@ def sinkhorn_loss(x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=
     b : Tensor, shape like a for y, optional
     p, blur, reach, diameter, scaling, debias, potentials, cost_scale, backend, precision, verbose
         As in :class:`SamplesLoss`.
+    hvp_solver, hvp_preconditioner, hvp_rtol, hvp_maxiter
+        The inner solves of a double backward, as in :class:`SamplesLoss`.
+    hvp_log : list, optional
+        Receives (``append``) the ``SolveResult`` of every inner solve of
+        the double backwards through the returned value: per batch entry,
+        that of ``OT(a, b)``, then with ``debias`` those of ``OT(a, a)`` and
+        ``OT(b, b)`` (for the sides that have a direction). This is the
+        functional counterpart of ``SamplesLoss.last_hvp_solve``.
 
     Returns
     -------
@@ -461,7 +755,12 @@ def sinkhorn_loss(x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=
     Raises
     ------
     NotImplementedError, ValueError, TypeError
-        As :class:`SamplesLoss`.
+        As :class:`SamplesLoss`; TypeError if ``hvp_log`` is not a list.
+
+    Notes
+    -----
+    Double backward gives Hessian-vector products in the points (see
+    :class:`SamplesLoss`, Notes, "Second order").
 
     Examples
     --------
@@ -470,10 +769,26 @@ def sinkhorn_loss(x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=
     >>> x = torch.randn(4, 50, 2); y = torch.randn(4, 60, 2)
     >>> sinkhorn_loss(x, y, blur=0.1).shape
     torch.Size([4])
+
+    Second order, with the inner solves logged:
+
+    >>> x = torch.randn(30, 2, dtype=torch.float64, requires_grad=True)
+    >>> y = torch.randn(20, 2, dtype=torch.float64)
+    >>> log = []
+    >>> (g,) = torch.autograd.grad(sinkhorn_loss(x, y, blur=0.5, hvp_log=log), x, create_graph=True)
+    >>> (Hv,) = torch.autograd.grad(g.sum(), x)
+    >>> len(log), all(r.converged for r in log)     # OT(a, b) and the debiasing OT(a, a)
+    (2, True)
     """
     owner = "sinkhorn_loss"
     blur, reach, diameter, scaling, cost_scale = _check_options(
         owner, "sinkhorn", p, blur, reach, diameter, scaling, None, None, None, cost_scale, debias, potentials)
+    if hvp_log is not None and not isinstance(hvp_log, list):
+        raise TypeError(f"{owner}: hvp_log must be a list (it receives the SolveResult of every inner solve "
+                        f"of a double backward) or None, got {type(hvp_log).__name__}")
+    second = _SecondOrder(**_check_second_order(owner, hvp_solver, hvp_preconditioner, hvp_rtol, hvp_maxiter),
+                          record=None if hvp_log is None else hvp_log.append)
     return _samples_loss(owner, a, x, b, y, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
                          cost_scale=cost_scale, debias=debias, potentials=potentials,
-                         backend=_resolve_backend(owner, backend), precision=precision, verbose=verbose)
+                         backend=_resolve_backend(owner, backend), precision=precision, verbose=verbose,
+                         second=second)

@@ -229,13 +229,26 @@ def test_only_requested_gradients_are_computed(monkeypatch):
     assert calls == [] and ai.grad.shape == (50,)
 
 
-def test_double_backward_raises():
+def test_double_backward():
+    """Second derivatives in the points work (their values: tests/test_double_backward.py);
+    those that involve the weights raise rather than return a wrong answer."""
     x, y, a, b = clouds()
+    v = torch.randn_like(x)
     (xi,) = leaves(x)
-    value = SamplesLoss(blur=0.1)(a, xi, b, y)
+    L = SamplesLoss(blur=0.1)
+    value = L(a, xi, b, y)
     (g,) = torch.autograd.grad(value, xi, create_graph=True)
-    with pytest.raises(NotImplementedError, match="second derivatives of the Sinkhorn loss"):
-        torch.autograd.grad((g * torch.randn_like(g)).sum(), xi)
+    (H,) = torch.autograd.grad((g * v).sum(), xi)
+    assert H.shape == x.shape and bool(torch.isfinite(H).all()) and not H.requires_grad
+    assert L.last_hvp_solve is not None and L.last_hvp_solve.converged
+    # Weights that require grad: fine w.r.t. the points, the mixed derivatives raise when requested.
+    ai, xi = leaves(a, x)
+    (g,) = torch.autograd.grad(SamplesLoss(blur=0.1)(ai, xi, b, y), xi, create_graph=True)
+    (H2,) = torch.autograd.grad((g * v).sum(), xi, retain_graph=True)
+    assert rel(H2, H) < 1e-12
+    with pytest.raises(NotImplementedError, match="second derivatives of the Sinkhorn loss that involve the "
+                                                  "weights"):
+        torch.autograd.grad((g * v).sum(), (xi, ai))
     # Without create_graph the gradient carries no graph.
     (xi,) = leaves(x)
     (g,) = torch.autograd.grad(SamplesLoss(blur=0.1)(a, xi, b, y), xi)

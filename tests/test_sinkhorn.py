@@ -340,6 +340,71 @@ def test_gpu_triton_matches_torch_large(method):
 
 
 # --------------------------------------------------------------------------
+# Operators built from a result
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [
+    dict(method="alternating", eps=0.3, threshold=1e-10, reach_y=0.8, cost_scale=0.5),
+    dict(blur=0.4, reach=1.0, scaling=0.7),
+    dict(blur=0.5),
+], ids=["alternating-semi", "symmetric-unbalanced", "symmetric-balanced"])
+def test_hessian_methods_build_the_operators(options):
+    from otlinop.hessian import DualHessianOperator, HessianOperator, dual_hessian
+    from otlinop.hvp import LossHessianOperator, loss_hessian_operator
+    from solvers import jacobi, minres
+
+    x, y, a, b = clouds(12, 10, mass_b=1.0 if "reach" not in options and "reach_y" not in options else 1.2)
+    res = sinkhorn(x, y, a, b, **options)
+    data = (x, y, res.f, res.g)
+    kw = dict(eps=res.eps, a=a, b=b, cost_scale=res.cost_scale, reach_x=res.reach_x, reach_y=res.reach_y)
+    gen = torch.Generator().manual_seed(3)
+    u, v = torch.randn(10, generator=gen, dtype=F64), torch.randn(22, generator=gen, dtype=F64)
+
+    S = res.hessian()
+    assert isinstance(S, HessianOperator) and S.shape == (10, 10)
+    torch.testing.assert_close(S @ u, HessianOperator(*data, **kw) @ u, rtol=1e-14, atol=0)
+    S = res.hessian(ridge=0.1)      # the argument reaches the operator: a large ridge shows
+    torch.testing.assert_close(S @ u, HessianOperator(*data, **kw, ridge=0.1) @ u, rtol=1e-14, atol=0)
+    assert rel(S @ u, res.hessian(ridge=0.0) @ u) > 1e-3
+
+    K = res.dual_hessian(ridge=0.0)
+    assert isinstance(K, DualHessianOperator) and K.shape == (22, 22)
+    torch.testing.assert_close(K @ v, dual_hessian(*data, **kw, ridge=0.0) @ v, rtol=1e-14, atol=0)
+    assert K.schur.shift == 0
+
+    for wrt, size in (("x", 24), ("y", 20), ("xy", 44)):
+        w = torch.randn(size, generator=gen, dtype=F64)
+        H = res.loss_hessian(wrt, M=jacobi(), rtol=1e-12, ridge=0.0)
+        assert isinstance(H, LossHessianOperator) and H.shape == (size, size) and H.wrt == wrt
+        direct = loss_hessian_operator(*data, **kw, wrt=wrt, M=jacobi(), rtol=1e-12, ridge=0.0)
+        torch.testing.assert_close(H @ w, direct @ w, rtol=1e-12, atol=0)
+        assert H.last_solve.converged
+    # The solver options reach the inner solves.
+    H = res.loss_hessian("y", solver=minres, maxiter=1)
+    H @ torch.randn(20, generator=gen, dtype=F64)
+    assert H.last_solve.n_iter == 1 and not H.last_solve.converged
+
+
+def test_hessian_methods_on_batches_and_half_precision():
+    x, y, a, b = clouds(12, 10, batch=2)
+    res = sinkhorn(x, y, a, b, blur=0.5)
+    for call, what in ((lambda r: r.hessian(), "hessian"), (lambda r: r.dual_hessian(), "dual_hessian"),
+                       (lambda r: r.loss_hessian(), "loss_hessian")):
+        with pytest.raises(ValueError, match=rf"SinkhornResult.{what}\(\): this result holds a batch of 2 "
+                                             rf"problems.*use result.select\(i\).{what}\(\)"):
+            call(res)
+        one = call(res.select(1))
+        solo = call(sinkhorn(x[1], y[1], a[1], b[1], blur=0.5, diameter=res.eps_schedule[0] ** 0.5))
+        w = torch.randn(one.shape[1], dtype=F64)
+        torch.testing.assert_close(one @ w, solo @ w, rtol=1e-10, atol=1e-14)
+    # Half-precision points: the operators work in the potentials' dtype (float32).
+    x, y, _, _ = clouds(12, 10, weights=False)
+    res = sinkhorn(x.to(torch.bfloat16), y.to(torch.bfloat16), blur=0.5)
+    S, H = res.hessian(), res.loss_hessian()
+    assert S.dtype == H.dtype == torch.float32
+    assert torch.isfinite(H @ torch.randn(24)).all()
+
+
+# --------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------
 def test_errors():
