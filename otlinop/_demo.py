@@ -79,7 +79,7 @@ def main(argv=None) -> int:
 
     # 3. A Hessian-vector product: the Schur complement S of the dual Hessian,
     #    solved by CG with a Neumann(3) preconditioner, then the HVP of the loss.
-    S = otlinop.HessianOperator(res.x, res.y, res.f, res.g, eps=res.eps, a=res.a, b=res.b, cost_scale=res.cost_scale)
+    S = res.hessian()  # HessianOperator: k_y Diag(P.T 1) - P.T Diag(1/(k_x P 1)) P
     rhs = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, S.dtype)
     rhs = rhs - rhs.mean()  # balanced S has the constants as null space: a consistent right-hand side
     _sync(device)
