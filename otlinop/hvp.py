@@ -32,7 +32,7 @@ from solvers import cg
 
 from ._base import LinearOperator
 from .hessian import DualHessianOperator, _positive
-from .plan import PlanOperator
+from .plan import PlanOperator, transport_gradient
 
 __all__ = ["hvp", "hvp_x", "hvp_y", "hvp_self", "grad_x", "grad_y", "loss_hessian_operator",
            "LossHessianOperator"]
@@ -314,27 +314,20 @@ def hvp_self(x, f, A, *, eps, a=None, cost_scale=1.0, reach=None, solver=cg, M=N
     return (dx + dy) / 2, result
 
 
-def _gradient(P, x, y, cost_scale):
-    """``c2 (P 1 * x - P y)`` in one plan pass over ``[y | 1]``."""
-    d = x.shape[1]
-    out = P @ torch.cat([y, y.new_ones(y.shape[0], 1)], dim=1)
-    return 2.0 * cost_scale * (out[:, d:] * x - out[:, :d])
-
-
 def grad_x(x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, backend=None, precision=None):
     """``grad_x L = c2 (ah * x - P y)`` with ``ah = P 1``, shape (n, d), at converged potentials
     (one plan pass). Arguments as in ``hvp``."""
     _check_points(x, y, f, g)
-    P = _plan(x, y, f, g, _positive("eps", eps), a, b, cost_scale, backend, precision)
-    return _gradient(P, x, y, cost_scale)
+    return transport_gradient(x, y, f, g, eps=_positive("eps", eps), a=a, b=b, cost_scale=cost_scale,
+                              backend=backend, precision=precision)
 
 
 def grad_y(x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, backend=None, precision=None):
     """``grad_y L = c2 (bh * y - P.T x)`` with ``bh = P.T 1``, shape (m, d), at converged potentials
     (one plan pass). Arguments as in ``hvp``."""
     _check_points(x, y, f, g)
-    P = _plan(x, y, f, g, _positive("eps", eps), a, b, cost_scale, backend, precision)
-    return _gradient(P.T, y, x, cost_scale)
+    return transport_gradient(y, x, g, f, eps=_positive("eps", eps), a=b, b=a, cost_scale=cost_scale,
+                              backend=backend, precision=precision)
 
 
 class LossHessianOperator(LinearOperator):

@@ -46,7 +46,7 @@ import torch
 import solvers
 
 from .hvp import hvp, hvp_self, hvp_x, hvp_y
-from .plan import plan_matmul
+from .plan import transport_gradient
 from .sinkhorn import (_Inputs, _Monitor, _no_finite_checks, _positive_float, _positive_int, _prepare,
                        _resolve_eps, _symmetric_loop)
 
@@ -192,10 +192,7 @@ def _weight_grad(h, h_self, eps: float, rho, relaxed: bool) -> torch.Tensor:
 
 def _point_grad(x, y, f, g_pre, a, b, spec: _Spec) -> torch.Tensor:
     """``c2 (ah * x - P y)`` for ``P = P(f, g_pre)`` on (x, y), batched: one plan pass."""
-    d = x.shape[-1]
-    V = torch.cat([y, y.new_ones(y.shape[:-1] + (1,))], dim=-1)
-    PV = plan_matmul(x, y, f, g_pre, V, eps=spec.eps, a=a, b=b, **spec.kernel_options)
-    return (2.0 * spec.cost_scale) * (PV[..., d:] * x - PV[..., :d])
+    return transport_gradient(x, y, f, g_pre, eps=spec.eps, a=a, b=b, **spec.kernel_options)
 
 
 def _sinkhorn_grad(x, y, a, b, sol: _Solution, spec: _Spec, needs) -> tuple:
