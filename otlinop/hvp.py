@@ -229,15 +229,23 @@ def hvp(x, y, f, g, A=None, B=None, *, eps, a=None, b=None, cost_scale=1.0, reac
     >>> info.converged, Hx.shape, Hy.shape
     (True, torch.Size([30, 2]), torch.Size([20, 2]))
     """
+    if A is None and B is None:
+        raise ValueError("hvp: give a direction A (for x), B (for y) or both; got neither")
+    return _checked_hvp(x, y, f, g, A, B, "xy", eps=eps, a=a, b=b, cost_scale=cost_scale, reach_x=reach_x,
+                        reach_y=reach_y, solver=solver, M=M, rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge,
+                        backend=backend, precision=precision)
+
+
+def _checked_hvp(x, y, f, g, A, B, sides, *, eps, a, b, cost_scale, reach_x, reach_y, solver, M, rtol, atol,
+                 maxiter, ridge, backend, precision):
+    """Validate, build the dual Hessian and run ``_hvp`` on the requested ``sides``."""
     _check_points(x, y, f, g)
     A = _check_direction("A", A, x, "x")
     B = _check_direction("B", B, y, "y")
-    if A is None and B is None:
-        raise ValueError("hvp: give a direction A (for x), B (for y) or both; got neither")
     eps = _positive("eps", eps)
     solve = _solve_options(x.dtype, solver, M, rtol, atol, maxiter)
     K = _dual(x, y, f, g, eps, a, b, cost_scale, reach_x, reach_y, ridge, backend, precision)
-    return _hvp(K, x, y, A, B, cost_scale=cost_scale, solve=solve, sides="xy")
+    return _hvp(K, x, y, A, B, cost_scale=cost_scale, solve=solve, sides=sides)
 
 
 def hvp_x(x, y, f, g, A, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, reach_y=None,
@@ -247,14 +255,11 @@ def hvp_x(x, y, f, g, A, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, r
     Arguments as in ``hvp``. Cost: the Schur solve and 4 plan passes
     (``P @ y``, ``P.T @ [A | <x, A>]``, ``P @ [dg | y dg]``, one bilinear).
     """
-    _check_points(x, y, f, g)
-    A = _check_direction("A", A, x, "x")
     if A is None:
         raise ValueError("hvp_x: A must be a tensor of shape (n, d), got None")
-    eps = _positive("eps", eps)
-    solve = _solve_options(x.dtype, solver, M, rtol, atol, maxiter)
-    K = _dual(x, y, f, g, eps, a, b, cost_scale, reach_x, reach_y, ridge, backend, precision)
-    dx, _, result = _hvp(K, x, y, A, None, cost_scale=cost_scale, solve=solve, sides="x")
+    dx, _, result = _checked_hvp(x, y, f, g, A, None, "x", eps=eps, a=a, b=b, cost_scale=cost_scale,
+                                 reach_x=reach_x, reach_y=reach_y, solver=solver, M=M, rtol=rtol, atol=atol,
+                                 maxiter=maxiter, ridge=ridge, backend=backend, precision=precision)
     return dx, result
 
 
@@ -264,14 +269,11 @@ def hvp_y(x, y, f, g, B, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, r
 
     Arguments as in ``hvp``; the cost mirrors ``hvp_x``.
     """
-    _check_points(x, y, f, g)
-    B = _check_direction("B", B, y, "y")
     if B is None:
         raise ValueError("hvp_y: B must be a tensor of shape (m, d), got None")
-    eps = _positive("eps", eps)
-    solve = _solve_options(x.dtype, solver, M, rtol, atol, maxiter)
-    K = _dual(x, y, f, g, eps, a, b, cost_scale, reach_x, reach_y, ridge, backend, precision)
-    _, dy, result = _hvp(K, x, y, None, B, cost_scale=cost_scale, solve=solve, sides="y")
+    _, dy, result = _checked_hvp(x, y, f, g, None, B, "y", eps=eps, a=a, b=b, cost_scale=cost_scale,
+                                 reach_x=reach_x, reach_y=reach_y, solver=solver, M=M, rtol=rtol, atol=atol,
+                                 maxiter=maxiter, ridge=ridge, backend=backend, precision=precision)
     return dy, result
 
 
