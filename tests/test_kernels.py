@@ -676,3 +676,37 @@ def test_gpu_eps_change_does_not_recompile():
     for eps in (0.5, 0.1, 0.01):
         lse_cost(x, y, h, eps=eps, cost_scale=0.5)
     assert compiled() == before
+
+
+def test_package_works_without_triton():
+    """Triton is a Linux-only dependency: without it otlinop imports, runs on the
+    torch references, and backend='triton' says what is missing."""
+    import subprocess
+    import sys
+
+    code = r'''
+import sys
+sys.modules["triton"] = None          # makes "import triton" raise ImportError
+sys.modules["triton.language"] = None
+import torch, otlinop
+from otlinop.kernels import _triton
+assert not _triton.HAS_TRITON
+torch.manual_seed(0)
+x, y = torch.randn(30, 2), torch.randn(20, 2)
+res = otlinop.sinkhorn(x, y, blur=0.5)
+x.requires_grad_(True)
+value = otlinop.SamplesLoss(blur=0.5)(x, y)
+value.backward()
+assert torch.isfinite(x.grad).all()
+try:
+    otlinop.kernels.softmin(x.detach(), y, torch.zeros(20), eps=1.0, backend="triton")
+except ValueError as err:
+    assert "needs the triton package" in str(err), err
+else:
+    raise AssertionError("backend='triton' without triton did not raise")
+print("ok")
+'''
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr

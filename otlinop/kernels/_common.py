@@ -22,8 +22,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
-import triton.language as tl
+from ._triton import HAS_TRITON, tl, triton
 
 __all__ = [
     "DEFAULT_PRECISION",
@@ -100,12 +99,15 @@ def resolve_backend(fn: str, backend, x: torch.Tensor) -> str:
     interpreter (TRITON_INTERPRET=1 set before this package is imported).
     """
     if backend is None:
-        return "triton" if (x.is_cuda and x.dtype in TRITON_DTYPES) else "torch"
+        return "triton" if (HAS_TRITON and x.is_cuda and x.dtype in TRITON_DTYPES) else "torch"
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(
             f"{fn}: backend must be None, 'triton' or 'torch'; got {backend!r}"
         )
     if backend == "triton":
+        if not HAS_TRITON:
+            raise ValueError(f"{fn}: backend='triton' needs the triton package, which is not installed; "
+                             "use backend='torch' (or None)")
         if x.dtype not in TRITON_DTYPES:
             raise TypeError(
                 f"{fn}: backend='triton' supports float32, float16 and bfloat16 points; "

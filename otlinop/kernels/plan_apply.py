@@ -23,8 +23,7 @@ buffer.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from ._triton import tl, triton
 
 from . import _common
 from ._common import LOG2E, _cross_tile, _LOG2E, _mma, _online_step, _row_setup

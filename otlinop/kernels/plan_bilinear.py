@@ -22,8 +22,7 @@ Cost: time O(n m (d + k + e)) (n m exponentials per chunk of Y, 2 n m
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from ._triton import tl, triton
 
 from . import _common
 from ._common import LOG2E, _cross_tile, _LOG2E, _mma, _online_step, _row_setup

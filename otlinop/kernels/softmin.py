@@ -22,8 +22,7 @@ O((n + m) d): the output and the O(d) centre, never an n x m buffer.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+from ._triton import tl, triton
 
 from . import _common
 from ._common import (
