@@ -36,14 +36,6 @@ CONVERGED = dict(blur=0.5, diameter=0.5 * 1.0001, scaling=0.999999)
 SHORT = dict(blur=0.3, diameter=1.5, scaling=0.7)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny problems: torch's intra-op threads only add overhead.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def rel(u, v):
     return float((u - v).norm() / v.norm())

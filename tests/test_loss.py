@@ -34,17 +34,9 @@ geomloss = _Lazy("geomloss")
 
 F64 = torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from conftest import requires_cuda  # noqa: E402
 RTOL64 = 1e-6
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny problems: torch's intra-op threads only add overhead.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rel(u, v):

@@ -18,7 +18,7 @@ from otlinop.plan import PlanOperator, plan_matmul  # noqa: E402
 F64 = torch.float64
 #: Where the Triton path runs: the GPU when there is one, else the interpreter on CPU.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from conftest import requires_cuda  # noqa: E402
 
 #: float32 tolerances of the Triton path against the torch path, in one place. The absolute
 #: part is relative to the largest entry of the expected tensor (plans with weights 1/n have

@@ -9,14 +9,6 @@ from solvers import PreconditionerFactory, bicgstab, cg, gmres, jacobi, minres, 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny problems: multithreaded MKL only contends on a loaded 2-core machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def spd(n, cond=100.0, seed=0):
     Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))

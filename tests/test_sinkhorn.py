@@ -37,7 +37,7 @@ ot = _Lazy("ot")
 
 F64 = torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from conftest import requires_cuda  # noqa: E402
 
 #: Relative tolerance of the float64 parity tests (the algorithms are identical,
 #: observed errors are ~1e-14).
@@ -45,15 +45,6 @@ RTOL64 = 1e-6
 #: float32 against a float64 reference.
 RTOL32 = 2e-4
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The problems are tiny: torch's intra-op thread pool only adds overhead
-    # (10x on a loaded 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def rel(u, v):

@@ -13,14 +13,6 @@ F64 = torch.float64
 TIGHT = dict(rtol=1e-13)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny problems: multithreaded MKL only contends on a loaded 2-core machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _P(n=6, seed=0):
     g = torch.Generator().manual_seed(seed)

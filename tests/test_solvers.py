@@ -16,17 +16,8 @@ import solvers
 from solvers import SolveResult, bicgstab, cg, gmres, jacobi, lsmr, minres
 
 F64 = torch.float64
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+from conftest import requires_cuda  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The problems here are tiny: on a loaded 2-core machine, multithreaded MKL GEMMs spin
-    # and wait on each other (a 150 x 150 @ 150 x 16 product took ~1 ms instead of ~30 us).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 # ----------------------------------------------------------------- problems
