@@ -442,6 +442,120 @@ def test_bilinear_deterministic():
     assert torch.equal(a, plan_bilinear(x, y, f, g, W, V, V, eps=0.1, backend="triton"))
 
 
+# --------------------------------------------------------------------------
+# Column splits, the two dot paths, the prepared-pair cache
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def force_splits(monkeypatch):
+    """Split the columns into ``splits`` ranges of 16-aligned columns at any size."""
+    def force(splits):
+        monkeypatch.setattr(_common, "SPLIT_ALIGN", 16)
+        monkeypatch.setattr(_common, "_FORCE_SPLITS", splits)
+    return force
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("d,B", [(3, None), (20, 2)])
+def test_column_splits_match_reference_and_unsplit(force_splits, splits, d, B):
+    n, m = 37, 70
+    lead = () if B is None else (B,)
+    x, y, f, g, V, log_a, log_b = _plan_inputs(n, m, d, B, 5, True)
+    h = make_log_weights(lead + (m,), seed=3, zeros=3) + make_vec(lead + (m,), seed=4)
+    a32 = [to(t, torch.float32) for t in (x, y, f, g, V, log_a, log_b, h)]
+    x32, y32, f32, g32, V32, la32, lb32, h32 = a32
+
+    def run():
+        return (lse_cost(x32, y32, h32, eps=0.1, backend="triton"),
+                softmin(x32, y32, h32, eps=0.1, backend="triton"),
+                plan_apply(x32, y32, f32, g32, None, eps=0.1, log_a=la32, log_b=lb32, backend="triton"),
+                plan_apply(x32, y32, f32, g32, V32[..., 0], eps=0.1, log_a=la32, log_b=lb32, backend="triton"),
+                plan_apply(x32, y32, f32, g32, V32, eps=0.1, log_a=la32, log_b=lb32, backend="triton"))
+
+    whole = run()
+    force_splits(splits)
+    assert _common.column_splits(1, m, x32.device)[0] == splits
+    parts = run()
+    ref_lse = lse_cost_torch(x, y, h, eps=0.1)
+    assert _err_lse(parts[0], ref_lse) < tol(torch.float32)
+    assert _err_lse(parts[1], -0.1 * ref_lse) < tol(torch.float32)
+    assert _err_lse(parts[0], whole[0]) < 1e-6
+    for out, full, VV in zip(parts[2:], whole[2:], (None, V[..., 0], V)):
+        ref = plan_apply_torch(x, y, f, g, VV, eps=0.1, log_a=log_a, log_b=log_b)
+        scale = plan_apply_torch(x, y, f, g, None if VV is None else VV.abs(), eps=0.1, log_a=log_a, log_b=log_b)
+        assert out.shape == full.shape == ref.shape
+        assert _err_scaled(out, ref, scale) < tol(torch.float32)
+        assert _err_scaled(out, full, scale) < 1e-6
+
+
+def test_split_plan_covers_the_columns():
+    for m in (1, 100, 129, 10_000, 50_001):
+        for want in (1, 2, 5, 64):
+            splits, cols = _common.split_plan(m, want)
+            assert 1 <= splits <= want and cols % _common.SPLIT_ALIGN == 0
+            assert (splits - 1) * cols < m <= splits * cols
+
+
+def test_split_rule_fills_the_gpu(monkeypatch):
+    """On a GPU the split count follows the row grid: none for a full grid."""
+    monkeypatch.setattr(_common, "_INTERPRETED", False)
+    monkeypatch.setattr(_common, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert _common.column_splits(400, 50_000, cuda) == (1, 50_000)
+    splits, cols = _common.column_splits(79, 10_000, cuda)     # n = 10k in 128-row tiles
+    assert splits == 4 and splits * 79 >= 264
+    assert _common.column_splits(10, 1500, cuda)[0] == 1       # too few columns to split
+    assert _common.column_splits(79, 10_000, torch.device("cpu")) == (1, 10_000)
+
+
+@pytest.mark.parametrize("d", [1, 3, 8])
+def test_fma_and_tensor_core_paths_agree(monkeypatch, d):
+    """d <= FMA_MAX_D uses FMAs; the tensor-core path must give the same results."""
+    x, y, f, g, V, log_a, log_b = (to(t, torch.float32) for t in _plan_inputs(37, 45, d, None, 3, True))
+    out = {}
+    for fma_max in (8, 0):
+        monkeypatch.setattr(_common, "FMA_MAX_D", fma_max)
+        assert _common.dot_mode(d, "tf32x3") == (1 if fma_max else 0)
+        out[fma_max] = (lse_cost(x, y, g, eps=0.2, backend="triton"),
+                        plan_apply(x, y, f, g, V, eps=0.2, log_a=log_a, log_b=log_b, backend="triton"))
+    assert _err_lse(out[0][0], out[8][0]) < tol(torch.float32)
+    assert _err_scaled(out[0][1], out[8][1], out[8][1].abs()) < tol(torch.float32)
+
+
+def test_prepared_pair_cache_reuse_and_invalidation():
+    x, y = (to(t, torch.float32) for t in make_points(20, 30, 3))
+    g = torch.zeros(30, device=DEVICE)
+    _common.clear_cache()
+    p1 = _common.prepare_pair(x, y)
+    assert _common.prepare_pair(x, y) is p1                        # reused
+    assert _common.prepare_pair(y, x).x is p1.y                    # the transposed call shares it
+    before = lse_cost(x, y, g, eps=0.5, backend="triton")
+    x.add_(1.0)                                                    # in place: the entry is stale
+    assert _common.prepare_pair(x, y) is not p1
+    after = lse_cost(x, y, g, eps=0.5, backend="triton")
+    ref = lse_cost_torch(x.double().cpu(), y.double().cpu(), g.double().cpu(), eps=0.5)
+    assert _err_lse(after, ref) < tol(torch.float32)
+    assert not torch.allclose(before, after)
+    size = len(_common._cache)
+    del x                                                          # a freed input drops its entry
+    import gc
+    gc.collect()
+    assert len(_common._cache) < size
+    for _ in range(2 * _common._CACHE_SIZE):                       # the cache is bounded
+        _common.prepare_pair(torch.randn(5, 3, device=DEVICE), y)
+    assert len(_common._cache) <= _common._CACHE_SIZE
+
+
+def test_deterministic_with_splits(force_splits):
+    force_splits(3)
+    x, y, f, g, V, log_a, log_b = (to(t, torch.float32) for t in _plan_inputs(40, 70, 5, None, 5, True))
+    a = plan_apply(x, y, f, g, V, eps=0.1, log_a=log_a, log_b=log_b, backend="triton")
+    assert torch.equal(a, plan_apply(x, y, f, g, V, eps=0.1, log_a=log_a, log_b=log_b, backend="triton"))
+    a = lse_cost(x, y, g, eps=0.1, backend="triton")
+    assert torch.equal(a, lse_cost(x, y, g, eps=0.1, backend="triton"))
+
+
 @pytest.mark.parametrize("precision", [None, *PRECISIONS])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_precision_modes_accepted(precision, backend):

@@ -322,6 +322,191 @@ def centre(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 
 
 # --------------------------------------------------------------------------
+# Prepared clouds (Triton backend)
+# --------------------------------------------------------------------------
+
+#: Dimensions d up to this one compute the cost tile with fp32 FMAs on the
+#: CUDA cores (d FMAs per entry, exact to fp32 rounding whatever the
+#: precision) instead of tensor-core dots that would pad d to 16 or more.
+#: The "ieee" precision takes the FMA path at every d. A tuning knob of the
+#: kernels; at most 8 (the unrolled path keeps 8 feature columns resident).
+FMA_MAX_D = 8
+
+#: Widest feature chunk of the tensor-core path held in registers (wider d
+#: loops over chunks).
+MAX_BLOCK_D = 64
+
+
+def dot_mode(d: int, precision: str) -> int:
+    """0: tensor-core dots; 1: FMAs (``d <= FMA_MAX_D`` or precision "ieee")."""
+    return 1 if (d <= FMA_MAX_D or precision == "ieee") else 0
+
+
+def feature_layout(d: int):
+    """``(DP, BLOCK_D)``: row length of the prepared points and the tensor-core chunk.
+
+    ``d <= FMA_MAX_D``: rows of exactly d entries (the FMA path). Otherwise d
+    is padded with zeros to ``D_CHUNKS * BLOCK_D`` so that every chunk load is
+    unmasked and aligned.
+    """
+    if d <= FMA_MAX_D:
+        return d, 16
+    block_d = pick_block(d, MAX_BLOCK_D, chunk_cost=16)
+    return triton.cdiv(d, block_d) * block_d, block_d
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedPair:
+    """Two clouds as the Triton kernels read them (built by :func:`prepare_pair`).
+
+    ``x`` (Bx, n, DP) and ``y`` (By, m, DP): the points minus the common
+    centre, contiguous, each row padded with zeros to DP entries (see
+    :func:`feature_layout`), in the storage dtype; ``xn`` (Bx, n) and ``yn``
+    (By, m): their squared norms in fp32, computed from the rounded centred
+    points, so that the expansion ``|x|^2 + |y|^2 - 2 x.y`` is that of the
+    points the dots see. A batch dim of 1 is shared by a batched call.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    xn: torch.Tensor
+    yn: torch.Tensor
+    d: int
+    DP: int
+    BLOCK_D: int
+
+    def swapped(self) -> "PreparedPair":
+        """The pair for the transposed call (the centre is symmetric in x, y)."""
+        return PreparedPair(self.y, self.x, self.yn, self.xn, self.d, self.DP, self.BLOCK_D)
+
+    @staticmethod
+    def bstride(t: torch.Tensor) -> int:
+        """Batch stride for a kernel: 0 when the batch dim is shared (size 1)."""
+        return t.stride(0) if t.shape[0] > 1 else 0
+
+
+def _prepare(x: torch.Tensor, y: torch.Tensor) -> PreparedPair:
+    d = x.shape[-1]
+    DP, block_d = feature_layout(d)
+    with torch.no_grad():
+        x3, y3 = as_batched(x.detach(), 2), as_batched(y.detach(), 2)
+        z = centre(x3, y3, torch.float32).unsqueeze(-2)          # (B or 1, 1, d)
+        out = []
+        for t in (x3, y3):
+            # A cloud shared by a batch whose entries have different centres is
+            # materialised per entry.
+            batch = max(t.shape[0], z.shape[0])
+            buf = torch.zeros((batch,) + tuple(t.shape[1:-1]) + (DP,), device=t.device, dtype=t.dtype)
+            buf[..., :d] = (t.float() - z).to(t.dtype)
+            out.append(buf)
+        xp, yp = out
+        xn = xp.float().square().sum(-1)
+        yn = yp.float().square().sum(-1)
+    return PreparedPair(xp, yp, xn, yn, d, DP, block_d)
+
+
+# A few prepared pairs, keyed by the identity of the input tensors: a solver
+# or an operator that calls the kernels again on the same clouds reuses the
+# centred copies instead of rebuilding them (three launches and two copies per
+# call). An entry is checked against a weak reference to each input (a freed
+# tensor whose id is reused never hits) and its version counter (an in-place
+# change never hits), and is dropped when either input is freed.
+_CACHE_SIZE = 4
+_cache: dict = {}
+
+
+def _cache_key(x, y):
+    DP, _ = feature_layout(x.shape[-1])
+    return (id(x), id(y), DP)
+
+
+def prepare_pair(x: torch.Tensor, y: torch.Tensor) -> PreparedPair:
+    """The prepared pair of two clouds, reused while they are alive and unchanged.
+
+    ``(y, x)`` is served from the entry of ``(x, y)`` (swapped). Memory: a
+    copy of each cloud, O((n + m) d); at most ``_CACHE_SIZE`` pairs are kept.
+    """
+    import weakref
+
+    for key, swap in ((_cache_key(x, y), False), (_cache_key(y, x), True)):
+        entry = _cache.get(key)
+        if entry is None:
+            continue
+        rx, ry, vx, vy, pair = entry
+        a, b = (y, x) if swap else (x, y)
+        if rx() is a and ry() is b and a._version == vx and b._version == vy:
+            _cache[key] = _cache.pop(key)          # most recently used last
+            return pair.swapped() if swap else pair
+        _cache.pop(key, None)
+    pair = _prepare(x, y)
+    key = _cache_key(x, y)
+    try:
+        rx, ry = weakref.ref(x), weakref.ref(y)
+    except TypeError:  # pragma: no cover - tensors support weak references
+        return pair
+    _cache[key] = (rx, ry, x._version, y._version, pair)
+    for t in (x, y):
+        weakref.finalize(t, _cache.pop, key, None)
+    while len(_cache) > _CACHE_SIZE:
+        _cache.pop(next(iter(_cache)))
+    return pair
+
+
+def clear_cache() -> None:
+    """Drop the prepared pairs kept by :func:`prepare_pair`."""
+    _cache.clear()
+
+
+# --------------------------------------------------------------------------
+# Column splits (flash-decoding) for short row grids
+# --------------------------------------------------------------------------
+
+#: Columns of one split are a multiple of this (>= the widest BLOCK_N).
+SPLIT_ALIGN = 128
+#: A split gets at least this many columns (below, the merge costs more than it saves).
+MIN_SPLIT_COLS = 1024
+#: The row grid is split over the columns until it has about this many
+#: programs per SM.
+PROGRAMS_PER_SM = 2
+#: Tests set a split count here to exercise the split path at small sizes.
+_FORCE_SPLITS = None
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def column_splits(row_programs: int, m: int, device: torch.device):
+    """``(splits, cols_per_split)`` for a row grid of ``row_programs`` programs.
+
+    When the row tiles alone leave SMs idle (n = 10k gives 79 tiles of 128
+    rows for 132 SMs), the columns are split over the grid and the partial
+    results merged by a light second pass (flash-decoding). The split is a
+    function of the sizes only, so results are deterministic.
+    """
+    if _FORCE_SPLITS is not None:
+        return split_plan(m, _FORCE_SPLITS)
+    if device.type != "cuda" or _INTERPRETED:
+        return 1, max(m, 1)
+    target = PROGRAMS_PER_SM * _sm_count(device)
+    if row_programs >= target:
+        return 1, max(m, 1)
+    return split_plan(m, min(triton.cdiv(target, max(row_programs, 1)), max(1, m // MIN_SPLIT_COLS)))
+
+
+def split_plan(m: int, splits: int):
+    """``(splits, cols_per_split)``: at most ``splits`` ranges of SPLIT_ALIGN-aligned columns covering m."""
+    splits = max(1, min(int(splits), triton.cdiv(max(m, 1), SPLIT_ALIGN)))
+    cols = triton.cdiv(triton.cdiv(max(m, 1), splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    return triton.cdiv(max(m, 1), cols), cols
+
+
+# --------------------------------------------------------------------------
 # Tiling helpers (host side)
 # --------------------------------------------------------------------------
 
@@ -459,53 +644,101 @@ def _mma(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _load_centred(base, rows, feats, n_rows, d, stride_r, stride_f, cen):
-    """Tile (rows, feats) of a cloud minus the centre, in the storage dtype, and its
-    row squared norms in fp32 (computed from the rounded tile, so that the
-    expansion of |x - y|^2 is that of the points the dot product sees)."""
-    mask = (rows[:, None] < n_rows) & (feats[None, :] < d)
-    v = tl.load(base + rows[:, None] * stride_r + feats[None, :] * stride_f, mask=mask, other=0.0)
-    vc = tl.where(mask, v.to(tl.float32) - cen[None, :], 0.0).to(v.dtype)
-    vf = vc.to(tl.float32)
-    return vc, tl.sum(vf * vf, axis=1)
+def _xcol(X, rows, n, scale, k: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    """Feature k of the prepared row points times ``scale`` (fp32), 0 past d."""
+    if k < D:
+        v = scale * tl.load(X + rows * DP + k, mask=rows < n, other=0.0).to(tl.float32)
+    else:
+        v = 0.0
+    return v
 
 
 @triton.jit
-def _row_setup(X, CEN, rows, n, d, stride_xn, stride_xd, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr):
-    """First feature chunk of the row tile (kept resident) and the full row norms."""
-    feats = tl.arange(0, BLOCK_D)
-    cen0 = tl.load(CEN + feats, mask=feats < d, other=0.0)
-    xc0, xn = _load_centred(X, rows, feats, n, d, stride_xn, stride_xd, cen0)
-    for c in range(1, D_CHUNKS):
-        fc = c * BLOCK_D + feats
-        cen = tl.load(CEN + fc, mask=fc < d, other=0.0)
-        xc, xn_c = _load_centred(X, rows, fc, n, d, stride_xn, stride_xd, cen)
-        xn += xn_c
-    return xc0, xn, cen0
+def _row_setup(X, rows, n, two_k2, D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr,
+               DOT: tl.constexpr):
+    """What a row tile keeps resident for the whole column stream.
 
-
-@triton.jit
-def _cross_tile(xc0, cen0, X, Y, CEN, rows, cols, n, m, d,
-                stride_xn, stride_xd, stride_ym, stride_yd,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                D_CHUNKS: tl.constexpr, PREC: tl.constexpr):
-    """x_i . y_j for a (BLOCK_M, BLOCK_N) tile (fp32) and |y_j|^2 for its columns.
-
-    The first feature chunk of x is resident (``xc0``); further chunks (d >
-    BLOCK_D) are reloaded from L1/L2 for every column tile, which keeps the
-    register footprint independent of d.
+    Tensor cores (DOT = 0): the first feature chunk ``xc0`` of the prepared
+    points. FMAs with d <= 8 (DOT = 1): the d feature columns ``x0..x7``,
+    pre-multiplied by ``2 k2`` so that a logit costs d FMAs. Unused outputs
+    are the scalar 0.
     """
-    feats = tl.arange(0, BLOCK_D)
-    yc, yn = _load_centred(Y, cols, feats, m, d, stride_ym, stride_yd, cen0)
-    dot = _mma(xc0, tl.trans(yc), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC)
-    for c in range(1, D_CHUNKS):
-        fc = c * BLOCK_D + feats
-        cen = tl.load(CEN + fc, mask=fc < d, other=0.0)
-        xc, xn_c = _load_centred(X, rows, fc, n, d, stride_xn, stride_xd, cen)
-        yc, yn_c = _load_centred(Y, cols, fc, m, d, stride_ym, stride_yd, cen)
-        dot = _mma(xc, tl.trans(yc), dot, PREC)
-        yn += yn_c
-    return dot, yn
+    if DOT == 0:
+        feats = tl.arange(0, BLOCK_D)
+        xc0 = tl.load(X + rows[:, None] * DP + feats[None, :], mask=(rows < n)[:, None], other=0.0)
+    else:
+        xc0 = 0.0
+    if DOT == 1 and D <= 8:
+        x0 = _xcol(X, rows, n, two_k2, 0, D, DP)
+        x1 = _xcol(X, rows, n, two_k2, 1, D, DP)
+        x2 = _xcol(X, rows, n, two_k2, 2, D, DP)
+        x3 = _xcol(X, rows, n, two_k2, 3, D, DP)
+        x4 = _xcol(X, rows, n, two_k2, 4, D, DP)
+        x5 = _xcol(X, rows, n, two_k2, 5, D, DP)
+        x6 = _xcol(X, rows, n, two_k2, 6, D, DP)
+        x7 = _xcol(X, rows, n, two_k2, 7, D, DP)
+    else:
+        x0 = 0.0
+        x1 = 0.0
+        x2 = 0.0
+        x3 = 0.0
+        x4 = 0.0
+        x5 = 0.0
+        x6 = 0.0
+        x7 = 0.0
+    return xc0, x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _fma_term(t, xk, Y, cols, m, k: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    if k < D:
+        yk = tl.load(Y + cols * DP + k, mask=cols < m, other=0.0).to(tl.float32)
+        t += xk[:, None] * yk[None, :]
+    return t
+
+
+@triton.jit
+def _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, m, two_k2,
+            D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+            DOT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Base-2 logits ``u_j + 2 k2 x_i . y_j`` of a (BLOCK_M, BLOCK_N) tile, fp32.
+
+    ``u`` is the column bias (it holds -inf past m). The points are the
+    prepared ones (centred, rows of DP entries, zero padding). DOT = 0: the
+    dot on tensor cores at precision PREC, over D_CHUNKS chunks of BLOCK_D
+    features (chunks past the first are reloaded from L1/L2). DOT = 1: fp32
+    FMAs on the CUDA cores, exact to fp32 rounding, unrolled for d <= 8 with
+    the row features resident, else a loop over the d features.
+    """
+    if DOT == 0:
+        feats = tl.arange(0, BLOCK_D)
+        col_ok = (cols < m)[:, None]
+        yc = tl.load(Y + cols[:, None] * DP + feats[None, :], mask=col_ok, other=0.0)
+        dot = _mma(xc0, tl.trans(yc), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC)
+        for c in range(1, D_CHUNKS):
+            fc = c * BLOCK_D + feats
+            xc = tl.load(X + rows[:, None] * DP + fc[None, :], mask=(rows < n)[:, None], other=0.0)
+            yc = tl.load(Y + cols[:, None] * DP + fc[None, :], mask=col_ok, other=0.0)
+            dot = _mma(xc, tl.trans(yc), dot, PREC)
+        t = u[None, :] + two_k2 * dot
+    elif D <= 8:
+        t = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + u[None, :]
+        t = _fma_term(t, x0, Y, cols, m, 0, D, DP)
+        t = _fma_term(t, x1, Y, cols, m, 1, D, DP)
+        t = _fma_term(t, x2, Y, cols, m, 2, D, DP)
+        t = _fma_term(t, x3, Y, cols, m, 3, D, DP)
+        t = _fma_term(t, x4, Y, cols, m, 4, D, DP)
+        t = _fma_term(t, x5, Y, cols, m, 5, D, DP)
+        t = _fma_term(t, x6, Y, cols, m, 6, D, DP)
+        t = _fma_term(t, x7, Y, cols, m, 7, D, DP)
+    else:
+        dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, D):
+            xk = tl.load(X + rows * DP + k, mask=rows < n, other=0.0).to(tl.float32)
+            yk = tl.load(Y + cols * DP + k, mask=cols < m, other=0.0).to(tl.float32)
+            dot += xk[:, None] * yk[None, :]
+        t = u[None, :] + two_k2 * dot
+    return t
 
 
 @triton.jit

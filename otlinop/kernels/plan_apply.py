@@ -26,7 +26,7 @@ import torch
 from ._triton import tl, triton
 
 from . import _common
-from ._common import LOG2E, _cross_tile, _LOG2E, _mma, _online_step, _row_setup
+from ._common import LOG2E, _LOG2E, _logits, _mma, _online_step, _row_setup
 
 __all__ = ["plan_apply", "plan_apply_torch"]
 
@@ -42,11 +42,9 @@ _CONFIGS = _common.configs_or_interpreter([
     _common.config(128, 64, 8, 3),
     _common.config(128, 64, 8, 2),
     _common.config(64, 64, 4, 2),
-    _common.config(64, 32, 4, 2),
+    _common.config(64, 32, 4, 1),
 ])
 
-# Widest feature chunk held in registers (wider d loops over chunks).
-_MAX_BLOCK_D = 64
 # Widest chunk of the columns of V per program. Wider V is split over the
 # second grid axis; every chunk recomputes the probability tiles (exp-bound),
 # hence the large per-chunk price given to pick_block.
@@ -54,10 +52,15 @@ _MAX_BLOCK_K = 64
 
 
 def _fits(cfg, args):
+    bm, w = cfg.kwargs["BLOCK_M"], cfg.num_warps
+    if args["D_CHUNKS"] > 1 and cfg.num_stages > 2:
+        return False   # shared memory, see softmin._fits
+    if args["DOT"] == 1 and args["V_MODE"] < 2:
+        return True
     # ptxas (sm_90, tf32x3): with a (BLOCK_M, BLOCK_K) accumulator or a feature
     # chunk over 16, a 128-row tile needs 8 warps not to spill.
     small = args["V_MODE"] < 2 and args["BLOCK_D"] <= 16
-    return not (cfg.kwargs["BLOCK_M"] == 128 and cfg.num_warps == 4 and not small)
+    return not (bm == 128 and w == 4 and not small)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -73,72 +76,76 @@ def _prune(configs, named_args, **kwargs):
     configs=_CONFIGS,
     # Bucketed sizes only; eps and cost_scale are runtime floats (no re-tune
     # when eps changes). Tensor dtypes are added to the key by Triton.
-    key=["N_BUCKET", "M_BUCKET", "D_PAD", "K_PAD"],
+    key=["N_BUCKET", "M_BUCKET", "DP", "K_PAD", "DOT", "PREC", "SPLITS_KEY"],
     prune_configs_by={"early_config_prune": _prune},
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
 # would compile a new variant for every parity of n or m.
-@triton.jit(do_not_specialize=["n", "m", "k"])
+@triton.jit(do_not_specialize=["n", "m", "k", "cols_per_split"])
 def _plan_apply_kernel(
-    X, Y, CEN, F, G, LOG_A, LOG_B, V, OUT,
-    n, m, d, k,
-    stride_xb, stride_xn, stride_xd,
-    stride_yb, stride_ym, stride_yd,
-    stride_cb, stride_fb, stride_gb, stride_lab, stride_lbb,
+    X, Y, XN, YN, F, G, LOG_A, LOG_B, V, OUT,
+    n, m, k, cols_per_split,
+    stride_xb, stride_yb, stride_xnb, stride_ynb,
+    stride_fb, stride_gb, stride_lab, stride_lbb,
     stride_vb, stride_vm, stride_vk,
-    stride_ob, stride_on, stride_ok,
+    stride_os, stride_ob, stride_on, stride_ok,
     k2,        # cost_scale * log2(e) / eps (runtime: eps changes never recompile)
     inv_eps2,  # log2(e) / eps
-    N_BUCKET, M_BUCKET, D_PAD, K_PAD,  # autotuning keys only
+    N_BUCKET, M_BUCKET, K_PAD, SPLITS_KEY,  # autotuning keys only
     # Optional log-weights: absent ones cost neither a load nor an add.
     HAS_LOG_A: tl.constexpr, HAS_LOG_B: tl.constexpr,
     # 0: V = ones (row sums, a plain reduction); 1: a vector (elementwise
     # product and reduction: a tl.dot would pad k = 1 to 16); 2: a matrix
     # (tensor-core dot of the probability tile with the V tile).
     V_MODE: tl.constexpr,
-    # Feature chunk (>= 16 for tl.dot, a power of two) and its trip count.
-    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    # The prepared layout and the dot path (see softmin._lse_kernel).
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    DOT: tl.constexpr,
     # Columns of V handled by one program (>= 16 for tl.dot).
     BLOCK_K: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    # Axis 1 enumerates (column split, chunk of V's columns) pairs.
+    k_chunks = tl.cdiv(k, BLOCK_K)
+    pid_s = tl.program_id(1) // k_chunks
+    pid_k = tl.program_id(1) % k_chunks
     b = tl.program_id(2).to(tl.int64)
     X += b * stride_xb
     Y += b * stride_yb
-    CEN += b * stride_cb
+    XN += b * stride_xnb
+    YN += b * stride_ynb
     F += b * stride_fb
     G += b * stride_gb
     LOG_A += b * stride_lab
     LOG_B += b * stride_lbb
     V += b * stride_vb
-    OUT += b * stride_ob
+    OUT += b * stride_ob + pid_s * stride_os
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    xc0, xn, cen0 = _row_setup(X, CEN, rows, n, d, stride_xn, stride_xd, BLOCK_D, D_CHUNKS)
+    two_k2 = 2.0 * k2
+    xc0, x0, x1, x2, x3, x4, x5, x6, x7 = _row_setup(X, rows, n, two_k2, D, DP, BLOCK_D, DOT)
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
 
-    two_k2 = 2.0 * k2
+    lo = pid_s * cols_per_split
+    hi = tl.minimum(lo + cols_per_split, m)
     M = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     if V_MODE == 2:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start in range(0, m, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        col_ok = cols < m
-        dot, yn = _cross_tile(xc0, cen0, X, Y, CEN, rows, cols, n, m, d,
-                              stride_xn, stride_xd, stride_ym, stride_yd,
-                              BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, PREC)
+        col_ok = cols < hi
         # Column bias of l_ij in base 2: log2(e) (log_b_j + g_j / eps) - k2 |y_j|^2.
         g = tl.load(G + cols, mask=col_ok, other=0.0).to(tl.float32)
-        u = inv_eps2 * g - k2 * yn
+        u = inv_eps2 * g - k2 * tl.load(YN + cols, mask=col_ok, other=0.0)
         if HAS_LOG_B:
             u += _LOG2E * tl.load(LOG_B + cols, mask=col_ok, other=0.0).to(tl.float32)
         u = tl.where(col_ok, u, float("-inf"))
-        t = u[None, :] + two_k2 * dot
+        t = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, hi, two_k2,
+                    D, DP, BLOCK_D, D_CHUNKS, DOT, PREC, BLOCK_M, BLOCK_N)
         M, alpha, p = _online_step(M, t)
         if V_MODE == 0:
             acc = acc * alpha + tl.sum(p, axis=1)
@@ -153,9 +160,12 @@ def _plan_apply_kernel(
             acc = _mma(p.to(vt.dtype), vt, acc * alpha[:, None], PREC)
 
     # Row factor exp(log_a_i + f_i/eps + M_i - c|x_i|^2/eps), in base 2. A row
-    # with no finite logit has M = -inf and acc = 0, hence 0 (never NaN).
+    # with no finite logit has M = -inf and acc = 0, hence 0 (never NaN). With
+    # column splits each split stores its own scaled partial product; their
+    # plain sum is the result.
     row_ok = rows < n
-    r = inv_eps2 * tl.load(F + rows, mask=row_ok, other=0.0).to(tl.float32) - k2 * xn
+    r = inv_eps2 * tl.load(F + rows, mask=row_ok, other=0.0).to(tl.float32) \
+        - k2 * tl.load(XN + rows, mask=row_ok, other=0.0)
     if HAS_LOG_A:
         r += _LOG2E * tl.load(LOG_A + rows, mask=row_ok, other=0.0).to(tl.float32)
     scale = tl.exp2(r + M)
@@ -216,11 +226,16 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
     out = torch.empty(out_shape, device=geo.device, dtype=geo.dtype)
     if out.numel() == 0 or geo.m == 0:
         return out.zero_()
-    x, y, f, g = (_common.unit_last(t) for t in (x, y, f, g))
+    pair = _common.prepare_pair(x, y)
+    f, g = _common.unit_last(f), _common.unit_last(g)
     log_a, log_b = _common.unit_last(log_a), _common.unit_last(log_b)
-    cen = _common.centre(x, y, torch.float32)
-    block_d = _common.pick_block(geo.d, _MAX_BLOCK_D, chunk_cost=16)
+    dot = _common.dot_mode(geo.d, precision)
     block_k = _common.pick_block(k, _MAX_BLOCK_K, chunk_cost=64) if mode == 2 else 16
+    k_chunks = triton.cdiv(k, block_k)
+    splits, cols = _common.column_splits(triton.cdiv(geo.n, 128) * geo.B * k_chunks, geo.m, geo.device)
+    # Partial products of the splits are summed in fp32 after the launch.
+    target = out if splits == 1 else torch.empty((splits,) + out_shape, device=geo.device, dtype=torch.float32)
+    t_out = target if splits == 1 else target[0]
 
     # Strides of V and OUT as (batch, row, column) whatever the mode.
     if V is None:
@@ -230,32 +245,35 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
         vb = V.stride(0) if geo.batched else 0
         vk = V.stride(-1) if V.ndim == vec_ndim + 1 else 0
         v_strides = (vb, V.stride(-2) if V.ndim == vec_ndim + 1 else V.stride(-1), vk)
-    ob = out.stride(0) if geo.batched else 0
-    if out.ndim == (3 if geo.batched else 2):
-        o_strides = (ob, out.stride(-2), out.stride(-1))
+    ob = t_out.stride(0) if geo.batched else 0
+    if t_out.ndim == (3 if geo.batched else 2):
+        o_strides = (ob, t_out.stride(-2), t_out.stride(-1))
     else:
-        o_strides = (ob, out.stride(-1), 0)
+        o_strides = (ob, t_out.stride(-1), 0)
+    s_stride = target.stride(0) if splits > 1 else 0
 
-    grid = lambda meta: (triton.cdiv(geo.n, meta["BLOCK_M"]), triton.cdiv(k, block_k), geo.B)  # noqa: E731
+    P = _common.PreparedPair
+    grid = lambda meta: (triton.cdiv(geo.n, meta["BLOCK_M"]), splits * k_chunks, geo.B)  # noqa: E731
     with _common.device_guard(geo.device):
         _plan_apply_kernel[grid](
-            x, y, cen, f, g,
+            pair.x, pair.y, pair.xn, pair.yn, f, g,
             log_a if log_a is not None else f, log_b if log_b is not None else g,
-            V_arg, out,
-            geo.n, geo.m, geo.d, k,
-            _common.batch_stride(x, 2), x.stride(-2), x.stride(-1),
-            _common.batch_stride(y, 2), y.stride(-2), y.stride(-1),
-            _common.batch_stride(cen, 1), _common.batch_stride(f, 1), _common.batch_stride(g, 1),
+            V_arg, target,
+            geo.n, geo.m, k, cols,
+            P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
+            _common.batch_stride(f, 1), _common.batch_stride(g, 1),
             _common.batch_stride(log_a, 1) if log_a is not None else 0,
             _common.batch_stride(log_b, 1) if log_b is not None else 0,
-            *v_strides, *o_strides,
+            *v_strides, s_stride, *o_strides,
             cost_scale * LOG2E / eps, LOG2E / eps,
-            _common.bucket(geo.n), _common.bucket(geo.m), _common.bucket(geo.d),
-            _common.bucket(k) if mode == 2 else mode,
+            _common.bucket(geo.n), _common.bucket(geo.m),
+            _common.bucket(k) if mode == 2 else mode, min(splits, 2),
             HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None, V_MODE=mode,
-            BLOCK_D=block_d, D_CHUNKS=triton.cdiv(geo.d, block_d), BLOCK_K=block_k,
-            PREC=precision,
+            D=geo.d, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.DP // pair.BLOCK_D if dot == 0 else 1,
+            DOT=dot, BLOCK_K=block_k, PREC=precision,
         )
+    if splits > 1:
+        out.copy_(target.sum(0))
     return out
 
 

@@ -25,7 +25,7 @@ import torch
 from ._triton import tl, triton
 
 from . import _common
-from ._common import LOG2E, _cross_tile, _LOG2E, _mma, _online_step, _row_setup
+from ._common import LOG2E, _LOG2E, _logits, _mma, _online_step, _row_setup
 
 __all__ = ["plan_bilinear", "plan_bilinear_torch"]
 
@@ -44,7 +44,6 @@ _CONFIGS = _common.configs_or_interpreter([
     _common.config(64, 32, 4, 2),
 ])
 
-_MAX_BLOCK_D = 64   # feature chunk of x, y (see softmin.py)
 _MAX_BLOCK_K = 64   # chunk of the k columns of W and V (looped in the kernel)
 _MAX_BLOCK_E = 64   # columns of Y per program (split over the grid)
 
@@ -52,7 +51,8 @@ _MAX_BLOCK_E = 64   # columns of Y per program (split over the grid)
 def _fits(cfg, args):
     # ptxas (sm_90, tf32x3): at BLOCK_D = BLOCK_K = BLOCK_E = 64 a 128-row
     # tile needs ~213 KB of shared memory and spills; keep it for narrow chunks.
-    wide = args["BLOCK_D"] + args["BLOCK_K"] + args["BLOCK_E"] > 96
+    d_chunk = args["BLOCK_D"] if args["DOT"] == 0 else 0
+    wide = d_chunk + args["BLOCK_K"] + args["BLOCK_E"] > 96
     return not (cfg.kwargs["BLOCK_M"] == 128 and wide)
 
 
@@ -68,28 +68,29 @@ def _prune(configs, named_args, **kwargs):
 @triton.autotune(
     configs=_CONFIGS,
     # Bucketed sizes only; eps and cost_scale are runtime floats.
-    key=["N_BUCKET", "M_BUCKET", "D_PAD", "K_PAD", "E_PAD"],
+    key=["N_BUCKET", "M_BUCKET", "DP", "K_PAD", "E_PAD", "DOT", "PREC"],
     prune_configs_by={"early_config_prune": _prune},
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
 # would compile a new variant for every parity of n or m.
 @triton.jit(do_not_specialize=["n", "m", "k", "e"])
 def _plan_bilinear_kernel(
-    X, Y, CEN, F, G, LOG_A, LOG_B, W, V, Z, OUT,
-    n, m, d, k, e,
-    stride_xb, stride_xn, stride_xd,
-    stride_yb, stride_ym, stride_yd,
-    stride_cb, stride_fb, stride_gb, stride_lab, stride_lbb,
+    X, Y, XN, YN, F, G, LOG_A, LOG_B, W, V, Z, OUT,
+    n, m, k, e,
+    stride_xb, stride_yb, stride_xnb, stride_ynb,
+    stride_fb, stride_gb, stride_lab, stride_lbb,
     stride_wb, stride_wn, stride_wk,
     stride_vb, stride_vm, stride_vk,
     stride_zb, stride_zm, stride_ze,
     stride_ob, stride_on, stride_oe,
     k2,        # cost_scale * log2(e) / eps (runtime: eps changes never recompile)
     inv_eps2,  # log2(e) / eps
-    N_BUCKET, M_BUCKET, D_PAD, K_PAD, E_PAD,  # autotuning keys only
+    N_BUCKET, M_BUCKET, K_PAD, E_PAD,  # autotuning keys only
     HAS_LOG_A: tl.constexpr, HAS_LOG_B: tl.constexpr,
-    # Chunks (>= 16 for tl.dot, powers of two) and trip counts.
-    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    # The prepared layout and the dot path (see softmin._lse_kernel).
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    DOT: tl.constexpr,
+    # Chunks of k and e (>= 16 for tl.dot, powers of two) and trip counts.
     BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr,
     BLOCK_E: tl.constexpr,
     PREC: tl.constexpr,
@@ -100,7 +101,8 @@ def _plan_bilinear_kernel(
     b = tl.program_id(2).to(tl.int64)
     X += b * stride_xb
     Y += b * stride_yb
-    CEN += b * stride_cb
+    XN += b * stride_xnb
+    YN += b * stride_ynb
     F += b * stride_fb
     G += b * stride_gb
     LOG_A += b * stride_lab
@@ -112,28 +114,26 @@ def _plan_bilinear_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n
-    xc0, xn, cen0 = _row_setup(X, CEN, rows, n, d, stride_xn, stride_xd, BLOCK_D, D_CHUNKS)
+    two_k2 = 2.0 * k2
+    xc0, x0, x1, x2, x3, x4, x5, x6, x7 = _row_setup(X, rows, n, two_k2, D, DP, BLOCK_D, DOT)
     kk = tl.arange(0, BLOCK_K)
     ee = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     # First chunk of W stays resident, like the first chunk of x.
     w0 = tl.load(W + rows[:, None] * stride_wn + kk[None, :] * stride_wk,
                  mask=row_ok[:, None] & (kk[None, :] < k), other=0.0)
 
-    two_k2 = 2.0 * k2
     M = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
     for start in range(0, m, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < m
-        dot, yn = _cross_tile(xc0, cen0, X, Y, CEN, rows, cols, n, m, d,
-                              stride_xn, stride_xd, stride_ym, stride_yd,
-                              BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, PREC)
         g = tl.load(G + cols, mask=col_ok, other=0.0).to(tl.float32)
-        u = inv_eps2 * g - k2 * yn
+        u = inv_eps2 * g - k2 * tl.load(YN + cols, mask=col_ok, other=0.0)
         if HAS_LOG_B:
             u += _LOG2E * tl.load(LOG_B + cols, mask=col_ok, other=0.0).to(tl.float32)
         u = tl.where(col_ok, u, float("-inf"))
-        t = u[None, :] + two_k2 * dot
+        t = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, m, two_k2,
+                    D, DP, BLOCK_D, D_CHUNKS, DOT, PREC, BLOCK_M, BLOCK_N)
         M, alpha, p = _online_step(M, t)
 
         # S_ij = <W_i, V_j>; masked rows/columns load 0 (never garbage: 0 * NaN).
@@ -153,7 +153,8 @@ def _plan_bilinear_kernel(
                      mask=col_ok[:, None] & (ee[None, :] < e), other=0.0).to(tl.float32)
         acc = _mma(p * s, zt, acc * alpha[:, None], PREC)
 
-    r = inv_eps2 * tl.load(F + rows, mask=row_ok, other=0.0).to(tl.float32) - k2 * xn
+    r = inv_eps2 * tl.load(F + rows, mask=row_ok, other=0.0).to(tl.float32) \
+        - k2 * tl.load(XN + rows, mask=row_ok, other=0.0)
     if HAS_LOG_A:
         r += _LOG2E * tl.load(LOG_A + rows, mask=row_ok, other=0.0).to(tl.float32)
     out = acc * tl.exp2(r + M)[:, None]
@@ -194,24 +195,24 @@ def _plan_bilinear_triton(geo, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scal
     if W.dtype != V.dtype:
         # One dot operand dtype: promote the half one (an O((n + m) k) copy).
         W, V = W.float(), V.float()
-    x, y, f, g = (_common.unit_last(t) for t in (x, y, f, g))
+    pair = _common.prepare_pair(x, y)
+    f, g = _common.unit_last(f), _common.unit_last(g)
     log_a, log_b = _common.unit_last(log_a), _common.unit_last(log_b)
-    cen = _common.centre(x, y, torch.float32)
-    block_d = _common.pick_block(geo.d, _MAX_BLOCK_D, chunk_cost=16)
+    dot = _common.dot_mode(geo.d, precision)
     block_k = _common.pick_block(k, _MAX_BLOCK_K, chunk_cost=16)
     block_e = _common.pick_block(e, _MAX_BLOCK_E, chunk_cost=64)
     ob = out.stride(0) if geo.batched else 0
 
+    P = _common.PreparedPair
     grid = lambda meta: (triton.cdiv(geo.n, meta["BLOCK_M"]), triton.cdiv(e, block_e), geo.B)  # noqa: E731
     with _common.device_guard(geo.device):
         _plan_bilinear_kernel[grid](
-            x, y, cen, f, g,
+            pair.x, pair.y, pair.xn, pair.yn, f, g,
             log_a if log_a is not None else f, log_b if log_b is not None else g,
             W, V, Y, out,
-            geo.n, geo.m, geo.d, k, e,
-            _common.batch_stride(x, 2), x.stride(-2), x.stride(-1),
-            _common.batch_stride(y, 2), y.stride(-2), y.stride(-1),
-            _common.batch_stride(cen, 1), _common.batch_stride(f, 1), _common.batch_stride(g, 1),
+            geo.n, geo.m, k, e,
+            P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
+            _common.batch_stride(f, 1), _common.batch_stride(g, 1),
             _common.batch_stride(log_a, 1) if log_a is not None else 0,
             _common.batch_stride(log_b, 1) if log_b is not None else 0,
             _common.batch_stride(W, 2), W.stride(-2), W.stride(-1),
@@ -219,10 +220,11 @@ def _plan_bilinear_triton(geo, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scal
             _common.batch_stride(Y, 2), Y.stride(-2), Y.stride(-1),
             ob, out.stride(-2), out.stride(-1),
             cost_scale * LOG2E / eps, LOG2E / eps,
-            _common.bucket(geo.n), _common.bucket(geo.m), _common.bucket(geo.d),
+            _common.bucket(geo.n), _common.bucket(geo.m),
             _common.bucket(k), _common.bucket(e),
             HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None,
-            BLOCK_D=block_d, D_CHUNKS=triton.cdiv(geo.d, block_d),
+            D=geo.d, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.DP // pair.BLOCK_D if dot == 0 else 1,
+            DOT=dot,
             BLOCK_K=block_k, K_CHUNKS=triton.cdiv(k, block_k), BLOCK_E=block_e,
             PREC=precision,
         )

@@ -8,15 +8,20 @@ Computes, for ``C_ij = c |x_i - y_j|^2``,
 without storing C: each program owns a tile of rows of x and streams the
 columns of y in tiles, keeping a running maximum and a running sum of
 exponentials (MATH.md section 2). The dots x_i . y_j run on tensor cores
-(``tl.dot``), the exponentials in base 2 (``exp2``), with every constant folded
-into per-column biases so that the inner loop costs one FMA, one max and one
-exp2 per entry.
+(``tl.dot``) or, for d <= 8 and the "ieee" precision, as exact fp32 FMAs; the
+exponentials run in base 2 (``exp2``), with every constant folded into
+per-column biases so that the inner loop costs the dot, one max and one exp2
+per entry. The clouds are centred, padded and their squared norms computed
+once per pair of clouds (``_common.prepare_pair``, reused across calls). When
+the row tiles alone would leave SMs idle, the columns are split over the grid
+and the partial sums merged by a second light kernel (flash-decoding).
 
 The Sinkhorn update of MATH.md is ``f <- softmin(x, y, log b + g / eps)``; the
 update of g is the same call with (x, y) swapped (the cost is symmetric).
 
 Cost: time O(n m d) (n m exponentials, 2 n m d dot FLOPs); memory
-O((n + m) d): the output and the O(d) centre, never an n x m buffer.
+O((n + m) d): the output, the prepared clouds and O(n) partial sums, never an
+n x m buffer.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from . import _common
 from ._common import (
     LN2,
     LOG2E,
-    _cross_tile,
     _LOG2E,
+    _logits,
     _online_step,
     _row_setup,
 )
@@ -47,20 +52,31 @@ _FN_SOFTMIN = "softmin"
 # suit an exp-bound loop (FlashAttention's choice); 64 x 64 keeps every SM busy
 # for smaller n.
 _CONFIGS = _common.configs_or_interpreter([
-    _common.config(128, 64, 4, 3),
     _common.config(128, 128, 8, 2),
+    _common.config(128, 64, 4, 3),
     _common.config(128, 64, 8, 3),
+    _common.config(128, 64, 4, 2),
     _common.config(64, 64, 4, 2),
+    _common.config(64, 32, 4, 1),
 ])
-
-# Widest feature chunk held in registers: wider d loops over chunks.
-_MAX_BLOCK_D = 64
 
 
 def _fits(cfg, args):
-    # ptxas (sm_90, tf32x3): a 128-row tile on 4 warps spills once the
-    # feature chunk exceeds 16; 8 warps do not.
-    return not (cfg.kwargs["BLOCK_M"] == 128 and cfg.num_warps == 4 and args["BLOCK_D"] > 16)
+    bm, bn, w = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps
+    if args["DOT"] == 1:
+        # FMA path: no operand staging in shared memory; a 128 x 128 fp32 tile
+        # needs 8 warps not to spill.
+        return not (bm * bn > 128 * 64 and w == 4)
+    # Tensor cores. ptxas (sm_90, tf32x3): a 128-row tile on 4 warps spills
+    # once the feature chunk exceeds 16. Several feature chunks (d > 64) are
+    # reloaded inside the column loop: pipelining them over 3 stages with
+    # 128-wide tiles overflows the 227 KB of shared memory (d = 256 asked for
+    # 256 KB on an H100), so keep those to small tiles and 1-2 stages.
+    if bm == 128 and w == 4 and args["BLOCK_D"] > 16:
+        return False
+    if args["D_CHUNKS"] > 1 and (bn > 64 or cfg.num_stages > 2):
+        return False
+    return True
 
 
 def _prune(configs, named_args, **kwargs):
@@ -68,7 +84,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 # --------------------------------------------------------------------------
-# Kernel
+# Kernels
 # --------------------------------------------------------------------------
 
 
@@ -77,62 +93,93 @@ def _prune(configs, named_args, **kwargs):
     # Bucketed sizes, never raw n or m (one tuning per power of two), and no
     # eps / cost_scale: they are runtime floats, so eps-scaling never re-tunes
     # nor recompiles. Tensor dtypes are added to the key by Triton.
-    key=["N_BUCKET", "M_BUCKET", "D_PAD"],
+    key=["N_BUCKET", "M_BUCKET", "DP", "DOT", "PREC", "SPLITS_KEY"],
     prune_configs_by={"early_config_prune": _prune},
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
 # would compile a new variant for every parity of n or m.
-@triton.jit(do_not_specialize=["n", "m"])
+@triton.jit(do_not_specialize=["n", "m", "cols_per_split"])
 def _lse_kernel(
-    X, Y, CEN, H, OUT,
-    n, m, d,
-    stride_xb, stride_xn, stride_xd,
-    stride_yb, stride_ym, stride_yd,
-    stride_cb, stride_hb, stride_ob,
+    X, Y, XN, YN, H, OUT,
+    n, m, cols_per_split,
+    stride_xb, stride_yb, stride_xnb, stride_ynb, stride_hb, stride_ob, stride_os,
     k2,          # cost_scale * log2(e) / eps: runtime, so eps changes never recompile
     out_scale,   # ln 2 for lse_cost, -eps ln 2 for softmin (fused final scaling)
-    N_BUCKET, M_BUCKET, D_PAD,  # autotuning keys only
-    # Feature chunk (>= 16 because tl.dot needs K >= 16; a power of two for
-    # tl.arange) and the number of chunks: a compile-time loop trip count.
-    BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    N_BUCKET, M_BUCKET, SPLITS_KEY,  # autotuning keys only
+    # The prepared layout: d features, rows of DP entries, tensor-core chunks of
+    # BLOCK_D features (D_CHUNKS of them); DOT 0 = tensor cores, 1 = FMAs.
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    DOT: tl.constexpr,
     # Dot precision ("ieee", "tf32", "tf32x3"): a different instruction sequence.
     PREC: tl.constexpr,
+    # True: this program reduces one split of the columns and stores the
+    # partial log2-sum-exp (merged by _lse_merge_kernel).
+    SPLIT: tl.constexpr,
     # Tile shape, set by the autotuner.
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
     # int64 batch offsets: B * n * d may exceed 2^31.
     b = tl.program_id(2).to(tl.int64)
     X += b * stride_xb
     Y += b * stride_yb
-    CEN += b * stride_cb
+    XN += b * stride_xnb
+    YN += b * stride_ynb
     H += b * stride_hb
-    OUT += b * stride_ob
+    OUT += b * stride_ob + pid_s * stride_os
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    xc0, xn, cen0 = _row_setup(X, CEN, rows, n, d, stride_xn, stride_xd, BLOCK_D, D_CHUNKS)
-
     # In base 2: h_j log2(e) - k2 (|x_i|^2 + |y_j|^2 - 2 x_i.y_j). The row term
     # -k2 |x_i|^2 is constant along the stream and is added once at the end.
     two_k2 = 2.0 * k2
+    xc0, x0, x1, x2, x3, x4, x5, x6, x7 = _row_setup(X, rows, n, two_k2, D, DP, BLOCK_D, DOT)
+
+    lo = pid_s * cols_per_split
+    hi = tl.minimum(lo + cols_per_split, m)
     M = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     S = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start in range(0, m, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        dot, yn = _cross_tile(xc0, cen0, X, Y, CEN, rows, cols, n, m, d,
-                              stride_xn, stride_xd, stride_ym, stride_yd,
-                              BLOCK_M, BLOCK_N, BLOCK_D, D_CHUNKS, PREC)
-        # Columns past m load h = -inf: they drop out of the max and the sum.
-        h = tl.load(H + cols, mask=cols < m, other=float("-inf")).to(tl.float32)
+        col_ok = cols < hi
+        # Columns past the split load h = -inf: they drop out of the max and the sum.
+        h = tl.load(H + cols, mask=col_ok, other=float("-inf")).to(tl.float32)
+        yn = tl.load(YN + cols, mask=col_ok, other=0.0)
         u = h * _LOG2E - k2 * yn
-        t = u[None, :] + two_k2 * dot
+        t = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, hi, two_k2,
+                    D, DP, BLOCK_D, D_CHUNKS, DOT, PREC, BLOCK_M, BLOCK_N)
         M, alpha, p = _online_step(M, t)
         S = S * alpha + tl.sum(p, axis=1)
 
-    # A row with no finite term: M = -inf and log2(S) = -inf, so out = -inf
-    # (or +inf for softmin), never NaN.
+    row_ok = rows < n
+    if SPLIT:
+        tl.store(OUT + rows, M + tl.log2(S), mask=row_ok)
+    else:
+        # A row with no finite term: M = -inf and log2(S) = -inf, so out = -inf
+        # (or +inf for softmin), never NaN.
+        xn = tl.load(XN + rows, mask=row_ok, other=0.0)
+        out = out_scale * (M + tl.log2(S) - k2 * xn)
+        tl.store(OUT + rows, out.to(OUT.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["n", "splits"])
+def _lse_merge_kernel(PART, XN, OUT, n, splits, stride_ps, stride_pb, stride_xnb, stride_ob,
+                      k2, out_scale, BLOCK: tl.constexpr):
+    """Merge the partial log2-sum-exps of the column splits, in a fixed order."""
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < n
+    PART += b * stride_pb
+    M = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    for s in range(0, splits):
+        M = tl.maximum(M, tl.load(PART + s * stride_ps + rows, mask=row_ok, other=float("-inf")))
+    shift = tl.where(M == float("-inf"), 0.0, M)
+    S = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, splits):
+        S += tl.exp2(tl.load(PART + s * stride_ps + rows, mask=row_ok, other=float("-inf")) - shift)
+    xn = tl.load(XN + b * stride_xnb + rows, mask=row_ok, other=0.0)
     out = out_scale * (M + tl.log2(S) - k2 * xn)
-    tl.store(OUT + rows, out.to(OUT.dtype.element_ty), mask=rows < n)
+    tl.store(OUT + b * stride_ob + rows, out.to(OUT.dtype.element_ty), mask=row_ok)
 
 
 # --------------------------------------------------------------------------
@@ -155,21 +202,37 @@ def _lse_triton(geo, x, y, h, eps, cost_scale, precision, out_scale):
     out = torch.empty(geo.shape(geo.n), device=geo.device, dtype=geo.dtype)
     if geo.n == 0 or geo.m == 0:
         return out.fill_(float("-inf") * (1.0 if out_scale > 0 else -1.0))
-    x, y, h = _common.unit_last(x), _common.unit_last(y), _common.unit_last(h)
-    cen = _common.centre(x, y, torch.float32)
-    block_d = _common.pick_block(geo.d, _MAX_BLOCK_D, chunk_cost=16)
-    grid = lambda meta: (triton.cdiv(geo.n, meta["BLOCK_M"]), 1, geo.B)  # noqa: E731
+    pair = _common.prepare_pair(x, y)
+    h = _common.unit_last(h)
+    dot = _common.dot_mode(geo.d, precision)
+    k2 = cost_scale * LOG2E / eps
+    splits, cols = _common.column_splits(triton.cdiv(geo.n, 128) * geo.B, geo.m, geo.device)
+    if splits > 1:
+        target = torch.empty((splits, geo.B, geo.n), device=geo.device, dtype=torch.float32)
+        t_strides = (target.stride(1), target.stride(0))
+    else:
+        target = out
+        t_strides = (_common.batch_stride(out, 1), 0)
+    grid = lambda meta: (triton.cdiv(geo.n, meta["BLOCK_M"]), splits, geo.B)  # noqa: E731
+    P = _common.PreparedPair
     with _common.device_guard(geo.device):
         _lse_kernel[grid](
-            x, y, cen, h, out,
-            geo.n, geo.m, geo.d,
-            _common.batch_stride(x, 2), x.stride(-2), x.stride(-1),
-            _common.batch_stride(y, 2), y.stride(-2), y.stride(-1),
-            _common.batch_stride(cen, 1), _common.batch_stride(h, 1), _common.batch_stride(out, 1),
-            cost_scale * LOG2E / eps, out_scale,
-            _common.bucket(geo.n), _common.bucket(geo.m), _common.bucket(geo.d),
-            BLOCK_D=block_d, D_CHUNKS=triton.cdiv(geo.d, block_d), PREC=precision,
+            pair.x, pair.y, pair.xn, pair.yn, h, target,
+            geo.n, geo.m, cols,
+            P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
+            _common.batch_stride(h, 1), *t_strides,
+            k2, out_scale,
+            _common.bucket(geo.n), _common.bucket(geo.m), min(splits, 2),
+            D=geo.d, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.DP // pair.BLOCK_D if dot == 0 else 1,
+            DOT=dot, PREC=precision, SPLIT=splits > 1,
         )
+        if splits > 1:
+            block = 256 if not _common.interpreting() else 32
+            _lse_merge_kernel[(triton.cdiv(geo.n, block), geo.B)](
+                target, pair.xn, out, geo.n, splits,
+                target.stride(0), target.stride(1), P.bstride(pair.xn), _common.batch_stride(out, 1),
+                k2, out_scale, BLOCK=block,
+            )
     return out
 
 
