@@ -1,13 +1,26 @@
-"""``python -m otlinop.bench {solvers,plan,sinkhorn,hvp,all} [options]``.
+"""``python -m otlinop.bench {solvers,plan,sinkhorn,hvp,all} [--results DIR | --no-results] [options]``.
 
 Benchmarks measure on the GPU (CUDA events, medians) and print Markdown
 tables; on a CPU-only machine they run tiny sizes and say so.
+
+``--results DIR`` also writes each suite's Markdown to DIR/<suite>.md, the
+sinkhorn rows to DIR/sinkhorn.json with a log-log figure DIR/sinkhorn.png
+(time per iteration against n, the floor dashed), and DIR/README.md (command,
+date, device, versions, ceilings, fraction of the floor of each Sinkhorn row).
+``all`` writes to bench-results/<UTC timestamp>/ unless given --results DIR or
+--no-results; a single suite writes files only when given --results DIR. The
+other options go to the suites (``python -m otlinop.bench <suite> --help``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import os
+import shlex
 import sys
+from datetime import datetime, timezone
 
 SUITES = {
     "solvers": "otlinop.bench.solvers_bench",
@@ -16,21 +29,144 @@ SUITES = {
     "hvp": "otlinop.bench.hvp_bench",
 }
 
+#: Parent of the default results folder of ``all`` (relative to the working directory).
+DEFAULT_RESULTS_ROOT = "bench-results"
+
+
+class _Tee(io.TextIOBase):
+    """Text stream writing to several streams (the terminal and a suite's .md file)."""
+
+    def __init__(self, *streams):
+        self._streams = streams
+
+    def write(self, text):
+        for stream in self._streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self._streams:
+            stream.flush()
+
+
+def split_results(argv: list[str], *, now: datetime | None = None) -> tuple[list[str], str | None]:
+    """Take ``--results DIR`` / ``--results=DIR`` / ``--no-results`` out of ``argv``.
+
+    Parameters
+    ----------
+    argv : list of str
+        The arguments after ``python -m otlinop.bench`` (suite name included).
+    now : datetime, optional
+        Time for the default folder of ``all`` (default: now, UTC).
+
+    Returns
+    -------
+    rest : list of str
+        ``argv`` without the results options, for the suites' own parsers.
+    results : str or None
+        The folder to write to: the one given; for ``all`` without one,
+        ``bench-results/<UTC timestamp>``; otherwise (or with ``--no-results``,
+        or when help is asked for) None.
+
+    Raises
+    ------
+    ValueError
+        If ``--results`` has no folder after it, is given twice, or is given
+        with ``--no-results``.
+    """
+    rest, results, disabled = [], None, False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--results" or arg.startswith("--results="):
+            if arg == "--results":
+                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                    raise ValueError("--results needs a folder: --results DIR")
+                value = argv[i + 1]
+                i += 1
+            else:
+                value = arg.split("=", 1)[1]
+                if not value:
+                    raise ValueError("--results needs a folder: --results=DIR")
+            if results is not None:
+                raise ValueError(f"--results given twice ({results!r} and {value!r})")
+            results = value
+        elif arg == "--no-results":
+            disabled = True
+        else:
+            rest.append(arg)
+        i += 1
+    if disabled and results is not None:
+        raise ValueError("--results and --no-results contradict each other")
+    if "-h" in rest or "--help" in rest:
+        return rest, None   # only help is printed: nothing to write
+    if results is None and not disabled and rest[:1] == ["all"]:
+        now = datetime.now(timezone.utc) if now is None else now
+        results = os.path.join(DEFAULT_RESULTS_ROOT, now.strftime("%Y%m%dT%H%M%SZ"))
+    return rest, results
+
 
 def main(argv=None) -> int:
+    """Run the suite(s) named in ``argv``; see the module docstring. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = "python -m otlinop.bench " + shlex.join(argv)
+    try:
+        argv, results = split_results(argv)
+    except ValueError as exc:
+        print(f"otlinop.bench: {exc}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*SUITES, "all"):
         print(__doc__.strip())
         print("suites: " + ", ".join(SUITES) + ", all")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     name, rest = argv[0], argv[1:]
     names = list(SUITES) if name == "all" else [name]
+    if results is not None:
+        os.makedirs(results, exist_ok=True)
     status = 0
-    for suite in names:
-        print(f"\n## otlinop.bench {suite}\n", flush=True)
-        module = importlib.import_module(SUITES[suite])
-        status |= int(module.main(rest) or 0)
+    ran, files, skipped, sinkhorn = [], [], {}, None
+    try:
+        for suite in names:
+            module = importlib.import_module(SUITES[suite])
+            with contextlib.ExitStack() as stack:
+                if results is not None:
+                    md = stack.enter_context(open(os.path.join(results, f"{suite}.md"), "w"))
+                    files.append(f"{suite}.md")
+                    stack.enter_context(contextlib.redirect_stdout(_Tee(sys.stdout, md)))
+                print(f"\n## otlinop.bench {suite}\n", flush=True)
+                try:
+                    if suite == "sinkhorn":
+                        sinkhorn = module.collect(rest)
+                        code = 0
+                    else:
+                        code = int(module.main(rest) or 0)
+                except BaseException as exc:
+                    ran.append(f"{suite} (stopped: {type(exc).__name__})")
+                    raise
+            ran.append(f"{suite} (exit {code})")
+            status |= code
+    finally:
+        if results is not None:
+            _write_report(results, command, ran, files, skipped, sinkhorn)
     return status
+
+
+def _write_report(results, command, ran, files, skipped, sinkhorn) -> None:
+    """Write the sinkhorn files (when that suite ran) and README.md into ``results``."""
+    from . import _report, _timing
+
+    env = _report.environment()
+    # The floors need the ceilings; otherwise report them only if a suite measured them.
+    ceil = _timing.ceilings() if (sinkhorn is not None or _timing._CEILINGS is not None) else None
+    if sinkhorn is not None:
+        written = _report.write_sinkhorn(results, sinkhorn, ceil, env=env)
+        files += written["files"]
+        skipped.update(written["skipped"])
+    text = _report.readme(command=command, env=env, ceil=ceil, suites=ran, files=files, skipped=skipped,
+                          sinkhorn_rows=None if sinkhorn is None else sinkhorn["rows"])
+    with open(os.path.join(results, "README.md"), "w") as fh:
+        fh.write(text)
+    print(f"\nresults written to {results}/: README.md, " + ", ".join(files), flush=True)
 
 
 if __name__ == "__main__":

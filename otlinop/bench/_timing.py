@@ -60,9 +60,22 @@ def _exp2_kernel():
     return kernel
 
 
+_CEILINGS = None
+
+
 def ceilings() -> dict:
     """Measured exp2 rate (1/s), fp32 strict and TF32 matmul rates (FLOP/s) and
-    device-memory copy bandwidth (bytes read + written per second)."""
+    device-memory copy bandwidth (bytes read + written per second); empty
+    without a GPU. Measured once per process (the first call), so that every
+    suite of ``python -m otlinop.bench all`` scales by the same figures; each
+    call returns a copy."""
+    global _CEILINGS
+    if _CEILINGS is None:
+        _CEILINGS = _measure_ceilings()
+    return dict(_CEILINGS)
+
+
+def _measure_ceilings() -> dict:
     if not torch.cuda.is_available():
         return {}
     out = {}

@@ -330,7 +330,22 @@ def _row(r) -> str:
     return (f"| {r['library']} | {r['method']} | {r['precision']} | {r['n']} | {r['d']} | {r['ms']:.4f} | {mem} |")
 
 
-def main(argv=None) -> int:
+def collect(argv=None) -> dict:
+    """Run the suite, print its Markdown tables and return what it measured.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Command-line options (see ``--help``); default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    dict
+        ``rows``: the per-iteration rows (otlinop's, then the peers'; error rows
+        carry ``error`` instead of ``ms``), as printed in the first table;
+        ``default_call``: the rows of the default-call table (empty with
+        ``--no-default-call``).
+    """
     parser = argparse.ArgumentParser(prog="python -m otlinop.bench sinkhorn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=None, help="n = m (default 10000 50000 on a GPU)")
@@ -375,6 +390,7 @@ def main(argv=None) -> int:
                     print(_row(r), flush=True)
     rows += [r for r in peer_rows if r.get("kind") != "default_call"]
 
+    call_rows = []
     if not args.no_default_call:
         print()
         print("Default GeomLoss-style call, SamplesLoss('sinkhorn', blur=0.05, scaling=0.5) forward, "
@@ -383,9 +399,11 @@ def main(argv=None) -> int:
         print("| library | n = m | d | debias | ms |\n|---|---|---|---|---|")
         call_sizes = sizes
         for r in _ours_default_call(call_sizes, [d for d in dims if d == max(dims)], args.backend) if ours else []:
+            call_rows.append(r)
             print(f"| {r['library']} | {r['n']} | {r['d']} | {r['debias']} | {r['ms']:.2f} |")
         for r in peer_rows:
             if r.get("kind") == "default_call":
+                call_rows.append(r)
                 ms = f"{r['ms']:.2f}" if "ms" in r else "error: " + r["error"]
                 print(f"| {r['library']} | {r['n']} | {r['d']} | {r['debias']} | {ms} |")
 
@@ -408,6 +426,11 @@ def main(argv=None) -> int:
                         p = flash.get((method, peer_p, n, d))
                         cells.append(f"{o / p:.3f}" if (o and p) else "-")
                     print(f"| {method} | {n} | {d} | {cells[0]} | {cells[1]} |")
+    return dict(rows=rows, default_call=call_rows)
+
+
+def main(argv=None) -> int:
+    collect(argv)
     return 0
 
 

@@ -1,0 +1,272 @@
+"""``python -m otlinop.bench ... --results DIR``: files, floors, figure (no GPU needed)."""
+
+import builtins
+import json
+import os
+from datetime import datetime, timezone
+
+import pytest
+
+from otlinop.bench import __main__ as bench_main
+from otlinop.bench import _report, _timing
+
+# Tiny CPU run of the sinkhorn suite: 2 sizes x 2 dims x 2 methods = 8 rows.
+SINKHORN_ARGS = ["--no-peers", "--no-default-call", "--sizes", "16", "32", "--dims", "2", "5"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Round synthetic ceilings: exp2 1e13/s, fp32 50 TFLOP/s, TF32 400 TFLOP/s.
+CEIL = {"exp2_per_s": 1e13, "fp32_flops": 5e13, "tf32_flops": 4e14, "copy_bytes_per_s": 3e12}
+
+
+def _synthetic_rows():
+    """Rows as sinkhorn_bench builds them, for otlinop and both peers, plus errors."""
+    kinds = [("otlinop", "symmetric", "tf32"), ("otlinop", "alternating", "tf32x3 (default)"),
+             ("flash-sinkhorn 0.4.1", "symmetric", "tf32"), ("flash-sinkhorn 0.4.1", "alternating", "strict fp32"),
+             ("OTT-JAX 0.6", "alternating", "default (wall clock)"), ("OTT-JAX 0.6", "alternating", "highest (wall clock)")]
+    rows = []
+    for n in (10_000, 20_000, 50_000):
+        for d in (3, 64):
+            for i, (library, method, precision) in enumerate(kinds):
+                rows.append(dict(library=library, method=method, precision=precision, n=n, d=d,
+                                 ms=(1 + i) * 0.1 * (n / 1e4) ** 2, peak_mb=None))
+    rows.append(dict(library="otlinop", method="symmetric", precision="tf32", n=10_000, d=3,
+                     error="RuntimeError: out of | memory"))
+    rows.append(dict(library="flash-sinkhorn", error="not importable: No module named 'flash_sinkhorn'"))
+    return rows
+
+
+def _run(args, capsys):
+    status = bench_main.main(args)
+    return status, capsys.readouterr()
+
+
+# --------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------
+def test_sinkhorn_results_folder(tmp_path, capsys):
+    out = tmp_path / "res"
+    status, captured = _run(["sinkhorn", "--results", str(out), *SINKHORN_ARGS], capsys)
+    assert status == 0
+    names = {p.name for p in out.iterdir()}
+    assert names == {"sinkhorn.md", "sinkhorn.json", "sinkhorn.png", "README.md"}
+
+    data = json.loads((out / "sinkhorn.json").read_text())
+    rows = data["rows"]
+    assert len(rows) == 8
+    assert {(r["n"], r["d"], r["method"]) for r in rows} == {
+        (n, d, m) for n in (16, 32) for d in (2, 5) for m in ("symmetric", "alternating")}
+    assert all(r["library"] == "otlinop" and r["ms"] > 0 for r in rows)
+    assert data["default_call"] == []
+    assert data["environment"]["device"] == _timing.device_name()
+    if not data["ceilings"]:   # no GPU: no floor
+        assert all(r["floor_ms"] is None and r["fraction_of_floor"] is None for r in rows)
+
+    md = (out / "sinkhorn.md").read_text()
+    assert "| library | method | precision | n = m | d | ms / iteration |" in md
+    assert sum(line.startswith("| otlinop |") for line in md.splitlines()) == 8
+    assert md in captured.out          # the terminal got the same text
+    assert (out / "sinkhorn.png").read_bytes()[:8] == PNG_MAGIC
+
+    readme = (out / "README.md").read_text()
+    assert "`python -m otlinop.bench sinkhorn --results " in readme
+    assert "sinkhorn (exit 0)" in readme
+    assert _timing.device_name() in readme
+    table = readme.split("## Sinkhorn: fraction of the floor")[1]
+    assert sum(line.startswith("| otlinop |") for line in table.splitlines()) == 8
+
+
+def test_single_suite_writes_nothing_without_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    status, captured = _run(["sinkhorn", "--no-peers", "--no-default-call", "--sizes", "16", "--dims", "2"], capsys)
+    assert status == 0
+    assert "| otlinop | symmetric |" in captured.out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_matplotlib_skips_only_the_plot(tmp_path, monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    out = tmp_path / "res"
+    status, captured = _run(["sinkhorn", f"--results={out}", *SINKHORN_ARGS], capsys)
+    assert status == 0
+    assert {p.name for p in out.iterdir()} == {"sinkhorn.md", "sinkhorn.json", "README.md"}
+    assert len(json.loads((out / "sinkhorn.json").read_text())["rows"]) == 8
+    skipped = [line for line in captured.out.splitlines() if line.startswith("plot skipped")]
+    assert len(skipped) == 1 and "matplotlib" in skipped[0]
+    assert "not written: sinkhorn.png: matplotlib is not importable" in (out / "README.md").read_text()
+
+
+NOW = datetime(2026, 11, 23, 4, 9, 15, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("argv, rest, results", [
+    (["all"], ["all"], os.path.join("bench-results", "20261123T040915Z")),
+    (["all", "--no-results"], ["all"], None),
+    (["all", "--results", "out"], ["all"], "out"),
+    (["sinkhorn", "--no-peers"], ["sinkhorn", "--no-peers"], None),
+    (["plan", "--results=r", "--sizes", "3"], ["plan", "--sizes", "3"], "r"),
+    (["--results", "r", "hvp", "--n", "5"], ["hvp", "--n", "5"], "r"),
+    (["all", "--help"], ["all", "--help"], None),
+])
+def test_split_results(argv, rest, results):
+    got_rest, got_results = bench_main.split_results(argv, now=NOW)
+    assert got_rest == rest
+    assert got_results == results
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--results"], "needs a folder"),
+    (["plan", "--results", "--sizes", "3"], "needs a folder"),
+    (["plan", "--results="], "needs a folder"),
+    (["plan", "--results", "a", "--results=b"], "given twice"),
+    (["all", "--results", "a", "--no-results"], "contradict"),
+])
+def test_split_results_errors(argv, message, capsys):
+    with pytest.raises(ValueError, match=message):
+        bench_main.split_results(argv)
+    assert bench_main.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ceilings_measured_once(monkeypatch):
+    calls = []
+
+    def fake():
+        calls.append(1)
+        return dict(CEIL)
+
+    monkeypatch.setattr(_timing, "_CEILINGS", None)
+    monkeypatch.setattr(_timing, "_measure_ceilings", fake)
+    first = _timing.ceilings()
+    first["exp2_per_s"] = 0.0          # a caller's copy: the shared figures stay
+    assert _timing.ceilings() == CEIL
+    assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------
+# Floors and fractions
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("library, precision, klass", [
+    ("otlinop", "tf32", "tf32"),
+    ("otlinop", "tf32x3 (default)", "tf32x3"),
+    ("otlinop", "ieee", "ieee"),
+    ("otlinop", "torch reference", None),
+    ("flash-sinkhorn 0.4.1", "tf32", "tf32"),
+    ("flash-sinkhorn 0.4.1", "strict fp32", "ieee"),
+    ("OTT-JAX 0.6", "default (wall clock)", "tf32"),
+    ("OTT-JAX 0.6", "highest (wall clock)", "ieee"),
+    ("otlinop", "default", None),
+])
+def test_precision_class(library, precision, klass):
+    assert _report.precision_class(dict(library=library, precision=precision)) == klass
+
+
+@pytest.mark.parametrize("d, klass, expected_ms", [
+    (3, "tf32", 0.02),      # exp2 bound: 2 * 1e8 / 1e13 s
+    (3, "ieee", 0.024),     # dot bound:  4 * 1e8 * 3 / 5e13 s
+    (64, "tf32", 0.064),    # 4 * 1e8 * 64 / 4e14 s
+    (64, "tf32x3", 0.192),  # three TF32 products
+    (64, "ieee", 0.512),
+])
+def test_floor_ms(d, klass, expected_ms):
+    assert _report.floor_ms(10_000, 10_000, d, klass, CEIL) == pytest.approx(expected_ms, rel=1e-12)
+
+
+def test_floor_needs_ceilings_and_a_known_precision():
+    assert _report.floor_ms(100, 100, 3, "tf32", {}) is None
+    assert _report.floor_ms(100, 100, 3, "tf32", None) is None
+    assert _report.floor_ms(100, 100, 3, None, CEIL) is None
+    with pytest.raises(ValueError, match="tf32_flops"):
+        _report.floor_ms(100, 100, 3, "tf32", {"exp2_per_s": 1.0, "fp32_flops": 1.0})
+
+
+def test_annotate_and_fraction_table():
+    rows = [dict(library="otlinop", method="symmetric", precision="tf32", n=10_000, d=64, ms=0.128),
+            dict(library="OTT-JAX 0.6", method="alternating", precision="highest (wall clock)", n=10_000, d=64,
+                 ms=2.048),
+            dict(library="otlinop", method="symmetric", precision="torch reference", n=10_000, d=64, ms=1.0),
+            dict(library="peer", error="exit 1: boom | bang")]
+    before = [dict(r) for r in rows]
+    out = _report.annotate(rows, CEIL)
+    assert rows == before                          # inputs untouched
+    assert out[0]["floor_ms"] == pytest.approx(0.064) and out[0]["fraction_of_floor"] == pytest.approx(0.5)
+    assert out[1]["floor_ms"] == pytest.approx(0.512) and out[1]["fraction_of_floor"] == pytest.approx(0.25)
+    assert out[2]["floor_ms"] is None and out[2]["fraction_of_floor"] is None
+    assert out[3]["floor_ms"] is None and out[3]["fraction_of_floor"] is None
+
+    lines = _report.fraction_table(rows, CEIL).splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert lines[2] == "| otlinop | symmetric | tf32 | 10000 | 64 | 0.128 | 0.064 | 0.500 |"
+    assert lines[3].endswith("| 2.048 | 0.512 | 0.250 |")
+    assert lines[4].endswith("| 1 | - | - |")
+    assert "error: exit 1: boom \\| bang" in lines[5]   # pipes escaped: the table keeps 8 columns
+    assert all(line.replace("\\|", "").count("|") == 9 for line in lines)
+    # Without ceilings: no floor anywhere.
+    assert all(line.endswith("| - | - |") for line in _report.fraction_table(rows, {}).splitlines()[2:])
+
+
+# --------------------------------------------------------------------------
+# Figure
+# --------------------------------------------------------------------------
+def test_series_lines_and_floors():
+    panels = _report.series(_synthetic_rows(), CEIL)
+    assert list(panels) == [3, 64]
+    for panel in panels.values():
+        assert len(panel["lines"]) == 6
+        for pts in panel["lines"].values():
+            assert [n for n, _ in pts] == [10_000, 20_000, 50_000]
+    assert panels[3]["lines"][("OTT-JAX 0.6", "alternating", "highest (wall clock)")][0][1] == pytest.approx(0.6)
+    # d = 3: tf32 and tf32x3 share the exp2 bound; strict fp32's dot bound is higher.
+    assert set(panels[3]["floors"]) == {"floor (tf32, tf32x3)", "floor (ieee)"}
+    assert set(panels[64]["floors"]) == {"floor (tf32)", "floor (tf32x3)", "floor (ieee)"}
+    assert panels[64]["floors"]["floor (ieee)"] == [
+        (n, pytest.approx(0.512 * (n / 1e4) ** 2)) for n in (10_000, 20_000, 50_000)]
+    assert all(not p["floors"] for p in _report.series(_synthetic_rows(), {}).values())
+
+
+def test_write_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    path = tmp_path / "fig.png"
+    fig = _report.write_figure(path, _synthetic_rows(), CEIL, title="synthetic")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(path) as im:
+        assert im.size[0] > im.size[1] > 100
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["d = 3", "d = 64"]
+    for ax, n_floors in zip(axes, (2, 3)):
+        assert ax.get_xscale() == ax.get_yscale() == "log"
+        dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+        others = [ln for ln in ax.get_lines() if ln.get_linestyle() != "--"]
+        assert len(dashed) == n_floors and all(ln.get_label().startswith("floor") for ln in dashed)
+        assert {ln.get_label() for ln in others} == {
+            "otlinop symmetric tf32", "otlinop alternating tf32x3 (default)",
+            "flash-sinkhorn 0.4.1 symmetric tf32", "flash-sinkhorn 0.4.1 alternating strict fp32",
+            "OTT-JAX 0.6 alternating default (wall clock)", "OTT-JAX 0.6 alternating highest (wall clock)"}
+
+    fig = _report.write_figure(tmp_path / "nofloor.png", _synthetic_rows(), {})
+    assert all(ln.get_linestyle() != "--" for ax in fig.axes for ln in ax.get_lines())
+
+    with pytest.raises(ValueError, match="nothing to plot"):
+        _report.write_figure(tmp_path / "none.png", [dict(library="peer", error="timed out")], CEIL)
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_readme_without_sinkhorn_or_ceilings():
+    env = dict(device="CPU (not a GPU figure)", python="3", torch="2", triton="3", otlinop="0.1.0")
+    text = _report.readme(command="python -m otlinop.bench plan --results r", env=env, ceil=None,
+                          suites=["plan (exit 0)"], files=["plan.md"], date=NOW)
+    assert "- date: 2026-11-23 04:09:15 UTC" in text
+    assert "not measured in this run" in text
+    assert "fraction of the floor" not in text
+    text = _report.readme(command="c", env=env, ceil=CEIL, suites=[], files=[], sinkhorn_rows=_synthetic_rows(),
+                          date=NOW)
+    assert "measured ceilings: exp2 1e+13/s" in text
+    assert "| otlinop | symmetric | tf32 | 10000 | 3 | 0.1 | 0.02 | 0.200 |" in text
