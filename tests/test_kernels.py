@@ -527,12 +527,12 @@ def test_prepared_pair_cache_reuse_and_invalidation():
     x, y = (to(t, torch.float32) for t in make_points(20, 30, 3))
     g = torch.zeros(30, device=DEVICE)
     _common.clear_cache()
-    p1 = _common.prepare_pair(x, y)
-    assert _common.prepare_pair(x, y) is p1                        # reused
-    assert _common.prepare_pair(y, x).x is p1.y                    # the transposed call shares it
+    p1 = _common.prepare_pair(x, y, "tf32x3")
+    assert _common.prepare_pair(x, y, "tf32x3") is p1                        # reused
+    assert _common.prepare_pair(y, x, "tf32x3").x is p1.y                    # the transposed call shares it
     before = lse_cost(x, y, g, eps=0.5, backend="triton")
     x.add_(1.0)                                                    # in place: the entry is stale
-    assert _common.prepare_pair(x, y) is not p1
+    assert _common.prepare_pair(x, y, "tf32x3") is not p1
     after = lse_cost(x, y, g, eps=0.5, backend="triton")
     ref = lse_cost_torch(x.double().cpu(), y.double().cpu(), g.double().cpu(), eps=0.5)
     assert _err_lse(after, ref) < tol(torch.float32)
@@ -543,8 +543,32 @@ def test_prepared_pair_cache_reuse_and_invalidation():
     gc.collect()
     assert len(_common._cache) < size
     for _ in range(2 * _common._CACHE_SIZE):                       # the cache is bounded
-        _common.prepare_pair(torch.randn(5, 3, device=DEVICE), y)
+        _common.prepare_pair(torch.randn(5, 3, device=DEVICE), y, "tf32x3")
     assert len(_common._cache) <= _common._CACHE_SIZE
+
+
+def test_split_precision_layout():
+    """tf32x3 at small d: [x_hi, x_lo, x_hi] . [y_hi, y_hi, y_lo] in one TF32 dot."""
+    x, y = (to(t, torch.float32) for t in make_points(20, 30, 3))
+    pair = _common.prepare_pair(x, y, "tf32x3")
+    assert (pair.D, pair.DP, pair.PREC, pair.DOT) == (9, 16, "tf32", 0)
+    hi, lo, hi2 = pair.x[0, :, 0:3], pair.x[0, :, 3:6], pair.x[0, :, 6:9]
+    assert torch.equal(hi, hi2) and torch.equal(pair.y[0, :, 0:3], pair.y[0, :, 3:6])
+    # hi is a TF32 value (13 low bits clear) and hi + lo is the centred point.
+    assert (hi.contiguous().view(torch.int32) & 0x1FFF).eq(0).all()
+    z = (x.mean(0) + y.mean(0)) / 2
+    assert torch.equal(hi + lo, x - z)
+    assert lo.abs().max() <= 2.0 ** -11 * (x - z).abs().max()
+    assert torch.equal(pair.xn[0], ((x - z) ** 2).sum(-1))
+    # The swapped pair holds the same three products.
+    xs, ys = pair.x[0, :, :9], pair.y[0, :, :9]
+    sw = _common.prepare_pair(y, x, "tf32x3")
+    assert torch.allclose(xs @ ys.T, (sw.y[0, :, :9] @ sw.x[0, :, :9].T), rtol=0, atol=1e-6)
+    # Only float32 tf32x3 at 3d <= SPLIT_MAX_K is split.
+    assert _common.prepare_pair(x, y, "tf32").D == 3
+    big = torch.randn(20, 30, device=DEVICE)
+    assert _common.prepare_pair(big, big, "tf32x3").PREC == "tf32x3"
+    assert _common.prepare_pair(x.half(), y.half(), "tf32x3").D == 3
 
 
 def test_deterministic_with_splits(force_splits):

@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ks", type=int, nargs="*", default=[1, 64])
     parser.add_argument("--precisions", nargs="*", default=["tf32", "tf32x3", "ieee"])
     parser.add_argument("--eps", type=float, default=0.5)
+    parser.add_argument("--fma-max-d", type=int, default=None,
+                        help="override kernels._common.FMA_MAX_D (0: tensor cores at every d) to compare the dot paths")
     args = parser.parse_args(argv)
 
     from otlinop.kernels import _common
@@ -43,6 +45,9 @@ def main(argv=None) -> int:
     sizes = args.sizes or ([10_000, 50_000] if cuda else [300])
     precisions = args.precisions if cuda else [None]
     _common._CHECK_FINITE = False
+    if args.fma_max_d is not None:
+        _common.FMA_MAX_D = args.fma_max_d
+        print(f"FMA_MAX_D = {args.fma_max_d}")
     ceil = _timing.ceilings()
     print(f"device: {_timing.device_name()}")
     print(_timing.format_ceilings(ceil))

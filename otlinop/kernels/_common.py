@@ -325,12 +325,20 @@ def centre(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 # Prepared clouds (Triton backend)
 # --------------------------------------------------------------------------
 
-#: Dimensions d up to this one compute the cost tile with fp32 FMAs on the
-#: CUDA cores (d FMAs per entry, exact to fp32 rounding whatever the
-#: precision) instead of tensor-core dots that would pad d to 16 or more.
-#: The "ieee" precision takes the FMA path at every d. A tuning knob of the
-#: kernels; at most 8 (the unrolled path keeps 8 feature columns resident).
-FMA_MAX_D = 8
+#: Dimensions d up to this one compute the cost tile of every precision with
+#: fp32 FMAs on the CUDA cores; "ieee" takes the FMA path at every d. 0 (the
+#: default): on an H100 the FMA tile measured 3.3x slower than the tensor-core
+#: tile at n = m = 50k, d = 3 (4.28 ms against 1.31 ms per pass). A tuning
+#: knob of the kernels, at most 8.
+FMA_MAX_D = 0
+
+#: "tf32x3" with 3 d <= SPLIT_MAX_K (d <= 21) stores each fp32 coordinate as a
+#: TF32 high part plus a low part, x' = [x_hi, x_lo, x_hi] and
+#: y' = [y_hi, y_hi, y_lo], so that ONE TF32 dot of width 3d gives
+#: x_hi.y_hi + x_lo.y_hi + x_hi.y_lo: the three products of the split-precision
+#: scheme, with the splitting done once per pair of clouds instead of at every
+#: tile. At d = 3 this costs a plain TF32 dot (3d pads to 16 either way).
+SPLIT_MAX_K = 64
 
 #: Widest feature chunk of the tensor-core path held in registers (wider d
 #: loops over chunks).
@@ -342,17 +350,21 @@ def dot_mode(d: int, precision: str) -> int:
     return 1 if (d <= FMA_MAX_D or precision == "ieee") else 0
 
 
-def feature_layout(d: int):
+def feature_layout(k: int, fma: bool):
     """``(DP, BLOCK_D)``: row length of the prepared points and the tensor-core chunk.
 
-    ``d <= FMA_MAX_D``: rows of exactly d entries (the FMA path). Otherwise d
-    is padded with zeros to ``D_CHUNKS * BLOCK_D`` so that every chunk load is
-    unmasked and aligned.
+    ``k`` features as the kernel sees them (3d for a split pair). FMA path
+    with k <= 8: rows of exactly k entries. Otherwise k is padded with zeros
+    to ``D_CHUNKS * BLOCK_D`` so that every chunk load is unmasked and aligned.
     """
-    if d <= FMA_MAX_D:
-        return d, 16
-    block_d = pick_block(d, MAX_BLOCK_D, chunk_cost=16)
-    return triton.cdiv(d, block_d) * block_d, block_d
+    if fma and k <= 8:
+        return k, 16
+    block_d = pick_block(k, MAX_BLOCK_D, chunk_cost=16)
+    return triton.cdiv(k, block_d) * block_d, block_d
+
+
+def _uses_split(d: int, dtype: torch.dtype, precision: str) -> bool:
+    return precision == "tf32x3" and dtype == torch.float32 and 3 * d <= SPLIT_MAX_K and dot_mode(d, precision) == 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -361,23 +373,34 @@ class PreparedPair:
 
     ``x`` (Bx, n, DP) and ``y`` (By, m, DP): the points minus the common
     centre, contiguous, each row padded with zeros to DP entries (see
-    :func:`feature_layout`), in the storage dtype; ``xn`` (Bx, n) and ``yn``
-    (By, m): their squared norms in fp32, computed from the rounded centred
-    points, so that the expansion ``|x|^2 + |y|^2 - 2 x.y`` is that of the
-    points the dots see. A batch dim of 1 is shared by a batched call.
+    :func:`feature_layout`), in the storage dtype; for a split pair the rows
+    hold ``[x_hi, x_lo, x_hi]`` and ``[y_hi, y_hi, y_lo]`` (see
+    ``SPLIT_MAX_K``). ``xn`` (Bx, n) and ``yn`` (By, m): the squared norms of
+    the centred points in fp32 (of the rounded points for half inputs, so
+    that the expansion ``|x|^2 + |y|^2 - 2 x.y`` is that of the points the
+    dots see). A batch dim of 1 is shared by a batched call. The kernel
+    constants: ``D`` features per row as the dot sees them, ``DOT`` (0 tensor
+    cores, 1 FMAs) and ``PREC``, the tl.dot precision to use.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     xn: torch.Tensor
     yn: torch.Tensor
-    d: int
+    D: int
     DP: int
     BLOCK_D: int
+    DOT: int
+    PREC: str
+
+    @property
+    def D_CHUNKS(self) -> int:
+        return self.DP // self.BLOCK_D if self.DOT == 0 else 1
 
     def swapped(self) -> "PreparedPair":
-        """The pair for the transposed call (the centre is symmetric in x, y)."""
-        return PreparedPair(self.y, self.x, self.yn, self.xn, self.d, self.DP, self.BLOCK_D)
+        """The pair for the transposed call: the centre is symmetric in (x, y), and
+        the three products of a split pair are the same with the roles swapped."""
+        return PreparedPair(self.y, self.x, self.yn, self.xn, self.D, self.DP, self.BLOCK_D, self.DOT, self.PREC)
 
     @staticmethod
     def bstride(t: torch.Tensor) -> int:
@@ -385,24 +408,46 @@ class PreparedPair:
         return t.stride(0) if t.shape[0] > 1 else 0
 
 
-def _prepare(x: torch.Tensor, y: torch.Tensor) -> PreparedPair:
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 ``t`` rounded to the nearest TF32 value (10 mantissa bits), as fp32."""
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _layout_of(d: int, dtype: torch.dtype, precision: str):
+    split = _uses_split(d, dtype, precision)
+    dot = dot_mode(d, precision)
+    D = 3 * d if split else d
+    DP, block_d = feature_layout(D, dot == 1)
+    prec = "tf32" if split else precision
+    return split, D, DP, block_d, dot, prec
+
+
+def _prepare(x: torch.Tensor, y: torch.Tensor, precision: str) -> PreparedPair:
     d = x.shape[-1]
-    DP, block_d = feature_layout(d)
+    split, D, DP, block_d, dot, prec = _layout_of(d, x.dtype, precision)
     with torch.no_grad():
         x3, y3 = as_batched(x.detach(), 2), as_batched(y.detach(), 2)
         z = centre(x3, y3, torch.float32).unsqueeze(-2)          # (B or 1, 1, d)
-        out = []
-        for t in (x3, y3):
+        out, norms = [], []
+        for side, t in enumerate((x3, y3)):
             # A cloud shared by a batch whose entries have different centres is
             # materialised per entry.
             batch = max(t.shape[0], z.shape[0])
             buf = torch.zeros((batch,) + tuple(t.shape[1:-1]) + (DP,), device=t.device, dtype=t.dtype)
-            buf[..., :d] = (t.float() - z).to(t.dtype)
+            c = (t.float() - z).to(t.dtype)
+            norms.append(c.float().square().sum(-1))
+            if split:
+                hi = round_to_tf32(c)
+                lo = c - hi
+                parts = (hi, lo, hi) if side == 0 else (hi, hi, lo)
+                for i, part in enumerate(parts):
+                    buf[..., i * d:(i + 1) * d] = part
+            else:
+                buf[..., :d] = c
             out.append(buf)
-        xp, yp = out
-        xn = xp.float().square().sum(-1)
-        yn = yp.float().square().sum(-1)
-    return PreparedPair(xp, yp, xn, yn, d, DP, block_d)
+    xn, yn = (t.expand(b.shape[:-1]).contiguous() for t, b in zip(norms, out))
+    return PreparedPair(out[0], out[1], xn, yn, D, DP, block_d, dot, prec)
 
 
 # A few prepared pairs, keyed by the identity of the input tensors: a solver
@@ -415,20 +460,20 @@ _CACHE_SIZE = 4
 _cache: dict = {}
 
 
-def _cache_key(x, y):
-    DP, _ = feature_layout(x.shape[-1])
-    return (id(x), id(y), DP)
+def _cache_key(x, y, precision):
+    return (id(x), id(y), _layout_of(x.shape[-1], x.dtype, precision))
 
 
-def prepare_pair(x: torch.Tensor, y: torch.Tensor) -> PreparedPair:
-    """The prepared pair of two clouds, reused while they are alive and unchanged.
+def prepare_pair(x: torch.Tensor, y: torch.Tensor, precision: str) -> PreparedPair:
+    """The prepared pair of two clouds for ``precision``, reused while they are alive and unchanged.
 
     ``(y, x)`` is served from the entry of ``(x, y)`` (swapped). Memory: a
-    copy of each cloud, O((n + m) d); at most ``_CACHE_SIZE`` pairs are kept.
+    copy of each cloud, O((n + m) d) (three times d for a split pair); at most
+    ``_CACHE_SIZE`` pairs are kept.
     """
     import weakref
 
-    for key, swap in ((_cache_key(x, y), False), (_cache_key(y, x), True)):
+    for key, swap in ((_cache_key(x, y, precision), False), (_cache_key(y, x, precision), True)):
         entry = _cache.get(key)
         if entry is None:
             continue
@@ -438,8 +483,8 @@ def prepare_pair(x: torch.Tensor, y: torch.Tensor) -> PreparedPair:
             _cache[key] = _cache.pop(key)          # most recently used last
             return pair.swapped() if swap else pair
         _cache.pop(key, None)
-    pair = _prepare(x, y)
-    key = _cache_key(x, y)
+    pair = _prepare(x, y, precision)
+    key = _cache_key(x, y, precision)
     try:
         rx, ry = weakref.ref(x), weakref.ref(y)
     except TypeError:  # pragma: no cover - tensors support weak references

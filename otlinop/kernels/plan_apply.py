@@ -76,7 +76,7 @@ def _prune(configs, named_args, **kwargs):
     configs=_CONFIGS,
     # Bucketed sizes only; eps and cost_scale are runtime floats (no re-tune
     # when eps changes). Tensor dtypes are added to the key by Triton.
-    key=["N_BUCKET", "M_BUCKET", "DP", "K_PAD", "DOT", "PREC", "SPLITS_KEY"],
+    key=["N_BUCKET", "M_BUCKET", "DP", "K_PAD", "DOT", "CPREC", "PREC", "SPLITS_KEY"],
     prune_configs_by={"early_config_prune": _prune},
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
@@ -101,6 +101,9 @@ def _plan_apply_kernel(
     # The prepared layout and the dot path (see softmin._lse_kernel).
     D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     DOT: tl.constexpr,
+    # tl.dot precision of the cost dot (plain "tf32" for a split pair, see
+    # _common.SPLIT_MAX_K); PREC is that of every other dot.
+    CPREC: tl.constexpr,
     # Columns of V handled by one program (>= 16 for tl.dot).
     BLOCK_K: tl.constexpr,
     PREC: tl.constexpr,
@@ -145,7 +148,7 @@ def _plan_apply_kernel(
             u += _LOG2E * tl.load(LOG_B + cols, mask=col_ok, other=0.0).to(tl.float32)
         u = tl.where(col_ok, u, float("-inf"))
         t = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, hi, two_k2,
-                    D, DP, BLOCK_D, D_CHUNKS, DOT, PREC, BLOCK_M, BLOCK_N)
+                    D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, BLOCK_M, BLOCK_N)
         M, alpha, p = _online_step(M, t)
         if V_MODE == 0:
             acc = acc * alpha + tl.sum(p, axis=1)
@@ -226,10 +229,9 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
     out = torch.empty(out_shape, device=geo.device, dtype=geo.dtype)
     if out.numel() == 0 or geo.m == 0:
         return out.zero_()
-    pair = _common.prepare_pair(x, y)
+    pair = _common.prepare_pair(x, y, precision)
     f, g = _common.unit_last(f), _common.unit_last(g)
     log_a, log_b = _common.unit_last(log_a), _common.unit_last(log_b)
-    dot = _common.dot_mode(geo.d, precision)
     block_k = _common.pick_block(k, _MAX_BLOCK_K, chunk_cost=64) if mode == 2 else 16
     k_chunks = triton.cdiv(k, block_k)
     splits, cols = _common.column_splits(triton.cdiv(geo.n, 128) * geo.B * k_chunks, geo.m, geo.device)
@@ -269,8 +271,8 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
             _common.bucket(geo.n), _common.bucket(geo.m),
             _common.bucket(k) if mode == 2 else mode, min(splits, 2),
             HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None, V_MODE=mode,
-            D=geo.d, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.DP // pair.BLOCK_D if dot == 0 else 1,
-            DOT=dot, BLOCK_K=block_k, PREC=precision,
+            D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
+            DOT=pair.DOT, CPREC=pair.PREC, BLOCK_K=block_k, PREC=precision,
         )
     if splits > 1:
         out.copy_(target.sum(0))

@@ -68,7 +68,7 @@ def _prune(configs, named_args, **kwargs):
 @triton.autotune(
     configs=_CONFIGS,
     # Bucketed sizes only; eps and cost_scale are runtime floats.
-    key=["N_BUCKET", "M_BUCKET", "DP", "K_PAD", "E_PAD", "DOT", "PREC"],
+    key=["N_BUCKET", "M_BUCKET", "DP", "K_PAD", "E_PAD", "DOT", "CPREC", "PREC"],
     prune_configs_by={"early_config_prune": _prune},
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
@@ -90,6 +90,9 @@ def _plan_bilinear_kernel(
     # The prepared layout and the dot path (see softmin._lse_kernel).
     D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     DOT: tl.constexpr,
+    # tl.dot precision of the cost dot (plain "tf32" for a split pair, see
+    # _common.SPLIT_MAX_K); PREC is that of every other dot.
+    CPREC: tl.constexpr,
     # Chunks of k and e (>= 16 for tl.dot, powers of two) and trip counts.
     BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -133,7 +136,7 @@ def _plan_bilinear_kernel(
             u += _LOG2E * tl.load(LOG_B + cols, mask=col_ok, other=0.0).to(tl.float32)
         u = tl.where(col_ok, u, float("-inf"))
         t = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, m, two_k2,
-                    D, DP, BLOCK_D, D_CHUNKS, DOT, PREC, BLOCK_M, BLOCK_N)
+                    D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, BLOCK_M, BLOCK_N)
         M, alpha, p = _online_step(M, t)
 
         # S_ij = <W_i, V_j>; masked rows/columns load 0 (never garbage: 0 * NaN).
@@ -195,10 +198,9 @@ def _plan_bilinear_triton(geo, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scal
     if W.dtype != V.dtype:
         # One dot operand dtype: promote the half one (an O((n + m) k) copy).
         W, V = W.float(), V.float()
-    pair = _common.prepare_pair(x, y)
+    pair = _common.prepare_pair(x, y, precision)
     f, g = _common.unit_last(f), _common.unit_last(g)
     log_a, log_b = _common.unit_last(log_a), _common.unit_last(log_b)
-    dot = _common.dot_mode(geo.d, precision)
     block_k = _common.pick_block(k, _MAX_BLOCK_K, chunk_cost=16)
     block_e = _common.pick_block(e, _MAX_BLOCK_E, chunk_cost=64)
     ob = out.stride(0) if geo.batched else 0
@@ -223,8 +225,8 @@ def _plan_bilinear_triton(geo, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scal
             _common.bucket(geo.n), _common.bucket(geo.m),
             _common.bucket(k), _common.bucket(e),
             HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None,
-            D=geo.d, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.DP // pair.BLOCK_D if dot == 0 else 1,
-            DOT=dot,
+            D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
+            DOT=pair.DOT, CPREC=pair.PREC,
             BLOCK_K=block_k, K_CHUNKS=triton.cdiv(k, block_k), BLOCK_E=block_e,
             PREC=precision,
         )

@@ -8,7 +8,7 @@ Computes, for ``C_ij = c |x_i - y_j|^2``,
 without storing C: each program owns a tile of rows of x and streams the
 columns of y in tiles, keeping a running maximum and a running sum of
 exponentials (MATH.md section 2). The dots x_i . y_j run on tensor cores
-(``tl.dot``) or, for d <= 8 and the "ieee" precision, as exact fp32 FMAs; the
+(``tl.dot``) or, for the "ieee" precision, as exact fp32 FMAs; the
 exponentials run in base 2 (``exp2``), with every constant folded into
 per-column biases so that the inner loop costs the dot, one max and one exp2
 per entry. The clouds are centred, padded and their squared norms computed
@@ -93,7 +93,7 @@ def _prune(configs, named_args, **kwargs):
     # Bucketed sizes, never raw n or m (one tuning per power of two), and no
     # eps / cost_scale: they are runtime floats, so eps-scaling never re-tunes
     # nor recompiles. Tensor dtypes are added to the key by Triton.
-    key=["N_BUCKET", "M_BUCKET", "DP", "DOT", "PREC", "SPLITS_KEY"],
+    key=["N_BUCKET", "M_BUCKET", "DP", "DOT", "CPREC", "PREC", "SPLITS_KEY"],
     prune_configs_by={"early_config_prune": _prune},
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
@@ -110,6 +110,9 @@ def _lse_kernel(
     # BLOCK_D features (D_CHUNKS of them); DOT 0 = tensor cores, 1 = FMAs.
     D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     DOT: tl.constexpr,
+    # tl.dot precision of the cost dot (plain "tf32" for a split pair, see
+    # _common.SPLIT_MAX_K); PREC is that of every other dot.
+    CPREC: tl.constexpr,
     # Dot precision ("ieee", "tf32", "tf32x3"): a different instruction sequence.
     PREC: tl.constexpr,
     # True: this program reduces one split of the columns and stores the
@@ -147,7 +150,7 @@ def _lse_kernel(
         yn = tl.load(YN + cols, mask=col_ok, other=0.0)
         u = h * _LOG2E - k2 * yn
         t = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, hi, two_k2,
-                    D, DP, BLOCK_D, D_CHUNKS, DOT, PREC, BLOCK_M, BLOCK_N)
+                    D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, BLOCK_M, BLOCK_N)
         M, alpha, p = _online_step(M, t)
         S = S * alpha + tl.sum(p, axis=1)
 
@@ -202,9 +205,8 @@ def _lse_triton(geo, x, y, h, eps, cost_scale, precision, out_scale):
     out = torch.empty(geo.shape(geo.n), device=geo.device, dtype=geo.dtype)
     if geo.n == 0 or geo.m == 0:
         return out.fill_(float("-inf") * (1.0 if out_scale > 0 else -1.0))
-    pair = _common.prepare_pair(x, y)
+    pair = _common.prepare_pair(x, y, precision)
     h = _common.unit_last(h)
-    dot = _common.dot_mode(geo.d, precision)
     k2 = cost_scale * LOG2E / eps
     splits, cols = _common.column_splits(triton.cdiv(geo.n, 128) * geo.B, geo.m, geo.device)
     if splits > 1:
@@ -223,8 +225,8 @@ def _lse_triton(geo, x, y, h, eps, cost_scale, precision, out_scale):
             _common.batch_stride(h, 1), *t_strides,
             k2, out_scale,
             _common.bucket(geo.n), _common.bucket(geo.m), min(splits, 2),
-            D=geo.d, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.DP // pair.BLOCK_D if dot == 0 else 1,
-            DOT=dot, PREC=precision, SPLIT=splits > 1,
+            D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
+            DOT=pair.DOT, CPREC=pair.PREC, PREC=precision, SPLIT=splits > 1,
         )
         if splits > 1:
             block = 256 if not _common.interpreting() else 32
