@@ -6,6 +6,7 @@ import os
 from datetime import datetime, timezone
 
 import pytest
+import torch
 
 from otlinop.bench import __main__ as bench_main
 from otlinop.bench import _report, _timing
@@ -35,6 +36,11 @@ def _synthetic_rows():
     return rows
 
 
+# The suite times otlinop at two precisions on a GPU ("tf32" and the default),
+# at one (the torch reference) on the CPU.
+_PRECISIONS = 2 if torch.cuda.is_available() else 1
+
+
 def _run(args, capsys):
     status = bench_main.main(args)
     return status, capsys.readouterr()
@@ -52,7 +58,7 @@ def test_sinkhorn_results_folder(tmp_path, capsys):
 
     data = json.loads((out / "sinkhorn.json").read_text())
     rows = data["rows"]
-    assert len(rows) == 8
+    assert len(rows) == 8 * _PRECISIONS
     assert {(r["n"], r["d"], r["method"]) for r in rows} == {
         (n, d, m) for n in (16, 32) for d in (2, 5) for m in ("symmetric", "alternating")}
     assert all(r["library"] == "otlinop" and r["ms"] > 0 for r in rows)
@@ -96,7 +102,7 @@ def test_missing_matplotlib_skips_only_the_plot(tmp_path, monkeypatch, capsys):
     status, captured = _run(["sinkhorn", f"--results={out}", *SINKHORN_ARGS], capsys)
     assert status == 0
     assert {p.name for p in out.iterdir()} == {"sinkhorn.md", "sinkhorn.json", "README.md"}
-    assert len(json.loads((out / "sinkhorn.json").read_text())["rows"]) == 8
+    assert len(json.loads((out / "sinkhorn.json").read_text())["rows"]) == 8 * _PRECISIONS
     skipped = [line for line in captured.out.splitlines() if line.startswith("plot skipped")]
     assert len(skipped) == 1 and "matplotlib" in skipped[0]
     assert "not written: sinkhorn.png: matplotlib is not importable" in (out / "README.md").read_text()
