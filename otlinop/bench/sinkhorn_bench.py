@@ -107,7 +107,7 @@ def _ours_runner(method, x, y, a, b, precision, backend):
     return run
 
 
-def _ours_rows(sizes, dims, precisions, backend):
+def _ours_rows(sizes, dims, precisions, backend, lo=LO, hi=HI, repeats=REPEATS, memory_iters=MEMORY_ITERS):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for n in sizes:
@@ -117,8 +117,8 @@ def _ours_rows(sizes, dims, precisions, backend):
                 for precision in precisions:
                     run = _ours_runner(method, x, y, a, b, precision, backend)
                     try:
-                        ms = per_iteration_ms(run)
-                        mem = peak_mb(run)
+                        ms = per_iteration_ms(run, lo, hi, repeats)
+                        mem = peak_mb(run, memory_iters)
                         label = precision or ("tf32x3 (default)" if torch.cuda.is_available() else "torch reference")
                         rows.append(dict(library="otlinop", method=method, precision=label,
                                          n=n, d=d, ms=ms, peak_mb=mem))
@@ -318,7 +318,7 @@ def _run_child(code: str, payload: dict, timeout: float):
 # --------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------
-_HEADER = ("| library | method | precision | n = m | d | ms / iteration | peak MB (20 it.) |\n"
+_HEADER = ("| library | method | precision | n = m | d | ms / iteration | peak MB ({} it.) |\n"
            "|---|---|---|---|---|---|---|")
 
 
@@ -360,6 +360,12 @@ def collect(argv=None) -> dict:
     parser.add_argument("--ott-batch-size", type=int, default=4096, help="OTT PointCloud batch_size (online mode)")
     parser.add_argument("--no-default-call", action="store_true", help="skip the SamplesLoss(blur=0.05) table")
     parser.add_argument("--peer-timeout", type=float, default=1200.0)
+    parser.add_argument("--iters", type=int, nargs=2, default=[LO, HI], metavar=("LO", "HI"),
+                        help=f"per iteration = (T(HI) - T(LO)) / (HI - LO) (default {LO} {HI}; "
+                             "fewer for n = 1M)")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="median of this many measurements")
+    parser.add_argument("--memory-iters", type=int, default=MEMORY_ITERS,
+                        help="iterations of the peak-memory run")
     args = parser.parse_args(argv)
 
     cuda = torch.cuda.is_available()
@@ -370,13 +376,15 @@ def collect(argv=None) -> dict:
     if not cuda:
         print("No CUDA GPU: a tiny size on the CPU (torch backend); these are NOT GPU figures, and the peers "
               "(CUDA only) are skipped.")
-    print(f"eps = {EPS}, float32, cost |x-y|^2; per iteration = (T({HI}) - T({LO})) / {HI - LO}, "
-          f"median of {REPEATS}")
+    lo, hi = args.iters
+    print(f"eps = {EPS}, float32, cost |x-y|^2; per iteration = (T({hi}) - T({lo})) / {hi - lo}, "
+          f"median of {args.repeats}")
     print()
-    print(_HEADER)
+    print(_HEADER.format(args.memory_iters))
     ours = "otlinop" in args.libraries
-    rows = _ours_rows(sizes, dims, precisions, args.backend) if ours else []
-    payload = dict(sizes=sizes, dims=dims, eps=EPS, lo=LO, hi=HI, reps=REPEATS, mem_iters=MEMORY_ITERS,
+    rows = _ours_rows(sizes, dims, precisions, args.backend, args.iters[0], args.iters[1], args.repeats,
+                      args.memory_iters) if ours else []
+    payload = dict(sizes=sizes, dims=dims, eps=EPS, lo=args.iters[0], hi=args.iters[1], reps=args.repeats, mem_iters=args.memory_iters,
                    peer_path=args.peer_path, ott_batch_size=args.ott_batch_size,
                    default_call=not args.no_default_call)
     peer_rows = []
