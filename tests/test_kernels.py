@@ -571,6 +571,23 @@ def test_split_precision_layout():
     assert _common.prepare_pair(x.half(), y.half(), "tf32x3").D == 3
 
 
+def test_tuned_launch_reuses_the_chosen_config():
+    """After the first call of a key, launches skip the autotuner and give the same result."""
+    import importlib
+
+    softmin_module = importlib.import_module("otlinop.kernels.softmin")
+    x, y = (to(t, torch.float32) for t in make_points(33, 21, 5, seed=7))
+    h = to(make_vec((21,), seed=8), torch.float32)
+    launch = softmin_module._LSE_LAUNCH
+    launch._configs.clear()
+    first = lse_cost(x, y, h, eps=0.3, backend="triton")
+    assert len(launch._configs) == 1
+    (cfg,) = launch._configs.values()
+    assert "BLOCK_M" in cfg.all_kwargs()
+    assert torch.equal(first, lse_cost(x, y, h, eps=0.3, backend="triton"))
+    assert len(launch._configs) == 1
+
+
 def test_deterministic_with_splits(force_splits):
     force_splits(3)
     x, y, f, g, V, log_a, log_b = (to(t, torch.float32) for t in _plan_inputs(40, 70, 5, None, 5, True))

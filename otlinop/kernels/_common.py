@@ -74,6 +74,17 @@ def interpreting() -> bool:
     return _INTERPRETED
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of integers (plain Python: ``triton.cdiv`` is a jit
+    function whose host calls cost microseconds each)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1), in plain Python."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
 # --------------------------------------------------------------------------
 # Options
 # --------------------------------------------------------------------------
@@ -360,7 +371,7 @@ def feature_layout(k: int, fma: bool):
     if fma and k <= 8:
         return k, 16
     block_d = pick_block(k, MAX_BLOCK_D, chunk_cost=16)
-    return triton.cdiv(k, block_d) * block_d, block_d
+    return cdiv(k, block_d) * block_d, block_d
 
 
 def _uses_split(d: int, dtype: torch.dtype, precision: str) -> bool:
@@ -541,14 +552,14 @@ def column_splits(row_programs: int, m: int, device: torch.device):
     target = PROGRAMS_PER_SM * _sm_count(device)
     if row_programs >= target:
         return 1, max(m, 1)
-    return split_plan(m, min(triton.cdiv(target, max(row_programs, 1)), max(1, m // MIN_SPLIT_COLS)))
+    return split_plan(m, min(cdiv(target, max(row_programs, 1)), max(1, m // MIN_SPLIT_COLS)))
 
 
 def split_plan(m: int, splits: int):
     """``(splits, cols_per_split)``: at most ``splits`` ranges of SPLIT_ALIGN-aligned columns covering m."""
-    splits = max(1, min(int(splits), triton.cdiv(max(m, 1), SPLIT_ALIGN)))
-    cols = triton.cdiv(triton.cdiv(max(m, 1), splits), SPLIT_ALIGN) * SPLIT_ALIGN
-    return triton.cdiv(max(m, 1), cols), cols
+    splits = max(1, min(int(splits), cdiv(max(m, 1), SPLIT_ALIGN)))
+    cols = cdiv(cdiv(max(m, 1), splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    return cdiv(max(m, 1), cols), cols
 
 
 # --------------------------------------------------------------------------
@@ -558,7 +569,7 @@ def split_plan(m: int, splits: int):
 
 def bucket(size: int) -> int:
     """Power-of-two bucket of a size, at least 16 (the autotuning keys)."""
-    return max(16, triton.next_power_of_2(max(int(size), 1)))
+    return max(16, next_power_of_2(max(int(size), 1)))
 
 
 def pick_block(size: int, max_block: int, chunk_cost: int) -> int:
@@ -571,7 +582,7 @@ def pick_block(size: int, max_block: int, chunk_cost: int) -> int:
     best, best_cost = None, None
     b = max_block
     while b >= 16:
-        chunks = triton.cdiv(size, b)
+        chunks = cdiv(size, b)
         cost = chunks * b + chunks * chunk_cost
         if best_cost is None or cost < best_cost:
             best, best_cost = b, cost
@@ -616,6 +627,31 @@ def prune_configs(configs, args: dict, fits):
     if n_bucket * m_bucket <= _SMALL_PROBLEM:
         kept = [kept[-1]]
     return kept
+
+
+class TunedLaunch:
+    """Launch an autotuned kernel through the config it chose, on the hot path.
+
+    Triton's autotuner rebuilds its key from every argument at each call
+    (tens of microseconds for our 25-40 arguments), which bounds the
+    iteration time of small problems. The launchers here know their key:
+    the first call with a key goes through the autotuner (tuning it once);
+    later calls launch the underlying kernel with the cached config.
+    """
+
+    def __init__(self, kernel):
+        self._kernel = kernel
+        self._configs: dict = {}
+
+    def __call__(self, key, grid, *args, **kwargs):
+        cfg = self._configs.get(key)
+        if cfg is None:
+            self._kernel[grid](*args, **kwargs)
+            best = getattr(self._kernel, "best_config", None)
+            if best is not None:
+                self._configs[key] = best
+            return
+        self._kernel.fn[grid](*args, **kwargs, **cfg.all_kwargs())
 
 
 def _interpreter_config():

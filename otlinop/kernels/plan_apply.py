@@ -185,6 +185,8 @@ def _plan_apply_kernel(
 # Launcher
 # --------------------------------------------------------------------------
 
+_PLAN_LAUNCH = _common.TunedLaunch(_plan_apply_kernel)
+
 
 def _validate(fn, x, y, f, g, V, log_a, log_b, eps, cost_scale):
     geo = _common.check_points(fn, x, y)
@@ -233,8 +235,8 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
     f, g = _common.unit_last(f), _common.unit_last(g)
     log_a, log_b = _common.unit_last(log_a), _common.unit_last(log_b)
     block_k = _common.pick_block(k, _MAX_BLOCK_K, chunk_cost=64) if mode == 2 else 16
-    k_chunks = triton.cdiv(k, block_k)
-    splits, cols = _common.column_splits(triton.cdiv(geo.n, 128) * geo.B * k_chunks, geo.m, geo.device)
+    k_chunks = _common.cdiv(k, block_k)
+    splits, cols = _common.column_splits(_common.cdiv(geo.n, 128) * geo.B * k_chunks, geo.m, geo.device)
     # Partial products of the splits are summed in fp32 after the launch.
     target = out if splits == 1 else torch.empty((splits,) + out_shape, device=geo.device, dtype=torch.float32)
     t_out = target if splits == 1 else target[0]
@@ -255,9 +257,13 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
     s_stride = target.stride(0) if splits > 1 else 0
 
     P = _common.PreparedPair
-    grid = lambda meta: (triton.cdiv(geo.n, meta["BLOCK_M"]), splits * k_chunks, geo.B)  # noqa: E731
+    grid = lambda meta: (_common.cdiv(geo.n, meta["BLOCK_M"]), splits * k_chunks, geo.B)  # noqa: E731
+    n_b, m_b, k_b = _common.bucket(geo.n), _common.bucket(geo.m), (_common.bucket(k) if mode == 2 else mode)
+    key = (n_b, m_b, k_b, pair.DP, pair.DOT, pair.PREC, precision, min(splits, 2), block_k,
+           log_a is not None, log_b is not None, x.dtype, f.dtype, None if V is None else V.dtype)
     with _common.device_guard(geo.device):
-        _plan_apply_kernel[grid](
+        _PLAN_LAUNCH(
+            key, grid,
             pair.x, pair.y, pair.xn, pair.yn, f, g,
             log_a if log_a is not None else f, log_b if log_b is not None else g,
             V_arg, target,
@@ -268,8 +274,7 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
             _common.batch_stride(log_b, 1) if log_b is not None else 0,
             *v_strides, s_stride, *o_strides,
             cost_scale * LOG2E / eps, LOG2E / eps,
-            _common.bucket(geo.n), _common.bucket(geo.m),
-            _common.bucket(k) if mode == 2 else mode, min(splits, 2),
+            n_b, m_b, k_b, min(splits, 2),
             HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None, V_MODE=mode,
             D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
             DOT=pair.DOT, CPREC=pair.PREC, BLOCK_K=block_k, PREC=precision,

@@ -169,6 +169,8 @@ def _plan_bilinear_kernel(
 # Launcher
 # --------------------------------------------------------------------------
 
+_BILINEAR_LAUNCH = _common.TunedLaunch(_plan_bilinear_kernel)
+
 
 def _validate(fn, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale):
     geo = _common.check_points(fn, x, y)
@@ -206,9 +208,13 @@ def _plan_bilinear_triton(geo, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scal
     ob = out.stride(0) if geo.batched else 0
 
     P = _common.PreparedPair
-    grid = lambda meta: (triton.cdiv(geo.n, meta["BLOCK_M"]), triton.cdiv(e, block_e), geo.B)  # noqa: E731
+    grid = lambda meta: (_common.cdiv(geo.n, meta["BLOCK_M"]), _common.cdiv(e, block_e), geo.B)  # noqa: E731
+    n_b, m_b, k_b, e_b = _common.bucket(geo.n), _common.bucket(geo.m), _common.bucket(k), _common.bucket(e)
+    key = (n_b, m_b, k_b, e_b, pair.DP, pair.DOT, pair.PREC, precision, block_k, block_e,
+           log_a is not None, log_b is not None, x.dtype, f.dtype, W.dtype, Y.dtype)
     with _common.device_guard(geo.device):
-        _plan_bilinear_kernel[grid](
+        _BILINEAR_LAUNCH(
+            key, grid,
             pair.x, pair.y, pair.xn, pair.yn, f, g,
             log_a if log_a is not None else f, log_b if log_b is not None else g,
             W, V, Y, out,
@@ -222,12 +228,11 @@ def _plan_bilinear_triton(geo, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scal
             _common.batch_stride(Y, 2), Y.stride(-2), Y.stride(-1),
             ob, out.stride(-2), out.stride(-1),
             cost_scale * LOG2E / eps, LOG2E / eps,
-            _common.bucket(geo.n), _common.bucket(geo.m),
-            _common.bucket(k), _common.bucket(e),
+            n_b, m_b, k_b, e_b,
             HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None,
             D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
             DOT=pair.DOT, CPREC=pair.PREC,
-            BLOCK_K=block_k, K_CHUNKS=triton.cdiv(k, block_k), BLOCK_E=block_e,
+            BLOCK_K=block_k, K_CHUNKS=_common.cdiv(k, block_k), BLOCK_E=block_e,
             PREC=precision,
         )
     return out

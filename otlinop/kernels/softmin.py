@@ -189,6 +189,8 @@ def _lse_merge_kernel(PART, XN, OUT, n, splits, stride_ps, stride_pb, stride_xnb
 # Launchers
 # --------------------------------------------------------------------------
 
+_LSE_LAUNCH = _common.TunedLaunch(_lse_kernel)
+
 
 def _validate(fn, x, y, h, eps, cost_scale):
     geo = _common.check_points(fn, x, y)
@@ -208,29 +210,32 @@ def _lse_triton(geo, x, y, h, eps, cost_scale, precision, out_scale):
     pair = _common.prepare_pair(x, y, precision)
     h = _common.unit_last(h)
     k2 = cost_scale * LOG2E / eps
-    splits, cols = _common.column_splits(triton.cdiv(geo.n, 128) * geo.B, geo.m, geo.device)
+    splits, cols = _common.column_splits(_common.cdiv(geo.n, 128) * geo.B, geo.m, geo.device)
     if splits > 1:
         target = torch.empty((splits, geo.B, geo.n), device=geo.device, dtype=torch.float32)
         t_strides = (target.stride(1), target.stride(0))
     else:
         target = out
         t_strides = (_common.batch_stride(out, 1), 0)
-    grid = lambda meta: (triton.cdiv(geo.n, meta["BLOCK_M"]), splits, geo.B)  # noqa: E731
+    grid = lambda meta: (_common.cdiv(geo.n, meta["BLOCK_M"]), splits, geo.B)  # noqa: E731
     P = _common.PreparedPair
+    n_b, m_b = _common.bucket(geo.n), _common.bucket(geo.m)
     with _common.device_guard(geo.device):
-        _lse_kernel[grid](
+        key = (n_b, m_b, pair.DP, pair.DOT, pair.PREC, precision, min(splits, 2), x.dtype, h.dtype)
+        _LSE_LAUNCH(
+            key, grid,
             pair.x, pair.y, pair.xn, pair.yn, h, target,
             geo.n, geo.m, cols,
             P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
             _common.batch_stride(h, 1), *t_strides,
             k2, out_scale,
-            _common.bucket(geo.n), _common.bucket(geo.m), min(splits, 2),
+            n_b, m_b, min(splits, 2),
             D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
             DOT=pair.DOT, CPREC=pair.PREC, PREC=precision, SPLIT=splits > 1,
         )
         if splits > 1:
             block = 256 if not _common.interpreting() else 32
-            _lse_merge_kernel[(triton.cdiv(geo.n, block), geo.B)](
+            _lse_merge_kernel[(_common.cdiv(geo.n, block), geo.B)](
                 target, pair.xn, out, geo.n, splits,
                 target.stride(0), target.stride(1), P.bstride(pair.xn), _common.batch_stride(out, 1),
                 k2, out_scale, BLOCK=block,
