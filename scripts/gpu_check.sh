@@ -7,6 +7,11 @@
 # Lessons from the first full run (2026-11-23): the whole suite takes over 8 minutes on an
 # H100 because every kernel configuration compiles and autotunes; run it with xdist, give
 # each test its own time limit, and keep the logs, so that a cut-off run still names failures.
+# With xdist (-n 8) the whole suite took 2 min 20 s (second session).
+# Peers: flash-sinkhorn autotunes for about 5 minutes per dimension (all its modes at
+# n = 10k and 50k), so a side-by-side Sinkhorn table fits a 10-minute call one d at a
+# time: python3 -m otlinop.bench sinkhorn --dims 64 --no-default-call --peer-path /tmp/site
+# --peer-timeout 400 --results "$OUT/res64" (needs carry: [".whl"]).
 set -uo pipefail
 what="${1:-gpu}"; shift || true
 suites="${*:-plan solvers sinkhorn hvp}"
@@ -29,7 +34,7 @@ if [ -f "$OUT/pytest.txt" ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     for s in $suites; do
-        timeout 300 python3 -m otlinop.bench "$s" 2>&1 | tee "$OUT/bench_$s.md"
+        timeout 300 python3 -m otlinop.bench "$s" --results "$OUT/results" 2>&1 | tee "$OUT/bench_$s.md"
     done
 fi
 exit $rc

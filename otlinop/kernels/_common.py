@@ -34,7 +34,9 @@ __all__ = [
 #: Default ``precision`` of the Triton dots, chosen for accuracy. "tf32x3"
 #: splits each fp32 operand into a TF32 high part and a TF32 low part and sums
 #: three tensor-core products: close to strict fp32 accuracy at a fraction of
-#: the cost of "ieee" (fp32 FMAs on CUDA cores). "tf32" (one tensor-core
+#: the cost of "ieee" (fp32 FMAs on CUDA cores). For 3d <= SPLIT_MAX_K the
+#: cost dot's split is done once per pair of clouds and its three products are
+#: one TF32 dot of width 3d (see SPLIT_MAX_K). "tf32" (one tensor-core
 #: product) is faster but rounds the inputs of every dot to 10 mantissa bits:
 #: a relative error ~5e-4 on each product, which the logits then multiply by
 #: ``2c|x||y|/eps``. Half-precision operands ignore the setting.
