@@ -547,6 +547,21 @@ def test_prepared_pair_cache_reuse_and_invalidation():
     assert len(_common._cache) <= _common._CACHE_SIZE
 
 
+def test_inference_mode_inputs():
+    """Inference tensors have no version counter: they are prepared afresh, never cached."""
+    with torch.inference_mode():
+        x, y = (to(t, torch.float32) for t in make_points(20, 30, 3))
+        h = torch.zeros(30, device=DEVICE)
+        out = lse_cost(x, y, h, eps=0.5, backend="triton")
+        before = len(_common._cache)
+        x.add_(1.0)
+        moved = lse_cost(x, y, h, eps=0.5, backend="triton")
+        assert len(_common._cache) == before
+    ref = lse_cost_torch(x.double().cpu(), y.double().cpu(), h.double().cpu(), eps=0.5)
+    assert _err_lse(moved, ref) < tol(torch.float32)
+    assert not torch.allclose(out, moved)
+
+
 def test_split_precision_layout():
     """tf32x3 at small d: [x_hi, x_lo, x_hi] . [y_hi, y_hi, y_lo] in one TF32 dot."""
     x, y = (to(t, torch.float32) for t in make_points(20, 30, 3))

@@ -486,6 +486,10 @@ def prepare_pair(x: torch.Tensor, y: torch.Tensor, precision: str) -> PreparedPa
     """
     import weakref
 
+    if x.is_inference() or y.is_inference():
+        # Inference tensors carry no version counter: an in-place change could
+        # not be detected, so they are prepared afresh at every call.
+        return _prepare(x, y, precision)
     for key, swap in ((_cache_key(x, y, precision), False), (_cache_key(y, x, precision), True)):
         entry = _cache.get(key)
         if entry is None:
