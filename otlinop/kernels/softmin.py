@@ -93,7 +93,7 @@ def _prune(configs, named_args, **kwargs):
     # Bucketed sizes, never raw n or m (one tuning per power of two), and no
     # eps / cost_scale: they are runtime floats, so eps-scaling never re-tunes
     # nor recompiles. Tensor dtypes are added to the key by Triton.
-    key=["N_BUCKET", "M_BUCKET", "DP", "DOT", "CPREC", "PREC", "SPLITS_KEY"],
+    key=["N_BUCKET", "M_BUCKET", "DP", "DOT", "CPREC", "SPLITS_KEY"],
     prune_configs_by={"early_config_prune": _prune},
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
@@ -110,11 +110,9 @@ def _lse_kernel(
     # BLOCK_D features (D_CHUNKS of them); DOT 0 = tensor cores, 1 = FMAs.
     D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     DOT: tl.constexpr,
-    # tl.dot precision of the cost dot (plain "tf32" for a split pair, see
-    # _common.SPLIT_MAX_K); PREC is that of every other dot.
+    # tl.dot precision of the cost dot, the only dot here: the user's precision,
+    # or plain "tf32" for a split pair (see _common.SPLIT_MAX_K).
     CPREC: tl.constexpr,
-    # Dot precision ("ieee", "tf32", "tf32x3"): a different instruction sequence.
-    PREC: tl.constexpr,
     # True: this program reduces one split of the columns and stores the
     # partial log2-sum-exp (merged by _lse_merge_kernel).
     SPLIT: tl.constexpr,
@@ -221,7 +219,7 @@ def _lse_triton(geo, x, y, h, eps, cost_scale, precision, out_scale):
     P = _common.PreparedPair
     n_b, m_b = _common.bucket(geo.n), _common.bucket(geo.m)
     with _common.device_guard(geo.device):
-        key = (n_b, m_b, pair.DP, pair.DOT, pair.PREC, precision, min(splits, 2), x.dtype, h.dtype)
+        key = (n_b, m_b, pair.DP, pair.D, pair.DOT, pair.PREC, min(splits, 2), x.dtype, h.dtype)
         _LSE_LAUNCH(
             key, grid,
             pair.x, pair.y, pair.xn, pair.yn, h, target,
@@ -231,7 +229,7 @@ def _lse_triton(geo, x, y, h, eps, cost_scale, precision, out_scale):
             k2, out_scale,
             n_b, m_b, min(splits, 2),
             D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
-            DOT=pair.DOT, CPREC=pair.PREC, PREC=precision, SPLIT=splits > 1,
+            DOT=pair.DOT, CPREC=pair.PREC, SPLIT=splits > 1,
         )
         if splits > 1:
             block = 256 if not _common.interpreting() else 32
