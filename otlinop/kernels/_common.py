@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from ._triton import HAS_TRITON, tl, triton
+from ._triton import HAS_TRITON, cdiv, next_power_of_2, tl, triton
 
 __all__ = [
     "DEFAULT_PRECISION",
@@ -74,17 +74,6 @@ LN2 = 0.6931471805599453
 def interpreting() -> bool:
     """True when the Triton kernels of this package run in the interpreter."""
     return _INTERPRETED
-
-
-def cdiv(a: int, b: int) -> int:
-    """Ceiling division of integers (plain Python: ``triton.cdiv`` is a jit
-    function whose host calls cost microseconds each)."""
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    """Smallest power of two >= n (n >= 1), in plain Python."""
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
 # --------------------------------------------------------------------------
@@ -436,9 +425,9 @@ def _layout_of(d: int, dtype: torch.dtype, precision: str):
     return split, D, DP, block_d, dot, prec
 
 
-def _prepare(x: torch.Tensor, y: torch.Tensor, precision: str) -> PreparedPair:
+def _prepare(x: torch.Tensor, y: torch.Tensor, layout) -> PreparedPair:
     d = x.shape[-1]
-    split, D, DP, block_d, dot, prec = _layout_of(d, x.dtype, precision)
+    split, D, DP, block_d, dot, prec = layout
     with torch.no_grad():
         x3, y3 = as_batched(x.detach(), 2), as_batched(y.detach(), 2)
         z = centre(x3, y3, torch.float32).unsqueeze(-2)          # (B or 1, 1, d)
@@ -448,7 +437,7 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, precision: str) -> PreparedPair:
             # materialised per entry.
             batch = max(t.shape[0], z.shape[0])
             buf = torch.zeros((batch,) + tuple(t.shape[1:-1]) + (DP,), device=t.device, dtype=t.dtype)
-            c = (t.float() - z).to(t.dtype)
+            c = (t.float() - z).to(t.dtype)                       # (batch, rows, d)
             norms.append(c.float().square().sum(-1))
             if split:
                 hi = round_to_tf32(c)
@@ -459,8 +448,7 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, precision: str) -> PreparedPair:
             else:
                 buf[..., :d] = c
             out.append(buf)
-    xn, yn = (t.expand(b.shape[:-1]).contiguous() for t, b in zip(norms, out))
-    return PreparedPair(out[0], out[1], xn, yn, D, DP, block_d, dot, prec)
+    return PreparedPair(out[0], out[1], norms[0], norms[1], D, DP, block_d, dot, prec)
 
 
 # A few prepared pairs, keyed by the identity of the input tensors: a solver
@@ -473,10 +461,6 @@ _CACHE_SIZE = 4
 _cache: dict = {}
 
 
-def _cache_key(x, y, precision):
-    return (id(x), id(y), _layout_of(x.shape[-1], x.dtype, precision))
-
-
 def prepare_pair(x: torch.Tensor, y: torch.Tensor, precision: str) -> PreparedPair:
     """The prepared pair of two clouds for ``precision``, reused while they are alive and unchanged.
 
@@ -486,22 +470,24 @@ def prepare_pair(x: torch.Tensor, y: torch.Tensor, precision: str) -> PreparedPa
     """
     import weakref
 
+    # x and y share d and dtype (checked by the launchers): one layout for both orders.
+    layout = _layout_of(x.shape[-1], x.dtype, precision)
     if x.is_inference() or y.is_inference():
         # Inference tensors carry no version counter: an in-place change could
         # not be detected, so they are prepared afresh at every call.
-        return _prepare(x, y, precision)
-    for key, swap in ((_cache_key(x, y, precision), False), (_cache_key(y, x, precision), True)):
-        entry = _cache.get(key)
+        return _prepare(x, y, layout)
+    key = (id(x), id(y), layout)
+    for lookup, swap in ((key, False), ((id(y), id(x), layout), True)):
+        entry = _cache.get(lookup)
         if entry is None:
             continue
         rx, ry, vx, vy, pair = entry
         a, b = (y, x) if swap else (x, y)
         if rx() is a and ry() is b and a._version == vx and b._version == vy:
-            _cache[key] = _cache.pop(key)          # most recently used last
+            _cache[lookup] = _cache.pop(lookup)    # most recently used last
             return pair.swapped() if swap else pair
-        _cache.pop(key, None)
-    pair = _prepare(x, y, precision)
-    key = _cache_key(x, y, precision)
+        _cache.pop(lookup, None)
+    pair = _prepare(x, y, layout)
     try:
         rx, ry = weakref.ref(x), weakref.ref(y)
     except TypeError:  # pragma: no cover - tensors support weak references
@@ -609,6 +595,13 @@ def config(block_m: int, block_n: int, warps: int, stages: int):
 def configs_or_interpreter(configs):
     """``configs`` for a GPU, a single small tile under the interpreter."""
     return [_interpreter_config()] if _INTERPRETED else list(configs)
+
+
+def pruner(fits):
+    """The ``early_config_prune`` hook of a kernel: :func:`prune_configs` with its ``fits``."""
+    def prune(configs, named_args, **kwargs):
+        return prune_configs(configs, {**named_args, **kwargs}, fits)
+    return prune
 
 
 def prune_configs(configs, args: dict, fits):
@@ -826,6 +819,21 @@ def _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, m, two_
             dot += xk[:, None] * yk[None, :]
         t = u[None, :] + two_k2 * dot
     return t
+
+
+@triton.jit
+def _plan_bias(POT, LOG_W, NORM, idx, ok, inv_eps2, k2, HAS_LOG_W: tl.constexpr):
+    """Base-2 bias of a plan's logits along one side: log2(e) (log w + pot / eps) - k2 |z|^2.
+
+    The columns' ``u_j`` (from g, log_b, |y_j|^2) and the rows' ``r_i`` (from f,
+    log_a, |x_i|^2) of ``P_ij = exp2(r_i + u_j + 2 k2 x_i.y_j)``. Entries past
+    ``ok`` read 0; absent log-weights (HAS_LOG_W False) cost no load.
+    """
+    bias = inv_eps2 * tl.load(POT + idx, mask=ok, other=0.0).to(tl.float32) \
+        - k2 * tl.load(NORM + idx, mask=ok, other=0.0)
+    if HAS_LOG_W:
+        bias += _LOG2E * tl.load(LOG_W + idx, mask=ok, other=0.0).to(tl.float32)
+    return bias
 
 
 @triton.jit

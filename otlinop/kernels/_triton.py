@@ -10,6 +10,18 @@ from __future__ import annotations
 
 import types
 
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of integers, in plain Python: ``triton.cdiv`` is a jit
+    function whose host calls cost microseconds each (the launchers' hot path)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1), in plain Python (see :func:`cdiv`)."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
 try:
     import triton
     import triton.language as tl
@@ -40,14 +52,8 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test
             return _Kernel(fn)
         return lambda f: _Kernel(f)
 
-    def _cdiv(a, b):
-        return -(-a // b)
-
-    def _next_power_of_2(n):
-        return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
     tl = types.SimpleNamespace(constexpr=lambda value=None: value)
     triton = types.SimpleNamespace(jit=_decorator, autotune=_decorator, Config=lambda *a, **k: (a, k),
-                                   cdiv=_cdiv, next_power_of_2=_next_power_of_2, language=tl)
+                                   cdiv=cdiv, next_power_of_2=next_power_of_2, language=tl)
 
-__all__ = ["triton", "tl", "HAS_TRITON"]
+__all__ = ["triton", "tl", "HAS_TRITON", "cdiv", "next_power_of_2"]

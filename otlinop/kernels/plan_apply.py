@@ -26,7 +26,7 @@ import torch
 from ._triton import tl, triton
 
 from . import _common
-from ._common import LOG2E, _LOG2E, _logits, _mma, _online_step, _row_setup
+from ._common import LOG2E, _logits, _mma, _online_step, _plan_bias, _row_setup
 
 __all__ = ["plan_apply", "plan_apply_torch"]
 
@@ -63,10 +63,6 @@ def _fits(cfg, args):
     return not (bm == 128 and w == 4 and not small)
 
 
-def _prune(configs, named_args, **kwargs):
-    return _common.prune_configs(configs, {**named_args, **kwargs}, _fits)
-
-
 # --------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------
@@ -77,7 +73,7 @@ def _prune(configs, named_args, **kwargs):
     # Bucketed sizes only; eps and cost_scale are runtime floats (no re-tune
     # when eps changes). Tensor dtypes are added to the key by Triton.
     key=["N_BUCKET", "M_BUCKET", "DP", "K_PAD", "DOT", "CPREC", "PREC", "SPLITS_KEY"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": _common.pruner(_fits)},
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
 # would compile a new variant for every parity of n or m.
@@ -142,11 +138,7 @@ def _plan_apply_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         # Column bias of l_ij in base 2: log2(e) (log_b_j + g_j / eps) - k2 |y_j|^2.
-        g = tl.load(G + cols, mask=col_ok, other=0.0).to(tl.float32)
-        u = inv_eps2 * g - k2 * tl.load(YN + cols, mask=col_ok, other=0.0)
-        if HAS_LOG_B:
-            u += _LOG2E * tl.load(LOG_B + cols, mask=col_ok, other=0.0).to(tl.float32)
-        u = tl.where(col_ok, u, float("-inf"))
+        u = tl.where(col_ok, _plan_bias(G, LOG_B, YN, cols, col_ok, inv_eps2, k2, HAS_LOG_B), float("-inf"))
         t = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, hi, two_k2,
                     D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, BLOCK_M, BLOCK_N)
         M, alpha, p = _online_step(M, t)
@@ -167,11 +159,7 @@ def _plan_apply_kernel(
     # column splits each split stores its own scaled partial product; their
     # plain sum is the result.
     row_ok = rows < n
-    r = inv_eps2 * tl.load(F + rows, mask=row_ok, other=0.0).to(tl.float32) \
-        - k2 * tl.load(XN + rows, mask=row_ok, other=0.0)
-    if HAS_LOG_A:
-        r += _LOG2E * tl.load(LOG_A + rows, mask=row_ok, other=0.0).to(tl.float32)
-    scale = tl.exp2(r + M)
+    scale = tl.exp2(_plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A) + M)
     if V_MODE == 2:
         out = acc * scale[:, None]
         tl.store(OUT + rows[:, None] * stride_on + kk[None, :] * stride_ok,

@@ -25,7 +25,7 @@ import torch
 from ._triton import tl, triton
 
 from . import _common
-from ._common import LOG2E, _LOG2E, _logits, _mma, _online_step, _row_setup
+from ._common import LOG2E, _logits, _mma, _online_step, _plan_bias, _row_setup
 
 __all__ = ["plan_bilinear", "plan_bilinear_torch"]
 
@@ -56,10 +56,6 @@ def _fits(cfg, args):
     return not (cfg.kwargs["BLOCK_M"] == 128 and wide)
 
 
-def _prune(configs, named_args, **kwargs):
-    return _common.prune_configs(configs, {**named_args, **kwargs}, _fits)
-
-
 # --------------------------------------------------------------------------
 # Kernel
 # --------------------------------------------------------------------------
@@ -69,7 +65,7 @@ def _prune(configs, named_args, **kwargs):
     configs=_CONFIGS,
     # Bucketed sizes only; eps and cost_scale are runtime floats.
     key=["N_BUCKET", "M_BUCKET", "DP", "K_PAD", "E_PAD", "DOT", "CPREC", "PREC"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": _common.pruner(_fits)},
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
 # would compile a new variant for every parity of n or m.
@@ -130,11 +126,7 @@ def _plan_bilinear_kernel(
     for start in range(0, m, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < m
-        g = tl.load(G + cols, mask=col_ok, other=0.0).to(tl.float32)
-        u = inv_eps2 * g - k2 * tl.load(YN + cols, mask=col_ok, other=0.0)
-        if HAS_LOG_B:
-            u += _LOG2E * tl.load(LOG_B + cols, mask=col_ok, other=0.0).to(tl.float32)
-        u = tl.where(col_ok, u, float("-inf"))
+        u = tl.where(col_ok, _plan_bias(G, LOG_B, YN, cols, col_ok, inv_eps2, k2, HAS_LOG_B), float("-inf"))
         t = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, m, two_k2,
                     D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, BLOCK_M, BLOCK_N)
         M, alpha, p = _online_step(M, t)
@@ -156,11 +148,7 @@ def _plan_bilinear_kernel(
                      mask=col_ok[:, None] & (ee[None, :] < e), other=0.0).to(tl.float32)
         acc = _mma(p * s, zt, acc * alpha[:, None], PREC)
 
-    r = inv_eps2 * tl.load(F + rows, mask=row_ok, other=0.0).to(tl.float32) \
-        - k2 * tl.load(XN + rows, mask=row_ok, other=0.0)
-    if HAS_LOG_A:
-        r += _LOG2E * tl.load(LOG_A + rows, mask=row_ok, other=0.0).to(tl.float32)
-    out = acc * tl.exp2(r + M)[:, None]
+    out = acc * tl.exp2(_plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A) + M)[:, None]
     tl.store(OUT + rows[:, None] * stride_on + ee[None, :] * stride_oe,
              out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (ee[None, :] < e))
 

@@ -79,10 +79,6 @@ def _fits(cfg, args):
     return True
 
 
-def _prune(configs, named_args, **kwargs):
-    return _common.prune_configs(configs, {**named_args, **kwargs}, _fits)
-
-
 # --------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------
@@ -94,7 +90,7 @@ def _prune(configs, named_args, **kwargs):
     # eps / cost_scale: they are runtime floats, so eps-scaling never re-tunes
     # nor recompiles. Tensor dtypes are added to the key by Triton.
     key=["N_BUCKET", "M_BUCKET", "DP", "DOT", "CPREC", "SPLITS_KEY"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": _common.pruner(_fits)},
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
 # would compile a new variant for every parity of n or m.
