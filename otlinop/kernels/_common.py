@@ -511,6 +511,9 @@ def clear_cache() -> None:
 
 #: Columns of one split are a multiple of this (>= the widest BLOCK_N).
 SPLIT_ALIGN = 128
+#: Rows per program assumed when counting a launch's row programs: the
+#: largest BLOCK_M of the configs (the tile is chosen after the split).
+SPLIT_ROW_TILE = 128
 #: A split gets at least this many columns (below, the merge costs more than it saves).
 MIN_SPLIT_COLS = 1024
 #: The row grid is split over the columns until it has about this many

@@ -204,7 +204,7 @@ def _lse_triton(geo, x, y, h, eps, cost_scale, precision, out_scale):
     pair = _common.prepare_pair(x, y, precision)
     h = _common.unit_last(h)
     k2 = cost_scale * LOG2E / eps
-    splits, cols = _common.column_splits(_common.cdiv(geo.n, 128) * geo.B, geo.m, geo.device)
+    splits, cols = _common.column_splits(_common.cdiv(geo.n, _common.SPLIT_ROW_TILE) * geo.B, geo.m, geo.device)
     if splits > 1:
         target = torch.empty((splits, geo.B, geo.n), device=geo.device, dtype=torch.float32)
         t_strides = (target.stride(1), target.stride(0))
