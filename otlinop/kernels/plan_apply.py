@@ -224,7 +224,8 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
     log_a, log_b = _common.unit_last(log_a), _common.unit_last(log_b)
     block_k = _common.pick_block(k, _MAX_BLOCK_K, chunk_cost=64) if mode == 2 else 16
     k_chunks = _common.cdiv(k, block_k)
-    splits, cols = _common.column_splits(_common.cdiv(geo.n, _common.SPLIT_ROW_TILE) * geo.B * k_chunks, geo.m, geo.device)
+    row_programs = _common.cdiv(geo.n, _common.SPLIT_ROW_TILE) * geo.B * k_chunks
+    splits, cols = _common.column_splits(row_programs, geo.m, geo.device)
     # Partial products of the splits are summed in fp32 after the launch.
     target = out if splits == 1 else torch.empty((splits,) + out_shape, device=geo.device, dtype=torch.float32)
     t_out = target if splits == 1 else target[0]
