@@ -1,0 +1,507 @@
+"""Both soft-min updates of a pair of potentials in one streaming pass.
+
+For ``C_ij = c |x_i - y_j|^2`` and potentials ``(f, g)`` this computes
+
+    sf_i = -eps LSE_j (log b_j + g_j / eps - C_ij / eps)     (the update of f)
+    sg_j = -eps LSE_i (log a_i + f_i / eps - C_ij / eps)     (the update of g)
+
+the two soft c-transforms of a symmetric Sinkhorn step (MATH.md section 3),
+from ONE evaluation of every dot ``x_i . y_j`` and ONE exponential per
+entry, where two calls of :func:`otlinop.kernels.softmin` spend two of each.
+
+Both reductions see the entries of the same plan: with the base-2 plan
+logits ``s_ij = r_i + u_j + 2 k2 x_i . y_j`` (``r`` from f and log a, ``u``
+from g and log b), ``sf_i`` is the LSE over j of ``s_ij - r_i`` and ``sg_j``
+the LSE over i of ``s_ij - u_j``. Schedule: the (n, m) index space is cut
+into R x S blocks (row ranges x column ranges, multiples of 128), one
+program per block and batch entry; a program takes the column tiles of its
+block in turn and, for each, streams the row tiles of its block:
+
+- rows: each tile's row max ``mt_i`` and ``p_ij = exp2(s_ij - r_i - mt_i)``
+  (the one exponential) give the tile's exact row (max, sum), merged into
+  the block's running pair of each row (a small scratch buffer owned by the
+  program, L2-resident);
+- columns: ``p_ij * exp2(mt_i + r_i - Q_i) = exp2(s_ij - Q_i)``, with Q_i
+  the largest plan logit met so far at row position i of the tile, is
+  summed element-wise in registers over the row tiles, then brought to the
+  common shift Q = max Q_i and reduced over the rows once per column tile
+  (the only cross-thread column reduction). This shift is shared by the
+  columns of the tile: an entry below ``2^(Q - 126)`` underflows. The merge kernel bounds the
+  mass so lost for every column; a column where it could exceed 2^-30 of
+  the column's total (a column with almost no mass under the current plan,
+  a zero weight) is recomputed exactly there, with a per-column max; a
+  block of columns with no such column skips that work. Potentials of a
+  Sinkhorn loop (c-transforms) flag no column in practice; arbitrary
+  potentials at large d can flag many, and then cost up to a second pass.
+
+The partials of the R row ranges and S column ranges are merged by one
+light kernel in a fixed order: results are deterministic. Memory:
+O((R + S)(n + m)) floats of partials, R x S about 2 programs per SM; never
+an n x m buffer.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from ._triton import tl, triton
+
+from . import _common
+from ._common import LN2, LOG2E, _logits, _mma, _online_step, _plan_bias, _row_setup
+from .softmin import _CONFIGS, _fits, _lse_torch
+
+__all__ = ["softmin_pair", "softmin_pair_cat", "softmin_pair_torch"]
+
+_FN = "softmin_pair"
+
+#: A range (rows or columns of one program) holds at least this many points:
+#: smaller ranges cost more in partials and merging than they add in occupancy.
+MIN_RANGE = 256
+#: Column ranges per row range (about): fewer, longer row ranges amortise the
+#: one cross-thread reduction of each column tile over more row tiles.
+COLUMN_RANGES_PER_ROW_RANGE = 4
+#: A column is recomputed exactly when the mass its partial sums may have
+#: lost to underflow can exceed 2^-LOSS_BITS of its total.
+LOSS_BITS = 30
+#: Tests set ``(R, S)`` here to exercise several ranges at small sizes.
+_FORCE_RANGES = None
+#: Tests set False to switch off the exact recomputation of flagged columns.
+_FIXUP = True
+
+
+def range_plan(n: int, m: int, batch: int, device: torch.device):
+    """``((R, rows_per_range), (S, cols_per_range))`` of the block grid (see _gpu_range_plan)."""
+    if _FORCE_RANGES is not None:
+        r, s = _FORCE_RANGES
+        return _common.split_plan(n, r), _common.split_plan(m, s)
+    if device.type != "cuda" or _common.interpreting():
+        return _common.split_plan(n, 1), _common.split_plan(m, 1)
+    return _gpu_range_plan(n, m, batch, _common._sm_count(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _gpu_range_plan(n: int, m: int, batch: int, sms: int):
+    """The block grid on a GPU of ``sms`` SMs.
+
+    R x S x batch is at most ``PROGRAMS_PER_SM`` programs per SM (a second,
+    nearly empty wave would double the time) and as close to it as the
+    128-aligned ranges allow, with about ``COLUMN_RANGES_PER_ROW_RANGE``
+    column ranges per row range (scaled by m / n). A function of the sizes
+    only, so results are deterministic.
+    """
+    target = max(1, (_common.PROGRAMS_PER_SM * sms) // batch)
+    ratio = COLUMN_RANGES_PER_ROW_RANGE * m / max(n, 1)
+    best = None
+    for r in range(1, max(1, n // MIN_RANGE) + 1):
+        rows = _common.split_plan(n, r)
+        if rows[0] > target:
+            break
+        cols = _common.split_plan(m, min(target // rows[0], max(1, m // MIN_RANGE)))
+        programs = rows[0] * cols[0]
+        # Most programs first, then the aspect closest to the wanted ratio.
+        score = (programs, -abs(math.log(max(cols[0], 1) / (rows[0] * ratio))))
+        if best is None or score > best[0]:
+            best = (score, rows, cols)
+    return best[1], best[2]
+
+
+# --------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------
+
+
+def _pair_fits(cfg, args):
+    # The column accumulator stays in registers beside the tile: a 128 x 128
+    # tile needs 8 warps.
+    if cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] > 128 * 64 and cfg.num_warps < 8:
+        return False
+    return _fits(cfg, args)
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    # Bucketed sizes and the layout only: eps is a runtime float.
+    key=["N_BUCKET", "M_BUCKET", "DP", "DOT", "CPREC"],
+    prune_configs_by={"early_config_prune": _common.pruner(_pair_fits)},
+)
+@triton.jit(do_not_specialize=["n", "m", "rows_per_range", "cols_per_range"])
+def _pair_kernel(
+    X, Y, XN, YN, F, G, LOG_A, LOG_B,
+    RM, RS, CM, CS,
+    n, m, rows_per_range, cols_per_range,
+    stride_xb, stride_yb, stride_xnb, stride_ynb, stride_fb, stride_gb, stride_lab, stride_lbb,
+    stride_rp, stride_rb, stride_cp, stride_cb,
+    k2,          # cost_scale * log2(e) / eps
+    inv_eps2,    # log2(e) / eps
+    N_BUCKET, M_BUCKET,  # autotuning keys only
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    DOT: tl.constexpr, CPREC: tl.constexpr,
+    HAS_LOG_A: tl.constexpr, HAS_LOG_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Tensor-core dots over one feature chunk: the column tile's points are
+    # loaded once per column tile (else _logits reloads them at every tile).
+    RESIDENT_Y: tl.constexpr = DOT == 0 and D_CHUNKS == 1
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    X += b * stride_xb
+    Y += b * stride_yb
+    XN += b * stride_xnb
+    YN += b * stride_ynb
+    F += b * stride_fb
+    G += b * stride_gb
+    LOG_A += b * stride_lab
+    LOG_B += b * stride_lbb
+    # This program's partials: rows over its column range s, columns over its row range r.
+    RM += b * stride_rb + pid_s * stride_rp
+    RS += b * stride_rb + pid_s * stride_rp
+    CM += b * stride_cb + pid_r * stride_cp
+    CS += b * stride_cb + pid_r * stride_cp
+
+    two_k2 = 2.0 * k2
+    row_lo = pid_r * rows_per_range
+    row_hi = tl.minimum(row_lo + rows_per_range, n)
+    col_lo = pid_s * cols_per_range
+    col_hi = tl.minimum(col_lo + cols_per_range, m)
+    zero_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+
+    for col_start in range(col_lo, col_hi, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
+        col_ok = cols < col_hi
+        # Column bias (from g, log b): -inf past the range.
+        u = _plan_bias(G, LOG_B, YN, cols, col_ok, inv_eps2, k2, HAS_LOG_B)
+        u = tl.where(col_ok, u, float("-inf"))
+        first_col = col_start == col_lo
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # Running column shift per row position of the tile (no cross-warp
+        # reduction in the loop; merged once per column tile below).
+        qv = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        if RESIDENT_Y:
+            # The column tile's points stay in registers for the whole row stream.
+            feats = tl.arange(0, BLOCK_D)
+            yT = tl.trans(tl.load(Y + cols[:, None] * DP + feats[None, :], mask=col_ok[:, None], other=0.0))
+        for row_start in range(row_lo, row_hi, BLOCK_M):
+            rows = row_start + tl.arange(0, BLOCK_M)
+            row_ok = rows < row_hi
+            # The running row pair of this column range, loaded early (used last).
+            mo = tl.load(RM + rows, mask=row_ok & (not first_col), other=float("-inf"))
+            so = tl.load(RS + rows, mask=row_ok & (not first_col), other=0.0)
+            r = _plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A)
+            r = tl.where(row_ok, r, float("-inf"))
+            if RESIDENT_Y:
+                xt = tl.load(X + rows[:, None] * DP + feats[None, :], mask=row_ok[:, None], other=0.0)
+                w = two_k2 * _mma(xt, yT, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), CPREC)
+            else:
+                xc0, x0, x1, x2, x3, x4, x5, x6, x7 = _row_setup(X, rows, row_hi, two_k2, D, DP, BLOCK_D, DOT)
+                w = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, zero_u, row_hi, col_hi,
+                            two_k2, D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, BLOCK_M, BLOCK_N)
+            # Rows: this tile's exact (max, sum), the one exp2 per entry.
+            mt, _, p = _online_step(tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), w + u[None, :])
+            st = tl.sum(p, axis=1)
+            mn = tl.maximum(mo, mt)
+            sh = tl.where(mn == float("-inf"), 0.0, mn)
+            tl.store(RM + rows, mn, mask=row_ok)
+            tl.store(RS + rows, so * tl.exp2(mo - sh) + st * tl.exp2(mt - sh), mask=row_ok)
+            # Columns: p_ij exp2(mt_i + r_i - q_i) = exp2(s_ij - q_i), q_i the
+            # largest plan logit met at this row position (rescaled when it grows).
+            # (-inf everywhere so far: shift by 0, add zeros, never NaN.)
+            top = mt + r
+            qn = tl.maximum(qv, top)
+            qs = tl.where(qn == float("-inf"), 0.0, qn)
+            acc = acc * tl.exp2(qv - qs)[:, None] + p * tl.exp2(top - qs)[:, None]
+            qv = qn
+        # One cross-thread reduction per column tile, to the common shift q.
+        # The column's partial log2-sum is CM + log2(CS), CM = q - u_j (+inf
+        # for u_j = -inf: flagged by the merge).
+        q = tl.max(qv, axis=0)
+        colsum = tl.sum(acc * tl.exp2(qv - tl.where(q == float("-inf"), 0.0, q))[:, None], axis=0)
+        tl.store(CM + cols, tl.where(u == float("-inf"), float("inf"), q - u), mask=col_ok)
+        tl.store(CS + cols, colsum, mask=col_ok)
+        # The next column tile reads the row partials stored above, possibly
+        # by other threads of this program.
+        tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["n", "m", "row_parts", "col_parts"])
+def _pair_merge_kernel(
+    RM, RS, CM, CS, X, Y, XN, YN, F, LOG_A, OUT,
+    n, m, row_parts, col_parts,
+    stride_rp, stride_rb, stride_cp, stride_cb,
+    stride_xb, stride_yb, stride_xnb, stride_ynb, stride_fb, stride_lab, stride_ob,
+    k2, inv_eps2, out_scale, max_loss,
+    D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+    DOT: tl.constexpr, CPREC: tl.constexpr, HAS_LOG_A: tl.constexpr,
+    FIXUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Merge the partial (max, sum) pairs, in a fixed order, into OUT = [sf | sg].
+
+    A column whose partial sums may have lost more than 2^-LOSS_BITS of its
+    mass to underflow (or whose weight is zero) is recomputed here exactly:
+    a streaming LSE over all the points x with a per-column max (the roles
+    of the soft-min kernel swapped). A block of columns without such a
+    column skips that loop.
+    """
+    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    row_programs = tl.cdiv(n, BLOCK)
+    is_row = pid < row_programs
+    if is_row:
+        idx = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = idx < n
+        PM = RM + b * stride_rb
+        PS = RS + b * stride_rb
+        stride_p = stride_rp
+        parts = row_parts
+        NORM = XN + b * stride_xnb
+        dst = OUT + b * stride_ob + idx
+    else:
+        idx = (pid - row_programs) * BLOCK + tl.arange(0, BLOCK)
+        ok = idx < m
+        PM = CM + b * stride_cb
+        PS = CS + b * stride_cb
+        stride_p = stride_cp
+        parts = col_parts
+        NORM = YN + b * stride_ynb
+        dst = OUT + b * stride_ob + n + idx
+    mx = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    for p in range(0, parts):
+        mx = tl.maximum(mx, tl.load(PM + p * stride_p + idx, mask=ok, other=float("-inf")))
+    finite = mx < float("inf")
+    shift = tl.where((mx == float("-inf")) | (~finite), 0.0, mx)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for p in range(0, parts):
+        pm = tl.load(PM + p * stride_p + idx, mask=ok, other=float("-inf"))
+        total += tl.load(PS + p * stride_p + idx, mask=ok, other=0.0) * tl.exp2(pm - shift)
+    norm = tl.load(NORM + idx, mask=ok, other=0.0)
+    lse = mx + tl.log2(total)
+    if FIXUP and not is_row:
+        # Entries lost to underflow are each below 2^(mx - 126): at most
+        # n 2^(mx - 126) in all, against a total of 2^mx * total.
+        flag = ok & ((~finite) | ((mx > float("-inf")) & (tl.log2(total) < max_loss)))
+        if tl.max(flag.to(tl.int32), axis=0) > 0:
+            lse = tl.where(flag, _column_lse(Y + b * stride_yb, X + b * stride_xb, XN + b * stride_xnb,
+                                             F + b * stride_fb, LOG_A + b * stride_lab, idx, n, m, k2,
+                                             inv_eps2, D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, HAS_LOG_A,
+                                             BLOCK, BLOCK_N), lse)
+    # No finite term: lse = -inf, out = +inf (soft-min), never NaN.
+    out = out_scale * (lse - k2 * norm)
+    tl.store(dst, out.to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _column_lse(Y, X, XN, F, LOG_A, js, n, m, k2, inv_eps2,
+                D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
+                DOT: tl.constexpr, CPREC: tl.constexpr, HAS_LOG_A: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Exact base-2 LSE over all i of r_i + 2 k2 x_i . y_j for the columns ``js``.
+
+    (The soft-min kernel with the roles swapped: per-column running max.)
+    """
+    two_k2 = 2.0 * k2
+    yc0, y0, y1, y2, y3, y4, y5, y6, y7 = _row_setup(Y, js, m, two_k2, D, DP, BLOCK_D, DOT)
+    M = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    S = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for start in range(0, n, BLOCK_N):
+        ii = start + tl.arange(0, BLOCK_N)
+        i_ok = ii < n
+        r = _plan_bias(F, LOG_A, XN, ii, i_ok, inv_eps2, k2, HAS_LOG_A)
+        r = tl.where(i_ok, r, float("-inf"))
+        t = _logits(yc0, y0, y1, y2, y3, y4, y5, y6, y7, Y, X, js, ii, r, m, n, two_k2,
+                    D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, BLOCK_M, BLOCK_N)
+        M, alpha, p = _online_step(M, t)
+        S = S * alpha + tl.sum(p, axis=1)
+    return M + tl.log2(S)
+
+
+_PAIR_LAUNCH = _common.TunedLaunch(_pair_kernel)
+
+
+# --------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------
+
+
+def _validate(fn, x, y, f, g, log_a, log_b, eps, cost_scale):
+    geo = _common.check_points(fn, x, y)
+    for name, t, length in (("f", f, geo.n), ("g", g, geo.m)):
+        if t is None:
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor of shape ({length},), got None")
+    _common.check_vector(geo, "f", f, geo.n)
+    _common.check_vector(geo, "g", g, geo.m)
+    _common.check_vector(geo, "log_a", log_a, geo.n)
+    _common.check_vector(geo, "log_b", log_b, geo.m)
+    eps = _common.check_eps(fn, eps)
+    cost_scale = _common.check_cost_scale(fn, cost_scale)
+    _common.check_finite(geo, {"x": x, "y": y, "f": f, "g": g, "log_a": log_a, "log_b": log_b},
+                         allow_neg_inf=("log_a", "log_b"))
+    return geo, eps, cost_scale
+
+
+def _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision):
+    out = torch.empty(geo.shape(geo.n + geo.m), device=geo.device, dtype=geo.dtype)
+    if geo.n == 0 or geo.m == 0:
+        return out.fill_(float("inf"))
+    pair = _common.prepare_pair(x, y, precision)
+    f, g, log_a, log_b = (_common.unit_last(t) for t in (f, g, log_a, log_b))
+    k2 = cost_scale * LOG2E / eps
+    (R, rows), (S, cols) = range_plan(geo.n, geo.m, geo.B, geo.device)
+    # Partial (max, sum) pairs of the rows (S per row) and of the columns (R
+    # per column): one allocation, [maxima | sums] x batch x [rows | columns].
+    part = torch.empty((2, geo.B, S * geo.n + R * geo.m), device=geo.device, dtype=torch.float32)
+    rm, rs = part[0], part[1]
+    cm, cs = part[0, :, S * geo.n:], part[1, :, S * geo.n:]
+    part_strides = (geo.n, part.stride(1), geo.m, part.stride(1))   # (partial, batch) rows, columns
+    P = _common.PreparedPair
+    bs = _common.batch_stride
+    n_b, m_b = _common.bucket(geo.n), _common.bucket(geo.m)
+    la = log_a if log_a is not None else f
+    lb = log_b if log_b is not None else g
+    with _common.device_guard(geo.device):
+        key = (n_b, m_b, pair.DP, pair.D, pair.DOT, pair.PREC, x.dtype, f.dtype, g.dtype,
+               log_a is not None and log_a.dtype, log_b is not None and log_b.dtype)
+        grid = (R, S, geo.B)
+        _PAIR_LAUNCH(
+            key, grid,
+            pair.x, pair.y, pair.xn, pair.yn, f, g, la, lb,
+            rm, rs, cm, cs,
+            geo.n, geo.m, rows, cols,
+            P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
+            bs(f, 1), bs(g, 1), bs(la, 1), bs(lb, 1),
+            *part_strides,
+            k2, LOG2E / eps,
+            n_b, m_b,
+            D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
+            DOT=pair.DOT, CPREC=pair.PREC,
+            HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None,
+        )
+        # 64 columns per merge program: the width of an exact recomputation.
+        block, block_n = (32, 16) if _common.interpreting() else (64, 64)
+        programs = _common.cdiv(geo.n, block) + _common.cdiv(geo.m, block)
+        _pair_merge_kernel[(programs, geo.B)](
+            rm, rs, cm, cs, pair.x, pair.y, pair.xn, pair.yn, f, la, out,
+            geo.n, geo.m, S, R,
+            *part_strides,
+            P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
+            bs(f, 1), bs(la, 1), bs(out, 1),
+            k2, LOG2E / eps, -eps * LN2, math.log2(geo.n) - 126.0 + LOSS_BITS,
+            D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
+            DOT=pair.DOT, CPREC=pair.PREC, HAS_LOG_A=log_a is not None,
+            FIXUP=_FIXUP, BLOCK=block, BLOCK_N=block_n, num_warps=4,
+        )
+    return out
+
+
+def softmin_pair(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.0, backend=None, precision=None):
+    r"""Both soft-min updates of ``(f, g)``, from one pass over the cost.
+
+    Parameters
+    ----------
+    x : Tensor, shape (n, d) or (B, n, d)
+        Source points.
+    y : Tensor, shape (m, d) or (B, m, d)
+        Target points (same dtype and device as ``x``).
+    f : Tensor, shape (n,) or (B, n)
+        Potential on the source points.
+    g : Tensor, shape (m,) or (B, m)
+        Potential on the target points.
+    log_a, log_b : Tensor, shapes (n,) and (m,) (or batched), optional
+        Log-weights; ``-inf`` marks a zero weight; None means 0 (weights 1).
+    eps : float
+        Entropic regularisation, positive; a runtime argument of the kernel
+        (changing it neither recompiles nor re-tunes).
+    cost_scale : float, default 1.0
+        ``c`` in ``C_ij = c |x_i - y_j|^2``.
+    backend : {None, "triton", "torch"}
+        As in :func:`otlinop.kernels.softmin`.
+    precision : {None, "ieee", "tf32", "tf32x3"}
+        As in :func:`otlinop.kernels.softmin`.
+
+    Returns
+    -------
+    (sf, sg) : Tensors, shapes (n,) and (m,) (or (B, n), (B, m)), dtype of ``x``
+        ``sf = softmin(x, y, log_b + g / eps)`` and ``sg = softmin(y, x, log_a
+        + f / eps)``. Both are views of one (…, n + m) buffer ``[sf | sg]``.
+        ``+inf`` where every term is ``-inf``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Invalid shapes, devices, dtypes, options, or non-finite inputs
+        (``log_a`` and ``log_b`` may hold ``-inf``).
+
+    Notes
+    -----
+    .. math::
+        \mathrm{sf}_i = -\varepsilon \log \sum_j b_j e^{(g_j - C_{ij})/\varepsilon}, \qquad
+        \mathrm{sg}_j = -\varepsilon \log \sum_i a_i e^{(f_i - C_{ij})/\varepsilon}
+
+    The Triton kernel computes every dot ``x_i . y_j`` once for both
+    reductions (two calls of :func:`softmin` compute it twice); the torch
+    reference is the two soft-mins. Time O(n m d), memory O(n + m) beyond
+    the prepared clouds.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from otlinop.kernels import softmin_pair
+    >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    >>> sf, sg = softmin_pair(x, y, torch.zeros(5, dtype=torch.float64),
+    ...                       torch.zeros(4, dtype=torch.float64), eps=0.5)
+    >>> sf.shape, sg.shape
+    (torch.Size([5]), torch.Size([4]))
+    """
+    out = softmin_pair_cat(x, y, f, g, log_a, log_b, eps=eps, cost_scale=cost_scale, backend=backend,
+                           precision=precision)
+    n = x.shape[-2]
+    return out[..., :n], out[..., n:]
+
+
+def softmin_pair_cat(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.0, backend=None,
+                     precision=None):
+    """:func:`softmin_pair` as the one buffer ``[sf | sg]`` of shape (n + m,) or (B, n + m).
+
+    For loops that keep ``[f | g]`` in one tensor (one averaging op per step).
+    """
+    geo, eps, cost_scale = _validate(_FN, x, y, f, g, log_a, log_b, eps, cost_scale)
+    precision = _common.resolve_precision(_FN, precision)
+    if _common.resolve_backend(_FN, backend, x) == "torch":
+        return _pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale)
+    return _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision)
+
+
+def softmin_pair_unchecked(x, y, f, g, log_a, log_b, *, eps: float, cost_scale: float, backend, precision):
+    """:func:`softmin_pair_cat` without the input checks, for loops that ran them once.
+
+    The inputs must be valid (as :func:`softmin_pair` checks them); ``eps``
+    and ``cost_scale`` positive floats. No host synchronisation.
+    """
+    batched = x.ndim == 3 or y.ndim == 3
+    B = x.shape[0] if x.ndim == 3 else (y.shape[0] if y.ndim == 3 else 1)
+    geo = _common.Geometry(_FN, batched, B, x.shape[-2], y.shape[-2], x.shape[-1], x.dtype, x.device)
+    precision = _common.resolve_precision(_FN, precision)
+    if _common.resolve_backend(_FN, backend, x) == "torch":
+        return _pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale)
+    return _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision)
+
+
+def _pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale):
+    hb = g / eps if log_b is None else log_b + g / eps
+    ha = f / eps if log_a is None else log_a + f / eps
+    sf = -eps * _lse_torch(x, y, hb, eps, cost_scale)
+    sg = -eps * _lse_torch(y, x, ha, eps, cost_scale)
+    # Both are (B, .) in a batched call (x or y batched), 1-D otherwise.
+    return torch.cat([sf, sg], dim=-1)
+
+
+def softmin_pair_torch(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.0):
+    """Torch reference of :func:`softmin_pair` (same arguments but backend/precision).
+
+    Any device, float64 included; the two soft-mins in row blocks, never an
+    n x m buffer at once.
+    """
+    geo, eps, cost_scale = _validate("softmin_pair_torch", x, y, f, g, log_a, log_b, eps, cost_scale)
+    out = _pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale)
+    return out[..., :geo.n], out[..., geo.n:]
