@@ -34,6 +34,7 @@ import torch
 from ._base import _fmt_shape
 from .kernels import _common as _kernel_common
 from .kernels.softmin import softmin as _softmin
+from .kernels.softmin_pair import softmin_pair_unchecked as _softmin_pair
 
 __all__ = ["sinkhorn", "SinkhornResult", "epsilon_schedule"]
 
@@ -450,6 +451,40 @@ class _Monitor:
         return [float(e) for e in torch.stack(self.errors).tolist()]
 
 
+class _SelfBank:
+    """The debiasing potentials f_aa (problem (x, x)) and g_bb (problem (y, y)).
+
+    Their updates are stacked into one soft-min launch when n = m (see
+    _SoftminBank). Created at the first eps from zero potentials.
+    """
+
+    def __init__(self, x, y, log_a, log_b, eps0: float, rho_x, rho_y, opts, pot_dtype):
+        self._bank = _SoftminBank([(x, x), (y, y)], pot_dtype=pot_dtype, **opts)
+        self._logs = [log_a, log_b]
+        self._rhos = [rho_x, rho_y]
+        self._pots = self._bank(self._logs, eps0)
+        self._damp(self._pots, eps0)
+
+    def _damp(self, smins, eps: float) -> None:
+        for s, rho in zip(smins, self._rhos):
+            lam = _damping(eps, rho)
+            if lam != 1.0:
+                s.mul_(lam)
+
+    def smins(self, eps: float) -> list:
+        """The damped soft-min updates [T(f_aa), T(g_bb)] of the current potentials."""
+        out = self._bank([torch.add(lw, p, alpha=1.0 / eps) for lw, p in zip(self._logs, self._pots)], eps)
+        self._damp(out, eps)
+        return out
+
+    def step(self, eps: float) -> None:
+        """One averaged update."""
+        self._pots = [torch.lerp(p, s, 0.5) for p, s in zip(self._pots, self.smins(eps))]
+
+    def potentials(self) -> list:
+        return list(self._pots)
+
+
 def _symmetric_loop(inp: _Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0, monitor: _Monitor,
                     cost_scale: float, backend, precision):
     """GeomLoss' symmetric Sinkhorn loop (MATH.md section 3).
@@ -457,90 +492,67 @@ def _symmetric_loop(inp: _Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g
     Returns ``(pots, pre)``: the final (extrapolated) potentials and those
     before the extrapolation, each the list ``[f, g]`` or, with ``debias``,
     ``[f, g, f_aa, g_bb]`` (the last two for OT(a, a) and OT(b, b)).
+
+    (f, g) live in one tensor FG = [f | g] (B, n + m), and both of their
+    soft-min updates come from one pass over the cost (softmin_pair: each
+    dot x_i . y_j computed once for both), so a step costs that launch, its
+    merge and one averaging op. The debiasing potentials, if any, are a
+    second, stacked bank (_SelfBank).
     """
     x, y = inp.x, inp.y
     log_a, log_b = inp.log_a, inp.log_b
-    # Problem k updates the potential on the rows of pairs[k] from the one on
-    # its columns, pots[partner[k]], with the column log-weights col_logs[k].
-    # The results are always listed as [f, g, f_aa, g_bb].
-    pairs = [(x, y), (y, x)]
-    col_logs, partner, rhos = [log_b, log_a], [1, 0], [rho_x, rho_y]
-    order = [0, 1]
-    if debias:
-        pairs += [(x, x), (y, y)]
-        col_logs += [log_a, log_b]
-        partner += [2, 3]
-        rhos += [rho_x, rho_y]
-        order = [2, 0, 3, 1]     # (x,x), (x,y), (y,y), (y,x): a chain, see _SoftminBank
-    bank = _SoftminBank([pairs[k] for k in order], cost_scale=cost_scale, backend=backend,
-                        precision=precision, pot_dtype=inp.pot_dtype)
-    K = len(pairs)
-    position = {k: i for i, k in enumerate(order)}
+    n = x.shape[1]
+    opts = dict(cost_scale=cost_scale, backend=backend, precision=precision)
 
-    def run_bank(hs, eps):
-        out = bank([hs[k] for k in order], eps)
-        return [out[position[k]] for k in range(K)]
-
-    def step(pots, eps):
-        hs = [col_logs[k] + pots[partner[k]] / eps for k in range(K)]
-        return run_bank(hs, eps)
+    def smins(FG, eps):
+        """Damped soft-min updates [T_f(g) | T_g(f)] of FG = [f | g]."""
+        S = _softmin_pair(x, y, FG[:, :n], FG[:, n:], log_a, log_b, eps=eps, **opts).to(inp.pot_dtype)
+        lam_x, lam_y = _damping(eps, rho_x), _damping(eps, rho_y)
+        if lam_x != 1.0:
+            S[:, :n].mul_(lam_x)
+        if lam_y != 1.0:
+            S[:, n:].mul_(lam_y)
+        return S
 
     # Initialisation at the first (largest) eps, the other potential being 0:
     # the soft-min is then nearly a convolution of the cost with the weights.
     eps0 = eps_list[0]
-    zeros = [torch.zeros_like(col_logs[partner[k]]) for k in range(K)]
-    smins = step(zeros, eps0)
-    pots = [_damping(eps0, rhos[k]) * smins[k] for k in range(K)]
+    FG = smins(torch.zeros(log_a.shape[:-1] + (n + y.shape[1],), dtype=inp.pot_dtype, device=x.device), eps0)
     if f0 is not None or g0 is not None:
         # Warm start: replace the initial (f, g); a missing one is the update of the other.
         if f0 is not None and g0 is not None:
-            pots[0], pots[1] = f0, g0
+            FG = torch.cat([f0, g0], dim=-1)
         elif f0 is not None:
-            pots[0] = f0
-            pots[1] = _damping(eps0, rho_y) * step(pots, eps0)[1]
+            FG[:, :n] = f0
+            FG[:, n:] = smins(FG, eps0)[:, n:]
         else:
-            pots[1] = g0
-            pots[0] = _damping(eps0, rho_x) * step(pots, eps0)[0]
+            FG[:, n:] = g0
+            FG[:, :n] = smins(FG, eps0)[:, :n]
+    selves = _SelfBank(x, y, log_a, log_b, eps0, rho_x, rho_y, opts, inp.pot_dtype) if debias else None
 
-    if bank.single_group:
-        # The hot loop on one stacked tensor of potentials P (K, B, n), in the
-        # bank's order: per iteration one gather-add for the column
-        # log-weights, the soft-min launch and one averaging op, instead of a
-        # dozen small launches (which bound the iteration time at n = 10k).
-        perm = torch.tensor([position[partner[k]] for k in order], device=inp.x.device)
-        L = torch.stack([col_logs[k] for k in order])
-        P = torch.stack([pots[k] for k in order])
-        f_at, g_at = position[0], position[1]
-        for i, eps in enumerate(eps_list):
-            S = bank.stacked(torch.add(L, P.index_select(0, perm), alpha=1.0 / eps), eps)
-            if (i + 1) % monitor.check_every == 0:
-                err = _row_error(P[f_at], S[f_at], inp.a, eps, rho_x)
-                monitor.record(i + 1, eps, err, P[f_at], P[g_at])
-            for j, k in enumerate(order):
-                lam = _damping(eps, rhos[k])
-                if lam != 1.0:
-                    S[j].mul_(lam)
-            # Averaged (Jacobi) updates: plain simultaneous updates oscillate.
-            P = torch.lerp(P, S, 0.5)
-            monitor.advance()
-        pots = [P[position[k]] for k in range(K)]
-    else:
-        for i, eps in enumerate(eps_list):
-            smins = step(pots, eps)
-            if (i + 1) % monitor.check_every == 0:
-                err = _row_error(pots[0], smins[0], inp.a, eps, rho_x)
-                monitor.record(i + 1, eps, err, pots[0], pots[1])
-            # Averaged (Jacobi) updates: plain simultaneous updates oscillate.
-            pots = [0.5 * (pots[k] + _damping(eps, rhos[k]) * smins[k]) for k in range(K)]
-            monitor.advance()
+    for i, eps in enumerate(eps_list):
+        S = smins(FG, eps)
+        if (i + 1) % monitor.check_every == 0:
+            lam_x = _damping(eps, rho_x)
+            err = _row_error(FG[:, :n], S[:, :n] / lam_x, inp.a, eps, rho_x)
+            monitor.record(i + 1, eps, err, FG[:, :n], FG[:, n:])
+        # Averaged (Jacobi) updates: plain simultaneous updates oscillate.
+        FG = torch.lerp(FG, S, 0.5)
+        if selves is not None:
+            selves.step(eps)
+        monitor.advance()
 
     # Final extrapolation: one unaveraged step at the last eps from the
     # pre-last potentials. GeomLoss differentiates only this step.
     eps = eps_list[-1]
-    smins = step(pots, eps)
-    pre = pots
-    pots = [_damping(eps, rhos[k]) * smins[k] for k in range(K)]
-    monitor.record(len(eps_list), eps, _row_error(pre[0], smins[0], inp.a, eps, rho_x), pots[0], pots[1])
+    S = smins(FG, eps)
+    pre = [FG[:, :n], FG[:, n:]]
+    pots = [S[:, :n], S[:, n:]]
+    if selves is not None:
+        pre += selves.potentials()
+        pots += selves.smins(eps)
+    monitor.record(len(eps_list), eps, _row_error(pre[0], pots[0] / _damping(eps, rho_x), inp.a, eps, rho_x),
+                   pots[0], pots[1])
     return pots, pre
 
 
