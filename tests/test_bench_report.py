@@ -175,10 +175,10 @@ def test_precision_class(library, precision, klass):
 
 @pytest.mark.parametrize("d, klass, expected_ms", [
     (3, "tf32", 0.02),      # exp2 bound: 2 * 1e8 / 1e13 s
-    (3, "ieee", 0.024),     # dot bound:  4 * 1e8 * 3 / 5e13 s
-    (64, "tf32", 0.064),    # 4 * 1e8 * 64 / 4e14 s
-    (64, "tf32x3", 0.192),  # three TF32 products
-    (64, "ieee", 0.512),
+    (3, "ieee", 0.02),      # exp2 bound: the dot, 2 * 1e8 * 3 / 5e13 s = 0.012 ms, is below
+    (64, "tf32", 0.032),    # dot bound: 2 * 1e8 * 64 / 4e14 s
+    (64, "tf32x3", 0.096),  # three TF32 products
+    (64, "ieee", 0.256),
 ])
 def test_floor_ms(d, klass, expected_ms):
     assert _report.floor_ms(10_000, 10_000, d, klass, CEIL) == pytest.approx(expected_ms, rel=1e-12)
@@ -201,15 +201,15 @@ def test_annotate_and_fraction_table():
     before = [dict(r) for r in rows]
     out = _report.annotate(rows, CEIL)
     assert rows == before                          # inputs untouched
-    assert out[0]["floor_ms"] == pytest.approx(0.064) and out[0]["fraction_of_floor"] == pytest.approx(0.5)
-    assert out[1]["floor_ms"] == pytest.approx(0.512) and out[1]["fraction_of_floor"] == pytest.approx(0.25)
+    assert out[0]["floor_ms"] == pytest.approx(0.032) and out[0]["fraction_of_floor"] == pytest.approx(0.25)
+    assert out[1]["floor_ms"] == pytest.approx(0.256) and out[1]["fraction_of_floor"] == pytest.approx(0.125)
     assert out[2]["floor_ms"] is None and out[2]["fraction_of_floor"] is None
     assert out[3]["floor_ms"] is None and out[3]["fraction_of_floor"] is None
 
     lines = _report.fraction_table(rows, CEIL).splitlines()
     assert len(lines) == 2 + len(rows)
-    assert lines[2] == "| otlinop | symmetric | tf32 | 10000 | 64 | 0.128 | 0.064 | 0.500 |"
-    assert lines[3].endswith("| 2.048 | 0.512 | 0.250 |")
+    assert lines[2] == "| otlinop | symmetric | tf32 | 10000 | 64 | 0.128 | 0.032 | 0.250 |"
+    assert lines[3].endswith("| 2.048 | 0.256 | 0.125 |")
     assert lines[4].endswith("| 1 | - | - |")
     assert "error: exit 1: boom \\| bang" in lines[5]   # pipes escaped: the table keeps 8 columns
     assert all(line.replace("\\|", "").count("|") == 9 for line in lines)
@@ -228,11 +228,11 @@ def test_series_lines_and_floors():
         for pts in panel["lines"].values():
             assert [n for n, _ in pts] == [10_000, 20_000, 50_000]
     assert panels[3]["lines"][("OTT-JAX 0.6", "alternating", "highest (wall clock)")][0][1] == pytest.approx(0.6)
-    # d = 3: tf32 and tf32x3 share the exp2 bound; strict fp32's dot bound is higher.
-    assert set(panels[3]["floors"]) == {"floor (tf32, tf32x3)", "floor (ieee)"}
+    # d = 3: every precision has the exp2 bound (the shared dots cost less).
+    assert set(panels[3]["floors"]) == {"floor (tf32, tf32x3, ieee)"}
     assert set(panels[64]["floors"]) == {"floor (tf32)", "floor (tf32x3)", "floor (ieee)"}
     assert panels[64]["floors"]["floor (ieee)"] == [
-        (n, pytest.approx(0.512 * (n / 1e4) ** 2)) for n in (10_000, 20_000, 50_000)]
+        (n, pytest.approx(0.256 * (n / 1e4) ** 2)) for n in (10_000, 20_000, 50_000)]
     assert all(not p["floors"] for p in _report.series(_synthetic_rows(), {}).values())
 
 
@@ -247,7 +247,7 @@ def test_write_figure(tmp_path):
         assert im.size[0] > im.size[1] > 100
     axes = fig.axes
     assert [ax.get_title() for ax in axes] == ["d = 3", "d = 64"]
-    for ax, n_floors in zip(axes, (2, 3)):
+    for ax, n_floors in zip(axes, (1, 3)):
         assert ax.get_xscale() == ax.get_yscale() == "log"
         dashed = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
         others = [ln for ln in ax.get_lines() if ln.get_linestyle() != "--"]

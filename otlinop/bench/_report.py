@@ -13,9 +13,12 @@ Pure functions of the benchmark rows and the measured ceilings (see
   ceilings, files, fraction-of-floor table).
 
 The floor of one full iteration (both potentials updated) on an n x m problem
-in dimension d is ``max(2 n m / exp2 rate, 2 n m d * 2 / dot rate)``: each of
-the two half-steps evaluates n m exponentials and an n x m x d product (2 n m d
-flops). The dot rate is the one of the row's precision: strict fp32 matmul for
+in dimension d is ``max(2 n m / exp2 rate, 2 n m d / dot rate)``, the
+definition of ``shared/BENCHMARKS.md``: each of the two half-steps evaluates
+n m exponentials, and the n x m x d product (2 n m d flops) is computed once
+when the two half-steps share it. A kernel that also shares the
+exponentials (otlinop's fused symmetric step) can go below it: a fraction
+above 1. The dot rate is the one of the row's precision: strict fp32 matmul for
 "ieee" / "strict fp32" / "highest", TF32 for "tf32" (and OTT-JAX's "default":
 JAX computes float32 dot products in TF32 on recent NVIDIA GPUs by default),
 a third of TF32 for "tf32x3". A precision not in that list (e.g. the CPU's
@@ -100,14 +103,14 @@ def floor_ms(n: int, m: int, d: int, klass: str | None, ceil: dict | None) -> fl
     Returns
     -------
     float or None
-        ``1e3 * max(2 n m / exp2 rate, 4 n m d / dot rate)``, or None when the
+        ``1e3 * max(2 n m / exp2 rate, 2 n m d / dot rate)``, or None when the
         ceilings were not measured or the precision class is unknown.
     """
     if not ceil or klass is None:
         return None
     _check_ceilings(ceil)
     exp_s = 2 * n * m / ceil["exp2_per_s"]
-    dot_s = 2 * n * m * d * 2 / _timing.matmul_rate(ceil, klass)
+    dot_s = 2 * n * m * d / _timing.matmul_rate(ceil, klass)
     return 1e3 * max(exp_s, dot_s)
 
 
@@ -396,7 +399,8 @@ def readme(*, command: str, env: dict, ceil: dict | None, suites: list[str], fil
             "",
             "## Sinkhorn: fraction of the floor",
             "",
-            "Floor of one full iteration (both potentials): max(2 n m / exp2 rate, 2 n m d * 2 / dot rate), "
+            "Floor of one full iteration (both potentials): max(2 n m / exp2 rate, 2 n m d / dot rate) "
+            "(shared/BENCHMARKS.md: the dots shared by the two half-steps, not the exponentials), "
             "with the rates measured in this run and the dot rate of the row's precision (strict fp32, TF32, "
             "or a third of TF32 for tf32x3); fraction = floor / measured time, 1 at the floor. "
             + ("" if ceil else "No ceilings were measured (no CUDA GPU), so there is no floor. ")
