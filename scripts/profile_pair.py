@@ -1,0 +1,89 @@
+"""Developer probe (GPU): softmin_pair against two softmin calls, side by side.
+
+python scripts/profile_pair.py [--ranges R S]  -- per case: wall ms per call
+(host loop, then sync) and device ms per call (CUDA-graph replay) of one
+softmin_pair call and of the two softmin calls it replaces, with the ratio.
+Not a benchmark of record (see python -m otlinop.bench sinkhorn).
+"""
+import argparse
+import importlib
+import math
+
+import torch
+
+from otlinop.kernels import _common, softmin, softmin_pair
+
+sp = importlib.import_module("otlinop.kernels.softmin_pair")
+_common._CHECK_FINITE = False
+
+
+def graph_ms(fn, reps=20):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        g.replay()
+    e1.record()
+    e1.synchronize()
+    return e0.elapsed_time(e1) / reps
+
+
+def wall_ms(fn, reps=20):
+    fn()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        fn()
+    e1.record()
+    e1.synchronize()
+    return e0.elapsed_time(e1) / reps
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ranges", type=int, nargs=2, default=None)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 50_000])
+    parser.add_argument("--dims", type=int, nargs="*", default=[3, 64])
+    args = parser.parse_args()
+    sp._FORCE_RANGES = tuple(args.ranges) if args.ranges else None
+    print("| n | d | precision, potentials | pair wall / device ms | two softmin wall / device ms | device ratio | exp floor ms |")
+    print("|---|---|---|---|---|---|---|")
+    for n in args.sizes:
+        for d in args.dims:
+            x = torch.randn(n, d, device="cuda")
+            y = torch.randn(n, d, device="cuda") + 0.5
+            la = torch.full((n,), -math.log(n), device="cuda")
+            eps = 0.5
+            # Potentials as in a Sinkhorn loop (two c-transforms from f = 0), or random.
+            g_eq = softmin(y, x, la, eps=eps)
+            f_eq = softmin(x, y, la + g_eq / eps, eps=eps)
+            for prec, kind in (("tf32", "c-transform"), ("tf32x3", "c-transform"), ("tf32", "random")):
+                if kind == "random":
+                    f, g = 0.1 * torch.randn(n, device="cuda"), 0.1 * torch.randn(n, device="cuda")
+                else:
+                    f, g = f_eq, g_eq
+                def pair():
+                    return softmin_pair(x, y, f, g, la, la, eps=eps, precision=prec)
+
+                def two():
+                    return (softmin(x, y, torch.add(la, g, alpha=1 / eps), eps=eps, precision=prec),
+                            softmin(y, x, torch.add(la, f, alpha=1 / eps), eps=eps, precision=prec))
+                pw, pd = wall_ms(pair), graph_ms(pair)
+                tw, td = wall_ms(two), graph_ms(two)
+                floor = 2 * n * n / 3.93e12 * 1e3
+                print(f"| {n} | {d} | {prec}, {kind} potentials | {pw:.3f} / {pd:.3f} | {tw:.3f} / {td:.3f} | {pd / td:.2f} | {floor:.3f} |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
