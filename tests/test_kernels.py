@@ -828,6 +828,38 @@ def test_gpu_memory_n_200k():
         assert extra < 100 * 2**20, f"peak extra allocation {extra / 2**20:.1f} MiB"
 
 
+_TUNE_TWICE = """
+import torch
+from otlinop.kernels import lse_cost
+from otlinop.kernels.softmin import _lse_kernel
+
+timed = []
+bench = _lse_kernel._bench
+_lse_kernel._bench = lambda *args, **kwargs: (timed.append(1), bench(*args, **kwargs))[1]
+x, y = torch.randn(3000, 8, device="cuda"), torch.randn(5000, 8, device="cuda")
+lse_cost(x, y, torch.zeros(5000, device="cuda"), eps=0.5)
+print("CONFIGS TIMED", len(timed))
+"""
+
+
+@requires_cuda
+def test_gpu_autotune_timings_kept_across_processes(tmp_path):
+    """A second process with the same Triton cache reuses the tuning: no config is timed again."""
+    import subprocess
+    import sys
+
+    if not _common.AUTOTUNE_DISK_CACHE:
+        pytest.skip("this Triton's autotuner cannot keep its timings on disk (cache_results)")
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
+    counts = []
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-c", _TUNE_TWICE], env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        counts.append(int(run.stdout.split("CONFIGS TIMED")[1].split()[0]))
+    assert counts[0] > 1 and counts[1] == 0, counts
+
+
 @requires_cuda
 def test_gpu_eps_change_does_not_recompile():
     from otlinop.kernels.softmin import _lse_kernel

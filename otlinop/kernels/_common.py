@@ -17,6 +17,7 @@ transposed call (``y`` and ``x`` swapped) sees bitwise the same centred points.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -588,6 +589,24 @@ def pick_block(size: int, max_block: int, chunk_cost: int) -> int:
 #: Below this many (bucketed) entries of the cost, a call is launch-bound:
 #: take one config instead of compiling and timing several.
 _SMALL_PROBLEM = 1 << 22
+
+
+def _autotune_disk_cache() -> dict:
+    """``{"cache_results": True}`` when this Triton's autotuner can keep its timings on disk."""
+    try:
+        params = inspect.signature(triton.autotune).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        return {}
+    return {"cache_results": True} if "cache_results" in params else {}
+
+
+#: Extra keywords of every ``triton.autotune`` here: the timings of each tuning
+#: key are kept on disk (Triton's cache directory, TRITON_CACHE_DIR; keyed by
+#: the kernel's source, the GPU, the key and the candidate configs), so that a
+#: new process reuses the config chosen before instead of timing them all
+#: again; it also keeps the chosen config, hence the results, the same from
+#: one run to the next. Empty on a Triton without the option (before 3.2).
+AUTOTUNE_DISK_CACHE = _autotune_disk_cache()
 
 
 def config(block_m: int, block_n: int, warps: int, stages: int):

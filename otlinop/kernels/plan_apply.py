@@ -74,6 +74,7 @@ def _fits(cfg, args):
     # when eps changes). Tensor dtypes are added to the key by Triton.
     key=["N_BUCKET", "M_BUCKET", "DP", "K_PAD", "DOT", "CPREC", "PREC", "SPLITS_KEY"],
     prune_configs_by={"early_config_prune": _common.pruner(_fits)},
+    **_common.AUTOTUNE_DISK_CACHE,
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
 # would compile a new variant for every parity of n or m.

@@ -66,6 +66,7 @@ def _fits(cfg, args):
     # Bucketed sizes only; eps and cost_scale are runtime floats.
     key=["N_BUCKET", "M_BUCKET", "DP", "K_PAD", "E_PAD", "DOT", "CPREC", "PREC"],
     prune_configs_by={"early_config_prune": _common.pruner(_fits)},
+    **_common.AUTOTUNE_DISK_CACHE,
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
 # would compile a new variant for every parity of n or m.

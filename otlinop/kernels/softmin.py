@@ -91,6 +91,7 @@ def _fits(cfg, args):
     # nor recompiles. Tensor dtypes are added to the key by Triton.
     key=["N_BUCKET", "M_BUCKET", "DP", "DOT", "CPREC", "SPLITS_KEY"],
     prune_configs_by={"early_config_prune": _common.pruner(_fits)},
+    **_common.AUTOTUNE_DISK_CACHE,
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
 # would compile a new variant for every parity of n or m.

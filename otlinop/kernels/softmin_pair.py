@@ -131,6 +131,7 @@ def _pair_fits(cfg, args):
     # Bucketed sizes and the layout only: eps is a runtime float.
     key=["N_BUCKET", "M_BUCKET", "DP", "DOT", "CPREC"],
     prune_configs_by={"early_config_prune": _common.pruner(_pair_fits)},
+    **_common.AUTOTUNE_DISK_CACHE,
 )
 @triton.jit(do_not_specialize=["n", "m", "rows_per_range", "cols_per_range"])
 def _pair_kernel(
