@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from otlinop.kernels import PRECISIONS, softmin, softmin_pair, softmin_pair_torch  # noqa: E402
+from otlinop.kernels import PRECISIONS, softmin, softmin_pair, softmin_pair_torch, softmin_self  # noqa: E402
 from otlinop.kernels import _common  # noqa: E402
 
 # The package re-exports the function under the module's name: fetch the module itself.
@@ -296,6 +296,100 @@ def test_errors(change, exc, match):
 
 
 # --------------------------------------------------------------------------
+# softmin_self: the problem (x, x), upper-triangle blocks only
+# --------------------------------------------------------------------------
+
+
+def dense_self(x, f, la, eps, c):
+    """-eps LSE_j(la_j + (f_j - C_ij)/eps), float64."""
+    C = c * ((x[..., :, None, :] - x[..., None, :, :]) ** 2).sum(-1)
+    la = torch.zeros_like(f) if la is None else la
+    return -eps * torch.logsumexp(la[..., None, :] + (f[..., None, :] - C) / eps, dim=-1)
+
+
+SELF_CASES = [
+    # n, d, B, T ranges, eps, cost_scale, weights, zeros
+    (37, 3, None, 1, 0.3, 1.0, True, 0),
+    (300, 5, None, 3, 0.1, 0.5, True, 2),
+    (270, 2, 2, 2, 1.0, 1.0, False, 0),
+    (257, 64, None, 3, 0.5, 0.5, True, 1),
+    (70, 100, None, 2, 0.5, 1.0, True, 0),      # several feature chunks
+]
+
+
+@pytest.mark.parametrize("n,d,B,T,eps,c,weights,zeros", SELF_CASES)
+def test_self_matches_dense_float64(ranges, n, d, B, T, eps, c, weights, zeros):
+    ranges((T, T))
+    x, _, f, _, la, _ = make_case(n, 5, d, B, zeros)
+    if not weights:
+        la = None
+    ref = dense_self(x, f, la, eps, c)
+    args = [None if t is None else t.to(DEVICE, torch.float32) for t in (x, f, la)]
+    for precision in (["ieee", "tf32x3"] if d <= 20 else ["tf32x3"]):
+        out = softmin_self(*args, eps=eps, cost_scale=c, backend="triton", precision=precision)
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        assert rel_err(out, ref) < TOL[precision], precision
+    torch_out = softmin_self(x, f, la, eps=eps, cost_scale=c, backend="torch")
+    assert rel_err(torch_out, ref) < 1e-12
+
+
+def test_self_equals_softmin_and_is_deterministic(ranges):
+    ranges((3, 3))
+    x, _, f, _, la, _ = (t.to(DEVICE, torch.float32) for t in make_case(300, 5, 4, seed=6))
+    out = softmin_self(x, f, la, eps=0.2, backend="triton")
+    ref = softmin(x, x, la + f / 0.2, eps=0.2, backend="triton")
+    assert rel_err(out, ref) < 3e-6
+    for _ in range(2):
+        assert torch.equal(softmin_self(x, f, la, eps=0.2, backend="triton"), out)
+
+
+def test_self_underflowing_columns_are_recomputed(ranges, monkeypatch):
+    """Points of the second range get their sums over the first range from column
+    partials: an outlier (no mass there) and a zero weight (u = -inf) are
+    flagged and recomputed exactly; switched off, the zero weight is not finite."""
+    ranges((2, 2))                 # ranges [0, 128) and [128, 150)
+    x, _, f, _, la, _ = make_case(150, 5, 3, seed=7)
+    x[140] += 10.0
+    la[141] = -math.inf
+    eps = 0.05
+    ref = dense_self(x, f, la, eps, 1.0)
+    args = [t.to(DEVICE, torch.float32) for t in (x, f, la)]
+    out = softmin_self(*args, eps=eps, backend="triton", precision="ieee")
+    # The outlier's cost to itself, |x|^2 + |x|^2 - 2 x.x with |x|^2 ~ 300, loses
+    # ~1e-5 to fp32 cancellation (/ eps = 0.05): softmin has the same error.
+    plain = softmin(args[0], args[0], args[2] + args[1] / eps, eps=eps, backend="triton", precision="ieee")
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) <= 2 * rel_err(plain, ref) + 1e-6 and rel_err(out, ref) < 3e-4
+    monkeypatch.setattr(sp, "_FIXUP", False)
+    off = softmin_self(*args, eps=eps, backend="triton", precision="ieee")
+    assert not torch.isfinite(off[141])
+    assert torch.equal(off[:128], out[:128])    # the first range: row partials only, exact
+
+
+def test_self_errors():
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"f has shape \(4,\), expected \(5,\)"):
+        softmin_self(x, torch.zeros(4), eps=0.5)
+    with pytest.raises(ValueError, match="eps must be a positive finite number"):
+        softmin_self(x, torch.zeros(5), eps=0.0)
+    with pytest.raises(ValueError, match="log_a has shape"):
+        softmin_self(x, torch.zeros(5), torch.zeros(3), eps=0.5)
+
+
+def test_self_range_plan_fills_the_gpu(monkeypatch):
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setattr(_common, "_sm_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    for n, B in [(10_000, 1), (50_000, 1), (1_000_000, 1), (10_000, 2), (300, 1)]:
+        T, rows = sp.self_range_plan(n, B, cuda)
+        assert rows % _common.SPLIT_ALIGN == 0 and (T - 1) * rows < n <= T * rows
+        if n >= 10_000:
+            assert 132 <= T * (T + 1) // 2 * B <= 264, (n, B, T)
+    blocks = sp._upper_blocks(4, torch.device("cpu"))
+    assert blocks.tolist() == [[r, s] for r in range(4) for s in range(r, 4)]
+
+
+# --------------------------------------------------------------------------
 # GPU: realistic sizes (the default range plan), memory
 # --------------------------------------------------------------------------
 
@@ -317,6 +411,21 @@ def test_gpu_large_against_float64(n, m, d, precision):
     ef, eg = rel_err(sf, rf), rel_err(sg, rg)
     print(f"softmin_pair n={n} m={m} d={d} {precision}: err f {ef:.2e} g {eg:.2e}")
     assert ef < TOL[precision] and eg < TOL[precision]
+
+
+@requires_cuda
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_gpu_self_large_against_float64(precision):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    n, d = 30_000, 64
+    x = torch.randn(n, d, device="cuda", generator=gen) / math.sqrt(d)
+    f = 0.3 * torch.randn(n, device="cuda", generator=gen)
+    la = torch.full((n,), -math.log(n), device="cuda")
+    out = softmin_self(x, f, la, eps=0.1, precision=precision)
+    ref = softmin_self(x.double(), f.double(), la.double(), eps=0.1, backend="torch")
+    err = rel_err(out, ref)
+    print(f"softmin_self n={n} d={d} {precision}: err {err:.2e}")
+    assert err < TOL[precision]
 
 
 @requires_cuda

@@ -21,7 +21,7 @@ from ._common import BACKENDS, DEFAULT_PRECISION, PRECISIONS
 from .plan_apply import plan_apply, plan_apply_torch
 from .plan_bilinear import plan_bilinear, plan_bilinear_torch
 from .softmin import lse_cost, lse_cost_torch, softmin, softmin_torch
-from .softmin_pair import softmin_pair, softmin_pair_torch
+from .softmin_pair import softmin_pair, softmin_pair_torch, softmin_self
 
 __all__ = [
     "BACKENDS",
@@ -36,5 +36,6 @@ __all__ = [
     "softmin",
     "softmin_pair",
     "softmin_pair_torch",
+    "softmin_self",
     "softmin_torch",
 ]

@@ -52,9 +52,10 @@ from . import _common
 from ._common import LN2, LOG2E, _logits, _mma, _online_step, _plan_bias, _row_setup
 from .softmin import _CONFIGS, _fits, _lse_torch
 
-__all__ = ["softmin_pair", "softmin_pair_cat", "softmin_pair_torch"]
+__all__ = ["softmin_pair", "softmin_pair_cat", "softmin_pair_torch", "softmin_self"]
 
 _FN = "softmin_pair"
+_FN_SELF = "softmin_self"
 
 #: A range (rows or columns of one program) holds at least this many points:
 #: smaller ranges cost more in partials and merging than they add in occupancy.
@@ -129,14 +130,14 @@ def _pair_fits(cfg, args):
 @triton.autotune(
     configs=_CONFIGS,
     # Bucketed sizes and the layout only: eps is a runtime float.
-    key=["N_BUCKET", "M_BUCKET", "DP", "DOT", "CPREC"],
+    key=["N_BUCKET", "M_BUCKET", "DP", "DOT", "CPREC", "SELF"],
     prune_configs_by={"early_config_prune": _common.pruner(_pair_fits)},
     **_common.AUTOTUNE_DISK_CACHE,
 )
 @triton.jit(do_not_specialize=["n", "m", "rows_per_range", "cols_per_range"])
 def _pair_kernel(
     X, Y, XN, YN, F, G, LOG_A, LOG_B,
-    RM, RS, CM, CS,
+    RM, RS, CM, CS, BLOCKS,
     n, m, rows_per_range, cols_per_range,
     stride_xb, stride_yb, stride_xnb, stride_ynb, stride_fb, stride_gb, stride_lab, stride_lbb,
     stride_rp, stride_rb, stride_cp, stride_cb,
@@ -146,14 +147,24 @@ def _pair_kernel(
     D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     DOT: tl.constexpr, CPREC: tl.constexpr,
     HAS_LOG_A: tl.constexpr, HAS_LOG_B: tl.constexpr,
+    # SELF: the problem (x, x) of softmin_self; program i takes the block
+    # BLOCKS[i] = (r, s), r <= s, of the upper triangle.
+    SELF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Tensor-core dots over one feature chunk: the column tile's points are
     # loaded once per column tile (else _logits reloads them at every tile).
     RESIDENT_Y: tl.constexpr = DOT == 0 and D_CHUNKS == 1
     PIPE: tl.constexpr = RESIDENT_Y and DP <= _PIPELINE_MAX_DP
-    pid_r = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    if SELF:
+        pid_r = tl.load(BLOCKS + 2 * tl.program_id(0))
+        pid_s = tl.load(BLOCKS + 2 * tl.program_id(0) + 1)
+    else:
+        pid_r = tl.program_id(0)
+        pid_s = tl.program_id(1)
+    # A diagonal block of the self problem gives its rows only (its columns
+    # are the same points: they would count the block twice).
+    with_cols = (not SELF) or (pid_r != pid_s)
     b = tl.program_id(2).to(tl.int64)
     X += b * stride_xb
     Y += b * stride_yb
@@ -226,27 +237,29 @@ def _pair_kernel(
             # Columns: p_ij exp2(mt_i + r_i - q_i) = exp2(s_ij - q_i), q_i the
             # largest plan logit met at this row position (rescaled when it grows).
             # (-inf everywhere so far: shift by 0, add zeros, never NaN.)
-            top = mt + r
-            qn = tl.maximum(qv, top)
-            qs = tl.where(qn == float("-inf"), 0.0, qn)
-            acc = acc * tl.exp2(qv - qs)[:, None] + p * tl.exp2(top - qs)[:, None]
-            qv = qn
+            if with_cols:
+                top = mt + r
+                qn = tl.maximum(qv, top)
+                qs = tl.where(qn == float("-inf"), 0.0, qn)
+                acc = acc * tl.exp2(qv - qs)[:, None] + p * tl.exp2(top - qs)[:, None]
+                qv = qn
         # One cross-thread reduction per column tile, to the common shift q.
         # The column's partial log2-sum is CM + log2(CS), CM = q - u_j (+inf
         # for u_j = -inf: flagged by the merge).
         q = tl.max(qv, axis=0)
         colsum = tl.sum(acc * tl.exp2(qv - tl.where(q == float("-inf"), 0.0, q))[:, None], axis=0)
-        tl.store(CM + cols, tl.where(u == float("-inf"), float("inf"), q - u), mask=col_ok)
-        tl.store(CS + cols, colsum, mask=col_ok)
+        if with_cols:
+            tl.store(CM + cols, tl.where(u == float("-inf"), float("inf"), q - u), mask=col_ok)
+            tl.store(CS + cols, colsum, mask=col_ok)
         # The next column tile reads the row partials stored above, possibly
         # by other threads of this program.
         tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=["n", "m", "row_parts", "col_parts"])
+@triton.jit(do_not_specialize=["n_rows", "n", "m", "row_parts", "col_parts"])
 def _pair_merge_kernel(
     RM, RS, CM, CS, X, Y, XN, YN, F, LOG_A, OUT,
-    n, m, row_parts, col_parts,
+    n_rows, n, m, row_parts, col_parts,
     stride_rp, stride_rb, stride_cp, stride_cb,
     stride_xb, stride_yb, stride_xnb, stride_ynb, stride_fb, stride_lab, stride_ob,
     k2, inv_eps2, out_scale, max_loss,
@@ -264,11 +277,12 @@ def _pair_merge_kernel(
     """
     b = tl.program_id(1).to(tl.int64)
     pid = tl.program_id(0)
-    row_programs = tl.cdiv(n, BLOCK)
+    # OUT = [rows (n_rows: n, or 0 for softmin_self) | columns (m)].
+    row_programs = tl.cdiv(n_rows, BLOCK)
     is_row = pid < row_programs
     if is_row:
         idx = pid * BLOCK + tl.arange(0, BLOCK)
-        ok = idx < n
+        ok = idx < n_rows
         PM = RM + b * stride_rb
         PS = RS + b * stride_rb
         stride_p = stride_rp
@@ -283,7 +297,7 @@ def _pair_merge_kernel(
         stride_p = stride_cp
         parts = col_parts
         NORM = YN + b * stride_ynb
-        dst = OUT + b * stride_ob + n + idx
+        dst = OUT + b * stride_ob + n_rows + idx
     mx = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     for p in range(0, parts):
         mx = tl.maximum(mx, tl.load(PM + p * stride_p + idx, mask=ok, other=float("-inf")))
@@ -384,7 +398,7 @@ def _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision):
         _PAIR_LAUNCH(
             key, grid,
             pair.x, pair.y, pair.xn, pair.yn, f, g, la, lb,
-            rm, rs, cm, cs,
+            rm, rs, cm, cs, rm,
             geo.n, geo.m, rows, cols,
             P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
             bs(f, 1), bs(g, 1), bs(la, 1), bs(lb, 1),
@@ -393,14 +407,14 @@ def _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision):
             n_b, m_b,
             D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
             DOT=pair.DOT, CPREC=pair.PREC,
-            HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None,
+            HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None, SELF=False,
         )
         # 64 columns per merge program: the width of an exact recomputation.
         block, block_n = (32, 16) if _common.interpreting() else (64, 64)
         programs = _common.cdiv(geo.n, block) + _common.cdiv(geo.m, block)
         _pair_merge_kernel[(programs, geo.B)](
             rm, rs, cm, cs, pair.x, pair.y, pair.xn, pair.yn, f, la, out,
-            geo.n, geo.m, S, R,
+            geo.n, geo.n, geo.m, S, R,
             *part_strides,
             P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
             bs(f, 1), bs(la, 1), bs(out, 1),
@@ -410,6 +424,154 @@ def _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision):
             FIXUP=_FIXUP, BLOCK=block, BLOCK_N=block_n, num_warps=4,
         )
     return out
+
+
+def self_range_plan(n: int, batch: int, device: torch.device):
+    """``(T, rows_per_range)`` of the self problem: T ranges, T (T + 1) / 2 blocks."""
+    if _FORCE_RANGES is not None:
+        return _common.split_plan(n, _FORCE_RANGES[0])
+    if device.type != "cuda" or _common.interpreting():
+        return _common.split_plan(n, 1)
+    return _gpu_self_range_plan(n, batch, _common._sm_count(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _gpu_self_range_plan(n: int, batch: int, sms: int):
+    """The most ranges T whose T (T + 1) / 2 blocks x batch fit the programs of one wave."""
+    target = max(1, (_common.PROGRAMS_PER_SM * sms) // batch)
+    best = _common.split_plan(n, 1)
+    for t in range(2, max(1, n // MIN_RANGE) + 1):
+        plan = _common.split_plan(n, t)
+        if plan[0] * (plan[0] + 1) // 2 > target:
+            break
+        best = plan
+    return best
+
+
+_BLOCK_TABLES: dict = {}
+
+
+def _upper_blocks(t: int, device: torch.device) -> torch.Tensor:
+    """The (r, s) pairs with r <= s < t, as an int32 (T (T + 1) / 2, 2) tensor on ``device``."""
+    key = (t, str(device))
+    table = _BLOCK_TABLES.get(key)
+    if table is None:
+        pairs = [(r, s) for r in range(t) for s in range(r, t)]
+        table = torch.tensor(pairs, dtype=torch.int32, device=device).contiguous()
+        _BLOCK_TABLES[key] = table
+    return table
+
+
+def _self_triton(geo, x, f, log_a, eps, cost_scale, precision):
+    out = torch.empty(geo.shape(geo.n), device=geo.device, dtype=geo.dtype)
+    if geo.n == 0:
+        return out
+    pair = _common.prepare_pair(x, x, precision)
+    f, log_a = _common.unit_last(f), _common.unit_last(log_a)
+    la = log_a if log_a is not None else f
+    k2 = cost_scale * LOG2E / eps
+    T, rows = self_range_plan(geo.n, geo.B, geo.device)
+    blocks = _upper_blocks(T, geo.device)
+    # Slot k of point i: its partial (max, sum) against range k, from the block
+    # (range of i, k) as a row when k >= range of i, else as a column.
+    part = torch.empty((2, geo.B, T * geo.n), device=geo.device, dtype=torch.float32)
+    pm, ps = part[0], part[1]
+    strides = (geo.n, part.stride(1), geo.n, part.stride(1))
+    P = _common.PreparedPair
+    bs = _common.batch_stride
+    n_b = _common.bucket(geo.n)
+    with _common.device_guard(geo.device):
+        key = (n_b, n_b, pair.DP, pair.D, pair.DOT, pair.PREC, x.dtype, f.dtype,
+               log_a is not None and log_a.dtype, "self")
+        _PAIR_LAUNCH(
+            key, (blocks.shape[0], 1, geo.B),
+            pair.x, pair.y, pair.xn, pair.yn, f, f, la, la,
+            pm, ps, pm, ps, blocks,
+            geo.n, geo.n, rows, rows,
+            P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
+            bs(f, 1), bs(f, 1), bs(la, 1), bs(la, 1),
+            *strides,
+            k2, LOG2E / eps,
+            n_b, n_b,
+            D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
+            DOT=pair.DOT, CPREC=pair.PREC,
+            HAS_LOG_A=log_a is not None, HAS_LOG_B=log_a is not None, SELF=True,
+        )
+        block, block_n = (32, 16) if _common.interpreting() else (64, 64)
+        # Every point is merged (and, when flagged, recomputed) as a column.
+        _pair_merge_kernel[(_common.cdiv(geo.n, block), geo.B)](
+            pm, ps, pm, ps, pair.x, pair.y, pair.xn, pair.yn, f, la, out,
+            0, geo.n, geo.n, 0, T,
+            *strides,
+            P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
+            bs(f, 1), bs(la, 1), bs(out, 1),
+            k2, LOG2E / eps, -eps * LN2, math.log2(geo.n) - 126.0 + LOSS_BITS,
+            D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
+            DOT=pair.DOT, CPREC=pair.PREC, HAS_LOG_A=log_a is not None,
+            FIXUP=_FIXUP, BLOCK=block, BLOCK_N=block_n, num_warps=4,
+        )
+    return out
+
+
+def softmin_self(x, f, log_a=None, *, eps, cost_scale=1.0, backend=None, precision=None):
+    r"""The soft-min update of a potential on one cloud: ``softmin(x, x, log a + f / eps)``.
+
+    The update of the debiasing potentials ``f_aa`` (and ``g_bb``) of a
+    Sinkhorn divergence. The cost matrix of (x, x) is symmetric: the Triton
+    kernel runs the blocks of the upper triangle only, each feeding its rows
+    and (off the diagonal) its columns, from one dot and one exponential per
+    entry: about half the work of :func:`otlinop.kernels.softmin`.
+
+    Parameters
+    ----------
+    x : Tensor, shape (n, d) or (B, n, d)
+        The points.
+    f : Tensor, shape (n,) or (B, n)
+        The potential.
+    log_a : Tensor, shape (n,) or (B, n), optional
+        Log-weights (``-inf``: a zero weight); None means 0.
+    eps, cost_scale, backend, precision
+        As in :func:`softmin_pair`.
+
+    Returns
+    -------
+    Tensor, shape (n,) or (B, n), dtype of ``x``
+        ``-eps LSE_j(log a_j + f_j / eps - C_ij / eps)``; ``+inf`` where every
+        term is ``-inf``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As in :func:`softmin_pair`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from otlinop.kernels import softmin_self
+    >>> x = torch.randn(6, 2, dtype=torch.float64)
+    >>> softmin_self(x, torch.zeros(6, dtype=torch.float64), eps=0.5).shape
+    torch.Size([6])
+    """
+    geo, eps, cost_scale = _validate(_FN_SELF, x, x, f, f, log_a, log_a, eps, cost_scale)
+    precision = _common.resolve_precision(_FN_SELF, precision)
+    if _common.resolve_backend(_FN_SELF, backend, x) == "torch":
+        return _self_torch(x, f, log_a, eps, cost_scale)
+    return _self_triton(geo, x, f, log_a, eps, cost_scale, precision)
+
+
+def softmin_self_unchecked(x, f, log_a, *, eps: float, cost_scale: float, backend, precision):
+    """:func:`softmin_self` without the input checks, for loops that ran them once."""
+    geo = _common.Geometry(_FN_SELF, x.ndim == 3, x.shape[0] if x.ndim == 3 else 1, x.shape[-2], x.shape[-2],
+                           x.shape[-1], x.dtype, x.device)
+    precision = _common.resolve_precision(_FN_SELF, precision)
+    if _common.resolve_backend(_FN_SELF, backend, x) == "torch":
+        return _self_torch(x, f, log_a, eps, cost_scale)
+    return _self_triton(geo, x, f, log_a, eps, cost_scale, precision)
+
+
+def _self_torch(x, f, log_a, eps, cost_scale):
+    h = f / eps if log_a is None else log_a + f / eps
+    return -eps * _lse_torch(x, x, h, eps, cost_scale)
 
 
 def softmin_pair(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.0, backend=None, precision=None):
