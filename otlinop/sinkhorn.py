@@ -35,6 +35,7 @@ from ._base import _fmt_shape
 from .kernels import _common as _kernel_common
 from .kernels.softmin import softmin as _softmin
 from .kernels.softmin_pair import softmin_pair_unchecked as _softmin_pair
+from .kernels.softmin_pair import softmin_self_unchecked as _softmin_self
 
 __all__ = ["sinkhorn", "SinkhornResult", "epsilon_schedule"]
 
@@ -333,65 +334,6 @@ def _no_finite_checks():
         _kernel_common._CHECK_FINITE = old
 
 
-class _SoftminBank:
-    """Several soft-min problems at the same eps, grouped into as few launches as possible.
-
-    ``pairs[k] = (X_k, Y_k)``, batched (B, n_k, d), (B, m_k, d). Problems with
-    the same (n_k, m_k) are stacked along the batch dimension once, here, so
-    that ``__call__`` runs one kernel launch per group: with n = m the four
-    updates of a debiased symmetric step are a single launch of batch 4B.
-
-    When the pairs of a group form a chain (``Y_k is X_{k+1}``), the stack is
-    ``Z = [X_0, ..., X_{K-1}, Y_{K-1}]`` and the rows and columns are the views
-    ``Z[:K]`` and ``Z[1:]``: K + 1 copies of the points instead of 2K. The
-    callers order their pairs so: (x, y), (y, x) gives Z = [x, y, x];
-    (x, x), (x, y), (y, y), (y, x) gives Z = [x, x, y, y, x].
-    """
-
-    def __init__(self, pairs, *, cost_scale: float, backend, precision, pot_dtype):
-        self._opts = dict(cost_scale=cost_scale, backend=backend, precision=precision)
-        self._pot_dtype = pot_dtype
-        self._count = len(pairs)
-        groups: dict[tuple, list[int]] = {}
-        for k, (X, Y) in enumerate(pairs):
-            groups.setdefault((X.shape[1], Y.shape[1]), []).append(k)
-        self._groups = []
-        for idx in groups.values():
-            group = [pairs[k] for k in idx]
-            if len(group) == 1:
-                X, Y = group[0]
-            elif all(group[k][1] is group[k + 1][0] for k in range(len(group) - 1)):
-                Z = torch.stack([p[0] for p in group] + [group[-1][1]])      # (K + 1, B, rows, d)
-                K, shape = len(group), group[0][0].shape
-                X = Z[:K].reshape((K * shape[0],) + tuple(shape[1:]))
-                Y = Z[1:].reshape((K * shape[0],) + tuple(shape[1:]))
-            else:
-                X = torch.cat([p[0] for p in group])
-                Y = torch.cat([p[1] for p in group])
-            self._groups.append((idx, X, Y))
-
-    @property
-    def single_group(self) -> bool:
-        """True when all the problems run in one launch (they share their sizes)."""
-        return len(self._groups) == 1
-
-    def stacked(self, H, eps: float):
-        """Soft-mins of a single-group bank from stacked log-weights ``H`` (K, B, m) -> (K, B, n)."""
-        (_, X, Y), = self._groups
-        S = _softmin(X, Y, H.reshape((-1,) + tuple(H.shape[2:])), eps=eps, **self._opts)
-        return S.to(self._pot_dtype).reshape(H.shape[:2] + (X.shape[1],))
-
-    def __call__(self, hs, eps: float):
-        """``hs[k]`` (B, m_k) column log-weights -> list of (B, n_k) soft-mins."""
-        out = [None] * self._count
-        for idx, X, Y in self._groups:
-            H = hs[idx[0]] if len(idx) == 1 else torch.cat([hs[k] for k in idx])
-            S = _softmin(X, Y, H, eps=eps, **self._opts).to(self._pot_dtype)
-            for k, s in zip(idx, S.chunk(len(idx)) if len(idx) > 1 else (S,)):
-                out[k] = s
-        return out
-
-
 def _row_error(f, s, a, eps: float, rho) -> torch.Tensor:
     """L1 row-marginal error of the plan P(f, g), per batch entry (B,).
 
@@ -451,38 +393,52 @@ class _Monitor:
         return [float(e) for e in torch.stack(self.errors).tolist()]
 
 
+#: Tests set False to run the two debiasing problems as separate calls when n = m.
+_STACK_SELF = True
+
+
 class _SelfBank:
     """The debiasing potentials f_aa (problem (x, x)) and g_bb (problem (y, y)).
 
-    Their updates are stacked into one soft-min launch when n = m (see
-    _SoftminBank). Created at the first eps from zero potentials.
+    Their updates are soft-mins of a cloud against itself (softmin_self: the
+    upper triangle of the symmetric cost only). With n = m both clouds are
+    stacked along the batch once, here: one launch per update. Created at
+    the first eps from zero potentials.
     """
 
     def __init__(self, x, y, log_a, log_b, eps0: float, rho_x, rho_y, opts, pot_dtype):
-        self._bank = _SoftminBank([(x, x), (y, y)], pot_dtype=pot_dtype, **opts)
-        self._logs = [log_a, log_b]
+        self._opts = opts
+        self._pot_dtype = pot_dtype
         self._rhos = [rho_x, rho_y]
-        self._pots = self._bank(self._logs, eps0)
-        self._damp(self._pots, eps0)
+        self._B = x.shape[0]
+        self._stacked = _STACK_SELF and x.shape[1] == y.shape[1]
+        if self._stacked:
+            self._clouds, self._logs = [torch.cat([x, y])], [torch.cat([log_a, log_b])]
+        else:
+            self._clouds, self._logs = [x, y], [log_a, log_b]
+        self._pots = self._smins([torch.zeros_like(lw) for lw in self._logs], eps0)
 
-    def _damp(self, smins, eps: float) -> None:
-        for s, rho in zip(smins, self._rhos):
+    def _smins(self, pots, eps: float) -> list:
+        out = [_softmin_self(c, p, lw, eps=eps, **self._opts).to(self._pot_dtype)
+               for c, p, lw in zip(self._clouds, pots, self._logs)]
+        sides = [out[0][:self._B], out[0][self._B:]] if self._stacked else out
+        for side, rho in zip(sides, self._rhos):
             lam = _damping(eps, rho)
             if lam != 1.0:
-                s.mul_(lam)
+                side.mul_(lam)
+        return out
 
     def smins(self, eps: float) -> list:
-        """The damped soft-min updates [T(f_aa), T(g_bb)] of the current potentials."""
-        out = self._bank([torch.add(lw, p, alpha=1.0 / eps) for lw, p in zip(self._logs, self._pots)], eps)
-        self._damp(out, eps)
-        return out
+        """The damped updates [T(f_aa), T(g_bb)] of the current potentials."""
+        out = self._smins(self._pots, eps)
+        return [out[0][:self._B], out[0][self._B:]] if self._stacked else out
 
     def step(self, eps: float) -> None:
         """One averaged update."""
-        self._pots = [torch.lerp(p, s, 0.5) for p, s in zip(self._pots, self.smins(eps))]
+        self._pots = [torch.lerp(p, s, 0.5) for p, s in zip(self._pots, self._smins(self._pots, eps))]
 
     def potentials(self) -> list:
-        return list(self._pots)
+        return [self._pots[0][:self._B], self._pots[0][self._B:]] if self._stacked else list(self._pots)
 
 
 def _symmetric_loop(inp: _Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0, monitor: _Monitor,
@@ -564,15 +520,19 @@ def _alternating_loop(inp: _Inputs, eps: float, rho_x, rho_y, *, f0, g0, max_ite
     """
     x, y = inp.x, inp.y
     log_a, log_b = inp.log_a, inp.log_b
-    opts = dict(cost_scale=cost_scale, backend=backend, precision=precision, pot_dtype=inp.pot_dtype)
-    rows = _SoftminBank([(x, y)], **opts)
-    cols = _SoftminBank([(y, x)], **opts)
+    opts = dict(cost_scale=cost_scale, backend=backend, precision=precision)
+
+    def rows(h, eps):          # update of f from the column log-weights h = log b + g / eps
+        return _softmin(x, y, h, eps=eps, **opts).to(inp.pot_dtype)
+
+    def cols(h, eps):          # update of g from h = log a + f / eps
+        return _softmin(y, x, h, eps=eps, **opts).to(inp.pot_dtype)
     lam_x, lam_y = _damping(eps, rho_x), _damping(eps, rho_y)
 
     if f0 is not None:
         f = f0
     elif g0 is not None:
-        f = lam_x * rows([log_b + g0 / eps], eps)[0]
+        f = lam_x * rows(log_b + g0 / eps, eps)
     else:
         f = torch.zeros_like(log_a)
     g = None
@@ -584,8 +544,8 @@ def _alternating_loop(inp: _Inputs, eps: float, rho_x, rho_y, *, f0, g0, max_ite
     for it in range(1, max_iter + 1):
         # One fused add per half-step (alpha = 1/eps) and no scaling on a
         # balanced side: the launches of the small ops bound small problems.
-        g = damped(lam_y, cols([torch.add(log_a, f, alpha=1.0 / eps)], eps)[0])
-        s = rows([torch.add(log_b, g, alpha=1.0 / eps)], eps)[0]
+        g = damped(lam_y, cols(torch.add(log_a, f, alpha=1.0 / eps), eps))
+        s = rows(torch.add(log_b, g, alpha=1.0 / eps), eps)
         f_prev, f = f, damped(lam_x, s)
         n_iter = it
         if it % monitor.check_every == 0 or it == max_iter:

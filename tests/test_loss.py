@@ -247,9 +247,10 @@ def test_double_backward():
     assert not g.requires_grad
 
 
-def test_triton_interpreter_matches_torch():
+@pytest.mark.parametrize("m", [20, 24])   # n = m stacks the debiasing problems
+def test_triton_interpreter_matches_torch(m):
     # On a GPU machine the same small problem runs compiled.
-    x, y, a, b = (t.to(DEVICE) for t in clouds(24, 20, d=3, batch=2, dtype=torch.float32))
+    x, y, a, b = (t.to(DEVICE) for t in clouds(24, m, d=3, batch=2, dtype=torch.float32))
     results = {}
     for backend in ("torch", "triton"):
         xi, bi = leaves(x, b)
