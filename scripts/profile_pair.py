@@ -1,9 +1,10 @@
-"""Developer probe (GPU): softmin_pair against two softmin calls, side by side.
+"""Developer probe (GPU): softmin_pair and softmin_self against the softmin calls they replace.
 
 python scripts/profile_pair.py [--ranges R S]  -- per case: wall ms per call
 (host loop, then sync) and device ms per call (CUDA-graph replay) of one
-softmin_pair call and of the two softmin calls it replaces, with the ratio.
-Not a benchmark of record (see python -m otlinop.bench sinkhorn).
+softmin_pair call against two softmin calls, then of one softmin_self call
+against one softmin call on (x, x), with the ratios. Not a benchmark of
+record (see python -m otlinop.bench sinkhorn).
 """
 import argparse
 import importlib
@@ -11,7 +12,7 @@ import math
 
 import torch
 
-from otlinop.kernels import _common, softmin, softmin_pair
+from otlinop.kernels import _common, softmin, softmin_pair, softmin_self
 
 sp = importlib.import_module("otlinop.kernels.softmin_pair")
 _common._CHECK_FINITE = False
@@ -83,6 +84,25 @@ def main():
                 floor = 2 * n * n / 3.93e12 * 1e3
                 print(f"| {n} | {d} | {prec}, {kind} potentials | {pw:.3f} / {pd:.3f} | {tw:.3f} / {td:.3f} | {pd / td:.2f} | {floor:.3f} |",
                       flush=True)
+
+    print()
+    print("| n | d | precision | softmin_self wall / device ms | softmin (x, x) wall / device ms | device ratio |")
+    print("|---|---|---|---|---|---|")
+    for n in args.sizes:
+        for d in args.dims:
+            x = torch.randn(n, d, device="cuda")
+            la = torch.full((n,), -math.log(n), device="cuda")
+            eps = 0.5
+            f = softmin(x, x, la, eps=eps)
+            for prec in ("tf32", "tf32x3"):
+                def self_():
+                    return softmin_self(x, f, la, eps=eps, precision=prec)
+
+                def plain():
+                    return softmin(x, x, torch.add(la, f, alpha=1 / eps), eps=eps, precision=prec)
+                sw, sd = wall_ms(self_), graph_ms(self_)
+                pw, pd = wall_ms(plain), graph_ms(plain)
+                print(f"| {n} | {d} | {prec} | {sw:.3f} / {sd:.3f} | {pw:.3f} / {pd:.3f} | {sd / pd:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
