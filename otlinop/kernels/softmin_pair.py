@@ -378,7 +378,6 @@ def _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision):
         return out.fill_(float("inf"))
     pair = _common.prepare_pair(x, y, precision)
     f, g, log_a, log_b = (_common.unit_last(t) for t in (f, g, log_a, log_b))
-    k2 = cost_scale * LOG2E / eps
     (R, rows), (S, cols) = range_plan(geo.n, geo.m, geo.B, geo.device)
     # Partial (max, sum) pairs of the rows (S per row) and of the columns (R
     # per column): one allocation, [maxima | sums] x batch x [rows | columns].
@@ -386,44 +385,59 @@ def _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision):
     rm, rs = part[0], part[1]
     cm, cs = part[0, :, S * geo.n:], part[1, :, S * geo.n:]
     part_strides = (geo.n, part.stride(1), geo.m, part.stride(1))   # (partial, batch) rows, columns
+    la = log_a if log_a is not None else f
+    lb = log_b if log_b is not None else g
+    _launch(geo, pair, f, g, la, lb, log_a is not None, log_b is not None, eps, cost_scale, out,
+            grid=(R, S, geo.B), blocks=part, ranges=(rows, cols), partials=(rm, rs, cm, cs),
+            strides=part_strides, n_rows=geo.n, parts=(S, R), self_=False)
+    return out
+
+
+def _launch(geo, pair, f, g, la, lb, has_log_a, has_log_b, eps, cost_scale, out, *, grid, blocks, ranges,
+            partials, strides, n_rows, parts, self_):
+    """Launch the fused kernel on ``grid`` and the merge into ``out`` (both problems).
+
+    ``partials`` = (row maxima, row sums, column maxima, column sums) and
+    ``strides`` their (partial, batch) strides; ``parts`` = (row partials,
+    column partials) per point; ``n_rows``: the size of the row section of
+    ``out`` (0 for the self problem, whose points all merge as columns);
+    ``blocks``: the block table of the self problem (any tensor otherwise).
+    """
     P = _common.PreparedPair
     bs = _common.batch_stride
     n_b, m_b = _common.bucket(geo.n), _common.bucket(geo.m)
-    la = log_a if log_a is not None else f
-    lb = log_b if log_b is not None else g
+    k2 = cost_scale * LOG2E / eps
+    layout = dict(D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS, DOT=pair.DOT,
+                  CPREC=pair.PREC)
+    prepared_strides = (P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn))
     with _common.device_guard(geo.device):
-        key = (n_b, m_b, pair.DP, pair.D, pair.DOT, pair.PREC, x.dtype, f.dtype, g.dtype,
-               log_a is not None and log_a.dtype, log_b is not None and log_b.dtype)
-        grid = (R, S, geo.B)
+        key = (n_b, m_b, pair.DP, pair.D, pair.DOT, pair.PREC, geo.dtype, f.dtype, g.dtype,
+               has_log_a and la.dtype, has_log_b and lb.dtype, self_)
         _PAIR_LAUNCH(
             key, grid,
             pair.x, pair.y, pair.xn, pair.yn, f, g, la, lb,
-            rm, rs, cm, cs, rm,
-            geo.n, geo.m, rows, cols,
-            P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
+            *partials, blocks,
+            geo.n, geo.m, *ranges,
+            *prepared_strides,
             bs(f, 1), bs(g, 1), bs(la, 1), bs(lb, 1),
-            *part_strides,
+            *strides,
             k2, LOG2E / eps,
             n_b, m_b,
-            D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
-            DOT=pair.DOT, CPREC=pair.PREC,
-            HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None, SELF=False,
+            **layout, HAS_LOG_A=has_log_a, HAS_LOG_B=has_log_b, SELF=self_,
         )
         # 64 columns per merge program: the width of an exact recomputation.
         block, block_n = (32, 16) if _common.interpreting() else (64, 64)
-        programs = _common.cdiv(geo.n, block) + _common.cdiv(geo.m, block)
+        programs = _common.cdiv(n_rows, block) + _common.cdiv(geo.m, block)
         _pair_merge_kernel[(programs, geo.B)](
-            rm, rs, cm, cs, pair.x, pair.y, pair.xn, pair.yn, f, la, out,
-            geo.n, geo.n, geo.m, S, R,
-            *part_strides,
-            P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
+            *partials, pair.x, pair.y, pair.xn, pair.yn, f, la, out,
+            n_rows, geo.n, geo.m, *parts,
+            *strides,
+            *prepared_strides,
             bs(f, 1), bs(la, 1), bs(out, 1),
             k2, LOG2E / eps, -eps * LN2, math.log2(geo.n) - 126.0 + LOSS_BITS,
-            D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
-            DOT=pair.DOT, CPREC=pair.PREC, HAS_LOG_A=log_a is not None,
+            **layout, HAS_LOG_A=has_log_a,
             FIXUP=_FIXUP, BLOCK=block, BLOCK_N=block_n, num_warps=4,
         )
-    return out
 
 
 def self_range_plan(n: int, batch: int, device: torch.device):
@@ -469,47 +483,15 @@ def _self_triton(geo, x, f, log_a, eps, cost_scale, precision):
     pair = _common.prepare_pair(x, x, precision)
     f, log_a = _common.unit_last(f), _common.unit_last(log_a)
     la = log_a if log_a is not None else f
-    k2 = cost_scale * LOG2E / eps
     T, rows = self_range_plan(geo.n, geo.B, geo.device)
     blocks = _upper_blocks(T, geo.device)
     # Slot k of point i: its partial (max, sum) against range k, from the block
     # (range of i, k) as a row when k >= range of i, else as a column.
     part = torch.empty((2, geo.B, T * geo.n), device=geo.device, dtype=torch.float32)
     pm, ps = part[0], part[1]
-    strides = (geo.n, part.stride(1), geo.n, part.stride(1))
-    P = _common.PreparedPair
-    bs = _common.batch_stride
-    n_b = _common.bucket(geo.n)
-    with _common.device_guard(geo.device):
-        key = (n_b, n_b, pair.DP, pair.D, pair.DOT, pair.PREC, x.dtype, f.dtype,
-               log_a is not None and log_a.dtype, "self")
-        _PAIR_LAUNCH(
-            key, (blocks.shape[0], 1, geo.B),
-            pair.x, pair.y, pair.xn, pair.yn, f, f, la, la,
-            pm, ps, pm, ps, blocks,
-            geo.n, geo.n, rows, rows,
-            P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
-            bs(f, 1), bs(f, 1), bs(la, 1), bs(la, 1),
-            *strides,
-            k2, LOG2E / eps,
-            n_b, n_b,
-            D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
-            DOT=pair.DOT, CPREC=pair.PREC,
-            HAS_LOG_A=log_a is not None, HAS_LOG_B=log_a is not None, SELF=True,
-        )
-        block, block_n = (32, 16) if _common.interpreting() else (64, 64)
-        # Every point is merged (and, when flagged, recomputed) as a column.
-        _pair_merge_kernel[(_common.cdiv(geo.n, block), geo.B)](
-            pm, ps, pm, ps, pair.x, pair.y, pair.xn, pair.yn, f, la, out,
-            0, geo.n, geo.n, 0, T,
-            *strides,
-            P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
-            bs(f, 1), bs(la, 1), bs(out, 1),
-            k2, LOG2E / eps, -eps * LN2, math.log2(geo.n) - 126.0 + LOSS_BITS,
-            D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
-            DOT=pair.DOT, CPREC=pair.PREC, HAS_LOG_A=log_a is not None,
-            FIXUP=_FIXUP, BLOCK=block, BLOCK_N=block_n, num_warps=4,
-        )
+    _launch(geo, pair, f, f, la, la, log_a is not None, log_a is not None, eps, cost_scale, out,
+            grid=(blocks.shape[0], 1, geo.B), blocks=blocks, ranges=(rows, rows), partials=(pm, ps, pm, ps),
+            strides=(geo.n, part.stride(1), geo.n, part.stride(1)), n_rows=0, parts=(0, T), self_=True)
     return out
 
 
