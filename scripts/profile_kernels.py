@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from otlinop.bench._timing import graph_replay_ms
 from otlinop.kernels import _common, lse_cost, plan_apply
 
 _common._CHECK_FINITE = False
@@ -22,28 +23,12 @@ def timed(fn, reps=50):
     host = (time.perf_counter() - t0) / reps
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / reps
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
     try:
-        with torch.cuda.graph(g):
-            fn()
-        g.replay()
-        torch.cuda.synchronize()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(reps):
-            g.replay()
-        e1.record()
-        e1.synchronize()
-        graph = e0.elapsed_time(e1) / reps * 1e-3
+        graph = graph_replay_ms(fn, reps)
     except Exception as exc:  # noqa: BLE001
         graph = float("nan")
         print("graph capture failed:", type(exc).__name__, exc)
-    return host * 1e3, wall * 1e3, graph * 1e3
+    return host * 1e3, wall * 1e3, graph
 
 
 print("case | host ms/call | wall ms/call | graph-replay (device) ms")

@@ -12,30 +12,11 @@ import math
 
 import torch
 
+from otlinop.bench._timing import graph_replay_ms
 from otlinop.kernels import _common, softmin, softmin_pair, softmin_self
 
 sp = importlib.import_module("otlinop.kernels.softmin_pair")
 _common._CHECK_FINITE = False
-
-
-def graph_ms(fn, reps=20):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(reps):
-        g.replay()
-    e1.record()
-    e1.synchronize()
-    return e0.elapsed_time(e1) / reps
 
 
 def wall_ms(fn, reps=20):
@@ -79,8 +60,8 @@ def main():
                 def two():
                     return (softmin(x, y, torch.add(la, g, alpha=1 / eps), eps=eps, precision=prec),
                             softmin(y, x, torch.add(la, f, alpha=1 / eps), eps=eps, precision=prec))
-                pw, pd = wall_ms(pair), graph_ms(pair)
-                tw, td = wall_ms(two), graph_ms(two)
+                pw, pd = wall_ms(pair), graph_replay_ms(pair)
+                tw, td = wall_ms(two), graph_replay_ms(two)
                 floor = 2 * n * n / 3.93e12 * 1e3
                 print(f"| {n} | {d} | {prec}, {kind} potentials | {pw:.3f} / {pd:.3f} | {tw:.3f} / {td:.3f} | {pd / td:.2f} | {floor:.3f} |",
                       flush=True)
@@ -100,8 +81,8 @@ def main():
 
                 def plain():
                     return softmin(x, x, torch.add(la, f, alpha=1 / eps), eps=eps, precision=prec)
-                sw, sd = wall_ms(self_), graph_ms(self_)
-                pw, pd = wall_ms(plain), graph_ms(plain)
+                sw, sd = wall_ms(self_), graph_replay_ms(self_)
+                pw, pd = wall_ms(plain), graph_replay_ms(plain)
                 print(f"| {n} | {d} | {prec} | {sw:.3f} / {sd:.3f} | {pw:.3f} / {pd:.3f} | {sd / pd:.2f} |", flush=True)
 
 

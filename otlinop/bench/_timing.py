@@ -29,6 +29,32 @@ def bench(fn, *, warmup_ms: float = 25.0, rep_ms: float = 100.0) -> float:
     return statistics.median(times)
 
 
+def graph_replay_ms(fn, reps: int = 20) -> float:
+    """Device time of ``fn()`` in milliseconds: one call captured in a CUDA graph, replayed ``reps`` times.
+
+    Without the host's launch cost (the graph replays the recorded kernels),
+    so it tells a launch-bound call from a device-bound one. ``fn`` is run
+    once on a side stream first (warm-up, autotuning), as capture requires.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def peak_memory(fn) -> int:
     """Peak extra bytes allocated on the current CUDA device while ``fn()`` runs."""
     torch.cuda.synchronize()
