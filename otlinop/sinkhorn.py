@@ -472,18 +472,20 @@ def _symmetric_loop(inp: _Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g
 
     # Initialisation at the first (largest) eps, the other potential being 0:
     # the soft-min is then nearly a convolution of the cost with the weights.
+    # A warm start replaces it; a missing half is the update of the given one
+    # (the update of g depends on f only, and that of f on g only).
     eps0 = eps_list[0]
-    FG = smins(torch.zeros(log_a.shape[:-1] + (n + y.shape[1],), dtype=inp.pot_dtype, device=x.device), eps0)
-    if f0 is not None or g0 is not None:
-        # Warm start: replace the initial (f, g); a missing one is the update of the other.
-        if f0 is not None and g0 is not None:
-            FG = torch.cat([f0, g0], dim=-1)
-        elif f0 is not None:
-            FG[:, :n] = f0
-            FG[:, n:] = smins(FG, eps0)[:, n:]
-        else:
-            FG[:, n:] = g0
-            FG[:, :n] = smins(FG, eps0)[:, :n]
+    FG = torch.zeros(log_a.shape[:-1] + (n + y.shape[1],), dtype=inp.pot_dtype, device=x.device)
+    if f0 is not None and g0 is not None:
+        FG = torch.cat([f0, g0], dim=-1)
+    elif f0 is not None:
+        FG[:, :n] = f0
+        FG[:, n:] = smins(FG, eps0)[:, n:]
+    elif g0 is not None:
+        FG[:, n:] = g0
+        FG[:, :n] = smins(FG, eps0)[:, :n]
+    else:
+        FG = smins(FG, eps0)
     selves = _SelfBank(x, y, log_a, log_b, eps0, rho_x, rho_y, opts, inp.pot_dtype) if debias else None
 
     for i, eps in enumerate(eps_list):
