@@ -9,10 +9,14 @@ One file per primitive; each computes on the squared Euclidean cost
   ``P.T @ U`` is the same call with the roles of (x, f, log_a) and
   (y, g, log_b) swapped.
 - :func:`plan_bilinear` (``plan_bilinear.py``): ``sum_j P_ij <W_i, V_j> Y_j``.
+- :func:`plan_truncate` (``plan_truncate.py``): the entries of P above a
+  threshold, in a padded sparse layout, and :func:`ell_matmat` /
+  :func:`ell_bilinear`, the products with that layout.
 
-Every primitive accepts unbatched inputs or a leading batch dim B (one kernel
-launch), a ``backend`` (None, "triton", "torch") and a ``precision`` (None,
-"ieee", "tf32", "tf32x3"; None means :data:`DEFAULT_PRECISION`). The
+Every primitive accepts a ``backend`` (None, "triton", "torch"), unbatched
+inputs and, but for the truncation, a leading batch dim B (one kernel
+launch); the streaming ones take a ``precision`` (None, "ieee", "tf32",
+"tf32x3"; None means :data:`DEFAULT_PRECISION`). The
 ``*_torch`` functions are the float64-capable references and the CPU fallback.
 Only the operators import this package.
 """
@@ -20,12 +24,16 @@ Only the operators import this package.
 from ._common import BACKENDS, DEFAULT_PRECISION, PRECISIONS
 from .plan_apply import plan_apply, plan_apply_torch
 from .plan_bilinear import plan_bilinear, plan_bilinear_torch
+from .plan_truncate import ell_bilinear, ell_matmat, ell_matmat_torch, plan_truncate, plan_truncate_torch
 from .softmin import lse_cost, lse_cost_torch, softmin, softmin_torch
 from .softmin_pair import softmin_pair, softmin_pair_torch, softmin_self
 
 __all__ = [
     "BACKENDS",
     "DEFAULT_PRECISION",
+    "ell_bilinear",
+    "ell_matmat",
+    "ell_matmat_torch",
     "PRECISIONS",
     "lse_cost",
     "lse_cost_torch",
@@ -33,6 +41,8 @@ __all__ = [
     "plan_apply_torch",
     "plan_bilinear",
     "plan_bilinear_torch",
+    "plan_truncate",
+    "plan_truncate_torch",
     "softmin",
     "softmin_pair",
     "softmin_pair_torch",
