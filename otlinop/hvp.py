@@ -147,19 +147,21 @@ def _solve_options(dtype, solver, M, rtol, atol, maxiter):
     return dict(solver=solver, M=M, rtol=rtol, atol=atol, maxiter=maxiter)
 
 
-def _plan(x, y, f, g, eps, a, b, cost_scale, backend, precision):
-    return PlanOperator(x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
-                        precision=precision)
+def _plan(x, y, f, g, eps, a, b, cost_scale, backend, precision, truncate=None):
+    P = PlanOperator(x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
+                     precision=precision)
+    return P if truncate is None else P.truncated(truncate)
 
 
-def _dual(x, y, f, g, eps, a, b, cost_scale, reach_x, reach_y, ridge, backend, precision):
-    P = _plan(x, y, f, g, eps, a, b, cost_scale, backend, precision)
+def _dual(x, y, f, g, eps, a, b, cost_scale, reach_x, reach_y, ridge, backend, precision, truncate=None):
+    P = _plan(x, y, f, g, eps, a, b, cost_scale, backend, precision, truncate)
     return DualHessianOperator(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
 
 
 # ---------------------------------------------------------------------- public
 def hvp(x, y, f, g, A=None, B=None, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, reach_y=None,
-        solver=cg, M=None, rtol=None, atol=0.0, maxiter=None, ridge=None, backend=None, precision=None):
+        solver=cg, M=None, rtol=None, atol=0.0, maxiter=None, ridge=None, backend=None, precision=None,
+        truncate=None):
     r"""The Hessian-vector product of the OT loss ``L(x, y)`` along ``(A, B)``.
 
     Parameters
@@ -191,6 +193,15 @@ def hvp(x, y, f, g, A=None, B=None, *, eps, a=None, b=None, cost_scale=1.0, reac
         Relative ridge of the Schur complement (``HessianOperator``).
     backend, precision : optional
         Passed to ``PlanOperator``.
+    truncate : float, optional
+        Run on ``P.truncated(truncate)`` (``otlinop.truncated``): the plan
+        without its entries below the certified bound, a sparse operator
+        whose products cost O(nnz) instead of a streaming pass. Pays when
+        eps is small against the spread of the costs (at 10k points, d = 64,
+        eps = 0.5 about 1% of the entries are kept for 1e-8); when the plan
+        is too dense the streaming plan is used. 1e-8 moves the HVP by
+        about 1e-8 over the Schur complement's spectral gap (relative).
+        None (default): the exact streaming plan.
 
     Returns
     -------
@@ -233,23 +244,24 @@ def hvp(x, y, f, g, A=None, B=None, *, eps, a=None, b=None, cost_scale=1.0, reac
         raise ValueError("hvp: give a direction A (for x), B (for y) or both; got neither")
     return _checked_hvp(x, y, f, g, A, B, "xy", eps=eps, a=a, b=b, cost_scale=cost_scale, reach_x=reach_x,
                         reach_y=reach_y, solver=solver, M=M, rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge,
-                        backend=backend, precision=precision)
+                        backend=backend, precision=precision, truncate=truncate)
 
 
 def _checked_hvp(x, y, f, g, A, B, sides, *, eps, a, b, cost_scale, reach_x, reach_y, solver, M, rtol, atol,
-                 maxiter, ridge, backend, precision):
+                 maxiter, ridge, backend, precision, truncate):
     """Validate, build the dual Hessian and run ``_hvp`` on the requested ``sides``."""
     _check_points(x, y, f, g)
     A = _check_direction("A", A, x, "x")
     B = _check_direction("B", B, y, "y")
     eps = _positive("eps", eps)
     solve = _solve_options(x.dtype, solver, M, rtol, atol, maxiter)
-    K = _dual(x, y, f, g, eps, a, b, cost_scale, reach_x, reach_y, ridge, backend, precision)
+    K = _dual(x, y, f, g, eps, a, b, cost_scale, reach_x, reach_y, ridge, backend, precision, truncate)
     return _hvp(K, x, y, A, B, cost_scale=cost_scale, solve=solve, sides=sides)
 
 
 def hvp_x(x, y, f, g, A, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, reach_y=None,
-          solver=cg, M=None, rtol=None, atol=0.0, maxiter=None, ridge=None, backend=None, precision=None):
+          solver=cg, M=None, rtol=None, atol=0.0, maxiter=None, ridge=None, backend=None, precision=None,
+          truncate=None):
     """``H_xx A``, the HVP of ``L`` in ``x`` alone; returns ``(HA, SolveResult)``.
 
     Arguments as in ``hvp``. Cost: the Schur solve and 4 plan passes
@@ -259,12 +271,14 @@ def hvp_x(x, y, f, g, A, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, r
         raise ValueError("hvp_x: A must be a tensor of shape (n, d), got None")
     dx, _, result = _checked_hvp(x, y, f, g, A, None, "x", eps=eps, a=a, b=b, cost_scale=cost_scale,
                                  reach_x=reach_x, reach_y=reach_y, solver=solver, M=M, rtol=rtol, atol=atol,
-                                 maxiter=maxiter, ridge=ridge, backend=backend, precision=precision)
+                                 maxiter=maxiter, ridge=ridge, backend=backend, precision=precision,
+                                 truncate=truncate)
     return dx, result
 
 
 def hvp_y(x, y, f, g, B, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, reach_y=None,
-          solver=cg, M=None, rtol=None, atol=0.0, maxiter=None, ridge=None, backend=None, precision=None):
+          solver=cg, M=None, rtol=None, atol=0.0, maxiter=None, ridge=None, backend=None, precision=None,
+          truncate=None):
     """``H_yy B``, the HVP of ``L`` in ``y`` alone; returns ``(HB, SolveResult)``.
 
     Arguments as in ``hvp``; the cost mirrors ``hvp_x``.
@@ -273,12 +287,13 @@ def hvp_y(x, y, f, g, B, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, r
         raise ValueError("hvp_y: B must be a tensor of shape (m, d), got None")
     _, dy, result = _checked_hvp(x, y, f, g, None, B, "y", eps=eps, a=a, b=b, cost_scale=cost_scale,
                                  reach_x=reach_x, reach_y=reach_y, solver=solver, M=M, rtol=rtol, atol=atol,
-                                 maxiter=maxiter, ridge=ridge, backend=backend, precision=precision)
+                                 maxiter=maxiter, ridge=ridge, backend=backend, precision=precision,
+                                 truncate=truncate)
     return dy, result
 
 
 def hvp_self(x, f, A, *, eps, a=None, cost_scale=1.0, reach=None, solver=cg, M=None, rtol=None,
-             atol=0.0, maxiter=None, ridge=None, backend=None, precision=None):
+             atol=0.0, maxiter=None, ridge=None, backend=None, precision=None, truncate=None):
     """The HVP of the debiasing term ``OT(a, a) / 2`` as a function of ``x``
     (both arguments of the self-transport moving together).
 
@@ -311,7 +326,7 @@ def hvp_self(x, f, A, *, eps, a=None, cost_scale=1.0, reach=None, solver=cg, M=N
         raise ValueError("hvp_self: A must be a tensor of shape (n, d), got None")
     eps = _positive("eps", eps)
     solve = _solve_options(x.dtype, solver, M, rtol, atol, maxiter)
-    K = _dual(x, x, f, f, eps, a, a, cost_scale, reach, reach, ridge, backend, precision)
+    K = _dual(x, x, f, f, eps, a, a, cost_scale, reach, reach, ridge, backend, precision, truncate)
     dx, dy, result = _hvp(K, x, x, A, A, cost_scale=cost_scale, solve=solve, sides="xy")
     return (dx + dy) / 2, result
 
@@ -370,7 +385,7 @@ class LossHessianOperator(LinearOperator):
 
 def loss_hessian_operator(x, y, f, g, *, wrt="x", eps, a=None, b=None, cost_scale=1.0, reach_x=None,
                           reach_y=None, solver=cg, M=None, rtol=None, atol=0.0, maxiter=None, ridge=None,
-                          backend=None, precision=None) -> LossHessianOperator:
+                          backend=None, precision=None, truncate=None) -> LossHessianOperator:
     """The Hessian of the OT loss as a symmetric, indefinite ``LinearOperator``.
 
     Parameters
@@ -414,5 +429,5 @@ def loss_hessian_operator(x, y, f, g, *, wrt="x", eps, a=None, b=None, cost_scal
     _check_points(x, y, f, g)
     eps = _positive("eps", eps)
     solve = _solve_options(x.dtype, solver, M, rtol, atol, maxiter)
-    K = _dual(x, y, f, g, eps, a, b, cost_scale, reach_x, reach_y, ridge, backend, precision)
+    K = _dual(x, y, f, g, eps, a, b, cost_scale, reach_x, reach_y, ridge, backend, precision, truncate)
     return LossHessianOperator(K, x, y, wrt=wrt, cost_scale=cost_scale, solve=solve)
