@@ -270,9 +270,12 @@ def check_finite(geo: Geometry, tensors: dict, allow_neg_inf=()) -> None:
     """Raise ValueError if an input holds NaN or +inf (or -inf where not allowed).
 
     One device-to-host synchronisation per call, whatever the number of
-    inputs; switched off by ``_common._CHECK_FINITE = False``.
+    inputs; switched off by ``_common._CHECK_FINITE = False``, and skipped
+    while a CUDA graph is being captured.
     """
-    if not _CHECK_FINITE:
+    if not _CHECK_FINITE or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        # A CUDA graph capture (e.g. solvers.cg(graph=True)) cannot synchronise: the
+        # eager iteration before it checked the same operands' producers.
         return
     names, flags = [], []
     for name, t in tensors.items():
