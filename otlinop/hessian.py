@@ -157,12 +157,23 @@ class HessianOperator(LinearOperator):
         self.P, self.eps, self.kx, self.ky = P, float(eps), kx, ky
         self.shift = _ridge_factor(ridge) * bh.mean()
         self.D = ky * bh + self.shift
-        self.N = P.T @ Diag(1.0 / (kx * ah)) @ P
+        self._row_weight = 1.0 / (kx * ah)
+        self.N = P.T @ Diag(self._row_weight) @ P
         self._S = Diag(self.D) - self.N
+        # A plan that offers the fused product (TruncatedPlanOperator) applies S in two
+        # launches instead of five; the composition above stays for splitting().
+        self._fused = getattr(P, "schur_product", None)
         super().__init__((P.shape[1], P.shape[1]), P.dtype, P.device, is_symmetric=True, is_psd=True)
 
     def _matmat(self, V):
+        if self._fused is not None:
+            return self._fused(V, self._row_weight, self.D)
         return self._S._matmat(V)
+
+    def _matvec(self, v):
+        if self._fused is not None:
+            return self._fused(v, self._row_weight, self.D)
+        return self._S._matvec(v)
 
     def _diagonal(self):
         return self.D - self.P.squared().T @ (1.0 / (self.kx * self.P.row_sums()))

@@ -537,8 +537,10 @@ class PlanOperator(LinearOperator):
 
         Notes
         -----
-        Costs the two marginals (cached) and one or two streaming passes; the
-        result's products cost O(nnz k). The layout is a snapshot: it carries
+        Costs the two marginals (the cached ones, else one fused pass of
+        ``softmin_pair``), one or two streaming passes of ``plan_truncate``
+        and a sort (the transpose, on first use); the result's products cost
+        O(nnz k). The layout is a snapshot: it carries
         no gradient to the points or potentials. Pays when eps is small
         against the spread of the costs (e.g. d = 64, eps = 0.5: about 1% of
         the entries kept at tol = 1e-8); at d = 3, eps = 0.5 most entries are

@@ -30,6 +30,7 @@ import torch
 from ._base import LinearOperator, _fmt_shape
 from .kernels import _common
 from .kernels.plan_truncate import ell_bilinear, ell_matmat, plan_truncate
+from .kernels.softmin_pair import softmin_pair
 
 __all__ = ["TruncatedPlanOperator", "truncate_plan"]
 
@@ -89,6 +90,24 @@ class TruncatedPlanOperator(LinearOperator):
 
     def _matvec(self, v):
         return self._matmat(v)
+
+    def schur_product(self, V, row_weight, diag):
+        """``diag * V - P.T @ (row_weight * (P @ V))`` in two launches (the fused
+        Schur complement of ``HessianOperator``: the diagonal and the row
+        weights ride in the products' epilogues).
+
+        Parameters
+        ----------
+        V : Tensor, shape (m,) or (m, k)
+        row_weight : Tensor, shape (n,)
+        diag : Tensor, shape (m,)
+        """
+        backend = self._backend_for(V)
+        T = self.adjoint()
+        u = ell_matmat(self.values, self.columns, self.counts, V, m=self.shape[1], row_scale=row_weight,
+                       backend=backend)
+        return ell_matmat(T.values, T.columns, T.counts, u, m=self.shape[0], sign=-1.0, add=V, add_scale=diag,
+                          backend=backend)
 
     def _adjoint(self) -> "TruncatedPlanOperator":
         vals, cols, counts = _transpose_layout(self.values, self.columns, self.counts, self.shape[1])
@@ -172,32 +191,27 @@ class TruncatedPlanOperator(LinearOperator):
 def _transpose_layout(values, columns, counts, m):
     """The padded layout of the transpose: entries sorted by (column, row).
 
-    Every slot takes part in one sort, the padding under a key past all the
-    live ones, so that the only host synchronisation is the one that sizes the
-    result.
+    One sort of the live entries; the column boundaries come from a binary
+    search in the sorted keys (a histogram would pile the padding's atomics
+    onto one bin). Two host synchronisations: the compaction and the size.
     """
     cap, n = values.shape
     device = values.device
-    live = (torch.arange(cap, device=device)[:, None] < counts[None, :].to(torch.int64)).reshape(-1)
-    i = torch.arange(n, device=device).repeat(cap)
-    j = columns.reshape(-1).to(torch.int64)
-    key = torch.where(live, j * max(n, 1) + i, (m + 1) * max(n, 1))
-    key, order = torch.sort(key)              # unique live keys: the same order on every run
-    live = key < m * max(n, 1)
-    j = torch.where(live, key // max(n, 1), m)                  # the padding goes to a spare column m
-    i, v = i[order], values.reshape(-1)[order]
-    ccount = torch.bincount(j, minlength=m + 1)
-    start = torch.cumsum(ccount, 0) - ccount
-    pos = torch.arange(j.numel(), device=device) - start[j]
-    capT = int(ccount[:m].max()) if m else 0
-    keep = live & (pos < capT)
-    valsT = torch.zeros((capT + 1, m + 1), dtype=values.dtype, device=device)
-    colsT = torch.zeros((capT + 1, m + 1), dtype=torch.int32, device=device)
-    # The spare column and row take the padding; they are cut off below.
-    pos = torch.where(keep, pos, capT)
-    valsT[pos, j] = torch.where(keep, v, 0)
-    colsT[pos, j] = torch.where(keep, i, 0).to(torch.int32)
-    return valsT[:capT, :m].contiguous(), colsT[:capT, :m].contiguous(), ccount[:m].to(torch.int32)
+    live = torch.arange(cap, device=device)[:, None] < counts[None, :].to(torch.int64)
+    s, i = live.nonzero(as_tuple=True)
+    j = columns[s, i].to(torch.int64)
+    key_dtype = torch.int32 if (m + 1) * max(n, 1) < 2**31 else torch.int64
+    key, order = torch.sort((j * max(n, 1) + i).to(key_dtype))   # unique keys: the same order on every run
+    bounds = torch.searchsorted(key, torch.arange(m + 1, device=device, dtype=key_dtype) * max(n, 1))
+    ccount = bounds[1:] - bounds[:-1]
+    j = j[order]
+    pos = torch.arange(j.numel(), device=device) - bounds[j]
+    capT = int(ccount.max()) if m and j.numel() else 0
+    valsT = torch.zeros((capT, m), dtype=values.dtype, device=device)
+    colsT = torch.zeros((capT, m), dtype=torch.int32, device=device)
+    valsT[pos, j] = values[s, i][order]
+    colsT[pos, j] = i[order].to(torch.int32)
+    return valsT, colsT, ccount.to(torch.int32)
 
 
 def _check_tol(tol) -> float:
@@ -220,7 +234,7 @@ def truncate_plan(P, tol: float = 1e-8, *, max_fill: float = 0.25, capacity: int
     if n == 0 or m == 0:
         return P
     with torch.no_grad():
-        ah, bh = P.row_sums().detach(), P.col_sums().detach()
+        ah, bh = _marginals(P)
         cdt = _common.compute_dtype(P.dtype)
         log_ah, log_bh = torch.log(ah.to(cdt)), torch.log(bh.to(cdt))
         inf = torch.tensor(math.inf, dtype=cdt, device=P.device)
@@ -246,6 +260,26 @@ def truncate_plan(P, tol: float = 1e-8, *, max_fill: float = 0.25, capacity: int
     if need < cap:
         vals, cols = vals[:need].contiguous(), cols[:need].contiguous()
     return TruncatedPlanOperator(vals, cols, counts, P.shape, tol=tol, backend=P.backend)
+
+
+def _marginals(P):
+    """``(P 1, P.T 1)``: the cached ones, else both from one fused pass
+    (``softmin_pair``: ``P 1 = a exp((f - sf) / eps)``, likewise for the columns)."""
+    T = P.adjoint()
+    if P._row_sums is not None and T._row_sums is not None:
+        return P._row_sums.detach(), T._row_sums.detach()
+    log_a = None if P._a is None else torch.log(P._a.detach())
+    log_b = None if P._b is None else torch.log(P._b.detach())
+    f, g = P.f.detach(), P.g.detach()
+    sf, sg = softmin_pair(P.x.detach(), P.y.detach(), f, g, log_a, log_b, eps=P.eps, cost_scale=P.cost_scale,
+                          backend=P.backend, precision=P.precision)
+    ah = torch.exp((f - sf) / P.eps)
+    bh = torch.exp((g - sg) / P.eps)
+    if P._a is not None:
+        ah = ah * P._a.detach()
+    if P._b is not None:
+        bh = bh * P._b.detach()
+    return ah, bh
 
 
 def _as(t, x):

@@ -395,3 +395,45 @@ def test_gpu_truncated_plan_matches_torch_at_scale():
     torch.testing.assert_close(Pt @ v, P @ v, rtol=1e-4, atol=1e-9)
     again = P.truncated(1e-8)
     assert torch.equal(again.values, Pt.values) and torch.equal(again.T.values, Pt.T.values)
+
+
+# --------------------------------------------------------------------------
+# The fused Schur product
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("k", [None, 3])
+def test_ell_matmat_epilogue(backend, k):
+    vals, cols, counts, dense = _layout()
+    V = torch.randn(60) if k is None else torch.randn(60, k)
+    scale, add_scale = torch.rand(90), torch.rand(90)
+    add = torch.randn(90) if k is None else torch.randn(90, k)
+    dev = DEV if backend == "triton" else "cpu"
+    out = ell_matmat(*_dev(vals, cols, counts, V) if dev != "cpu" else (vals, cols, counts, V), m=60,
+                     row_scale=scale.to(dev), sign=-1.0, add=add.to(dev), add_scale=add_scale.to(dev),
+                     backend=backend).cpu()
+    P = dense @ V.double()
+    S2 = scale.double() if k is None else scale.double()[:, None]
+    A2 = add_scale.double() if k is None else add_scale.double()[:, None]
+    torch.testing.assert_close(out.double(), -S2 * P + A2 * add.double(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="add and add_scale go together"):
+        ell_matmat(vals, cols, counts, V, m=60, add=add)
+    with pytest.raises(ValueError, match=r"row_scale must be a tensor of shape \(90,\)"):
+        ell_matmat(vals, cols, counts, V, m=60, row_scale=scale[:5])
+
+
+def test_hessian_on_truncated_plan_uses_the_fused_product():
+    _, Pt = _sparse_problem()
+    S = HessianOperator.from_plan(Pt, eps=0.25)
+    assert S._fused is not None
+    v, V = torch.randn(Pt.shape[1], dtype=F64), torch.randn(Pt.shape[1], 3, dtype=F64)
+    torch.testing.assert_close(S @ v, S._S @ v, rtol=1e-12, atol=1e-18)
+    torch.testing.assert_close(S @ V, S._S @ V, rtol=1e-12, atol=1e-18)
+    # the Triton kernels (interpreter on the CPU) agree with the composition too
+    x, y, f, g, a, b, eps = _converged(160, 120, 32, 0.25)
+    Pf = PlanOperator(*[t.float().to(DEV) for t in (x, y, f, g)], eps=eps, a=a.float().to(DEV),
+                      b=b.float().to(DEV), backend="triton").truncated(1e-8)
+    Sf = HessianOperator.from_plan(Pf, eps=eps)
+    vf = v.float().to(DEV)
+    torch.testing.assert_close(Sf @ vf, Sf._S @ vf, rtol=1e-4, atol=1e-6 * float((Sf._S @ vf).abs().max()))

@@ -43,9 +43,7 @@ _CONFIGS = _common.configs_or_interpreter([
     _common.config(16, 64, 4, 2),
 ])
 
-#: Values gathered per step of ``ell_matmat`` (slots x rows x columns of V)
-#: and the widest chunk of columns of V per program.
-_ELL_TILE = 8192
+#: Widest chunk of columns of V per program of ``ell_matmat``.
 _ELL_MAX_BLOCK_K = 64
 
 
@@ -107,7 +105,9 @@ def _truncate_kernel(
 
 
 @triton.jit(do_not_specialize=["n", "k"])
-def _ell_kernel(VALS, COLS, COUNT, V, OUT, n, k, stride_vm, stride_vk, stride_on, stride_ok,
+def _ell_kernel(VALS, COLS, COUNT, V, OUT, ROW_SCALE, ADD, ADD_SCALE, n, k, sign,
+                stride_vm, stride_vk, stride_on, stride_ok, stride_an, stride_ak,
+                HAS_SCALE: tl.constexpr, HAS_ADD: tl.constexpr,
                 BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     # A (slots, rows, columns of V) tile per step: BLOCK_S slots of BLOCK_M rows are
     # gathered at once, so that many independent loads are in flight (a loop over
@@ -127,18 +127,26 @@ def _ell_kernel(VALS, COLS, COUNT, V, OUT, n, k, stride_vm, stride_vk, stride_on
         vt = tl.load(V + j[:, :, None] * stride_vm + kk[None, None, :] * stride_vk,
                      mask=live[:, :, None] & k_ok[None, None, :], other=0.0).to(tl.float32)
         acc += tl.sum(w[:, :, None] * vt, axis=0)
-    tl.store(OUT + rows[:, None] * stride_on + kk[None, :] * stride_ok, acc.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & k_ok[None, :])
+    # Epilogue: sign * row_scale_i * acc + add_scale_i * add (the fused Schur product).
+    if HAS_SCALE:
+        acc *= tl.load(ROW_SCALE + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    acc *= sign
+    mask = row_ok[:, None] & k_ok[None, :]
+    if HAS_ADD:
+        add = tl.load(ADD + rows[:, None] * stride_an + kk[None, :] * stride_ak, mask=mask, other=0.0)
+        acc += tl.load(ADD_SCALE + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None] * add.to(tl.float32)
+    tl.store(OUT + rows[:, None] * stride_on + kk[None, :] * stride_ok, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _ell_blocks(k: int):
-    """(BLOCK_S, BLOCK_M, BLOCK_K, num_warps) of ``_ell_kernel``: about ``_ELL_TILE``
-    gathered values per step, whole rows of V (up to 64 columns) per program."""
-    block_k = min(_ELL_MAX_BLOCK_K, max(1, triton.next_power_of_2(k)))
-    block_m = 64 if block_k <= 2 else 16
-    block_s = max(1, min(32, _ELL_TILE // (block_m * block_k)))
-    warps = 8 if block_s * block_m * block_k >= 4096 else 4
-    return block_s, block_m, block_k, warps
+    """(BLOCK_S, BLOCK_M, BLOCK_K) of ``_ell_kernel``, from an H100 sweep at 10k
+    rows, 43 entries per row: a vector takes 32 slots of 16 rows per step (8.7
+    us against 22 us for one slot of 128 rows); a matrix takes whole rows of V
+    (up to 64 columns) of 16 rows, 128 / BLOCK_K slots per step."""
+    if k == 1:
+        return 32, 16, 1
+    block_k = min(_ELL_MAX_BLOCK_K, triton.next_power_of_2(k))
+    return max(1, 128 // block_k), 16, block_k
 
 
 # --------------------------------------------------------------------------
@@ -339,7 +347,19 @@ def _check_layout(fn, values, columns, counts, V, m):
         raise ValueError(f"{fn}: all tensors must be on one device, got {sorted(str(d) for d in devices)}")
 
 
-def _ell_torch(values, columns, counts, V):
+def _epilogue(out, row_scale, sign, add, add_scale):
+    """``sign * row_scale * out + add_scale * add`` (each part optional), rows first."""
+    if row_scale is not None:
+        out = out * row_scale.to(out.dtype)[:, None]
+    if sign != 1.0:
+        out = out * sign
+    if add is not None:
+        add2 = add[:, None] if add.ndim == 1 else add
+        out = out + add_scale.to(out.dtype)[:, None] * add2.to(out.dtype)
+    return out
+
+
+def _ell_torch(values, columns, counts, V, row_scale=None, sign=1.0, add=None, add_scale=None):
     vector = V.ndim == 1
     V2 = V[:, None] if vector else V
     cap, n = values.shape
@@ -356,32 +376,48 @@ def _ell_torch(values, columns, counts, V):
             w = torch.where(live[s0:s1], values[s0:s1].to(dtype), 0.0)
             gathered = torch.where(live[s0:s1, :, None], gathered, 0.0)
             out += (w[..., None] * gathered).sum(0)
-    out = out.to(values.dtype)
+    out = _epilogue(out, row_scale, sign, add, add_scale).to(values.dtype)
     return out[:, 0] if vector else out
 
 
-def _ell_triton(values, columns, counts, V):
+def _ell_triton(values, columns, counts, V, row_scale=None, sign=1.0, add=None, add_scale=None):
     vector = V.ndim == 1
     V2 = V[:, None] if vector else V
     cap, n = values.shape
     k = V2.shape[1]
     out = torch.empty((n, k), device=V.device, dtype=values.dtype)
     if n == 0 or k == 0:
-        return out.zero_()[:, 0] if vector else out.zero_()
-    block_s, block_m, block_k, warps = _ell_blocks(k)
+        out.zero_()
+        out = _epilogue(out, row_scale, sign, add, add_scale).to(values.dtype)
+        return out[:, 0] if vector else out
+    if k > 1 and (V2.stride(1) != 1 or V2.stride(0) % 16):
+        # Rows of V gathered from a row stride that is a multiple of 16 entries load
+        # as wide vectors; with k = 65 columns they did not, and the product took 10x
+        # longer (H100). One padded copy of V costs far less.
+        padded = torch.zeros((V2.shape[0], _common.cdiv(k, 16) * 16), device=V.device, dtype=V.dtype)
+        padded[:, :k] = V2
+        V2 = padded
+    add2 = None if add is None else (add[:, None] if add.ndim == 1 else add)
+    block_s, block_m, block_k = _ell_blocks(k)
     if _common.interpreting():
-        block_s, block_m = min(block_s, 4), min(block_m, 16)    # the interpreter: small steps
+        block_s = min(block_s, 4)    # the interpreter: small steps
     grid = (_common.cdiv(n, block_m), _common.cdiv(k, block_k))
     with _common.device_guard(V.device):
-        _ell_kernel[grid](values, columns, counts, V2, out, n, k, V2.stride(0), V2.stride(1),
-                          out.stride(0), out.stride(1), BLOCK_S=block_s, BLOCK_M=block_m, BLOCK_K=block_k,
-                          num_warps=warps)
+        _ell_kernel[grid](values, columns, counts, V2, out,
+                          values if row_scale is None else row_scale, V2 if add2 is None else add2,
+                          values if add_scale is None else add_scale, n, k, float(sign),
+                          V2.stride(0), V2.stride(1), out.stride(0), out.stride(1),
+                          0 if add2 is None else add2.stride(0), 0 if add2 is None else add2.stride(1),
+                          HAS_SCALE=row_scale is not None, HAS_ADD=add2 is not None,
+                          BLOCK_S=block_s, BLOCK_M=block_m, BLOCK_K=block_k)
     return out[:, 0] if vector else out
 
 
-def ell_matmat(values, columns, counts, V, *, m, backend=None):
+def ell_matmat(values, columns, counts, V, *, m, row_scale=None, sign=1.0, add=None, add_scale=None,
+               backend=None):
     """``out_i = sum_{s < counts_i} values[s, i] V[columns[s, i]]``: the product of
-    a padded layout (from :func:`plan_truncate`) with V.
+    a padded layout (from :func:`plan_truncate`) with V, with an optional
+    epilogue ``sign * row_scale_i * out_i + add_scale_i * add_i``.
 
     Parameters
     ----------
@@ -392,6 +428,13 @@ def ell_matmat(values, columns, counts, V, *, m, backend=None):
     V : Tensor, shape (m,) or (m, k), dtype of values
     m : int
         The number of columns of the layout (rows of V).
+    row_scale : Tensor, shape (n,), optional
+    sign : float, default 1.0
+    add : Tensor, shape like the output, optional
+    add_scale : Tensor, shape (n,); required with ``add``
+        The epilogue, applied in the same kernel: two products and a
+        diagonal make the Schur complement ``Diag(D) - P.T Diag(w) P`` in two
+        launches (``TruncatedPlanOperator``).
     backend : {None, "triton", "torch"}
         None: Triton for CUDA float32/float16/bfloat16, torch otherwise.
 
@@ -413,9 +456,17 @@ def ell_matmat(values, columns, counts, V, *, m, backend=None):
     [40.0, 30.0]
     """
     _check_layout("ell_matmat", values, columns, counts, V, m)
+    n = values.shape[1]
+    out_shape = (n,) if V.ndim == 1 else (n, V.shape[1])
+    for name, t, shape in (("row_scale", row_scale, (n,)), ("add_scale", add_scale, (n,)), ("add", add, out_shape)):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.device != V.device):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"ell_matmat: {name} must be a tensor of shape {shape} on {V.device}, got {got}")
+    if (add is None) != (add_scale is None):
+        raise ValueError("ell_matmat: add and add_scale go together (add_scale_i * add_i)")
     if _common.resolve_backend("ell_matmat", backend, values) == "torch":
-        return _ell_torch(values, columns, counts, V)
-    return _ell_triton(values, columns, counts, V)
+        return _ell_torch(values, columns, counts, V, row_scale, sign, add, add_scale)
+    return _ell_triton(values, columns, counts, V, row_scale, sign, add, add_scale)
 
 
 def ell_matmat_torch(values, columns, counts, V, *, m):
