@@ -51,7 +51,8 @@ def _capture(update, direction, state, device):
             try:
                 out = direction(update(static))
                 for dst, src in zip(static, out):
-                    dst.copy_(src)
+                    if dst is not src:      # a solver that updates its state in place needs no copy
+                        dst.copy_(src)
             finally:
                 graph.capture_end()
     except RuntimeError:

@@ -131,8 +131,10 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         dot = torch.dot
     else:
         dot = col_dot
+    # The state lives in buffers of its own that every iteration updates in place (the
+    # ops write through out=): a captured iteration then needs no copy-back (cg(graph=True)).
     if pb.X0 is None:
-        X, R = torch.zeros_like(B), B
+        X, R = torch.zeros_like(B), B.clone()
     else:
         X = pb.X0[:, 0] if flat else pb.X0
         R = B - op @ X
@@ -145,49 +147,54 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     # status codes are derived afterwards. A column has converged iff rnorm <= tol (it froze
     # there); failed_pq / failed_rho hold the p^T A p or r^T M r that stopped a column
     # (positive while none did).
-    failed_pq = one
+    failed_pq = one.clone()
     failed_rho = torch.where(rho > 0, one, rho)
     active = (rnorm > tol) & (rho > 0)
     iters = torch.zeros_like(active, dtype=torch.int64)
-    state = _State(X, R, Z, rho, rnorm, active, iters, failed_pq, failed_rho, rho)
+    state = _State(X, R, Z.clone(), rho, rnorm, active, iters, failed_pq, failed_rho, rho.clone())
+
+    def dot_into(U, V, out):
+        return torch.dot(U, V, out=out) if flat else torch.linalg.vecdot(U, V, dim=0, out=out)
 
     def update(st):
-        """x, r and the flags after one step along st.P (the matvec)."""
+        """x, r and the flags after one step along st.P (the matvec), in place."""
         Q = op @ st.P
         pq = dot(st.P, Q)
         step = st.active & (pq > 0)
-        failed_pq = torch.where(st.active ^ step, pq, st.failed_pq)
+        torch.where(st.active ^ step, pq, st.failed_pq, out=st.failed_pq)
         # Frozen columns take alpha = 0, so x and r stay put without branching on the host.
         alpha = torch.where(step, st.rho / pq, zero)
-        X = torch.addcmul(st.X, st.P, alpha)
-        R = torch.addcmul(st.R, Q, alpha, value=-1)
+        st.X.addcmul_(st.P, alpha)
+        st.R.addcmul_(Q, alpha, value=-1)
         if Mop is None:
-            rho_new = dot(R, R)
-            rnorm = rho_new.sqrt()
+            dot_into(st.R, st.R, st.rho_new)
+            torch.sqrt(st.rho_new, out=st.rnorm)
         else:
-            rho_new, rnorm = st.rho_new, col_norm(R)
-        return _State(X, R, st.P, st.rho, rnorm, step & (rnorm > tol), st.iters + step, failed_pq,
-                      st.failed_rho, rho_new)
+            torch.linalg.vector_norm(st.R, dim=0, out=st.rnorm)
+        st.iters.add_(step)
+        torch.logical_and(step, st.rnorm > tol, out=st.active)
+        return st
 
     def direction(st):
-        """The next search direction (the preconditioner's application)."""
-        active, failed_rho, rho_new = st.active, st.failed_rho, st.rho_new
+        """The next search direction (the preconditioner's application), in place."""
         if Mop is None:
             Z = st.R  # r^T r > 0 unless NaN, which reaches p^T A p at the next step
         else:
             Z = Mop @ st.R
-            rho_new = dot(st.R, Z)
-            still = active & (rho_new > 0)
-            failed_rho = torch.where(active ^ still, rho_new, failed_rho)
-            active = still
+            dot_into(st.R, Z, st.rho_new)
+            still = st.active & (st.rho_new > 0)
+            torch.where(st.active ^ still, st.rho_new, st.failed_rho, out=st.failed_rho)
+            st.active.copy_(still)
         # Masked beta keeps p finite in frozen columns (r = 0 would give 0/0).
-        beta = torch.where(active, rho_new / st.rho, zero)
-        return _State(st.X, st.R, torch.addcmul(Z, st.P, beta), rho_new, st.rnorm, active, st.iters,
-                      st.failed_pq, failed_rho, rho_new)
+        beta = torch.where(st.active, st.rho_new / st.rho, zero)
+        torch.addcmul(Z, st.P, beta, out=st.P)
+        st.rho.copy_(st.rho_new)
+        return st
 
     def report(st):
         if callback is not None:
-            callback(st.X if pb.vector or not flat else st.X[:, None])
+            X = st.X.clone()   # the loop goes on updating st.X in place
+            callback(X if pb.vector or not flat else X[:, None])
 
     if bool(active.any()):
         state = run_loop(update, direction, report, state, maxiter=maxiter, every=every,
