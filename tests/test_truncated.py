@@ -437,3 +437,32 @@ def test_hessian_on_truncated_plan_uses_the_fused_product():
     Sf = HessianOperator.from_plan(Pf, eps=eps)
     vf = v.float().to(DEV)
     torch.testing.assert_close(Sf @ vf, Sf._S @ vf, rtol=1e-4, atol=1e-6 * float((Sf._S @ vf).abs().max()))
+
+
+@requires_cuda
+def test_gpu_cg_graph_falls_back_when_the_operator_synchronises():
+    from otlinop import Dense, LinearOperator
+
+    gen = torch.Generator().manual_seed(5)
+    Q = torch.randn(60, 60, generator=gen)
+    A = (Q @ Q.T + 60 * torch.eye(60)).cuda()
+
+    class Syncing(LinearOperator):
+        """An SPD operator whose matvec reads a value on the host (not capturable)."""
+
+        def __init__(self):
+            super().__init__((60, 60), torch.float32, "cuda", is_symmetric=True)
+            self.host_reads = 0
+
+        def _matvec(self, v):
+            self.host_reads += float(v.abs().max()) >= 0.0
+            return A @ v
+
+    op = Syncing()
+    b = torch.randn(60, device="cuda")
+    graphed = solvers.cg(op, b, rtol=1e-6, graph=True)
+    eager = solvers.cg(Dense(A), b, rtol=1e-6)
+    assert graphed.converged and graphed.n_iter == eager.n_iter
+    torch.testing.assert_close(graphed.x, eager.x, rtol=1e-5, atol=1e-6)
+    # the device is still usable after the failed capture
+    assert float((A @ graphed.x - b).norm() / b.norm()) < 1e-5
