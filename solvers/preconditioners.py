@@ -67,25 +67,26 @@ def _square(caller: str, A) -> int:
     return n
 
 
-def _check_vector(caller: str, name: str, d, n: int, A) -> torch.Tensor:
+def _check_vector(caller: str, name: str, d, n: int, A) -> tuple[torch.Tensor, bool]:
     if not isinstance(d, torch.Tensor) or d.ndim != 1 or d.shape[0] != n:
         got = _fmt_shape(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
         raise ValueError(f"{caller}: {name} must be a tensor of shape ({n},), got {got}")
     if d.dtype != A.dtype:
         raise TypeError(f"{caller}: {name} has dtype {d.dtype}, but A has dtype {A.dtype}")
-    bad = ~torch.isfinite(d)
-    if bool(bad.any()):
+    bad, zero = ~torch.isfinite(d), d == 0
+    # One host synchronisation for both checks (and the sign, which jacobi reads).
+    any_bad, any_zero, any_negative = torch.stack([bad.any(), zero.any(), (d < 0).any()]).tolist()
+    if any_bad:
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{caller}: {name} has a non-finite entry at index {i}")
-    zero = d == 0
-    if bool(zero.any()):
+    if any_zero:
         i = int(zero.nonzero()[0, 0])
         raise ValueError(f"{caller}: {name} has a zero entry at index {i}; the preconditioner needs a "
                          "nonzero diagonal (add a ridge, or use another M)")
-    return d
+    return d, any_negative
 
 
-def _diagonal(caller: str, A) -> torch.Tensor:
+def _diagonal(caller: str, A) -> tuple[torch.Tensor, bool]:
     n = _square(caller, A)
     fn = getattr(A, "diagonal", None)
     if fn is None:
@@ -95,7 +96,7 @@ def _diagonal(caller: str, A) -> torch.Tensor:
         d = fn()
     except NotImplementedError as err:
         raise TypeError(f"{caller}: A ({type(A).__name__}) provides no cheap diagonal ({err})") from None
-    return _check_vector(caller, "diag(A)", d, n, A)
+    return _check_vector(caller, "diag(A)", d, n, A)   # (d, whether d has a negative entry)
 
 
 class _DiagonalPreconditioner:
@@ -173,11 +174,10 @@ def jacobi(A=None):
 
 
 def _bind_jacobi(A):
-    d = _diagonal("jacobi", A)
-    nonpos = d <= 0
+    d, negative = _diagonal("jacobi", A)
     why = None
-    if bool(nonpos.any()):
-        i = int(nonpos.nonzero()[0, 0])
+    if negative:
+        i = int((d <= 0).nonzero()[0, 0])
         why = f"diag(A) has a negative entry {float(d[i]):.3g} at index {i}"
     return _DiagonalPreconditioner(1.0 / d, "jacobi(A)", why)
 
@@ -309,7 +309,7 @@ def neumann(terms=3, A=None):
         D, N = A
         N = as_operator(N, name="N", caller="neumann")
         n = _square("neumann", N)
-        return _NeumannPreconditioner(_check_vector("neumann", "D", D, n, N), N, terms, name)
+        return _NeumannPreconditioner(_check_vector("neumann", "D", D, n, N)[0], N, terms, name)
     return _bind_neumann(as_operator(A, caller="neumann"), terms, name)
 
 
@@ -323,8 +323,8 @@ def _bind_neumann(A, terms: int, name: str):
         except NotImplementedError:
             pair = None
     if pair is None:
-        d = _diagonal("neumann", A)
+        d, _ = _diagonal("neumann", A)
         pair = (d, _JacobiRemainder(A, d))
     D, N = pair
     N = as_operator(N, name="N", caller="neumann")
-    return _NeumannPreconditioner(_check_vector("neumann", "D", D, n, A), N, terms, name)
+    return _NeumannPreconditioner(_check_vector("neumann", "D", D, n, A)[0], N, terms, name)
