@@ -466,3 +466,17 @@ def test_gpu_cg_graph_falls_back_when_the_operator_synchronises():
     torch.testing.assert_close(graphed.x, eager.x, rtol=1e-5, atol=1e-6)
     # the device is still usable after the failed capture
     assert float((A @ graphed.x - b).norm() / b.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_truncated_half_inputs(dtype):
+    x, y, f, g, a, b, eps = _converged(120, 90, 32, 0.25)
+    P = PlanOperator(*[t.to(dtype).to(DEV) for t in (x, y, f, g)], eps=eps, a=a.to(dtype).to(DEV),
+                     b=b.to(dtype).to(DEV), backend="triton")
+    Pt = P.truncated(1e-6)
+    assert isinstance(Pt, TruncatedPlanOperator) and Pt.dtype == dtype
+    v = torch.rand(90, dtype=dtype, device=DEV)
+    # against the streaming plan of the same (rounded) inputs: half-precision storage of the values
+    dense = (P @ v).double()
+    err = float(((Pt @ v).double() - dense).abs().max() / dense.abs().max())
+    assert err < (5e-3 if dtype == torch.float16 else 2e-2)
