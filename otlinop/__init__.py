@@ -4,7 +4,8 @@ transport (squared Euclidean cost) in PyTorch + Triton.
 - Operators (``LinearOperator``, ``Dense``, ``Diag``, ``BlockOperator``, ...)
   and their algebra; ``aslinearoperator``, ``.to_scipy()``,
   ``.to_linear_operator()``.
-- ``PlanOperator``: the entropic plan P, applied by streaming kernels.
+- ``PlanOperator``: the entropic plan P, applied by streaming kernels;
+  ``P.truncated(tol)``: a sparse ``TruncatedPlanOperator`` with a certified bound.
 - ``sinkhorn``, ``SamplesLoss``, ``sinkhorn_loss``: potentials, the loss and
   its analytic gradients and Hessian-vector products.
 - ``HessianOperator``: the Schur complement of the dual Hessian, with
@@ -17,6 +18,7 @@ transport (squared Euclidean cost) in PyTorch + Triton.
 from ._base import (BlockOperator, Dense, Diag, Identity, LinearOperator, Zero,
                     aslinearoperator)
 from .plan import PlanOperator, plan_matmul
+from .truncated import TruncatedPlanOperator
 from .marginals import marginal_error, plan_marginals
 from .sinkhorn import SinkhornResult, epsilon_schedule, sinkhorn
 from .loss import SamplesLoss, sinkhorn_loss
@@ -31,7 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     # operators
     "LinearOperator", "Dense", "Diag", "Identity", "Zero", "BlockOperator", "aslinearoperator",
-    "PlanOperator", "plan_matmul", "plan_marginals", "marginal_error",
+    "PlanOperator", "TruncatedPlanOperator", "plan_matmul", "plan_marginals", "marginal_error",
     # Sinkhorn and the loss
     "sinkhorn", "SinkhornResult", "epsilon_schedule", "SamplesLoss", "sinkhorn_loss",
     # second order

@@ -29,3 +29,12 @@ def test_gradient_flow_example_saves_a_figure(tmp_path, monkeypatch, capsys):
     assert stop.value.code == 0
     assert out.exists() and out.stat().st_size > 10_000
     assert "figure saved" in capsys.readouterr().out
+
+
+def test_sparse_hessian_example_runs(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["sparse_hessian.py", "--n", "120"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "examples" / "sparse_hessian.py"), run_name="__main__")
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "| 1e-08 |" in out and out.rstrip().endswith("ok"), out
