@@ -525,7 +525,9 @@ class PlanOperator(LinearOperator):
             scaling of P has norm 1 (``otlinop.truncated``).
         max_fill : float in (0, 1], default 0.25
             When a row would keep more than this fraction of its m entries, the
-            sparse layout would not pay: P itself is returned.
+            sparse layout would not pay: P itself is returned. So it is when
+            the padded layout (rows x the fullest row's entries) would exceed
+            ``otlinop.truncated.MAX_LAYOUT_ENTRIES`` (2^28) slots.
         capacity : int, optional
             Slots per row of the first pass (default 256); a fuller row costs
             one more pass.

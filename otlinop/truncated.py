@@ -38,6 +38,10 @@ __all__ = ["TruncatedPlanOperator", "truncate_plan"]
 #: second pass with exactly as many slots as the fullest row needs.
 DEFAULT_CAPACITY = 256
 
+#: Largest padded layout (slots x rows) built: 2^28 slots take 2 GiB in float32
+#: with their int32 columns. A plan that needs more keeps streaming.
+MAX_LAYOUT_ENTRIES = 1 << 28
+
 
 class TruncatedPlanOperator(LinearOperator):
     """A plan restricted to its significant entries, in a padded row layout.
@@ -242,7 +246,9 @@ def truncate_plan(P, tol: float = 1e-8, *, max_fill: float = 0.25, capacity: int
         rt = torch.where(ah > 0, math.log(tol) - 0.5 * math.log(n * m) + 0.5 * log_ah, inf)
         ct = torch.where(bh > 0, 0.5 * log_bh, inf)
         rt, ct = _as(rt, P.x), _as(ct, P.x)
-        limit = max(1, int(max_fill * m))
+        # Slots per row: at most max_fill of a row, and a layout of at most
+        # MAX_LAYOUT_ENTRIES slots (a value and a column index each) in all.
+        limit = max(1, min(int(max_fill * m), MAX_LAYOUT_ENTRIES // n))
         cap = min(limit, m, capacity if capacity is not None else DEFAULT_CAPACITY)
         log_a = None if P._a is None else torch.log(P._a)
         log_b = None if P._b is None else torch.log(P._b)

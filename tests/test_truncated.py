@@ -480,3 +480,13 @@ def test_truncated_half_inputs(dtype):
     dense = (P @ v).double()
     err = float(((Pt @ v).double() - dense).abs().max() / dense.abs().max())
     assert err < (5e-3 if dtype == torch.float16 else 2e-2)
+
+
+def test_truncated_keeps_streaming_when_the_layout_would_be_too_large(monkeypatch):
+    import otlinop.truncated as tr
+
+    P, Pt = _sparse_problem()
+    assert isinstance(Pt, TruncatedPlanOperator)
+    need = int(Pt.counts.max())
+    monkeypatch.setattr(tr, "MAX_LAYOUT_ENTRIES", (need - 1) * P.shape[0])
+    assert P.truncated(1e-8) is P
