@@ -490,3 +490,19 @@ def test_truncated_keeps_streaming_when_the_layout_would_be_too_large(monkeypatc
     need = int(Pt.counts.max())
     monkeypatch.setattr(tr, "MAX_LAYOUT_ENTRIES", (need - 1) * P.shape[0])
     assert P.truncated(1e-8) is P
+
+
+def test_loss_hessian_operator_on_truncated_plan():
+    from otlinop.hvp import loss_hessian_operator
+
+    x, y, f, g, a, b, eps = _converged(160, 120, 32, 0.25)
+    exact = loss_hessian_operator(x, y, f, g, wrt="xy", eps=eps, a=a, b=b, M=solvers.jacobi(), rtol=1e-11)
+    trunc = loss_hessian_operator(x, y, f, g, wrt="xy", eps=eps, a=a, b=b, M=solvers.jacobi(), rtol=1e-11,
+                                  truncate=1e-8)
+    assert isinstance(trunc.K.P, TruncatedPlanOperator)
+    v = torch.randn(exact.shape[1], dtype=F64)
+    he, ht = exact @ v, trunc @ v
+    assert float((ht - he).norm() / he.norm()) < 1e-7
+    # symmetric, as the exact Hessian
+    w = torch.randn(exact.shape[1], dtype=F64)
+    assert abs(float(w @ (trunc @ v) - v @ (trunc @ w))) < 1e-9 * float(he.norm() * w.norm())
