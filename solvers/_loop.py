@@ -11,17 +11,16 @@ With ``graph=True`` on a CUDA device, after one eager iteration (which
 compiles and tunes every kernel involved), one iteration is captured into a
 CUDA graph and replayed, ``every`` replays between two looks at ``active``:
 a replay launches all the iteration's kernels with one call, so the loop no
-longer pays the host's cost of each of its small kernels. Replays run the same kernels on the same buffers in the same order
-as the eager loop: the results are bitwise the same.
+longer pays the host's cost of each of its small kernels. Replays run the
+same kernels on the same buffers in the same order as the eager loop: the
+results are bitwise the same. An operator or preconditioner that
+synchronises with the host cannot be captured; one dry product under torch's
+sync debug mode finds it first, and the loop stays eager.
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _eager(update, direction, report, state, start, stop, maxiter, every):
@@ -35,8 +34,29 @@ def _eager(update, direction, report, state, start, stop, maxiter, every):
     return state, False
 
 
+def _synchronises(probe, state) -> bool:
+    """Whether ``probe(state)`` (the operator's and the preconditioner's products,
+    on the current state, its results discarded) synchronises with the host,
+    which a CUDA graph cannot hold: run under ``torch.cuda.set_sync_debug_mode
+    ("error")``, which raises at any synchronising call.
+
+    A capture that fails part way leaves torch's CUDA state unusable (its
+    random generator and allocator stay in capture mode), so it is never
+    attempted on such an operator.
+    """
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        probe(state)
+    except RuntimeError:
+        return True
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return False
+
+
 def _capture(update, direction, state, device):
-    """A CUDA graph of one iteration on static copies of ``state``; (None, state) if capture fails."""
+    """A CUDA graph of one iteration on static copies of ``state``."""
     static = type(state)(*(t.clone() for t in state))
     graph = torch.cuda.CUDAGraph()
     # capture_begin/end on a side stream, as torch.cuda.graph does, without its
@@ -55,20 +75,23 @@ def _capture(update, direction, state, device):
                         dst.copy_(src)
             finally:
                 graph.capture_end()
-    except RuntimeError:
-        # An operator that synchronises (or allocates in a way capture forbids):
-        # go on without the graph.
-        torch.cuda.synchronize(device)
-        return None, state
+    except RuntimeError as err:
+        raise RuntimeError(
+            "graph=True: capturing the solver's iteration as a CUDA graph failed although its products "
+            "do not synchronise with the host; the operator or the preconditioner does something a CUDA "
+            "graph cannot hold (torch's CUDA state may now be unusable). Use graph=False.") from err
     current.wait_stream(side)
     return graph, static
 
 
-def run_loop(update, direction, report, state, *, maxiter: int, every: int, graph: bool, device):
+def run_loop(update, direction, report, state, *, maxiter: int, every: int, graph: bool, device, probe=None):
     """Run up to ``maxiter`` iterations; return the final state.
 
     ``report(state)`` is called after each eager ``update`` (the solvers'
-    callback; a solver passes ``graph=False`` when it has one).
+    callback; a solver passes ``graph=False`` when it has one). With
+    ``graph``, ``probe(state)`` applies the operator and the preconditioner
+    once (results discarded): if that synchronises with the host, the loop
+    stays eager.
     """
     if not (graph and device.type == "cuda" and maxiter > 2):
         return _eager(update, direction, report, state, 0, maxiter, maxiter, every)[0]
@@ -82,10 +105,10 @@ def run_loop(update, direction, report, state, *, maxiter: int, every: int, grap
         state = direction(state)
     torch.cuda.current_stream(device).wait_stream(side)
     done = 1
-    # One iteration is captured and replayed: a replay costs the host one call
-    # whatever the number of kernels, so the GPU, not the host, sets the pace.
-    g, state = _capture(update, direction, state, device)
-    if g is not None:
+    if probe is None or not _synchronises(probe, state):
+        # One iteration is captured and replayed: a replay costs the host one call
+        # whatever the number of kernels, so the GPU, not the host, sets the pace.
+        g, state = _capture(update, direction, state, device)
         while maxiter - done > 1:
             reps = min(every, maxiter - 1 - done)
             for _ in range(reps):
@@ -93,6 +116,6 @@ def run_loop(update, direction, report, state, *, maxiter: int, every: int, grap
             done += reps
             if not bool(state.active.any()):
                 return state
-    # The last iteration (it skips the direction), or all the rest when the capture failed.
+    # The last iteration (it skips the direction), or all the rest when the operator synchronises.
     state, _ = _eager(update, direction, report, state, done, maxiter, maxiter, every)
     return state

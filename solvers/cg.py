@@ -68,13 +68,15 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         On a CUDA device, run the loop as a CUDA graph: one iteration
         eagerly (it compiles and tunes the operator's kernels), then one
         iteration captured once and replayed until every column has
-        stopped (the host looks every ``check_every`` replays). It removes the host's per-kernel launch cost,
-        which bounds small and sparse problems; the result is bitwise that
-        of the eager loop. The operator and ``M`` must not synchronise with
-        the host or change shapes between calls (otlinop's operators do
-        not; their input checks are skipped during the capture). If the
-        capture fails, the loop goes on eagerly. Ignored on the CPU and
-        with a ``callback``.
+        stopped (the host looks every ``check_every`` replays). It removes
+        the host's per-kernel launch cost, which bounds small and sparse
+        problems; the result is bitwise that
+        of the eager loop. The operator and ``M`` must not change shapes
+        between calls. Whether they synchronise with the host is checked
+        by one dry product under ``torch.cuda.set_sync_debug_mode("error")``;
+        if they do (e.g. a ``PlanOperator``'s input checks, unless switched
+        off), the loop stays eager. Ignored on the CPU and with a
+        ``callback``.
 
     Returns
     -------
@@ -198,7 +200,8 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
 
     if bool(active.any()):
         state = run_loop(update, direction, report, state, maxiter=maxiter, every=every,
-                         graph=graph and callback is None, device=B.device)
+                         graph=graph and callback is None, device=B.device,
+                         probe=lambda st: (op @ st.P, None if Mop is None else Mop @ st.R))
     X, R, rnorm, iters = state.X, state.R, state.rnorm, state.iters
     failed_pq, failed_rho = state.failed_pq, state.failed_rho
 

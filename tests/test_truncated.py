@@ -464,8 +464,11 @@ def test_gpu_cg_graph_falls_back_when_the_operator_synchronises():
     eager = solvers.cg(Dense(A), b, rtol=1e-6)
     assert graphed.converged and graphed.n_iter == eager.n_iter
     torch.testing.assert_close(graphed.x, eager.x, rtol=1e-5, atol=1e-6)
-    # the device is still usable after the failed capture
+    assert op.host_reads >= graphed.n_iter        # every product ran eagerly
+    # nothing was left in capture mode: random numbers and allocations still work
+    assert torch.rand(3, device="cuda").shape == (3,)
     assert float((A @ graphed.x - b).norm() / b.norm()) < 1e-5
+    assert torch.cuda.get_sync_debug_mode() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
