@@ -274,8 +274,10 @@ def check_finite(geo: Geometry, tensors: dict, allow_neg_inf=()) -> None:
     while a CUDA graph is being captured.
     """
     if not _CHECK_FINITE or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-        # A CUDA graph capture (e.g. solvers.cg(graph=True)) cannot synchronise: the
-        # eager iteration before it checked the same operands' producers.
+        # Inside a CUDA graph capture (a user's torch.cuda.graph) no synchronisation is
+        # allowed: the check stands aside there; the warm-up call that every capture
+        # needs ran it. (solvers.cg(graph=True) does not capture an operator that
+        # checks: its dry product under sync debug mode finds the synchronisation.)
         return
     names, flags = [], []
     for name, t in tensors.items():
