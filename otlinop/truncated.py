@@ -29,7 +29,7 @@ import torch
 
 from ._base import LinearOperator, _fmt_shape
 from .kernels import _common
-from .kernels.plan_truncate import ell_bilinear, ell_matmat, plan_truncate
+from .kernels.plan_truncate import ell_bilinear, ell_matmat, live_slots, plan_truncate
 from .kernels.softmin_pair import softmin_pair
 
 __all__ = ["TruncatedPlanOperator", "truncate_plan"]
@@ -123,7 +123,7 @@ class TruncatedPlanOperator(LinearOperator):
     def _diagonal(self):
         k = min(self.shape)
         rows = torch.arange(self.shape[0], device=self.device)
-        live = torch.arange(self.values.shape[0], device=self.device)[:, None] < self.counts[None, :]
+        live = live_slots(self.counts, self.values.shape[0])
         on_diag = live & (self.columns.to(torch.int64) == rows[None, :])
         return torch.where(on_diag, self.values, 0.0).sum(0)[:k]
 
@@ -182,7 +182,7 @@ class TruncatedPlanOperator(LinearOperator):
         """The (n, m) matrix with zeros where entries were dropped."""
         n, m = self.shape
         out = torch.zeros((n, m), dtype=self.dtype, device=self.device)
-        live = torch.arange(self.values.shape[0], device=self.device)[:, None] < self.counts[None, :]
+        live = live_slots(self.counts, self.values.shape[0])
         s, i = live.nonzero(as_tuple=True)
         out[i, self.columns[s, i].to(torch.int64)] = self.values[s, i]
         return out
@@ -201,7 +201,7 @@ def _transpose_layout(values, columns, counts, m):
     """
     cap, n = values.shape
     device = values.device
-    live = torch.arange(cap, device=device)[:, None] < counts[None, :].to(torch.int64)
+    live = live_slots(counts, cap)
     s, i = live.nonzero(as_tuple=True)
     j = columns[s, i].to(torch.int64)
     key_dtype = torch.int32 if (m + 1) * max(n, 1) < 2**31 else torch.int64
@@ -238,7 +238,9 @@ def truncate_plan(P, tol: float = 1e-8, *, max_fill: float = 0.25, capacity: int
     if n == 0 or m == 0:
         return P
     with torch.no_grad():
-        ah, bh = _marginals(P)
+        log_a = None if P._a is None else torch.log(P._a)
+        log_b = None if P._b is None else torch.log(P._b)
+        ah, bh = _marginals(P, log_a, log_b)
         cdt = _common.compute_dtype(P.dtype)
         log_ah, log_bh = torch.log(ah.to(cdt)), torch.log(bh.to(cdt))
         inf = torch.tensor(math.inf, dtype=cdt, device=P.device)
@@ -250,8 +252,6 @@ def truncate_plan(P, tol: float = 1e-8, *, max_fill: float = 0.25, capacity: int
         # MAX_LAYOUT_ENTRIES slots (a value and a column index each) in all.
         limit = max(1, min(int(max_fill * m), MAX_LAYOUT_ENTRIES // n))
         cap = min(limit, m, capacity if capacity is not None else DEFAULT_CAPACITY)
-        log_a = None if P._a is None else torch.log(P._a)
-        log_b = None if P._b is None else torch.log(P._b)
         x, y, f, g = P.x.detach(), P.y.detach(), P.f.detach(), P.g.detach()
         opts = dict(eps=P.eps, cost_scale=P.cost_scale, backend=P.backend, precision=P.precision)
         while True:
@@ -268,14 +268,13 @@ def truncate_plan(P, tol: float = 1e-8, *, max_fill: float = 0.25, capacity: int
     return TruncatedPlanOperator(vals, cols, counts, P.shape, tol=tol, backend=P.backend)
 
 
-def _marginals(P):
+def _marginals(P, log_a, log_b):
     """``(P 1, P.T 1)``: the cached ones, else both from one fused pass
-    (``softmin_pair``: ``P 1 = a exp((f - sf) / eps)``, likewise for the columns)."""
+    (``softmin_pair``: ``P 1 = a exp((f - sf) / eps)``, likewise for the columns);
+    ``log_a``, ``log_b``: the log-weights (None for unit weights), under no_grad."""
     T = P.adjoint()
     if P._row_sums is not None and T._row_sums is not None:
         return P._row_sums.detach(), T._row_sums.detach()
-    log_a = None if P._a is None else torch.log(P._a.detach())
-    log_b = None if P._b is None else torch.log(P._b.detach())
     f, g = P.f.detach(), P.g.detach()
     sf, sg = softmin_pair(P.x.detach(), P.y.detach(), f, g, log_a, log_b, eps=P.eps, cost_scale=P.cost_scale,
                           backend=P.backend, precision=P.precision)

@@ -23,15 +23,15 @@ from __future__ import annotations
 import torch
 
 
-def _eager(update, direction, report, state, start, stop, maxiter, every):
-    """Iterations ``start .. stop - 1``; returns (state, stopped)."""
-    for it in range(start, stop):
+def _eager(update, direction, report, state, start, maxiter, every):
+    """Iterations ``start .. maxiter - 1`` (fewer once every column stopped); returns the state."""
+    for it in range(start, maxiter):
         state = update(state)
         report(state)
         if it == maxiter - 1 or ((it + 1) % every == 0 and not bool(state.active.any())):
-            return state, True
+            break
         state = direction(state)
-    return state, False
+    return state
 
 
 def _synchronises(probe, state) -> bool:
@@ -94,7 +94,7 @@ def run_loop(update, direction, report, state, *, maxiter: int, every: int, grap
     stays eager.
     """
     if not (graph and device.type == "cuda" and maxiter > 2):
-        return _eager(update, direction, report, state, 0, maxiter, maxiter, every)[0]
+        return _eager(update, direction, report, state, 0, maxiter, every)
     # One eager iteration on a side stream, as CUDA graphs want: it compiles and
     # tunes the kernels and creates the library handles before the capture.
     side = torch.cuda.Stream(device)
@@ -117,5 +117,4 @@ def run_loop(update, direction, report, state, *, maxiter: int, every: int, grap
             if not bool(state.active.any()):
                 return state
     # The last iteration (it skips the direction), or all the rest when the operator synchronises.
-    state, _ = _eager(update, direction, report, state, done, maxiter, maxiter, every)
-    return state
+    return _eager(update, direction, report, state, done, maxiter, every)

@@ -31,9 +31,10 @@ import torch
 from ._triton import tl, triton
 
 from . import _common
-from ._common import LOG2E, _logits, _plan_bias, _row_setup
+from ._common import _LOG2E, LOG2E, _logits, _plan_bias, _row_setup
 
-__all__ = ["plan_truncate", "plan_truncate_torch", "ell_matmat", "ell_matmat_torch", "ell_bilinear"]
+__all__ = ["plan_truncate", "plan_truncate_torch", "ell_matmat", "ell_matmat_torch", "ell_bilinear",
+           "live_slots"]
 
 _FN = "plan_truncate"
 
@@ -81,7 +82,7 @@ def _truncate_kernel(
     r = _plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A)
     # Kept iff t_ij - log2(e) ct_j >= log2(e) rt_i - r_i. A zero weight (r = -inf)
     # or a padded row gives +inf: nothing kept.
-    thr = 1.4426950408889634 * tl.load(RT + rows, mask=row_ok, other=float("inf")) - r
+    thr = _LOG2E * tl.load(RT + rows, mask=row_ok, other=float("inf")) - r
     thr = tl.where(row_ok, thr, float("inf"))
     count = tl.zeros((BLOCK_M,), dtype=tl.int32)
     base = rows.to(tl.int64)
@@ -91,7 +92,7 @@ def _truncate_kernel(
         u = tl.where(col_ok, _plan_bias(G, LOG_B, YN, cols, col_ok, inv_eps2, k2, HAS_LOG_B), float("-inf"))
         t = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, m, two_k2,
                     D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, BLOCK_M, BLOCK_N)
-        ct = 1.4426950408889634 * tl.load(CT + cols, mask=col_ok, other=float("inf"))
+        ct = _LOG2E * tl.load(CT + cols, mask=col_ok, other=float("inf"))
         keep = (t - ct[None, :]) >= thr[:, None]
         kept = keep.to(tl.int32)
         slot = count[:, None] + tl.cumsum(kept, axis=1) - 1
@@ -329,6 +330,11 @@ def plan_truncate_torch(x, y, f, g, *, eps, row_threshold, col_threshold, capaci
 # --------------------------------------------------------------------------
 
 
+def live_slots(counts, capacity: int) -> torch.Tensor:
+    """The (capacity, n) mask of a layout's live slots: ``s < counts[i]``."""
+    return torch.arange(capacity, device=counts.device)[:, None] < counts[None, :].to(torch.int64)
+
+
 def _check_layout(fn, values, columns, counts, V, m):
     for name, t in (("values", values), ("columns", columns), ("counts", counts), ("V", V)):
         if not isinstance(t, torch.Tensor):
@@ -368,7 +374,7 @@ def _ell_torch(values, columns, counts, V, row_scale=None, sign=1.0, add=None, a
     if cap and n and V2.shape[1]:
         # Padding slots hold value 0 and column 0; they are masked so that a
         # non-finite V_0 cannot leak into other rows.
-        live = torch.arange(cap, device=V.device)[:, None] < counts[None, :].to(torch.int64)
+        live = live_slots(counts, cap)
         per = max(1, _common.TORCH_BLOCK_BYTES // max(1, n * V2.shape[1] * out.element_size() * 2))
         for s0 in range(0, cap, per):
             s1 = min(cap, s0 + per)
@@ -515,7 +521,7 @@ def _ell_bilinear_torch(values, columns, counts, W, V, Y):
     out = torch.zeros((n, Y.shape[1]), device=Y.device, dtype=dtype)
     if cap and n and Y.shape[1]:
         W, V, Y = W.to(dtype), V.to(dtype), Y.to(dtype)
-        live = torch.arange(cap, device=Y.device)[:, None] < counts[None, :].to(torch.int64)
+        live = live_slots(counts, cap)
         per_slot = n * (V.shape[1] + Y.shape[1] + 1) * out.element_size()
         per = max(1, _common.TORCH_BLOCK_BYTES // max(1, per_slot))
         for s0 in range(0, cap, per):
