@@ -734,7 +734,30 @@ def cost_block(xc, yc, xn, yn, rows: slice, cost_scale: float):
 
 # The Triton interpreter (3.9) multiplies bfloat16 dot operands as their raw
 # uint16 bits; under it, bf16 dots are computed in fp32 instead.
-_INTERPRETER_BF16_DOT = tl.constexpr(_INTERPRETED)
+_INTERPRETED_C = tl.constexpr(_INTERPRETED)
+_INTERPRETER_BF16_DOT = _INTERPRETED_C
+
+
+@triton.jit
+def _store_in_place(ptrs, val, mask):
+    """``tl.store(ptrs, val, mask)`` of fp32 values in the layout they are in.
+
+    ``tl.store`` re-lays a row vector of an MMA tile out for coalescing,
+    through shared memory behind two CTA-wide barriers; this element-wise
+    inline store writes each thread's own values (threads holding the same
+    row write the same value). Without those barriers nothing orders the
+    store after other threads' loads of the same addresses: the caller
+    places a ``tl.debug_barrier()`` where that matters. Plain ``tl.store``
+    under the interpreter.
+    """
+    if _INTERPRETED_C:
+        tl.store(ptrs, val, mask=mask)
+    else:
+        # Integer operands only: older Tritons refuse a pointer beside a float here.
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }",
+            "=r,l,r,r", [ptrs.to(tl.int64), val.to(tl.float32).to(tl.int32, bitcast=True), mask.to(tl.int32)],
+            dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
