@@ -586,6 +586,48 @@ def test_split_precision_layout():
     assert _common.prepare_pair(x.half(), y.half(), "tf32x3").D == 3
 
 
+def test_half_tf32_layout(monkeypatch):
+    """"tf32" on fp32 points: fp16 copies scaled by a power of two, k2 rescaled to match."""
+    d = _common.HALF_TF32_MIN_D
+    x, y = (to(t, torch.float32) for t in make_points(20, 30, d))
+    pair = _common.prepare_pair(x, y, "tf32")
+    assert pair.x.dtype == pair.y.dtype == torch.float16 and pair.PREC == "tf32"
+    mant, exp = math.frexp(pair.scale)
+    assert mant == 0.5 and pair.scale > 1
+    z = (x.mean(0) + y.mean(0)) / 2
+    c = torch.cat([x - z, y - z])
+    # The largest scaled coordinate is in [2^13, 2^14): no overflow, 11 significant bits.
+    assert 2.0 ** 13 <= (c * pair.scale).abs().max() < 2.0 ** 14
+    assert torch.equal(pair.x[0, :, :d], ((x - z) * pair.scale).half())
+    # Norms of the rounded points (the expansion is that of the points the dots see).
+    assert torch.equal(pair.xn[0], pair.x[0, :, :d].float().square().sum(-1))
+    assert pair.k2(2.0, 0.5) == pytest.approx(2.0 * _common.LOG2E / 0.5 / pair.scale ** 2, rel=1e-15)
+    assert _common.prepare_pair(y, x, "tf32").scale == pair.scale          # the transposed call
+    # Only fp32 "tf32" pairs are scaled; the knob off keeps fp32 operands on TF32.
+    assert _common.prepare_pair(x, y, "tf32x3").scale == 1.0
+    assert _common.prepare_pair(x.half(), y.half(), "tf32").scale == 1.0
+    assert _common.prepare_pair(x[:, :d - 1], y[:, :d - 1], "tf32").x.dtype == torch.float32   # low d
+    monkeypatch.setattr(_common, "HALF_TF32", False)
+    _common.clear_cache()
+    plain = _common.prepare_pair(x, y, "tf32")
+    assert plain.x.dtype == torch.float32 and plain.scale == 1.0
+    _common.clear_cache()
+
+
+@pytest.mark.parametrize("spread", [1e-7, 1e6])
+def test_half_tf32_extreme_coordinates(spread):
+    """Coordinates far below and far above fp16's range keep "tf32" accuracy (the scale absorbs them)."""
+    xd, yd = make_points(40, 30, _common.HALF_TF32_MIN_D, offset=3.0)
+    xd, yd = xd * spread, yd * spread
+    h = make_vec((30,))
+    eps = 0.3 * spread ** 2
+    out = lse_cost(to(xd, torch.float32), to(yd, torch.float32), to(h, torch.float32), eps=eps,
+                   backend="triton", precision="tf32")
+    ref = lse_cost_torch(xd, yd, h, eps=eps)
+    assert torch.isfinite(out).all()
+    assert _err_lse(out, ref) < tol(torch.float32, "tf32")
+
+
 def test_tuned_launch_reuses_the_chosen_config():
     """After the first call of a key, launches skip the autotuner and give the same result."""
     import importlib

@@ -38,9 +38,11 @@ __all__ = [
 #: the cost of "ieee" (fp32 FMAs on CUDA cores). For 3d <= SPLIT_MAX_K the
 #: cost dot's split is done once per pair of clouds and its three products are
 #: one TF32 dot of width 3d (see SPLIT_MAX_K). "tf32" (one tensor-core
-#: product) is faster but rounds the inputs of every dot to 10 mantissa bits:
-#: a relative error ~5e-4 on each product, which the logits then multiply by
-#: ``2c|x||y|/eps``. Half-precision operands ignore the setting.
+#: product with 11 significant bits per input: TF32, or fp16 from d =
+#: HALF_TF32_MIN_D on) is faster but rounds the inputs of every dot: a
+#: relative error 2^-11 to 2^-10 on each product, which the logits then
+#: multiply by ``2c|x||y|/eps``.
+#: Half-precision operands ignore the setting.
 DEFAULT_PRECISION = "tf32x3"
 
 #: Accepted values of ``precision`` (``None`` means ``DEFAULT_PRECISION``).
@@ -352,6 +354,27 @@ SPLIT_MAX_K = 64
 #: loops over chunks).
 MAX_BLOCK_D = 64
 
+#: "tf32" on fp32 points stores the centred points as float16 after scaling
+#: both clouds by one power of two 2^k (largest |coordinate| in [2^13, 2^14)),
+#: and the kernels take ``k2 / 4^k`` for ``k2``: fp16 keeps TF32's 11
+#: significant bits, rounded to nearest where the tensor cores truncate fp32
+#: operands to TF32, and multiplies at twice TF32's rate from half the bytes.
+#: Products of fp16 values are exact in the fp32 accumulator, and the squared
+#: norms are those of the rounded points, so ``C_ii = 0`` for x = y up to fp32
+#: summation. Only coordinates below 2^-28 of the largest lose relative
+#: precision (fp16 subnormals), which moves a dot by at most 2^-39 |x||y|.
+#: H100, n = m = 50k, d = 64, one symmetric Sinkhorn step: 1.56 ms against
+#: 2.03 ms with fp32 operands on TF32 tensor cores (same call). Choosing k costs one
+#: device-to-host synchronisation per prepared pair (none inside a CUDA-graph
+#: capture: a pair first prepared there keeps fp32 operands and TF32).
+HALF_TF32 = True
+#: ... from this dimension on. Measured on the H100: faster at d = 64 (above);
+#: slower at d = 3, where the dot is a small part of a tile's work: 1.84 ms
+#: per symmetric step at n = m = 50k, against 1.36 ms for the tf32x3 pair,
+#: whose fp32 TF32 dot has the same width (16). Dimensions in between are not
+#: measured yet (scripts/profile_half_tf32.py): they keep fp32 operands.
+HALF_TF32_MIN_D = 64
+
 
 def dot_mode(d: int, precision: str) -> int:
     """0: tensor-core dots; 1: FMAs (``d <= FMA_MAX_D`` or precision "ieee")."""
@@ -380,7 +403,8 @@ class PreparedPair:
     """Two clouds as the Triton kernels read them (built by :func:`prepare_pair`).
 
     ``x`` (Bx, n, DP) and ``y`` (By, m, DP): the points minus the common
-    centre, contiguous, each row padded with zeros to DP entries (see
+    centre, times ``scale`` (a power of two: 1 but for HALF_TF32),
+    contiguous, each row padded with zeros to DP entries (see
     :func:`feature_layout`), in the storage dtype; for a split pair the rows
     hold ``[x_hi, x_lo, x_hi]`` and ``[y_hi, y_hi, y_lo]`` (see
     ``SPLIT_MAX_K``). ``xn`` (Bx, n) and ``yn`` (By, m): the squared norms of
@@ -388,7 +412,8 @@ class PreparedPair:
     that the expansion ``|x|^2 + |y|^2 - 2 x.y`` is that of the points the
     dots see). A batch dim of 1 is shared by a batched call. The kernel
     constants: ``D`` features per row as the dot sees them, ``DOT`` (0 tensor
-    cores, 1 FMAs) and ``PREC``, the tl.dot precision to use.
+    cores, 1 FMAs) and ``PREC``, the tl.dot precision to use; ``k2()`` gives
+    the kernels' cost factor in the units of the stored points.
     """
 
     x: torch.Tensor
@@ -400,15 +425,21 @@ class PreparedPair:
     BLOCK_D: int
     DOT: int
     PREC: str
+    scale: float = 1.0
 
     @property
     def D_CHUNKS(self) -> int:
         return self.DP // self.BLOCK_D if self.DOT == 0 else 1
 
+    def k2(self, cost_scale: float, eps: float) -> float:
+        """The kernels' ``k2``: ``cost_scale log2(e) / eps`` in the units of the stored points."""
+        return cost_scale * LOG2E / eps / (self.scale * self.scale)
+
     def swapped(self) -> "PreparedPair":
         """The pair for the transposed call: the centre is symmetric in (x, y), and
         the three products of a split pair are the same with the roles swapped."""
-        return PreparedPair(self.y, self.x, self.yn, self.xn, self.D, self.DP, self.BLOCK_D, self.DOT, self.PREC)
+        return PreparedPair(self.y, self.x, self.yn, self.xn, self.D, self.DP, self.BLOCK_D, self.DOT, self.PREC,
+                            self.scale)
 
     @staticmethod
     def bstride(t: torch.Tensor) -> int:
@@ -428,22 +459,36 @@ def _layout_of(d: int, dtype: torch.dtype, precision: str):
     D = 3 * d if split else d
     DP, block_d = feature_layout(D, dot == 1)
     prec = "tf32" if split else precision
-    return split, D, DP, block_d, dot, prec
+    half = HALF_TF32 and precision == "tf32" and dtype == torch.float32 and dot == 0 and d >= HALF_TF32_MIN_D
+    return split, D, DP, block_d, dot, prec, half
+
+
+def _half_scale(cx: torch.Tensor, cy: torch.Tensor) -> float:
+    """The power of two taking the largest |coordinate| of both clouds into [2^13, 2^14) (1 if none)."""
+    amax = float(torch.maximum(cx.abs().amax(), cy.abs().amax()).item()) if cx.numel() and cy.numel() else 0.0
+    if not (amax > 0 and math.isfinite(amax)):
+        return 1.0
+    return math.ldexp(1.0, 14 - math.frexp(amax)[1])
 
 
 def _prepare(x: torch.Tensor, y: torch.Tensor, layout) -> PreparedPair:
     d = x.shape[-1]
-    split, D, DP, block_d, dot, prec = layout
+    split, D, DP, block_d, dot, prec, half = layout
     with torch.no_grad():
         x3, y3 = as_batched(x.detach(), 2), as_batched(y.detach(), 2)
         z = centre(x3, y3, torch.float32).unsqueeze(-2)          # (B or 1, 1, d)
+        centred = [t.float() - z for t in (x3, y3)]              # (batch, rows, d) each
+        # The scale needs the largest coordinate on the host: not inside a capture.
+        half = half and not (x3.is_cuda and torch.cuda.is_current_stream_capturing())
+        scale = _half_scale(*centred) if half else 1.0
         out, norms = [], []
         for side, t in enumerate((x3, y3)):
             # A cloud shared by a batch whose entries have different centres is
             # materialised per entry.
+            store = torch.float16 if half else t.dtype
             batch = max(t.shape[0], z.shape[0])
-            buf = torch.zeros((batch,) + tuple(t.shape[1:-1]) + (DP,), device=t.device, dtype=t.dtype)
-            c = (t.float() - z).to(t.dtype)                       # (batch, rows, d)
+            buf = torch.zeros((batch,) + tuple(t.shape[1:-1]) + (DP,), device=t.device, dtype=store)
+            c = (centred[side] * scale if half else centred[side]).to(store)
             norms.append(c.float().square().sum(-1))
             if split:
                 hi = round_to_tf32(c)
@@ -454,7 +499,7 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, layout) -> PreparedPair:
             else:
                 buf[..., :d] = c
             out.append(buf)
-    return PreparedPair(out[0], out[1], norms[0], norms[1], D, DP, block_d, dot, prec)
+    return PreparedPair(out[0], out[1], norms[0], norms[1], D, DP, block_d, dot, prec, scale)
 
 
 # A few prepared pairs, keyed by the identity of the input tensors: a solver
@@ -494,6 +539,10 @@ def prepare_pair(x: torch.Tensor, y: torch.Tensor, precision: str) -> PreparedPa
             return pair.swapped() if swap else pair
         _cache.pop(lookup, None)
     pair = _prepare(x, y, layout)
+    if layout[-1] and pair.x.dtype != torch.float16:
+        # Prepared inside a CUDA-graph capture without HALF_TF32's scale (no
+        # host sync there): not kept, so that later calls get the fp16 operands.
+        return pair
     try:
         rx, ry = weakref.ref(x), weakref.ref(y)
     except TypeError:  # pragma: no cover - tensors support weak references

@@ -273,7 +273,7 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
             _common.batch_stride(log_a, 1) if log_a is not None else 0,
             _common.batch_stride(log_b, 1) if log_b is not None else 0,
             *v_strides, s_stride, *o_strides,
-            cost_scale * LOG2E / eps, LOG2E / eps,
+            pair.k2(cost_scale, eps), LOG2E / eps,
             n_b, m_b, k_b, min(splits, 2),
             HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None, V_MODE=mode,
             D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,

@@ -216,7 +216,7 @@ def _plan_bilinear_triton(geo, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scal
             _common.batch_stride(V, 2), V.stride(-2), V.stride(-1),
             _common.batch_stride(Y, 2), Y.stride(-2), Y.stride(-1),
             ob, out.stride(-2), out.stride(-1),
-            cost_scale * LOG2E / eps, LOG2E / eps,
+            pair.k2(cost_scale, eps), LOG2E / eps,
             n_b, m_b, k_b, e_b,
             HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None,
             D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,

@@ -212,7 +212,7 @@ def _truncate_triton(geo, x, y, f, g, log_a, log_b, rt, ct, capacity, eps, cost_
             log_a if log_a is not None else f, log_b if log_b is not None else g,
             rt, ct, vals, cols, count,
             n, m, capacity,
-            cost_scale * LOG2E / eps, LOG2E / eps,
+            pair.k2(cost_scale, eps), LOG2E / eps,
             n_b, m_b,
             HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None,
             D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,

@@ -32,7 +32,6 @@ from ._triton import tl, triton
 from . import _common
 from ._common import (
     LN2,
-    LOG2E,
     _LOG2E,
     _logits,
     _online_step,
@@ -211,7 +210,7 @@ def _lse_triton(geo, x, y, h, eps, cost_scale, precision, out_scale):
         return out.fill_(float("-inf") * (1.0 if out_scale > 0 else -1.0))
     pair = _common.prepare_pair(x, y, precision)
     h = _common.unit_last(h)
-    k2 = cost_scale * LOG2E / eps
+    k2 = pair.k2(cost_scale, eps)
     splits, cols = _common.column_splits(_common.cdiv(geo.n, _common.SPLIT_ROW_TILE) * geo.B, geo.m, geo.device)
     if splits > 1:
         target = torch.empty((splits, geo.B, geo.n), device=geo.device, dtype=torch.float32)

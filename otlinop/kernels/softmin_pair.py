@@ -419,7 +419,7 @@ def _launch(geo, pair, f, g, la, lb, has_log_a, has_log_b, eps, cost_scale, out,
     P = _common.PreparedPair
     bs = _common.batch_stride
     n_b, m_b = _common.bucket(geo.n), _common.bucket(geo.m)
-    k2 = cost_scale * LOG2E / eps
+    k2 = pair.k2(cost_scale, eps)
     layout = dict(D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS, DOT=pair.DOT,
                   CPREC=pair.PREC)
     prepared_strides = (P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn))
