@@ -141,8 +141,8 @@ def _solve(inp: _Inputs, spec: _Spec, verbose: bool = False) -> _Solution:
         bar = tqdm(total=len(spec.eps_list), desc="SamplesLoss", leave=False)
     monitor = _Monitor(check_every=1 << 30, callback=None, bar=bar, method="symmetric", inp=inp)
     with torch.no_grad(), _no_finite_checks():
-        pots, pre = _symmetric_loop(inp, list(spec.eps_list), spec.rho_x, spec.rho_y, debias=spec.debias,
-                                    f0=None, g0=None, monitor=monitor, **spec.kernel_options)
+        pots, pre, _ = _symmetric_loop(inp, list(spec.eps_list), spec.rho_x, spec.rho_y, debias=spec.debias,
+                                       f0=None, g0=None, monitor=monitor, **spec.kernel_options)
     monitor.finish()
     sol = _Solution(pots[0], pots[1], pre[0], pre[1])
     if spec.debias:

@@ -55,33 +55,45 @@ def _synchronises(probe, state) -> bool:
     return False
 
 
-def _capture(update, direction, state, device):
-    """A CUDA graph of one iteration on static copies of ``state``."""
-    static = type(state)(*(t.clone() for t in state))
+def capture(step, state, device):
+    """A CUDA graph of ``state <- step(state)`` on static copies of ``state`` (a tuple of tensors).
+
+    Returns ``(graph, static)``: each replay runs the captured kernels on
+    ``static``, in place. ``step`` must not synchronise with the host; a
+    failed capture raises RuntimeError (torch's CUDA state may then be
+    unusable).
+    """
+    clones = [t.clone() for t in state]
+    static = type(state)(*clones) if hasattr(state, "_fields") else tuple(clones)   # NamedTuple or tuple
     graph = torch.cuda.CUDAGraph()
     # capture_begin/end on a side stream, as torch.cuda.graph does, without its
     # gc.collect() and empty_cache() on entry: those cost milliseconds in a large
-    # process, more than the solves this serves.
+    # process, more than the loops this serves.
     current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(current)
+    with torch.cuda.stream(side):
+        graph.capture_begin()
+        try:
+            out = step(static)
+            for dst, src in zip(static, out):
+                if dst is not src:      # a step that updates its state in place needs no copy
+                    dst.copy_(src)
+        finally:
+            graph.capture_end()
+    current.wait_stream(side)
+    return graph, static
+
+
+def _capture(update, direction, state, device):
+    """A CUDA graph of one solver iteration on static copies of ``state``."""
     try:
-        with torch.cuda.stream(side):
-            graph.capture_begin()
-            try:
-                out = direction(update(static))
-                for dst, src in zip(static, out):
-                    if dst is not src:      # a solver that updates its state in place needs no copy
-                        dst.copy_(src)
-            finally:
-                graph.capture_end()
+        return capture(lambda s: direction(update(s)), state, device)
     except RuntimeError as err:
         raise RuntimeError(
             "graph=True: capturing the solver's iteration as a CUDA graph failed although its products "
             "do not synchronise with the host; the operator or the preconditioner does something a CUDA "
             "graph cannot hold (torch's CUDA state may now be unusable). Use graph=False.") from err
-    current.wait_stream(side)
-    return graph, static
 
 
 def run_loop(update, direction, report, state, *, maxiter: int, every: int, graph: bool, device, probe=None):

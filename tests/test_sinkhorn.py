@@ -330,6 +330,88 @@ def test_gpu_triton_matches_torch_large(method):
     assert rel(res_t.cost, res_c.cost) < 1e-4
 
 
+def test_symmetric_refinement_reaches_the_threshold():
+    """max_iter continues the averaged steps at the final eps until the marginal error <= threshold."""
+    x, y, a, b = clouds(40, 30)
+    plain = sinkhorn(x, y, a, b, blur=0.3, backend="torch")
+    res = sinkhorn(x, y, a, b, blur=0.3, max_iter=400, threshold=1e-9, check_every=5, backend="torch")
+    n_schedule = len(plain.eps_schedule)
+    assert plain.n_iter == n_schedule and not plain.converged
+    assert n_schedule < res.n_iter < 400 and res.n_iter % 5 == 0 and res.converged
+    assert res.marginal_error[-1] <= 1e-9
+    # Its fixed point is that of the alternating updates at the same eps.
+    alt = sinkhorn(x, y, a, b, eps=res.eps, method="alternating", threshold=1e-12, backend="torch")
+    shift = (res.f - alt.f).mean()
+    assert rel(res.f - shift, alt.f) < 1e-6 and rel(res.g + shift, alt.g) < 1e-6
+    # A budget the threshold does not reach: max_iter steps in all, not converged.
+    short = sinkhorn(x, y, a, b, blur=0.3, max_iter=n_schedule + 3, threshold=0.0, backend="torch")
+    assert short.n_iter == n_schedule + 3 and not short.converged
+
+
+def _fake_capture(counter):
+    """solvers._loop.capture's contract on the CPU: replay() runs the step on the static state."""
+    def capture(step, state, device):
+        static = tuple(t.clone() for t in state)
+
+        class Graph:
+            def replay(self):
+                counter[0] += 1
+                for dst, src in zip(static, step(static)):
+                    dst.copy_(src)
+        return Graph(), static
+    return capture
+
+
+@pytest.mark.parametrize("check_every", [1, 7, 1000])
+@pytest.mark.parametrize("options", [
+    dict(blur=0.3, max_iter=60, threshold=1e-7),
+    dict(eps=0.2, method="alternating", max_iter=50, threshold=1e-9, reach_x=0.9),
+], ids=["symmetric", "alternating"])
+def test_graph_runs_match_the_eager_loop(monkeypatch, options, check_every):
+    """Runs of one eps replay a captured step between checks: the same potentials, checks and count."""
+    import importlib
+
+    import solvers._loop
+
+    S = importlib.import_module("otlinop.sinkhorn")
+    x, y, a, b = clouds(30, 20)
+    opts = dict(options, check_every=check_every, backend="torch")
+    eager = sinkhorn(x, y, a, b, **opts)
+    monkeypatch.setattr(S, "_graphable", lambda x, backend: True)
+    replays = [0]
+    monkeypatch.setattr(solvers._loop, "capture", _fake_capture(replays))
+    seen = []
+    graphed = sinkhorn(x, y, a, b, callback=lambda info: seen.append(info["iteration"]), **opts)
+    assert torch.equal(graphed.f, eager.f) and torch.equal(graphed.g, eager.g)
+    assert graphed.marginal_error == eager.marginal_error and graphed.n_iter == eager.n_iter
+    assert graphed.converged == eager.converged
+    # The checks, then the last iteration (symmetric: the record of the final extrapolation).
+    checks = list(range(check_every, graphed.n_iter + 1, check_every))
+    last = [graphed.n_iter] if "method" not in options else [graphed.n_iter][:graphed.n_iter % check_every != 0]
+    assert seen == checks + last
+    # Replays between checks (none when every step is a check).
+    assert (replays[0] > 0) == (check_every > 1)
+
+
+@requires_cuda
+def test_gpu_graph_loops_are_bitwise_the_eager_loops(monkeypatch):
+    """On a GPU the captured step replays the eager step's kernels: bitwise the same potentials."""
+    import importlib
+
+    S = importlib.import_module("otlinop.sinkhorn")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(3000, 16, device="cuda", generator=gen)
+    y = torch.randn(2000, 16, device="cuda", generator=gen) + 0.5
+    for opts in (dict(blur=0.5, max_iter=80, threshold=0.0, check_every=25, precision="tf32"),
+                 dict(eps=0.25, method="alternating", max_iter=80, threshold=0.0, check_every=25)):
+        monkeypatch.setattr(S, "_GRAPHS", True)
+        graphed = sinkhorn(x, y, **opts)
+        monkeypatch.setattr(S, "_GRAPHS", False)
+        eager = sinkhorn(x, y, **opts)
+        assert torch.equal(graphed.f, eager.f) and torch.equal(graphed.g, eager.g)
+        assert graphed.marginal_error == eager.marginal_error
+
+
 # --------------------------------------------------------------------------
 # Operators built from a result
 # --------------------------------------------------------------------------
@@ -454,8 +536,10 @@ def test_errors():
         sinkhorn(x, y, f0=torch.zeros(8, dtype=F64))
     with pytest.raises(TypeError, match="callback must be callable"):
         sinkhorn(x, y, callback=3)
-    with pytest.warns(UserWarning, match="max_iter is ignored"):
-        sinkhorn(x, y, max_iter=10)
+    with pytest.raises(ValueError, match="max_iter=2 is shorter than the eps schedule"):
+        sinkhorn(x, y, max_iter=2)
+    with pytest.raises(ValueError, match="max_iter must be a positive integer"):
+        sinkhorn(x, y, max_iter=0)
 
 
 def test_result_is_a_dataclass():
