@@ -461,6 +461,29 @@ def _graphable(x: torch.Tensor, backend) -> bool:
             and not torch.cuda.is_current_stream_capturing())
 
 
+class _StepGraph:
+    """One step ``state <- step(state)`` of a loop, captured once, replayed on copies of the loop's tensors.
+
+    ``key``: what the step was captured for (the eps of a run). The static
+    buffers stay the graph's: ``run`` copies the state in and returns fresh
+    tensors, which a later replay never overwrites (callbacks and results
+    may keep them).
+    """
+
+    def __init__(self, step, state: tuple, device, key=None):
+        from solvers._loop import capture   # at call time: tests replace it
+
+        self.key = key
+        self.graph, self.static = capture(step, state, device)
+
+    def run(self, state: tuple, times: int) -> list:
+        for dst, src in zip(self.static, state):
+            dst.copy_(src)
+        for _ in range(times):
+            self.graph.replay()
+        return [t.clone() for t in self.static]
+
+
 def _symmetric_loop(inp: _Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0, monitor: _Monitor,
                     cost_scale: float, backend, precision, refine: int = 0, threshold: float = 0.0):
     """GeomLoss' symmetric Sinkhorn loop (MATH.md section 3).
@@ -478,8 +501,6 @@ def _symmetric_loop(inp: _Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g
     more steps at its last eps, until a check finds the marginal error
     <= ``threshold``. Runs of equal eps replay a CUDA graph (GRAPH_MIN_RUN).
     """
-    from solvers._loop import capture
-
     x, y = inp.x, inp.y
     log_a, log_b = inp.log_a, inp.log_b
     n = x.shape[1]
@@ -523,22 +544,19 @@ def _symmetric_loop(inp: _Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g
 
     graphs = selves is None and _graphable(x, backend)
     warm = f0 is None or g0 is None     # a soft-min ran already: kernels compiled and tuned
-    replay = None       # (eps, graph, static state) of the current run of equal eps
+    replay = None       # the _StepGraph of the current run of equal eps
     i = 0
     while i < total:
         eps = eps_at(i)
         if graphs and warm and not checks(i):
             run = next((k for k in range(i, total) if eps_at(k) != eps), total) - i
-            span = next((k for k in range(i, i + run) if checks(k)), i + run) - i
-            if replay is not None and replay[0] == eps:
-                replay[2][0].copy_(FG)
-            elif run >= GRAPH_MIN_RUN:
+            if (replay is None or replay.key != eps) and run >= GRAPH_MIN_RUN:
                 # The state is FG alone: every other input is fixed for the run.
-                replay = (eps, *capture(lambda st: (torch.lerp(st[0], smins(st[0], eps), 0.5),), (FG,), x.device))
-            if replay is not None and replay[0] == eps:
-                for _ in range(span):
-                    replay[1].replay()
-                FG = replay[2][0].clone()     # the static buffer stays the graph's
+                replay = _StepGraph(lambda st: (torch.lerp(st[0], smins(st[0], eps), 0.5),), (FG,), x.device,
+                                    key=eps)
+            if replay is not None and replay.key == eps:
+                span = next((k for k in range(i, i + run) if checks(k)), i + run) - i
+                (FG,) = replay.run((FG,), span)
                 monitor.advance(span)
                 i += span
                 continue
@@ -582,8 +600,6 @@ def _alternating_loop(inp: _Inputs, eps: float, rho_x, rho_y, *, f0, g0, max_ite
 
     Returns ``(f, g, n_iter, converged)``.
     """
-    from solvers._loop import capture
-
     x, y = inp.x, inp.y
     log_a, log_b = inp.log_a, inp.log_b
     opts = dict(cost_scale=cost_scale, backend=backend, precision=precision)
@@ -628,12 +644,8 @@ def _alternating_loop(inp: _Inputs, eps: float, rho_x, rho_y, *, f0, g0, max_ite
                 def iteration(state):
                     g, s = half_steps(state[0])
                     return damped(lam_x, s), g
-                replay = capture(iteration, (f, torch.zeros_like(log_b)), x.device)
-            else:
-                replay[1][0].copy_(f)
-            for _ in range(span):
-                replay[0].replay()
-            f, g = (t.clone() for t in replay[1])      # the static buffers stay the graph's
+                replay = _StepGraph(iteration, (f, g), x.device)
+            f, g = replay.run((f, g), span)
             it += span
             continue
         g, s = half_steps(f)
