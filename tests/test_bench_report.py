@@ -81,6 +81,31 @@ def test_sinkhorn_results_folder(tmp_path, capsys):
     assert sum(line.startswith("| otlinop |") for line in table.splitlines()) == 8 * _PRECISIONS
 
 
+def test_per_iteration_widens_a_span_below_the_noise(monkeypatch):
+    from otlinop.bench import sinkhorn_bench
+
+    calls = []
+
+    def run(k):
+        calls.append(k)
+
+    # A fake clock: a set-up cost that falls with k up to 70 iterations hides
+    # 50 iterations' cost; past it, 0.02 ms per iteration.
+    def elapsed(fn):
+        fn()
+        k = calls[-1]
+        return 5.0 - 0.001 * k if k <= 70 else 0.02 * k
+
+    monkeypatch.setattr(sinkhorn_bench, "_elapsed_ms", elapsed)
+    ms = sinkhorn_bench.per_iteration_ms(run, 20, 70, repeats=3)
+    assert set(calls) == {20, 70, 420}
+    assert ms == pytest.approx((0.02 * 420 - (5.0 - 0.02)) / 400)
+
+    monkeypatch.setattr(sinkhorn_bench, "_elapsed_ms", lambda fn: (fn(), 1.0)[1])
+    with pytest.raises(RuntimeError, match="below the timing noise even over 3200 iterations"):
+        sinkhorn_bench.per_iteration_ms(run, 20, 70, repeats=1)
+
+
 def test_single_suite_writes_nothing_without_results(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     status, captured = _run(["sinkhorn", "--no-peers", "--no-default-call", "--sizes", "16", "--dims", "2"], capsys)

@@ -62,14 +62,28 @@ def _elapsed_ms(fn) -> float:
 
 
 def per_iteration_ms(run, lo: int = LO, hi: int = HI, repeats: int = REPEATS) -> float:
-    """Median over ``repeats`` of ``(T(hi) - T(lo)) / (hi - lo)``; ``run(k)`` runs k iterations."""
+    """Median over ``repeats`` of ``(T(hi) - T(lo)) / (hi - lo)``; ``run(k)`` runs k iterations.
+
+    Where ``hi - lo`` iterations take less than the timing noise of a call
+    (tiny problems, whose per-call set-up varies more than 50 iterations
+    cost), the median can come out <= 0; the span is then widened eightfold,
+    twice at most, and a non-positive result after that raises RuntimeError
+    rather than reporting a meaningless time.
+    """
     run(lo)   # warm-up: compilation and autotuning
-    values = []
-    for _ in range(repeats):
-        t_hi = _elapsed_ms(lambda: run(hi))
-        t_lo = _elapsed_ms(lambda: run(lo))
-        values.append((t_hi - t_lo) / (hi - lo))
-    return statistics.median(values)
+    span = hi - lo
+    for attempt in range(3):
+        if attempt:
+            span *= 8
+        values = []
+        for _ in range(repeats):
+            t_hi = _elapsed_ms(lambda: run(lo + span))
+            t_lo = _elapsed_ms(lambda: run(lo))
+            values.append((t_hi - t_lo) / span)
+        ms = statistics.median(values)
+        if ms > 0:
+            return ms
+    raise RuntimeError(f"time per iteration below the timing noise even over {span} iterations")
 
 
 def peak_mb(run, iters: int = MEMORY_ITERS):
