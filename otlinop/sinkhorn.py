@@ -364,11 +364,12 @@ class _Monitor:
     def syncs(self) -> bool:
         return self.callback is not None or self.bar is not None
 
-    def record(self, iteration: int, eps: float, err: torch.Tensor, f, g) -> float | None:
-        """Store the error of one check; returns it as a float only when synced."""
+    def record(self, iteration: int, eps: float, err: torch.Tensor, f, g, *, read: bool = False) -> float | None:
+        """Store the error of one check; returns it as a float when synced or
+        when the caller must ``read`` it (a stopping test), else None."""
         self.errors.append(err.max())
         if not self.syncs:
-            return None
+            return float(self.errors[-1].item()) if read else None
         value = float(self.errors[-1].item())
         if self.bar is not None:
             self.bar.set_postfix(marginal_error=f"{value:.2e}", eps=f"{eps:.3g}", refresh=False)
@@ -566,9 +567,9 @@ def _symmetric_loop(inp: _Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g
         if checks(i):
             lam_x = _damping(eps, rho_x)
             err = _row_error(FG[:, :n], S[:, :n] / lam_x, inp.a, eps, rho_x)
-            value = monitor.record(i + 1, eps, err, FG[:, :n], FG[:, n:])
-            if i + 1 >= len(eps_list) and refine:
-                value = float(monitor.errors[-1].item()) if value is None else value
+            refining = refine > 0 and i + 1 >= len(eps_list)
+            value = monitor.record(i + 1, eps, err, FG[:, :n], FG[:, n:], read=refining)
+            if refining:
                 stop = value <= threshold or not math.isfinite(value)
         # Averaged (Jacobi) updates: plain simultaneous updates oscillate.
         FG = torch.lerp(FG, S, 0.5)
@@ -656,10 +657,8 @@ def _alternating_loop(inp: _Inputs, eps: float, rho_x, rho_y, *, f0, g0, max_ite
             # Row error of P(f_prev, g): free, from the update just made. The
             # returned (f, g) has exact row marginals (balanced side).
             err = _row_error(f_prev, s, inp.a, eps, rho_x)
-            value = monitor.record(n_iter, eps, err, f, g)
+            value = monitor.record(n_iter, eps, err, f, g, read=True)
             monitor.advance_to(n_iter)
-            if value is None:
-                value = float(monitor.errors[-1].item())
             if value <= threshold:
                 converged = True
                 break
