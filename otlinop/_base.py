@@ -673,11 +673,15 @@ class Diag(LinearOperator):
     Parameters
     ----------
     d : Tensor, shape (n,)
+    psd : bool, optional
+        Whether every ``d_i >= 0``, when the caller knows it (e.g. a
+        marginal of a plan). None (default): checked at construction,
+        which reads one flag back from the device.
 
     Notes
     -----
-    Symmetric; PSD when every ``d_i >= 0`` (checked once at construction).
-    One matvec costs O(n). ``inverse()`` gives ``Diag(1 / d)``.
+    Symmetric; PSD when every ``d_i >= 0``. One matvec costs O(n).
+    ``inverse()`` gives ``Diag(1 / d)``.
 
     Examples
     --------
@@ -687,9 +691,12 @@ class Diag(LinearOperator):
     ([1.0, 2.0], [1.0, 0.5])
     """
 
-    def __init__(self, d: torch.Tensor):
+    def __init__(self, d: torch.Tensor, *, psd: bool | None = None):
         _check_tensor("d", d, 1, "Diag")
-        psd = bool((d >= 0).all()) if d.numel() else True
+        if psd is None:
+            psd = bool((d >= 0).all()) if d.numel() else True
+        elif not isinstance(psd, bool):
+            raise TypeError(f"Diag: psd must be a bool or None, got {type(psd).__name__}")
         super().__init__((d.shape[0], d.shape[0]), d.dtype, d.device, is_symmetric=True, is_psd=psd)
         self.d = d
 

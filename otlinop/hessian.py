@@ -158,8 +158,10 @@ class HessianOperator(LinearOperator):
         self.shift = _ridge_factor(ridge) * bh.mean()
         self.D = ky * bh + self.shift
         self._row_weight = 1.0 / (kx * ah)
-        self.N = P.T @ Diag(self._row_weight) @ P
-        self._S = Diag(self.D) - self.N
+        # Both diagonals are non-negative by construction (plan marginals, kx, ky > 0):
+        # saying so spares the host a read-back each.
+        self.N = P.T @ Diag(self._row_weight, psd=True) @ P
+        self._S = Diag(self.D, psd=True) - self.N
         # A plan that offers the fused product (TruncatedPlanOperator) applies S in two
         # launches instead of five; the composition above stays for splitting().
         self._fused = getattr(P, "schur_product", None)
@@ -202,7 +204,8 @@ class DualHessianOperator(BlockOperator):
         kx, ky = self.schur.kx, self.schur.ky
         self.P, self.eps = P, self.schur.eps
         self._row_scale = kx * P.row_sums()          # kx ah: the (1, 1) block
-        super().__init__([[Diag(self._row_scale), P], [P.T, Diag(ky * P.col_sums())]], is_symmetric=True)
+        super().__init__([[Diag(self._row_scale, psd=True), P], [P.T, Diag(ky * P.col_sums(), psd=True)]],
+                         is_symmetric=True)
         self.is_psd = True
 
     def solve(self, r: torch.Tensor, *, solver=cg, M=None, **options):

@@ -43,6 +43,15 @@ class TestDiag(OperatorBattery):
         return Diag(d), torch.diag(d)
 
 
+def test_diag_psd_given_or_checked():
+    d = torch.tensor([1.0, -2.0, 3.0], dtype=F64)
+    assert not Diag(d).is_psd and Diag(d.abs()).is_psd and Diag(torch.zeros(0, dtype=F64)).is_psd
+    # Given by the caller: taken as said (no read-back), for d known to be >= 0.
+    assert Diag(d.abs(), psd=True).is_psd and not Diag(d.abs(), psd=False).is_psd
+    with pytest.raises(TypeError, match="Diag: psd must be a bool or None, got int"):
+        Diag(d, psd=1)
+
+
 class TestIdentity(OperatorBattery):
     def make(self):
         return Identity(4, dtype=F64), torch.eye(4, dtype=F64)

@@ -94,6 +94,25 @@ def test_from_plan_shares_the_plan():
     torch.testing.assert_close(S.to_dense(), _schur(p), rtol=1e-12, atol=1e-14)
 
 
+def test_building_from_a_plan_reads_nothing_back(monkeypatch):
+    """With the plan's marginals cached, building S and K launches device work only:
+    their diagonals are known to be non-negative, so no PSD check reads a flag back."""
+    p = ref.problem(**CASES["unbalanced"])
+    P = PlanOperator(p.x, p.y, p.f, p.g, eps=p.eps, a=p.a, b=p.b)
+    P.row_sums(), P.col_sums()
+    reads = []
+    for name in ("__bool__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *args, _real=real, _name=name: reads.append(_name) or _real(self, *args))
+    S = HessianOperator.from_plan(P, eps=p.eps, reach_x=1.0, reach_y=2.0)
+    K = DualHessianOperator(P, eps=p.eps, reach_x=1.0, reach_y=2.0)
+    assert reads == []
+    monkeypatch.undo()
+    assert S.is_psd and K.is_psd and S._S.is_symmetric
+    torch.testing.assert_close(S.to_dense(), _schur(p), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_dual_solve_through_schur(case):
     p = ref.problem(**CASES[case])
