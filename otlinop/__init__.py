@@ -25,7 +25,7 @@ from .loss import SamplesLoss, sinkhorn_loss
 from .hessian import DualHessianOperator, HessianOperator, dual_hessian
 from .hvp import (LossHessianOperator, grad_x, grad_y, hvp, hvp_self, hvp_x, hvp_y,
                   loss_hessian_operator)
-from solvers import (SolveResult, bicgstab, cg, gmres, jacobi, lsmr, minres, neumann,
+from solvers import (GraphCache, SolveResult, bicgstab, cg, gmres, jacobi, lsmr, minres, neumann,
                      solve)
 
 __version__ = "0.1.0"
@@ -41,4 +41,5 @@ __all__ = [
     "grad_x", "grad_y", "loss_hessian_operator", "LossHessianOperator",
     # solvers
     "cg", "minres", "gmres", "bicgstab", "lsmr", "solve", "SolveResult", "jacobi", "neumann",
+    "GraphCache",
 ]

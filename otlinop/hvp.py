@@ -361,6 +361,9 @@ class LossHessianOperator(LinearOperator):
       Hessian ``K`` and a preconditioner factory bound to its Schur complement
       are built once and shared by all matvecs. ``last_solve`` holds the last
       inner ``SolveResult``.
+    * On a GPU, ``solver=functools.partial(cg, graph=solvers.GraphCache())``
+      also keeps the inner CG's captured iteration from one matvec to the
+      next (``cg(graph=True)`` captures it again at every matvec).
     """
 
     def __init__(self, K, x, y, *, wrt, cost_scale, solve):

@@ -8,6 +8,7 @@ scipy's keyword names (``x0``, ``rtol``, ``atol``, ``maxiter``, ``M``,
 implicit function theorem. See docs/solvers.md for choosing among them.
 """
 
+from ._loop import GraphCache
 from ._result import SolveResult
 from .bicgstab import bicgstab
 from .cg import cg
@@ -25,6 +26,7 @@ __all__ = [
     "lsmr",
     "solve",
     "SolveResult",
+    "GraphCache",
     "jacobi",
     "neumann",
     "PreconditionerFactory",

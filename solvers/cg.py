@@ -9,7 +9,7 @@ import torch
 from . import _result as R_
 from ._common import (bind_preconditioner, check_callback, check_every_for, check_maxiter,
                       check_tolerance, col_dot, col_norm, setup, tolerance)
-from ._loop import run_loop
+from ._loop import GraphCache, run_loop
 
 
 class _State(NamedTuple):
@@ -25,6 +25,7 @@ class _State(NamedTuple):
     failed_pq: torch.Tensor
     failed_rho: torch.Tensor
     rho_new: torch.Tensor
+    tol: torch.Tensor      # read only: a field, so that a cached graph reads each solve's tolerance
 
 __all__ = ["cg"]
 
@@ -64,7 +65,7 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         the CPU, 10 on accelerators). Columns freeze on the device at their
         own convergence, so the result does not depend on it; up to
         ``check_every - 1`` extra matvecs may run.
-    graph : bool, default False
+    graph : bool or GraphCache, default False
         On a CUDA device, run the loop as a CUDA graph: one iteration
         eagerly (it compiles and tunes the operator's kernels), then one
         iteration captured once and replayed until every column has
@@ -75,8 +76,11 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         between calls. Whether they synchronise with the host is checked
         by one dry product under ``torch.cuda.set_sync_debug_mode("error")``;
         if they do (e.g. a ``PlanOperator``'s input checks, unless switched
-        off), the loop stays eager. Ignored on the CPU and with a
-        ``callback``.
+        off), the loop stays eager. A ``solvers.GraphCache`` instead of
+        True keeps the captured iteration for the next solve with the same
+        ``A`` and ``M`` objects and right-hand-side shape, which then
+        replays at once (repeated solves on one operator). Ignored on the
+        CPU and with a ``callback``.
 
     Returns
     -------
@@ -121,6 +125,8 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     maxiter = check_maxiter("cg", maxiter, 10 * pb.n)
     check_callback("cg", callback)
     every = check_every_for("cg", check_every, pb.op.device)
+    if not isinstance(graph, (bool, GraphCache)):
+        raise TypeError(f"cg: graph must be a bool or a solvers.GraphCache, got {type(graph).__name__}")
     Mop = bind_preconditioner("cg", M, pb.op, pb.vector, spd=True)
     op, B = pb.op, pb.B
 
@@ -153,7 +159,7 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     failed_rho = torch.where(rho > 0, one, rho)
     active = (rnorm > tol) & (rho > 0)
     iters = torch.zeros_like(active, dtype=torch.int64)
-    state = _State(X, R, Z.clone(), rho, rnorm, active, iters, failed_pq, failed_rho, rho.clone())
+    state = _State(X, R, Z.clone(), rho, rnorm, active, iters, failed_pq, failed_rho, rho.clone(), tol)
 
     def dot_into(U, V, out):
         return torch.dot(U, V, out=out) if flat else torch.linalg.vecdot(U, V, dim=0, out=out)
@@ -174,7 +180,7 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         else:
             torch.linalg.vector_norm(st.R, dim=0, out=st.rnorm)
         st.iters.add_(step)
-        torch.logical_and(step, st.rnorm > tol, out=st.active)
+        torch.logical_and(step, st.rnorm > st.tol, out=st.active)
         return st
 
     def direction(st):
@@ -199,9 +205,14 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
             callback(X if pb.vector or not flat else X[:, None])
 
     if bool(active.any()):
+        cache = graph if isinstance(graph, GraphCache) else None
+        # The graph reads A and M as they were at capture, and zero and the flat/column
+        # layout through the closures: the key names them, and the cache keeps them alive.
+        key = (id(A), id(M), tuple(B.shape), B.dtype, B.device, pb.vector)
         state = run_loop(update, direction, report, state, maxiter=maxiter, every=every,
-                         graph=graph and callback is None, device=B.device,
-                         probe=lambda st: (op @ st.P, None if Mop is None else Mop @ st.R))
+                         graph=graph is not False and callback is None, device=B.device,
+                         probe=lambda st: (op @ st.P, None if Mop is None else Mop @ st.R),
+                         cache=cache, key=key, keep=(A, M))
     X, R, rnorm, iters = state.X, state.R, state.rnorm, state.iters
     failed_pq, failed_rho = state.failed_pq, state.failed_rho
 

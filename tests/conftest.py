@@ -15,6 +15,26 @@ if not torch.cuda.is_available():
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def fake_capture(counts):
+    """``solvers._loop.capture``'s contract on the CPU, for the graph loops' tests:
+    the "graph" of ``state <- step(state)`` replays by running ``step`` (the
+    closures of the capturing call) on its static copies, in place. Counts
+    ``counts["captures"]`` and ``counts["replays"]``."""
+    def capture(step, state, device):
+        counts["captures"] += 1
+        clones = [t.clone() for t in state]
+        static = type(state)(*clones) if hasattr(state, "_fields") else tuple(clones)
+
+        class Graph:
+            def replay(self):
+                counts["replays"] += 1
+                for dst, src in zip(static, step(static)):
+                    if dst is not src:
+                        dst.copy_(src)
+        return Graph(), static
+    return capture
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # Every problem in this suite is small: torch's intra-op thread pool only adds

@@ -37,7 +37,7 @@ ot = _Lazy("ot")
 
 F64 = torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-from conftest import requires_cuda  # noqa: E402
+from conftest import fake_capture, requires_cuda  # noqa: E402
 
 #: Relative tolerance of the float64 parity tests (the algorithms are identical,
 #: observed errors are ~1e-14).
@@ -348,20 +348,6 @@ def test_symmetric_refinement_reaches_the_threshold():
     assert short.n_iter == n_schedule + 3 and not short.converged
 
 
-def _fake_capture(counter):
-    """solvers._loop.capture's contract on the CPU: replay() runs the step on the static state."""
-    def capture(step, state, device):
-        static = tuple(t.clone() for t in state)
-
-        class Graph:
-            def replay(self):
-                counter[0] += 1
-                for dst, src in zip(static, step(static)):
-                    dst.copy_(src)
-        return Graph(), static
-    return capture
-
-
 @pytest.mark.parametrize("check_every", [1, 7, 1000])
 @pytest.mark.parametrize("options", [
     dict(blur=0.3, max_iter=60, threshold=1e-7),
@@ -378,8 +364,8 @@ def test_graph_runs_match_the_eager_loop(monkeypatch, options, check_every):
     opts = dict(options, check_every=check_every, backend="torch")
     eager = sinkhorn(x, y, a, b, **opts)
     monkeypatch.setattr(S, "_graphable", lambda x, backend: True)
-    replays = [0]
-    monkeypatch.setattr(solvers._loop, "capture", _fake_capture(replays))
+    counts = {"captures": 0, "replays": 0}
+    monkeypatch.setattr(solvers._loop, "capture", fake_capture(counts))
     seen = []
     graphed = sinkhorn(x, y, a, b, callback=lambda info: seen.append(info["iteration"]), **opts)
     assert torch.equal(graphed.f, eager.f) and torch.equal(graphed.g, eager.g)
@@ -390,7 +376,7 @@ def test_graph_runs_match_the_eager_loop(monkeypatch, options, check_every):
     last = [graphed.n_iter] if "method" not in options else [graphed.n_iter][:graphed.n_iter % check_every != 0]
     assert seen == checks + last
     # Replays between checks (none when every step is a check).
-    assert (replays[0] > 0) == (check_every > 1)
+    assert (counts["replays"] > 0) == (check_every > 1)
 
 
 @requires_cuda

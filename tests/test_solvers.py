@@ -16,7 +16,7 @@ import solvers
 from solvers import SolveResult, bicgstab, cg, gmres, jacobi, lsmr, minres
 
 F64 = torch.float64
-from conftest import requires_cuda  # noqa: E402
+from conftest import fake_capture, requires_cuda  # noqa: E402
 
 
 
@@ -349,6 +349,56 @@ def test_batched_nonconvergence_status_names_columns():
     assert res.column_converged.tolist() == [False, True, False]
     assert res.status.startswith("2 of 3 right-hand sides did not converge; columns [0, 2]")
     assert "larger restart" in res.status
+
+
+def _fake_graphs(monkeypatch):
+    """solvers._loop's CUDA parts on the CPU: a "graph" whose replay runs the
+    captured step (the first solve's closures) on its static state."""
+    import contextlib
+
+    import solvers._loop as L
+
+    counts = {"captures": 0, "replays": 0}
+    monkeypatch.setattr(L, "capture", fake_capture(counts))
+    monkeypatch.setattr(L, "_graph_device", lambda device: True)
+    monkeypatch.setattr(L, "_side_stream", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(L, "_synchronises", lambda probe, state: False)
+    return counts
+
+
+def test_cg_graph_cache_replays_later_solves(monkeypatch):
+    """A GraphCache keeps the first solve's captured iteration: later solves with the
+    same A and M replay it on their own state (tolerance included), bitwise the eager loop."""
+    A = t(spd(40, 1e3))
+    M = jacobi()
+    gen = torch.Generator().manual_seed(3)
+    rhs = [torch.randn(40, dtype=F64, generator=gen) * scale for scale in (1.0, 1e3, 1e-2)]
+    eager = [cg(A, b, M=M, rtol=1e-9, check_every=4) for b in rhs]
+    limited = cg(A, rhs[0], M=M, rtol=1e-14, maxiter=7)
+    counts = _fake_graphs(monkeypatch)
+    cache = solvers.GraphCache()
+    assert repr(cache) == "GraphCache(empty)"
+    got = [cg(A, b, M=M, rtol=1e-9, check_every=4, graph=cache) for b in rhs]
+    assert counts["captures"] == 1 and counts["replays"] > 0
+    assert repr(cache) == "GraphCache(shape=(40,), dtype=torch.float64, device=cpu)"
+    for e, r in zip(eager, got):
+        assert r.converged and torch.equal(r.x, e.x) and r.n_iter == e.n_iter
+    # The results do not alias the cache's buffers, which the next solve overwrote.
+    assert torch.equal(got[0].x, eager[0].x) and got[0].x.data_ptr() != got[1].x.data_ptr()
+    # An iteration limit is the host's business: the same graph serves it.
+    short = cg(A, rhs[0], M=M, rtol=1e-14, maxiter=7, graph=cache)
+    assert counts["captures"] == 1 and short.n_iter == 7 and torch.equal(short.x, limited.x)
+    # Another operator, or another right-hand-side shape, captures again and replaces the graph.
+    A2 = A + torch.eye(40, dtype=F64)
+    other = cg(A2, rhs[0], M=M, rtol=1e-9, graph=cache)
+    assert counts["captures"] == 2 and torch.equal(other.x, cg(A2, rhs[0], M=M, rtol=1e-9).x)
+    B = torch.stack(rhs[:2], dim=1)
+    block = cg(A2, B, M=M, rtol=1e-9, graph=cache)
+    assert counts["captures"] == 3 and torch.equal(block.x, cg(A2, B, M=M, rtol=1e-9).x)
+    cache.clear()
+    assert repr(cache) == "GraphCache(empty)"
+    with pytest.raises(TypeError, match="graph must be a bool or a solvers.GraphCache, got str"):
+        cg(A, rhs[0], graph="yes")
 
 
 def test_cg_on_indefinite_reports_not_positive_definite():

@@ -380,6 +380,36 @@ def test_gpu_cg_graph_is_bitwise_the_eager_loop(truncate, M):
 
 
 @requires_cuda
+@pytest.mark.parametrize("truncate", [None, 1e-8])
+def test_gpu_cg_graph_cache_is_bitwise_the_eager_loop(monkeypatch, truncate):
+    """Solves sharing a GraphCache capture once and replay: bitwise the eager loop."""
+    import solvers._loop as L
+
+    x, y, f, g, a, b, eps = (t.cuda().float() if isinstance(t, torch.Tensor) else t
+                             for t in _converged(160, 120, 32, 0.25))
+    from otlinop.kernels import _common
+
+    monkeypatch.setattr(_common, "_CHECK_FINITE", False)   # the exact plan's checks read the host
+    P = PlanOperator(x, y, f, g, eps=eps, a=a, b=b)
+    if truncate is not None:
+        P = P.truncated(truncate)
+    S = HessianOperator.from_plan(P, eps=eps)
+    M = solvers.jacobi().bind(S)
+    captures = []
+    real = L._capture
+    monkeypatch.setattr(L, "_capture", lambda *args: captures.append(1) or real(*args))
+    cache = solvers.GraphCache()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for scale in (1.0, 1e3, 1e-2):
+        rhs = torch.randn(120, device="cuda", generator=gen) * scale
+        rhs -= rhs.mean()
+        eager = solvers.cg(S, rhs, M=M, rtol=1e-5, maxiter=500)
+        cached = solvers.cg(S, rhs, M=M, rtol=1e-5, maxiter=500, graph=cache)
+        assert eager.converged and torch.equal(eager.x, cached.x) and eager.n_iter == cached.n_iter
+    assert len(captures) == 1
+
+
+@requires_cuda
 def test_gpu_truncated_plan_matches_torch_at_scale():
     gen = torch.Generator(device="cuda").manual_seed(0)
     n, d, eps = 4000, 64, 0.5
