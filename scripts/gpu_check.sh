@@ -12,6 +12,8 @@
 # n = 10k and 50k), so a side-by-side Sinkhorn table fits a 10-minute call one d at a
 # time: python3 -m otlinop.bench sinkhorn --dims 64 --no-default-call --peer-path /tmp/site
 # --peer-timeout 400 --results "$OUT/res64" (needs carry: [".whl"]).
+# HVPs beside flash-sinkhorn (about 5 minutes with the cached reference):
+#   bash scripts/gpu_check.sh bench hvp   (carry: [".whl", ".devcache"])
 set -uo pipefail
 what="${1:-gpu}"; shift || true
 suites="${*:-plan solvers sinkhorn hvp}"
@@ -34,7 +36,11 @@ if [ -f "$OUT/pytest.txt" ]; then
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     for s in $suites; do
-        timeout 300 python3 -m otlinop.bench "$s" --results "$OUT/results" 2>&1 | tee "$OUT/bench_$s.md"
+        extra=()
+        # The float64 reference of the hvp suite takes minutes; keep it in the ignored
+        # .devcache/ (carry: [".devcache"]) between calls.
+        if [ "$s" = hvp ]; then mkdir -p .devcache && extra=(--cache .devcache/hvpref.pt); fi
+        timeout 300 python3 -m otlinop.bench "$s" "${extra[@]}" --results "$OUT/results" 2>&1 | tee "$OUT/bench_$s.md"
     done
 fi
 exit $rc
