@@ -146,57 +146,48 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     else:
         X = pb.X0[:, 0] if flat else pb.X0
         R = B - op @ X
-    zero = torch.zeros((), dtype=B.dtype, device=B.device)
     one = torch.ones(() if flat else pb.k, dtype=B.dtype, device=B.device)
     Z = R if Mop is None else Mop @ R
     rho = dot(R, Z)
     rnorm = col_norm(R)
-    # The loop keeps few per-column flags, each costing a kernel launch per iteration: the
-    # status codes are derived afterwards. A column has converged iff rnorm <= tol (it froze
-    # there); failed_pq / failed_rho hold the p^T A p or r^T M r that stopped a column
-    # (positive while none did).
+    # The loop keeps few per-column flags: the status codes are derived afterwards. A column
+    # has converged iff rnorm <= tol (it froze there); failed_pq / failed_rho hold the
+    # p^T A p or r^T M r that stopped a column (positive while none did).
     failed_pq = one.clone()
     failed_rho = torch.where(rho > 0, one, rho)
     active = (rnorm > tol) & (rho > 0)
     iters = torch.zeros_like(active, dtype=torch.int64)
     state = _State(X, R, Z.clone(), rho, rnorm, active, iters, failed_pq, failed_rho, rho.clone(), tol)
+    # The vector work of an iteration (dots, axpys, flags): two fused single-program kernels
+    # for one short right-hand side on a GPU, torch operations otherwise (cg_step).
+    from otlinop.kernels import cg_step    # here: otlinop imports the solvers
+    backend = cg_step.fused_backend(B)
+    precond = Mop is not None
+    cg_step.check_state("cg", dict(X=state.X, R=state.R, P=state.P),
+                        dict(rho=rho, rnorm=rnorm, active=active, iters=iters, failed_pq=failed_pq,
+                             failed_rho=failed_rho, rho_new=state.rho_new, tol=tol), backend)
 
-    def dot_into(U, V, out):
-        return torch.dot(U, V, out=out) if flat else torch.linalg.vecdot(U, V, dim=0, out=out)
+    def product(op, V, like):
+        """``op @ V`` as the fused kernels read it (a contiguous tensor shaped and typed like ``like``)."""
+        out = op @ V
+        if out.shape != like.shape or out.dtype != like.dtype:
+            raise ValueError(f"cg: the operator returned {tuple(out.shape)} {out.dtype} for a "
+                             f"{tuple(like.shape)} {like.dtype} operand")
+        return out.contiguous() if backend == "triton" else out
 
     def update(st):
         """x, r and the flags after one step along st.P (the matvec), in place."""
-        Q = op @ st.P
-        pq = dot(st.P, Q)
-        step = st.active & (pq > 0)
-        torch.where(st.active ^ step, pq, st.failed_pq, out=st.failed_pq)
-        # Frozen columns take alpha = 0, so x and r stay put without branching on the host.
-        alpha = torch.where(step, st.rho / pq, zero)
-        st.X.addcmul_(st.P, alpha)
-        st.R.addcmul_(Q, alpha, value=-1)
-        if Mop is None:
-            dot_into(st.R, st.R, st.rho_new)
-            torch.sqrt(st.rho_new, out=st.rnorm)
-        else:
-            torch.linalg.vector_norm(st.R, dim=0, out=st.rnorm)
-        st.iters.add_(step)
-        torch.logical_and(step, st.rnorm > st.tol, out=st.active)
+        Q = product(op, st.P, st.P)
+        cg_step.cg_update(st.P, Q, st.X, st.R, st.rho, st.rnorm, st.active, st.iters, st.failed_pq, st.rho_new,
+                          st.tol, precond=precond, backend=backend)
         return st
 
     def direction(st):
         """The next search direction (the preconditioner's application), in place."""
-        if Mop is None:
-            Z = st.R  # r^T r > 0 unless NaN, which reaches p^T A p at the next step
-        else:
-            Z = Mop @ st.R
-            dot_into(st.R, Z, st.rho_new)
-            still = st.active & (st.rho_new > 0)
-            torch.where(st.active ^ still, st.rho_new, st.failed_rho, out=st.failed_rho)
-            st.active.copy_(still)
-        # Masked beta keeps p finite in frozen columns (r = 0 would give 0/0).
-        beta = torch.where(st.active, st.rho_new / st.rho, zero)
-        torch.addcmul(Z, st.P, beta, out=st.P)
-        st.rho.copy_(st.rho_new)
+        # Without M, z = r: r^T r > 0 unless NaN, which reaches p^T A p at the next step.
+        Z = product(Mop, st.R, st.R) if precond else st.R
+        cg_step.cg_direction(st.R, Z, st.P, st.rho, st.rho_new, st.active, st.failed_rho, precond=precond,
+                             backend=backend)
         return st
 
     def report(st):
@@ -206,8 +197,8 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
 
     if bool(active.any()):
         cache = graph if isinstance(graph, GraphCache) else None
-        # The graph reads A and M as they were at capture, and zero and the flat/column
-        # layout through the closures: the key names them, and the cache keeps them alive.
+        # The graph reads A and M as they were at capture, and the layout and backend
+        # through the closures: the key names them, and the cache keeps them alive.
         key = (id(A), id(M), tuple(B.shape), B.dtype, B.device, pb.vector)
         state = run_loop(update, direction, report, state, maxiter=maxiter, every=every,
                          graph=graph is not False and callback is None, device=B.device,

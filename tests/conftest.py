@@ -35,6 +35,22 @@ def fake_capture(counts):
     return capture
 
 
+def fake_graphs(monkeypatch):
+    """solvers._loop's CUDA parts on the CPU: a "graph" whose replay runs the
+    captured step (the first solve's closures) on its static state
+    (:func:`fake_capture`). Returns its counts of captures and replays."""
+    import contextlib
+
+    import solvers._loop as L
+
+    counts = {"captures": 0, "replays": 0}
+    monkeypatch.setattr(L, "capture", fake_capture(counts))
+    monkeypatch.setattr(L, "_graph_device", lambda device: True)
+    monkeypatch.setattr(L, "_side_stream", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(L, "_synchronises", lambda probe, state: False)
+    return counts
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # Every problem in this suite is small: torch's intra-op thread pool only adds

@@ -16,7 +16,7 @@ import solvers
 from solvers import SolveResult, bicgstab, cg, gmres, jacobi, lsmr, minres
 
 F64 = torch.float64
-from conftest import fake_capture, requires_cuda  # noqa: E402
+from conftest import fake_graphs, requires_cuda  # noqa: E402
 
 
 
@@ -351,21 +351,6 @@ def test_batched_nonconvergence_status_names_columns():
     assert "larger restart" in res.status
 
 
-def _fake_graphs(monkeypatch):
-    """solvers._loop's CUDA parts on the CPU: a "graph" whose replay runs the
-    captured step (the first solve's closures) on its static state."""
-    import contextlib
-
-    import solvers._loop as L
-
-    counts = {"captures": 0, "replays": 0}
-    monkeypatch.setattr(L, "capture", fake_capture(counts))
-    monkeypatch.setattr(L, "_graph_device", lambda device: True)
-    monkeypatch.setattr(L, "_side_stream", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(L, "_synchronises", lambda probe, state: False)
-    return counts
-
-
 def test_cg_graph_cache_replays_later_solves(monkeypatch):
     """A GraphCache keeps the first solve's captured iteration: later solves with the
     same A and M replay it on their own state (tolerance included), bitwise the eager loop."""
@@ -375,7 +360,7 @@ def test_cg_graph_cache_replays_later_solves(monkeypatch):
     rhs = [torch.randn(40, dtype=F64, generator=gen) * scale for scale in (1.0, 1e3, 1e-2)]
     eager = [cg(A, b, M=M, rtol=1e-9, check_every=4) for b in rhs]
     limited = cg(A, rhs[0], M=M, rtol=1e-14, maxiter=7)
-    counts = _fake_graphs(monkeypatch)
+    counts = fake_graphs(monkeypatch)
     cache = solvers.GraphCache()
     assert repr(cache) == "GraphCache(empty)"
     got = [cg(A, b, M=M, rtol=1e-9, check_every=4, graph=cache) for b in rhs]

@@ -1,0 +1,213 @@
+"""The fused CG iteration (otlinop.kernels.cg_step): Triton kernels against the
+torch reference (interpreter on CPU, compiled on CUDA), and cg on either.
+
+Every test here can fail: the kernels are compared with the reference on
+states that take a step, freeze a column (A or M not positive definite),
+carry NaN, or are already frozen; cg's results on the fused path are
+compared with the torch path's, and a graph replay with the eager loop.
+"""
+
+import pytest
+import torch
+
+from conftest import fake_graphs, requires_cuda
+from otlinop.kernels import cg_step
+from solvers import cg, jacobi
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+F64 = torch.float64
+
+#: Relative agreement of the two backends (their sums run in different orders).
+RTOL = {torch.float32: 2e-6, torch.float64: 1e-13}
+
+SCALARS = ("rho", "rnorm", "active", "iters", "failed_pq", "failed_rho", "rho_new")
+
+
+def _state(n, dtype, case, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    P, X, R = (torch.randn(n, generator=g, dtype=F64) for _ in range(3))
+    Q = P * (1.0 + torch.rand(n, generator=g, dtype=F64))       # <P, Q> > 0
+    Z = R * (0.5 + torch.rand(n, generator=g, dtype=F64))       # <R, Z> > 0
+    if case == "A indefinite":
+        Q = -Q
+    elif case == "M indefinite":
+        Z = -Z
+    elif case == "nan":
+        Q[n // 2] = float("nan")
+    s = dict(P=P, Q=Q, X=X, R=R, Z=Z)
+    s = {k: v.to(dtype=dtype, device=DEVICE) for k, v in s.items()}
+
+    def scalar(v, dt=dtype):
+        return torch.tensor(v, dtype=dt, device=DEVICE)
+    s.update(rho=scalar(2.0), rnorm=scalar(1.0), active=scalar(case != "frozen", torch.bool),
+             iters=scalar(3, torch.int64), failed_pq=scalar(1.0), failed_rho=scalar(1.0), rho_new=scalar(5.0),
+             tol=scalar(1e-3 if case != "converges" else 1e3))
+    return s
+
+
+def _iteration(s, precond, backend):
+    cg_step.cg_update(s["P"], s["Q"], s["X"], s["R"], s["rho"], s["rnorm"], s["active"], s["iters"], s["failed_pq"],
+                      s["rho_new"], s["tol"], precond=precond, backend=backend)
+    cg_step.cg_direction(s["R"], s["Z"] if precond else s["R"], s["P"], s["rho"], s["rho_new"], s["active"],
+                         s["failed_rho"], precond=precond, backend=backend)
+    return s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("precond", [False, True])
+@pytest.mark.parametrize("n", [1, 7, 2 * cg_step._BLOCK + 809])   # the last: three loop steps, a masked tail
+@pytest.mark.parametrize("case", ["step", "converges", "A indefinite", "M indefinite", "nan", "frozen"])
+def test_kernels_match_the_reference(dtype, precond, n, case):
+    ref = _iteration(_state(n, dtype, case), precond, "torch")
+    got = _iteration(_state(n, dtype, case), precond, "triton")
+    for k in ("active", "iters"):
+        assert torch.equal(got[k], ref[k]), k
+    for k in ("P", "X", "R") + SCALARS:
+        torch.testing.assert_close(got[k], ref[k], rtol=RTOL[dtype], atol=0, equal_nan=True, msg=k)
+    # The cases do what they say (the reference is cg's own arithmetic).
+    stepped = case in ("step", "converges", "M indefinite")
+    assert int(ref["iters"]) == 3 + stepped
+    assert bool(ref["active"]) == (case == "step" or (case == "M indefinite" and not precond))
+    if case == "A indefinite":
+        assert float(ref["failed_pq"]) < 0
+    if case == "nan":
+        assert torch.isnan(ref["failed_pq"])
+    if case == "M indefinite":
+        assert (float(ref["failed_rho"]) < 0) == precond
+
+
+def test_kernels_are_deterministic():
+    a = _iteration(_state(2 * cg_step._BLOCK + 809, torch.float32, "step"), True, "triton")
+    b = _iteration(_state(2 * cg_step._BLOCK + 809, torch.float32, "step"), True, "triton")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_check_state_names_what_is_wrong():
+    s = _state(8, torch.float32, "step")
+    vectors = dict(X=s["X"], R=s["R"], P=s["P"])
+    scalars = {k: s[k] for k in SCALARS}
+    cg_step.check_state("cg", vectors, scalars, "triton")
+    with pytest.raises(ValueError, match=r"cg: R must match the first vector \(\(8,\), torch.float32"):
+        cg_step.check_state("cg", dict(vectors, R=s["R"].double()), scalars, "torch")
+    with pytest.raises(ValueError, match=r"cg: rho must have shape \(\) on"):
+        cg_step.check_state("cg", vectors, dict(scalars, rho=s["rho"][None]), "torch")
+    with pytest.raises(ValueError, match="backend='triton' takes 1-D float32 or float64 vectors"):
+        cg_step.check_state("cg", {k: v[:, None] for k, v in vectors.items()},
+                            {k: v[None] for k, v in scalars.items()}, "triton")
+    with pytest.raises(ValueError, match="needs contiguous vectors"):
+        strided = torch.zeros(16, device=DEVICE)[::2]
+        cg_step.check_state("cg", dict(vectors, P=strided), scalars, "triton")
+    with pytest.raises(ValueError, match="backend must be 'triton' or 'torch', got 'cuda'"):
+        cg_step.check_state("cg", vectors, scalars, "cuda")
+
+
+def test_fused_backend_is_chosen_for_one_short_cuda_rhs():
+    assert cg_step.fused_backend(torch.zeros(10)) == "torch"           # CPU
+    if CUDA:
+        assert cg_step.fused_backend(torch.zeros(10, device="cuda")) == "triton"
+        assert cg_step.fused_backend(torch.zeros(10, 2, device="cuda")) == "torch"
+        assert cg_step.fused_backend(torch.zeros(10, device="cuda", dtype=torch.float16)) == "torch"
+        n = cg_step.MAX_FUSED_N
+        assert cg_step.fused_backend(torch.zeros(n, device="cuda")) == "triton"
+        assert cg_step.fused_backend(torch.zeros(n + 1, device="cuda")) == "torch"
+
+
+def _spd(n, dtype, seed=0, cond=1e2):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))
+    A = (Q * torch.logspace(0, float(torch.log10(torch.tensor(cond))), n, dtype=F64)) @ Q.T
+    return A.to(dtype=dtype, device=DEVICE), torch.randn(n, generator=g, dtype=F64).to(dtype=dtype, device=DEVICE)
+
+
+def _with_backend(monkeypatch, backend):
+    monkeypatch.setattr(cg_step, "fused_backend", lambda B: backend if B.ndim == 1 else "torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("M", [None, "jacobi"])
+def test_cg_on_the_fused_kernels_matches_the_torch_path(monkeypatch, dtype, M):
+    A, b = _spd(60, dtype)
+    opts = dict(rtol=1e-5 if dtype == torch.float32 else 1e-10, M=jacobi() if M else None, check_every=3)
+    _with_backend(monkeypatch, "torch")
+    ref = cg(A, b, **opts)
+    _with_backend(monkeypatch, "triton")
+    got = cg(A, b, **opts)
+    assert ref.converged and got.converged
+    # Rounding in another order can move the iteration where the residual crosses rtol.
+    assert abs(got.n_iter - ref.n_iter) <= max(1, ref.n_iter // 10)
+    exact = torch.linalg.solve(A.double(), b.double())
+    for res in (ref, got):
+        assert ((A.double() @ res.x.double() - b.double()).norm() / b.double().norm()) <= 2 * opts["rtol"]
+    assert (got.x.double() - exact).norm() / exact.norm() < (1e-3 if dtype == torch.float32 else 1e-7)
+    # Identical inputs, identical outputs.
+    again = cg(A, b, **opts)
+    assert torch.equal(again.x, got.x) and again.n_iter == got.n_iter
+
+
+@pytest.mark.parametrize("M", [None, "jacobi"])
+def test_fused_iterations_replayed_as_a_graph_are_the_eager_loop(monkeypatch, M):
+    """The captured iteration (here replayed on the CPU by conftest's fake graph)
+    runs the fused kernels on the graph's buffers: bitwise the eager loop, for
+    a first solve and for later solves from a GraphCache."""
+    import solvers
+    _with_backend(monkeypatch, "triton")
+    A, b = _spd(40, torch.float32)
+    opts = dict(rtol=1e-6, M=jacobi() if M else None, check_every=4)
+    rhs = [b, 2 * b.flip(0)]
+    eager = [cg(A, v, **opts) for v in rhs]
+    counts = fake_graphs(monkeypatch)
+    cache = solvers.GraphCache()
+    got = [cg(A, v, graph=cache, **opts) for v in rhs]
+    assert counts["captures"] == 1 and counts["replays"] > 0
+    for e, r in zip(eager, got):
+        assert torch.equal(r.x, e.x) and r.n_iter == e.n_iter and r.converged
+
+
+@pytest.mark.parametrize("case", ["A indefinite", "M indefinite", "nan"])
+def test_cg_on_the_fused_kernels_reports_what_stopped_it(monkeypatch, case):
+    A, b = _spd(20, F64)
+    M = None
+    if case == "A indefinite":
+        A = -A
+    elif case == "M indefinite":
+        M = -torch.eye(20, dtype=F64, device=DEVICE)
+    statuses = []
+    for backend in ("torch", "triton"):
+        _with_backend(monkeypatch, backend)
+        res = cg(_NanOperator(A) if case == "nan" else A, b, M=M, rtol=1e-10)
+        assert not res.converged
+        statuses.append(res.status)
+    assert statuses[0] == statuses[1]
+    word = {"A indefinite": "A is not positive definite", "M indefinite": "M is not positive definite",
+            "nan": "non-finite"}[case]
+    assert word in statuses[0], statuses[0]
+
+
+class _NanOperator:
+    """An operator whose products are NaN: what a broken matvec gives."""
+
+    def __init__(self, A):
+        self.A, self.shape, self.dtype, self.device = A, A.shape, A.dtype, A.device
+        self.is_symmetric, self.is_psd = True, True
+
+    def __matmul__(self, v):
+        return (self.A @ v) * float("nan")
+
+
+@requires_cuda
+@pytest.mark.parametrize("M", [None, "jacobi"])
+def test_gpu_cg_takes_the_fused_kernels_and_graphs_replay_them_bitwise(monkeypatch, M):
+    A, b = _spd(500, torch.float32)
+    opts = dict(rtol=1e-6, M=jacobi() if M else None)
+    calls = []
+    update = cg_step.cg_update
+    monkeypatch.setattr(cg_step, "cg_update", lambda *a, **k: (calls.append(k["backend"]), update(*a, **k))[1])
+    eager = cg(A, b, **opts)
+    assert set(calls) == {"triton"}
+    graphed = cg(A, b, graph=True, **opts)
+    assert torch.equal(graphed.x, eager.x) and graphed.n_iter == eager.n_iter
+    _with_backend(monkeypatch, "torch")
+    ref = cg(A, b, **opts)
+    assert abs(ref.n_iter - eager.n_iter) <= 1
+    assert (ref.x - eager.x).norm() / ref.x.norm() < 1e-4
