@@ -68,16 +68,23 @@ def fused_backend(B: torch.Tensor) -> str:
     return "triton" if ok else "torch"
 
 
+@triton.jit
+def _dot(U, V, n, BLOCK: tl.constexpr):
+    """``<U, V>`` of two length-n vectors, summed in a fixed order."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=U.dtype.element_ty)
+    for start in range(0, n, BLOCK):
+        idx = start + offs
+        ok = idx < n
+        acc += tl.load(U + idx, mask=ok, other=0.0) * tl.load(V + idx, mask=ok, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
 @triton.jit(do_not_specialize=["n"])
 def _update_kernel(P, Q, X, R, RHO, RNORM, ACTIVE, ITERS, FAILED_PQ, RHO_NEW, TOL, n,
                    PRECOND: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK,), dtype=P.dtype.element_ty)
-    for start in range(0, n, BLOCK):
-        idx = start + offs
-        ok = idx < n
-        acc += tl.load(P + idx, mask=ok, other=0.0) * tl.load(Q + idx, mask=ok, other=0.0)
-    pq = tl.sum(acc, axis=0)
+    pq = _dot(P, Q, n, BLOCK)
     act = tl.load(ACTIVE) != 0
     step = act & (pq > 0)
     tl.store(FAILED_PQ, tl.where(act != step, pq, tl.load(FAILED_PQ)))
@@ -111,12 +118,7 @@ def _direction_kernel(R, Z, P, RHO, RHO_NEW, ACTIVE, FAILED_RHO, n, PRECOND: tl.
     offs = tl.arange(0, BLOCK)
     act = tl.load(ACTIVE) != 0
     if PRECOND:
-        acc = tl.zeros((BLOCK,), dtype=P.dtype.element_ty)
-        for start in range(0, n, BLOCK):
-            idx = start + offs
-            ok = idx < n
-            acc += tl.load(R + idx, mask=ok, other=0.0) * tl.load(Z + idx, mask=ok, other=0.0)
-        rho_new = tl.sum(acc, axis=0)
+        rho_new = _dot(R, Z, n, BLOCK)
         still = act & (rho_new > 0)
         tl.store(FAILED_RHO, tl.where(act != still, rho_new, tl.load(FAILED_RHO)))
         act = still
