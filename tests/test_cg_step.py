@@ -102,7 +102,7 @@ def test_check_state_names_what_is_wrong():
         cg_step.check_state("cg", vectors, scalars, "cuda")
 
 
-def test_fused_backend_is_chosen_for_one_short_cuda_rhs():
+def test_fused_backend_is_chosen_for_one_short_cuda_rhs(monkeypatch):
     assert cg_step.fused_backend(torch.zeros(10)) == "torch"           # CPU
     if CUDA:
         assert cg_step.fused_backend(torch.zeros(10, device="cuda")) == "triton"
@@ -111,6 +111,8 @@ def test_fused_backend_is_chosen_for_one_short_cuda_rhs():
         n = cg_step.MAX_FUSED_N
         assert cg_step.fused_backend(torch.zeros(n, device="cuda")) == "triton"
         assert cg_step.fused_backend(torch.zeros(n + 1, device="cuda")) == "torch"
+        monkeypatch.setattr(cg_step, "FUSED", False)
+        assert cg_step.fused_backend(torch.zeros(10, device="cuda")) == "torch"
 
 
 def _spd(n, dtype, seed=0, cond=1e2):

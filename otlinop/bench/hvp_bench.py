@@ -9,6 +9,9 @@ loop as a CUDA graph (``cg(graph=True)``), and on the truncated plan
 as an operator built once (``loss_hessian_operator``, truncated plan, the
 inner CG as a graph captured per product or kept in a ``solvers.GraphCache``):
 time (median), inner CG iterations and relative error against the reference.
+The truncated rows with a CUDA graph are also run with the inner CG's vector
+work as separate torch operations instead of ``cg_step``'s fused kernels
+("unfused CG vector ops"), side by side.
 
 When flash-sinkhorn is importable (``flash_sinkhorn`` or ``ot_triton``), the same
 run measures it in a subprocess of its own: its HVP from the same converged
@@ -20,6 +23,7 @@ BENCHMARKS.md). The tables are Markdown.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -30,6 +34,7 @@ import time
 
 import torch
 
+from ..kernels import cg_step
 from . import _timing
 
 # The peer runs in its own process (its own Triton kernels and caches); it
@@ -77,6 +82,22 @@ with warnings.catch_warnings():
         out["double_backward"][mode] = {"ms": ms, "rel_err": rel(H)}
 print(json.dumps(out))
 """
+
+
+#: The label of the rows whose inner CG runs its vector work as torch
+#: operations instead of the fused kernels (``cg_step.FUSED = False``): the
+#: same run then measures what the fused kernels change.
+_UNFUSED = "unfused CG vector ops"
+
+
+@contextlib.contextmanager
+def _fused(on: bool):
+    """``otlinop.kernels.cg_step.FUSED`` set to ``on`` for the block."""
+    previous, cg_step.FUSED = cg_step.FUSED, on
+    try:
+        yield
+    finally:
+        cg_step.FUSED = previous
 
 
 def _problem(n, d, device, seed, weights):
@@ -187,13 +208,16 @@ def main(argv=None) -> int:
                 ("jacobi(), cg graph", jacobi(), {"solver": graphed})]
     for tol in args.truncate:
         variants += [(f"jacobi(), truncate={tol:g}", jacobi(), {"truncate": tol}),
-                     (f"jacobi(), truncate={tol:g}, cg graph", jacobi(), {"truncate": tol, "solver": graphed})]
+                     (f"jacobi(), truncate={tol:g}, cg graph", jacobi(), {"truncate": tol, "solver": graphed}),
+                     (f"jacobi(), truncate={tol:g}, cg graph, {_UNFUSED}", jacobi(),
+                      {"truncate": tol, "solver": graphed})]
     for name, M, extra in variants:
         def run():
             return hvp_x(x32, y32, f32, g32, A32, eps=eps, a=a32, b=b32, M=M, rtol=args.rtol,
                          maxiter=args.maxiter, precision=args.precision, **extra)
-        H, info = run()
-        ms = _timing.bench(run, warmup_ms=1, rep_ms=200)
+        with _fused(_UNFUSED not in name):
+            H, info = run()
+            ms = _timing.bench(run, warmup_ms=1, rep_ms=200)
         rows.append(("otlinop", f"M = {name}", ms, info.n_iter, _rel(H, ref)))
         print(f"otlinop M = {name}: {ms:.2f} ms, {info.n_iter} iterations, converged {info.converged}, "
               f"error {rows[-1][4]:.1e}", flush=True)
@@ -204,13 +228,15 @@ def main(argv=None) -> int:
         # product reuses them, as a double backward reuses its forward graph; with a
         # GraphCache the inner CG's captured iteration is reused too.
         for label, solver in (("cg graph", graphed),
-                              ("cg GraphCache", functools.partial(cg, graph=GraphCache()))):
+                              ("cg GraphCache", functools.partial(cg, graph=GraphCache())),
+                              (f"cg GraphCache, {_UNFUSED}", functools.partial(cg, graph=GraphCache()))):
             Hop = loss_hessian_operator(x32, y32, f32, g32, eps=eps, a=a32, b=b32, M=jacobi(), rtol=args.rtol,
                                         maxiter=args.maxiter, precision=args.precision, truncate=tol,
                                         solver=solver)
             flat = A32.reshape(-1)
-            H = (Hop @ flat).reshape(A32.shape)
-            ms = _timing.bench(lambda: Hop @ flat, warmup_ms=1, rep_ms=200)
+            with _fused(_UNFUSED not in label):
+                H = (Hop @ flat).reshape(A32.shape)
+                ms = _timing.bench(lambda: Hop @ flat, warmup_ms=1, rep_ms=200)
             name = f"loss_hessian_operator(truncate={tol:g}, M = jacobi(), {label}) @ A, built once"
             rows.append(("otlinop", name, ms, Hop.last_solve.n_iter, _rel(H, ref)))
             print(f"otlinop {name}: {ms:.2f} ms, {Hop.last_solve.n_iter} iterations, error {rows[-1][4]:.1e}",

@@ -50,6 +50,10 @@ __all__ = ["cg_update", "cg_direction", "check_state", "fused_backend", "MAX_FUS
 #: iteration that uses it (n = 10k).
 MAX_FUSED_N = 1 << 15
 
+#: Whether cg may take the fused kernels at all (a switch for benchmarks that
+#: compare the iteration with and without them: ``python -m otlinop.bench hvp``).
+FUSED = True
+
 #: Elements per loop step of the kernels, and their warps (16 warps, 8 elements
 #: per thread: a loop step's loads are one round trip to L2, and n = 10k takes
 #: three). Not yet tuned on a GPU.
@@ -62,9 +66,9 @@ _DTYPES = (torch.float32, torch.float64)
 def fused_backend(B: torch.Tensor) -> str:
     """The backend the CG iteration takes for right-hand side(s) ``B``:
     "triton" for one CUDA right-hand side (1-D) of float32 or float64 with at
-    most :data:`MAX_FUSED_N` rows, when Triton is installed; "torch"
-    otherwise."""
-    ok = (HAS_TRITON and B.is_cuda and B.ndim == 1 and B.dtype in _DTYPES and B.shape[0] <= MAX_FUSED_N)
+    most :data:`MAX_FUSED_N` rows, when Triton is installed and :data:`FUSED`
+    is set; "torch" otherwise."""
+    ok = (FUSED and HAS_TRITON and B.is_cuda and B.ndim == 1 and B.dtype in _DTYPES and B.shape[0] <= MAX_FUSED_N)
     return "triton" if ok else "torch"
 
 
