@@ -942,6 +942,9 @@ x.requires_grad_(True)
 value = otlinop.SamplesLoss(blur=0.5)(x, y)
 value.backward()
 assert torch.isfinite(x.grad).all()
+import solvers
+A = torch.eye(5) * 2
+assert torch.allclose(solvers.cg(A, torch.ones(5)).x, torch.full((5,), 0.5))
 try:
     otlinop.kernels.softmin(x.detach(), y, torch.zeros(20), eps=1.0, backend="triton")
 except ValueError as err:
