@@ -45,9 +45,9 @@ __all__ = ["cg_update", "cg_direction", "check_state", "fused_backend", "MAX_FUS
 
 #: Longest vector (rows of one right-hand side) the single-program kernels
 #: take; longer ones use the torch reference. At 2^15 float32 rows a pass
-#: streams 128 KiB per vector, which one program does in a few microseconds.
-#: Not yet tuned on a GPU: ``python -m otlinop.bench hvp`` measures the
-#: iteration that uses it (n = 10k).
+#: streams 128 KiB per vector, estimated (not measured) at a few microseconds
+#: for one program. Not yet tuned on a GPU: ``python -m otlinop.bench hvp``
+#: times the iteration with and without the kernels at n = 10k.
 MAX_FUSED_N = 1 << 15
 
 #: Whether cg may take the fused kernels at all (a switch for benchmarks that
