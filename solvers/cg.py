@@ -9,6 +9,7 @@ import torch
 from . import _result as R_
 from ._common import (bind_preconditioner, check_callback, check_every_for, check_maxiter,
                       check_tolerance, col_dot, col_norm, setup, tolerance)
+from . import _cg_step as cg_step
 from ._loop import GraphCache, run_loop
 
 
@@ -159,8 +160,7 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     iters = torch.zeros_like(active, dtype=torch.int64)
     state = _State(X, R, Z.clone(), rho, rnorm, active, iters, failed_pq, failed_rho, rho.clone(), tol)
     # The vector work of an iteration (dots, axpys, flags): two fused single-program kernels
-    # for one short right-hand side on a GPU, torch operations otherwise (cg_step).
-    from otlinop.kernels import cg_step    # here: otlinop imports the solvers
+    # for one short right-hand side on a GPU, torch operations otherwise (_cg_step).
     backend = cg_step.fused_backend(B)
     precond = Mop is not None
     cg_step.check_state("cg", dict(X=state.X, R=state.R, P=state.P),

@@ -1,4 +1,4 @@
-"""The fused CG iteration (otlinop.kernels.cg_step): Triton kernels against the
+"""The fused CG iteration (solvers._cg_step): Triton kernels against the
 torch reference (interpreter on CPU, compiled on CUDA), and cg on either.
 
 Every test here can fail: the kernels are compared with the reference on
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import fake_graphs, requires_cuda
-from otlinop.kernels import cg_step
+from solvers import _cg_step as cg_step
 from solvers import cg, jacobi
 
 CUDA = torch.cuda.is_available()

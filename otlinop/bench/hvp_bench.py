@@ -10,7 +10,7 @@ as an operator built once (``loss_hessian_operator``, truncated plan, the
 inner CG as a graph captured per product or kept in a ``solvers.GraphCache``):
 time (median), inner CG iterations and relative error against the reference.
 The truncated rows with a CUDA graph are also run with the inner CG's vector
-work as separate torch operations instead of ``cg_step``'s fused kernels
+work as separate torch operations instead of ``solvers._cg_step``'s fused kernels
 ("unfused CG vector ops"), side by side.
 
 When flash-sinkhorn is importable (``flash_sinkhorn`` or ``ot_triton``), the same
@@ -34,7 +34,8 @@ import time
 
 import torch
 
-from ..kernels import cg_step
+from solvers import _cg_step as cg_step
+
 from . import _timing
 
 # The peer runs in its own process (its own Triton kernels and caches); it
@@ -85,14 +86,14 @@ print(json.dumps(out))
 
 
 #: The label of the rows whose inner CG runs its vector work as torch
-#: operations instead of the fused kernels (``cg_step.FUSED = False``): the
+#: operations instead of the fused kernels (``solvers._cg_step.FUSED = False``): the
 #: same run then measures what the fused kernels change.
 _UNFUSED = "unfused CG vector ops"
 
 
 @contextlib.contextmanager
 def _fused(on: bool):
-    """``otlinop.kernels.cg_step.FUSED`` set to ``on`` for the block."""
+    """``solvers._cg_step.FUSED`` set to ``on`` for the block."""
     previous, cg_step.FUSED = cg_step.FUSED, on
     try:
         yield

@@ -18,9 +18,7 @@ inputs and, but for the truncation, a leading batch dim B (one kernel
 launch); the streaming ones take a ``precision`` (None, "ieee", "tf32",
 "tf32x3"; None means :data:`DEFAULT_PRECISION`). The
 ``*_torch`` functions are the float64-capable references and the CPU fallback.
-Only the operators import this package, and ``solvers.cg``, which does the
-vector work of an iteration in two fused kernels (``cg_step.py``, imported
-on its own).
+Only the operators import this package.
 """
 
 from ._common import BACKENDS, DEFAULT_PRECISION, PRECISIONS

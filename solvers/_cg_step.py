@@ -36,10 +36,23 @@ different orders).
 
 from __future__ import annotations
 
-import torch
-from ._triton import HAS_TRITON, tl, triton
+import os
 
-from . import _common
+import torch
+
+# The solvers depend on torch alone: Triton is optional here (a Linux-only
+# dependency of the package), and the kernels below exist only where it imports.
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised by a subprocess test
+    HAS_TRITON = False
+
+#: Whether the kernels were created by the Triton interpreter (TRITON_INTERPRET=1
+#: when this module was imported: ``triton.jit`` reads it then).
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 __all__ = ["cg_update", "cg_direction", "check_state", "fused_backend", "MAX_FUSED_N"]
 
@@ -72,72 +85,72 @@ def fused_backend(B: torch.Tensor) -> str:
     return "triton" if ok else "torch"
 
 
-@triton.jit
-def _dot(U, V, n, BLOCK: tl.constexpr):
-    """``<U, V>`` of two length-n vectors, summed in a fixed order."""
-    offs = tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK,), dtype=U.dtype.element_ty)
-    for start in range(0, n, BLOCK):
-        idx = start + offs
-        ok = idx < n
-        acc += tl.load(U + idx, mask=ok, other=0.0) * tl.load(V + idx, mask=ok, other=0.0)
-    return tl.sum(acc, axis=0)
+if HAS_TRITON:
+    @triton.jit
+    def _dot(U, V, n, BLOCK: tl.constexpr):
+        """``<U, V>`` of two length-n vectors, summed in a fixed order."""
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), dtype=U.dtype.element_ty)
+        for start in range(0, n, BLOCK):
+            idx = start + offs
+            ok = idx < n
+            acc += tl.load(U + idx, mask=ok, other=0.0) * tl.load(V + idx, mask=ok, other=0.0)
+        return tl.sum(acc, axis=0)
 
+    @triton.jit(do_not_specialize=["n"])
+    def _update_kernel(P, Q, X, R, RHO, RNORM, ACTIVE, ITERS, FAILED_PQ, RHO_NEW, TOL, n,
+                       PRECOND: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        pq = _dot(P, Q, n, BLOCK)
+        act = tl.load(ACTIVE) != 0
+        step = act & (pq > 0)
+        tl.store(FAILED_PQ, tl.where(act != step, pq, tl.load(FAILED_PQ)))
+        # Frozen columns take alpha = 0: x and r stay put.
+        alpha = tl.where(step, tl.load(RHO) / pq, 0.0)
+        acc = tl.zeros((BLOCK,), dtype=P.dtype.element_ty)
+        for start in range(0, n, BLOCK):
+            idx = start + offs
+            ok = idx < n
+            p = tl.load(P + idx, mask=ok, other=0.0)
+            q = tl.load(Q + idx, mask=ok, other=0.0)
+            x = tl.load(X + idx, mask=ok, other=0.0) + alpha * p
+            r = tl.load(R + idx, mask=ok, other=0.0) - alpha * q
+            tl.store(X + idx, x, mask=ok)
+            tl.store(R + idx, r, mask=ok)
+            acc += r * r
+        rr = tl.sum(acc, axis=0)
+        if F64:
+            rnorm = tl.sqrt(rr)          # IEEE in float64
+        else:
+            rnorm = tl.sqrt_rn(rr)       # tl.sqrt would be the approximate fp32 square root
+        if not PRECOND:
+            tl.store(RHO_NEW, rr)
+        tl.store(RNORM, rnorm)
+        tl.store(ITERS, tl.load(ITERS) + step.to(tl.int64))
+        tl.store(ACTIVE, step & (rnorm > tl.load(TOL)))
 
-@triton.jit(do_not_specialize=["n"])
-def _update_kernel(P, Q, X, R, RHO, RNORM, ACTIVE, ITERS, FAILED_PQ, RHO_NEW, TOL, n,
-                   PRECOND: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    pq = _dot(P, Q, n, BLOCK)
-    act = tl.load(ACTIVE) != 0
-    step = act & (pq > 0)
-    tl.store(FAILED_PQ, tl.where(act != step, pq, tl.load(FAILED_PQ)))
-    # Frozen columns take alpha = 0: x and r stay put.
-    alpha = tl.where(step, tl.load(RHO) / pq, 0.0)
-    acc = tl.zeros((BLOCK,), dtype=P.dtype.element_ty)
-    for start in range(0, n, BLOCK):
-        idx = start + offs
-        ok = idx < n
-        p = tl.load(P + idx, mask=ok, other=0.0)
-        q = tl.load(Q + idx, mask=ok, other=0.0)
-        x = tl.load(X + idx, mask=ok, other=0.0) + alpha * p
-        r = tl.load(R + idx, mask=ok, other=0.0) - alpha * q
-        tl.store(X + idx, x, mask=ok)
-        tl.store(R + idx, r, mask=ok)
-        acc += r * r
-    rr = tl.sum(acc, axis=0)
-    if F64:
-        rnorm = tl.sqrt(rr)          # IEEE in float64
-    else:
-        rnorm = tl.sqrt_rn(rr)       # tl.sqrt would be the approximate fp32 square root
-    if not PRECOND:
-        tl.store(RHO_NEW, rr)
-    tl.store(RNORM, rnorm)
-    tl.store(ITERS, tl.load(ITERS) + step.to(tl.int64))
-    tl.store(ACTIVE, step & (rnorm > tl.load(TOL)))
-
-
-@triton.jit(do_not_specialize=["n"])
-def _direction_kernel(R, Z, P, RHO, RHO_NEW, ACTIVE, FAILED_RHO, n, PRECOND: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    act = tl.load(ACTIVE) != 0
-    if PRECOND:
-        rho_new = _dot(R, Z, n, BLOCK)
-        still = act & (rho_new > 0)
-        tl.store(FAILED_RHO, tl.where(act != still, rho_new, tl.load(FAILED_RHO)))
-        act = still
-        tl.store(ACTIVE, act)
-        tl.store(RHO_NEW, rho_new)
-    else:
-        rho_new = tl.load(RHO_NEW)
-    # Masked beta keeps p finite in frozen columns (r = 0 would give 0/0).
-    beta = tl.where(act, rho_new / tl.load(RHO), 0.0)
-    for start in range(0, n, BLOCK):
-        idx = start + offs
-        ok = idx < n
-        p = tl.load(Z + idx, mask=ok, other=0.0) + beta * tl.load(P + idx, mask=ok, other=0.0)
-        tl.store(P + idx, p, mask=ok)
-    tl.store(RHO, rho_new)
+    @triton.jit(do_not_specialize=["n"])
+    def _direction_kernel(R, Z, P, RHO, RHO_NEW, ACTIVE, FAILED_RHO, n,
+                          PRECOND: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        act = tl.load(ACTIVE) != 0
+        if PRECOND:
+            rho_new = _dot(R, Z, n, BLOCK)
+            still = act & (rho_new > 0)
+            tl.store(FAILED_RHO, tl.where(act != still, rho_new, tl.load(FAILED_RHO)))
+            act = still
+            tl.store(ACTIVE, act)
+            tl.store(RHO_NEW, rho_new)
+        else:
+            rho_new = tl.load(RHO_NEW)
+        # Masked beta keeps p finite in frozen columns (r = 0 would give 0/0).
+        beta = tl.where(act, rho_new / tl.load(RHO), 0.0)
+        for start in range(0, n, BLOCK):
+            idx = start + offs
+            ok = idx < n
+            p = tl.load(Z + idx, mask=ok, other=0.0) + beta * tl.load(P + idx, mask=ok, other=0.0)
+            tl.store(P + idx, p, mask=ok)
+        tl.store(RHO, rho_new)
 
 
 def _dot_into(U, V, out):
@@ -168,7 +181,9 @@ def check_state(fn: str, vectors: dict, scalars: dict, backend: str) -> None:
                              f"{tuple(first.shape)} {first.dtype}")
         if not all(t.is_contiguous() for t in vectors.values()):
             raise ValueError(f"{fn}: backend='triton' needs contiguous vectors")
-        if not first.is_cuda and not _common.interpreting():
+        if not HAS_TRITON:
+            raise ValueError(f"{fn}: backend='triton' needs the triton package, which is not installed")
+        if not first.is_cuda and not _INTERPRETED:
             raise ValueError(f"{fn}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                              "otlinop is imported)")
 
@@ -202,7 +217,8 @@ def cg_update(P, Q, X, R, rho, rnorm, active, iters, failed_pq, rho_new, tol, *,
         :func:`cg_direction`).
     backend : {"torch", "triton"}
         "triton": the fused single-program kernel (one right-hand side,
-        float32 or float64, on CUDA or under the interpreter).
+        float32 or float64, on CUDA or under the interpreter), where Triton
+        is installed.
 
     Notes
     -----
