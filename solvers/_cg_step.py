@@ -26,8 +26,9 @@ every element before the axpys can start, and one program orders that
 without atomics or a second launch, sums in a fixed order (identical inputs
 give bitwise identical results) and cannot race on the scalars it reads and
 writes. One program streams the vectors at a fraction of the GPU's
-bandwidth, so it is used up to :data:`MAX_FUSED_N` rows
-(:func:`fused_backend`); longer vectors, several right-hand sides, other
+bandwidth, so it is used up to :data:`MAX_FUSED_N` rows, and only while
+:data:`FUSED` is set (off by default until measured on a GPU;
+:func:`fused_backend`); longer vectors, several right-hand sides, other
 dtypes and the CPU take the torch reference, which is the same arithmetic as
 separate torch operations (dots by ``torch.dot`` / ``torch.linalg.vecdot``).
 The two backends agree to rounding, not bitwise (their sums run in
@@ -63,9 +64,11 @@ __all__ = ["cg_update", "cg_direction", "check_state", "fused_backend", "MAX_FUS
 #: times the iteration with and without the kernels at n = 10k.
 MAX_FUSED_N = 1 << 15
 
-#: Whether cg may take the fused kernels at all (a switch for benchmarks that
-#: compare the iteration with and without them: ``python -m otlinop.bench hvp``).
-FUSED = True
+#: Whether cg takes the fused kernels where they apply. Off until they have
+#: been measured on a GPU: they are tested against the torch branch in the
+#: interpreter, and ``python -m otlinop.bench hvp`` times its truncated rows
+#: with them on and off, side by side; turn them on by setting this to True.
+FUSED = False
 
 #: Elements per loop step of the kernels, and their warps (16 warps, 8 elements
 #: per thread: a loop step's loads are one round trip to L2, and n = 10k takes

@@ -103,6 +103,11 @@ def test_check_state_names_what_is_wrong():
 
 
 def test_fused_backend_is_chosen_for_one_short_cuda_rhs(monkeypatch):
+    """Off by default (until measured on a GPU); when on, one short CUDA right-hand side."""
+    assert not cg_step.FUSED
+    if CUDA:
+        assert cg_step.fused_backend(torch.zeros(10, device="cuda")) == "torch"
+    monkeypatch.setattr(cg_step, "FUSED", True)
     assert cg_step.fused_backend(torch.zeros(10)) == "torch"           # CPU
     if CUDA:
         assert cg_step.fused_backend(torch.zeros(10, device="cuda")) == "triton"
@@ -200,6 +205,7 @@ class _NanOperator:
 @requires_cuda
 @pytest.mark.parametrize("M", [None, "jacobi"])
 def test_gpu_cg_takes_the_fused_kernels_and_graphs_replay_them_bitwise(monkeypatch, M):
+    monkeypatch.setattr(cg_step, "FUSED", True)
     A, b = _spd(500, torch.float32)
     opts = dict(rtol=1e-6, M=jacobi() if M else None)
     calls = []

@@ -10,8 +10,8 @@ as an operator built once (``loss_hessian_operator``, truncated plan, the
 inner CG as a graph captured per product or kept in a ``solvers.GraphCache``):
 time (median), inner CG iterations and relative error against the reference.
 The truncated rows with a CUDA graph are also run with the inner CG's vector
-work as separate torch operations instead of ``solvers._cg_step``'s fused kernels
-("unfused CG vector ops"), side by side.
+work in ``solvers._cg_step``'s fused kernels ("fused CG vector ops"; off by
+default) instead of separate torch operations, side by side.
 
 When flash-sinkhorn is importable (``flash_sinkhorn`` or ``ot_triton``), the same
 run measures it in a subprocess of its own: its HVP from the same converged
@@ -85,10 +85,10 @@ print(json.dumps(out))
 """
 
 
-#: The label of the rows whose inner CG runs its vector work as torch
-#: operations instead of the fused kernels (``solvers._cg_step.FUSED = False``): the
-#: same run then measures what the fused kernels change.
-_UNFUSED = "unfused CG vector ops"
+#: The label of the rows whose inner CG runs its vector work in the fused
+#: kernels (``solvers._cg_step.FUSED = True``; off by default) instead of
+#: separate torch operations: the same run then measures what they change.
+_FUSED = "fused CG vector ops"
 
 
 @contextlib.contextmanager
@@ -210,13 +210,13 @@ def main(argv=None) -> int:
     for tol in args.truncate:
         variants += [(f"jacobi(), truncate={tol:g}", jacobi(), {"truncate": tol}),
                      (f"jacobi(), truncate={tol:g}, cg graph", jacobi(), {"truncate": tol, "solver": graphed}),
-                     (f"jacobi(), truncate={tol:g}, cg graph, {_UNFUSED}", jacobi(),
+                     (f"jacobi(), truncate={tol:g}, cg graph, {_FUSED}", jacobi(),
                       {"truncate": tol, "solver": graphed})]
     for name, M, extra in variants:
         def run():
             return hvp_x(x32, y32, f32, g32, A32, eps=eps, a=a32, b=b32, M=M, rtol=args.rtol,
                          maxiter=args.maxiter, precision=args.precision, **extra)
-        with _fused(_UNFUSED not in name):
+        with _fused(_FUSED in name):
             H, info = run()
             ms = _timing.bench(run, warmup_ms=1, rep_ms=200)
         rows.append(("otlinop", f"M = {name}", ms, info.n_iter, _rel(H, ref)))
@@ -230,12 +230,12 @@ def main(argv=None) -> int:
         # GraphCache the inner CG's captured iteration is reused too.
         for label, solver in (("cg graph", graphed),
                               ("cg GraphCache", functools.partial(cg, graph=GraphCache())),
-                              (f"cg GraphCache, {_UNFUSED}", functools.partial(cg, graph=GraphCache()))):
+                              (f"cg GraphCache, {_FUSED}", functools.partial(cg, graph=GraphCache()))):
             Hop = loss_hessian_operator(x32, y32, f32, g32, eps=eps, a=a32, b=b32, M=jacobi(), rtol=args.rtol,
                                         maxiter=args.maxiter, precision=args.precision, truncate=tol,
                                         solver=solver)
             flat = A32.reshape(-1)
-            with _fused(_UNFUSED not in label):
+            with _fused(_FUSED in label):
                 H = (Hop @ flat).reshape(A32.shape)
                 ms = _timing.bench(lambda: Hop @ flat, warmup_ms=1, rep_ms=200)
             name = f"loss_hessian_operator(truncate={tol:g}, M = jacobi(), {label}) @ A, built once"
