@@ -14,6 +14,8 @@
 # --peer-timeout 400 --results "$OUT/res64" (needs carry: [".whl"]).
 # HVPs beside flash-sinkhorn (about 5 minutes with the cached reference):
 #   bash scripts/gpu_check.sh bench hvp   (carry: [".whl", ".devcache"])
+# With the GPU tests first, and the solvers suite (its table of CG's vector work, torch
+# operations against solvers._cg_step's fused kernels): bash scripts/gpu_check.sh all solvers hvp
 set -uo pipefail
 what="${1:-gpu}"; shift || true
 suites="${*:-plan solvers sinkhorn hvp}"

@@ -81,6 +81,24 @@ def test_sinkhorn_results_folder(tmp_path, capsys):
     assert sum(line.startswith("| otlinop |") for line in table.splitlines()) == 8 * _PRECISIONS
 
 
+def test_solvers_suite_tables(capsys):
+    """Both tables of the solvers suite, and the fused kernels' switch restored after it."""
+    from solvers import _cg_step
+
+    saved = _cg_step.FUSED, _cg_step.MAX_FUSED_N
+    status, captured = _run(["solvers", "--no-results", "--n", "64", "--ks", "1", "--iters", "2", "6",
+                             "--vector-ns", "32", "96"], capsys)
+    assert status == 0, captured.err
+    lines = captured.out.splitlines()
+    assert sum(line.startswith("| 64 | 1 |") for line in lines) == 1
+    vector = [line for line in lines if line.startswith(("| 32 |", "| 96 |"))]
+    assert len(vector) == 2
+    for line in vector:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == 6 and all(float(c) > 0 for c in cells[1:])
+    assert (_cg_step.FUSED, _cg_step.MAX_FUSED_N) == saved
+
+
 def test_per_iteration_widens_a_span_below_the_noise(monkeypatch):
     from otlinop.bench import sinkhorn_bench
 

@@ -13,16 +13,29 @@ k = 1 and k = 8 right-hand sides. Per iteration, measured in the same run:
   per iteration).
 
 The last column is ``solvers.cg`` over the textbook step: the price of the
-per-column masks, status codes and their extra kernel launches. Times are
-medians (CUDA events through ``triton.testing.do_bench``); on a CPU-only
-machine the system is smaller and the figures are not GPU figures.
+per-column masks, status codes and their extra kernel launches.
+
+A second table isolates the vector work of an iteration (dots, axpys, step
+sizes, flags): CG on a diagonal operator (one elementwise product per
+matvec), one right-hand side, n from 1k to 128k, eager and as a CUDA graph,
+with the work as torch operations and with the fused single-program kernels
+of ``solvers._cg_step`` (``FUSED``; for this table also beyond its
+``MAX_FUSED_N``, to show where one program stops paying).
+
+Times are medians (CUDA events through ``triton.testing.do_bench``); on a
+CPU-only machine the system is smaller and the figures are not GPU figures
+(the fused kernels need a GPU: both rows of the second table then run the
+torch operations).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
+
+from solvers import _cg_step
 
 from . import _timing
 
@@ -62,6 +75,39 @@ def _textbook_step(A, B):
         p.mul_(rho_new / rho).add_(r)
 
     return step
+
+
+@contextlib.contextmanager
+def _vector_work(fused: bool, n: int):
+    """``solvers._cg_step``'s switch set to ``fused``, its length limit raised to ``n``."""
+    saved = _cg_step.FUSED, _cg_step.MAX_FUSED_N
+    _cg_step.FUSED, _cg_step.MAX_FUSED_N = fused, max(n, _cg_step.MAX_FUSED_N)
+    try:
+        yield
+    finally:
+        _cg_step.FUSED, _cg_step.MAX_FUSED_N = saved
+
+
+def _vector_table(ns, dtype, device, n1: int, n2: int) -> None:
+    """Per-iteration time of cg on Diag(d) (d in [1e-3, 1]: far from converged), torch ops against fused."""
+    from otlinop import Diag
+    from solvers import cg
+
+    print("\nvector work of an iteration: cg on a diagonal operator, one right-hand side, ms per iteration")
+    print(f"(fused kernels used up to n = {_cg_step.MAX_FUSED_N} by default; raised here)\n")
+    print("| n | eager, torch ops | eager, fused | graph, torch ops | graph, fused | graph: fused / torch |")
+    print("|---|---|---|---|---|---|")
+    for n in ns:
+        gen = torch.Generator(device=device).manual_seed(0)
+        D = Diag(torch.logspace(-3, 0, n, dtype=dtype, device=device), psd=True)
+        b = torch.randn(n, dtype=dtype, device=device, generator=gen)
+        times = []
+        for graph in (False, True):
+            for fused in (False, True):
+                with _vector_work(fused, n):
+                    times.append(_per_iteration(
+                        lambda it: cg(D, b, rtol=0.0, atol=0.0, maxiter=it, graph=graph), n1, n2))
+        print(f"| {n} | " + " | ".join(f"{t:.4f}" for t in times) + f" | {times[3] / times[2]:.2f} |", flush=True)
 
 
 def _per_iteration(fn_of_iters, n1: int, n2: int) -> float:
@@ -106,6 +152,7 @@ def run(args) -> int:
         print(f"| {n} | {k} | {t_mv:.4f} | {t_step:.4f} | {t_cg:.4f} | {t_cg1:.4f} | {t_cg / t_step:.2f} |",
               flush=True)
         del A, B, b, P
+    _vector_table(args.vector_ns or ([1024, 8192, 32768, 131072] if cuda else [256, 2048]), dtype, device, n1, n2)
     return 0
 
 
@@ -114,6 +161,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=None, help="system size (default 4096 on a GPU, 1024 on CPU)")
     parser.add_argument("--ks", type=int, nargs="*", default=[1, 8], help="numbers of right-hand sides")
+    parser.add_argument("--vector-ns", type=int, nargs="*", default=None,
+                        help="sizes of the vector-work table (default 1k to 128k on a GPU)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--iters", type=int, nargs=2, default=[10, 60], metavar=("N1", "N2"),
                         help="iteration counts whose time difference gives the per-iteration time")
