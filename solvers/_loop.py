@@ -133,16 +133,20 @@ def _synchronises(probe, state) -> bool:
     return False
 
 
-def capture(step, state, device):
+def capture(step, state, device, *, copy: bool = True):
     """A CUDA graph of ``state <- step(state)`` on static copies of ``state`` (a tuple of tensors).
 
     Returns ``(graph, static)``: each replay runs the captured kernels on
-    ``static``, in place. ``step`` must not synchronise with the host; a
-    failed capture raises RuntimeError (torch's CUDA state may then be
-    unusable).
+    ``static``, in place. ``copy=False`` captures on ``state``'s own tensors
+    (``static`` is then ``state``): for a caller whose state buffers are its
+    own. ``step`` must not synchronise with the host; a failed capture
+    raises RuntimeError (torch's CUDA state may then be unusable).
     """
-    clones = [t.clone() for t in state]
-    static = type(state)(*clones) if hasattr(state, "_fields") else tuple(clones)   # NamedTuple or tuple
+    if copy:
+        clones = [t.clone() for t in state]
+        static = type(state)(*clones) if hasattr(state, "_fields") else tuple(clones)   # NamedTuple or tuple
+    else:
+        static = state
     graph = torch.cuda.CUDAGraph()
     # capture_begin/end on a side stream, as torch.cuda.graph does, without its
     # gc.collect() and empty_cache() on entry: those cost milliseconds in a large
@@ -160,9 +164,10 @@ def capture(step, state, device):
 
 
 def _capture(update, direction, state, device):
-    """A CUDA graph of one solver iteration on static copies of ``state``."""
+    """A CUDA graph of one solver iteration on ``state``'s own buffers (the solver's,
+    updated in place by every iteration)."""
     try:
-        return capture(lambda s: direction(update(s)), state, device)
+        return capture(lambda s: direction(update(s)), state, device, copy=False)
     except RuntimeError as err:
         raise RuntimeError(
             "graph=True: capturing the solver's iteration as a CUDA graph failed although its products "
@@ -179,9 +184,10 @@ def run_loop(update, direction, report, state, *, maxiter: int, every: int, grap
     ``graph``, ``probe(state)`` applies the operator and the preconditioner
     once (results discarded): if that synchronises with the host, the loop
     stays eager. With a ``cache``, a graph stored under ``key`` is replayed
-    on a copy of ``state`` (the returned state is then a copy of the graph's
-    buffers); otherwise the one captured here is stored there, with
-    ``keep`` (what the solver's closures read) held alive beside it.
+    on a copy of ``state``; otherwise the one captured here is stored there,
+    with ``keep`` (what the solver's closures read) held alive beside it.
+    Either way the returned state is then the graph's buffers, which the
+    next solve from that cache overwrites: the caller copies what it keeps.
     """
     if not (graph and _graph_device(device) and maxiter > 2):
         return _eager(update, direction, report, state, 0, maxiter, every)
@@ -216,7 +222,4 @@ def run_loop(update, direction, report, state, *, maxiter: int, every: int, grap
     else:
         # The last iteration (it skips the direction).
         state = _eager(update, direction, report, state, done, maxiter, every)
-    if cache is not None:
-        # The graph's buffers stay with the cache: the next solve overwrites them.
-        state = type(state)(*(t.clone() for t in state))
     return state

@@ -204,8 +204,12 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
                          graph=graph is not False and callback is None, device=B.device,
                          probe=lambda st: (op @ st.P, None if Mop is None else Mop @ st.R),
                          cache=cache, key=key, keep=(A, M))
-    X, R, rnorm, iters = state.X, state.R, state.rnorm, state.iters
+    X, rnorm, iters = state.X, state.rnorm, state.iters
     failed_pq, failed_rho = state.failed_pq, state.failed_rho
+    if isinstance(graph, GraphCache):
+        # The graph's buffers stay with the cache, and the next solve overwrites them: x is
+        # the one returned as is (finish copies rnorm and iters, the codes read the flags now).
+        X = X.clone()
 
     if flat:
         X, rnorm, tol, iters = X[:, None], rnorm.reshape(1), tol.reshape(1), iters.reshape(1)

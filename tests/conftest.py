@@ -20,9 +20,9 @@ def fake_capture(counts):
     the "graph" of ``state <- step(state)`` replays by running ``step`` (the
     closures of the capturing call) on its static copies, in place. Counts
     ``counts["captures"]`` and ``counts["replays"]``."""
-    def capture(step, state, device):
+    def capture(step, state, device, *, copy=True):
         counts["captures"] += 1
-        clones = [t.clone() for t in state]
+        clones = [t.clone() for t in state] if copy else list(state)
         static = type(state)(*clones) if hasattr(state, "_fields") else tuple(clones)
 
         class Graph:
