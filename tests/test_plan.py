@@ -530,11 +530,22 @@ def _valid():
     (dict(y=torch.full((5, 2), float("inf"), dtype=F64)), ValueError, r"y has non-finite entries"),
     (dict(a=torch.tensor([1.0, -1, 1, 1, 1, 1], dtype=F64)), ValueError, r"weights a have negative entries"),
     (dict(b=torch.tensor([1.0, 1, float("inf"), 1, 1], dtype=F64)), ValueError, r"b has non-finite entries"),
+    (dict(a=torch.tensor([1.0, float("nan"), 1, 1, 1, 1], dtype=F64)), ValueError, r"a has non-finite entries"),
+    (dict(x=torch.tensor([[0.0, 1]] * 5 + [[float("-inf"), 0]], dtype=F64)), ValueError, r"x has non-finite"),
 ])
 def test_plan_operator_validation(change, error, pattern):
     kwargs = {**_valid(), **change}
     with pytest.raises(error, match=pattern):
         PlanOperator(kwargs.pop("x"), kwargs.pop("y"), kwargs.pop("f"), kwargs.pop("g"), eps=1.0, **kwargs)
+
+
+def test_value_checks_follow_the_kernels_switch(monkeypatch):
+    """_CHECK_FINITE = False (the benchmarks') skips the construction's read-back too."""
+    from otlinop.kernels import _common
+    kwargs = {**_valid(), "f": torch.tensor([0.0, 1, 2, float("nan"), 4, 5], dtype=F64)}
+    monkeypatch.setattr(_common, "_CHECK_FINITE", False)
+    P = PlanOperator(kwargs.pop("x"), kwargs.pop("y"), kwargs.pop("f"), kwargs.pop("g"), eps=1.0, **kwargs)
+    assert P.shape == (6, 5)
 
 
 @pytest.mark.parametrize("kwargs,error,pattern", [

@@ -61,7 +61,8 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 TORCH_BLOCK_BYTES = 64 * 2**20
 
 #: When True, every public call checks its inputs for NaN / +inf with one
-#: device-to-host synchronisation. Benchmarks set it to False.
+#: device-to-host synchronisation, and so does a ``PlanOperator``'s
+#: construction (with its weights' signs). Benchmarks set it to False.
 _CHECK_FINITE = True
 
 #: Whether the kernels were created by the Triton interpreter. ``triton.jit``
