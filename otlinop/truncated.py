@@ -114,9 +114,10 @@ class TruncatedPlanOperator(LinearOperator):
                           backend=backend)
 
     def _adjoint(self) -> "TruncatedPlanOperator":
-        vals, cols, counts = _transpose_layout(self.values, self.columns, self.counts, self.shape[1])
+        vals, cols, counts = _transpose_layout(self.values, self.columns, self.counts, self.shape[1], self._nnz)
         T = TruncatedPlanOperator(vals, cols, counts, (self.shape[1], self.shape[0]), tol=self.tol,
                                   backend=self.backend)
+        T._nnz = self._nnz
         T._adjoint_cache = self
         return T
 
@@ -155,10 +156,12 @@ class TruncatedPlanOperator(LinearOperator):
         """The entrywise square ``P∘P`` on the same entries (and transpose, when built)."""
         sq = TruncatedPlanOperator(self.values * self.values, self.columns, self.counts, self.shape,
                                    tol=self.tol, backend=self.backend)
+        sq._nnz = self._nnz
         T = self._adjoint_cache
         if T is not None:
             sqT = TruncatedPlanOperator(T.values * T.values, T.columns, T.counts, T.shape, tol=self.tol,
                                         backend=self.backend)
+            sqT._nnz = T._nnz
             sq._adjoint_cache, sqT._adjoint_cache = sqT, sq
         return sq
 
@@ -192,17 +195,25 @@ class TruncatedPlanOperator(LinearOperator):
                 f"tol={self.tol:g}, dtype={self.dtype}, device={self.device})")
 
 
-def _transpose_layout(values, columns, counts, m):
+def _transpose_layout(values, columns, counts, m, nnz=None):
     """The padded layout of the transpose: entries sorted by (column, row).
 
-    One sort of the live entries; the column boundaries come from a binary
-    search in the sorted keys (a histogram would pile the padding's atomics
-    onto one bin). Two host synchronisations: the compaction and the size.
+    The live entries are enumerated row by row from the running sum of
+    ``counts`` (``nnz`` of them: read back here unless the caller knows
+    it), then sorted once; the column boundaries come from a binary search
+    in the sorted keys (a histogram would pile the padding's atomics onto
+    one bin). One host synchronisation, for the new layout's size (two
+    without ``nnz``).
     """
     cap, n = values.shape
     device = values.device
-    live = live_slots(counts, cap)
-    s, i = live.nonzero(as_tuple=True)
+    counts64 = counts.to(torch.int64)
+    ends = torch.cumsum(counts64, 0)               # entries of rows 0..i
+    if nnz is None:
+        nnz = int(ends[-1]) if n else 0
+    e = torch.arange(nnz, device=device)
+    i = torch.searchsorted(ends, e, right=True)    # the row of entry e (empty rows skipped)
+    s = e - (ends - counts64)[i]                   # its slot in that row
     j = columns[s, i].to(torch.int64)
     key_dtype = torch.int32 if (m + 1) * max(n, 1) < 2**31 else torch.int64
     key, order = torch.sort((j * max(n, 1) + i).to(key_dtype))   # unique keys: the same order on every run
@@ -257,7 +268,9 @@ def truncate_plan(P, tol: float = 1e-8, *, max_fill: float = 0.25, capacity: int
         while True:
             vals, cols, counts = plan_truncate(x, y, f, g, row_threshold=rt, col_threshold=ct,
                                                capacity=cap, log_a=log_a, log_b=log_b, **opts)
-            need = int(counts.max())
+            # One read-back for both: the slots the fullest row needs, and the entries
+            # kept (which spares the transpose's compaction its own).
+            need, nnz = torch.stack([counts.max().to(torch.int64), counts.sum(dtype=torch.int64)]).tolist()
             if need <= cap:
                 break
             if need > limit:
@@ -265,7 +278,9 @@ def truncate_plan(P, tol: float = 1e-8, *, max_fill: float = 0.25, capacity: int
             cap = need
     if need < cap:
         vals, cols = vals[:need].contiguous(), cols[:need].contiguous()
-    return TruncatedPlanOperator(vals, cols, counts, P.shape, tol=tol, backend=P.backend)
+    out = TruncatedPlanOperator(vals, cols, counts, P.shape, tol=tol, backend=P.backend)
+    out._nnz = nnz
+    return out
 
 
 def _marginals(P, log_a, log_b):

@@ -539,3 +539,40 @@ def test_loss_hessian_operator_on_truncated_plan():
     # symmetric, as the exact Hessian
     w = torch.randn(exact.shape[1], dtype=F64)
     assert abs(float(w @ (trunc @ v) - v @ (trunc @ w))) < 1e-9 * float(he.norm() * w.norm())
+
+
+@pytest.mark.parametrize("known_nnz", [False, True])
+def test_transposed_layout_from_the_row_counts(known_nnz):
+    """The transpose enumerates the live entries from the running sum of the counts (empty
+    rows, full rows, the padding ignored): each column's entries in ascending row order,
+    with or without the entry count given."""
+    from otlinop.truncated import _transpose_layout
+    g = torch.Generator().manual_seed(3)
+    n, m, cap = 9, 7, 4
+    counts = torch.tensor([0, 4, 1, 0, 0, 3, 4, 2, 0], dtype=torch.int32)
+    values = torch.zeros(cap, n, dtype=F64)
+    columns = torch.zeros(cap, n, dtype=torch.int32)
+    dense = torch.zeros(n, m, dtype=F64)
+    for i in range(n):
+        cols = torch.randperm(m, generator=g)[:int(counts[i])].sort().values
+        for s, j in enumerate(cols.tolist()):
+            values[s, i] = float(torch.rand((), generator=g, dtype=F64)) + 0.1
+            columns[s, i] = j
+            dense[i, j] = values[s, i]
+    values[:, counts == 0] = 9.0          # padding: never read
+    vT, cT, kT = _transpose_layout(values, columns, counts, m, int(counts.sum()) if known_nnz else None)
+    assert kT.tolist() == (dense != 0).sum(0).tolist()
+    assert vT.shape == (int(kT.max()), m)
+    for j in range(m):
+        rows = dense[:, j].nonzero().flatten()
+        assert cT[:int(kT[j]), j].tolist() == rows.tolist()
+        assert torch.equal(vT[:int(kT[j]), j], dense[rows, j])
+
+
+def test_truncation_knows_its_entry_count():
+    """The truncation reads the entry count with the fullest row's: the transpose and nnz
+    need no read-back of their own."""
+    _, Pt = _sparse_problem()
+    assert isinstance(Pt, TruncatedPlanOperator)
+    assert Pt._nnz == int(Pt.counts.sum()) == Pt.T._nnz == int(Pt.T.counts.sum())
+    assert torch.equal(Pt.T.to_dense(), Pt.to_dense().T)
