@@ -188,7 +188,7 @@ def check_state(fn: str, vectors: dict, scalars: dict, backend: str) -> None:
             raise ValueError(f"{fn}: backend='triton' needs the triton package, which is not installed")
         if not first.is_cuda and not _INTERPRETED:
             raise ValueError(f"{fn}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
-                             "otlinop is imported)")
+                             "solvers is imported)")
 
 
 def cg_update(P, Q, X, R, rho, rnorm, active, iters, failed_pq, rho_new, tol, *, precond: bool,
