@@ -99,6 +99,27 @@ def test_solvers_suite_tables(capsys):
     assert (_cg_step.FUSED, _cg_step.MAX_FUSED_N) == saved
 
 
+def test_solvers_vector_table_reports_a_failing_fused_cell(monkeypatch, capsys):
+    import contextlib
+
+    from otlinop.bench import solvers_bench
+
+    @contextlib.contextmanager
+    def broken(fused, n):
+        if fused:
+            raise RuntimeError("no kernel here")
+        yield
+
+    monkeypatch.setattr(solvers_bench, "_vector_work", broken)
+    status, captured = _run(["solvers", "--no-results", "--n", "64", "--ks", "1", "--iters", "2", "6",
+                             "--vector-ns", "32"], capsys)
+    assert status == 0, captured.err
+    row = next(line for line in captured.out.splitlines() if line.startswith("| 32 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == cells[4] == "failed: RuntimeError: no kernel here" and cells[5] == "-"
+    assert float(cells[1]) > 0 and float(cells[3]) > 0
+
+
 def test_hvp_suite_reports_a_failing_fused_row_and_goes_on(monkeypatch, capsys):
     """A fused-kernel row that raises (a kernel this GPU cannot compile, say) is reported
     under the table; the other rows, and the run, go on. Any other row's error still raises."""
