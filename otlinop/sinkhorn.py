@@ -21,7 +21,6 @@ matrix is never stored, and a batch of problems runs in one launch per step.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import warnings
@@ -319,19 +318,9 @@ def epsilon_schedule(diameter: float, blur: float, scaling: float) -> list[float
 # --------------------------------------------------------------------------
 # Batched soft-min with as few launches as possible
 # --------------------------------------------------------------------------
-@contextlib.contextmanager
-def _no_finite_checks():
-    """Turn off the kernels' per-call NaN checks (one host sync each) inside a loop.
-
-    The inputs were checked once on entry; inside the loop a sync per update
-    would stall the GPU pipeline.
-    """
-    old = _kernel_common._CHECK_FINITE
-    _kernel_common._CHECK_FINITE = False
-    try:
-        yield
-    finally:
-        _kernel_common._CHECK_FINITE = old
+#: The kernels' per-call NaN checks (one host sync each) off inside a loop: the
+#: inputs were checked once on entry, and a sync per update would stall the GPU.
+_no_finite_checks = _kernel_common.no_finite_checks
 
 
 def _row_error(f, s, a, eps: float, rho) -> torch.Tensor:

@@ -149,6 +149,8 @@ def test_hvp_suite_reports_a_failing_fused_row_and_goes_on(monkeypatch, capsys):
     monkeypatch.setattr(hvp_bench, "_fused", all_broken)
     with pytest.raises(RuntimeError, match="broken everywhere"):
         bench_main.main(["hvp", "--no-results", "--n", "40", "--d", "4", "--no-peer"])
+    from otlinop.kernels import _common
+    assert _common._CHECK_FINITE      # the bench's switch-off ends with it, errors included
 
 
 def test_per_iteration_widens_a_span_below_the_noise(monkeypatch):

@@ -202,63 +202,62 @@ def main(argv=None) -> int:
 
     # ---- otlinop in float32
     x32, y32, a32, b32, A32, f32, g32 = (t.float() for t in (x, y, a, b, A, f, g))
-    _common._CHECK_FINITE = False
-    rows = []
-    graphed = functools.partial(cg, graph=True)
-    variants = [("None", None, {}), ("jacobi()", jacobi(), {}), ("neumann(3)", neumann(3), {}),
-                ("jacobi(), cg graph", jacobi(), {"solver": graphed})]
-    for tol in args.truncate:
-        variants += [(f"jacobi(), truncate={tol:g}", jacobi(), {"truncate": tol}),
-                     (f"jacobi(), truncate={tol:g}, cg graph", jacobi(), {"truncate": tol, "solver": graphed}),
-                     (f"jacobi(), truncate={tol:g}, cg graph, {_FUSED}", jacobi(),
-                      {"truncate": tol, "solver": graphed})]
-    failed = []   # (row, error) of fused-kernel rows that raised: the rest of the run goes on
+    with _common.no_finite_checks():    # restored on exit, errors included
+        rows = []
+        graphed = functools.partial(cg, graph=True)
+        variants = [("None", None, {}), ("jacobi()", jacobi(), {}), ("neumann(3)", neumann(3), {}),
+                    ("jacobi(), cg graph", jacobi(), {"solver": graphed})]
+        for tol in args.truncate:
+            variants += [(f"jacobi(), truncate={tol:g}", jacobi(), {"truncate": tol}),
+                         (f"jacobi(), truncate={tol:g}, cg graph", jacobi(), {"truncate": tol, "solver": graphed}),
+                         (f"jacobi(), truncate={tol:g}, cg graph, {_FUSED}", jacobi(),
+                          {"truncate": tol, "solver": graphed})]
+        failed = []   # (row, error) of fused-kernel rows that raised: the rest of the run goes on
 
-    def failure(name, err):
-        if _FUSED not in name:
-            raise err
-        failed.append((name, f"{type(err).__name__}: {err}"))
-        print(f"otlinop {name}: failed ({failed[-1][1]})", flush=True)
+        def failure(name, err):
+            if _FUSED not in name:
+                raise err
+            failed.append((name, f"{type(err).__name__}: {err}"))
+            print(f"otlinop {name}: failed ({failed[-1][1]})", flush=True)
 
-    for name, M, extra in variants:
-        def run():
-            return hvp_x(x32, y32, f32, g32, A32, eps=eps, a=a32, b=b32, M=M, rtol=args.rtol,
-                         maxiter=args.maxiter, precision=args.precision, **extra)
-        try:
-            with _fused(_FUSED in name):
-                H, info = run()
-                ms = _timing.bench(run, warmup_ms=1, rep_ms=200)
-        except Exception as err:   # noqa: BLE001 - reported below the table
-            failure(f"M = {name}", err)
-            continue
-        rows.append(("otlinop", f"M = {name}", ms, info.n_iter, _rel(H, ref)))
-        print(f"otlinop M = {name}: {ms:.2f} ms, {info.n_iter} iterations, converged {info.converged}, "
-              f"error {rows[-1][4]:.1e}", flush=True)
-    for tol in args.truncate:
-        Pt = PlanOperator(x32, y32, f32, g32, eps=eps, a=a32, b=b32, precision=args.precision).truncated(tol)
-        print(f"truncate={tol:g}: {Pt!r}")
-        # The Hessian as an operator: the plan is truncated (and M bound) once, then every
-        # product reuses them, as a double backward reuses its forward graph; with a
-        # GraphCache the inner CG's captured iteration is reused too.
-        for label, solver in (("cg graph", graphed),
-                              ("cg GraphCache", functools.partial(cg, graph=GraphCache())),
-                              (f"cg GraphCache, {_FUSED}", functools.partial(cg, graph=GraphCache()))):
-            Hop = loss_hessian_operator(x32, y32, f32, g32, eps=eps, a=a32, b=b32, M=jacobi(), rtol=args.rtol,
-                                        maxiter=args.maxiter, precision=args.precision, truncate=tol,
-                                        solver=solver)
-            flat = A32.reshape(-1)
-            name = f"loss_hessian_operator(truncate={tol:g}, M = jacobi(), {label}) @ A, built once"
+        for name, M, extra in variants:
+            def run():
+                return hvp_x(x32, y32, f32, g32, A32, eps=eps, a=a32, b=b32, M=M, rtol=args.rtol,
+                             maxiter=args.maxiter, precision=args.precision, **extra)
             try:
-                with _fused(_FUSED in label):
-                    H = (Hop @ flat).reshape(A32.shape)
-                    ms = _timing.bench(lambda: Hop @ flat, warmup_ms=1, rep_ms=200)
+                with _fused(_FUSED in name):
+                    H, info = run()
+                    ms = _timing.bench(run, warmup_ms=1, rep_ms=200)
             except Exception as err:   # noqa: BLE001 - reported below the table
-                failure(name, err)
+                failure(f"M = {name}", err)
                 continue
-            rows.append(("otlinop", name, ms, Hop.last_solve.n_iter, _rel(H, ref)))
-            print(f"otlinop {name}: {ms:.2f} ms, {Hop.last_solve.n_iter} iterations, error {rows[-1][4]:.1e}",
-                  flush=True)
-    _common._CHECK_FINITE = True
+            rows.append(("otlinop", f"M = {name}", ms, info.n_iter, _rel(H, ref)))
+            print(f"otlinop M = {name}: {ms:.2f} ms, {info.n_iter} iterations, converged {info.converged}, "
+                  f"error {rows[-1][4]:.1e}", flush=True)
+        for tol in args.truncate:
+            Pt = PlanOperator(x32, y32, f32, g32, eps=eps, a=a32, b=b32, precision=args.precision).truncated(tol)
+            print(f"truncate={tol:g}: {Pt!r}")
+            # The Hessian as an operator: the plan is truncated (and M bound) once, then every
+            # product reuses them, as a double backward reuses its forward graph; with a
+            # GraphCache the inner CG's captured iteration is reused too.
+            for label, solver in (("cg graph", graphed),
+                                  ("cg GraphCache", functools.partial(cg, graph=GraphCache())),
+                                  (f"cg GraphCache, {_FUSED}", functools.partial(cg, graph=GraphCache()))):
+                Hop = loss_hessian_operator(x32, y32, f32, g32, eps=eps, a=a32, b=b32, M=jacobi(), rtol=args.rtol,
+                                            maxiter=args.maxiter, precision=args.precision, truncate=tol,
+                                            solver=solver)
+                flat = A32.reshape(-1)
+                name = f"loss_hessian_operator(truncate={tol:g}, M = jacobi(), {label}) @ A, built once"
+                try:
+                    with _fused(_FUSED in label):
+                        H = (Hop @ flat).reshape(A32.shape)
+                        ms = _timing.bench(lambda: Hop @ flat, warmup_ms=1, rep_ms=200)
+                except Exception as err:   # noqa: BLE001 - reported below the table
+                    failure(name, err)
+                    continue
+                rows.append(("otlinop", name, ms, Hop.last_solve.n_iter, _rel(H, ref)))
+                print(f"otlinop {name}: {ms:.2f} ms, {Hop.last_solve.n_iter} iterations, error {rows[-1][4]:.1e}",
+                      flush=True)
 
     # ---- flash-sinkhorn, in its own process
     peer = None

@@ -44,40 +44,39 @@ def main(argv=None) -> int:
     device = "cuda" if cuda else "cpu"
     sizes = args.sizes or ([10_000, 50_000] if cuda else [300])
     precisions = args.precisions if cuda else [None]
-    _common._CHECK_FINITE = False
-    if args.fma_max_d is not None:
-        _common.FMA_MAX_D = args.fma_max_d
-        print(f"FMA_MAX_D = {args.fma_max_d}")
-    ceil = _timing.ceilings()
-    print(f"device: {_timing.device_name()}")
-    print(_timing.format_ceilings(ceil))
-    print()
-    print("| n = m | d | k | precision | op | ms | exp/s | floor ms | fraction of floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    gen = torch.Generator(device=device).manual_seed(0)
-    for n in sizes:
-        for d in args.dims:
-            for k in args.ks:
-                x, y, f, g, V, U = _inputs(n, n, d, k, device, gen)
-                for precision in precisions:
-                    ops = {
-                        "P @ V": lambda: plan_apply(x, y, f, g, V, eps=args.eps, precision=precision),
-                        "P.T @ U": lambda: plan_apply(y, x, g, f, U, eps=args.eps, precision=precision),
-                    }
-                    for name, fn in ops.items():
-                        ms = _timing.bench(fn)
-                        rate = n * n / (ms * 1e-3)
-                        if ceil:
-                            floor = 1e3 * max(n * n / ceil["exp2_per_s"],
-                                              2 * n * n * (d + k) / _timing.matmul_rate(ceil, precision))
-                            frac = f"{floor / ms:.2f}"
-                            floor_s = f"{floor:.3f}"
-                        else:
-                            floor_s = frac = "-"
-                        print(f"| {n} | {d} | {k} | {precision or 'default'} | {name} | {ms:.3f} | {rate:.3g} | "
-                              f"{floor_s} | {frac} |", flush=True)
-                del x, y, f, g, V, U
-    _common._CHECK_FINITE = True
+    with _common.no_finite_checks():
+        if args.fma_max_d is not None:
+            _common.FMA_MAX_D = args.fma_max_d
+            print(f"FMA_MAX_D = {args.fma_max_d}")
+        ceil = _timing.ceilings()
+        print(f"device: {_timing.device_name()}")
+        print(_timing.format_ceilings(ceil))
+        print()
+        print("| n = m | d | k | precision | op | ms | exp/s | floor ms | fraction of floor |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        gen = torch.Generator(device=device).manual_seed(0)
+        for n in sizes:
+            for d in args.dims:
+                for k in args.ks:
+                    x, y, f, g, V, U = _inputs(n, n, d, k, device, gen)
+                    for precision in precisions:
+                        ops = {
+                            "P @ V": lambda: plan_apply(x, y, f, g, V, eps=args.eps, precision=precision),
+                            "P.T @ U": lambda: plan_apply(y, x, g, f, U, eps=args.eps, precision=precision),
+                        }
+                        for name, fn in ops.items():
+                            ms = _timing.bench(fn)
+                            rate = n * n / (ms * 1e-3)
+                            if ceil:
+                                floor = 1e3 * max(n * n / ceil["exp2_per_s"],
+                                                  2 * n * n * (d + k) / _timing.matmul_rate(ceil, precision))
+                                frac = f"{floor / ms:.2f}"
+                                floor_s = f"{floor:.3f}"
+                            else:
+                                floor_s = frac = "-"
+                            print(f"| {n} | {d} | {k} | {precision or 'default'} | {name} | {ms:.3f} | {rate:.3g} | "
+                                  f"{floor_s} | {frac} |", flush=True)
+                    del x, y, f, g, V, U
     return 0
 
 

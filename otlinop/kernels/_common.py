@@ -75,6 +75,18 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
+@contextlib.contextmanager
+def no_finite_checks():
+    """``_CHECK_FINITE`` off inside the block, restored on exit (exceptions included):
+    for loops whose inputs were checked once, and for the benchmarks."""
+    global _CHECK_FINITE
+    old, _CHECK_FINITE = _CHECK_FINITE, False
+    try:
+        yield
+    finally:
+        _CHECK_FINITE = old
+
+
 def interpreting() -> bool:
     """True when the Triton kernels of this package run in the interpreter."""
     return _INTERPRETED
