@@ -83,6 +83,48 @@ def test_kernels_are_deterministic():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+_COMPILE = r"""
+import os, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from solvers import _cg_step as C
+vectors = {"update": ("P", "Q", "X", "R", "RHO", "RNORM", "FAILED_PQ", "RHO_NEW", "TOL"),
+           "direction": ("R", "Z", "P", "RHO", "RHO_NEW", "FAILED_RHO")}
+for dt in ("fp32", "fp64"):
+    for precond in (False, True):
+        for name, fn in (("update", C._update_kernel), ("direction", C._direction_kernel)):
+            sig = {a: ("*i1" if a == "ACTIVE" else "*i64" if a == "ITERS" else "i32" if a == "n" else
+                       "constexpr" if a in ("PRECOND", "F64", "BLOCK") else "*" + dt) for a in fn.arg_names}
+            consts = {"PRECOND": precond, "BLOCK": C._BLOCK}
+            if "F64" in sig:
+                consts["F64"] = dt == "fp64"
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": C._NUM_WARPS})
+            assert "cubin" in k.asm and ("sqrt.rn.f32" in k.asm["ptx"]) == (name == "update" and dt == "fp32")
+print("compiled 8")
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter runs the kernels' arithmetic, not Triton's compiler: compile both
+    kernels, every variant, to sm_90 machine code (Triton's bundled ptxas; no GPU needed),
+    in a process without TRITON_INTERPRET."""
+    import os
+    import subprocess
+    import sys
+
+    if not cg_step.HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("Triton's ptxas is not available here: " + proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("compiled 8"), proc.stdout + proc.stderr
+
+
 def test_check_state_names_what_is_wrong():
     s = _state(8, torch.float32, "step")
     vectors = dict(X=s["X"], R=s["R"], P=s["P"])
