@@ -75,12 +75,12 @@ class TruncatedPlanOperator(LinearOperator):
       only the rows that use it.
     """
 
-    def __init__(self, values, columns, counts, shape, *, tol, backend=None):
+    def __init__(self, values, columns, counts, shape, *, tol, backend=None, nnz=None):
         super().__init__(tuple(shape), values.dtype, values.device)
         self.values, self.columns, self.counts = values, columns, counts
         self.tol = float(tol)
         self.backend = backend
-        self._nnz: int | None = None
+        self._nnz: int | None = nnz       # counts.sum() when the builder read it already
         self._row_sums: torch.Tensor | None = None
 
     # ------------------------------------------------------------ products
@@ -116,8 +116,7 @@ class TruncatedPlanOperator(LinearOperator):
     def _adjoint(self) -> "TruncatedPlanOperator":
         vals, cols, counts = _transpose_layout(self.values, self.columns, self.counts, self.shape[1], self._nnz)
         T = TruncatedPlanOperator(vals, cols, counts, (self.shape[1], self.shape[0]), tol=self.tol,
-                                  backend=self.backend)
-        T._nnz = self._nnz
+                                  backend=self.backend, nnz=self._nnz)
         T._adjoint_cache = self
         return T
 
@@ -155,13 +154,11 @@ class TruncatedPlanOperator(LinearOperator):
     def squared(self) -> "TruncatedPlanOperator":
         """The entrywise square ``P∘P`` on the same entries (and transpose, when built)."""
         sq = TruncatedPlanOperator(self.values * self.values, self.columns, self.counts, self.shape,
-                                   tol=self.tol, backend=self.backend)
-        sq._nnz = self._nnz
+                                   tol=self.tol, backend=self.backend, nnz=self._nnz)
         T = self._adjoint_cache
         if T is not None:
             sqT = TruncatedPlanOperator(T.values * T.values, T.columns, T.counts, T.shape, tol=self.tol,
-                                        backend=self.backend)
-            sqT._nnz = T._nnz
+                                        backend=self.backend, nnz=T._nnz)
             sq._adjoint_cache, sqT._adjoint_cache = sqT, sq
         return sq
 
@@ -278,9 +275,7 @@ def truncate_plan(P, tol: float = 1e-8, *, max_fill: float = 0.25, capacity: int
             cap = need
     if need < cap:
         vals, cols = vals[:need].contiguous(), cols[:need].contiguous()
-    out = TruncatedPlanOperator(vals, cols, counts, P.shape, tol=tol, backend=P.backend)
-    out._nnz = nnz
-    return out
+    return TruncatedPlanOperator(vals, cols, counts, P.shape, tol=tol, backend=P.backend, nnz=nnz)
 
 
 def _marginals(P, log_a, log_b):
