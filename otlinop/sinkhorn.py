@@ -318,11 +318,6 @@ def epsilon_schedule(diameter: float, blur: float, scaling: float) -> list[float
 # --------------------------------------------------------------------------
 # Batched soft-min with as few launches as possible
 # --------------------------------------------------------------------------
-#: The kernels' per-call NaN checks (one host sync each) off inside a loop: the
-#: inputs were checked once on entry, and a sync per update would stall the GPU.
-_no_finite_checks = _kernel_common.no_finite_checks
-
-
 def _row_error(f, s, a, eps: float, rho) -> torch.Tensor:
     """L1 row-marginal error of the plan P(f, g), per batch entry (B,).
 
@@ -1151,7 +1146,9 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
     opts = dict(cost_scale=cost_scale, backend=backend, precision=precision)
 
     f_pre = g_pre = None
-    with torch.no_grad(), _no_finite_checks():
+    # The kernels' per-call NaN checks (one host sync each) are off inside the loop:
+    # the inputs were checked once on entry, and a sync per update would stall the GPU.
+    with torch.no_grad(), _kernel_common.no_finite_checks():
         if method == "symmetric":
             pots, pre, n_iter = _symmetric_loop(inp, schedule, rho_x, rho_y, debias=False, f0=f0, g0=g0,
                                                 monitor=monitor, refine=refine, threshold=threshold, **opts)
