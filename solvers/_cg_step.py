@@ -156,8 +156,8 @@ if HAS_TRITON:
         tl.store(RHO, rho_new)
 
 
-def _dot_into(U, V, out):
-    """``<U, V>`` into ``out``: 0-d for vectors, per column for (n, k)."""
+def _inner(U, V, out=None):
+    """``<U, V>`` (into ``out``, if given): 0-d for vectors, per column for (n, k)."""
     return torch.dot(U, V, out=out) if U.ndim == 1 else torch.linalg.vecdot(U, V, dim=0, out=out)
 
 
@@ -232,7 +232,7 @@ def cg_update(P, Q, X, R, rho, rnorm, active, iters, failed_pq, rho_new, tol, *,
         _update_kernel[(1,)](P, Q, X, R, rho, rnorm, active, iters, failed_pq, rho_new, tol, P.shape[0],
                              PRECOND=precond, F64=P.dtype == torch.float64, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
         return
-    pq = torch.dot(P, Q) if P.ndim == 1 else torch.linalg.vecdot(P, Q, dim=0)
+    pq = _inner(P, Q)
     step = active & (pq > 0)
     torch.where(active ^ step, pq, failed_pq, out=failed_pq)
     alpha = torch.where(step, rho / pq, 0.0)
@@ -241,7 +241,7 @@ def cg_update(P, Q, X, R, rho, rnorm, active, iters, failed_pq, rho_new, tol, *,
     if precond:
         torch.linalg.vector_norm(R, dim=0, out=rnorm)
     else:
-        _dot_into(R, R, rho_new)
+        _inner(R, R, rho_new)
         torch.sqrt(rho_new, out=rnorm)
     iters.add_(step)
     torch.logical_and(step, rnorm > tol, out=active)
@@ -273,7 +273,7 @@ def cg_direction(R, Z, P, rho, rho_new, active, failed_rho, *, precond: bool, ba
                                 BLOCK=_BLOCK, num_warps=_NUM_WARPS)
         return
     if precond:
-        _dot_into(R, Z, rho_new)
+        _inner(R, Z, rho_new)
         still = active & (rho_new > 0)
         torch.where(active ^ still, rho_new, failed_rho, out=failed_rho)
         active.copy_(still)
