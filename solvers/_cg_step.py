@@ -37,6 +37,7 @@ different orders).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -55,7 +56,7 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test
 #: when this module was imported: ``triton.jit`` reads it then).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["cg_update", "cg_direction", "check_state", "fused_backend", "MAX_FUSED_N"]
+__all__ = ["cg_update", "cg_direction", "check_state", "fused", "fused_backend", "MAX_FUSED_N"]
 
 #: Longest vector (rows of one right-hand side) the single-program kernels
 #: take; longer ones use the torch reference. At 2^15 float32 rows a pass
@@ -77,6 +78,20 @@ _BLOCK = 4096
 _NUM_WARPS = 16
 
 _DTYPES = (torch.float32, torch.float64)
+
+
+@contextlib.contextmanager
+def fused(on: bool, max_n: int | None = None):
+    """:data:`FUSED` set to ``on`` inside the block, and :data:`MAX_FUSED_N`
+    raised to ``max_n`` if given (benchmarks that time the iteration with and
+    without the kernels); both restored on exit, errors included."""
+    global FUSED, MAX_FUSED_N
+    saved = FUSED, MAX_FUSED_N
+    FUSED, MAX_FUSED_N = on, MAX_FUSED_N if max_n is None else max(max_n, MAX_FUSED_N)
+    try:
+        yield
+    finally:
+        FUSED, MAX_FUSED_N = saved
 
 
 def fused_backend(B: torch.Tensor) -> str:

@@ -102,15 +102,15 @@ def test_solvers_suite_tables(capsys):
 def test_solvers_vector_table_reports_a_failing_fused_cell(monkeypatch, capsys):
     import contextlib
 
-    from otlinop.bench import solvers_bench
+    from solvers import _cg_step
 
     @contextlib.contextmanager
-    def broken(fused, n):
-        if fused:
+    def broken(on, max_n=None):
+        if on:
             raise RuntimeError("no kernel here")
         yield
 
-    monkeypatch.setattr(solvers_bench, "_vector_work", broken)
+    monkeypatch.setattr(_cg_step, "fused", broken)
     status, captured = _run(["solvers", "--no-results", "--n", "64", "--ks", "1", "--iters", "2", "6",
                              "--vector-ns", "32"], capsys)
     assert status == 0, captured.err
@@ -126,14 +126,15 @@ def test_hvp_suite_reports_a_failing_fused_row_and_goes_on(monkeypatch, capsys):
     import contextlib
 
     from otlinop.bench import hvp_bench
+    from solvers import _cg_step
 
     @contextlib.contextmanager
-    def broken(on):
+    def broken(on, max_n=None):
         if on:
             raise RuntimeError("no kernel here")
         yield
 
-    monkeypatch.setattr(hvp_bench, "_fused", broken)
+    monkeypatch.setattr(_cg_step, "fused", broken)
     status, captured = _run(["hvp", "--no-results", "--n", "40", "--d", "4", "--no-peer"], capsys)
     assert status == 0, captured.err
     lines = captured.out.splitlines()
@@ -142,11 +143,11 @@ def test_hvp_suite_reports_a_failing_fused_row_and_goes_on(monkeypatch, capsys):
     assert sum(line.startswith("| otlinop |") for line in lines) == 8 + 2     # 8 rows measured, 2 failed
 
     @contextlib.contextmanager
-    def all_broken(on):
+    def all_broken(on, max_n=None):
         raise RuntimeError("broken everywhere")
         yield
 
-    monkeypatch.setattr(hvp_bench, "_fused", all_broken)
+    monkeypatch.setattr(_cg_step, "fused", all_broken)
     with pytest.raises(RuntimeError, match="broken everywhere"):
         bench_main.main(["hvp", "--no-results", "--n", "40", "--d", "4", "--no-peer"])
     from otlinop.kernels import _common

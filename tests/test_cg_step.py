@@ -162,6 +162,17 @@ def test_fused_backend_is_chosen_for_one_short_cuda_rhs(monkeypatch):
         assert cg_step.fused_backend(torch.zeros(10, device="cuda")) == "torch"
 
 
+def test_fused_switch_is_restored_on_exit():
+    saved = cg_step.FUSED, cg_step.MAX_FUSED_N
+    with pytest.raises(RuntimeError, match="inside"):
+        with cg_step.fused(True, max_n=4 * cg_step.MAX_FUSED_N):
+            assert cg_step.FUSED and cg_step.MAX_FUSED_N == 4 * saved[1]
+            raise RuntimeError("inside")
+    assert (cg_step.FUSED, cg_step.MAX_FUSED_N) == saved
+    with cg_step.fused(True, max_n=8):        # a smaller length never lowers the limit
+        assert cg_step.MAX_FUSED_N == saved[1]
+
+
 def _spd(n, dtype, seed=0, cond=1e2):
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))

@@ -23,7 +23,6 @@ BENCHMARKS.md). The tables are Markdown.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -89,16 +88,6 @@ print(json.dumps(out))
 #: kernels (``solvers._cg_step.FUSED = True``; off by default) instead of
 #: separate torch operations: the same run then measures what they change.
 _FUSED = "fused CG vector ops"
-
-
-@contextlib.contextmanager
-def _fused(on: bool):
-    """``solvers._cg_step.FUSED`` set to ``on`` for the block."""
-    previous, cg_step.FUSED = cg_step.FUSED, on
-    try:
-        yield
-    finally:
-        cg_step.FUSED = previous
 
 
 def _problem(n, d, device, seed, weights):
@@ -225,7 +214,7 @@ def main(argv=None) -> int:
                 return hvp_x(x32, y32, f32, g32, A32, eps=eps, a=a32, b=b32, M=M, rtol=args.rtol,
                              maxiter=args.maxiter, precision=args.precision, **extra)
             try:
-                with _fused(_FUSED in name):
+                with cg_step.fused(_FUSED in name):
                     H, info = run()
                     ms = _timing.bench(run, warmup_ms=1, rep_ms=200)
             except Exception as err:   # noqa: BLE001 - reported below the table
@@ -249,7 +238,7 @@ def main(argv=None) -> int:
                 flat = A32.reshape(-1)
                 name = f"loss_hessian_operator(truncate={tol:g}, M = jacobi(), {label}) @ A, built once"
                 try:
-                    with _fused(_FUSED in label):
+                    with cg_step.fused(_FUSED in label):
                         H = (Hop @ flat).reshape(A32.shape)
                         ms = _timing.bench(lambda: Hop @ flat, warmup_ms=1, rep_ms=200)
                 except Exception as err:   # noqa: BLE001 - reported below the table

@@ -31,7 +31,6 @@ torch operations).
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 import torch
 
@@ -77,17 +76,6 @@ def _textbook_step(A, B):
     return step
 
 
-@contextlib.contextmanager
-def _vector_work(fused: bool, n: int):
-    """``solvers._cg_step``'s switch set to ``fused``, its length limit raised to ``n``."""
-    saved = _cg_step.FUSED, _cg_step.MAX_FUSED_N
-    _cg_step.FUSED, _cg_step.MAX_FUSED_N = fused, max(n, _cg_step.MAX_FUSED_N)
-    try:
-        yield
-    finally:
-        _cg_step.FUSED, _cg_step.MAX_FUSED_N = saved
-
-
 def _vector_table(ns, dtype, device, n1: int, n2: int) -> None:
     """Per-iteration time of cg on Diag(d) (d in [1e-3, 1]: far from converged), torch ops against fused."""
     from otlinop import Diag
@@ -105,7 +93,7 @@ def _vector_table(ns, dtype, device, n1: int, n2: int) -> None:
         for graph in (False, True):
             for fused in (False, True):
                 try:
-                    with _vector_work(fused, n):
+                    with _cg_step.fused(fused, max_n=n):
                         cells.append(_per_iteration(
                             lambda it: cg(D, b, rtol=0.0, atol=0.0, maxiter=it, graph=graph), n1, n2))
                 except Exception as err:   # noqa: BLE001 - the fused kernels' first GPU runs: report, go on
