@@ -25,7 +25,7 @@ from .loss import SamplesLoss, sinkhorn_loss
 from .hessian import DualHessianOperator, HessianOperator, dual_hessian
 from .hvp import (LossHessianOperator, grad_x, grad_y, hvp, hvp_self, hvp_x, hvp_y,
                   loss_hessian_operator)
-from solvers import (GraphCache, SolveResult, bicgstab, cg, gmres, jacobi, lsmr, minres, neumann,
+from solvers import (GraphCache, SolveResult, bicgstab, cg, config, gmres, jacobi, lsmr, minres, neumann,
                      solve)
 
 __version__ = "0.1.0"
@@ -42,4 +42,6 @@ __all__ = [
     # solvers
     "cg", "minres", "gmres", "bicgstab", "lsmr", "solve", "SolveResult", "jacobi", "neumann",
     "GraphCache",
+    # process-wide switches
+    "config",
 ]

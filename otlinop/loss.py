@@ -44,9 +44,9 @@ from typing import Callable
 import torch
 
 import solvers
+from solvers import config
 
 from .hvp import hvp, hvp_self, hvp_x, hvp_y
-from .kernels._common import no_finite_checks
 from .plan import transport_gradient
 from .sinkhorn import (_Inputs, _Monitor, _positive_float, _positive_int, _prepare, _resolve_eps,
                        _symmetric_loop)
@@ -141,7 +141,7 @@ def _solve(inp: _Inputs, spec: _Spec, verbose: bool = False) -> _Solution:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(spec.eps_list), desc="SamplesLoss", leave=False)
     monitor = _Monitor(check_every=1 << 30, callback=None, bar=bar, method="symmetric", inp=inp)
-    with torch.no_grad(), no_finite_checks():
+    with torch.no_grad(), config.override(check_finite=False):
         pots, pre, _ = _symmetric_loop(inp, list(spec.eps_list), spec.rho_x, spec.rho_y, debias=spec.debias,
                                        f0=None, g0=None, monitor=monitor, **spec.kernel_options)
     monitor.finish()

@@ -23,6 +23,8 @@ import numbers
 import torch
 from torch.autograd.function import once_differentiable
 
+from solvers import config
+
 from ._base import Diag, LinearOperator, _fmt_shape, _REAL_DTYPES
 from .kernels import _common as _kernel_common
 from .kernels.plan_apply import plan_apply
@@ -113,8 +115,8 @@ def _check_data(owner: str, x, y, f, g, a, b, *, batched: bool) -> None:
 
 def _check_values(owner: str, x, y, f, g, a, b) -> None:
     """Finite data and non-negative weights, read back in one device sync; skipped
-    with the kernels' own input checks (``kernels._common._CHECK_FINITE = False``)."""
-    if not _kernel_common._CHECK_FINITE:
+    with the kernels' own input checks (``config.override(check_finite=False)``)."""
+    if not config.check_finite:
         return
     named = [(n, t) for n, t in (("x", x), ("y", y), ("f", f), ("g", g), ("a", a), ("b", b)) if t is not None]
     weights = [(n, t) for n, t in named if n in "ab"]

@@ -30,6 +30,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from solvers import config
+
 from ._base import _fmt_shape
 from .kernels import _common as _kernel_common
 from .kernels.softmin import softmin as _softmin
@@ -378,8 +380,9 @@ class _Monitor:
         return [float(e) for e in torch.stack(self.errors).tolist()]
 
 
-#: Tests set False to run the two debiasing problems as separate calls when n = m.
-_STACK_SELF = True
+config.declare("stack_self_problems", True, owner="otlinop.sinkhorn", doc=(
+    "with n = m the two debiasing problems (x, x) and (y, y) advance in one launch per step; "
+    "False runs them as separate calls"))
 
 
 class _SelfBank:
@@ -396,7 +399,7 @@ class _SelfBank:
         self._pot_dtype = pot_dtype
         self._rhos = [rho_x, rho_y]
         self._B = x.shape[0]
-        self._stacked = _STACK_SELF and x.shape[1] == y.shape[1]
+        self._stacked = config.stack_self_problems and x.shape[1] == y.shape[1]
         if self._stacked:
             self._clouds, self._logs = [torch.cat([x, y])], [torch.cat([log_a, log_b])]
         else:
@@ -436,13 +439,14 @@ class _SelfBank:
 #: compiles and tunes the kernels), and replays run that step's kernels on the
 #: same values: bitwise the same potentials.
 GRAPH_MIN_RUN = 16
-#: Tests set False to run every step eagerly.
-_GRAPHS = True
+config.declare("sinkhorn_graphs", True, owner="otlinop.sinkhorn", doc=(
+    "runs of at least GRAPH_MIN_RUN Sinkhorn steps at one eps on CUDA replay one captured step "
+    "as a CUDA graph; False runs every step eagerly"))
 
 
 def _graphable(x: torch.Tensor, backend) -> bool:
     """Whether steps on points ``x`` can be captured: CUDA, Triton kernels (no host sync), no capture running."""
-    return (_GRAPHS and x.is_cuda and _kernel_common.resolve_backend("sinkhorn", backend, x) == "triton"
+    return (config.sinkhorn_graphs and x.is_cuda and _kernel_common.resolve_backend("sinkhorn", backend, x) == "triton"
             and not torch.cuda.is_current_stream_capturing())
 
 
@@ -1148,7 +1152,7 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
     f_pre = g_pre = None
     # The kernels' per-call NaN checks (one host sync each) are off inside the loop:
     # the inputs were checked once on entry, and a sync per update would stall the GPU.
-    with torch.no_grad(), _kernel_common.no_finite_checks():
+    with torch.no_grad(), config.override(check_finite=False):
         if method == "symmetric":
             pots, pre, n_iter = _symmetric_loop(inp, schedule, rho_x, rho_y, debias=False, f0=f0, g0=g0,
                                                 monitor=monitor, refine=refine, threshold=threshold, **opts)

@@ -8,6 +8,7 @@ scipy's keyword names (``x0``, ``rtol``, ``atol``, ``maxiter``, ``M``,
 implicit function theorem. See docs/solvers.md for choosing among them.
 """
 
+from ._config import Config, config
 from ._loop import GraphCache
 from ._result import SolveResult
 from .bicgstab import bicgstab
@@ -30,4 +31,6 @@ __all__ = [
     "jacobi",
     "neumann",
     "PreconditionerFactory",
+    "config",
+    "Config",
 ]

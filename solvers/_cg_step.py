@@ -26,8 +26,8 @@ every element before the axpys can start, and one program orders that
 without atomics or a second launch, sums in a fixed order (identical inputs
 give bitwise identical results) and cannot race on the scalars it reads and
 writes. One program streams the vectors at a fraction of the GPU's
-bandwidth, so it is used up to :data:`MAX_FUSED_N` rows, and only while
-:data:`FUSED` is set (off by default until measured on a GPU;
+bandwidth, so it is used up to ``config.cg_fused_max_n`` rows, and only while
+``config.cg_fused`` is set (off by default until measured on a GPU;
 :func:`fused_backend`); longer vectors, several right-hand sides, other
 dtypes and the CPU take the torch reference, which is the same arithmetic as
 separate torch operations (dots by ``torch.dot`` / ``torch.linalg.vecdot``).
@@ -37,10 +37,11 @@ different orders).
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
+
+from ._config import config
 
 # The solvers depend on torch alone: Triton is optional here (a Linux-only
 # dependency of the package), and the kernels below exist only where it imports.
@@ -56,20 +57,21 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test
 #: when this module was imported: ``triton.jit`` reads it then).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["cg_update", "cg_direction", "check_state", "fused", "fused_backend", "MAX_FUSED_N"]
+__all__ = ["cg_update", "cg_direction", "check_state", "fused_backend"]
 
-#: Longest vector (rows of one right-hand side) the single-program kernels
-#: take; longer ones use the torch reference. At 2^15 float32 rows a pass
-#: streams 128 KiB per vector, estimated (not measured) at a few microseconds
-#: for one program. Not yet tuned on a GPU: ``python -m otlinop.bench hvp``
-#: times the iteration with and without the kernels at n = 10k.
-MAX_FUSED_N = 1 << 15
+# At 2^15 float32 rows a pass streams 128 KiB per vector, estimated (not
+# measured) at a few microseconds for one program. Not yet tuned on a GPU:
+# ``python -m otlinop.bench hvp`` times the iteration with and without the
+# kernels at n = 10k.
+config.declare("cg_fused_max_n", 1 << 15, owner="solvers.cg", doc=(
+    "longest right-hand side (rows) that cg's single-program fused kernels take; longer ones use torch ops"))
 
-#: Whether cg takes the fused kernels where they apply. Off until they have
-#: been measured on a GPU: they are tested against the torch branch in the
-#: interpreter, and ``python -m otlinop.bench hvp`` times its truncated rows
-#: with them on and off, side by side; turn them on by setting this to True.
-FUSED = False
+# Off until measured on a GPU: tested against the torch branch in the
+# interpreter; ``python -m otlinop.bench hvp`` times its truncated rows with
+# them on and off, side by side.
+config.declare("cg_fused", False, owner="solvers.cg", doc=(
+    "cg does its vector work in two fused Triton launches per iteration (one CUDA right-hand side of "
+    "float32/float64, up to cg_fused_max_n rows)"))
 
 #: Elements per loop step of the kernels, and their warps (16 warps, 8 elements
 #: per thread: a loop step's loads are one round trip to L2, and n = 10k takes
@@ -80,26 +82,13 @@ _NUM_WARPS = 16
 _DTYPES = (torch.float32, torch.float64)
 
 
-@contextlib.contextmanager
-def fused(on: bool, max_n: int | None = None):
-    """:data:`FUSED` set to ``on`` inside the block, and :data:`MAX_FUSED_N`
-    raised to ``max_n`` if given (benchmarks that time the iteration with and
-    without the kernels); both restored on exit, errors included."""
-    global FUSED, MAX_FUSED_N
-    saved = FUSED, MAX_FUSED_N
-    FUSED, MAX_FUSED_N = on, MAX_FUSED_N if max_n is None else max(max_n, MAX_FUSED_N)
-    try:
-        yield
-    finally:
-        FUSED, MAX_FUSED_N = saved
-
-
 def fused_backend(B: torch.Tensor) -> str:
     """The backend the CG iteration takes for right-hand side(s) ``B``:
     "triton" for one CUDA right-hand side (1-D) of float32 or float64 with at
-    most :data:`MAX_FUSED_N` rows, when Triton is installed and :data:`FUSED`
-    is set; "torch" otherwise."""
-    ok = (FUSED and HAS_TRITON and B.is_cuda and B.ndim == 1 and B.dtype in _DTYPES and B.shape[0] <= MAX_FUSED_N)
+    most ``config.cg_fused_max_n`` rows, when Triton is installed and
+    ``config.cg_fused`` is set; "torch" otherwise."""
+    ok = (config.cg_fused and HAS_TRITON and B.is_cuda and B.ndim == 1 and B.dtype in _DTYPES
+          and B.shape[0] <= config.cg_fused_max_n)
     return "triton" if ok else "torch"
 
 

@@ -4,6 +4,7 @@ Without a CUDA GPU, Triton kernels run in interpreter mode on CPU tensors. The
 variable must be set before ``triton`` is first imported, hence here.
 """
 
+import contextlib
 import os
 
 import pytest
@@ -49,6 +50,16 @@ def fake_graphs(monkeypatch):
     monkeypatch.setattr(L, "_side_stream", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(L, "_synchronises", lambda probe, state: False)
     return counts
+
+
+@pytest.fixture
+def override():
+    """``override(**switches)``: ``config.override`` for the rest of the test,
+    restored at its teardown (failures included)."""
+    from solvers import config
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **switches: stack.enter_context(config.override(**switches))
 
 
 @pytest.fixture(autouse=True, scope="session")

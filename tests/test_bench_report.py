@@ -83,9 +83,9 @@ def test_sinkhorn_results_folder(tmp_path, capsys):
 
 def test_solvers_suite_tables(capsys):
     """Both tables of the solvers suite, and the fused kernels' switch restored after it."""
-    from solvers import _cg_step
+    from solvers import config
 
-    saved = _cg_step.FUSED, _cg_step.MAX_FUSED_N
+    saved = config.cg_fused, config.cg_fused_max_n
     status, captured = _run(["solvers", "--no-results", "--n", "64", "--ks", "1", "--iters", "2", "6",
                              "--vector-ns", "32", "96"], capsys)
     assert status == 0, captured.err
@@ -96,21 +96,26 @@ def test_solvers_suite_tables(capsys):
     for line in vector:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert len(cells) == 6 and all(float(c) > 0 for c in cells[1:])
-    assert (_cg_step.FUSED, _cg_step.MAX_FUSED_N) == saved
+    assert (config.cg_fused, config.cg_fused_max_n) == saved
+
+
+def _broken_fused_kernels(monkeypatch, everywhere=False):
+    """cg's fused path fails (a kernel this GPU cannot compile, say): cg raises
+    where ``config.cg_fused`` is on (everywhere: always)."""
+    from solvers import _cg_step, config
+
+    def broken(B):
+        if everywhere:
+            raise RuntimeError("broken everywhere")
+        if config.cg_fused:
+            raise RuntimeError("no kernel here")
+        return "torch"
+
+    monkeypatch.setattr(_cg_step, "fused_backend", broken)
 
 
 def test_solvers_vector_table_reports_a_failing_fused_cell(monkeypatch, capsys):
-    import contextlib
-
-    from solvers import _cg_step
-
-    @contextlib.contextmanager
-    def broken(on, max_n=None):
-        if on:
-            raise RuntimeError("no kernel here")
-        yield
-
-    monkeypatch.setattr(_cg_step, "fused", broken)
+    _broken_fused_kernels(monkeypatch)
     status, captured = _run(["solvers", "--no-results", "--n", "64", "--ks", "1", "--iters", "2", "6",
                              "--vector-ns", "32"], capsys)
     assert status == 0, captured.err
@@ -123,18 +128,9 @@ def test_solvers_vector_table_reports_a_failing_fused_cell(monkeypatch, capsys):
 def test_hvp_suite_reports_a_failing_fused_row_and_goes_on(monkeypatch, capsys):
     """A fused-kernel row that raises (a kernel this GPU cannot compile, say) is reported
     under the table; the other rows, and the run, go on. Any other row's error still raises."""
-    import contextlib
-
     from otlinop.bench import hvp_bench
-    from solvers import _cg_step
 
-    @contextlib.contextmanager
-    def broken(on, max_n=None):
-        if on:
-            raise RuntimeError("no kernel here")
-        yield
-
-    monkeypatch.setattr(_cg_step, "fused", broken)
+    _broken_fused_kernels(monkeypatch)
     status, captured = _run(["hvp", "--no-results", "--n", "40", "--d", "4", "--no-peer"], capsys)
     assert status == 0, captured.err
     lines = captured.out.splitlines()
@@ -142,16 +138,11 @@ def test_hvp_suite_reports_a_failing_fused_row_and_goes_on(monkeypatch, capsys):
     assert len(failed) == 2 and all(hvp_bench._FUSED in line for line in failed)
     assert sum(line.startswith("| otlinop |") for line in lines) == 8 + 2     # 8 rows measured, 2 failed
 
-    @contextlib.contextmanager
-    def all_broken(on, max_n=None):
-        raise RuntimeError("broken everywhere")
-        yield
-
-    monkeypatch.setattr(_cg_step, "fused", all_broken)
+    _broken_fused_kernels(monkeypatch, everywhere=True)
     with pytest.raises(RuntimeError, match="broken everywhere"):
         bench_main.main(["hvp", "--no-results", "--n", "40", "--d", "4", "--no-peer"])
-    from otlinop.kernels import _common
-    assert _common._CHECK_FINITE      # the bench's switch-off ends with it, errors included
+    from otlinop import config
+    assert config.check_finite      # the bench's switch-off ends with it, errors included
 
 
 def test_per_iteration_widens_a_span_below_the_noise(monkeypatch):

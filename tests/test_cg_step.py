@@ -12,7 +12,7 @@ import torch
 
 from conftest import fake_graphs, requires_cuda
 from solvers import _cg_step as cg_step
-from solvers import cg, jacobi
+from solvers import cg, config, jacobi
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -146,31 +146,29 @@ def test_check_state_names_what_is_wrong():
 
 def test_fused_backend_is_chosen_for_one_short_cuda_rhs(monkeypatch):
     """Off by default (until measured on a GPU); when on, one short CUDA right-hand side."""
-    assert not cg_step.FUSED
+    assert not config.cg_fused
     if CUDA:
         assert cg_step.fused_backend(torch.zeros(10, device="cuda")) == "torch"
-    monkeypatch.setattr(cg_step, "FUSED", True)
-    assert cg_step.fused_backend(torch.zeros(10)) == "torch"           # CPU
+    with config.override(cg_fused=True):
+        assert cg_step.fused_backend(torch.zeros(10)) == "torch"           # CPU
+        if CUDA:
+            assert cg_step.fused_backend(torch.zeros(10, device="cuda")) == "triton"
+            assert cg_step.fused_backend(torch.zeros(10, 2, device="cuda")) == "torch"
+            assert cg_step.fused_backend(torch.zeros(10, device="cuda", dtype=torch.float16)) == "torch"
+            n = config.cg_fused_max_n
+            assert cg_step.fused_backend(torch.zeros(n, device="cuda")) == "triton"
+            assert cg_step.fused_backend(torch.zeros(n + 1, device="cuda")) == "torch"
     if CUDA:
-        assert cg_step.fused_backend(torch.zeros(10, device="cuda")) == "triton"
-        assert cg_step.fused_backend(torch.zeros(10, 2, device="cuda")) == "torch"
-        assert cg_step.fused_backend(torch.zeros(10, device="cuda", dtype=torch.float16)) == "torch"
-        n = cg_step.MAX_FUSED_N
-        assert cg_step.fused_backend(torch.zeros(n, device="cuda")) == "triton"
-        assert cg_step.fused_backend(torch.zeros(n + 1, device="cuda")) == "torch"
-        monkeypatch.setattr(cg_step, "FUSED", False)
         assert cg_step.fused_backend(torch.zeros(10, device="cuda")) == "torch"
 
 
 def test_fused_switch_is_restored_on_exit():
-    saved = cg_step.FUSED, cg_step.MAX_FUSED_N
+    saved = config.cg_fused, config.cg_fused_max_n
     with pytest.raises(RuntimeError, match="inside"):
-        with cg_step.fused(True, max_n=4 * cg_step.MAX_FUSED_N):
-            assert cg_step.FUSED and cg_step.MAX_FUSED_N == 4 * saved[1]
+        with config.override(cg_fused=True, cg_fused_max_n=4 * saved[1]):
+            assert config.cg_fused and config.cg_fused_max_n == 4 * saved[1]
             raise RuntimeError("inside")
-    assert (cg_step.FUSED, cg_step.MAX_FUSED_N) == saved
-    with cg_step.fused(True, max_n=8):        # a smaller length never lowers the limit
-        assert cg_step.MAX_FUSED_N == saved[1]
+    assert (config.cg_fused, config.cg_fused_max_n) == saved
 
 
 def _spd(n, dtype, seed=0, cond=1e2):
@@ -257,8 +255,8 @@ class _NanOperator:
 
 @requires_cuda
 @pytest.mark.parametrize("M", [None, "jacobi"])
-def test_gpu_cg_takes_the_fused_kernels_and_graphs_replay_them_bitwise(monkeypatch, M):
-    monkeypatch.setattr(cg_step, "FUSED", True)
+def test_gpu_cg_takes_the_fused_kernels_and_graphs_replay_them_bitwise(monkeypatch, override, M):
+    override(cg_fused=True)
     A, b = _spd(500, torch.float32)
     opts = dict(rtol=1e-6, M=jacobi() if M else None)
     calls = []

@@ -36,6 +36,7 @@ from otlinop.kernels import (  # noqa: E402
     softmin,
     softmin_torch,
 )
+from otlinop import config  # noqa: E402
 from otlinop.kernels import _common  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -160,9 +161,9 @@ REF_CASES = [
 
 
 @pytest.mark.parametrize("n,m,d,B,eps,c,weights", REF_CASES)
-def test_references_match_dense_float64(n, m, d, B, eps, c, weights, monkeypatch):
+def test_references_match_dense_float64(override, n, m, d, B, eps, c, weights, monkeypatch):
     # A tiny block budget forces several row blocks.
-    monkeypatch.setattr(_common, "TORCH_BLOCK_BYTES", 4096)
+    override(torch_block_bytes=4096)
     x, y = make_points(n, m, d, B)
     lead = () if B is None else (B,)
     f, g = make_vec(lead + (n,), seed=3), make_vec(lead + (m,), seed=4)
@@ -511,14 +512,14 @@ def test_split_rule_fills_the_gpu(monkeypatch):
 
 @pytest.mark.parametrize("d", [1, 3, 8])
 def test_fma_and_tensor_core_paths_agree(monkeypatch, d):
-    """d <= FMA_MAX_D uses FMAs; the tensor-core path must give the same results."""
+    """d <= config.fma_max_d uses FMAs; the tensor-core path must give the same results."""
     x, y, f, g, V, log_a, log_b = (to(t, torch.float32) for t in _plan_inputs(37, 45, d, None, 3, True))
     out = {}
     for fma_max in (8, 0):
-        monkeypatch.setattr(_common, "FMA_MAX_D", fma_max)
-        assert _common.dot_mode(d, "tf32x3") == (1 if fma_max else 0)
-        out[fma_max] = (lse_cost(x, y, g, eps=0.2, backend="triton"),
-                        plan_apply(x, y, f, g, V, eps=0.2, log_a=log_a, log_b=log_b, backend="triton"))
+        with config.override(fma_max_d=fma_max):
+            assert _common.dot_mode(d, "tf32x3") == (1 if fma_max else 0)
+            out[fma_max] = (lse_cost(x, y, g, eps=0.2, backend="triton"),
+                            plan_apply(x, y, f, g, V, eps=0.2, log_a=log_a, log_b=log_b, backend="triton"))
     assert _err_lse(out[0][0], out[8][0]) < tol(torch.float32)
     assert _err_scaled(out[0][1], out[8][1], out[8][1].abs()) < tol(torch.float32)
 
@@ -586,7 +587,7 @@ def test_split_precision_layout():
     assert _common.prepare_pair(x.half(), y.half(), "tf32x3").D == 3
 
 
-def test_half_tf32_layout(monkeypatch):
+def test_half_tf32_layout(override, monkeypatch):
     """"tf32" on fp32 points: fp16 copies scaled by a power of two, k2 rescaled to match."""
     d = _common.HALF_TF32_MIN_D
     x, y = (to(t, torch.float32) for t in make_points(20, 30, d))
@@ -607,7 +608,7 @@ def test_half_tf32_layout(monkeypatch):
     assert _common.prepare_pair(x, y, "tf32x3").scale == 1.0
     assert _common.prepare_pair(x.half(), y.half(), "tf32").scale == 1.0
     assert _common.prepare_pair(x[:, :d - 1], y[:, :d - 1], "tf32").x.dtype == torch.float32   # low d
-    monkeypatch.setattr(_common, "HALF_TF32", False)
+    override(half_tf32=False)
     _common.clear_cache()
     plain = _common.prepare_pair(x, y, "tf32")
     assert plain.x.dtype == torch.float32 and plain.scale == 1.0
@@ -683,13 +684,13 @@ def test_backend_dispatch(monkeypatch):
             lse_cost(x.float(), y.float(), h.float(), eps=0.5, backend="triton")
 
 
-def test_torch_reference_row_blocks(monkeypatch):
+def test_torch_reference_row_blocks(override, monkeypatch):
     x, y, f, g, V, log_a, log_b = _plan_inputs(50, 33, 3, 2, 5, True)
     full = plan_apply_torch(x, y, f, g, V, eps=0.2, log_a=log_a, log_b=log_b)
     seen = []
     real = _common.row_blocks
     monkeypatch.setattr(_common, "row_blocks", lambda *a, **k: seen.extend(real(*a, **k)) or iter(seen))
-    monkeypatch.setattr(_common, "TORCH_BLOCK_BYTES", 2 * 33 * 8 * 2 * 7)
+    override(torch_block_bytes=2 * 33 * 8 * 2 * 7)
     blocked = plan_apply_torch(x, y, f, g, V, eps=0.2, log_a=log_a, log_b=log_b)
     assert len(seen) >= 7  # 50 rows in blocks of 7 rows or fewer
     torch.testing.assert_close(blocked, full, rtol=1e-14, atol=1e-300)
@@ -703,7 +704,7 @@ def test_empty_sizes():
     assert torch.all(plan_apply(x, y[:0], torch.zeros(5, dtype=torch.float64), h[:0], eps=1.0) == 0)
 
 
-def test_finite_check(monkeypatch):
+def test_finite_check(override, monkeypatch):
     x, y = (to(t, torch.float32) for t in make_points(7, 9, 2))
     h = torch.zeros(9, device=DEVICE)
     bad = x.clone()
@@ -718,7 +719,7 @@ def test_finite_check(monkeypatch):
     V[0, 0] = -math.inf
     with pytest.raises(ValueError, match="plan_apply: V contains NaN or inf"):
         plan_apply(x, y, torch.zeros(7, device=DEVICE), h, V, eps=1.0)
-    monkeypatch.setattr(_common, "_CHECK_FINITE", False)
+    override(check_finite=False)
     lse_cost(bad, y, h, eps=1.0)  # no check, no error
 
 

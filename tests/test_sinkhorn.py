@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from otlinop import config  # noqa: E402
 from otlinop.sinkhorn import SinkhornResult, epsilon_schedule, sinkhorn  # noqa: E402
 
 
@@ -390,10 +391,10 @@ def test_gpu_graph_loops_are_bitwise_the_eager_loops(monkeypatch):
     y = torch.randn(2000, 16, device="cuda", generator=gen) + 0.5
     for opts in (dict(blur=0.5, max_iter=80, threshold=0.0, check_every=25, precision="tf32"),
                  dict(eps=0.25, method="alternating", max_iter=80, threshold=0.0, check_every=25)):
-        monkeypatch.setattr(S, "_GRAPHS", True)
-        graphed = sinkhorn(x, y, **opts)
-        monkeypatch.setattr(S, "_GRAPHS", False)
-        eager = sinkhorn(x, y, **opts)
+        with config.override(sinkhorn_graphs=True):
+            graphed = sinkhorn(x, y, **opts)
+        with config.override(sinkhorn_graphs=False):
+            eager = sinkhorn(x, y, **opts)
         assert torch.equal(graphed.f, eager.f) and torch.equal(graphed.g, eager.g)
         assert graphed.marginal_error == eager.marginal_error
 
@@ -556,7 +557,7 @@ def test_stacked_debias_problems_match_separate_calls(monkeypatch, reach):
     a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
     loss = SamplesLoss("sinkhorn", blur=0.1, scaling=0.7, debias=True, reach=reach, potentials=True)
     stacked = loss(a, x, b, y)
-    monkeypatch.setattr(sinkhorn_module, "_STACK_SELF", False)
-    separate = loss(a, x, b, y)
+    with config.override(stack_self_problems=False):
+        separate = loss(a, x, b, y)
     for s, l in zip(stacked, separate):
         torch.testing.assert_close(s, l, rtol=1e-12, atol=1e-12)

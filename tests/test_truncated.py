@@ -381,7 +381,7 @@ def test_gpu_cg_graph_is_bitwise_the_eager_loop(truncate, M):
 
 @requires_cuda
 @pytest.mark.parametrize("truncate", [None, 1e-8])
-def test_gpu_cg_graph_cache_is_bitwise_the_eager_loop(monkeypatch, truncate):
+def test_gpu_cg_graph_cache_is_bitwise_the_eager_loop(override, monkeypatch, truncate):
     """Solves sharing a GraphCache capture once and replay: bitwise the eager loop."""
     import solvers._loop as L
 
@@ -389,7 +389,7 @@ def test_gpu_cg_graph_cache_is_bitwise_the_eager_loop(monkeypatch, truncate):
                              for t in _converged(160, 120, 32, 0.25))
     from otlinop.kernels import _common
 
-    monkeypatch.setattr(_common, "_CHECK_FINITE", False)   # the exact plan's checks read the host
+    override(check_finite=False)   # the exact plan's checks read the host
     P = PlanOperator(x, y, f, g, eps=eps, a=a, b=b)
     if truncate is not None:
         P = P.truncated(truncate)

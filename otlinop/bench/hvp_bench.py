@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from solvers import _cg_step as cg_step
+from solvers import config
 
 from . import _timing
 
@@ -85,7 +85,7 @@ print(json.dumps(out))
 
 
 #: The label of the rows whose inner CG runs its vector work in the fused
-#: kernels (``solvers._cg_step.FUSED = True``; off by default) instead of
+#: kernels (``config.cg_fused``; off by default) instead of
 #: separate torch operations: the same run then measures what they change.
 _FUSED = "fused CG vector ops"
 
@@ -150,7 +150,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from otlinop.hvp import grad_x, hvp_x, loss_hessian_operator
-    from otlinop.kernels import _common
     from otlinop.plan import PlanOperator
     from solvers import GraphCache, cg, jacobi, neumann
 
@@ -191,7 +190,7 @@ def main(argv=None) -> int:
 
     # ---- otlinop in float32
     x32, y32, a32, b32, A32, f32, g32 = (t.float() for t in (x, y, a, b, A, f, g))
-    with _common.no_finite_checks():    # restored on exit, errors included
+    with config.override(check_finite=False):    # restored on exit, errors included
         rows = []
         graphed = functools.partial(cg, graph=True)
         variants = [("None", None, {}), ("jacobi()", jacobi(), {}), ("neumann(3)", neumann(3), {}),
@@ -214,7 +213,7 @@ def main(argv=None) -> int:
                 return hvp_x(x32, y32, f32, g32, A32, eps=eps, a=a32, b=b32, M=M, rtol=args.rtol,
                              maxiter=args.maxiter, precision=args.precision, **extra)
             try:
-                with cg_step.fused(_FUSED in name):
+                with config.override(cg_fused=_FUSED in name):
                     H, info = run()
                     ms = _timing.bench(run, warmup_ms=1, rep_ms=200)
             except Exception as err:   # noqa: BLE001 - reported below the table
@@ -238,7 +237,7 @@ def main(argv=None) -> int:
                 flat = A32.reshape(-1)
                 name = f"loss_hessian_operator(truncate={tol:g}, M = jacobi(), {label}) @ A, built once"
                 try:
-                    with cg_step.fused(_FUSED in label):
+                    with config.override(cg_fused=_FUSED in label):
                         H = (Hop @ flat).reshape(A32.shape)
                         ms = _timing.bench(lambda: Hop @ flat, warmup_ms=1, rep_ms=200)
                 except Exception as err:   # noqa: BLE001 - reported below the table

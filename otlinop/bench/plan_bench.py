@@ -34,20 +34,20 @@ def main(argv=None) -> int:
     parser.add_argument("--precisions", nargs="*", default=["tf32", "tf32x3", "ieee"])
     parser.add_argument("--eps", type=float, default=0.5)
     parser.add_argument("--fma-max-d", type=int, default=None,
-                        help="override kernels._common.FMA_MAX_D (0: tensor cores at every d) to compare the dot paths")
+                        help="override config.fma_max_d (0: tensor cores at every d) to compare the dot paths")
     args = parser.parse_args(argv)
 
-    from otlinop.kernels import _common
+    from otlinop import config
     from otlinop.kernels.plan_apply import plan_apply
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     sizes = args.sizes or ([10_000, 50_000] if cuda else [300])
     precisions = args.precisions if cuda else [None]
-    with _common.no_finite_checks():
-        if args.fma_max_d is not None:
-            _common.FMA_MAX_D = args.fma_max_d
-            print(f"FMA_MAX_D = {args.fma_max_d}")
+    fma = {} if args.fma_max_d is None else {"fma_max_d": args.fma_max_d}
+    with config.override(check_finite=False, **fma):     # restored on exit, errors included
+        if fma:
+            print(f"config.fma_max_d = {args.fma_max_d}")
         ceil = _timing.ceilings()
         print(f"device: {_timing.device_name()}")
         print(_timing.format_ceilings(ceil))

@@ -106,7 +106,7 @@ def _inputs(n, d, device, seed=0):
 
 def _ours_runner(method, x, y, a, b, precision, backend):
     """``run(k)``: k iterations of otlinop's loop at fixed eps, without host syncs in between."""
-    from otlinop.kernels._common import no_finite_checks
+    from otlinop import config
     from otlinop.sinkhorn import _alternating_loop, _Inputs, _Monitor, _symmetric_loop
 
     inp = _Inputs(x[None], y[None], a[None], b[None], batched=False)
@@ -114,7 +114,7 @@ def _ours_runner(method, x, y, a, b, precision, backend):
 
     def run(k):
         monitor = _Monitor(check_every=1 << 30, callback=None, bar=None, method=method, inp=inp)
-        with torch.no_grad(), no_finite_checks():
+        with torch.no_grad(), config.override(check_finite=False):
             if method == "symmetric":
                 pots, _, _ = _symmetric_loop(inp, [EPS] * k, None, None, debias=False, f0=None, g0=None,
                                              monitor=monitor, **opts)

@@ -19,8 +19,8 @@ A second table isolates the vector work of an iteration (dots, axpys, step
 sizes, flags): CG on a diagonal operator (one elementwise product per
 matvec), one right-hand side, n from 1k to 128k, eager and as a CUDA graph,
 with the work as torch operations and with the fused single-program kernels
-of ``solvers._cg_step`` (``FUSED``; for this table also beyond its
-``MAX_FUSED_N``, to show where one program stops paying).
+of ``solvers._cg_step`` (``config.cg_fused``; for this table also beyond
+``config.cg_fused_max_n``, to show where one program stops paying).
 
 Times are medians (CUDA events through ``triton.testing.do_bench``); on a
 CPU-only machine the system is smaller and the figures are not GPU figures
@@ -34,7 +34,7 @@ import argparse
 
 import torch
 
-from solvers import _cg_step
+from solvers import config
 
 from . import _timing
 
@@ -82,7 +82,7 @@ def _vector_table(ns, dtype, device, n1: int, n2: int) -> None:
     from solvers import cg
 
     print("\nvector work of an iteration: cg on a diagonal operator, one right-hand side, ms per iteration")
-    print(f"(fused kernels used up to n = {_cg_step.MAX_FUSED_N} by default; raised here)\n")
+    print(f"(fused kernels used up to n = {config.cg_fused_max_n} by default; raised here)\n")
     print("| n | eager, torch ops | eager, fused | graph, torch ops | graph, fused | graph: fused / torch |")
     print("|---|---|---|---|---|---|")
     for n in ns:
@@ -93,7 +93,7 @@ def _vector_table(ns, dtype, device, n1: int, n2: int) -> None:
         for graph in (False, True):
             for fused in (False, True):
                 try:
-                    with _cg_step.fused(fused, max_n=n):
+                    with config.override(cg_fused=fused, cg_fused_max_n=max(n, config.cg_fused_max_n)):
                         cells.append(_per_iteration(
                             lambda it: cg(D, b, rtol=0.0, atol=0.0, maxiter=it, graph=graph), n1, n2))
                 except Exception as err:   # noqa: BLE001 - the fused kernels' first GPU runs: report, go on

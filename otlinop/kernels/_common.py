@@ -23,13 +23,15 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from solvers import config
+
 from ._triton import HAS_TRITON, cdiv, next_power_of_2, tl, triton
 
 __all__ = [
     "DEFAULT_PRECISION",
     "PRECISIONS",
     "BACKENDS",
-    "TORCH_BLOCK_BYTES",
 ]
 
 #: Default ``precision`` of the Triton dots, chosen for accuracy. "tf32x3"
@@ -56,14 +58,13 @@ BACKENDS = ("triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-#: Memory budget of the (rows, m) temporaries of one row block of the torch
-#: references. They never allocate n x m at once.
-TORCH_BLOCK_BYTES = 64 * 2**20
+config.declare("torch_block_bytes", 64 * 2**20, owner="otlinop.kernels", doc=(
+    "memory budget in bytes of the (rows, m) temporaries of one row block of the torch references; "
+    "they never allocate n x m at once"))
 
-#: When True, every public call checks its inputs for NaN / +inf with one
-#: device-to-host synchronisation, and so does a ``PlanOperator``'s
-#: construction (with its weights' signs). Benchmarks set it to False.
-_CHECK_FINITE = True
+config.declare("check_finite", True, owner="otlinop", doc=(
+    "every public call checks its inputs for NaN / +inf with one device-to-host synchronisation, "
+    "and so does a PlanOperator's construction (with its weights' signs); benchmarks turn it off"))
 
 #: Whether the kernels were created by the Triton interpreter. ``triton.jit``
 #: reads TRITON_INTERPRET when it decorates a function, i.e. when the kernel
@@ -73,18 +74,6 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = tl.constexpr(1.4426950408889634)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-
-@contextlib.contextmanager
-def no_finite_checks():
-    """``_CHECK_FINITE`` off inside the block, restored on exit (exceptions included):
-    for loops whose inputs were checked once, and for the benchmarks."""
-    global _CHECK_FINITE
-    old, _CHECK_FINITE = _CHECK_FINITE, False
-    try:
-        yield
-    finally:
-        _CHECK_FINITE = old
 
 
 def interpreting() -> bool:
@@ -285,10 +274,10 @@ def check_finite(geo: Geometry, tensors: dict, allow_neg_inf=()) -> None:
     """Raise ValueError if an input holds NaN or +inf (or -inf where not allowed).
 
     One device-to-host synchronisation per call, whatever the number of
-    inputs; switched off by ``_common._CHECK_FINITE = False``, and skipped
+    inputs; switched off by ``config.override(check_finite=False)``, and skipped
     while a CUDA graph is being captured.
     """
-    if not _CHECK_FINITE or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    if not config.check_finite or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         # Inside a CUDA graph capture (a user's torch.cuda.graph) no synchronisation is
         # allowed: the check stands aside there; the warm-up call that every capture
         # needs ran it. (solvers.cg(graph=True) does not capture an operator that
@@ -353,7 +342,8 @@ def centre(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 #: default): on an H100 the FMA tile measured 3.3x slower than the tensor-core
 #: tile at n = m = 50k, d = 3 (4.28 ms against 1.31 ms per pass). A tuning
 #: knob of the kernels, at most 8.
-FMA_MAX_D = 0
+config.declare("fma_max_d", 0, owner="otlinop.kernels", doc=(
+    "dimensions d up to this one (at most 8) compute the cost tile with fp32 FMAs instead of tensor cores"))
 
 #: "tf32x3" with 3 d <= SPLIT_MAX_K (d <= 21) stores each fp32 coordinate as a
 #: TF32 high part plus a low part, x' = [x_hi, x_lo, x_hi] and
@@ -380,7 +370,9 @@ MAX_BLOCK_D = 64
 #: 2.03 ms with fp32 operands on TF32 tensor cores (same call). Choosing k costs one
 #: device-to-host synchronisation per prepared pair (none inside a CUDA-graph
 #: capture: a pair first prepared there keeps fp32 operands and TF32).
-HALF_TF32 = True
+config.declare("half_tf32", True, owner="otlinop.kernels", doc=(
+    'precision="tf32" on float32 points with d >= 64 multiplies scaled fp16 copies of the points '
+    "(11 significant bits like TF32, rounded to nearest, twice the rate); False keeps TF32 operands"))
 #: ... from this dimension on. Measured on the H100: faster at d = 64 (above);
 #: slower at d = 3, where the dot is a small part of a tile's work: 1.84 ms
 #: per symmetric step at n = m = 50k, against 1.36 ms for the tf32x3 pair,
@@ -390,8 +382,8 @@ HALF_TF32_MIN_D = 64
 
 
 def dot_mode(d: int, precision: str) -> int:
-    """0: tensor-core dots; 1: FMAs (``d <= FMA_MAX_D`` or precision "ieee")."""
-    return 1 if (d <= FMA_MAX_D or precision == "ieee") else 0
+    """0: tensor-core dots; 1: FMAs (``d <= config.fma_max_d`` or precision "ieee")."""
+    return 1 if (d <= config.fma_max_d or precision == "ieee") else 0
 
 
 def feature_layout(k: int, fma: bool):
@@ -416,7 +408,7 @@ class PreparedPair:
     """Two clouds as the Triton kernels read them (built by :func:`prepare_pair`).
 
     ``x`` (Bx, n, DP) and ``y`` (By, m, DP): the points minus the common
-    centre, times ``scale`` (a power of two: 1 but for HALF_TF32),
+    centre, times ``scale`` (a power of two: 1 but for config.half_tf32),
     contiguous, each row padded with zeros to DP entries (see
     :func:`feature_layout`), in the storage dtype; for a split pair the rows
     hold ``[x_hi, x_lo, x_hi]`` and ``[y_hi, y_hi, y_lo]`` (see
@@ -472,7 +464,7 @@ def _layout_of(d: int, dtype: torch.dtype, precision: str):
     D = 3 * d if split else d
     DP, block_d = feature_layout(D, dot == 1)
     prec = "tf32" if split else precision
-    half = HALF_TF32 and precision == "tf32" and dtype == torch.float32 and dot == 0 and d >= HALF_TF32_MIN_D
+    half = config.half_tf32 and precision == "tf32" and dtype == torch.float32 and dot == 0 and d >= HALF_TF32_MIN_D
     return split, D, DP, block_d, dot, prec, half
 
 
@@ -676,7 +668,7 @@ def _autotune_disk_cache() -> dict:
 AUTOTUNE_DISK_CACHE = _autotune_disk_cache()
 
 
-def config(block_m: int, block_n: int, warps: int, stages: int):
+def tile_config(block_m: int, block_n: int, warps: int, stages: int):
     """One autotuning candidate: a (BLOCK_M, BLOCK_N) tile, warps, pipeline stages."""
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
@@ -759,9 +751,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def row_blocks(n: int, m: int, batch: int, itemsize: int, temporaries: int):
-    """Row slices whose (batch, rows, m) temporaries fit in TORCH_BLOCK_BYTES."""
+    """Row slices whose (batch, rows, m) temporaries fit in ``config.torch_block_bytes``."""
     per_row = max(1, batch * m * itemsize * temporaries)
-    rows = max(1, min(n, TORCH_BLOCK_BYTES // per_row))
+    rows = max(1, min(n, config.torch_block_bytes // per_row))
     for start in range(0, n, rows):
         yield slice(start, min(n, start + rows))
 

@@ -43,12 +43,12 @@ _CONFIGS = _common.configs_or_interpreter([
     # against the best of the other tiles: 1.07 against 1.66 (50k, d = 3,
     # tf32x3), 1.68 against 2.88 (50k, d = 64, tf32), 0.095 against 0.139
     # (10k, d = 64, tf32).
-    _common.config(64, 128, 4, 3),
-    _common.config(128, 64, 4, 3),
-    _common.config(128, 64, 8, 3),
-    _common.config(128, 64, 8, 2),
-    _common.config(64, 64, 4, 2),
-    _common.config(64, 32, 4, 1),
+    _common.tile_config(64, 128, 4, 3),
+    _common.tile_config(128, 64, 4, 3),
+    _common.tile_config(128, 64, 8, 3),
+    _common.tile_config(128, 64, 8, 2),
+    _common.tile_config(64, 64, 4, 2),
+    _common.tile_config(64, 32, 4, 1),
 ])
 
 # Widest chunk of the columns of V per program. Wider V is split over the
@@ -410,7 +410,7 @@ def plan_apply_torch(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_sc
 
     Works on any device in float64 and float32 (half inputs are computed in
     float32). Row blocks keep the (B, rows, m) temporaries under
-    ``TORCH_BLOCK_BYTES``: n x m is never allocated at once for large inputs.
+    ``config.torch_block_bytes``: n x m is never allocated at once for large inputs.
 
     Examples
     --------

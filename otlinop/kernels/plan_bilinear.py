@@ -39,9 +39,9 @@ _FN = "plan_bilinear"
 # more tiles alive than the others (logits, S = W V^T, accumulator), hence
 # smaller tiles.
 _CONFIGS = _common.configs_or_interpreter([
-    _common.config(128, 64, 8, 2),
-    _common.config(64, 64, 4, 2),
-    _common.config(64, 32, 4, 2),
+    _common.tile_config(128, 64, 8, 2),
+    _common.tile_config(64, 64, 4, 2),
+    _common.tile_config(64, 32, 4, 2),
 ])
 
 _MAX_BLOCK_K = 64   # chunk of the k columns of W and V (looped in the kernel)
@@ -337,7 +337,7 @@ def plan_bilinear_torch(x, y, f, g, W, V, Y, *, eps, log_a=None, log_b=None, cos
 
     Works on any device in float64 and float32 (half inputs are computed in
     float32); row blocks keep the (B, rows, m) temporaries under
-    ``TORCH_BLOCK_BYTES``.
+    ``config.torch_block_bytes``.
 
     Examples
     --------

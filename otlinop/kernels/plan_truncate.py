@@ -28,6 +28,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+from solvers import config
+
 from ._triton import tl, triton
 
 from . import _common
@@ -39,9 +42,9 @@ __all__ = ["plan_truncate", "plan_truncate_torch", "ell_matmat", "ell_matmat_tor
 _FN = "plan_truncate"
 
 _CONFIGS = _common.configs_or_interpreter([
-    _common.config(64, 64, 4, 2),
-    _common.config(32, 64, 4, 2),
-    _common.config(16, 64, 4, 2),
+    _common.tile_config(64, 64, 4, 2),
+    _common.tile_config(32, 64, 4, 2),
+    _common.tile_config(16, 64, 4, 2),
 ])
 
 #: Widest chunk of columns of V per program of ``ell_matmat``.
@@ -172,7 +175,7 @@ def _validate(fn, x, y, f, g, log_a, log_b, row_threshold, col_threshold, capaci
     eps = _common.check_eps(fn, eps)
     cost_scale = _common.check_cost_scale(fn, cost_scale)
     # Thresholds may be +inf (keep nothing in that row or column), never NaN or -inf.
-    if _common._CHECK_FINITE:
+    if config.check_finite:
         for name, t in (("row_threshold", row_threshold), ("col_threshold", col_threshold)):
             if t.numel() and not bool((~torch.isnan(t) & (t != -math.inf)).all()):
                 raise ValueError(f"{fn}: {name} contains NaN or -inf (use +inf to keep nothing, a finite "
@@ -375,7 +378,7 @@ def _ell_torch(values, columns, counts, V, row_scale=None, sign=1.0, add=None, a
         # Padding slots hold value 0 and column 0; they are masked so that a
         # non-finite V_0 cannot leak into other rows.
         live = live_slots(counts, cap)
-        per = max(1, _common.TORCH_BLOCK_BYTES // max(1, n * V2.shape[1] * out.element_size() * 2))
+        per = max(1, config.torch_block_bytes // max(1, n * V2.shape[1] * out.element_size() * 2))
         for s0 in range(0, cap, per):
             s1 = min(cap, s0 + per)
             gathered = V2.to(dtype)[columns[s0:s1].to(torch.int64)]               # (s, n, k)
@@ -523,7 +526,7 @@ def _ell_bilinear_torch(values, columns, counts, W, V, Y):
         W, V, Y = W.to(dtype), V.to(dtype), Y.to(dtype)
         live = live_slots(counts, cap)
         per_slot = n * (V.shape[1] + Y.shape[1] + 1) * out.element_size()
-        per = max(1, _common.TORCH_BLOCK_BYTES // max(1, per_slot))
+        per = max(1, config.torch_block_bytes // max(1, per_slot))
         for s0 in range(0, cap, per):
             s1 = min(cap, s0 + per)
             j = columns[s0:s1].to(torch.int64)

@@ -51,18 +51,18 @@ _FN_SOFTMIN = "softmin"
 # suit an exp-bound loop (FlashAttention's choice); 64 x 64 keeps every SM busy
 # for smaller n.
 _CONFIGS = _common.configs_or_interpreter([
-    _common.config(128, 128, 8, 2),
+    _common.tile_config(128, 128, 8, 2),
     # One warpgroup per program, two programs per SM that do not wait on each
     # other's barriers. H100, n = m = 50k, device ms per call against the best
     # of the other tiles: softmin 1.05 against 1.31 (d = 3, tf32x3) and 1.88
     # against 2.15 (d = 64, tf32); softmin_pair 1.35 against 1.52 and 2.01
     # against 2.47 (128 x 128 on 8 warps).
-    _common.config(64, 128, 4, 2),
-    _common.config(128, 64, 4, 3),
-    _common.config(128, 64, 8, 3),
-    _common.config(128, 64, 4, 2),
-    _common.config(64, 64, 4, 2),
-    _common.config(64, 32, 4, 1),
+    _common.tile_config(64, 128, 4, 2),
+    _common.tile_config(128, 64, 4, 3),
+    _common.tile_config(128, 64, 8, 3),
+    _common.tile_config(128, 64, 4, 2),
+    _common.tile_config(64, 64, 4, 2),
+    _common.tile_config(64, 32, 4, 1),
 ])
 
 
@@ -377,7 +377,7 @@ def lse_cost_torch(x, y, h, *, eps, cost_scale=1.0):
 
     Works on any device in float64, float32 (and half inputs, computed in
     float32). Processes row blocks whose (B, rows, m) temporaries stay under
-    ``TORCH_BLOCK_BYTES``; never allocates n x m at once for large inputs.
+    ``config.torch_block_bytes``; never allocates n x m at once for large inputs.
 
     Examples
     --------
