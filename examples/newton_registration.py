@@ -8,7 +8,7 @@ objective is
 with Lap the graph Laplacian of the k-nearest-neighbour graph of x0, which
 asks for a smooth displacement. Its Hessian ``H_OT + mu Lap`` is symmetric and
 indefinite away from the optimum (the OT Hessian has negative curvature along
-the plan's "covariance" directions, MATH.md section 7), so each Newton step
+the plan's "covariance" directions, docs/math.md section 7), so each Newton step
 solves ``(H_OT + mu Lap + lam I) s = -grad E`` with MINRES (never CG), with a
 Levenberg-Marquardt damping ``lam`` that shrinks after a successful step and
 grows after a failed one. ``H_OT`` is ``otlinop.hvp.loss_hessian_operator``: every

@@ -14,7 +14,7 @@ and its Schur complement on the target potential ``g`` is
     S = ky Diag(bh) - P.T @ Diag(1 / (kx ah)) @ P   (+ a small ridge).
 
 ``K z = r`` is solved through ``S`` (one Krylov solve of size m). See
-``docs/hessian.md`` and MATH.md, section 5.
+``docs/hessian.md`` and ``docs/math.md`` section 5.
 """
 
 from __future__ import annotations

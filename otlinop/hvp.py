@@ -13,7 +13,7 @@ Differentiating the gradient along a direction ``(A, B)`` of ``(x, y)``:
 
        H [A; B] = [sum_j G_ij ; -sum_i G_ij].
 
-This is MATH.md's ``H = E + R^T K^+ R / eps`` over the joint variables (the
+This is docs/math.md section 6's ``H = E + R^T K^+ R / eps`` over the joint variables (the
 ``P (A - B)`` and ``-s`` terms are ``E``, the ``df, dg`` terms ``R^T K^+ R``),
 for balanced and unbalanced problems alike (only ``kx``, ``ky`` in ``K``
 change). Every sum over ``j`` is a streaming plan pass: ``P @ [y | B | <y, B>]``

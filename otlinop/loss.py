@@ -8,7 +8,7 @@ w.r.t. the points and the weights from custom autograd Functions: the
 iterations are never backpropagated through. A batch of problems runs in one
 kernel launch per Sinkhorn step.
 
-Gradients (MATH.md section 4), with ``c2 = 2 cost_scale`` and the plans of the
+Gradients (docs/math.md section 4), with ``c2 = 2 cost_scale`` and the plans of the
 final extrapolation step, ``P = P(f, g_pre)`` for x and ``P(f_pre, g)`` for y:
 
     grad_x OT = c2 (ah * x - P y),   ah = P 1,
@@ -20,7 +20,7 @@ They are computed by ``_sinkhorn_grad`` from streaming plan products.
 Second order (double backward, e.g. ``torch.autograd.grad(g @ v, x)`` with
 ``g = torch.autograd.grad(loss, x, create_graph=True)``): the grad-of-grad
 directions ``(A, B)`` of ``(x, y)`` give, per batch entry, the Hessian-vector
-products by implicit differentiation (``otlinop.hvp``, MATH.md section 6) at
+products by implicit differentiation (``otlinop.hvp``, docs/math.md section 6) at
 the final potentials ``(f, g)``,
 
     H_x = hvp(x, y, f, g, A, B).Hx - hvp_self(x, f_aa, A)     (the last term with debias only),
@@ -180,7 +180,7 @@ def _weight_grad(h, h_self, eps: float, rho, relaxed: bool) -> torch.Tensor:
     Balanced: ``h - h_self`` (GeomLoss' gauge). Relaxed:
     ``(rho + eps)(e^{-h_self/rho} - e^{-h/rho})``, i.e. without debiasing
     ``(rho + eps)(1 - e^{-h/rho}) - eps/2`` (the ``-eps/2`` also applies to a
-    balanced side of a semi-relaxed problem; MATH.md section 4).
+    balanced side of a semi-relaxed problem; docs/math.md section 4).
     """
     def dpsi(t):
         return t if rho is None else (rho + eps) * (-torch.expm1(-t / rho))
@@ -616,7 +616,7 @@ class SamplesLoss(torch.nn.Module):
     (double backward): with ``g = torch.autograd.grad(value, x,
     create_graph=True)``, ``torch.autograd.grad((g * v).sum(), (x, y))``
     returns ``(H_xx v, H_yx v)``, Hessian-vector products by implicit
-    differentiation (``otlinop.hvp``; MATH.md section 6), never by
+    differentiation (``otlinop.hvp``; docs/math.md section 6), never by
     autograd through the iterations. For grad-of-grad directions ``(A, B)``
     of ``(x, y)``, each batch entry costs one ``otlinop.hvp.hvp`` call (one
     Schur solve, ``hvp_solver`` preconditioned by ``hvp_preconditioner``) at

@@ -1,6 +1,6 @@
 """Marginals of a transport plan, composed from the plan operator and ``Diag``.
 
-``P 1`` and ``P.T 1`` are the plan's marginals (``ah``, ``bh`` in MATH.md);
+``P 1`` and ``P.T 1`` are the plan's marginals (``ah``, ``bh`` in docs/math.md section 1);
 their diagonal operators are the diagonal blocks of the dual Hessian, and their
 distance to the weights ``a``, ``b`` is Sinkhorn's stopping criterion.
 

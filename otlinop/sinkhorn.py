@@ -7,7 +7,7 @@
 with ``C_ij = c |x_i - y_j|^2`` (``c = cost_scale``), as a ``SinkhornResult``.
 Potentials follow GeomLoss' convention: ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``.
 
-Two methods (MATH.md section 3):
+Two methods (docs/math.md section 3):
 
 - ``"symmetric"``: GeomLoss' algorithm. An eps-scaling schedule from the
   diameter of the data down to ``blur^2``, one averaged (Jacobi) update of both
@@ -475,7 +475,7 @@ class _StepGraph:
 
 def _symmetric_loop(inp: _Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0, monitor: _Monitor,
                     cost_scale: float, backend, precision, refine: int = 0, threshold: float = 0.0):
-    """GeomLoss' symmetric Sinkhorn loop (MATH.md section 3).
+    """GeomLoss' symmetric Sinkhorn loop (docs/math.md section 3).
 
     Returns ``(pots, pre, steps)``: the final (extrapolated) potentials and
     those before the extrapolation, each the list ``[f, g]`` or, with
@@ -751,7 +751,7 @@ class SinkhornResult:
 
         Balanced: ``<a, f> + <b, g>``. A relaxed side contributes
         ``(rho + eps/2) <a, 1 - exp(-f/rho)>`` instead of ``<a, f>`` (GeomLoss'
-        unbalanced formula, MATH.md section 4).
+        unbalanced formula, docs/math.md section 4).
         """
         return _ot_value(self.f, self.g, self.a, self.b, self.eps, self.rho_x, self.rho_y)
 
@@ -810,7 +810,7 @@ class SinkhornResult:
         Notes
         -----
         ``S = ky Diag(P.T 1) - P.T Diag(1 / (kx P 1)) P + ridge mean(P.T 1) I``
-        (MATH.md section 5). The operator is exact at converged potentials;
+        (docs/math.md section 5). The operator is exact at converged potentials;
         ``method="symmetric"`` stops after a fixed eps schedule (its
         ``marginal_error`` says how far from convergence it is).
 
@@ -855,7 +855,7 @@ class SinkhornResult:
         -----
         ``K = [[kx Diag(P 1), P], [P.T, ky Diag(P.T 1)]]``: minus ``eps`` times
         the Hessian of the dual in ``(f, g)``, with ``k = (rho + eps) / rho`` on
-        a relaxed side and 1 on a hard one (MATH.md section 5).
+        a relaxed side and 1 on a hard one (docs/math.md section 5).
 
         Examples
         --------
@@ -903,7 +903,7 @@ class SinkhornResult:
 
         Notes
         -----
-        ``H = E + R^T K^+ R / eps`` by implicit differentiation (MATH.md
+        ``H = E + R^T K^+ R / eps`` by implicit differentiation (docs/math.md
         section 6), exact at converged potentials. It is the Hessian of
         ``OT(a, b)`` only: for the debiased divergence of ``SamplesLoss``
         subtract ``otlinop.hvp.hvp_self`` terms, or differentiate the loss

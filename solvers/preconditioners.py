@@ -156,7 +156,7 @@ def jacobi(A=None):
     One application costs n multiplications. It helps most when A is badly
     scaled (diagonal entries spanning orders of magnitude); for the Sinkhorn
     Schur complement, use ``diag(S)_j = bh_j - sum_i P_ij^2 / ah_i``, not
-    ``bh`` (MATH.md section 5).
+    ``bh`` (docs/math.md section 5).
 
     Examples
     --------
@@ -274,7 +274,7 @@ def neumann(terms=3, A=None):
 
     Notes
     -----
-    Applied in the symmetric form of MATH.md section 5,
+    Applied in the symmetric form of docs/math.md section 5,
     ``M = D^-1/2 (sum_{k=0..K} T^k) D^-1/2`` with ``T = D^-1/2 N D^-1/2``:
     equal to the series above, but visibly symmetric when D > 0 and N is
     symmetric, so plain preconditioned CG and MINRES stay valid. Never run

@@ -156,7 +156,7 @@ def _iterations(weights, M):
 
 
 def test_preconditioners_cut_iterations_on_lognormal_weights():
-    # MATH.md section 5 (n=300, m=250): none 150, Jacobi 35, Neumann(3) 20.
+    # docs/math.md section 5 (n=300, m=250): none 150, Jacobi 35, Neumann(3) 20.
     none, jac, neu = (_iterations("lognormal", M) for M in (None, jacobi(), neumann(3)))
     assert jac < 0.6 * none and neu < 0.5 * none, (none, jac, neu)
 

@@ -260,7 +260,7 @@ def test_custom_factory_is_bound_to_the_solvers_operator():
 
 
 def _sinkhorn_schur(n=60, m=50, eps=0.1):
-    """The Sinkhorn Schur complement of MATH.md section 5, log-normal weights."""
+    """The Sinkhorn Schur complement of docs/math.md section 5, log-normal weights."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(n, 2, generator=g, dtype=F64), torch.randn(m, 2, generator=g, dtype=F64) + 0.5
     a = torch.exp(1.5 * torch.randn(n, generator=g, dtype=F64))

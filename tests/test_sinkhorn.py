@@ -198,7 +198,7 @@ def test_alternating_matches_pot_unbalanced(reach_x, reach_y):
     assert rel(res.f, eps * torch.from_numpy(log["logu"])) < RTOL64
     assert rel(res.g, eps * torch.from_numpy(log["logv"])) < RTOL64
     assert rel(res.plan.to_dense(), torch.from_numpy(P_pot)) < RTOL64
-    # GeomLoss' value = primal value + eps((m_a + m_b)/2 - m_a m_b) (MATH.md section 4),
+    # GeomLoss' value = primal value + eps((m_a + m_b)/2 - m_a m_b) (docs/math.md section 4),
     # with generalised KL divergences (POT's log["total_cost"] drops their mass terms).
     P = torch.from_numpy(P_pot)
 

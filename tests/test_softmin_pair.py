@@ -120,7 +120,7 @@ def test_torch_reference_matches_dense_float64(n, m, d, B, rs, eps, c, weights, 
 
 
 def test_equals_two_softmin_calls(ranges):
-    """The pair is the two soft-min updates of MATH.md, up to fp32 rounding."""
+    """The pair is the two soft-min updates of docs/math.md section 3, up to fp32 rounding."""
     ranges((2, 2))
     x, y, f, g, la, lb = (t.to(DEVICE, torch.float32) for t in make_case(300, 280, 4))
     eps = 0.2

@@ -14,7 +14,7 @@ Pure functions of the benchmark rows and the measured ceilings (see
 
 The floor of one full iteration (both potentials updated) on an n x m problem
 in dimension d is ``max(2 n m / exp2 rate, 2 n m d / dot rate)``, the
-definition of ``shared/BENCHMARKS.md``: each of the two half-steps evaluates
+definition of ``docs/benchmark-method.md`` section 3: each of the two half-steps evaluates
 n m exponentials, and the n x m x d product (2 n m d flops) is computed once
 when the two half-steps share it. A kernel that also shares the
 exponentials (otlinop's fused symmetric step) can go below it: a fraction
@@ -400,7 +400,7 @@ def readme(*, command: str, env: dict, ceil: dict | None, suites: list[str], fil
             "## Sinkhorn: fraction of the floor",
             "",
             "Floor of one full iteration (both potentials): max(2 n m / exp2 rate, 2 n m d / dot rate) "
-            "(shared/BENCHMARKS.md: the dots shared by the two half-steps, not the exponentials), "
+            "(docs/benchmark-method.md section 3: the dots shared by the two half-steps, not the exponentials), "
             "with the rates measured in this run and the dot rate of the row's precision (strict fp32, TF32, "
             "or a third of TF32 for tf32x3); fraction = floor / measured time, 1 at the floor. "
             + ("" if ceil else "No ceilings were measured (no CUDA GPU), so there is no floor. ")

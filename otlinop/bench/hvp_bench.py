@@ -17,7 +17,7 @@ When flash-sinkhorn is importable (``flash_sinkhorn`` or ``ot_triton``), the sam
 run measures it in a subprocess of its own: its HVP from the same converged
 potentials (``hvp_x_sqeuclid_from_potentials``, each preconditioner mode), and
 its double backward through ``SamplesLoss`` after 50 Sinkhorn iterations (as in
-BENCHMARKS.md). The tables are Markdown.
+docs/benchmark-method.md section 4). The tables are Markdown.
 """
 
 from __future__ import annotations

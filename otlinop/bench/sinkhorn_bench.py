@@ -1,11 +1,11 @@
 """``python -m otlinop.bench sinkhorn``: time per Sinkhorn iteration, with the peers.
 
-Protocol (BENCHMARKS.md): n = m, x ~ N(0, I), y ~ N(0.5, I), random positive
+Protocol (docs/benchmark-method.md section 1): n = m, x ~ N(0, I), y ~ N(0.5, I), random positive
 weights, eps = 0.5, float32, cost |x - y|^2. "Per iteration" is one full
 iteration (both potentials updated), measured as
 (T(70 iterations) - T(20 iterations)) / 50 with CUDA events, the median of 5;
 the difference cancels the set-up, the first and last half-steps and the
-final synchronisation. BENCHMARKS.md takes T(60) - T(10); both runs are
+final synchronisation. The peers' reference protocol takes T(60) - T(10); both runs are
 shifted by 10 iterations so that otlinop's short run also replays its CUDA
 graph (a run of at least ``sinkhorn.GRAPH_MIN_RUN`` = 16 steps at one eps is
 captured once, a set-up cost that the difference cancels). A peer's time is
@@ -267,7 +267,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 try:
     import jax
     import jax.numpy as jnp
-    # OTT-JAX 0.6 predates JAX's removal of this hook (BENCHMARKS.md).
+    # OTT-JAX 0.6 predates JAX's removal of this hook (docs/benchmark-method.md section 5).
     jax.interpreters.batching.is_vmappable = lambda _: False
     import ott
     from ott.geometry import pointcloud

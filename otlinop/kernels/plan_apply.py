@@ -4,7 +4,7 @@ Computes ``(P V)_i = sum_j P_ij V_j`` for
 
     P_ij = exp(log_a_i + log_b_j + (f_i + g_j - C_ij) / eps),  C_ij = c |x_i - y_j|^2,
 
-without storing P (MATH.md section 2): each program owns a tile of rows of x
+without storing P (docs/math.md section 2): each program owns a tile of rows of x
 and streams the columns of y. With ``l_ij = log_b_j + (g_j - C_ij) / eps`` it
 keeps a running maximum ``M_i`` (rescaling the partial sums when it grows) and
 ``S_i = sum_j exp(l_ij - M_i) V_j``, where the probability tile times the V

@@ -7,10 +7,10 @@ Computes, for the entropic plan
 the product ``out_i = sum_j P_ij <W_i, V_j> Y_j``, i.e. ``(P o (W V^T)) Y``,
 without storing P or W V^T. This is what the gradient of ``P V`` with
 respect to the points and the Hessian term ``Q y`` (``Q_ij = P_ij <A_i, y_j>``,
-MATH.md section 6) need.
+docs/math.md section 6) need.
 
 Per tile of rows and stream of column tiles: the logits tile (tensor-core
-``x.y``), the probability tile with a running max (MATH.md section 2), the tile
+``x.y``), the probability tile with a running max (docs/math.md section 2), the tile
 ``S = W_tile @ V_tile^T`` (tensor-core dot, looped over chunks of k), and
 ``(p * S) @ Y_tile`` accumulated with the rescale on growth of the max. The
 columns of Y are split over the second grid axis in chunks of at most 64.

@@ -7,7 +7,7 @@ Computes, for ``C_ij = c |x_i - y_j|^2``,
 
 without storing C: each program owns a tile of rows of x and streams the
 columns of y in tiles, keeping a running maximum and a running sum of
-exponentials (MATH.md section 2). The dots x_i . y_j run on tensor cores
+exponentials (docs/math.md section 2). The dots x_i . y_j run on tensor cores
 (``tl.dot``) or, for the "ieee" precision, as exact fp32 FMAs; the
 exponentials run in base 2 (``exp2``), with every constant folded into
 per-column biases so that the inner loop costs the dot, one max and one exp2
@@ -16,7 +16,7 @@ once per pair of clouds (``_common.prepare_pair``, reused across calls). When
 the row tiles alone would leave SMs idle, the columns are split over the grid
 and the partial sums merged by a second light kernel (flash-decoding).
 
-The Sinkhorn update of MATH.md is ``f <- softmin(x, y, log b + g / eps)``; the
+The Sinkhorn update (docs/math.md section 3) is ``f <- softmin(x, y, log b + g / eps)``; the
 update of g is the same call with (x, y) swapped (the cost is symmetric).
 
 Cost: time O(n m d) (n m exponentials, 2 n m d dot FLOPs); memory

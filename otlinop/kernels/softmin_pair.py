@@ -5,7 +5,7 @@ For ``C_ij = c |x_i - y_j|^2`` and potentials ``(f, g)`` this computes
     sf_i = -eps LSE_j (log b_j + g_j / eps - C_ij / eps)     (the update of f)
     sg_j = -eps LSE_i (log a_i + f_i / eps - C_ij / eps)     (the update of g)
 
-the two soft c-transforms of a symmetric Sinkhorn step (MATH.md section 3),
+the two soft c-transforms of a symmetric Sinkhorn step (docs/math.md section 3),
 from ONE evaluation of every dot ``x_i . y_j`` and ONE exponential per
 entry, where two calls of :func:`otlinop.kernels.softmin` spend two of each.
 
