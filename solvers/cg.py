@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _result as R_
+from ._result import CONVERGED, INDEFINITE_A, INDEFINITE_M, NONFINITE, default_describe, finish
 from ._common import (bind_preconditioner, check_callback, check_every_for, check_maxiter,
                       check_tolerance, col_dot, col_norm, setup, tolerance)
 from . import _cg_step as cg_step
@@ -215,11 +215,11 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         X, rnorm, tol, iters = X[:, None], rnorm.reshape(1), tol.reshape(1), iters.reshape(1)
         failed_pq, failed_rho = failed_pq.reshape(1), failed_rho.reshape(1)
     codes = torch.zeros(pb.k, dtype=torch.int64, device=B.device)
-    codes = torch.where(~(failed_pq > 0), torch.where(torch.isnan(failed_pq), R_.NONFINITE, R_.INDEFINITE_A),
+    codes = torch.where(~(failed_pq > 0), torch.where(torch.isnan(failed_pq), NONFINITE, INDEFINITE_A),
                         codes)
-    codes = torch.where(~(failed_rho > 0), torch.where(torch.isnan(failed_rho), R_.NONFINITE, R_.INDEFINITE_M),
+    codes = torch.where(~(failed_rho > 0), torch.where(torch.isnan(failed_rho), NONFINITE, INDEFINITE_M),
                         codes)
-    codes = torch.where(rnorm <= tol, R_.CONVERGED, codes)
-    return R_.finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=rnorm, tol=tol, bnorm=bnorm,
-                     rtol=rtol, atol=atol, maxiter=maxiter,
-                     describe=R_.default_describe("cg", "try M=jacobi() or M=neumann(3), or a larger maxiter"))
+    codes = torch.where(rnorm <= tol, CONVERGED, codes)
+    return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=rnorm, tol=tol, bnorm=bnorm,
+                  rtol=rtol, atol=atol, maxiter=maxiter,
+                  describe=default_describe("cg", "try M=jacobi() or M=neumann(3), or a larger maxiter"))
