@@ -9,11 +9,11 @@ implicit function theorem. See docs/solvers.md for choosing among them.
 """
 
 from ._config import Config, config
-from ._loop import GraphCache
 from ._result import SolveResult
 from .bicgstab import bicgstab
 from .cg import cg
 from .gmres import gmres
+from .graphs import GraphCache
 from .lsmr import lsmr
 from .minres import minres
 from .preconditioners import PreconditionerFactory, jacobi, neumann

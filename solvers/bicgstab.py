@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ._result import BREAKDOWN, CONVERGED, NONFINITE, RUNNING, default_describe, finish
 from ._common import (apply, as_output, bind_preconditioner, check_callback, check_every_for, check_maxiter,
                       check_tolerance, col_dot, col_norm, setup, tolerance)
+from ._result import BREAKDOWN, CONVERGED, NONFINITE, RUNNING, default_describe, finish
 
 __all__ = ["bicgstab"]
 

@@ -6,9 +6,9 @@ import numbers
 
 import torch
 
-from ._result import CONVERGED, CONVERGED_LSQ, ILL_CONDITIONED, MAXITER, NONFINITE, RUNNING, finish
 from ._common import (apply, as_output, check_callback, check_every_for, check_maxiter, check_tolerance, col_norm,
                       safe_div, setup)
+from ._result import CONVERGED, CONVERGED_LSQ, ILL_CONDITIONED, MAXITER, NONFINITE, RUNNING, finish
 
 __all__ = ["lsmr"]
 

@@ -6,9 +6,9 @@ import numbers
 
 import torch
 
-from ._result import CONVERGED, INDEFINITE_M, LEAST_SQUARES, NONFINITE, RUNNING, default_describe, finish
 from ._common import (apply, as_output, bind_preconditioner, check_callback, check_every_for, check_maxiter,
                       check_tolerance, col_dot, safe_div, setup)
+from ._result import CONVERGED, INDEFINITE_M, LEAST_SQUARES, NONFINITE, RUNNING, default_describe, finish
 
 __all__ = ["minres"]
 
