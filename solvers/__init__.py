@@ -6,6 +6,12 @@ are converted), one right-hand side of shape (n,) or k of shape (n, k), and
 scipy's keyword names (``x0``, ``rtol``, ``atol``, ``maxiter``, ``M``,
 ``callback``); it returns a ``SolveResult``. ``solve`` adds gradients by the
 implicit function theorem. See docs/solvers.md for choosing among them.
+
+``solvers.graphs`` holds the CUDA-graph machinery of ``cg(graph=...)``
+(``GraphCache``, ``capture``, ``CudaGraphs``). The package depends on torch
+alone (Triton optionally) and knows nothing of optimal transport. otlinop
+exposes it as ``otlinop.solvers`` too (the same objects), a name that says
+which of the packages called ``solvers`` is meant.
 """
 
 from ._config import Config, config
