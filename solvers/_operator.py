@@ -112,7 +112,7 @@ def as_operator(A, *, name: str = "A", caller: str = "as_operator"):
         Objects that already have ``shape``, a torch ``dtype``, ``device`` and
         ``@`` are returned unchanged. A dense 2-D torch tensor is wrapped in a
         small private class (no ``otlinop`` needed); everything else goes
-        through ``otlinop._base.aslinearoperator``, imported lazily.
+        through ``otlinop.aslinearoperator``, imported lazily.
     name, caller : str
         Used in error messages ("cg: A must be ...").
 
@@ -149,7 +149,7 @@ def as_operator(A, *, name: str = "A", caller: str = "as_operator"):
         if A.layout == torch.strided:
             return DenseOperator(A)
     try:
-        from otlinop._base import aslinearoperator
+        from otlinop import aslinearoperator
     except ImportError:  # solvers used without otlinop installed
         raise TypeError(
             f"{caller}: {name} must be an operator (shape, dtype, device, @) or a dense 2-D torch tensor, "
