@@ -171,7 +171,7 @@ class GraphCache:
     as ``jacobi()`` passed as the same object is bound once, at capture
     (pass a fresh factory, or ``clear()``, after changing ``A``).
     ``clear()`` drops the graph and its memory. Ignored on the CPU, like
-    ``graph=True``.
+    ``graph=True`` (where its ``graphs`` is not ``available``).
 
     Parameters
     ----------
