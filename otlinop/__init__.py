@@ -12,9 +12,15 @@ transport (squared Euclidean cost) in PyTorch + Triton.
   ``splitting()`` and ``diagonal()`` for ``neumann`` and ``jacobi``.
 - Solvers (re-exported from the top-level package ``solvers``): ``cg``,
   ``minres``, ``gmres``, ``bicgstab``, ``lsmr``, ``solve``, ``jacobi``,
-  ``neumann``.
+  ``neumann``. The whole package is also ``otlinop.solvers`` (the same
+  objects): ``from otlinop.solvers import cg, jacobi`` cannot be confused
+  with another package or folder named ``solvers``.
 """
 
+# First: it checks that the top-level package 'solvers' is the one installed with
+# otlinop (a folder named 'solvers' on sys.path can hide it) before the modules
+# below import from it.
+from . import solvers
 from ._base import (BlockOperator, Dense, Diag, Identity, LinearOperator, Zero,
                     aslinearoperator)
 from .plan import PlanOperator, plan_matmul

@@ -460,7 +460,7 @@ class _StepGraph:
     """
 
     def __init__(self, step, state: tuple, device, key=None):
-        from solvers._loop import capture   # at call time: tests replace it
+        from solvers.graphs import capture   # at call time: tests replace it
 
         self.key = key
         self.graph, self.static = capture(step, state, device)

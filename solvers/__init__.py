@@ -6,14 +6,20 @@ are converted), one right-hand side of shape (n,) or k of shape (n, k), and
 scipy's keyword names (``x0``, ``rtol``, ``atol``, ``maxiter``, ``M``,
 ``callback``); it returns a ``SolveResult``. ``solve`` adds gradients by the
 implicit function theorem. See docs/solvers.md for choosing among them.
+
+``solvers.graphs`` holds the CUDA-graph machinery of ``cg(graph=...)``
+(``GraphCache``, ``capture``, ``CudaGraphs``). The package depends on torch
+alone (Triton optionally) and knows nothing of optimal transport. otlinop
+exposes it as ``otlinop.solvers`` too (the same objects), a name that says
+which of the packages called ``solvers`` is meant.
 """
 
 from ._config import Config, config
-from ._loop import GraphCache
 from ._result import SolveResult
 from .bicgstab import bicgstab
 from .cg import cg
 from .gmres import gmres
+from .graphs import GraphCache
 from .lsmr import lsmr
 from .minres import minres
 from .preconditioners import PreconditionerFactory, jacobi, neumann

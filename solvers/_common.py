@@ -13,9 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._operator import _CallableOperator, _DenseOperator, _fmt_shape, _is_operator, as_operator
-
-_REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ._operator import REAL_DTYPES, CallableOperator, DenseOperator, as_operator, fmt_shape, is_operator
 
 # On the CPU a host sync costs nothing, so test every iteration; on an
 # accelerator each sync stalls the launch queue, so test every 10.
@@ -45,16 +43,16 @@ def setup(caller: str, A, b, x0, *, square: bool) -> Problem:
     op = as_operator(A, caller=caller)
     n, m = (int(s) for s in op.shape)
     if square and n != m:
-        raise ValueError(f"{caller}: A must be square, got shape {_fmt_shape(op.shape)}; "
+        raise ValueError(f"{caller}: A must be square, got shape {fmt_shape(op.shape)}; "
                          "use lsmr for rectangular least-squares problems")
-    if op.dtype not in _REAL_DTYPES:
+    if op.dtype not in REAL_DTYPES:
         raise TypeError(f"{caller}: A has dtype {op.dtype}, expected float32 or float64")
     if not isinstance(b, torch.Tensor):
         raise TypeError(f"{caller}: b must be a torch.Tensor of shape ({n},) or ({n}, k), got "
                         f"{type(b).__name__}; convert with torch.as_tensor(b, dtype={op.dtype})")
     if b.ndim not in (1, 2) or b.shape[0] != n:
-        raise ValueError(f"{caller}: b has shape {_fmt_shape(b.shape)}, expected ({n},) or ({n}, k) "
-                         f"since A has shape {_fmt_shape(op.shape)}")
+        raise ValueError(f"{caller}: b has shape {fmt_shape(b.shape)}, expected ({n},) or ({n}, k) "
+                         f"since A has shape {fmt_shape(op.shape)}")
     if b.dtype != op.dtype:
         raise TypeError(f"{caller}: b has dtype {b.dtype}, but A has dtype {op.dtype}; "
                         f"convert with b.to({op.dtype})")
@@ -70,10 +68,10 @@ def setup(caller: str, A, b, x0, *, square: bool) -> Problem:
     if x0 is not None:
         want = (m,) if vector else (m, k)
         if not isinstance(x0, torch.Tensor):
-            raise TypeError(f"{caller}: x0 must be a torch.Tensor of shape {_fmt_shape(want)}, got "
+            raise TypeError(f"{caller}: x0 must be a torch.Tensor of shape {fmt_shape(want)}, got "
                             f"{type(x0).__name__}")
         if tuple(x0.shape) != want:
-            raise ValueError(f"{caller}: x0 has shape {_fmt_shape(x0.shape)}, expected {_fmt_shape(want)} "
+            raise ValueError(f"{caller}: x0 has shape {fmt_shape(x0.shape)}, expected {fmt_shape(want)} "
                              f"(like b, with A's {m} columns)")
         if x0.dtype != op.dtype:
             raise TypeError(f"{caller}: x0 has dtype {x0.dtype}, but A has dtype {op.dtype}; "
@@ -131,26 +129,28 @@ def bind_preconditioner(caller: str, M, op, vector: bool, *, spd: bool):
     if M is None:
         return None
     n = int(op.shape[0])
-    if hasattr(M, "bind") and not _is_operator(M):
+    if hasattr(M, "bind") and not is_operator(M):
         M = M.bind(op)
     elif isinstance(M, torch.Tensor):
         if M.ndim != 2:
             raise TypeError(f"{caller}: M must be an operator, a 2-D tensor, a callable r -> M r or a "
-                            f"factory such as jacobi(), got a tensor of shape {_fmt_shape(M.shape)}; "
+                            f"factory such as jacobi(), got a tensor of shape {fmt_shape(M.shape)}; "
                             "for a diagonal preconditioner use jacobi() or otlinop.Diag(1 / d)")
-        M = _DenseOperator(M)
-    elif not _is_operator(M):
+        M = DenseOperator(M)
+    elif not is_operator(M):
         if callable(M):
-            return _CallableOperator(M, n, op.dtype, op.device, vector)
+            return CallableOperator(M, n, op.dtype, op.device, vector)
         M = as_operator(M, name="M", caller=caller)
     if tuple(int(s) for s in M.shape) != (n, n):
-        raise ValueError(f"{caller}: M has shape {_fmt_shape(M.shape)}, expected ({n}, {n}) like A")
+        raise ValueError(f"{caller}: M has shape {fmt_shape(M.shape)}, expected ({n}, {n}) like A")
     if M.dtype != op.dtype:
         raise TypeError(f"{caller}: M has dtype {M.dtype}, but A has dtype {op.dtype}")
     if not _same_device(torch.device(M.device), op.device):
         raise ValueError(f"{caller}: M is on {M.device}, but A is on {op.device}")
-    if spd and getattr(M, "_definite", None) is False:
-        raise ValueError(f"{caller}: M={M!r} is not positive definite ({M._why_not_definite}); "
+    # This package's preconditioners say why they are not positive definite when they know it.
+    why_not = getattr(M, "why_not_definite", None) if spd else None
+    if isinstance(why_not, str):
+        raise ValueError(f"{caller}: M={M!r} is not positive definite ({why_not}); "
                          f"{caller} needs an SPD preconditioner: use gmres or bicgstab, or fix the diagonal")
     return M
 

@@ -13,15 +13,15 @@ import torch
 
 __all__ = ["as_operator"]
 
-_REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _fmt_shape(shape) -> str:
+def fmt_shape(shape) -> str:
     shape = tuple(int(s) for s in shape)
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _is_operator(obj) -> bool:
+def is_operator(obj) -> bool:
     """Whether ``obj`` already follows the operator protocol (tensors excluded)."""
     if isinstance(obj, torch.Tensor):
         return False
@@ -29,7 +29,7 @@ def _is_operator(obj) -> bool:
             and hasattr(obj, "device") and hasattr(type(obj), "__matmul__"))
 
 
-class _DenseOperator:
+class DenseOperator:
     """A strided (n, m) torch tensor seen through the operator protocol.
 
     Adjoint: the transposed view. Diagonal: ``M.diagonal()``. One matvec costs
@@ -57,9 +57,9 @@ class _DenseOperator:
         return self.M @ v
 
     @property
-    def T(self) -> "_DenseOperator":
+    def T(self) -> "DenseOperator":
         if self._T is None:
-            self._T = _DenseOperator(self.M.mT)
+            self._T = DenseOperator(self.M.mT)
             self._T._T = self
         return self._T
 
@@ -76,7 +76,7 @@ class _DenseOperator:
         return f"<dense {self.shape[0]}x{self.shape[1]} {self.dtype} on {self.device}>"
 
 
-class _CallableOperator:
+class CallableOperator:
     """A user function ``r -> M r`` seen as an (n, n) operator.
 
     ``vector_input`` says whether the solver was given a 1-D right-hand side;
@@ -112,7 +112,7 @@ def as_operator(A, *, name: str = "A", caller: str = "as_operator"):
         Objects that already have ``shape``, a torch ``dtype``, ``device`` and
         ``@`` are returned unchanged. A dense 2-D torch tensor is wrapped in a
         small private class (no ``otlinop`` needed); everything else goes
-        through ``otlinop._base.aslinearoperator``, imported lazily.
+        through ``otlinop.aslinearoperator``, imported lazily.
     name, caller : str
         Used in error messages ("cg: A must be ...").
 
@@ -135,21 +135,21 @@ def as_operator(A, *, name: str = "A", caller: str = "as_operator"):
     >>> A.shape, (A @ torch.ones(3, dtype=torch.float64)).tolist()
     ((3, 3), [1.0, 1.0, 1.0])
     """
-    if _is_operator(A):
+    if is_operator(A):
         if len(tuple(A.shape)) != 2:
-            raise ValueError(f"{caller}: {name} must be 2-D, got shape {_fmt_shape(A.shape)}")
+            raise ValueError(f"{caller}: {name} must be 2-D, got shape {fmt_shape(A.shape)}")
         return A
     if isinstance(A, torch.Tensor):
         if A.ndim != 2:
             raise ValueError(f"{caller}: {name} must be a 2-D matrix or an operator, got a tensor of shape "
-                             f"{_fmt_shape(A.shape)}")
-        if A.dtype not in _REAL_DTYPES:
+                             f"{fmt_shape(A.shape)}")
+        if A.dtype not in REAL_DTYPES:
             raise TypeError(f"{caller}: {name} has dtype {A.dtype}, expected a real floating dtype "
                             f"(float32 or float64); convert with {name}.to(torch.float64)")
         if A.layout == torch.strided:
-            return _DenseOperator(A)
+            return DenseOperator(A)
     try:
-        from otlinop._base import aslinearoperator
+        from otlinop import aslinearoperator
     except ImportError:  # solvers used without otlinop installed
         raise TypeError(
             f"{caller}: {name} must be an operator (shape, dtype, device, @) or a dense 2-D torch tensor, "

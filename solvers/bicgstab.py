@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _result as R_
 from ._common import (apply, as_output, bind_preconditioner, check_callback, check_every_for, check_maxiter,
                       check_tolerance, col_dot, col_norm, setup, tolerance)
+from ._result import BREAKDOWN, CONVERGED, NONFINITE, RUNNING, default_describe, finish
 
 __all__ = ["bicgstab"]
 
@@ -91,9 +91,9 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
     rtnorm = col_norm(Rt)
     rnorm = col_norm(R)
     codes = torch.zeros(k, dtype=torch.int64, device=device)
-    codes = torch.where(rnorm <= tol, R_.CONVERGED, codes)
-    codes = torch.where(~torch.isfinite(rnorm), R_.NONFINITE, codes)
-    active = codes == R_.RUNNING
+    codes = torch.where(rnorm <= tol, CONVERGED, codes)
+    codes = torch.where(~torch.isfinite(rnorm), NONFINITE, codes)
+    active = codes == RUNNING
     iters = torch.zeros(k, dtype=torch.int64, device=device)
     zero = torch.zeros((), dtype=dtype, device=device)
     ones = torch.ones(k, dtype=dtype, device=device)
@@ -106,8 +106,8 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
             rho = col_dot(Rt, R)
             # Scipy tests |rho| < eps^2 in absolute terms; scaling by the norms makes it unit-free.
             dead = (rho.abs() <= tiny * rtnorm * rnorm) | (omega == 0)
-            codes = torch.where(active & dead, R_.BREAKDOWN, codes)
-            active = codes == R_.RUNNING
+            codes = torch.where(active & dead, BREAKDOWN, codes)
+            active = codes == RUNNING
             if it == 0:
                 P = R
             else:
@@ -116,8 +116,8 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
             Phat = apply_M(P)
             V = apply(op, Phat, pb.vector)
             rv = col_dot(Rt, V)
-            codes = torch.where(active & (rv == 0), R_.BREAKDOWN, codes)
-            active = codes == R_.RUNNING
+            codes = torch.where(active & (rv == 0), BREAKDOWN, codes)
+            active = codes == RUNNING
             alpha = torch.where(active, rho / torch.where(active, rv, 1), zero)
             S = torch.addcmul(R, V, alpha, value=-1)
             X = torch.addcmul(X, Phat, alpha)
@@ -132,15 +132,15 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
             rho_prev = torch.where(active, rho, rho_prev)
             iters = iters + active
             rnorm = col_norm(R)
-            codes = torch.where(active & (rnorm <= tol), R_.CONVERGED, codes)
-            codes = torch.where(active & ~(torch.isfinite(rnorm) & torch.isfinite(rho)), R_.NONFINITE, codes)
-            active = codes == R_.RUNNING
+            codes = torch.where(active & (rnorm <= tol), CONVERGED, codes)
+            codes = torch.where(active & ~(torch.isfinite(rnorm) & torch.isfinite(rho)), NONFINITE, codes)
+            active = codes == RUNNING
             if callback is not None:
                 callback(as_output(X, pb.vector))
             if (it + 1) % every == 0 and not bool(active.any()):
                 break
 
-    return R_.finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=rnorm, tol=tol, bnorm=bnorm,
-                     rtol=rtol, atol=atol, maxiter=maxiter,
-                     describe=R_.default_describe("bicgstab", "try gmres, a preconditioner M=jacobi() or "
-                                                  "M=neumann(3), or a larger maxiter"))
+    return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=rnorm, tol=tol, bnorm=bnorm,
+                  rtol=rtol, atol=atol, maxiter=maxiter,
+                  describe=default_describe("bicgstab", "try gmres, a preconditioner M=jacobi() or "
+                                               "M=neumann(3), or a larger maxiter"))

@@ -6,11 +6,12 @@ from typing import NamedTuple
 
 import torch
 
-from . import _result as R_
+from ._cg_step import cg_direction, cg_update, check_state, fused_backend
 from ._common import (bind_preconditioner, check_callback, check_every_for, check_maxiter,
                       check_tolerance, col_dot, col_norm, setup, tolerance)
-from . import _cg_step as cg_step
-from ._loop import GraphCache, run_loop
+from ._loop import run_loop
+from ._result import CONVERGED, INDEFINITE_A, INDEFINITE_M, NONFINITE, default_describe, finish
+from .graphs import CUDA_GRAPHS, GraphCache
 
 
 class _State(NamedTuple):
@@ -33,7 +34,7 @@ __all__ = ["cg"]
 
 @torch.no_grad()
 def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=None, check_every=None,
-       graph=False):
+       graph=False, _backend=None):
     """Solve ``A x = b`` for a symmetric positive definite ``A`` by (preconditioned) CG.
 
     Parameters
@@ -80,8 +81,9 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         off), the loop stays eager. A ``solvers.GraphCache`` instead of
         True keeps the captured iteration for the next solve with the same
         ``A`` and ``M`` objects and right-hand-side shape, which then
-        replays at once (repeated solves on one operator). Ignored on the
-        CPU and with a ``callback``.
+        replays at once (repeated solves on one operator); the cache's
+        ``graphs`` does the capture. Ignored on the CPU and with a
+        ``callback``.
 
     Returns
     -------
@@ -161,11 +163,13 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     state = _State(X, R, Z.clone(), rho, rnorm, active, iters, failed_pq, failed_rho, rho.clone(), tol)
     # The vector work of an iteration (dots, axpys, flags): two fused single-program kernels
     # for one short right-hand side on a GPU, torch operations otherwise (_cg_step).
-    backend = cg_step.fused_backend(B)
+    # _backend ("torch" or "triton") overrides that choice: a test's way to run the fused
+    # kernels under the Triton interpreter on the CPU.
+    backend = fused_backend(B) if _backend is None else _backend
     precond = Mop is not None
-    cg_step.check_state("cg", dict(X=state.X, R=state.R, P=state.P),
-                        dict(rho=rho, rnorm=rnorm, active=active, iters=iters, failed_pq=failed_pq,
-                             failed_rho=failed_rho, rho_new=state.rho_new, tol=tol), backend)
+    check_state("cg", dict(X=state.X, R=state.R, P=state.P),
+                dict(rho=rho, rnorm=rnorm, active=active, iters=iters, failed_pq=failed_pq,
+                     failed_rho=failed_rho, rho_new=state.rho_new, tol=tol), backend)
 
     def product(op, V, like):
         """``op @ V`` as the fused kernels read it (a contiguous tensor shaped and typed like ``like``)."""
@@ -178,16 +182,16 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     def update(st):
         """x, r and the flags after one step along st.P (the matvec), in place."""
         Q = product(op, st.P, st.P)
-        cg_step.cg_update(st.P, Q, st.X, st.R, st.rho, st.rnorm, st.active, st.iters, st.failed_pq, st.rho_new,
-                          st.tol, precond=precond, backend=backend)
+        cg_update(st.P, Q, st.X, st.R, st.rho, st.rnorm, st.active, st.iters, st.failed_pq, st.rho_new, st.tol,
+                  precond=precond, backend=backend)
         return st
 
     def direction(st):
         """The next search direction (the preconditioner's application), in place."""
         # Without M, z = r: r^T r > 0 unless NaN, which reaches p^T A p at the next step.
         Z = product(Mop, st.R, st.R) if precond else st.R
-        cg_step.cg_direction(st.R, Z, st.P, st.rho, st.rho_new, st.active, st.failed_rho, precond=precond,
-                             backend=backend)
+        cg_direction(st.R, Z, st.P, st.rho, st.rho_new, st.active, st.failed_rho, precond=precond,
+                     backend=backend)
         return st
 
     def report(st):
@@ -197,11 +201,15 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
 
     if bool(active.any()):
         cache = graph if isinstance(graph, GraphCache) else None
+        if graph is False or callback is not None:
+            graphs = None
+        else:
+            graphs = CUDA_GRAPHS if cache is None else cache.graphs
         # The graph reads A and M as they were at capture, and the layout and backend
         # through the closures: the key names them, and the cache keeps them alive.
-        key = (id(A), id(M), tuple(B.shape), B.dtype, B.device, pb.vector)
+        key = (id(A), id(M), tuple(B.shape), B.dtype, B.device, pb.vector, backend)
         state = run_loop(update, direction, report, state, maxiter=maxiter, every=every,
-                         graph=graph is not False and callback is None, device=B.device,
+                         graphs=graphs, device=B.device,
                          probe=lambda st: (op @ st.P, None if Mop is None else Mop @ st.R),
                          cache=cache, key=key, keep=(A, M))
     X, rnorm, iters = state.X, state.rnorm, state.iters
@@ -215,11 +223,11 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         X, rnorm, tol, iters = X[:, None], rnorm.reshape(1), tol.reshape(1), iters.reshape(1)
         failed_pq, failed_rho = failed_pq.reshape(1), failed_rho.reshape(1)
     codes = torch.zeros(pb.k, dtype=torch.int64, device=B.device)
-    codes = torch.where(~(failed_pq > 0), torch.where(torch.isnan(failed_pq), R_.NONFINITE, R_.INDEFINITE_A),
+    codes = torch.where(~(failed_pq > 0), torch.where(torch.isnan(failed_pq), NONFINITE, INDEFINITE_A),
                         codes)
-    codes = torch.where(~(failed_rho > 0), torch.where(torch.isnan(failed_rho), R_.NONFINITE, R_.INDEFINITE_M),
+    codes = torch.where(~(failed_rho > 0), torch.where(torch.isnan(failed_rho), NONFINITE, INDEFINITE_M),
                         codes)
-    codes = torch.where(rnorm <= tol, R_.CONVERGED, codes)
-    return R_.finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=rnorm, tol=tol, bnorm=bnorm,
-                     rtol=rtol, atol=atol, maxiter=maxiter,
-                     describe=R_.default_describe("cg", "try M=jacobi() or M=neumann(3), or a larger maxiter"))
+    codes = torch.where(rnorm <= tol, CONVERGED, codes)
+    return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=rnorm, tol=tol, bnorm=bnorm,
+                  rtol=rtol, atol=atol, maxiter=maxiter,
+                  describe=default_describe("cg", "try M=jacobi() or M=neumann(3), or a larger maxiter"))

@@ -6,9 +6,9 @@ import numbers
 
 import torch
 
-from . import _result as R_
 from ._common import (apply, as_output, bind_preconditioner, check_callback, check_every_for, check_maxiter,
                       check_tolerance, col_norm, safe_div, setup, tolerance)
+from ._result import CONVERGED, NONFINITE, RUNNING, default_describe, finish
 
 __all__ = ["gmres"]
 
@@ -132,9 +132,9 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
     Rv = B if pb.X0 is None else B - apply(op, X, pb.vector)
     rnorm = col_norm(Rv)
     codes = torch.zeros(k, dtype=torch.int64, device=device)
-    codes = torch.where(rnorm <= tol, R_.CONVERGED, codes)
-    codes = torch.where(~torch.isfinite(rnorm), R_.NONFINITE, codes)
-    active = codes == R_.RUNNING
+    codes = torch.where(rnorm <= tol, CONVERGED, codes)
+    codes = torch.where(~torch.isfinite(rnorm), NONFINITE, codes)
+    active = codes == RUNNING
     iters = torch.zeros(k, dtype=torch.int64, device=device)
     total = 0
     going = bool(active.any())
@@ -172,9 +172,9 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
             used = used + active
             iters = iters + active
             rnorm = torch.where(active, (beta * Q[i + 1, 0]).abs(), rnorm)
-            codes = torch.where(active & (rnorm <= tol), R_.CONVERGED, codes)
-            codes = torch.where(active & ~torch.isfinite(rnorm), R_.NONFINITE, codes)
-            active = codes == R_.RUNNING
+            codes = torch.where(active & (rnorm <= tol), CONVERGED, codes)
+            codes = torch.where(active & ~torch.isfinite(rnorm), NONFINITE, codes)
+            active = codes == RUNNING
             total += 1
             size = i + 1
             if callback is not None:
@@ -188,12 +188,12 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
         cycled = used > 0
         rnorm = torch.where(cycled, true_rnorm, rnorm)
         ok = rnorm <= tol
-        codes = torch.where(cycled & (codes == R_.CONVERGED) & ~ok, R_.RUNNING, codes)
-        codes = torch.where(cycled & ~torch.isfinite(true_rnorm), R_.NONFINITE, codes)
-        codes = torch.where(cycled & (codes == R_.RUNNING) & ok, R_.CONVERGED, codes)
-        active = codes == R_.RUNNING
+        codes = torch.where(cycled & (codes == CONVERGED) & ~ok, RUNNING, codes)
+        codes = torch.where(cycled & ~torch.isfinite(true_rnorm), NONFINITE, codes)
+        codes = torch.where(cycled & (codes == RUNNING) & ok, CONVERGED, codes)
+        active = codes == RUNNING
         going = bool(active.any())
 
     hint = f"try a larger restart (now {m}), M=jacobi() or M=neumann(3), or a larger maxiter"
-    return R_.finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=rnorm, tol=tol, bnorm=bnorm,
-                     rtol=rtol, atol=atol, maxiter=maxiter, describe=R_.default_describe("gmres", hint))
+    return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=rnorm, tol=tol, bnorm=bnorm,
+                  rtol=rtol, atol=atol, maxiter=maxiter, describe=default_describe("gmres", hint))

@@ -6,9 +6,9 @@ import numbers
 
 import torch
 
-from . import _result as R_
 from ._common import (apply, as_output, check_callback, check_every_for, check_maxiter, check_tolerance, col_norm,
                       safe_div, setup)
+from ._result import CONVERGED, CONVERGED_LSQ, ILL_CONDITIONED, MAXITER, NONFINITE, RUNNING, finish
 
 __all__ = ["lsmr"]
 
@@ -25,19 +25,19 @@ def _lsmr_describe(damp: float, atol: float, btol: float, conlim: float):
         rel = f"||b - A x|| = {r:.1e}" + (f" ({r / bnorm:.1e} relative)" if bnorm > 0 else "")
         if damp:
             rel = rel.replace("||b - A x||", "the damped residual")
-        if code == R_.CONVERGED:
+        if code == CONVERGED:
             return (f"converged in {it} iterations: A x = b is solved to {rel} "
                     f"(<= btol*||b|| + atol*||A||*||x||, btol={btol:.1e}, atol={atol:.1e})")
-        if code == R_.CONVERGED_LSQ:
+        if code == CONVERGED_LSQ:
             return (f"converged in {it} iterations to a least-squares solution: "
                     f"||A^T r|| <= atol*||A||*||r|| (atol={atol:.1e}); {rel}")
-        if code == R_.ILL_CONDITIONED:
+        if code == ILL_CONDITIONED:
             return (f"stopped after {it} iterations: the estimate of cond(A) exceeded conlim={conlim:.1e}, "
                     f"with {rel}; add damp > 0 to regularise, or raise conlim")
-        if code == R_.MAXITER:
+        if code == MAXITER:
             return (f"maxiter={info['maxiter']} reached with {rel}; try a larger maxiter, damp > 0, or looser "
                     "atol/btol")
-        if code == R_.NONFINITE:
+        if code == NONFINITE:
             return f"stopped after {it} iterations: NaN or inf appeared; check A and b for non-finite values"
         return f"stopped after {it} iterations with {rel}"  # pragma: no cover
 
@@ -164,9 +164,9 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
     done0 = (normar == 0) | (normb == 0)
     X = torch.where(normb == 0, torch.zeros_like(X), X)
     normr = torch.where(normb == 0, zeros, normr)
-    codes = torch.where(done0, R_.CONVERGED, codes)
-    codes = torch.where(~torch.isfinite(normar), R_.NONFINITE, codes)
-    active = codes == R_.RUNNING
+    codes = torch.where(done0, CONVERGED, codes)
+    codes = torch.where(~torch.isfinite(normar), NONFINITE, codes)
+    active = codes == RUNNING
     iters = torch.zeros(k, dtype=torch.int64, device=device)
 
     if bool(active.any()):
@@ -237,20 +237,20 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
             rtol = btol + atol * safe_div(normA * normx, normb)
             # Scipy's order: a later test overrides an earlier one.
             new = torch.zeros_like(codes)
-            new = torch.where(1 + test3 <= 1, R_.ILL_CONDITIONED, new)
-            new = torch.where(1 + test2 <= 1, R_.CONVERGED_LSQ, new)
-            new = torch.where(1 + t1 <= 1, R_.CONVERGED, new)
-            new = torch.where(test3 <= ctol, R_.ILL_CONDITIONED, new)
-            new = torch.where(test2 <= atol, R_.CONVERGED_LSQ, new)
-            new = torch.where(test1 <= rtol, R_.CONVERGED, new)
-            new = torch.where(torch.isfinite(normr_n) & torch.isfinite(normar_n), new, R_.NONFINITE)
+            new = torch.where(1 + test3 <= 1, ILL_CONDITIONED, new)
+            new = torch.where(1 + test2 <= 1, CONVERGED_LSQ, new)
+            new = torch.where(1 + t1 <= 1, CONVERGED, new)
+            new = torch.where(test3 <= ctol, ILL_CONDITIONED, new)
+            new = torch.where(test2 <= atol, CONVERGED_LSQ, new)
+            new = torch.where(test1 <= rtol, CONVERGED, new)
+            new = torch.where(torch.isfinite(normr_n) & torch.isfinite(normar_n), new, NONFINITE)
             codes = torch.where(active, new, codes)
-            active = codes == R_.RUNNING
+            active = codes == RUNNING
             if callback is not None:
                 callback(as_output(X, pb.vector))
             if (it + 1) % every == 0 and not bool(active.any()):
                 break
 
-    return R_.finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=normr,
-                     tol=torch.full((k,), float("nan"), dtype=dtype, device=device), bnorm=normb,
-                     rtol=btol, atol=atol, maxiter=maxiter, describe=_lsmr_describe(damp, atol, btol, conlim))
+    return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=normr,
+                  tol=torch.full((k,), float("nan"), dtype=dtype, device=device), bnorm=normb,
+                  rtol=btol, atol=atol, maxiter=maxiter, describe=_lsmr_describe(damp, atol, btol, conlim))

@@ -6,9 +6,9 @@ import numbers
 
 import torch
 
-from . import _result as R_
 from ._common import (apply, as_output, bind_preconditioner, check_callback, check_every_for, check_maxiter,
                       check_tolerance, col_dot, safe_div, setup)
+from ._result import CONVERGED, INDEFINITE_M, LEAST_SQUARES, NONFINITE, RUNNING, default_describe, finish
 
 __all__ = ["minres"]
 
@@ -116,10 +116,10 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
     beta1 = torch.sqrt(torch.clamp(beta1sq, min=0))
 
     codes = torch.zeros(k, dtype=torch.int64, device=device)
-    codes = torch.where(beta1sq < 0, R_.INDEFINITE_M, codes)
-    codes = torch.where((codes == R_.RUNNING) & (beta1 <= tol), R_.CONVERGED, codes)
-    codes = torch.where(~torch.isfinite(beta1sq) | ~torch.isfinite(bnormsq), R_.NONFINITE, codes)
-    active = codes == R_.RUNNING
+    codes = torch.where(beta1sq < 0, INDEFINITE_M, codes)
+    codes = torch.where((codes == RUNNING) & (beta1 <= tol), CONVERGED, codes)
+    codes = torch.where(~torch.isfinite(beta1sq) | ~torch.isfinite(bnormsq), NONFINITE, codes)
+    active = codes == RUNNING
     iters = torch.zeros(k, dtype=torch.int64, device=device)
 
     zeros_k = torch.zeros(k, dtype=dtype, device=device)
@@ -176,21 +176,21 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
             iters = iters + active
 
             test2 = safe_div(root, Anorm)
-            codes = torch.where(active & (beta2 < 0), R_.INDEFINITE_M, codes)
-            codes = torch.where((codes == R_.RUNNING) & singular, R_.LEAST_SQUARES, codes)
-            running = codes == R_.RUNNING
-            codes = torch.where(running & (phibar <= tol), R_.CONVERGED, codes)
-            running = codes == R_.RUNNING
+            codes = torch.where(active & (beta2 < 0), INDEFINITE_M, codes)
+            codes = torch.where((codes == RUNNING) & singular, LEAST_SQUARES, codes)
+            running = codes == RUNNING
+            codes = torch.where(running & (phibar <= tol), CONVERGED, codes)
+            running = codes == RUNNING
             # Scipy's "1 + test2 <= 1": ||A r|| / (||A|| ||r||) at machine precision.
-            codes = torch.where(running & (1 + test2 <= 1), R_.LEAST_SQUARES, codes)
+            codes = torch.where(running & (1 + test2 <= 1), LEAST_SQUARES, codes)
             codes = torch.where(active & ~(torch.isfinite(phibar) & torch.isfinite(alfa) & torch.isfinite(beta2)),
-                                R_.NONFINITE, codes)
-            active = codes == R_.RUNNING
+                                NONFINITE, codes)
+            active = codes == RUNNING
             if callback is not None:
                 callback(as_output(X, pb.vector))
             if (it + 1) % every == 0 and not bool(active.any()):
                 break
 
-    return R_.finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=phibar, tol=tol, bnorm=bnorm,
-                     rtol=rtol, atol=atol, maxiter=maxiter,
-                     describe=R_.default_describe("minres", "try M=jacobi() or M=neumann(3), or a larger maxiter"))
+    return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=phibar, tol=tol, bnorm=bnorm,
+                  rtol=rtol, atol=atol, maxiter=maxiter,
+                  describe=default_describe("minres", "try M=jacobi() or M=neumann(3), or a larger maxiter"))

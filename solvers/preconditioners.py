@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ._operator import _fmt_shape, as_operator
+from ._operator import fmt_shape, as_operator
 
 __all__ = ["PreconditionerFactory", "jacobi", "neumann"]
 
@@ -63,13 +63,13 @@ class PreconditionerFactory:
 def _square(caller: str, A) -> int:
     n, m = (int(s) for s in A.shape)
     if n != m:
-        raise ValueError(f"{caller}: A must be square, got shape {_fmt_shape(A.shape)}")
+        raise ValueError(f"{caller}: A must be square, got shape {fmt_shape(A.shape)}")
     return n
 
 
 def _check_vector(caller: str, name: str, d, n: int, A) -> tuple[torch.Tensor, bool]:
     if not isinstance(d, torch.Tensor) or d.ndim != 1 or d.shape[0] != n:
-        got = _fmt_shape(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
+        got = fmt_shape(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
         raise ValueError(f"{caller}: {name} must be a tensor of shape ({n},), got {got}")
     if d.dtype != A.dtype:
         raise TypeError(f"{caller}: {name} has dtype {d.dtype}, but A has dtype {A.dtype}")
@@ -110,8 +110,8 @@ class _DiagonalPreconditioner:
         self.shape = (inv.shape[0], inv.shape[0])
         self.dtype = inv.dtype
         self.device = inv.device
-        self._definite = None if why_not_definite is None else False
-        self._why_not_definite = why_not_definite
+        # Read by the solvers that need an SPD preconditioner (bind_preconditioner).
+        self.why_not_definite = why_not_definite
         self.is_psd = why_not_definite is None
 
     def __matmul__(self, V):
@@ -217,8 +217,7 @@ class _NeumannPreconditioner:
         self.is_symmetric = positive and bool(getattr(N, "is_symmetric", False))
         # Even terms: the eigenvalues (1 - t^(K+1)) / (1 - t) of sum T^k are positive for every real t.
         self.is_psd = self.is_symmetric and terms % 2 == 0
-        self._definite = None if positive else False
-        self._why_not_definite = None if positive else "the splitting's D has negative entries"
+        self.why_not_definite = None if positive else "the splitting's D has negative entries"
 
     def __matmul__(self, Rv):
         s = self._s if Rv.ndim == 1 else self._s[:, None]

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from ._operator import _is_operator, as_operator
+from ._operator import is_operator, as_operator
 from .bicgstab import bicgstab
 from .cg import cg
 from .gmres import gmres
@@ -64,7 +64,7 @@ def _find_params(op, params) -> tuple:
 def _adjoint_preconditioner(M, symmetric: bool):
     if M is None or symmetric:
         return M
-    if isinstance(M, PreconditionerFactory) or (hasattr(M, "bind") and not _is_operator(M)):
+    if isinstance(M, PreconditionerFactory) or (hasattr(M, "bind") and not is_operator(M)):
         return M  # the solver binds it to A.T
     try:
         return M.T

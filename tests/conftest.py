@@ -16,40 +16,75 @@ if not torch.cuda.is_available():
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def _replaying_capture(step, state, copy, replayed):
+    """A "graph" of ``state <- step(state)`` whose replay runs ``step`` (the closures of the
+    capturing call) on its static copies, in place; ``replayed()`` is called at each replay."""
+    clones = [t.clone() for t in state] if copy else list(state)
+    static = type(state)(*clones) if hasattr(state, "_fields") else tuple(clones)
+
+    class Graph:
+        def replay(self):
+            replayed()
+            for dst, src in zip(static, step(static)):
+                if dst is not src:
+                    dst.copy_(src)
+    return Graph(), static
+
+
+class FakeGraphs:
+    """``solvers.graphs.CudaGraphs``'s contract on the CPU, for the graph loops' tests.
+
+    Graphs are available on every device, the warm-up needs no side stream,
+    no product synchronises, and a captured "graph" replays by running the
+    captured step (the first solve's closures) on its static state. Pass it
+    where a loop takes its graph machinery: ``cg(A, b, graph=GraphCache(graphs=fake))``.
+    Counts ``captures`` and ``replays``.
+    """
+
+    def __init__(self):
+        self.captures = 0
+        self.replays = 0
+
+    def available(self, device):
+        return True
+
+    def side_stream(self, device):
+        return contextlib.nullcontext()
+
+    def synchronises(self, probe, state):
+        return False
+
+    def capture(self, step, state, device, *, copy=True):
+        self.captures += 1
+
+        def replayed():
+            self.replays += 1
+        return _replaying_capture(step, state, copy, replayed)
+
+
 def fake_capture(counts):
-    """``solvers._loop.capture``'s contract on the CPU, for the graph loops' tests:
-    the "graph" of ``state <- step(state)`` replays by running ``step`` (the
-    closures of the capturing call) on its static copies, in place. Counts
-    ``counts["captures"]`` and ``counts["replays"]``."""
+    """``solvers.graphs.capture``'s contract on the CPU (:class:`FakeGraphs`' capture),
+    counting ``counts["captures"]`` and ``counts["replays"]``."""
     def capture(step, state, device, *, copy=True):
         counts["captures"] += 1
-        clones = [t.clone() for t in state] if copy else list(state)
-        static = type(state)(*clones) if hasattr(state, "_fields") else tuple(clones)
 
-        class Graph:
-            def replay(self):
-                counts["replays"] += 1
-                for dst, src in zip(static, step(static)):
-                    if dst is not src:
-                        dst.copy_(src)
-        return Graph(), static
+        def replayed():
+            counts["replays"] += 1
+        return _replaying_capture(step, state, copy, replayed)
     return capture
 
 
-def fake_graphs(monkeypatch):
-    """solvers._loop's CUDA parts on the CPU: a "graph" whose replay runs the
-    captured step (the first solve's closures) on its static state
-    (:func:`fake_capture`). Returns its counts of captures and replays."""
-    import contextlib
+def counting_graphs():
+    """The real CUDA graph machinery (``solvers.graphs.CudaGraphs``), counting its ``captures``."""
+    from solvers.graphs import CudaGraphs
 
-    import solvers._loop as L
+    class Counting(CudaGraphs):
+        captures = 0
 
-    counts = {"captures": 0, "replays": 0}
-    monkeypatch.setattr(L, "capture", fake_capture(counts))
-    monkeypatch.setattr(L, "_graph_device", lambda device: True)
-    monkeypatch.setattr(L, "_side_stream", lambda device: contextlib.nullcontext())
-    monkeypatch.setattr(L, "_synchronises", lambda probe, state: False)
-    return counts
+        def capture(self, *args, **kwargs):
+            self.captures += 1
+            return super().capture(*args, **kwargs)
+    return Counting()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ compared with the torch path's, and a graph replay with the eager loop.
 import pytest
 import torch
 
-from conftest import fake_graphs, requires_cuda
+from conftest import FakeGraphs, requires_cuda
 from solvers import _cg_step as cg_step
 from solvers import cg, config, jacobi
 
@@ -144,7 +144,7 @@ def test_check_state_names_what_is_wrong():
         cg_step.check_state("cg", vectors, scalars, "cuda")
 
 
-def test_fused_backend_is_chosen_for_one_short_cuda_rhs(monkeypatch):
+def test_fused_backend_is_chosen_for_one_short_cuda_rhs():
     """Off by default (until measured on a GPU); when on, one short CUDA right-hand side."""
     assert not config.cg_fused
     if CUDA:
@@ -178,19 +178,13 @@ def _spd(n, dtype, seed=0, cond=1e2):
     return A.to(dtype=dtype, device=DEVICE), torch.randn(n, generator=g, dtype=F64).to(dtype=dtype, device=DEVICE)
 
 
-def _with_backend(monkeypatch, backend):
-    monkeypatch.setattr(cg_step, "fused_backend", lambda B: backend if B.ndim == 1 else "torch")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("M", [None, "jacobi"])
-def test_cg_on_the_fused_kernels_matches_the_torch_path(monkeypatch, dtype, M):
+def test_cg_on_the_fused_kernels_matches_the_torch_path(dtype, M):
     A, b = _spd(60, dtype)
     opts = dict(rtol=1e-5 if dtype == torch.float32 else 1e-10, M=jacobi() if M else None, check_every=3)
-    _with_backend(monkeypatch, "torch")
-    ref = cg(A, b, **opts)
-    _with_backend(monkeypatch, "triton")
-    got = cg(A, b, **opts)
+    ref = cg(A, b, _backend="torch", **opts)
+    got = cg(A, b, _backend="triton", **opts)
     assert ref.converged and got.converged
     # Rounding in another order can move the iteration where the residual crosses rtol.
     assert abs(got.n_iter - ref.n_iter) <= max(1, ref.n_iter // 10)
@@ -199,31 +193,30 @@ def test_cg_on_the_fused_kernels_matches_the_torch_path(monkeypatch, dtype, M):
         assert ((A.double() @ res.x.double() - b.double()).norm() / b.double().norm()) <= 2 * opts["rtol"]
     assert (got.x.double() - exact).norm() / exact.norm() < (1e-3 if dtype == torch.float32 else 1e-7)
     # Identical inputs, identical outputs.
-    again = cg(A, b, **opts)
+    again = cg(A, b, _backend="triton", **opts)
     assert torch.equal(again.x, got.x) and again.n_iter == got.n_iter
 
 
 @pytest.mark.parametrize("M", [None, "jacobi"])
-def test_fused_iterations_replayed_as_a_graph_are_the_eager_loop(monkeypatch, M):
-    """The captured iteration (here replayed on the CPU by conftest's fake graph)
+def test_fused_iterations_replayed_as_a_graph_are_the_eager_loop(M):
+    """The captured iteration (here replayed on the CPU by conftest's FakeGraphs)
     runs the fused kernels on the graph's buffers: bitwise the eager loop, for
     a first solve and for later solves from a GraphCache."""
     import solvers
-    _with_backend(monkeypatch, "triton")
     A, b = _spd(40, torch.float32)
-    opts = dict(rtol=1e-6, M=jacobi() if M else None, check_every=4)
+    opts = dict(rtol=1e-6, M=jacobi() if M else None, check_every=4, _backend="triton")
     rhs = [b, 2 * b.flip(0)]
     eager = [cg(A, v, **opts) for v in rhs]
-    counts = fake_graphs(monkeypatch)
-    cache = solvers.GraphCache()
+    graphs = FakeGraphs()
+    cache = solvers.GraphCache(graphs=graphs)
     got = [cg(A, v, graph=cache, **opts) for v in rhs]
-    assert counts["captures"] == 1 and counts["replays"] > 0
+    assert graphs.captures == 1 and graphs.replays > 0
     for e, r in zip(eager, got):
         assert torch.equal(r.x, e.x) and r.n_iter == e.n_iter and r.converged
 
 
 @pytest.mark.parametrize("case", ["A indefinite", "M indefinite", "nan"])
-def test_cg_on_the_fused_kernels_reports_what_stopped_it(monkeypatch, case):
+def test_cg_on_the_fused_kernels_reports_what_stopped_it(case):
     A, b = _spd(20, F64)
     M = None
     if case == "A indefinite":
@@ -232,8 +225,7 @@ def test_cg_on_the_fused_kernels_reports_what_stopped_it(monkeypatch, case):
         M = -torch.eye(20, dtype=F64, device=DEVICE)
     statuses = []
     for backend in ("torch", "triton"):
-        _with_backend(monkeypatch, backend)
-        res = cg(_NanOperator(A) if case == "nan" else A, b, M=M, rtol=1e-10)
+        res = cg(_NanOperator(A) if case == "nan" else A, b, M=M, rtol=1e-10, _backend=backend)
         assert not res.converged
         statuses.append(res.status)
     assert statuses[0] == statuses[1]
@@ -255,18 +247,17 @@ class _NanOperator:
 
 @requires_cuda
 @pytest.mark.parametrize("M", [None, "jacobi"])
-def test_gpu_cg_takes_the_fused_kernels_and_graphs_replay_them_bitwise(monkeypatch, override, M):
+def test_gpu_cg_takes_the_fused_kernels_and_graphs_replay_them_bitwise(override, M):
     override(cg_fused=True)
     A, b = _spd(500, torch.float32)
     opts = dict(rtol=1e-6, M=jacobi() if M else None)
-    calls = []
-    update = cg_step.cg_update
-    monkeypatch.setattr(cg_step, "cg_update", lambda *a, **k: (calls.append(k["backend"]), update(*a, **k))[1])
+    # With the switch on, cg's own choice is the fused kernels: bitwise what forcing them gives.
+    assert cg_step.fused_backend(b) == "triton"
     eager = cg(A, b, **opts)
-    assert set(calls) == {"triton"}
+    forced = cg(A, b, _backend="triton", **opts)
+    assert torch.equal(eager.x, forced.x) and eager.n_iter == forced.n_iter
     graphed = cg(A, b, graph=True, **opts)
     assert torch.equal(graphed.x, eager.x) and graphed.n_iter == eager.n_iter
-    _with_backend(monkeypatch, "torch")
-    ref = cg(A, b, **opts)
+    ref = cg(A, b, _backend="torch", **opts)
     assert abs(ref.n_iter - eager.n_iter) <= 1
     assert (ref.x - eager.x).norm() / ref.x.norm() < 1e-4

@@ -16,7 +16,7 @@ import solvers
 from solvers import SolveResult, bicgstab, cg, gmres, jacobi, lsmr, minres
 
 F64 = torch.float64
-from conftest import fake_graphs, requires_cuda  # noqa: E402
+from conftest import FakeGraphs, requires_cuda  # noqa: E402
 
 
 
@@ -351,7 +351,7 @@ def test_batched_nonconvergence_status_names_columns():
     assert "larger restart" in res.status
 
 
-def test_cg_graph_cache_replays_later_solves(monkeypatch):
+def test_cg_graph_cache_replays_later_solves():
     """A GraphCache keeps the first solve's captured iteration: later solves with the
     same A and M replay it on their own state (tolerance included), bitwise the eager loop."""
     A = t(spd(40, 1e3))
@@ -360,11 +360,11 @@ def test_cg_graph_cache_replays_later_solves(monkeypatch):
     rhs = [torch.randn(40, dtype=F64, generator=gen) * scale for scale in (1.0, 1e3, 1e-2)]
     eager = [cg(A, b, M=M, rtol=1e-9, check_every=4) for b in rhs]
     limited = cg(A, rhs[0], M=M, rtol=1e-14, maxiter=7)
-    counts = fake_graphs(monkeypatch)
-    cache = solvers.GraphCache()
+    graphs = FakeGraphs()
+    cache = solvers.GraphCache(graphs=graphs)
     assert repr(cache) == "GraphCache(empty)"
     got = [cg(A, b, M=M, rtol=1e-9, check_every=4, graph=cache) for b in rhs]
-    assert counts["captures"] == 1 and counts["replays"] > 0
+    assert graphs.captures == 1 and graphs.replays > 0
     assert repr(cache) == "GraphCache(shape=(40,), dtype=torch.float64, device=cpu)"
     for e, r in zip(eager, got):
         assert r.converged and torch.equal(r.x, e.x) and r.n_iter == e.n_iter
@@ -372,18 +372,33 @@ def test_cg_graph_cache_replays_later_solves(monkeypatch):
     assert torch.equal(got[0].x, eager[0].x) and got[0].x.data_ptr() != got[1].x.data_ptr()
     # An iteration limit is the host's business: the same graph serves it.
     short = cg(A, rhs[0], M=M, rtol=1e-14, maxiter=7, graph=cache)
-    assert counts["captures"] == 1 and short.n_iter == 7 and torch.equal(short.x, limited.x)
+    assert graphs.captures == 1 and short.n_iter == 7 and torch.equal(short.x, limited.x)
     # Another operator, or another right-hand-side shape, captures again and replaces the graph.
     A2 = A + torch.eye(40, dtype=F64)
     other = cg(A2, rhs[0], M=M, rtol=1e-9, graph=cache)
-    assert counts["captures"] == 2 and torch.equal(other.x, cg(A2, rhs[0], M=M, rtol=1e-9).x)
+    assert graphs.captures == 2 and torch.equal(other.x, cg(A2, rhs[0], M=M, rtol=1e-9).x)
     B = torch.stack(rhs[:2], dim=1)
     block = cg(A2, B, M=M, rtol=1e-9, graph=cache)
-    assert counts["captures"] == 3 and torch.equal(block.x, cg(A2, B, M=M, rtol=1e-9).x)
+    assert graphs.captures == 3 and torch.equal(block.x, cg(A2, B, M=M, rtol=1e-9).x)
     cache.clear()
     assert repr(cache) == "GraphCache(empty)"
     with pytest.raises(TypeError, match="graph must be a bool or a solvers.GraphCache, got str"):
         cg(A, rhs[0], graph="yes")
+
+
+def test_graph_cache_takes_its_graph_machinery():
+    """GraphCache(graphs=...) is how a loop gets another graph machinery; a callback keeps cg eager."""
+    assert solvers.GraphCache().graphs is solvers.graphs.CUDA_GRAPHS
+    assert not solvers.graphs.CUDA_GRAPHS.available(torch.device("cpu"))
+    with pytest.raises(TypeError, match=r"GraphCache: graphs must have the methods available, side_stream, "
+                                        r"synchronises, capture of solvers.graphs.CudaGraphs, got object without "
+                                        r"available, side_stream, synchronises, capture"):
+        solvers.GraphCache(graphs=object())
+    A, b = t(spd(20, 1e2)), torch.randn(20, dtype=F64)
+    graphs = FakeGraphs()
+    seen = []
+    res = cg(A, b, rtol=1e-9, graph=solvers.GraphCache(graphs=graphs), callback=seen.append)
+    assert graphs.captures == 0 and len(seen) == res.n_iter and torch.equal(res.x, cg(A, b, rtol=1e-9).x)
 
 
 def test_cg_on_indefinite_reports_not_positive_definite():
