@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from solvers import register_conversion
+
 __all__ = [
     "LinearOperator",
     "Dense",
@@ -929,5 +931,9 @@ def aslinearoperator(obj, *, dtype: torch.dtype | None = None, device=None) -> L
     """
     if isinstance(obj, LinearOperator):
         return obj
-    from . import _interop
-    return _interop.convert(obj, dtype=dtype, device=device)
+    from ._interop import convert   # at call time: _interop imports this module
+    return convert(obj, dtype=dtype, device=device)
+
+
+# The solvers convert NumPy arrays, scipy matrices and foreign operators through it.
+register_conversion(aslinearoperator)

@@ -15,6 +15,7 @@ which of the packages called ``solvers`` is meant.
 """
 
 from ._config import Config, config
+from ._operator import register_conversion
 from ._result import SolveResult
 from .bicgstab import bicgstab
 from .cg import cg
@@ -39,4 +40,5 @@ __all__ = [
     "PreconditionerFactory",
     "config",
     "Config",
+    "register_conversion",
 ]

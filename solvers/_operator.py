@@ -2,18 +2,36 @@
 
 An operator has ``shape`` (n, m), ``dtype`` (a torch dtype), ``device`` and
 ``A @ v`` for v of shape (m,) or (m, k); optionally ``.T``, ``diagonal()``,
-``splitting()`` and the flags ``is_symmetric`` / ``is_psd``. Nothing here
-imports ``otlinop`` at import time: ``otlinop`` re-exports the solvers, so an
-eager import would be circular.
+``splitting()`` and the flags ``is_symmetric`` / ``is_psd``. The solvers never
+import OT code: a package that converts more kinds of objects (NumPy arrays,
+scipy matrices, foreign LinearOperators) registers its converter with
+:func:`register_conversion` when it is imported, as ``otlinop`` does.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["as_operator"]
+__all__ = ["as_operator", "register_conversion"]
 
 REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# The converters registered by packages above the solvers, tried in order by
+# as_operator for objects that are neither operators nor dense torch tensors.
+CONVERSIONS: list = []
+
+
+def register_conversion(convert) -> None:
+    """Let :func:`as_operator` convert more kinds of objects with ``convert(obj)``.
+
+    ``convert`` returns an operator or raises TypeError. Registering the same
+    function twice keeps one copy. ``otlinop`` registers
+    ``otlinop.aslinearoperator`` when it is imported.
+    """
+    if not callable(convert):
+        raise TypeError(f"register_conversion: convert must be callable, got {type(convert).__name__}")
+    if convert not in CONVERSIONS:
+        CONVERSIONS.append(convert)
 
 
 def fmt_shape(shape) -> str:
@@ -111,8 +129,9 @@ def as_operator(A, *, name: str = "A", caller: str = "as_operator"):
         linear_operator LinearOperator
         Objects that already have ``shape``, a torch ``dtype``, ``device`` and
         ``@`` are returned unchanged. A dense 2-D torch tensor is wrapped in a
-        small private class (no ``otlinop`` needed); everything else goes
-        through ``otlinop.aslinearoperator``, imported lazily.
+        small private class; everything else goes through the converters
+        registered with :func:`register_conversion` (``otlinop`` registers
+        ``otlinop.aslinearoperator``: import it first).
     name, caller : str
         Used in error messages ("cg: A must be ...").
 
@@ -148,14 +167,15 @@ def as_operator(A, *, name: str = "A", caller: str = "as_operator"):
                             f"(float32 or float64); convert with {name}.to(torch.float64)")
         if A.layout == torch.strided:
             return DenseOperator(A)
-    try:
-        from otlinop import aslinearoperator
-    except ImportError:  # solvers used without otlinop installed
+    if not CONVERSIONS:
         raise TypeError(
             f"{caller}: {name} must be an operator (shape, dtype, device, @) or a dense 2-D torch tensor, "
-            f"got {type(A).__name__}; install otlinop to pass NumPy arrays, scipy matrices or "
-            "foreign LinearOperators") from None
-    try:
-        return aslinearoperator(A)
-    except TypeError as err:
-        raise TypeError(f"{caller}: {name} could not be used as a linear operator: {err}") from err
+            f"got {type(A).__name__}; `import otlinop` first to pass NumPy arrays, scipy matrices or "
+            "foreign LinearOperators")
+    errors = []
+    for convert in CONVERSIONS:
+        try:
+            return convert(A)
+        except TypeError as err:
+            errors.append(str(err))
+    raise TypeError(f"{caller}: {name} could not be used as a linear operator: {'; '.join(errors)}")
