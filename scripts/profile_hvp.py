@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from otlinop.bench import _timing
+from otlinop.bench import timing
 from otlinop.bench.hvp_bench import _problem
 from otlinop.hessian import HessianOperator
 from otlinop.kernels import _common
@@ -81,10 +81,10 @@ def main():
     S = HessianOperator.from_plan(Pt, eps=eps)
     rhs = torch.randn(n, device="cuda")
     rhs -= rhs.mean()
-    print(f"{Pt!r}; S @ v device time {_timing.graph_replay_ms(lambda: S @ rhs) * 1e3:.1f} us")
+    print(f"{Pt!r}; S @ v device time {timing.graph_replay_ms(lambda: S @ rhs) * 1e3:.1f} us")
     for maxiter in (2, 3, 12, 64):
         for graph in (False, True):
-            ms = _timing.bench(lambda: cg(S, rhs, M=jacobi(), rtol=1e-12, maxiter=maxiter, graph=graph),
+            ms = timing.bench(lambda: cg(S, rhs, M=jacobi(), rtol=1e-12, maxiter=maxiter, graph=graph),
                                warmup_ms=1, rep_ms=200)
             print(f"cg maxiter={maxiter} graph={graph}: {ms:.3f} ms")
 

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from otlinop.bench._timing import graph_replay_ms
+from otlinop.bench.timing import graph_replay_ms
 from otlinop.kernels import _common, lse_cost, plan_apply
 
 _common._CHECK_FINITE = False

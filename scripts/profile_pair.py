@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from otlinop.bench._timing import graph_replay_ms
+from otlinop.bench.timing import graph_replay_ms
 from otlinop.kernels import _common, softmin, softmin_pair, softmin_self
 
 sp = importlib.import_module("otlinop.kernels.softmin_pair")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from otlinop.bench import __main__ as bench_main
-from otlinop.bench import _report, _timing
+from otlinop.bench import _report, timing
 
 # Tiny CPU run of the sinkhorn suite: 2 sizes x 2 dims x 2 methods = 8 rows.
 SINKHORN_ARGS = ["--no-peers", "--no-default-call", "--sizes", "16", "32", "--dims", "2", "5"]
@@ -63,7 +63,7 @@ def test_sinkhorn_results_folder(tmp_path, capsys):
         (n, d, m) for n in (16, 32) for d in (2, 5) for m in ("symmetric", "alternating")}
     assert all(r["library"] == "otlinop" and r["ms"] > 0 for r in rows)
     assert data["default_call"] == []
-    assert data["environment"]["device"] == _timing.device_name()
+    assert data["environment"]["device"] == timing.device_name()
     if not data["ceilings"]:   # no GPU: no floor
         assert all(r["floor_ms"] is None and r["fraction_of_floor"] is None for r in rows)
 
@@ -76,7 +76,7 @@ def test_sinkhorn_results_folder(tmp_path, capsys):
     readme = (out / "README.md").read_text()
     assert "`python -m otlinop.bench sinkhorn --results " in readme
     assert "sinkhorn (exit 0)" in readme
-    assert _timing.device_name() in readme
+    assert timing.device_name() in readme
     table = readme.split("## Sinkhorn: fraction of the floor")[1]
     assert sum(line.startswith("| otlinop |") for line in table.splitlines()) == 8 * _PRECISIONS
 
@@ -229,19 +229,27 @@ def test_split_results_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_ceilings_measured_once(monkeypatch):
+def test_ceilings_measured_once():
     calls = []
 
     def fake():
         calls.append(1)
         return dict(CEIL)
 
-    monkeypatch.setattr(_timing, "_CEILINGS", None)
-    monkeypatch.setattr(_timing, "_measure_ceilings", fake)
-    first = _timing.ceilings()
-    first["exp2_per_s"] = 0.0          # a caller's copy: the shared figures stay
-    assert _timing.ceilings() == CEIL
-    assert len(calls) == 1
+    timing.clear_ceilings()
+    try:
+        assert not timing.ceilings_measured()
+        first = timing.ceilings(measure=fake)
+        first["exp2_per_s"] = 0.0          # a caller's copy: the shared figures stay
+        assert timing.ceilings(measure=fake) == CEIL
+        assert len(calls) == 1
+        assert timing.ceilings_measured()
+        timing.clear_ceilings()
+        assert not timing.ceilings_measured()
+        assert timing.ceilings(measure=fake) == CEIL
+        assert len(calls) == 2
+    finally:
+        timing.clear_ceilings()
 
 
 # --------------------------------------------------------------------------

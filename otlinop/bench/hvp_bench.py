@@ -35,7 +35,7 @@ import torch
 
 from solvers import config
 
-from . import _timing
+from . import timing
 
 # The peer runs in its own process (its own Triton kernels and caches); it
 # reads the problem from a file and prints one JSON line.
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     n = args.n or (10_000 if cuda else 300)
     d = args.d or (64 if cuda else 8)
     eps = args.eps
-    print(f"device: {_timing.device_name()}; n = m = {n}, d = {d}, eps = {eps}, {args.weights} weights, "
+    print(f"device: {timing.device_name()}; n = m = {n}, d = {d}, eps = {eps}, {args.weights} weights, "
           f"inner rtol {args.rtol:g} (float32)")
 
     # ---- float64 reference: converged potentials, HVP, finite differences
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
             try:
                 with config.override(cg_fused=_FUSED in name):
                     H, info = run()
-                    ms = _timing.bench(run, warmup_ms=1, rep_ms=200)
+                    ms = timing.bench(run, warmup_ms=1, rep_ms=200)
             except Exception as err:   # noqa: BLE001 - reported below the table
                 failure(f"M = {name}", err)
                 continue
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
                 try:
                     with config.override(cg_fused=_FUSED in label):
                         H = (Hop @ flat).reshape(A32.shape)
-                        ms = _timing.bench(lambda: Hop @ flat, warmup_ms=1, rep_ms=200)
+                        ms = timing.bench(lambda: Hop @ flat, warmup_ms=1, rep_ms=200)
                 except Exception as err:   # noqa: BLE001 - reported below the table
                     failure(name, err)
                     continue

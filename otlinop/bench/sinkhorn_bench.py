@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from . import _timing
+from . import timing
 
 EPS = 0.5
 LO, HI, REPEATS, MEMORY_ITERS = 20, 70, 5, 20
@@ -89,7 +89,7 @@ def per_iteration_ms(run, lo: int = LO, hi: int = HI, repeats: int = REPEATS) ->
 def peak_mb(run, iters: int = MEMORY_ITERS):
     if not torch.cuda.is_available():
         return None
-    return _timing.peak_memory(lambda: run(iters)) / 2 ** 20
+    return timing.peak_memory(lambda: run(iters)) / 2 ** 20
 
 
 # --------------------------------------------------------------------------
@@ -391,7 +391,7 @@ def collect(argv=None) -> dict:
     sizes = args.sizes or ([10_000, 50_000] if cuda else [200])
     dims = args.dims
     precisions = [None if p == "default" else p for p in args.precisions] if cuda else [None]
-    print(f"device: {_timing.device_name()}")
+    print(f"device: {timing.device_name()}")
     if not cuda:
         print("No CUDA GPU: a tiny size on the CPU (torch backend); these are NOT GPU figures, and the peers "
               "(CUDA only) are skipped.")

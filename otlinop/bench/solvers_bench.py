@@ -36,7 +36,7 @@ import torch
 
 from solvers import config
 
-from . import _timing
+from . import timing
 
 
 def _system(n: int, k: int, dtype, device, seed: int = 0):
@@ -106,7 +106,7 @@ def _vector_table(ns, dtype, device, n1: int, n2: int) -> None:
 
 
 def _per_iteration(fn_of_iters, n1: int, n2: int) -> float:
-    return (_timing.bench(lambda: fn_of_iters(n2)) - _timing.bench(lambda: fn_of_iters(n1))) / (n2 - n1)
+    return (timing.bench(lambda: fn_of_iters(n2)) - timing.bench(lambda: fn_of_iters(n1))) / (n2 - n1)
 
 
 def run(args) -> int:
@@ -117,7 +117,7 @@ def run(args) -> int:
     dtype = getattr(torch, args.dtype)
     n = args.n or (4096 if cuda else 1024)
     n1, n2 = args.iters
-    print(f"device: {_timing.device_name()}")
+    print(f"device: {timing.device_name()}")
     if not cuda:
         print(f"(no GPU: n = {n} on the CPU; these are not GPU figures)")
     print(f"dense SPD {args.dtype} system, n = {n}; solvers.cg per iteration from "
@@ -129,10 +129,10 @@ def run(args) -> int:
         b = B[:, 0].contiguous() if k == 1 else B
         P = b.clone()
         if k == 1:
-            t_mv = _timing.bench(lambda: torch.mv(A, P))
+            t_mv = timing.bench(lambda: torch.mv(A, P))
         else:
-            t_mv = _timing.bench(lambda: torch.mm(A, P))
-        t_step = _timing.bench(_textbook_step(A, B))
+            t_mv = timing.bench(lambda: torch.mm(A, P))
+        t_step = timing.bench(_textbook_step(A, B))
 
         def solve(iters, every=None):
             res = cg(A, b, rtol=0.0, atol=0.0, maxiter=iters, check_every=every)
