@@ -145,7 +145,46 @@ def test_hvp_suite_reports_a_failing_fused_row_and_goes_on(monkeypatch, capsys):
     assert config.check_finite      # the bench's switch-off ends with it, errors included
 
 
-def test_per_iteration_widens_a_span_below_the_noise(monkeypatch):
+def _sinkhorn_reference(method, x, y, a, b, eps, k):
+    """k iterations of the update formulas of ``otlinop.sinkhorn``'s Notes, in dense torch."""
+    C = torch.cdist(x, y).square()
+
+    def t_f(g):
+        return -eps * torch.logsumexp(b.log()[None, :] + (g[None, :] - C) / eps, dim=1)
+
+    def t_g(f):
+        return -eps * torch.logsumexp(a.log()[:, None] + (f[:, None] - C) / eps, dim=0)
+
+    if method == "alternating":
+        f = torch.zeros_like(a)
+        for _ in range(k):
+            g = t_g(f)
+            f = t_f(g)
+        return f, g
+    f, g = t_f(torch.zeros_like(b)), t_g(torch.zeros_like(a))
+    for _ in range(k):
+        f, g = (f + t_f(g)) / 2, (g + t_g(f)) / 2
+    return t_f(g), t_g(f)
+
+
+@pytest.mark.parametrize("method", ["symmetric", "alternating"])
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_ours_runner_runs_k_iterations_at_the_protocol_eps(method, k):
+    """The bench times the public sinkhorn call doing exactly k steps at eps = EPS (one eps, no check)."""
+    from otlinop.bench import sinkhorn_bench
+
+    x, y, a, b = (t.double() for t in sinkhorn_bench.inputs(24, 3, "cpu"))
+    res = sinkhorn_bench.ours_runner(method, x, y, a, b, None, "torch")(k)
+    assert res.n_iter == k and res.method == method
+    assert set(res.eps_schedule) == {res.eps} and res.eps == pytest.approx(sinkhorn_bench.EPS, rel=1e-15)
+    assert len(res.marginal_error) == 1     # no check inside the run, one at its end
+    for steps in (k - 1, k, k + 1):
+        f, g = _sinkhorn_reference(method, x, y, a, b, res.eps, steps)
+        same = torch.allclose(res.f, f, rtol=0, atol=1e-12) and torch.allclose(res.g, g, rtol=0, atol=1e-12)
+        assert same == (steps == k), steps
+
+
+def test_per_iteration_widens_a_span_below_the_noise():
     from otlinop.bench import sinkhorn_bench
 
     calls = []
@@ -160,14 +199,12 @@ def test_per_iteration_widens_a_span_below_the_noise(monkeypatch):
         k = calls[-1]
         return 5.0 - 0.001 * k if k <= 70 else 0.02 * k
 
-    monkeypatch.setattr(sinkhorn_bench, "_elapsed_ms", elapsed)
-    ms = sinkhorn_bench.per_iteration_ms(run, 20, 70, repeats=3)
+    ms = sinkhorn_bench.per_iteration_ms(run, 20, 70, repeats=3, clock=elapsed)
     assert set(calls) == {20, 70, 420}
     assert ms == pytest.approx((0.02 * 420 - (5.0 - 0.02)) / 400)
 
-    monkeypatch.setattr(sinkhorn_bench, "_elapsed_ms", lambda fn: (fn(), 1.0)[1])
     with pytest.raises(RuntimeError, match="below the timing noise even over 3200 iterations"):
-        sinkhorn_bench.per_iteration_ms(run, 20, 70, repeats=1)
+        sinkhorn_bench.per_iteration_ms(run, 20, 70, repeats=1, clock=lambda fn: (fn(), 1.0)[1])
 
 
 def test_single_suite_writes_nothing_without_results(tmp_path, monkeypatch, capsys):
