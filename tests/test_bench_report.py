@@ -99,25 +99,27 @@ def test_solvers_suite_tables(capsys):
     assert (config.cg_fused, config.cg_fused_max_n) == saved
 
 
-def _broken_fused_kernels(monkeypatch, everywhere=False):
-    """cg's fused path fails (a kernel this GPU cannot compile, say): cg raises
+def _cg_failing_when_fused(everywhere=False):
+    """solvers.cg whose fused kernels fail (a kernel this GPU cannot compile, say): it raises
     where ``config.cg_fused`` is on (everywhere: always)."""
-    from solvers import _cg_step, config
+    from solvers import cg, config
 
-    def broken(B):
+    def broken(*args, **kwargs):
         if everywhere:
             raise RuntimeError("broken everywhere")
         if config.cg_fused:
             raise RuntimeError("no kernel here")
-        return "torch"
+        return cg(*args, **kwargs)
 
-    monkeypatch.setattr(_cg_step, "fused_backend", broken)
+    return broken
 
 
-def test_solvers_vector_table_reports_a_failing_fused_cell(monkeypatch, capsys):
-    _broken_fused_kernels(monkeypatch)
-    status, captured = _run(["solvers", "--no-results", "--n", "64", "--ks", "1", "--iters", "2", "6",
-                             "--vector-ns", "32"], capsys)
+def test_solvers_vector_table_reports_a_failing_fused_cell(capsys):
+    from otlinop.bench import solvers_bench
+
+    status = solvers_bench.main(["--n", "64", "--ks", "1", "--iters", "2", "6", "--vector-ns", "32"],
+                                cg=_cg_failing_when_fused())
+    captured = capsys.readouterr()
     assert status == 0, captured.err
     row = next(line for line in captured.out.splitlines() if line.startswith("| 32 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -125,24 +127,25 @@ def test_solvers_vector_table_reports_a_failing_fused_cell(monkeypatch, capsys):
     assert float(cells[1]) > 0 and float(cells[3]) > 0
 
 
-def test_hvp_suite_reports_a_failing_fused_row_and_goes_on(monkeypatch, capsys):
+def test_hvp_suite_reports_a_failing_fused_row_and_goes_on(capsys):
     """A fused-kernel row that raises (a kernel this GPU cannot compile, say) is reported
     under the table; the other rows, and the run, go on. Any other row's error still raises."""
+    from otlinop import config
     from otlinop.bench import hvp_bench
 
-    _broken_fused_kernels(monkeypatch)
-    status, captured = _run(["hvp", "--no-results", "--n", "40", "--d", "4", "--no-peer"], capsys)
+    argv = ["--n", "40", "--d", "4", "--no-peer"]
+    status = hvp_bench.main(argv, cg=_cg_failing_when_fused())
+    captured = capsys.readouterr()
     assert status == 0, captured.err
     lines = captured.out.splitlines()
     failed = [line for line in lines if "failed: RuntimeError: no kernel here" in line]
-    assert len(failed) == 2 and all(hvp_bench._FUSED in line for line in failed)
+    assert len(failed) == 2 and all(hvp_bench.FUSED_LABEL in line for line in failed)
     assert sum(line.startswith("| otlinop |") for line in lines) == 8 + 2     # 8 rows measured, 2 failed
+    assert not config.cg_fused
 
-    _broken_fused_kernels(monkeypatch, everywhere=True)
     with pytest.raises(RuntimeError, match="broken everywhere"):
-        bench_main.main(["hvp", "--no-results", "--n", "40", "--d", "4", "--no-peer"])
-    from otlinop import config
-    assert config.check_finite      # the bench's switch-off ends with it, errors included
+        hvp_bench.main(argv, cg=_cg_failing_when_fused(everywhere=True))
+    assert config.check_finite and not config.cg_fused   # the bench's overrides end, errors included
 
 
 def _sinkhorn_reference(method, x, y, a, b, eps, k):
