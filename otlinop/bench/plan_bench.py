@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from otlinop import config
-    from otlinop.kernels.plan_apply import plan_apply
+    from otlinop.kernels import plan_apply
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
