@@ -419,11 +419,13 @@ def collect(argv=None) -> dict:
     parser.add_argument("--peer-timeout", type=float, default=1200.0)
     parser.add_argument("--iters", type=int, nargs=2, default=[LO, HI], metavar=("LO", "HI"),
                         help=f"per iteration = (T(HI) - T(LO)) / (HI - LO) (default {LO} {HI}; "
-                             "fewer for n = 1M)")
+                             "fewer for n = 1M; LO >= 2, the symmetric schedule's length)")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="median of this many measurements")
     parser.add_argument("--memory-iters", type=int, default=MEMORY_ITERS,
                         help="iterations of the peak-memory run")
     args = parser.parse_args(argv)
+    if not 2 <= args.iters[0] < args.iters[1]:
+        parser.error(f"--iters LO HI needs 2 <= LO < HI, got {args.iters[0]} {args.iters[1]}")
 
     cuda = torch.cuda.is_available()
     sizes = args.sizes or ([10_000, 50_000] if cuda else [200])
