@@ -5,18 +5,24 @@ python scripts/profile_pair.py [--ranges R S]  -- per case: wall ms per call
 softmin_pair call against two softmin calls, then of one softmin_self call
 against one softmin call on (x, x), with the ratios. Not a benchmark of
 record (see python -m otlinop.bench sinkhorn).
+
+``--ranges R S`` forces the block grid: R row ranges and S column ranges
+for softmin_pair (``softmin_pair(..., _ranges=(R, S))``), R ranges for
+softmin_self (``softmin_self(..., _ranges=R)``), the launchers' private
+keywords; the probe stops with a message where they do not take them. The
+kernels' finiteness checks are off while it runs (``config.check_finite``,
+restored on exit).
 """
 import argparse
-import importlib
+import inspect
 import math
+import sys
 
 import torch
 
-from otlinop.bench._timing import graph_replay_ms
-from otlinop.kernels import _common, softmin, softmin_pair, softmin_self
-
-sp = importlib.import_module("otlinop.kernels.softmin_pair")
-_common._CHECK_FINITE = False
+from otlinop import config
+from otlinop.bench.timing import graph_replay_ms
+from otlinop.kernels import softmin, softmin_pair, softmin_self
 
 
 def wall_ms(fn, reps=20):
@@ -31,13 +37,27 @@ def wall_ms(fn, reps=20):
     return e0.elapsed_time(e1) / reps
 
 
+def forced_ranges(ranges):
+    """The keywords forcing the block grids: ``(pair_kwargs, self_kwargs)``, empty without ``ranges``.
+
+    Raises SystemExit where the launchers take no ``_ranges`` keyword.
+    """
+    if ranges is None:
+        return {}, {}
+    missing = [fn.__name__ for fn in (softmin_pair, softmin_self) if "_ranges" not in inspect.signature(fn).parameters]
+    if missing:
+        sys.exit(f"--ranges needs the private keyword _ranges of {', '.join(missing)}, which this version lacks")
+    r, s = ranges
+    return {"_ranges": (r, s)}, {"_ranges": r}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ranges", type=int, nargs=2, default=None)
     parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 50_000])
     parser.add_argument("--dims", type=int, nargs="*", default=[3, 64])
     args = parser.parse_args()
-    sp._FORCE_RANGES = tuple(args.ranges) if args.ranges else None
+    pair_kw, self_kw = forced_ranges(args.ranges)
     print("| n | d | precision, potentials | pair wall / device ms | two softmin wall / device ms | device ratio | exp floor ms |")
     print("|---|---|---|---|---|---|---|")
     for n in args.sizes:
@@ -55,7 +75,7 @@ def main():
                 else:
                     f, g = f_eq, g_eq
                 def pair():
-                    return softmin_pair(x, y, f, g, la, la, eps=eps, precision=prec)
+                    return softmin_pair(x, y, f, g, la, la, eps=eps, precision=prec, **pair_kw)
 
                 def two():
                     return (softmin(x, y, torch.add(la, g, alpha=1 / eps), eps=eps, precision=prec),
@@ -77,7 +97,7 @@ def main():
             f = softmin(x, x, la, eps=eps)
             for prec in ("tf32", "tf32x3"):
                 def self_():
-                    return softmin_self(x, f, la, eps=eps, precision=prec)
+                    return softmin_self(x, f, la, eps=eps, precision=prec, **self_kw)
 
                 def plain():
                     return softmin(x, x, torch.add(la, f, alpha=1 / eps), eps=eps, precision=prec)
@@ -87,4 +107,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with config.override(check_finite=False):
+        main()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from otlinop.bench import __main__ as bench_main
-from otlinop.bench import _report, _timing
+from otlinop.bench import _report, timing
 
 # Tiny CPU run of the sinkhorn suite: 2 sizes x 2 dims x 2 methods = 8 rows.
 SINKHORN_ARGS = ["--no-peers", "--no-default-call", "--sizes", "16", "32", "--dims", "2", "5"]
@@ -63,7 +63,7 @@ def test_sinkhorn_results_folder(tmp_path, capsys):
         (n, d, m) for n in (16, 32) for d in (2, 5) for m in ("symmetric", "alternating")}
     assert all(r["library"] == "otlinop" and r["ms"] > 0 for r in rows)
     assert data["default_call"] == []
-    assert data["environment"]["device"] == _timing.device_name()
+    assert data["environment"]["device"] == timing.device_name()
     if not data["ceilings"]:   # no GPU: no floor
         assert all(r["floor_ms"] is None and r["fraction_of_floor"] is None for r in rows)
 
@@ -76,7 +76,7 @@ def test_sinkhorn_results_folder(tmp_path, capsys):
     readme = (out / "README.md").read_text()
     assert "`python -m otlinop.bench sinkhorn --results " in readme
     assert "sinkhorn (exit 0)" in readme
-    assert _timing.device_name() in readme
+    assert timing.device_name() in readme
     table = readme.split("## Sinkhorn: fraction of the floor")[1]
     assert sum(line.startswith("| otlinop |") for line in table.splitlines()) == 8 * _PRECISIONS
 
@@ -99,27 +99,27 @@ def test_solvers_suite_tables(capsys):
     assert (config.cg_fused, config.cg_fused_max_n) == saved
 
 
-def _broken_fused_kernels(monkeypatch, everywhere=False):
-    """cg's fused path fails (a kernel this GPU cannot compile, say): cg raises
+def _cg_failing_when_fused(everywhere=False):
+    """solvers.cg whose fused kernels fail (a kernel this GPU cannot compile, say): it raises
     where ``config.cg_fused`` is on (everywhere: always)."""
-    import importlib
+    from solvers import cg, config
 
-    from solvers import config
-
-    def broken(B):
+    def broken(*args, **kwargs):
         if everywhere:
             raise RuntimeError("broken everywhere")
         if config.cg_fused:
             raise RuntimeError("no kernel here")
-        return "torch"
+        return cg(*args, **kwargs)
 
-    monkeypatch.setattr(importlib.import_module("solvers.cg"), "fused_backend", broken)   # what cg calls
+    return broken
 
 
-def test_solvers_vector_table_reports_a_failing_fused_cell(monkeypatch, capsys):
-    _broken_fused_kernels(monkeypatch)
-    status, captured = _run(["solvers", "--no-results", "--n", "64", "--ks", "1", "--iters", "2", "6",
-                             "--vector-ns", "32"], capsys)
+def test_solvers_vector_table_reports_a_failing_fused_cell(capsys):
+    from otlinop.bench import solvers_bench
+
+    status = solvers_bench.main(["--n", "64", "--ks", "1", "--iters", "2", "6", "--vector-ns", "32"],
+                                cg=_cg_failing_when_fused())
+    captured = capsys.readouterr()
     assert status == 0, captured.err
     row = next(line for line in captured.out.splitlines() if line.startswith("| 32 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
@@ -127,27 +127,67 @@ def test_solvers_vector_table_reports_a_failing_fused_cell(monkeypatch, capsys):
     assert float(cells[1]) > 0 and float(cells[3]) > 0
 
 
-def test_hvp_suite_reports_a_failing_fused_row_and_goes_on(monkeypatch, capsys):
+def test_hvp_suite_reports_a_failing_fused_row_and_goes_on(capsys):
     """A fused-kernel row that raises (a kernel this GPU cannot compile, say) is reported
     under the table; the other rows, and the run, go on. Any other row's error still raises."""
+    from otlinop import config
     from otlinop.bench import hvp_bench
 
-    _broken_fused_kernels(monkeypatch)
-    status, captured = _run(["hvp", "--no-results", "--n", "40", "--d", "4", "--no-peer"], capsys)
+    argv = ["--n", "40", "--d", "4", "--no-peer"]
+    status = hvp_bench.main(argv, cg=_cg_failing_when_fused())
+    captured = capsys.readouterr()
     assert status == 0, captured.err
     lines = captured.out.splitlines()
     failed = [line for line in lines if "failed: RuntimeError: no kernel here" in line]
-    assert len(failed) == 2 and all(hvp_bench._FUSED in line for line in failed)
+    assert len(failed) == 2 and all(hvp_bench.FUSED_LABEL in line for line in failed)
     assert sum(line.startswith("| otlinop |") for line in lines) == 8 + 2     # 8 rows measured, 2 failed
+    assert not config.cg_fused
 
-    _broken_fused_kernels(monkeypatch, everywhere=True)
     with pytest.raises(RuntimeError, match="broken everywhere"):
-        bench_main.main(["hvp", "--no-results", "--n", "40", "--d", "4", "--no-peer"])
-    from otlinop import config
-    assert config.check_finite      # the bench's switch-off ends with it, errors included
+        hvp_bench.main(argv, cg=_cg_failing_when_fused(everywhere=True))
+    assert config.check_finite and not config.cg_fused   # the bench's overrides end, errors included
 
 
-def test_per_iteration_widens_a_span_below_the_noise(monkeypatch):
+def _sinkhorn_reference(method, x, y, a, b, eps, k):
+    """k iterations of the update formulas of ``otlinop.sinkhorn``'s Notes, in dense torch."""
+    C = torch.cdist(x, y).square()
+
+    def t_f(g):
+        return -eps * torch.logsumexp(b.log()[None, :] + (g[None, :] - C) / eps, dim=1)
+
+    def t_g(f):
+        return -eps * torch.logsumexp(a.log()[:, None] + (f[:, None] - C) / eps, dim=0)
+
+    if method == "alternating":
+        f = torch.zeros_like(a)
+        for _ in range(k):
+            g = t_g(f)
+            f = t_f(g)
+        return f, g
+    f, g = t_f(torch.zeros_like(b)), t_g(torch.zeros_like(a))
+    for _ in range(k):
+        f, g = (f + t_f(g)) / 2, (g + t_g(f)) / 2
+    return t_f(g), t_g(f)
+
+
+@pytest.mark.parametrize("method", ["symmetric", "alternating"])
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_ours_runner_runs_k_iterations_at_the_protocol_eps(method, k):
+    """The bench times the public sinkhorn call doing exactly k steps at eps = EPS (one eps, no check)."""
+    from otlinop.bench import sinkhorn_bench
+
+    x, y, a, b = (t.double() for t in sinkhorn_bench.inputs(24, 3, "cpu"))
+    res = sinkhorn_bench.ours_runner(method, x, y, a, b, None, "torch")(k)
+    assert res.n_iter == k and res.method == method
+    assert set(res.eps_schedule) == {res.eps} and res.eps == pytest.approx(sinkhorn_bench.EPS, rel=1e-15)
+    assert len(res.marginal_error) == 1     # no check inside the run, one at its end
+    for steps in (k - 1, k, k + 1):
+        f, g = _sinkhorn_reference(method, x, y, a, b, res.eps, steps)
+        same = torch.allclose(res.f, f, rtol=0, atol=1e-12) and torch.allclose(res.g, g, rtol=0, atol=1e-12)
+        assert same == (steps == k), steps
+
+
+def test_per_iteration_widens_a_span_below_the_noise():
     from otlinop.bench import sinkhorn_bench
 
     calls = []
@@ -162,14 +202,12 @@ def test_per_iteration_widens_a_span_below_the_noise(monkeypatch):
         k = calls[-1]
         return 5.0 - 0.001 * k if k <= 70 else 0.02 * k
 
-    monkeypatch.setattr(sinkhorn_bench, "_elapsed_ms", elapsed)
-    ms = sinkhorn_bench.per_iteration_ms(run, 20, 70, repeats=3)
+    ms = sinkhorn_bench.per_iteration_ms(run, 20, 70, repeats=3, clock=elapsed)
     assert set(calls) == {20, 70, 420}
     assert ms == pytest.approx((0.02 * 420 - (5.0 - 0.02)) / 400)
 
-    monkeypatch.setattr(sinkhorn_bench, "_elapsed_ms", lambda fn: (fn(), 1.0)[1])
     with pytest.raises(RuntimeError, match="below the timing noise even over 3200 iterations"):
-        sinkhorn_bench.per_iteration_ms(run, 20, 70, repeats=1)
+        sinkhorn_bench.per_iteration_ms(run, 20, 70, repeats=1, clock=lambda fn: (fn(), 1.0)[1])
 
 
 def test_single_suite_writes_nothing_without_results(tmp_path, monkeypatch, capsys):
@@ -231,19 +269,27 @@ def test_split_results_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_ceilings_measured_once(monkeypatch):
+def test_ceilings_measured_once():
     calls = []
 
     def fake():
         calls.append(1)
         return dict(CEIL)
 
-    monkeypatch.setattr(_timing, "_CEILINGS", None)
-    monkeypatch.setattr(_timing, "_measure_ceilings", fake)
-    first = _timing.ceilings()
-    first["exp2_per_s"] = 0.0          # a caller's copy: the shared figures stay
-    assert _timing.ceilings() == CEIL
-    assert len(calls) == 1
+    timing.clear_ceilings()
+    try:
+        assert not timing.ceilings_measured()
+        first = timing.ceilings(measure=fake)
+        first["exp2_per_s"] = 0.0          # a caller's copy: the shared figures stay
+        assert timing.ceilings(measure=fake) == CEIL
+        assert len(calls) == 1
+        assert timing.ceilings_measured()
+        timing.clear_ceilings()
+        assert not timing.ceilings_measured()
+        assert timing.ceilings(measure=fake) == CEIL
+        assert len(calls) == 2
+    finally:
+        timing.clear_ceilings()
 
 
 # --------------------------------------------------------------------------

@@ -153,16 +153,17 @@ def main(argv=None) -> int:
 
 def _write_report(results, command, ran, files, skipped, sinkhorn) -> None:
     """Write the sinkhorn files (when that suite ran) and README.md into ``results``."""
-    from . import _report, _timing
+    from ._report import environment, readme, write_sinkhorn
+    from .timing import ceilings, ceilings_measured
 
-    env = _report.environment()
+    env = environment()
     # The floors need the ceilings; otherwise report them only if a suite measured them.
-    ceil = _timing.ceilings() if (sinkhorn is not None or _timing._CEILINGS is not None) else None
+    ceil = ceilings() if (sinkhorn is not None or ceilings_measured()) else None
     if sinkhorn is not None:
-        written = _report.write_sinkhorn(results, sinkhorn, ceil, env=env)
+        written = write_sinkhorn(results, sinkhorn, ceil, env=env)
         files += written["files"]
         skipped.update(written["skipped"])
-    text = _report.readme(command=command, env=env, ceil=ceil, suites=ran, files=files, skipped=skipped,
+    text = readme(command=command, env=env, ceil=ceil, suites=ran, files=files, skipped=skipped,
                           sinkhorn_rows=None if sinkhorn is None else sinkhorn["rows"])
     with open(os.path.join(results, "README.md"), "w") as fh:
         fh.write(text)

@@ -1,7 +1,7 @@
 """Files written by ``python -m otlinop.bench ... --results DIR``.
 
 Pure functions of the benchmark rows and the measured ceilings (see
-``_timing.ceilings``), so that they can be tested without a GPU:
+``timing.ceilings``), so that they can be tested without a GPU:
 
 - :func:`floor_ms` / :func:`annotate`: the floor of one Sinkhorn iteration and
   the fraction of it that a measured row reaches;
@@ -32,9 +32,9 @@ import os
 import platform
 from datetime import datetime, timezone
 
-from . import _timing
+from . import timing
 
-#: Keys that ``_timing.ceilings`` returns on a GPU and that the floor needs.
+#: Keys that ``timing.ceilings`` returns on a GPU and that the floor needs.
 CEILING_KEYS = ("exp2_per_s", "fp32_flops", "tf32_flops")
 
 #: Names of the files of the sinkhorn suite inside the results folder.
@@ -62,7 +62,7 @@ def precision_class(row: dict) -> str | None:
     -------
     str or None
         ``"tf32"``, ``"tf32x3"`` or ``"ieee"`` (strict fp32), the keys that
-        ``_timing.matmul_rate`` understands; None when the label names no known
+        ``timing.matmul_rate`` understands; None when the label names no known
         GPU precision (then the row has no floor).
     """
     label = str(row.get("precision", "")).lower()
@@ -81,7 +81,7 @@ def precision_class(row: dict) -> str | None:
 def _check_ceilings(ceil: dict) -> None:
     missing = [k for k in CEILING_KEYS if k not in ceil]
     if missing:
-        raise ValueError(f"ceilings lack {', '.join(missing)}: pass the dict of _timing.ceilings() "
+        raise ValueError(f"ceilings lack {', '.join(missing)}: pass the dict of timing.ceilings() "
                          f"(empty when not measured), got keys {sorted(ceil)}")
 
 
@@ -97,7 +97,7 @@ def floor_ms(n: int, m: int, d: int, klass: str | None, ceil: dict | None) -> fl
     klass : str or None
         Precision class (see :func:`precision_class`).
     ceil : dict or None
-        Measured ceilings (``_timing.ceilings()``); empty or None when they
+        Measured ceilings (``timing.ceilings()``); empty or None when they
         were not measured (no GPU).
 
     Returns
@@ -110,7 +110,7 @@ def floor_ms(n: int, m: int, d: int, klass: str | None, ceil: dict | None) -> fl
         return None
     _check_ceilings(ceil)
     exp_s = 2 * n * m / ceil["exp2_per_s"]
-    dot_s = 2 * n * m * d / _timing.matmul_rate(ceil, klass)
+    dot_s = 2 * n * m * d / timing.matmul_rate(ceil, klass)
     return 1e3 * max(exp_s, dot_s)
 
 
@@ -306,7 +306,7 @@ def environment() -> dict:
     except ImportError:
         triton_version = "not installed"
     import otlinop
-    return dict(device=_timing.device_name(), python=platform.python_version(), torch=torch.__version__,
+    return dict(device=timing.device_name(), python=platform.python_version(), torch=torch.__version__,
                 triton=triton_version, otlinop=getattr(otlinop, "__version__", "unknown"))
 
 
@@ -388,7 +388,7 @@ def readme(*, command: str, env: dict, ceil: dict | None, suites: list[str], fil
         f"- versions: Python {env['python']}, torch {env['torch']}, triton {env['triton']}, "
         f"otlinop {env['otlinop']}",
         "- ceilings: not measured in this run (no suite needed them)" if ceil is None
-        else "- ceilings: none (no GPU)" if not ceil else f"- {_timing.format_ceilings(ceil)}",
+        else "- ceilings: none (no GPU)" if not ceil else f"- {timing.format_ceilings(ceil)}",
         f"- suites: {', '.join(suites) if suites else 'none'}",
         f"- files: {', '.join(files) if files else 'none'}",
     ]

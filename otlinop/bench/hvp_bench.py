@@ -10,8 +10,10 @@ as an operator built once (``loss_hessian_operator``, truncated plan, the
 inner CG as a graph captured per product or kept in a ``solvers.GraphCache``):
 time (median), inner CG iterations and relative error against the reference.
 The truncated rows with a CUDA graph are also run with the inner CG's vector
-work in ``solvers._cg_step``'s fused kernels ("fused CG vector ops"; off by
-default) instead of separate torch operations, side by side.
+work in the fused kernels of ``solvers.cg`` (``config.cg_fused``, off by
+default; "fused CG vector ops" in the table) instead of separate torch
+operations, side by side; a fused row that fails is reported under the table
+and the run goes on.
 
 When flash-sinkhorn is importable (``flash_sinkhorn`` or ``ot_triton``), the same
 run measures it in a subprocess of its own: its HVP from the same converged
@@ -30,12 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
 from solvers import config
 
-from . import _timing
+from . import timing
 
 # The peer runs in its own process (its own Triton kernels and caches); it
 # reads the problem from a file and prints one JSON line.
@@ -84,13 +87,26 @@ print(json.dumps(out))
 """
 
 
-#: The label of the rows whose inner CG runs its vector work in the fused
-#: kernels (``config.cg_fused``; off by default) instead of
-#: separate torch operations: the same run then measures what they change.
-_FUSED = "fused CG vector ops"
+#: What the table says of the rows whose inner CG runs its vector work in the
+#: fused kernels (``config.cg_fused``; off by default) instead of separate
+#: torch operations: the same run then measures what they change.
+FUSED_LABEL = "fused CG vector ops"
 
 
-def _problem(n, d, device, seed, weights):
+@dataclass(frozen=True, eq=False)
+class _Row:
+    """One otlinop row of the table: what it runs, and with which switch."""
+
+    label: str                      # as printed
+    M: object                       # the inner CG's preconditioner
+    solver: object                  # the inner solver (cg, or cg with a graph)
+    truncate: float | None = None   # the plan's truncation tolerance; None: the exact plan
+    operator: bool = False          # loss_hessian_operator built once, then @ A; else one hvp_x call
+    fused: bool = False             # config.cg_fused on; a failure is reported, not raised
+
+
+def problem(n, d, device, seed, weights):
+    """The suite's problem in float64: ``(x, y, a, b, A)``, A the direction of the HVP."""
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(n, d, device=device, generator=gen, dtype=torch.float64)
     y = torch.randn(n, d, device=device, generator=gen, dtype=torch.float64) + 0.5
@@ -128,7 +144,12 @@ def _rel(u, ref):
     return float((u.double() - ref).norm() / ref.norm())
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, cg=None) -> int:
+    """Run the suite (options: ``--help``); returns the exit status.
+
+    ``cg`` is the CG solver of every otlinop row (default ``solvers.cg``); a
+    test passes one that fails.
+    """
     parser = argparse.ArgumentParser(prog="python -m otlinop.bench hvp", description=__doc__)
     parser.add_argument("--n", type=int, default=None, help="n = m (default 10000 on a GPU, 300 on a CPU)")
     parser.add_argument("--d", type=int, default=None, help="dimension (default 64 on a GPU, 8 on a CPU)")
@@ -151,18 +172,21 @@ def main(argv=None) -> int:
 
     from otlinop.hvp import grad_x, hvp_x, loss_hessian_operator
     from otlinop.plan import PlanOperator
-    from solvers import GraphCache, cg, jacobi, neumann
+    from solvers import GraphCache, jacobi, neumann
+    from solvers import cg as default_cg
+
+    cg = default_cg if cg is None else cg
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     n = args.n or (10_000 if cuda else 300)
     d = args.d or (64 if cuda else 8)
     eps = args.eps
-    print(f"device: {_timing.device_name()}; n = m = {n}, d = {d}, eps = {eps}, {args.weights} weights, "
+    print(f"device: {timing.device_name()}; n = m = {n}, d = {d}, eps = {eps}, {args.weights} weights, "
           f"inner rtol {args.rtol:g} (float32)")
 
     # ---- float64 reference: converged potentials, HVP, finite differences
-    x, y, a, b, A = _problem(n, d, device, args.seed, args.weights)
+    x, y, a, b, A = problem(n, d, device, args.seed, args.weights)
     key = (n, d, eps, args.seed, args.weights)
     cached = torch.load(args.cache) if args.cache and os.path.exists(args.cache) else None
     t0 = time.perf_counter()
@@ -190,62 +214,63 @@ def main(argv=None) -> int:
 
     # ---- otlinop in float32
     x32, y32, a32, b32, A32, f32, g32 = (t.float() for t in (x, y, a, b, A, f, g))
+    graphed = functools.partial(cg, graph=True)
+    calls = [_Row("M = None", None, cg), _Row("M = jacobi()", jacobi(), cg), _Row("M = neumann(3)", neumann(3), cg),
+             _Row("M = jacobi(), cg graph", jacobi(), graphed)]
+    for tol in args.truncate:
+        calls += [_Row(f"M = jacobi(), truncate={tol:g}", jacobi(), cg, truncate=tol),
+                  _Row(f"M = jacobi(), truncate={tol:g}, cg graph", jacobi(), graphed, truncate=tol),
+                  _Row(f"M = jacobi(), truncate={tol:g}, cg graph, {FUSED_LABEL}", jacobi(), graphed,
+                       truncate=tol, fused=True)]
+    rows = []     # (row, ms, inner CG iterations, relative error)
+    failed = []   # (row, error) of fused-kernel rows that raised: the rest of the run goes on
+
+    def measure(row, product, timed):
+        """Run ``product()`` -> (H, the inner solve's result) once, then time ``timed``; print the row."""
+        try:
+            with config.override(cg_fused=row.fused):
+                H, solve = product()
+                ms = timing.bench(timed, warmup_ms=1, rep_ms=200)
+        except Exception as err:   # noqa: BLE001 - reported below the table
+            if not row.fused:
+                raise
+            failed.append((row, f"{type(err).__name__}: {err}"))
+            print(f"otlinop {row.label}: failed ({failed[-1][1]})", flush=True)
+            return
+        rows.append((row, ms, solve.n_iter, _rel(H, ref)))
+        converged = "" if row.operator else f", converged {solve.converged}"
+        print(f"otlinop {row.label}: {ms:.2f} ms, {solve.n_iter} iterations{converged}, error {rows[-1][3]:.1e}",
+              flush=True)
+
     with config.override(check_finite=False):    # restored on exit, errors included
-        rows = []
-        graphed = functools.partial(cg, graph=True)
-        variants = [("None", None, {}), ("jacobi()", jacobi(), {}), ("neumann(3)", neumann(3), {}),
-                    ("jacobi(), cg graph", jacobi(), {"solver": graphed})]
-        for tol in args.truncate:
-            variants += [(f"jacobi(), truncate={tol:g}", jacobi(), {"truncate": tol}),
-                         (f"jacobi(), truncate={tol:g}, cg graph", jacobi(), {"truncate": tol, "solver": graphed}),
-                         (f"jacobi(), truncate={tol:g}, cg graph, {_FUSED}", jacobi(),
-                          {"truncate": tol, "solver": graphed})]
-        failed = []   # (row, error) of fused-kernel rows that raised: the rest of the run goes on
+        for row in calls:
+            extra = {} if row.truncate is None else {"truncate": row.truncate}
 
-        def failure(name, err):
-            if _FUSED not in name:
-                raise err
-            failed.append((name, f"{type(err).__name__}: {err}"))
-            print(f"otlinop {name}: failed ({failed[-1][1]})", flush=True)
-
-        for name, M, extra in variants:
             def run():
-                return hvp_x(x32, y32, f32, g32, A32, eps=eps, a=a32, b=b32, M=M, rtol=args.rtol,
-                             maxiter=args.maxiter, precision=args.precision, **extra)
-            try:
-                with config.override(cg_fused=_FUSED in name):
-                    H, info = run()
-                    ms = _timing.bench(run, warmup_ms=1, rep_ms=200)
-            except Exception as err:   # noqa: BLE001 - reported below the table
-                failure(f"M = {name}", err)
-                continue
-            rows.append(("otlinop", f"M = {name}", ms, info.n_iter, _rel(H, ref)))
-            print(f"otlinop M = {name}: {ms:.2f} ms, {info.n_iter} iterations, converged {info.converged}, "
-                  f"error {rows[-1][4]:.1e}", flush=True)
+                return hvp_x(x32, y32, f32, g32, A32, eps=eps, a=a32, b=b32, M=row.M, rtol=args.rtol,
+                             maxiter=args.maxiter, precision=args.precision, solver=row.solver, **extra)
+            measure(row, run, run)
         for tol in args.truncate:
             Pt = PlanOperator(x32, y32, f32, g32, eps=eps, a=a32, b=b32, precision=args.precision).truncated(tol)
             print(f"truncate={tol:g}: {Pt!r}")
             # The Hessian as an operator: the plan is truncated (and M bound) once, then every
             # product reuses them, as a double backward reuses its forward graph; with a
             # GraphCache the inner CG's captured iteration is reused too.
-            for label, solver in (("cg graph", graphed),
-                                  ("cg GraphCache", functools.partial(cg, graph=GraphCache())),
-                                  (f"cg GraphCache, {_FUSED}", functools.partial(cg, graph=GraphCache()))):
-                Hop = loss_hessian_operator(x32, y32, f32, g32, eps=eps, a=a32, b=b32, M=jacobi(), rtol=args.rtol,
+            for what, solver, fused in (("cg graph", graphed, False),
+                                        ("cg GraphCache", functools.partial(cg, graph=GraphCache()), False),
+                                        (f"cg GraphCache, {FUSED_LABEL}", functools.partial(cg, graph=GraphCache()),
+                                         True)):
+                row = _Row(f"loss_hessian_operator(truncate={tol:g}, M = jacobi(), {what}) @ A, built once",
+                           jacobi(), solver, truncate=tol, operator=True, fused=fused)
+                Hop = loss_hessian_operator(x32, y32, f32, g32, eps=eps, a=a32, b=b32, M=row.M, rtol=args.rtol,
                                             maxiter=args.maxiter, precision=args.precision, truncate=tol,
                                             solver=solver)
                 flat = A32.reshape(-1)
-                name = f"loss_hessian_operator(truncate={tol:g}, M = jacobi(), {label}) @ A, built once"
-                try:
-                    with config.override(cg_fused=_FUSED in label):
-                        H = (Hop @ flat).reshape(A32.shape)
-                        ms = _timing.bench(lambda: Hop @ flat, warmup_ms=1, rep_ms=200)
-                except Exception as err:   # noqa: BLE001 - reported below the table
-                    failure(name, err)
-                    continue
-                rows.append(("otlinop", name, ms, Hop.last_solve.n_iter, _rel(H, ref)))
-                print(f"otlinop {name}: {ms:.2f} ms, {Hop.last_solve.n_iter} iterations, error {rows[-1][4]:.1e}",
-                      flush=True)
+
+                def product():
+                    H = (Hop @ flat).reshape(A32.shape)
+                    return H, Hop.last_solve
+                measure(row, product, lambda: Hop @ flat)
 
     # ---- flash-sinkhorn, in its own process
     peer = None
@@ -265,10 +290,10 @@ def main(argv=None) -> int:
     print()
     print("| library | HVP | ms | inner CG iterations | rel. error vs float64 |")
     print("|---|---|---|---|---|")
-    for lib, what, ms, its, err in rows:
-        print(f"| {lib} | {what} | {ms:.2f} | {its} | {err:.1e} |")
-    for what, err in failed:
-        print(f"| otlinop | {what} | failed: {err} | - | - |")
+    for row, ms, its, err in rows:
+        print(f"| otlinop | {row.label} | {ms:.2f} | {its} | {err:.1e} |")
+    for row, err in failed:
+        print(f"| otlinop | {row.label} | failed: {err} | - | - |")
     if peer is not None and "error" not in peer:
         label = f"{peer['module']} {peer['version']}"
         for mode, r in peer["from_potentials"].items():
@@ -277,16 +302,15 @@ def main(argv=None) -> int:
         for mode, r in peer["double_backward"].items():
             print(f"| {label} | double backward (50 its), {mode} | {r['ms']:.2f} | - | {r['rel_err']:.1e} |")
         best_peer = min(r["ms"] for r in peer["double_backward"].values())
-        exact = min(r[2] for r in rows if "truncate" not in r[1])
+        exact = min(ms for row, ms, _, _ in rows if row.truncate is None)
         print(f"\nfastest otlinop HVP on the exact plan vs fastest flash-sinkhorn double backward: "
               f"{best_peer / exact:.1f}x")
-        for label, pick in (("one call, truncation included", lambda r: r[1].startswith("M = ")),
-                            ("operator built once", lambda r: "built once" in r[1])):
-            trunc = [r for r in rows if "truncate" in r[1] and pick(r) and r[4] <= 1e-4]
+        for label, operator in (("one call, truncation included", False), ("operator built once", True)):
+            trunc = [r for r in rows if r[0].truncate is not None and r[0].operator == operator and r[3] <= 1e-4]
             if trunc:
-                best = min(trunc, key=lambda r: r[2])
-                print(f"fastest otlinop HVP on a truncated plan, {label} ({best[1]}, error {best[4]:.1e}) vs "
-                      f"fastest flash-sinkhorn double backward: {best_peer / best[2]:.1f}x")
+                row, ms, _, err = min(trunc, key=lambda r: r[1])
+                print(f"fastest otlinop HVP on a truncated plan, {label} ({row.label}, error {err:.1e}) vs "
+                      f"fastest flash-sinkhorn double backward: {best_peer / ms:.1f}x")
     elif peer is not None:
         print(f"\nflash-sinkhorn: not measured ({peer['error'].strip()})")
     elif not cuda:

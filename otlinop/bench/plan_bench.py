@@ -4,7 +4,7 @@ For n = m in {10k, 50k}, d in {3, 64}, k in {1, 64} and each kernel precision:
 the time of one streaming pass, the exponentials per second it reaches, and the
 fraction of the floor it reaches, where the floor is
 max(n m / exp2 rate, 2 n m (d + k) / dot rate) with both rates measured in the
-same run (``_timing.ceilings``).
+same run (``timing.ceilings``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from . import _timing
+from . import timing
 
 
 def _inputs(n, m, d, k, device, gen):
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from otlinop import config
-    from otlinop.kernels.plan_apply import plan_apply
+    from otlinop.kernels import plan_apply
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -48,9 +48,9 @@ def main(argv=None) -> int:
     with config.override(check_finite=False, **fma):     # restored on exit, errors included
         if fma:
             print(f"config.fma_max_d = {args.fma_max_d}")
-        ceil = _timing.ceilings()
-        print(f"device: {_timing.device_name()}")
-        print(_timing.format_ceilings(ceil))
+        ceil = timing.ceilings()
+        print(f"device: {timing.device_name()}")
+        print(timing.format_ceilings(ceil))
         print()
         print("| n = m | d | k | precision | op | ms | exp/s | floor ms | fraction of floor |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -65,11 +65,11 @@ def main(argv=None) -> int:
                             "P.T @ U": lambda: plan_apply(y, x, g, f, U, eps=args.eps, precision=precision),
                         }
                         for name, fn in ops.items():
-                            ms = _timing.bench(fn)
+                            ms = timing.bench(fn)
                             rate = n * n / (ms * 1e-3)
                             if ceil:
                                 floor = 1e3 * max(n * n / ceil["exp2_per_s"],
-                                                  2 * n * n * (d + k) / _timing.matmul_rate(ceil, precision))
+                                                  2 * n * n * (d + k) / timing.matmul_rate(ceil, precision))
                                 frac = f"{floor / ms:.2f}"
                                 floor_s = f"{floor:.3f}"
                             else:

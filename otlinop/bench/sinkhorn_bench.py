@@ -12,6 +12,11 @@ captured once, a set-up cost that the difference cancels). A peer's time is
 linear in the iterations either way. Peak memory is the extra device memory of a
 20-iteration run, inputs excluded.
 
+otlinop is timed through its public ``otlinop.sinkhorn``, one call per run
+of k iterations, as a user calls it (:func:`ours_runner`): the call's
+constant costs (argument checks with their one host synchronisation, the
+result) are in both T(70) and T(20) and cancel in the difference.
+
 Rows: otlinop's two methods ("symmetric": GeomLoss' averaged updates, both
 potentials in one launch; "alternating": OTT's Gauss-Seidel updates) at
 precision "tf32" and the strict default ("tf32x3", fp32 accuracy), then
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -38,7 +44,7 @@ import time
 
 import torch
 
-from . import _timing
+from . import timing
 
 EPS = 0.5
 LO, HI, REPEATS, MEMORY_ITERS = 20, 70, 5, 20
@@ -61,14 +67,16 @@ def _elapsed_ms(fn) -> float:
     return 1e3 * (time.perf_counter() - t0)
 
 
-def per_iteration_ms(run, lo: int = LO, hi: int = HI, repeats: int = REPEATS) -> float:
+def per_iteration_ms(run, lo: int = LO, hi: int = HI, repeats: int = REPEATS, *, clock=_elapsed_ms) -> float:
     """Median over ``repeats`` of ``(T(hi) - T(lo)) / (hi - lo)``; ``run(k)`` runs k iterations.
 
     Where ``hi - lo`` iterations take less than the timing noise of a call
     (tiny problems, whose per-call set-up varies more than 50 iterations
     cost), the median can come out <= 0; the span is then widened eightfold,
     twice at most, and a non-positive result after that raises RuntimeError
-    rather than reporting a meaningless time.
+    rather than reporting a meaningless time. ``clock(fn)`` runs ``fn()`` and
+    returns its time in ms (default: CUDA events on a GPU, the wall clock
+    otherwise); a test passes a fake one.
     """
     run(lo)   # warm-up: compilation and autotuning
     span = hi - lo
@@ -77,8 +85,8 @@ def per_iteration_ms(run, lo: int = LO, hi: int = HI, repeats: int = REPEATS) ->
             span *= 8
         values = []
         for _ in range(repeats):
-            t_hi = _elapsed_ms(lambda: run(lo + span))
-            t_lo = _elapsed_ms(lambda: run(lo))
+            t_hi = clock(lambda: run(lo + span))
+            t_lo = clock(lambda: run(lo))
             values.append((t_hi - t_lo) / span)
         ms = statistics.median(values)
         if ms > 0:
@@ -89,13 +97,14 @@ def per_iteration_ms(run, lo: int = LO, hi: int = HI, repeats: int = REPEATS) ->
 def peak_mb(run, iters: int = MEMORY_ITERS):
     if not torch.cuda.is_available():
         return None
-    return _timing.peak_memory(lambda: run(iters)) / 2 ** 20
+    return timing.peak_memory(lambda: run(iters)) / 2 ** 20
 
 
 # --------------------------------------------------------------------------
 # otlinop
 # --------------------------------------------------------------------------
-def _inputs(n, d, device, seed=0):
+def inputs(n, d, device, seed=0):
+    """The protocol's problem: ``(x, y, a, b)``, n points each in dimension d, float32."""
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(n, d, device=device, generator=gen)
     y = torch.randn(n, d, device=device, generator=gen) + 0.5
@@ -104,24 +113,53 @@ def _inputs(n, d, device, seed=0):
     return x, y, a / a.sum(), b / b.sum()
 
 
-def _ours_runner(method, x, y, a, b, precision, backend):
-    """``run(k)``: k iterations of otlinop's loop at fixed eps, without host syncs in between."""
-    from otlinop import config
-    from otlinop.sinkhorn import _alternating_loop, _Inputs, _Monitor, _symmetric_loop
+#: The symmetric runs' blur and first scale. With ``diameter == blur`` the
+#: eps schedule is ``[blur**2, blur**2]`` (no annealing) and ``max_iter``
+#: continues at that eps: every step at one eps, as the protocol wants, and one
+#: run of equal eps (one CUDA graph). ``blur**2`` is EPS to one double ulp
+#: (no double squares to 0.5), and exactly EPS once the kernels take it in float32.
+_BLUR = math.sqrt(EPS)
+#: A check period longer than any run: no marginal-error check (host sync)
+#: inside a run; "alternating" checks once, at its last iteration.
+_NO_CHECKS = 1 << 30
 
-    inp = _Inputs(x[None], y[None], a[None], b[None], batched=False)
-    opts = dict(cost_scale=1.0, backend=backend, precision=precision)
+
+def ours_runner(method, x, y, a, b, precision, backend):
+    """``run(k)``: one public ``otlinop.sinkhorn`` call running exactly k iterations at eps = EPS.
+
+    Parameters
+    ----------
+    method : {"symmetric", "alternating"}
+        The Sinkhorn method timed.
+    x, y, a, b : Tensor
+        The problem (:func:`inputs`).
+    precision, backend
+        Passed to ``sinkhorn``.
+
+    Returns
+    -------
+    callable
+        ``run(k)`` returns the call's ``SinkhornResult`` (``n_iter == k``).
+        "symmetric": an initial half-step, k averaged steps and the final
+        extrapolation (``blur = diameter = sqrt(EPS)``, ``max_iter=k``; k >= 2,
+        the schedule's length); "alternating": k (g, f) iterations
+        (``eps=EPS, max_iter=k, threshold=0``). No marginal-error check runs
+        inside (``check_every`` beyond k).
+    """
+    from otlinop import sinkhorn
+
+    if method == "symmetric":
+        def options(k):
+            return dict(blur=_BLUR, diameter=_BLUR, max_iter=k)
+    elif method == "alternating":
+        def options(k):
+            return dict(eps=EPS, max_iter=k, threshold=0.0)
+    else:
+        raise ValueError(f"ours_runner: method must be 'symmetric' or 'alternating', got {method!r}")
 
     def run(k):
-        monitor = _Monitor(check_every=1 << 30, callback=None, bar=None, method=method, inp=inp)
-        with torch.no_grad(), config.override(check_finite=False):
-            if method == "symmetric":
-                pots, _, _ = _symmetric_loop(inp, [EPS] * k, None, None, debias=False, f0=None, g0=None,
-                                             monitor=monitor, **opts)
-            else:
-                pots = _alternating_loop(inp, EPS, None, None, f0=None, g0=None, max_iter=k, threshold=0.0,
-                                         monitor=monitor, **opts)[:2]
-        return pots
+        return sinkhorn(x, y, a, b, method=method, check_every=_NO_CHECKS, backend=backend, precision=precision,
+                        **options(k))
 
     return run
 
@@ -131,10 +169,10 @@ def _ours_rows(sizes, dims, precisions, backend, lo=LO, hi=HI, repeats=REPEATS, 
     rows = []
     for n in sizes:
         for d in dims:
-            x, y, a, b = _inputs(n, d, device)
+            x, y, a, b = inputs(n, d, device)
             for method in ("symmetric", "alternating"):
                 for precision in precisions:
-                    run = _ours_runner(method, x, y, a, b, precision, backend)
+                    run = ours_runner(method, x, y, a, b, precision, backend)
                     try:
                         ms = per_iteration_ms(run, lo, hi, repeats)
                         mem = peak_mb(run, memory_iters)
@@ -156,7 +194,7 @@ def _ours_default_call(sizes, dims, backend):
     rows = []
     for n in sizes:
         for d in dims:
-            x, y, a, b = _inputs(n, d, device)
+            x, y, a, b = inputs(n, d, device)
             for precision in (None, "tf32") if torch.cuda.is_available() else (None,):
                 for debias in (False, True):
                     L = SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=0.5, debias=debias, cost_scale=1.0,
@@ -381,17 +419,19 @@ def collect(argv=None) -> dict:
     parser.add_argument("--peer-timeout", type=float, default=1200.0)
     parser.add_argument("--iters", type=int, nargs=2, default=[LO, HI], metavar=("LO", "HI"),
                         help=f"per iteration = (T(HI) - T(LO)) / (HI - LO) (default {LO} {HI}; "
-                             "fewer for n = 1M)")
+                             "fewer for n = 1M; LO >= 2, the symmetric schedule's length)")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="median of this many measurements")
     parser.add_argument("--memory-iters", type=int, default=MEMORY_ITERS,
                         help="iterations of the peak-memory run")
     args = parser.parse_args(argv)
+    if not 2 <= args.iters[0] < args.iters[1]:
+        parser.error(f"--iters LO HI needs 2 <= LO < HI, got {args.iters[0]} {args.iters[1]}")
 
     cuda = torch.cuda.is_available()
     sizes = args.sizes or ([10_000, 50_000] if cuda else [200])
     dims = args.dims
     precisions = [None if p == "default" else p for p in args.precisions] if cuda else [None]
-    print(f"device: {_timing.device_name()}")
+    print(f"device: {timing.device_name()}")
     if not cuda:
         print("No CUDA GPU: a tiny size on the CPU (torch backend); these are NOT GPU figures, and the peers "
               "(CUDA only) are skipped.")

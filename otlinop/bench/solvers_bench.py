@@ -18,8 +18,8 @@ per-column masks, status codes and their extra kernel launches.
 A second table isolates the vector work of an iteration (dots, axpys, step
 sizes, flags): CG on a diagonal operator (one elementwise product per
 matvec), one right-hand side, n from 1k to 128k, eager and as a CUDA graph,
-with the work as torch operations and with the fused single-program kernels
-of ``solvers._cg_step`` (``config.cg_fused``; for this table also beyond
+with the work as torch operations and with cg's fused single-program
+kernels (``config.cg_fused``; for this table also beyond
 ``config.cg_fused_max_n``, to show where one program stops paying).
 
 Times are medians (CUDA events through ``triton.testing.do_bench``); on a
@@ -36,7 +36,7 @@ import torch
 
 from solvers import config
 
-from . import _timing
+from . import timing
 
 
 def _system(n: int, k: int, dtype, device, seed: int = 0):
@@ -76,10 +76,9 @@ def _textbook_step(A, B):
     return step
 
 
-def _vector_table(ns, dtype, device, n1: int, n2: int) -> None:
+def _vector_table(ns, dtype, device, n1: int, n2: int, cg) -> None:
     """Per-iteration time of cg on Diag(d) (d in [1e-3, 1]: far from converged), torch ops against fused."""
     from otlinop import Diag
-    from solvers import cg
 
     print("\nvector work of an iteration: cg on a diagonal operator, one right-hand side, ms per iteration")
     print(f"(fused kernels used up to n = {config.cg_fused_max_n} by default; raised here)\n")
@@ -106,18 +105,20 @@ def _vector_table(ns, dtype, device, n1: int, n2: int) -> None:
 
 
 def _per_iteration(fn_of_iters, n1: int, n2: int) -> float:
-    return (_timing.bench(lambda: fn_of_iters(n2)) - _timing.bench(lambda: fn_of_iters(n1))) / (n2 - n1)
+    return (timing.bench(lambda: fn_of_iters(n2)) - timing.bench(lambda: fn_of_iters(n1))) / (n2 - n1)
 
 
-def run(args) -> int:
-    from solvers import cg
+def run(args, *, cg=None) -> int:
+    """Run the suite with parsed ``args``; ``cg`` is the solver timed (default ``solvers.cg``)."""
+    if cg is None:
+        from solvers import cg
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = getattr(torch, args.dtype)
     n = args.n or (4096 if cuda else 1024)
     n1, n2 = args.iters
-    print(f"device: {_timing.device_name()}")
+    print(f"device: {timing.device_name()}")
     if not cuda:
         print(f"(no GPU: n = {n} on the CPU; these are not GPU figures)")
     print(f"dense SPD {args.dtype} system, n = {n}; solvers.cg per iteration from "
@@ -129,10 +130,10 @@ def run(args) -> int:
         b = B[:, 0].contiguous() if k == 1 else B
         P = b.clone()
         if k == 1:
-            t_mv = _timing.bench(lambda: torch.mv(A, P))
+            t_mv = timing.bench(lambda: torch.mv(A, P))
         else:
-            t_mv = _timing.bench(lambda: torch.mm(A, P))
-        t_step = _timing.bench(_textbook_step(A, B))
+            t_mv = timing.bench(lambda: torch.mm(A, P))
+        t_step = timing.bench(_textbook_step(A, B))
 
         def solve(iters, every=None):
             res = cg(A, b, rtol=0.0, atol=0.0, maxiter=iters, check_every=every)
@@ -147,11 +148,16 @@ def run(args) -> int:
         print(f"| {n} | {k} | {t_mv:.4f} | {t_step:.4f} | {t_cg:.4f} | {t_cg1:.4f} | {t_cg / t_step:.2f} |",
               flush=True)
         del A, B, b, P
-    _vector_table(args.vector_ns or ([1024, 8192, 32768, 131072] if cuda else [256, 2048]), dtype, device, n1, n2)
+    _vector_table(args.vector_ns or ([1024, 8192, 32768, 131072] if cuda else [256, 2048]), dtype, device, n1, n2,
+                  cg)
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, cg=None) -> int:
+    """Run the suite (options: ``--help``); returns the exit status.
+
+    ``cg`` is the solver timed (default ``solvers.cg``); a test passes one that fails.
+    """
     parser = argparse.ArgumentParser(prog="python -m otlinop.bench solvers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=None, help="system size (default 4096 on a GPU, 1024 on CPU)")
@@ -164,7 +170,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.iters[1] <= args.iters[0] or args.iters[0] < 1:
         parser.error("--iters N1 N2 needs 1 <= N1 < N2")
-    return run(args)
+    return run(args, cg=cg)
 
 
 if __name__ == "__main__":

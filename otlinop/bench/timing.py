@@ -7,6 +7,7 @@ The ceilings are measured in the same run as the figures they scale.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -86,22 +87,8 @@ def _exp2_kernel():
     return kernel
 
 
-_CEILINGS = None
-
-
-def ceilings() -> dict:
-    """Measured exp2 rate (1/s), fp32 strict and TF32 matmul rates (FLOP/s) and
-    device-memory copy bandwidth (bytes read + written per second); empty
-    without a GPU. Measured once per process (the first call), so that every
-    suite of ``python -m otlinop.bench all`` scales by the same figures; each
-    call returns a copy."""
-    global _CEILINGS
-    if _CEILINGS is None:
-        _CEILINGS = _measure_ceilings()
-    return dict(_CEILINGS)
-
-
-def _measure_ceilings() -> dict:
+def measure_ceilings() -> dict:
+    """Measure the ceilings now (a few seconds of GPU work); see :func:`ceilings`."""
     if not torch.cuda.is_available():
         return {}
     out = {}
@@ -130,6 +117,43 @@ def _measure_ceilings() -> dict:
     del A, B, src, dst, X, O
     torch.cuda.empty_cache()
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _ceilings_by(measure) -> dict:
+    return measure()
+
+
+def ceilings(*, measure=measure_ceilings) -> dict:
+    """The hardware ceilings, measured once per process.
+
+    Parameters
+    ----------
+    measure : callable, optional
+        What measures them (default :func:`measure_ceilings`). Its result
+        is kept: it is called by the first call only (for each ``measure``),
+        so that every suite of ``python -m otlinop.bench all`` scales by the
+        same figures. A test passes a fake.
+
+    Returns
+    -------
+    dict
+        A copy of the measured exp2 rate (``exp2_per_s``, 1/s), fp32 strict
+        and TF32 matmul rates (``fp32_flops``, ``tf32_flops``, FLOP/s) and
+        device-memory copy bandwidth (``copy_bytes_per_s``, bytes read +
+        written per second); empty without a GPU.
+    """
+    return dict(_ceilings_by(measure))
+
+
+def ceilings_measured() -> bool:
+    """Whether :func:`ceilings` has measured them in this process (since the last :func:`clear_ceilings`)."""
+    return _ceilings_by.cache_info().currsize > 0
+
+
+def clear_ceilings() -> None:
+    """Forget the measured ceilings: the next :func:`ceilings` call measures again."""
+    _ceilings_by.cache_clear()
 
 
 def format_ceilings(c: dict) -> str:
