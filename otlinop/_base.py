@@ -19,6 +19,8 @@ import torch
 
 from solvers import register_conversion
 
+from ._checks import REAL_DTYPES, fmt_shape
+
 __all__ = [
     "LinearOperator",
     "Dense",
@@ -28,14 +30,6 @@ __all__ = [
     "BlockOperator",
     "aslinearoperator",
 ]
-
-_REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _fmt_shape(shape) -> str:
-    shape = tuple(shape)
-    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
-
 
 def _is_scalar(c) -> bool:
     if isinstance(c, bool):
@@ -117,7 +111,7 @@ class LinearOperator:
         if len(shape) != 2 or min(shape) < 0:
             raise ValueError(
                 f"{type(self).__name__}: shape must be two non-negative ints (n, m), got {shape!r}")
-        if dtype not in _REAL_DTYPES:
+        if dtype not in REAL_DTYPES:
             raise TypeError(
                 f"{type(self).__name__}: dtype must be one of float16, bfloat16, float32, float64, "
                 f"got {dtype}")
@@ -132,7 +126,7 @@ class LinearOperator:
             self.is_symmetric = True
         if self.is_symmetric and shape[0] != shape[1]:
             raise ValueError(
-                f"{type(self).__name__}: a symmetric operator must be square, got shape {_fmt_shape(shape)}")
+                f"{type(self).__name__}: a symmetric operator must be square, got shape {fmt_shape(shape)}")
         self._adjoint_cache: LinearOperator | None = None
 
     # ------------------------------------------------------------------ hooks
@@ -198,15 +192,15 @@ class LinearOperator:
                 "convert with torch.as_tensor(...)")
         if t.ndim not in ndim:
             want = " or ".join(f"{d}-D" for d in ndim)
-            raise ValueError(f"{owner}.{method}: {name} must be {want}, got shape {_fmt_shape(t.shape)}")
+            raise ValueError(f"{owner}.{method}: {name} must be {want}, got shape {fmt_shape(t.shape)}")
         if t.shape[0] != length:
             expected = f"({length},)" if t.ndim == 1 else f"({length}, k)"
             hint = ""
             if self.shape[0] != self.shape[1] and t.shape[0] == (self.shape[0] if what == "columns" else self.shape[1]):
                 hint = "; did you mean A.T @ " + name + "?" if what == "columns" else "; did you mean A @ " + name + "?"
             raise ValueError(
-                f"{owner}.{method}: {name} has shape {_fmt_shape(t.shape)}, expected {expected} "
-                f"(the operator has shape {_fmt_shape(self.shape)}, {length} {what}){hint}")
+                f"{owner}.{method}: {name} has shape {fmt_shape(t.shape)}, expected {expected} "
+                f"(the operator has shape {fmt_shape(self.shape)}, {length} {what}){hint}")
         if t.dtype != self.dtype:
             raise TypeError(
                 f"{owner}.{method}: {name} has dtype {t.dtype}, expected {self.dtype}; "
@@ -256,7 +250,7 @@ class LinearOperator:
                 return self.matmat(other)
             raise ValueError(
                 f"{type(self).__name__} @ v: v must be 1-D (m,) or 2-D (m, k), got shape "
-                f"{_fmt_shape(other.shape)}")
+                f"{fmt_shape(other.shape)}")
         return NotImplemented
 
     def __rmatmul__(self, other):
@@ -268,7 +262,7 @@ class LinearOperator:
                 self._check_operand("U.T", "__rmatmul__", other.T, (2,), self.shape[0], "rows")
                 return self._rmatmat(other.T).T
             raise ValueError(
-                f"u @ {type(self).__name__}: u must be 1-D or 2-D, got shape {_fmt_shape(other.shape)}")
+                f"u @ {type(self).__name__}: u must be 1-D or 2-D, got shape {fmt_shape(other.shape)}")
         return NotImplemented
 
     def adjoint(self) -> "LinearOperator":
@@ -317,7 +311,7 @@ class LinearOperator:
         """
         if self.shape[0] != self.shape[1]:
             raise ValueError(f"{type(self).__name__}.splitting: the operator must be square, "
-                             f"got shape {_fmt_shape(self.shape)}")
+                             f"got shape {fmt_shape(self.shape)}")
         D = self.diagonal()
         return D, Diag(D) - self
 
@@ -357,8 +351,8 @@ class LinearOperator:
     # ------------------------------------------------------------- algebra
     def _check_same_space(self, other: "LinearOperator", op: str) -> None:
         if other.shape != self.shape:
-            raise ValueError(f"A {op} B: shapes differ, A is {_fmt_shape(self.shape)} and B is "
-                             f"{_fmt_shape(other.shape)}")
+            raise ValueError(f"A {op} B: shapes differ, A is {fmt_shape(self.shape)} and B is "
+                             f"{fmt_shape(other.shape)}")
         if other.dtype != self.dtype:
             raise TypeError(f"A {op} B: dtypes differ, A is {self.dtype} and B is {other.dtype}")
         if other.device != self.device:
@@ -400,7 +394,7 @@ class LinearOperator:
         if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
             raise ValueError(f"A ** k: k must be a non-negative int, got {k!r}")
         if self.shape[0] != self.shape[1]:
-            raise ValueError(f"A ** k: A must be square, got shape {_fmt_shape(self.shape)}")
+            raise ValueError(f"A ** k: A must be square, got shape {fmt_shape(self.shape)}")
         if k == 0:
             return Identity(self.shape[0], dtype=self.dtype, device=self.device)
         if k == 1:
@@ -461,8 +455,8 @@ class _ProductOperator(LinearOperator):
 
     def __init__(self, A: LinearOperator, B: LinearOperator):
         if A.shape[1] != B.shape[0]:
-            raise ValueError(f"A @ B: inner dimensions differ, A is {_fmt_shape(A.shape)} and B is "
-                             f"{_fmt_shape(B.shape)}")
+            raise ValueError(f"A @ B: inner dimensions differ, A is {fmt_shape(A.shape)} and B is "
+                             f"{fmt_shape(B.shape)}")
         if A.dtype != B.dtype:
             raise TypeError(f"A @ B: dtypes differ, A is {A.dtype} and B is {B.dtype}")
         if A.device != B.device:
@@ -609,8 +603,8 @@ def _check_tensor(name: str, t, ndim: int, owner: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.ndim != ndim:
-        raise ValueError(f"{owner}: {name} must be {ndim}-D, got shape {_fmt_shape(t.shape)}")
-    if t.dtype not in _REAL_DTYPES:
+        raise ValueError(f"{owner}: {name} must be {ndim}-D, got shape {fmt_shape(t.shape)}")
+    if t.dtype not in REAL_DTYPES:
         raise TypeError(f"{owner}: {name} must have a real floating dtype, got {t.dtype}; "
                         f"convert with {name}.to(torch.float64)")
     return t
@@ -838,7 +832,7 @@ class BlockOperator(LinearOperator):
                     if sizes[idx] is None:
                         sizes[idx] = size
                     elif sizes[idx] != size:
-                        raise ValueError(f"BlockOperator: block [{i}][{j}] has shape {_fmt_shape(b.shape)}, "
+                        raise ValueError(f"BlockOperator: block [{i}][{j}] has shape {fmt_shape(b.shape)}, "
                                          f"but its block {'row' if what == 'rows' else 'column'} has "
                                          f"{sizes[idx]} {what}")
         for name, sizes in (("row", heights), ("column", widths)):

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._base import Dense, LinearOperator, _fmt_shape, _REAL_DTYPES
+from ._base import Dense, LinearOperator
+from ._checks import REAL_DTYPES, fmt_shape
 
 _NUMPY_TO_TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
                    np.dtype(np.float64): torch.float64}
@@ -29,8 +30,8 @@ class _SparseTensorOperator(LinearOperator):
 
     def __init__(self, S: torch.Tensor):
         if S.ndim != 2:
-            raise ValueError(f"aslinearoperator: a sparse tensor must be 2-D, got shape {_fmt_shape(S.shape)}")
-        if S.dtype not in _REAL_DTYPES:
+            raise ValueError(f"aslinearoperator: a sparse tensor must be 2-D, got shape {fmt_shape(S.shape)}")
+        if S.dtype not in REAL_DTYPES:
             raise TypeError(f"aslinearoperator: sparse tensor has dtype {S.dtype}, expected a real floating dtype")
         S = S.coalesce() if S.layout == torch.sparse_coo else S
         super().__init__(S.shape, S.dtype, S.device)
@@ -99,7 +100,7 @@ class _GPyTorchOperator(LinearOperator):
     def __init__(self, L):
         if len(L.shape) != 2:
             raise ValueError(f"aslinearoperator: a linear_operator object must be 2-D (no batch dims), "
-                             f"got shape {_fmt_shape(L.shape)}")
+                             f"got shape {fmt_shape(L.shape)}")
         super().__init__(tuple(L.shape), L.dtype, L.device)
         self.L = L
 
@@ -129,7 +130,7 @@ def convert(obj, *, dtype=None, device=None) -> LinearOperator:
                         "use a dense, sparse COO or sparse CSR tensor")
     if isinstance(obj, np.ndarray):
         if obj.ndim != 2:
-            raise ValueError(f"aslinearoperator: a NumPy array must be 2-D, got shape {_fmt_shape(obj.shape)}")
+            raise ValueError(f"aslinearoperator: a NumPy array must be 2-D, got shape {fmt_shape(obj.shape)}")
         if not np.issubdtype(obj.dtype, np.floating) and not np.issubdtype(obj.dtype, np.integer):
             raise TypeError(f"aslinearoperator: NumPy dtype {obj.dtype} is not supported; use a real dtype")
         t = torch.as_tensor(np.ascontiguousarray(obj), dtype=_torch_dtype_for(obj.dtype, dtype),
@@ -220,7 +221,7 @@ def to_linear_operator(A: LinearOperator):
             if rhs.ndim == 2:
                 return self._op.matmat(rhs)
             raise ValueError(f"to_linear_operator: batched right-hand sides are not supported, got shape "
-                             f"{_fmt_shape(rhs.shape)}")
+                             f"{fmt_shape(rhs.shape)}")
 
         def _size(self):
             return torch.Size(self._op.shape)

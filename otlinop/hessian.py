@@ -24,7 +24,8 @@ import torch
 from solvers import cg
 
 from ._base import BlockOperator, Diag, LinearOperator
-from .plan import PlanOperator
+from ._checks import nonnegative_scalar, positive_scalar, reach_or_none
+from .plan import PlanOperator, plan_operator_for
 
 __all__ = ["HessianOperator", "DualHessianOperator", "dual_hessian", "DEFAULT_RIDGE"]
 
@@ -35,42 +36,29 @@ __all__ = ["HessianOperator", "DualHessianOperator", "dual_hessian", "DEFAULT_RI
 DEFAULT_RIDGE = 1e-9
 
 
-def _relaxation(reach, eps, name="reach") -> float:
-    """The factor ``k = (rho + eps) / rho`` (``rho = reach**2``) of a relaxed
-    side of K, or 1 for a hard marginal constraint (``reach=None``).
+def hessian_options(owner: str, eps, reach_x, reach_y, ridge, *,
+                    reach_names: tuple = ("reach_x", "reach_y")) -> tuple:
+    """``(eps, kx, ky, ridge)`` from the arguments of a dual Hessian, checked
+    for the public function ``owner`` (``reach_names``: what it calls the two
+    relaxations).
+
+    ``k = (rho + eps) / rho`` (``rho = reach**2``) on a relaxed side, 1 on a
+    hard one (``reach`` None or inf); ``ridge`` None is ``DEFAULT_RIDGE``.
 
     Raises
     ------
-    ValueError
-        If ``eps`` or ``reach`` is not a positive number.
+    TypeError, ValueError
+        If ``eps`` or a reach is not a positive number, or ``ridge`` not a
+        non-negative one.
     """
-    eps = _positive("eps", eps)
-    if reach is None:
-        return 1.0
-    rho = _positive(name, reach) ** 2
-    return (rho + eps) / rho
-
-
-def _positive(name: str, value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a positive number, got {type(value).__name__}") from None
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{name} must be positive and finite, got {value}")
-    return value
-
-
-def _ridge_factor(ridge) -> float:
-    if ridge is None:
-        return DEFAULT_RIDGE
-    try:
-        ridge = float(ridge)
-    except (TypeError, ValueError):
-        raise TypeError(f"ridge must be a non-negative number or None, got {type(ridge).__name__}") from None
-    if not ridge >= 0 or ridge == float("inf"):
-        raise ValueError(f"ridge must be a non-negative finite number (0 disables it), got {ridge}")
-    return ridge
+    eps = positive_scalar(owner, "eps", eps)
+    ks = []
+    for name, reach in zip(reach_names, (reach_x, reach_y)):
+        reach = reach_or_none(owner, name, reach)
+        rho = None if reach is None else reach ** 2
+        ks.append(1.0 if rho is None else (rho + eps) / rho)
+    ridge = DEFAULT_RIDGE if ridge is None else nonnegative_scalar(owner, "ridge", ridge)
+    return eps, ks[0], ks[1], ridge
 
 
 class HessianOperator(LinearOperator):
@@ -140,22 +128,27 @@ class HessianOperator(LinearOperator):
 
     def __init__(self, x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None,
                  reach_y=None, ridge=None, backend=None, precision=None):
-        P = PlanOperator(x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
-                         precision=precision)
-        self._build(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
+        owner = "HessianOperator"
+        options = hessian_options(owner, eps, reach_x, reach_y, ridge)
+        P = plan_operator_for(owner, x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
+                              precision=precision)
+        self._build(P, *options)
 
     @classmethod
     def from_plan(cls, P: PlanOperator, *, eps, reach_x=None, reach_y=None, ridge=None) -> "HessianOperator":
         """The same operator built on an existing plan (reusing its cached marginals)."""
+        return cls._on_plan(P, hessian_options("HessianOperator.from_plan", eps, reach_x, reach_y, ridge))
+
+    @classmethod
+    def _on_plan(cls, P, options: tuple) -> "HessianOperator":
         self = cls.__new__(cls)
-        self._build(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
+        self._build(P, *options)
         return self
 
-    def _build(self, P, *, eps, reach_x, reach_y, ridge):
-        kx, ky = _relaxation(reach_x, eps, "reach_x"), _relaxation(reach_y, eps, "reach_y")
+    def _build(self, P, eps: float, kx: float, ky: float, ridge: float):
         ah, bh = P.row_sums(), P.col_sums()
-        self.P, self.eps, self.kx, self.ky = P, float(eps), kx, ky
-        self.shift = _ridge_factor(ridge) * bh.mean()
+        self.P, self.eps, self.kx, self.ky = P, eps, kx, ky
+        self.shift = ridge * bh.mean()
         self.D = ky * bh + self.shift
         self._row_weight = 1.0 / (kx * ah)
         # Both diagonals are non-negative by construction (plan marginals, kx, ky > 0):
@@ -200,7 +193,10 @@ class DualHessianOperator(BlockOperator):
     """
 
     def __init__(self, P: PlanOperator, *, eps, reach_x=None, reach_y=None, ridge=None):
-        self.schur = HessianOperator.from_plan(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
+        self._setup(P, hessian_options("DualHessianOperator", eps, reach_x, reach_y, ridge))
+
+    def _setup(self, P, options: tuple):
+        self.schur = HessianOperator._on_plan(P, options)
         kx, ky = self.schur.kx, self.schur.ky
         self.P, self.eps = P, self.schur.eps
         self._row_scale = kx * P.row_sums()          # kx ah: the (1, 1) block
@@ -268,6 +264,10 @@ def dual_hessian(x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, reach_x=Non
     >>> info.converged, torch.allclose(K @ z, r, atol=1e-8)
     (True, True)
     """
-    P = PlanOperator(x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
-                     precision=precision)
-    return DualHessianOperator(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
+    owner = "dual_hessian"
+    options = hessian_options(owner, eps, reach_x, reach_y, ridge)
+    P = plan_operator_for(owner, x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
+                          precision=precision)
+    K = DualHessianOperator.__new__(DualHessianOperator)
+    K._setup(P, options)
+    return K

@@ -31,8 +31,10 @@ import torch
 from solvers import cg
 
 from ._base import LinearOperator
-from .hessian import DualHessianOperator, _positive
-from .plan import PlanOperator, transport_gradient
+from ._checks import (fraction, matrix, nonnegative_scalar, points, positive_int, positive_scalar, preconditioner,
+                      solver_function, vector)
+from .hessian import DualHessianOperator, hessian_options
+from .plan import plan_operator_for, transport_gradient_for
 
 __all__ = ["hvp", "hvp_x", "hvp_y", "hvp_self", "grad_x", "grad_y", "loss_hessian_operator",
            "LossHessianOperator"]
@@ -109,53 +111,41 @@ def _hvp(K, x, y, A, B, *, cost_scale, solve, sides):
 
 
 # ------------------------------------------------------------------ validation
-def _check_points(x, y, f, g):
-    for name, t, ndim in (("x", x, 2), ("y", y, 2), ("f", f, 1), ("g", g, 1)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim != ndim:
-            raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"x and y must have the same dimension d, got x {tuple(x.shape)} and y {tuple(y.shape)}")
-    for name, pot, pts, what in (("f", f, x, "x"), ("g", g, y, "y")):
-        if pot.shape[0] != pts.shape[0]:
-            raise ValueError(f"{name} has shape {tuple(pot.shape)}, expected ({pts.shape[0]},) "
-                             f"(one potential per point of {what})")
-
-
-def _check_direction(name, D, points, what):
-    if D is None:
-        return None
-    if not isinstance(D, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(D).__name__}")
-    if D.shape != points.shape:
-        raise ValueError(f"{name} has shape {tuple(D.shape)}, expected {tuple(points.shape)} "
-                         f"(a direction for {what})")
-    if D.dtype != points.dtype:
-        raise TypeError(f"{name} has dtype {D.dtype}, expected {points.dtype} like {what}; "
-                        f"convert with {name}.to({points.dtype})")
-    if D.device != points.device:
-        raise ValueError(f"{name} is on {D.device}, expected {points.device} like {what}")
-    return D
-
-
-def _solve_options(dtype, solver, M, rtol, atol, maxiter):
-    if not callable(solver):
-        raise TypeError(f"solver must be a callable like solvers.cg or solvers.minres, got {type(solver).__name__}")
-    if rtol is None:
-        rtol = _DEFAULT_RTOL.get(dtype, _DEFAULT_RTOL_LOW)
+def _solve_options(owner, dtype, solver, M, rtol, atol, maxiter):
+    solver_function(owner, "solver", solver)
+    preconditioner(owner, "M", M)
+    rtol = _DEFAULT_RTOL.get(dtype, _DEFAULT_RTOL_LOW) if rtol is None else nonnegative_scalar(owner, "rtol", rtol)
+    atol = nonnegative_scalar(owner, "atol", atol)
+    maxiter = None if maxiter is None else positive_int(owner, "maxiter", maxiter)
     return dict(solver=solver, M=M, rtol=rtol, atol=atol, maxiter=maxiter)
 
 
-def _plan(x, y, f, g, eps, a, b, cost_scale, backend, precision, truncate=None):
-    P = PlanOperator(x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
-                     precision=precision)
-    return P if truncate is None else P.truncated(truncate)
+def _checked_dual(owner, x, y, f, g, A, B, *, eps, a, b, cost_scale, reach_x, reach_y, solver, M, rtol, atol,
+                  maxiter, ridge, backend, precision, truncate, need=(), reach_names=("reach_x", "reach_y")):
+    """Check the arguments of an HVP for the public function ``owner`` (the
+    cheap checks first, then the plan's values in one synchronisation);
+    return ``(K, A, B, cost_scale, solve options)`` with the dual Hessian K.
 
-
-def _dual(x, y, f, g, eps, a, b, cost_scale, reach_x, reach_y, ridge, backend, precision, truncate=None):
-    P = _plan(x, y, f, g, eps, a, b, cost_scale, backend, precision, truncate)
-    return DualHessianOperator(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
+    A direction named in ``need`` is required; the others may be None (zero).
+    """
+    geo = points(owner, x, y, batch="none")
+    vector(geo, "f", f, geo.n, what="one potential per point of x")
+    vector(geo, "g", g, geo.m, what="one potential per point of y")
+    if A is not None or "A" in need:
+        A = matrix(geo, "A", A, geo.n, geo.d, what="a direction for x")
+    if B is not None or "B" in need:
+        B = matrix(geo, "B", B, geo.m, geo.d, what="a direction for y")
+    eps, _, _, _ = hessian_options(owner, eps, reach_x, reach_y, ridge, reach_names=reach_names)
+    cost_scale = positive_scalar(owner, "cost_scale", cost_scale)
+    solve = _solve_options(owner, x.dtype, solver, M, rtol, atol, maxiter)
+    if truncate is not None:
+        truncate = fraction(owner, "truncate", truncate)
+    P = plan_operator_for(owner, x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
+                          precision=precision)
+    if truncate is not None:
+        P = P.truncated(truncate)
+    K = DualHessianOperator(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
+    return K, A, B, cost_scale, solve
 
 
 # ---------------------------------------------------------------------- public
@@ -242,20 +232,14 @@ def hvp(x, y, f, g, A=None, B=None, *, eps, a=None, b=None, cost_scale=1.0, reac
     """
     if A is None and B is None:
         raise ValueError("hvp: give a direction A (for x), B (for y) or both; got neither")
-    return _checked_hvp(x, y, f, g, A, B, "xy", eps=eps, a=a, b=b, cost_scale=cost_scale, reach_x=reach_x,
+    return _checked_hvp("hvp", x, y, f, g, A, B, "xy", eps=eps, a=a, b=b, cost_scale=cost_scale, reach_x=reach_x,
                         reach_y=reach_y, solver=solver, M=M, rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge,
                         backend=backend, precision=precision, truncate=truncate)
 
 
-def _checked_hvp(x, y, f, g, A, B, sides, *, eps, a, b, cost_scale, reach_x, reach_y, solver, M, rtol, atol,
-                 maxiter, ridge, backend, precision, truncate):
+def _checked_hvp(owner, x, y, f, g, A, B, sides, **options):
     """Validate, build the dual Hessian and run ``_hvp`` on the requested ``sides``."""
-    _check_points(x, y, f, g)
-    A = _check_direction("A", A, x, "x")
-    B = _check_direction("B", B, y, "y")
-    eps = _positive("eps", eps)
-    solve = _solve_options(x.dtype, solver, M, rtol, atol, maxiter)
-    K = _dual(x, y, f, g, eps, a, b, cost_scale, reach_x, reach_y, ridge, backend, precision, truncate)
+    K, A, B, cost_scale, solve = _checked_dual(owner, x, y, f, g, A, B, **options)
     return _hvp(K, x, y, A, B, cost_scale=cost_scale, solve=solve, sides=sides)
 
 
@@ -267,12 +251,10 @@ def hvp_x(x, y, f, g, A, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, r
     Arguments as in ``hvp``. Cost: the Schur solve and 4 plan passes
     (``P @ y``, ``P.T @ [A | <x, A>]``, ``P @ [dg | y dg]``, one bilinear).
     """
-    if A is None:
-        raise ValueError("hvp_x: A must be a tensor of shape (n, d), got None")
-    dx, _, result = _checked_hvp(x, y, f, g, A, None, "x", eps=eps, a=a, b=b, cost_scale=cost_scale,
-                                 reach_x=reach_x, reach_y=reach_y, solver=solver, M=M, rtol=rtol, atol=atol,
-                                 maxiter=maxiter, ridge=ridge, backend=backend, precision=precision,
-                                 truncate=truncate)
+    dx, _, result = _checked_hvp("hvp_x", x, y, f, g, A, None, "x", need="A", eps=eps, a=a, b=b,
+                                 cost_scale=cost_scale, reach_x=reach_x, reach_y=reach_y, solver=solver, M=M,
+                                 rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge, backend=backend,
+                                 precision=precision, truncate=truncate)
     return dx, result
 
 
@@ -283,12 +265,10 @@ def hvp_y(x, y, f, g, B, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, r
 
     Arguments as in ``hvp``; the cost mirrors ``hvp_x``.
     """
-    if B is None:
-        raise ValueError("hvp_y: B must be a tensor of shape (m, d), got None")
-    _, dy, result = _checked_hvp(x, y, f, g, None, B, "y", eps=eps, a=a, b=b, cost_scale=cost_scale,
-                                 reach_x=reach_x, reach_y=reach_y, solver=solver, M=M, rtol=rtol, atol=atol,
-                                 maxiter=maxiter, ridge=ridge, backend=backend, precision=precision,
-                                 truncate=truncate)
+    _, dy, result = _checked_hvp("hvp_y", x, y, f, g, None, B, "y", need="B", eps=eps, a=a, b=b,
+                                 cost_scale=cost_scale, reach_x=reach_x, reach_y=reach_y, solver=solver, M=M,
+                                 rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge, backend=backend,
+                                 precision=precision, truncate=truncate)
     return dy, result
 
 
@@ -320,13 +300,10 @@ def hvp_self(x, f, A, *, eps, a=None, cost_scale=1.0, reach=None, solver=cg, M=N
     ``H_xx = hvp_x(...) - hvp_self(x, f_aa, ...)`` (and no cross term from
     the self terms).
     """
-    _check_points(x, x, f, f)
-    A = _check_direction("A", A, x, "x")
-    if A is None:
-        raise ValueError("hvp_self: A must be a tensor of shape (n, d), got None")
-    eps = _positive("eps", eps)
-    solve = _solve_options(x.dtype, solver, M, rtol, atol, maxiter)
-    K = _dual(x, x, f, f, eps, a, a, cost_scale, reach, reach, ridge, backend, precision, truncate)
+    K, A, _, cost_scale, solve = _checked_dual(
+        "hvp_self", x, x, f, f, A, None, need="A", eps=eps, a=a, b=a, cost_scale=cost_scale, reach_x=reach,
+        reach_y=reach, solver=solver, M=M, rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge, backend=backend,
+        precision=precision, truncate=truncate, reach_names=("reach", "reach"))
     dx, dy, result = _hvp(K, x, x, A, A, cost_scale=cost_scale, solve=solve, sides="xy")
     return (dx + dy) / 2, result
 
@@ -334,17 +311,15 @@ def hvp_self(x, f, A, *, eps, a=None, cost_scale=1.0, reach=None, solver=cg, M=N
 def grad_x(x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, backend=None, precision=None):
     """``grad_x L = c2 (ah * x - P y)`` with ``ah = P 1``, shape (n, d), at converged potentials
     (one plan pass). Arguments as in ``hvp``."""
-    _check_points(x, y, f, g)
-    return transport_gradient(x, y, f, g, eps=_positive("eps", eps), a=a, b=b, cost_scale=cost_scale,
-                              backend=backend, precision=precision)
+    return transport_gradient_for("grad_x", x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
+                                  precision=precision, batched=False)
 
 
 def grad_y(x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, backend=None, precision=None):
     """``grad_y L = c2 (bh * y - P.T x)`` with ``bh = P.T 1``, shape (m, d), at converged potentials
     (one plan pass). Arguments as in ``hvp``."""
-    _check_points(x, y, f, g)
-    return transport_gradient(y, x, g, f, eps=_positive("eps", eps), a=b, b=a, cost_scale=cost_scale,
-                              backend=backend, precision=precision)
+    return transport_gradient_for("grad_y", x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
+                                  precision=precision, batched=False, wrt="y")
 
 
 class LossHessianOperator(LinearOperator):
@@ -427,10 +402,11 @@ def loss_hessian_operator(x, y, f, g, *, wrt="x", eps, a=None, b=None, cost_scal
     >>> bool(lo < 0 < hi)   # the OT Hessian is indefinite
     True
     """
-    if wrt not in ("x", "y", "xy"):
-        raise ValueError(f"loss_hessian_operator: wrt must be 'x', 'y' or 'xy', got {wrt!r}")
-    _check_points(x, y, f, g)
-    eps = _positive("eps", eps)
-    solve = _solve_options(x.dtype, solver, M, rtol, atol, maxiter)
-    K = _dual(x, y, f, g, eps, a, b, cost_scale, reach_x, reach_y, ridge, backend, precision, truncate)
+    owner = "loss_hessian_operator"
+    if not (isinstance(wrt, str) and wrt in ("x", "y", "xy")):
+        raise ValueError(f"{owner}: wrt must be 'x', 'y' or 'xy', got {wrt!r}")
+    K, _, _, cost_scale, solve = _checked_dual(
+        owner, x, y, f, g, None, None, eps=eps, a=a, b=b, cost_scale=cost_scale, reach_x=reach_x, reach_y=reach_y,
+        solver=solver, M=M, rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge, backend=backend,
+        precision=precision, truncate=truncate)
     return LossHessianOperator(K, x, y, wrt=wrt, cost_scale=cost_scale, solve=solve)

@@ -36,7 +36,6 @@ then: ``_NotImplementedDerivative`` nodes carry those dependencies.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -48,8 +47,10 @@ from solvers import config
 
 from .hvp import hvp, hvp_self, hvp_x, hvp_y
 from .plan import transport_gradient
-from .sinkhorn import (_Inputs, _Monitor, _positive_float, _positive_int, _prepare, _resolve_eps,
-                       _symmetric_loop)
+from ._checks import (Inputs, backend_name, flag, fraction, measures, positive_int, positive_scalar, precision_name,
+                      preconditioner, reach_or_none, solver_function)
+from .kernels._common import check_backend
+from .sinkhorn import _Monitor, _resolve_eps, _symmetric_loop
 
 __all__ = ["SamplesLoss", "sinkhorn_loss"]
 
@@ -135,7 +136,7 @@ class _Solution:
     g_bb_pre: torch.Tensor | None = None
 
 
-def _solve(inp: _Inputs, spec: _Spec, verbose: bool = False) -> _Solution:
+def _solve(inp: Inputs, spec: _Spec, verbose: bool = False) -> _Solution:
     bar = None
     if verbose:
         from tqdm.auto import tqdm
@@ -376,7 +377,7 @@ class _SinkhornLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, a, b, spec, second, verbose):
-        inp = _Inputs(x.detach(), y.detach(), a.detach(), b.detach(), batched=True)
+        inp = Inputs(x.detach(), y.detach(), a.detach(), b.detach(), batched=True)
         sol = _solve(inp, spec, verbose)
         dt = inp.pot_dtype
         value = _loss_value(inp.a.to(dt), inp.b.to(dt), sol, spec)
@@ -422,24 +423,20 @@ def _squeeze_weights(w, pts):
 
 
 def _resolve_backend(owner: str, backend):
-    if backend in ("auto", None):
-        return None
-    if backend in ("torch", "triton"):
-        return backend
-    if backend in ("tensorized", "online"):
+    if isinstance(backend, str) and backend in ("tensorized", "online"):
         # Both compute the exact loss in GeomLoss; here one streaming
         # implementation serves both (Triton on CUDA, torch otherwise).
         return None
-    if backend == "multiscale":
+    if isinstance(backend, str) and backend == "multiscale":
         warnings.warn(f"{owner}: backend='multiscale' (GeomLoss' kernel truncation) is not implemented; "
                       "computing the exact loss with backend='auto' instead", stacklevel=3)
         return None
-    raise ValueError(f"{owner}: backend must be 'auto', 'torch' or 'triton' (GeomLoss' 'tensorized', "
-                     f"'online' and 'multiscale' map to 'auto'), got {backend!r}")
+    # GeomLoss' three names are mapped above; the rest are the package's.
+    return backend_name(owner, backend)
 
 
 def _check_options(owner: str, loss, p, blur, reach, diameter, scaling, cost, kernel, cluster_scale,
-                   cost_scale, debias, potentials):
+                   cost_scale, debias, potentials, precision):
     if loss != "sinkhorn":
         raise NotImplementedError(
             f"{owner}: only loss='sinkhorn' is implemented, got loss={loss!r}; for 'hausdorff', "
@@ -457,36 +454,27 @@ def _check_options(owner: str, loss, p, blur, reach, diameter, scaling, cost, ke
     if cluster_scale is not None:
         warnings.warn(f"{owner}: cluster_scale is ignored (no multiscale backend: the loss is exact)",
                       stacklevel=3)
-    blur = _positive_float(owner, "blur", blur, "blur is the final length scale, eps = blur**2")
-    if reach is not None:
-        reach = _positive_float(owner, "reach", reach, "None means balanced OT", allow_inf=True)
-        if reach == math.inf:
-            reach = None
+    blur = positive_scalar(owner, "blur", blur)
+    reach = reach_or_none(owner, "reach", reach)
     if diameter is not None:
-        diameter = _positive_float(owner, "diameter", diameter)
-    scaling = _positive_float(owner, "scaling", scaling)
-    if not scaling < 1:
-        raise ValueError(f"{owner}: scaling must be in (0, 1), got {scaling}")
-    cost_scale = 0.5 if cost_scale is None else _positive_float(
-        owner, "cost_scale", cost_scale, "use 0.5 for |x-y|^2/2 (GeomLoss' p=2) or 1.0 for |x-y|^2")
-    for name, flag in (("debias", debias), ("potentials", potentials)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{owner}: {name} must be True or False, got {flag!r}")
+        diameter = positive_scalar(owner, "diameter", diameter)
+    scaling = fraction(owner, "scaling", scaling)
+    # GeomLoss' p=2 cost is |x-y|^2/2: cost_scale None means 0.5 here (1.0 elsewhere in the package).
+    cost_scale = 0.5 if cost_scale is None else positive_scalar(owner, "cost_scale", cost_scale)
+    flag(owner, "debias", debias)
+    flag(owner, "potentials", potentials)
+    precision_name(owner, precision)
     return blur, reach, diameter, scaling, cost_scale
 
 
 def _check_second_order(owner: str, solver, M, rtol, maxiter) -> dict:
     """The options of the double backward's inner solves; returns ``_SecondOrder`` keywords."""
-    if not callable(solver):
-        raise TypeError(f"{owner}: hvp_solver must be a solver function such as solvers.cg or solvers.minres, "
-                        f"got {type(solver).__name__} {solver!r}")
-    if isinstance(M, (str, bool, numbers.Number)):
-        raise TypeError(f"{owner}: hvp_preconditioner must be None, an operator, or a factory such as "
-                        f"solvers.jacobi() or solvers.neumann(3), got {type(M).__name__} {M!r}")
+    solver_function(owner, "hvp_solver", solver)
+    preconditioner(owner, "hvp_preconditioner", M)
     if rtol is not None:
-        rtol = _positive_float(owner, "hvp_rtol", rtol, "the inner solve's relative residual, e.g. 1e-10")
+        rtol = positive_scalar(owner, "hvp_rtol", rtol)
     if maxiter is not None:
-        maxiter = _positive_int(owner, "hvp_maxiter", maxiter)
+        maxiter = positive_int(owner, "hvp_maxiter", maxiter)
     return dict(owner=owner, solver=solver, M=M, rtol=rtol, maxiter=maxiter)
 
 
@@ -497,12 +485,13 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
     a = _squeeze_weights(a, x)
     b = _squeeze_weights(b, y)
     rho = None if reach is None else reach * reach
-    inp = _prepare(owner, x, y, a, b, balanced=rho is None)
+    inp = measures(owner, x, y, a, b, balanced=rho is None)
+    check_backend(owner, backend, x)
     eps, schedule, _ = _resolve_eps(owner, "symmetric", blur, None, scaling, diameter, inp)
     spec = _Spec(eps_list=tuple(schedule), eps=eps, rho_x=rho, rho_y=rho, debias=debias,
                  cost_scale=cost_scale, backend=backend, precision=precision)
     if potentials:
-        sol = _solve(_Inputs(inp.x.detach(), inp.y.detach(), inp.a.detach(), inp.b.detach(), True),
+        sol = _solve(Inputs(inp.x.detach(), inp.y.detach(), inp.a.detach(), inp.b.detach(), True),
                      spec, verbose)
         F = sol.f if sol.f_aa is None else sol.f - sol.f_aa
         G = sol.g if sol.g_bb is None else sol.g - sol.g_bb
@@ -550,8 +539,8 @@ class SamplesLoss(torch.nn.Module):
         returns (1, N) for unbatched inputs), detached from autograd.
     verbose : bool, default False
         Show a progress bar over the eps schedule.
-    backend : {"auto", "torch", "triton"}, default "auto"
-        "auto": Triton for CUDA float32/16/bf16 inputs, torch otherwise.
+    backend : {"auto", None, "torch", "triton"}, default "auto"
+        "auto" (or None): Triton for CUDA float32/16/bf16 inputs, torch otherwise.
         GeomLoss' "tensorized" and "online" map to "auto" (both exact);
         "multiscale" too, with a warning (no kernel truncation here).
     cost_scale : float, optional
@@ -676,7 +665,7 @@ class SamplesLoss(torch.nn.Module):
         owner = "SamplesLoss"
         blur, reach, diameter, scaling, cost_scale = _check_options(
             owner, loss, p, blur, reach, diameter, scaling, cost, kernel, cluster_scale, cost_scale,
-            debias, potentials)
+            debias, potentials, precision)
         second = _check_second_order(owner, hvp_solver, hvp_preconditioner, hvp_rtol, hvp_maxiter)
         self.hvp_solver, self.hvp_preconditioner = second["solver"], second["M"]
         self.hvp_rtol, self.hvp_maxiter = second["rtol"], second["maxiter"]
@@ -780,7 +769,8 @@ def sinkhorn_loss(x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=
     """
     owner = "sinkhorn_loss"
     blur, reach, diameter, scaling, cost_scale = _check_options(
-        owner, "sinkhorn", p, blur, reach, diameter, scaling, None, None, None, cost_scale, debias, potentials)
+        owner, "sinkhorn", p, blur, reach, diameter, scaling, None, None, None, cost_scale, debias, potentials,
+        precision)
     if hvp_log is not None and not isinstance(hvp_log, list):
         raise TypeError(f"{owner}: hvp_log must be a list (it receives the SolveResult of every inner solve "
                         f"of a double backward) or None, got {type(hvp_log).__name__}")

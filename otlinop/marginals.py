@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Diag, LinearOperator, _fmt_shape
+from ._base import Diag, LinearOperator
+from ._checks import Geometry, fmt_shape, vector
 
 __all__ = ["plan_marginals", "marginal_error"]
 
@@ -108,20 +109,10 @@ def marginal_error(P: LinearOperator, a: torch.Tensor | None, b: torch.Tensor | 
     [0.0, 0.5]
     """
     _check_plan("marginal_error", P)
-    for name, t, size, side in (("a", a, P.shape[0], "rows"), ("b", b, P.shape[1], "columns")):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"marginal_error: {name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != (size,):
-            raise ValueError(f"marginal_error: {name} has shape {_fmt_shape(t.shape)}, expected ({size},) "
-                             f"(P has shape {_fmt_shape(P.shape)}, {size} {side})")
-        if t.dtype != P.dtype:
-            raise TypeError(f"marginal_error: {name} has dtype {t.dtype}, expected {P.dtype}; "
-                            f"convert with {name}.to({P.dtype})")
-        if t.device != P.device:
-            raise ValueError(f"marginal_error: {name} is on device {t.device}, expected {P.device}; "
-                             f"move it with {name}.to('{P.device}')")
+    n, m = P.shape
+    geo = Geometry("marginal_error", False, 1, n, m, 0, P.dtype, P.device, ref="P")
+    for name, t, size, side in (("a", a, n, "rows"), ("b", b, m, "columns")):
+        vector(geo, name, t, size, optional=True, what=f"P has shape {fmt_shape(P.shape)}, {size} {side}")
     err_a = None if a is None else (_row_sums(P) - a).abs().sum()
     err_b = None if b is None else (_col_sums(P) - b).abs().sum()
     return err_a, err_b

@@ -17,23 +17,20 @@ Two public entry points:
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch.autograd.function import once_differentiable
 
 from solvers import config
 
-from ._base import Diag, LinearOperator, _fmt_shape, _REAL_DTYPES
-from .kernels import _common as _kernel_common
+from ._base import Diag, LinearOperator
+from ._checks import (Geometry, backend_name, finite, matrix, operand, points, positive_scalar, precision_name,
+                      vector)
+from .kernels._common import check_backend
 from .kernels.plan_apply import plan_apply
 from .marginals import plan_marginals
 from .kernels.plan_bilinear import plan_bilinear
 
 __all__ = ["PlanOperator", "plan_matmul", "transport_gradient"]
-
-_BACKENDS = (None, "torch", "triton")
 
 #: ``to_dense`` refuses plans with more entries than this (400 MB in float64).
 _DENSE_LIMIT = 50_000_000
@@ -45,117 +42,34 @@ _DENSE_BLOCK = 1 << 22
 # --------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------
-def _check_scalar(owner: str, name: str, value, *, hint: str) -> float:
-    """A positive finite real number (Python number or 0-d tensor without grad)."""
-    if isinstance(value, torch.Tensor):
-        if value.ndim != 0:
-            raise TypeError(f"{owner}: {name} must be a positive number, got a tensor of shape "
-                            f"{_fmt_shape(value.shape)}")
-        if value.requires_grad:
-            raise TypeError(f"{owner}: {name} is a tensor that requires grad, but gradients w.r.t. {name} "
-                            f"are not implemented; pass float({name}) or {name}.detach()")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {name} must be a positive number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{owner}: {name} must be positive and finite, got {value}; {hint}")
-    return value
+_UNDEFINED = "the plan would be undefined: check the solver of the potentials, or the point clouds"
 
 
-def _check_backend(owner: str, backend) -> None:
-    if backend not in _BACKENDS:
-        raise ValueError(f"{owner}: backend must be None (automatic), 'torch' or 'triton', got {backend!r}")
+def _validated(owner: str, x, y, f, g, V, a, b, eps, cost_scale, backend, precision, *, batched: bool,
+               finite_potentials: bool, hint: str | None = None) -> tuple:
+    """Check the data of a plan for the public function ``owner``; return
+    ``(eps, cost_scale, backend, precision)``.
 
-
-def _check_data(owner: str, x, y, f, g, a, b, *, batched: bool) -> None:
-    """Types, shapes, dtypes and devices of the data (no values: no device sync).
-
-    x (n, d), y (m, d), f and a (n,), g and b (m,); with ``batched`` a common
-    leading batch dimension B is also accepted on every tensor.
+    x (n, d), y (m, d), f and a (n,), g and b (m,), V (m,) or (m, k); with
+    ``batched`` a common leading batch dimension B on every tensor. Then the
+    values, read back in one synchronisation (none when
+    ``config.check_finite`` is off): finite data and weights ``>= 0``; the
+    potentials may hold -inf (a zero row or column) unless ``finite_potentials``.
     """
-    named = {"x": x, "y": y, "f": f, "g": g, "a": a, "b": b}
-    for name, t in named.items():
-        if t is None and name in "ab":
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}; "
-                            "convert with torch.as_tensor(...)")
-    if x.ndim not in ((2, 3) if batched else (2,)):
-        want = "(n, d) or (B, n, d)" if batched else "(n, d)"
-        hint = "; use plan_matmul for batched point clouds" if (not batched and x.ndim == 3) else ""
-        raise ValueError(f"{owner}: x must have shape {want}, got {_fmt_shape(x.shape)}{hint}")
-    lead = tuple(x.shape[:-2])
-    n, d = x.shape[-2:]
-    if y.ndim != x.ndim or tuple(y.shape[:-2]) != lead or y.shape[-1] != d:
-        want = "(" + ", ".join([str(s) for s in lead] + ["m", str(d)]) + ")"
-        raise ValueError(f"{owner}: y must have shape {want} to match x of shape {_fmt_shape(x.shape)} "
-                         f"(same dimension d = {d}), got {_fmt_shape(y.shape)}")
-    m = y.shape[-2]
-    expected = {"f": lead + (n,), "a": lead + (n,), "g": lead + (m,), "b": lead + (m,)}
-    what = {"f": "one potential per point of x", "a": "one weight per point of x",
-            "g": "one potential per point of y", "b": "one weight per point of y"}
-    for name in ("f", "g", "a", "b"):
-        t = named[name]
-        if t is not None and tuple(t.shape) != expected[name]:
-            raise ValueError(f"{owner}: {name} has shape {_fmt_shape(t.shape)}, expected "
-                             f"{_fmt_shape(expected[name])} ({what[name]})")
-    if x.dtype not in _REAL_DTYPES:
-        raise TypeError(f"{owner}: x must have a real floating dtype, got {x.dtype}; convert with x.to(torch.float32)")
-    for name, t in named.items():
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{owner}: {name} has dtype {t.dtype}, but x has dtype {x.dtype}; "
-                            f"convert with {name}.to({x.dtype})")
-        if t.device != x.device:
-            raise ValueError(f"{owner}: {name} is on device {t.device}, but x is on {x.device}; "
-                             f"move it with {name}.to('{x.device}')")
-
-
-def _check_values(owner: str, x, y, f, g, a, b) -> None:
-    """Finite data and non-negative weights, read back in one device sync; skipped
-    with the kernels' own input checks (``config.override(check_finite=False)``)."""
-    if not config.check_finite:
-        return
-    named = [(n, t) for n, t in (("x", x), ("y", y), ("f", f), ("g", g), ("a", a), ("b", b)) if t is not None]
-    weights = [(n, t) for n, t in named if n in "ab"]
-    with torch.no_grad():
-        # max |t| is NaN or inf iff t holds a NaN or an inf (amax propagates NaN): two
-        # launches a tensor, where isfinite(t).all() takes five. All share x's dtype.
-        peaks = [t.abs().amax() if t.numel() else t.new_zeros(()) for _, t in named]
-        lows = [t.amin() if t.numel() else t.new_zeros(()) for _, t in weights]
-        values = torch.stack(peaks + lows).tolist()
-    for (name, _), peak in zip(named, values):
-        if not math.isfinite(peak):
-            raise ValueError(f"{owner}: {name} has non-finite entries (inf or nan); the plan would be "
-                             "undefined. Check the potentials' solver or the point clouds")
-    for (name, _), low in zip(weights, values[len(named):]):
-        if low < 0:
-            raise ValueError(f"{owner}: the weights {name} have negative entries; weights must be >= 0 "
-                             "(zeros are allowed)")
-
-
-def _check_V(owner: str, V, x, y) -> None:
-    """V: (m,) or (m, k), with a leading B when x is batched."""
-    if V is None:
-        return
-    if not isinstance(V, torch.Tensor):
-        raise TypeError(f"{owner}: V must be a torch.Tensor or None, got {type(V).__name__}")
-    lead, m = tuple(y.shape[:-2]), y.shape[-2]
-    ok = V.ndim in (len(lead) + 1, len(lead) + 2) and tuple(V.shape[:len(lead) + 1]) == lead + (m,)
-    if not ok:
-        want = _fmt_shape(lead + (m,)) + " or (" + ", ".join(str(s) for s in lead + (m,)) + ", k)"
-        hint = ""
-        if V.ndim >= 1 and V.shape[len(lead):len(lead) + 1] == (x.shape[-2],) and x.shape[-2] != m:
-            hint = "; it matches the rows of P: did you mean the transpose, plan_matmul(y, x, g, f, V, ...)?"
-        raise ValueError(f"{owner}: V has shape {_fmt_shape(V.shape)}, expected {want} "
-                         f"(y has {m} points){hint}")
-    if V.dtype != x.dtype:
-        raise TypeError(f"{owner}: V has dtype {V.dtype}, but x has dtype {x.dtype}; convert with V.to({x.dtype})")
-    if V.device != x.device:
-        raise ValueError(f"{owner}: V is on device {V.device}, but x is on {x.device}; "
-                         f"move it with V.to('{x.device}')")
+    eps = positive_scalar(owner, "eps", eps)
+    cost_scale = positive_scalar(owner, "cost_scale", cost_scale)
+    backend = backend_name(owner, backend)
+    precision = precision_name(owner, precision)
+    geo = points(owner, x, y, batch="same" if batched else "none", hint=hint)
+    vector(geo, "f", f, geo.n, what="one potential per point of x")
+    vector(geo, "g", g, geo.m, what="one potential per point of y")
+    vector(geo, "a", a, geo.n, what="one weight per point of x", optional=True)
+    vector(geo, "b", b, geo.m, what="one weight per point of y", optional=True)
+    operand(geo, "V", V, geo.m, what=f"y has {geo.m} points", transpose=f"{owner}(y, x, g, f, V, a=b, b=a, ...)")
+    check_backend(owner, backend, x)
+    finite(owner, {"x": x, "y": y, "f": f, "g": g, "V": V, "a": a, "b": b},
+           allow_neg_inf=() if finite_potentials else ("f", "g"), nonnegative=("a", "b"), hint=_UNDEFINED)
+    return eps, cost_scale, backend, precision
 
 
 # --------------------------------------------------------------------------
@@ -257,8 +171,8 @@ def plan_matmul(x, y, f, g, V=None, *, eps, a=None, b=None, cost_scale=1.0, back
         Target weights, >= 0; None means ones.
     cost_scale : float, default 1.0
         ``c`` in ``C_ij = c |x_i - y_j|^2`` (GeomLoss' p=2 cost is ``c = 1/2``).
-    backend : {None, "torch", "triton"}
-        None picks Triton for CUDA float16/bfloat16/float32 tensors, torch otherwise.
+    backend : {None, "auto", "torch", "triton"}
+        None or "auto" picks Triton for CUDA float16/bfloat16/float32 tensors, torch otherwise.
     precision : optional
         Passed to the kernel (see ``otlinop.kernels.plan_apply``).
 
@@ -306,13 +220,16 @@ def plan_matmul(x, y, f, g, V=None, *, eps, a=None, b=None, cost_scale=1.0, back
     >>> out.sum().backward(); f.grad.shape
     torch.Size([5])
     """
-    owner = "plan_matmul"
-    eps = _check_scalar(owner, "eps", eps, hint="eps is the entropic regularisation, e.g. eps=0.1")
-    cost_scale = _check_scalar(owner, "cost_scale", cost_scale, hint="use 1.0 for |x-y|^2 or 0.5 for |x-y|^2/2")
-    _check_backend(owner, backend)
-    _check_data(owner, x, y, f, g, a, b, batched=True)
-    _check_V(owner, V, x, y)
-    return _PlanMatmul.apply(x, y, f, g, V, a, b, eps, cost_scale, backend, precision)
+    opts = _validated("plan_matmul", x, y, f, g, V, a, b, eps, cost_scale, backend, precision, batched=True,
+                      finite_potentials=False)
+    return _checked_product(x, y, f, g, V, a, b, *opts)
+
+
+def _checked_product(x, y, f, g, V, a, b, eps, cost_scale, backend, precision):
+    """``P @ V`` on data that ``_validated`` checked: the kernels' own value checks
+    of the forward pass would read the same values back a second time."""
+    with config.override(check_finite=False):
+        return _PlanMatmul.apply(x, y, f, g, V, a, b, eps, cost_scale, backend, precision)
 
 
 def transport_gradient(x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, backend=None, precision=None):
@@ -337,12 +254,25 @@ def transport_gradient(x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, backe
     gradient of the entropic OT loss w.r.t. x; ``transport_gradient(y, x, g, f,
     a=b, b=a, ...)`` gives the one w.r.t. y.
     """
+    return transport_gradient_for("transport_gradient", x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale,
+                                  backend=backend, precision=precision)
+
+
+def transport_gradient_for(owner: str, x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, backend=None,
+                           precision=None, batched: bool = True, wrt: str = "x"):
+    """:func:`transport_gradient` for the public function ``owner``, whose name
+    its argument errors carry: the gradient w.r.t. x, or w.r.t. y with
+    ``wrt="y"`` (the arguments keep their names in the messages either way);
+    ``batched=False`` refuses batched clouds."""
+    eps, cost_scale, backend, precision = _validated(owner, x, y, f, g, None, a, b, eps, cost_scale, backend,
+                                                     precision, batched=batched, finite_potentials=False)
+    if wrt == "y":
+        x, y, f, g, a, b = y, x, g, f, b, a
     z = (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True)) / 2
     xz, yz = x - z, y - z
     d = x.shape[-1]
     V = torch.cat([yz, yz.new_ones(yz.shape[:-1] + (1,))], dim=-1)
-    PV = plan_matmul(x, y, f, g, V, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
-                     precision=precision)
+    PV = _checked_product(x, y, f, g, V, a, b, eps, cost_scale, backend, precision)
     return (2.0 * cost_scale) * (PV[..., d:] * xz - PV[..., :d])
 
 
@@ -370,8 +300,8 @@ class PlanOperator(LinearOperator):
         Target weights, likewise.
     cost_scale : float, default 1.0
         ``c`` in ``C_ij = c |x_i - y_j|^2``.
-    backend : {None, "torch", "triton"}
-        None picks Triton for CUDA float16/bfloat16/float32 tensors, torch otherwise.
+    backend : {None, "auto", "torch", "triton"}
+        None or "auto" picks Triton for CUDA float16/bfloat16/float32 tensors, torch otherwise.
     precision : optional
         Passed to the kernels.
 
@@ -419,13 +349,9 @@ class PlanOperator(LinearOperator):
     """
 
     def __init__(self, x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, backend=None, precision=None):
-        owner = "PlanOperator"
-        eps = _check_scalar(owner, "eps", eps, hint="eps is the entropic regularisation, e.g. eps=0.1")
-        cost_scale = _check_scalar(owner, "cost_scale", cost_scale,
-                                   hint="use 1.0 for |x-y|^2 or 0.5 for |x-y|^2/2")
-        _check_backend(owner, backend)
-        _check_data(owner, x, y, f, g, a, b, batched=False)
-        _check_values(owner, x, y, f, g, a, b)
+        opts = _validated("PlanOperator", x, y, f, g, None, a, b, eps, cost_scale, backend, precision,
+                          batched=False, finite_potentials=True, hint="use plan_matmul for batched point clouds")
+        eps, cost_scale, backend, precision = opts
         self._setup(x, y, f, g, eps, a, b, cost_scale, backend, precision)
 
     def _setup(self, x, y, f, g, eps, a, b, cost_scale, backend, precision):
@@ -569,8 +495,8 @@ class PlanOperator(LinearOperator):
         >>> Pt.fill < 0.05, torch.allclose(Pt @ torch.ones(200, dtype=torch.float64), P.row_sums(), rtol=1e-7)
         (True, True)
         """
-        from .truncated import truncate_plan
-        return truncate_plan(self, tol, max_fill=max_fill, capacity=capacity)
+        from .truncated import truncate_plan_for
+        return truncate_plan_for("PlanOperator.truncated", self, tol, max_fill=max_fill, capacity=capacity)
 
     def squared(self) -> "PlanOperator":
         """The plan of ``P∘P`` (entrywise square), shape (n, m).
@@ -604,21 +530,10 @@ class PlanOperator(LinearOperator):
         O(nm(k + e)) time, O((n + m)(k + e)) memory.
         """
         n, m = self.shape
-        for name, t, rows in (("W", W, n), ("V", V, m), ("Y", Y, m)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"PlanOperator.bilinear: {name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.ndim != 2 or t.shape[0] != rows:
-                raise ValueError(f"PlanOperator.bilinear: {name} has shape {_fmt_shape(t.shape)}, expected "
-                                 f"({rows}, {'e' if name == 'Y' else 'k'}) for P of shape {_fmt_shape(self.shape)}")
-            if t.dtype != self.dtype:
-                raise TypeError(f"PlanOperator.bilinear: {name} has dtype {t.dtype}, expected {self.dtype}; "
-                                f"convert with {name}.to({self.dtype})")
-            if t.device != self.device:
-                raise ValueError(f"PlanOperator.bilinear: {name} is on device {t.device}, expected "
-                                 f"{self.device}; move it with {name}.to('{self.device}')")
-        if W.shape[1] != V.shape[1]:
-            raise ValueError(f"PlanOperator.bilinear: W has {W.shape[1]} columns and V has {V.shape[1]}; "
-                             "<W_i, V_j> needs the same number")
+        geo = Geometry("PlanOperator.bilinear", False, 1, n, m, self.x.shape[1], self.dtype, self.device, ref="P")
+        matrix(geo, "W", W, n)
+        matrix(geo, "V", V, m, W.shape[1], what="as many columns as W: <W_i, V_j>")
+        matrix(geo, "Y", Y, m, cols_name="e")
         with torch.no_grad():
             log_a = None if self._a is None else torch.log(self._a)
             log_b = None if self._b is None else torch.log(self._b)
@@ -653,3 +568,13 @@ class PlanOperator(LinearOperator):
         if not blocks:
             return self.x.new_zeros((n, m))
         return torch.cat(blocks, dim=0)
+
+
+def plan_operator_for(owner: str, x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, backend=None,
+                      precision=None) -> PlanOperator:
+    """``PlanOperator(x, y, f, g, ...)`` built for the public function ``owner``
+    (``hvp_x``, ``HessianOperator``, ...): the same checks, with errors that
+    name ``owner``."""
+    eps, cost_scale, backend, precision = _validated(owner, x, y, f, g, None, a, b, eps, cost_scale, backend,
+                                                     precision, batched=False, finite_potentials=True)
+    return PlanOperator._unchecked(x, y, f, g, eps, a, b, cost_scale, backend, precision)

@@ -22,7 +22,6 @@ matrix is never stored, and a batch of problems runs in one launch per step.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -32,8 +31,9 @@ import torch
 
 from solvers import config
 
-from ._base import _fmt_shape
-from .kernels import _common as _kernel_common
+from ._checks import (Inputs, backend_name, fraction, function, measures, nonnegative_scalar, positive_int,
+                      positive_scalar, potential, precision_name, reach_or_none)
+from .kernels._common import check_backend, resolve_backend
 from .kernels.softmin import softmin as _softmin
 from .kernels.softmin_pair import softmin_pair_unchecked as _softmin_pair
 from .kernels.softmin_pair import softmin_self_unchecked as _softmin_self
@@ -41,226 +41,29 @@ from .kernels.softmin_pair import softmin_self_unchecked as _softmin_self
 __all__ = ["sinkhorn", "SinkhornResult", "epsilon_schedule"]
 
 _METHODS = ("symmetric", "alternating")
-_BACKENDS = (None, "auto", "torch", "triton")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 #: Default blur when neither ``blur`` nor ``eps`` is given (GeomLoss' default).
 DEFAULT_BLUR = 0.05
 
 
 # --------------------------------------------------------------------------
-# Validation of scalars and options
+# Options (the checks live in otlinop._checks)
 # --------------------------------------------------------------------------
-def _positive_float(owner: str, name: str, value, hint: str = "", *, allow_inf: bool = False) -> float:
-    """A positive finite Python float from a number or a 0-d tensor without grad."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise TypeError(f"{owner}: {name} must be a positive number, got a tensor of shape "
-                            f"{_fmt_shape(value.shape)}")
-        if value.requires_grad:
-            raise TypeError(f"{owner}: {name} is a tensor that requires grad; gradients w.r.t. {name} "
-                            f"are not implemented. Pass float({name}) instead")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {name} must be a positive number, got {type(value).__name__}")
-    value = float(value)
-    ok = value > 0 and (math.isfinite(value) or (allow_inf and value == math.inf))
-    if not ok:
-        raise ValueError(f"{owner}: {name} must be positive{'' if allow_inf else ' and finite'}, "
-                         f"got {value}" + (f"; {hint}" if hint else ""))
-    return value
-
-
-def _positive_int(owner: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _resolve_reach(owner: str, reach, reach_x, reach_y):
     """Return (rho_x, rho_y): ``reach**2`` per side, None for a balanced side."""
     if reach is not None and (reach_x is not None or reach_y is not None):
         raise ValueError(f"{owner}: give either reach (both sides) or reach_x / reach_y (one side each), "
                          f"not both; got reach={reach!r}, reach_x={reach_x!r}, reach_y={reach_y!r}")
     if reach is not None:
-        reach_x = reach_y = reach
-    rhos = []
-    for name, r in (("reach_x" if reach is None else "reach", reach_x),
-                    ("reach_y" if reach is None else "reach", reach_y)):
-        if r is None:
-            rhos.append(None)
-            continue
-        r = _positive_float(owner, name, r, "None means a balanced (hard) marginal constraint",
-                            allow_inf=True)
-        rhos.append(None if r == math.inf else r * r)
-    return tuple(rhos)
-
-
-def _resolve_backend(owner: str, backend):
-    if backend not in _BACKENDS:
-        raise ValueError(f"{owner}: backend must be None or 'auto' (Triton on CUDA, torch otherwise), "
-                         f"'torch' or 'triton'; got {backend!r}")
-    return None if backend == "auto" else backend
+        r = reach_or_none(owner, "reach", reach)
+        return (None, None) if r is None else (r * r, r * r)
+    rx, ry = reach_or_none(owner, "reach_x", reach_x), reach_or_none(owner, "reach_y", reach_y)
+    return (None if rx is None else rx * rx), (None if ry is None else ry * ry)
 
 
 def _damping(eps: float, rho) -> float:
     """GeomLoss' dampening ``lam = rho / (rho + eps)`` (1 on a balanced side)."""
     return 1.0 if rho is None else 1.0 / (1.0 + eps / rho)
-
-
-# --------------------------------------------------------------------------
-# Input tensors
-# --------------------------------------------------------------------------
-@dataclass
-class _Inputs:
-    """Validated data of one call, always batched: x (B, n, d), a (B, n), ...
-
-    ``pot_dtype`` is the dtype of the potentials: that of x, float32 for half
-    inputs (potentials in half precision lose the small eps scales).
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-    a: torch.Tensor
-    b: torch.Tensor
-    batched: bool
-
-    @property
-    def pot_dtype(self) -> torch.dtype:
-        return torch.float32 if self.x.dtype in _HALF_DTYPES else self.x.dtype
-
-    @property
-    def log_a(self) -> torch.Tensor:
-        return torch.log(self.a.to(self.pot_dtype))
-
-    @property
-    def log_b(self) -> torch.Tensor:
-        return torch.log(self.b.to(self.pot_dtype))
-
-    def unbatch(self, t):
-        return t if (t is None or self.batched) else t[0]
-
-
-def _check_points(owner: str, x, y) -> bool:
-    """Types, shapes, dtypes and devices of the clouds; returns ``batched``."""
-    for name, t in (("x", x), ("y", y)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}; "
-                            "convert with torch.as_tensor(...)")
-        if t.ndim not in (2, 3):
-            rows = "n" if name == "x" else "m"
-            raise ValueError(f"{owner}: {name} must have shape ({rows}, d) or (B, {rows}, d), got "
-                             f"{_fmt_shape(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{owner}: {name} must have a floating dtype (float16, bfloat16, float32, "
-                            f"float64), got {t.dtype}; convert with {name}.to(torch.float32)")
-    if x.ndim != y.ndim:
-        raise ValueError(f"{owner}: x has shape {_fmt_shape(x.shape)} and y has shape {_fmt_shape(y.shape)}; "
-                         "both must be unbatched (n, d), (m, d) or both batched (B, n, d), (B, m, d)")
-    if x.ndim == 3 and x.shape[0] != y.shape[0]:
-        raise ValueError(f"{owner}: x has batch size {x.shape[0]} but y has {y.shape[0]} "
-                         f"(shapes {_fmt_shape(x.shape)} and {_fmt_shape(y.shape)})")
-    if x.shape[-1] != y.shape[-1]:
-        raise ValueError(f"{owner}: x and y must have the same dimension d, got x {_fmt_shape(x.shape)} "
-                         f"and y {_fmt_shape(y.shape)}")
-    if x.shape[-1] == 0:
-        raise ValueError(f"{owner}: the points have 0 coordinates (x has shape {_fmt_shape(x.shape)})")
-    for name, t in (("x", x), ("y", y)):
-        if t.shape[-2] == 0:
-            raise ValueError(f"{owner}: {name} is an empty point cloud (shape {_fmt_shape(t.shape)}); "
-                             "each measure needs at least one point")
-    if x.ndim == 3 and x.shape[0] == 0:
-        raise ValueError(f"{owner}: the batch is empty (x has shape {_fmt_shape(x.shape)})")
-    if y.dtype != x.dtype:
-        raise TypeError(f"{owner}: y has dtype {y.dtype}, but x has dtype {x.dtype}; convert with "
-                        f"y.to({x.dtype})")
-    if y.device != x.device:
-        raise ValueError(f"{owner}: y is on device {y.device}, but x is on {x.device}; move it with "
-                         f"y.to('{x.device}')")
-    return x.ndim == 3
-
-
-def _check_weights(owner: str, name: str, w, pts: torch.Tensor, pts_name: str) -> torch.Tensor:
-    """Weights of shape (n,) or (B, n); None gives uniform weights 1/n."""
-    lead, n = tuple(pts.shape[:-2]), pts.shape[-2]
-    if w is None:
-        return torch.full(lead + (n,), 1.0 / n, dtype=pts.dtype, device=pts.device)
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"{owner}: {name} must be a torch.Tensor or None (uniform weights), got "
-                        f"{type(w).__name__}")
-    if tuple(w.shape) != lead + (n,):
-        hint = ""
-        if lead and tuple(w.shape) == (n,):
-            hint = f"; batched points need batched weights, e.g. {name}.expand({lead[0]}, {n})"
-        raise ValueError(f"{owner}: {name} has shape {_fmt_shape(w.shape)}, expected "
-                         f"{_fmt_shape(lead + (n,))} (one weight per point of {pts_name}){hint}")
-    if w.dtype != pts.dtype:
-        raise TypeError(f"{owner}: {name} has dtype {w.dtype}, but {pts_name} has dtype {pts.dtype}; "
-                        f"convert with {name}.to({pts.dtype})")
-    if w.device != pts.device:
-        raise ValueError(f"{owner}: {name} is on device {w.device}, but {pts_name} is on {pts.device}; "
-                         f"move it with {name}.to('{pts.device}')")
-    return w
-
-
-def _check_values(owner: str, x, y, a, b, *, balanced: bool) -> None:
-    """Finite points, finite non-negative weights with positive mass: one device sync."""
-    with torch.no_grad():
-        ma, mb = a.sum(-1, dtype=torch.float64), b.sum(-1, dtype=torch.float64)
-        flags = [torch.isfinite(x).all(), torch.isfinite(y).all(),
-                 torch.isfinite(a).all(), (a >= 0).all(), (ma > 0).all(),
-                 torch.isfinite(b).all(), (b >= 0).all(), (mb > 0).all()]
-        if balanced:
-            # Half-precision weights cannot even represent 1/n exactly.
-            tol = max(1e-3, 8 * torch.finfo(a.dtype).eps)
-            flags.append(((ma - mb).abs() <= tol * torch.maximum(ma, mb)).all())
-        flags = torch.stack(flags).tolist()
-    messages = [
-        "x has non-finite entries (inf or nan)",
-        "y has non-finite entries (inf or nan)",
-        "the weights a have non-finite entries (inf or nan)",
-        "the weights a have negative entries; weights must be >= 0 (zeros are allowed)",
-        "the weights a have zero total mass; each measure needs a positive mass",
-        "the weights b have non-finite entries (inf or nan)",
-        "the weights b have negative entries; weights must be >= 0 (zeros are allowed)",
-        "the weights b have zero total mass; each measure needs a positive mass",
-        "balanced OT needs equal total masses, but sum(a) != sum(b) (relative difference above "
-        "1e-3, or 8 ulps for half precision); normalise the weights, or pass reach=... for unbalanced OT",
-    ]
-    for ok, msg in zip(flags, messages):
-        if not ok:
-            raise ValueError(f"{owner}: {msg}")
-
-
-def _prepare(owner: str, x, y, a, b, *, balanced: bool) -> _Inputs:
-    batched = _check_points(owner, x, y)
-    a = _check_weights(owner, "a", a, x, "x")
-    b = _check_weights(owner, "b", b, y, "y")
-    _check_values(owner, x, y, a, b, balanced=balanced)
-    if not batched:
-        x, y, a, b = x.unsqueeze(0), y.unsqueeze(0), a.unsqueeze(0), b.unsqueeze(0)
-    return _Inputs(x, y, a, b, batched)
-
-
-def _check_potential(owner: str, name: str, t, like: torch.Tensor, inp: _Inputs) -> torch.Tensor | None:
-    """A warm-start potential with the shape of the weights ``like``; returned batched."""
-    if t is None:
-        return None
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{owner}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
-    want = tuple(like.shape) if inp.batched else tuple(like.shape[1:])
-    if tuple(t.shape) != want:
-        raise ValueError(f"{owner}: {name} has shape {_fmt_shape(t.shape)}, expected {_fmt_shape(want)} "
-                         "(one value per point)")
-    if t.device != like.device:
-        raise ValueError(f"{owner}: {name} is on device {t.device}, expected {like.device}")
-    if not t.is_floating_point():
-        raise TypeError(f"{owner}: {name} must have a floating dtype, got {t.dtype}")
-    t = t.detach().to(inp.pot_dtype)
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{owner}: {name} has non-finite entries (inf or nan)")
-    return t if inp.batched else t.unsqueeze(0)
 
 
 # --------------------------------------------------------------------------
@@ -306,11 +109,9 @@ def epsilon_schedule(diameter: float, blur: float, scaling: float) -> list[float
     [1.0, 1.0, 0.25, 0.0625]
     """
     owner = "epsilon_schedule"
-    diameter = _positive_float(owner, "diameter", diameter)
-    blur = _positive_float(owner, "blur", blur)
-    scaling = _positive_float(owner, "scaling", scaling)
-    if not scaling < 1:
-        raise ValueError(f"{owner}: scaling must be in (0, 1), got {scaling}")
+    diameter = positive_scalar(owner, "diameter", diameter, "")
+    blur = positive_scalar(owner, "blur", blur)
+    scaling = fraction(owner, "scaling", scaling)
     # The log-spaced middle part is taken from numpy's arange, as GeomLoss does,
     # so that both libraries run the same number of steps at the same eps.
     middle = np.arange(2 * math.log(diameter), 2 * math.log(blur), 2 * math.log(scaling))
@@ -343,7 +144,7 @@ class _Monitor:
     callback: Callable | None
     bar: object | None
     method: str
-    inp: _Inputs
+    inp: Inputs
     errors: list = field(default_factory=list)   # tensors (B,) until finish()
 
     @property
@@ -446,7 +247,7 @@ config.declare("sinkhorn_graphs", True, owner="otlinop.sinkhorn", doc=(
 
 def _graphable(x: torch.Tensor, backend) -> bool:
     """Whether steps on points ``x`` can be captured: CUDA, Triton kernels (no host sync), no capture running."""
-    return (config.sinkhorn_graphs and x.is_cuda and _kernel_common.resolve_backend("sinkhorn", backend, x) == "triton"
+    return (config.sinkhorn_graphs and x.is_cuda and resolve_backend("sinkhorn", backend, x) == "triton"
             and not torch.cuda.is_current_stream_capturing())
 
 
@@ -473,7 +274,7 @@ class _StepGraph:
         return [t.clone() for t in self.static]
 
 
-def _symmetric_loop(inp: _Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0, monitor: _Monitor,
+def _symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0, monitor: _Monitor,
                     cost_scale: float, backend, precision, refine: int = 0, threshold: float = 0.0):
     """GeomLoss' symmetric Sinkhorn loop (docs/math.md section 3).
 
@@ -583,7 +384,7 @@ def _symmetric_loop(inp: _Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g
     return pots, pre, i
 
 
-def _alternating_loop(inp: _Inputs, eps: float, rho_x, rho_y, *, f0, g0, max_iter: int, threshold: float,
+def _alternating_loop(inp: Inputs, eps: float, rho_x, rho_y, *, f0, g0, max_iter: int, threshold: float,
                       monitor: _Monitor, cost_scale: float, backend, precision):
     """OTT-JAX's alternating loop: g then f, checks every ``check_every`` iterations.
 
@@ -963,29 +764,25 @@ def _ot_value(f, g, a, b, eps: float, rho_x, rho_y) -> torch.Tensor:
 # --------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------
-def _resolve_eps(owner: str, method: str, blur, eps, scaling, diameter, inp: _Inputs):
+def _resolve_eps(owner: str, method: str, blur, eps, scaling, diameter, inp: Inputs):
     """Return (final eps, schedule, blur)."""
     if blur is not None and eps is not None:
         raise ValueError(f"{owner}: give blur or eps, not both (eps = blur**2); got blur={blur!r}, eps={eps!r}")
     if eps is not None:
-        eps = _positive_float(owner, "eps", eps, "eps is the entropic regularisation, e.g. eps=0.01")
+        eps = positive_scalar(owner, "eps", eps)
         blur = math.sqrt(eps)
     else:
-        blur = _positive_float(owner, "blur", DEFAULT_BLUR if blur is None else blur,
-                               "blur is the final length scale, eps = blur**2")
+        blur = positive_scalar(owner, "blur", DEFAULT_BLUR if blur is None else blur)
         eps = blur * blur
     if method == "alternating":
         return eps, [eps], blur
-    scaling = _positive_float(owner, "scaling", scaling)
-    if not scaling < 1:
-        raise ValueError(f"{owner}: scaling must be in (0, 1), got {scaling}; it is the ratio between "
-                         "consecutive blur scales (GeomLoss' default 0.5)")
+    scaling = fraction(owner, "scaling", scaling)
     if diameter is None:
         diameter = _diameter(inp.x, inp.y)
         if diameter <= 0:   # every point at the same place: any positive scale works
             diameter = blur
     else:
-        diameter = _positive_float(owner, "diameter", diameter)
+        diameter = positive_scalar(owner, "diameter", diameter)
     # The last eps is blur**2 exactly (not the schedule's rounding of it).
     schedule = epsilon_schedule(diameter, blur, scaling)
     schedule[-1] = eps
@@ -1113,25 +910,25 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
     if method not in _METHODS:
         raise ValueError(f"{owner}: method must be 'symmetric' (GeomLoss) or 'alternating' (OTT-JAX), "
                          f"got {method!r}")
-    cost_scale = _positive_float(owner, "cost_scale", cost_scale, "use 1.0 for |x-y|^2 or 0.5 for |x-y|^2/2")
+    cost_scale = positive_scalar(owner, "cost_scale", cost_scale)
     rho_x, rho_y = _resolve_reach(owner, reach, reach_x, reach_y)
-    backend = _resolve_backend(owner, backend)
-    check_every = _positive_int(owner, "check_every", check_every)
-    threshold = 1e-3 if threshold is None else float(threshold)
-    if not threshold >= 0:
-        raise ValueError(f"{owner}: threshold must be >= 0, got {threshold}")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"{owner}: callback must be callable or None, got {type(callback).__name__}")
+    backend = backend_name(owner, backend)
+    precision = precision_name(owner, precision)
+    check_every = positive_int(owner, "check_every", check_every)
+    threshold = 1e-3 if threshold is None else nonnegative_scalar(owner, "threshold", threshold, allow_inf=True)
+    if callback is not None:
+        function(owner, "callback", callback, "callable or None")
     if method == "alternating":
-        max_iter = 2000 if max_iter is None else _positive_int(owner, "max_iter", max_iter)
+        max_iter = 2000 if max_iter is None else positive_int(owner, "max_iter", max_iter)
         if diameter is not None:
             warnings.warn(f"{owner}: diameter is ignored by method='alternating' (fixed eps)", stacklevel=2)
     elif max_iter is not None:
-        max_iter = _positive_int(owner, "max_iter", max_iter)
+        max_iter = positive_int(owner, "max_iter", max_iter)
 
-    inp = _prepare(owner, x, y, a, b, balanced=(rho_x is None and rho_y is None))
-    f0 = _check_potential(owner, "f0", f0, inp.a, inp)
-    g0 = _check_potential(owner, "g0", g0, inp.b, inp)
+    inp = measures(owner, x, y, a, b, balanced=(rho_x is None and rho_y is None))
+    check_backend(owner, backend, x)
+    f0 = potential(owner, "f0", f0, inp.a, batched=inp.batched, dtype=inp.pot_dtype)
+    g0 = potential(owner, "g0", g0, inp.b, batched=inp.batched, dtype=inp.pot_dtype)
     eps, schedule, _ = _resolve_eps(owner, method, blur, eps, scaling, diameter, inp)
     refine = 0
     if method == "symmetric" and max_iter is not None:

@@ -27,8 +27,9 @@ import math
 
 import torch
 
-from ._base import LinearOperator, _fmt_shape
-from .kernels import _common
+from ._base import LinearOperator
+from ._checks import Geometry, fmt_shape, fraction, matrix, positive_int
+from .kernels._common import compute_dtype
 from .kernels.plan_truncate import ell_bilinear, ell_matmat, live_slots, plan_truncate
 from .kernels.softmin_pair import softmin_pair
 
@@ -168,13 +169,10 @@ class TruncatedPlanOperator(LinearOperator):
         As ``PlanOperator.bilinear`` (no autograd graph); O(nnz (k + e)).
         """
         n, m = self.shape
-        for name, t, rows in (("W", W, n), ("V", V, m), ("Y", Y, m)):
-            if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.shape[0] != rows:
-                got = _fmt_shape(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"TruncatedPlanOperator.bilinear: {name} must be a ({rows}, ...) tensor, got {got}")
-            if t.dtype != self.dtype or t.device != self.device:
-                raise TypeError(f"TruncatedPlanOperator.bilinear: {name} must be {self.dtype} on {self.device}, "
-                                f"got {t.dtype} on {t.device}")
+        geo = Geometry("TruncatedPlanOperator.bilinear", False, 1, n, m, 0, self.dtype, self.device, ref="P")
+        matrix(geo, "W", W, n)
+        matrix(geo, "V", V, m, W.shape[1], what="as many columns as W: <W_i, V_j>")
+        matrix(geo, "Y", Y, m, cols_name="e")
         with torch.no_grad():
             return ell_bilinear(self.values, self.columns, self.counts, W, V, Y, m=m, backend=self.backend)
 
@@ -188,7 +186,7 @@ class TruncatedPlanOperator(LinearOperator):
         return out
 
     def __repr__(self) -> str:
-        return (f"TruncatedPlanOperator(shape={_fmt_shape(self.shape)}, nnz={self.nnz}, fill={self.fill:.2e}, "
+        return (f"TruncatedPlanOperator(shape={fmt_shape(self.shape)}, nnz={self.nnz}, fill={self.fill:.2e}, "
                 f"tol={self.tol:g}, dtype={self.dtype}, device={self.device})")
 
 
@@ -226,22 +224,17 @@ def _transpose_layout(values, columns, counts, m, nnz=None):
     return valsT, colsT, ccount.to(torch.int32)
 
 
-def _check_tol(tol) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
-        raise TypeError(f"truncated: tol must be a float in (0, 1), got {type(tol).__name__}")
-    tol = float(tol)
-    if not 0.0 < tol < 1.0:
-        raise ValueError(f"truncated: tol must be in (0, 1), e.g. 1e-8, got {tol}")
-    return tol
-
-
 def truncate_plan(P, tol: float = 1e-8, *, max_fill: float = 0.25, capacity: int | None = None):
     """``P.truncated(tol)`` for a ``PlanOperator`` P: see ``PlanOperator.truncated``."""
-    tol = _check_tol(tol)
-    if isinstance(max_fill, bool) or not isinstance(max_fill, (int, float)) or not 0.0 < max_fill <= 1.0:
-        raise ValueError(f"truncated: max_fill must be in (0, 1], got {max_fill!r}")
-    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
-        raise ValueError(f"truncated: capacity must be a positive int or None, got {capacity!r}")
+    return truncate_plan_for("truncate_plan", P, tol, max_fill=max_fill, capacity=capacity)
+
+
+def truncate_plan_for(owner: str, P, tol, *, max_fill, capacity):
+    """:func:`truncate_plan` for the public function ``owner``, whose name its argument errors carry."""
+    tol = fraction(owner, "tol", tol)
+    max_fill = fraction(owner, "max_fill", max_fill, closed=True)
+    if capacity is not None:
+        capacity = positive_int(owner, "capacity", capacity, "the slots per row of the first pass, or None")
     n, m = P.shape
     if n == 0 or m == 0:
         return P
@@ -249,7 +242,7 @@ def truncate_plan(P, tol: float = 1e-8, *, max_fill: float = 0.25, capacity: int
         log_a = None if P._a is None else torch.log(P._a)
         log_b = None if P._b is None else torch.log(P._b)
         ah, bh = _marginals(P, log_a, log_b)
-        cdt = _common.compute_dtype(P.dtype)
+        cdt = compute_dtype(P.dtype)
         log_ah, log_bh = torch.log(ah.to(cdt)), torch.log(bh.to(cdt))
         inf = torch.tensor(math.inf, dtype=cdt, device=P.device)
         # log P_ij >= log tol - log(n m) / 2 + (log ah_i + log bh_j) / 2; an empty row or column keeps nothing.

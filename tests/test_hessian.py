@@ -182,7 +182,7 @@ def test_errors():
         HessianOperator(p.x, p.y, p.f, p.g, eps=-1.0)
     with pytest.raises(ValueError, match="reach_x must be positive"):
         HessianOperator(p.x, p.y, p.f, p.g, eps=0.5, a=p.a, b=p.b, reach_x=0.0)
-    with pytest.raises(ValueError, match="ridge must be a non-negative"):
+    with pytest.raises(ValueError, match="ridge must be non-negative and finite"):
         HessianOperator(p.x, p.y, p.f, p.g, eps=0.5, a=p.a, b=p.b, ridge=-1e-3)
     with pytest.raises(TypeError, match="ridge must be a non-negative number"):
         HessianOperator(p.x, p.y, p.f, p.g, eps=0.5, a=p.a, b=p.b, ridge="small")

@@ -293,7 +293,7 @@ def test_errors():
         SamplesLoss(blur=0)
     with pytest.raises(ValueError, match=r"scaling must be in \(0, 1\)"):
         SamplesLoss(scaling=1.0)
-    with pytest.raises(ValueError, match="backend must be 'auto'"):
+    with pytest.raises(ValueError, match="backend must be None or 'auto'"):
         SamplesLoss(backend="keops")
     with pytest.raises(TypeError, match="debias must be True or False"):
         SamplesLoss(debias="yes")

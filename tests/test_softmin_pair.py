@@ -277,7 +277,7 @@ ERRORS = [
     (dict(f=torch.zeros(4)), ValueError, r"f has shape \(4,\), expected \(5,\)"),
     (dict(g=torch.zeros(5)), ValueError, r"g has shape \(5,\), expected \(6,\)"),
     (dict(log_a=torch.zeros(6)), ValueError, r"log_a has shape"),
-    (dict(eps=-1.0), ValueError, "eps must be a positive finite number"),
+    (dict(eps=-1.0), ValueError, "eps must be positive and finite"),
     (dict(f=torch.full((5,), math.nan)), ValueError, "f contains NaN"),
     (dict(log_b=torch.full((6,), math.inf)), ValueError, "log_b contains NaN or \\+inf"),
     (dict(g=None), TypeError, "g must be a torch.Tensor"),
@@ -370,7 +370,7 @@ def test_self_errors():
     x = torch.randn(5, 3)
     with pytest.raises(ValueError, match=r"f has shape \(4,\), expected \(5,\)"):
         softmin_self(x, torch.zeros(4), eps=0.5)
-    with pytest.raises(ValueError, match="eps must be a positive finite number"):
+    with pytest.raises(ValueError, match="eps must be positive and finite"):
         softmin_self(x, torch.zeros(5), eps=0.0)
     with pytest.raises(ValueError, match="log_a has shape"):
         softmin_self(x, torch.zeros(5), torch.zeros(3), eps=0.5)

@@ -280,7 +280,7 @@ def test_truncated_falls_back_when_dense_and_checks_arguments():
     assert P.truncated(1e-8) is P                       # nearly every entry matters at d = 2
     with pytest.raises(ValueError, match=r"tol must be in \(0, 1\)"):
         P.truncated(0.0)
-    with pytest.raises(TypeError, match="tol must be a float"):
+    with pytest.raises(TypeError, match=r"PlanOperator.truncated: tol must be a number in \(0, 1\), got str"):
         P.truncated("1e-8")
     with pytest.raises(ValueError, match="max_fill must be in"):
         P.truncated(1e-8, max_fill=0)

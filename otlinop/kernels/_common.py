@@ -1,7 +1,7 @@
 """Shared helpers for the streaming kernels of ``otlinop.kernels``.
 
-Host side: backend dispatch, precision and input validation, batching and
-broadcasting of the inputs, the row-block schedule of the torch references and
+Host side: backend dispatch (the argument checks live in ``otlinop._checks``),
+batching and broadcasting of the inputs, the row-block schedule of the torch references and
 the centring of the two point clouds. Device side: the ``@triton.jit`` pieces
 that every kernel shares (loading a centred tile, the cross dot products
 ``x_i . y_j`` of a tile, one step of the online log-sum-exp).
@@ -26,6 +26,7 @@ import torch
 
 from solvers import config
 
+from .._checks import BACKENDS, PRECISIONS, backend_name, precision_name, triton_ready
 from ._triton import HAS_TRITON, cdiv, next_power_of_2, tl, triton
 
 __all__ = [
@@ -47,24 +48,12 @@ __all__ = [
 #: Half-precision operands ignore the setting.
 DEFAULT_PRECISION = "tf32x3"
 
-#: Accepted values of ``precision`` (``None`` means ``DEFAULT_PRECISION``).
-PRECISIONS = ("ieee", "tf32", "tf32x3")
-
-#: Accepted values of ``backend`` (``None`` means: Triton for CUDA tensors of a
-#: Triton dtype, torch otherwise).
-BACKENDS = ("triton", "torch")
-
 #: Dtypes the Triton kernels accept for the points.
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 config.declare("torch_block_bytes", 64 * 2**20, owner="otlinop.kernels", doc=(
     "memory budget in bytes of the (rows, m) temporaries of one row block of the torch references; "
     "they never allocate n x m at once"))
-
-config.declare("check_finite", True, owner="otlinop", doc=(
-    "every public call checks its inputs for NaN / +inf with one device-to-host synchronisation, "
-    "and so does a PlanOperator's construction (with its weights' signs); benchmarks turn it off"))
 
 #: Whether the kernels were created by the Triton interpreter. ``triton.jit``
 #: reads TRITON_INTERPRET when it decorates a function, i.e. when the kernel
@@ -82,222 +71,45 @@ def interpreting() -> bool:
 
 
 # --------------------------------------------------------------------------
-# Options
+# Dispatch (the checks themselves live in otlinop._checks)
 # --------------------------------------------------------------------------
 
-
-def resolve_precision(fn: str, precision) -> str:
-    """Return the dot precision to use; ValueError for an unknown value."""
-    if precision is None:
-        return DEFAULT_PRECISION
-    if not isinstance(precision, str) or precision not in PRECISIONS:
-        raise ValueError(
-            f"{fn}: precision must be None (default {DEFAULT_PRECISION!r}) or one of "
-            f"{', '.join(repr(p) for p in PRECISIONS)}; got {precision!r}"
-        )
-    return precision
+#: Largest batch of one call: the batch index is a grid dimension of the launches.
+MAX_BATCH = 65535
 
 
-def resolve_backend(fn: str, backend, x: torch.Tensor) -> str:
-    """Return "triton" or "torch" for a call on points ``x``.
+def resolve_precision(owner: str, precision) -> str:
+    """The dot precision to use: ``precision``, or ``DEFAULT_PRECISION`` for None."""
+    return precision_name(owner, precision) or DEFAULT_PRECISION
 
-    ``None`` picks Triton for CUDA tensors of dtype float32/float16/bfloat16 and
-    the torch reference otherwise. "triton" on CPU tensors needs the Triton
-    interpreter (TRITON_INTERPRET=1 set before this package is imported).
+
+def check_backend(owner: str, backend, x: torch.Tensor) -> str | None:
+    """The backend asked for (None for None and "auto"), once it is known to run on points ``x``.
+
+    "triton" on CPU tensors needs the Triton interpreter (TRITON_INTERPRET=1
+    set before this package is imported).
     """
-    if backend is None:
-        return "triton" if (HAS_TRITON and x.is_cuda and x.dtype in TRITON_DTYPES) else "torch"
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(
-            f"{fn}: backend must be None, 'triton' or 'torch'; got {backend!r}"
-        )
+    backend = backend_name(owner, backend)
     if backend == "triton":
-        if not HAS_TRITON:
-            raise ValueError(f"{fn}: backend='triton' needs the triton package, which is not installed; "
-                             "use backend='torch' (or None)")
-        if x.dtype not in TRITON_DTYPES:
-            raise TypeError(
-                f"{fn}: backend='triton' supports float32, float16 and bfloat16 points; "
-                f"x has dtype {x.dtype}. Use backend='torch' (or None) for {x.dtype}."
-            )
-        if not x.is_cuda:
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError(
-                    f"{fn}: backend='triton' needs CUDA tensors, but x is on {x.device}. "
-                    "Move the inputs to a GPU, use backend='torch', or (for tests) set "
-                    "TRITON_INTERPRET=1 before importing otlinop to run the Triton "
-                    "interpreter on CPU."
-                )
-            if not _INTERPRETED:
-                raise ValueError(
-                    f"{fn}: TRITON_INTERPRET=1 was set after otlinop.kernels was "
-                    "imported, so its kernels were compiled for a GPU; set it before "
-                    "the import to run backend='triton' on CPU tensors."
-                )
+        triton_ready(owner, x, installed=HAS_TRITON, interpreted=_INTERPRETED, dtypes=TRITON_DTYPES)
     return backend
 
 
-def check_eps(fn: str, eps) -> float:
-    """Return ``eps`` as a float; ValueError unless it is a positive finite number."""
-    return _positive_scalar(fn, "eps", eps)
+def resolve_backend(owner: str, backend, x: torch.Tensor) -> str:
+    """Return "triton" or "torch" for a call on points ``x``.
 
-
-def check_cost_scale(fn: str, cost_scale) -> float:
-    """Return ``cost_scale`` as a float; ValueError unless positive and finite."""
-    return _positive_scalar(fn, "cost_scale", cost_scale)
-
-
-def _positive_scalar(fn: str, name: str, value) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{fn}: {name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"{fn}: {name} must be a positive finite number, got {value}")
-    return value
+    None and "auto" pick Triton for CUDA tensors of dtype
+    float32/float16/bfloat16 and the torch reference otherwise.
+    """
+    backend = check_backend(owner, backend, x)
+    if backend is None:
+        return "triton" if (HAS_TRITON and x.is_cuda and x.dtype in TRITON_DTYPES) else "torch"
+    return backend
 
 
 # --------------------------------------------------------------------------
-# Shapes, dtypes, devices
+# Strides and devices
 # --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Sizes of one call: ``x`` is (n, d) or (B, n, d), ``y`` is (m, d) or (B, m, d)."""
-
-    fn: str
-    batched: bool
-    B: int
-    n: int
-    m: int
-    d: int
-    dtype: torch.dtype
-    device: torch.device
-
-    def shape(self, *dims) -> tuple:
-        """The full shape of an output whose unbatched shape is ``dims``."""
-        return ((self.B,) if self.batched else ()) + tuple(dims)
-
-
-def check_points(fn: str, x, y) -> Geometry:
-    """Validate the point clouds and return the sizes of the call."""
-    for name, t, rows in (("x", x, "n"), ("y", y, "m")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim not in (2, 3):
-            raise ValueError(
-                f"{fn}: {name} has shape {tuple(t.shape)}, expected ({rows}, d) or (B, {rows}, d)"
-            )
-        if not t.is_floating_point():
-            raise TypeError(f"{fn}: {name} must have a floating dtype, got {t.dtype}")
-    if y.device != x.device:
-        raise ValueError(f"{fn}: y is on {y.device}, but x is on {x.device}; put both on one device")
-    if y.dtype != x.dtype:
-        raise TypeError(
-            f"{fn}: x and y must have the same dtype, got x {x.dtype} and y {y.dtype}"
-        )
-    if x.shape[-1] != y.shape[-1]:
-        raise ValueError(
-            f"{fn}: x has shape {tuple(x.shape)} and y has shape {tuple(y.shape)}; "
-            "their last dims (the dimension d of the points) must match"
-        )
-    if x.shape[-1] == 0:
-        raise ValueError(f"{fn}: the points have 0 coordinates (x has shape {tuple(x.shape)})")
-    batched = x.ndim == 3 or y.ndim == 3
-    B = 1
-    if batched:
-        bx = x.shape[0] if x.ndim == 3 else None
-        by = y.shape[0] if y.ndim == 3 else None
-        if bx is not None and by is not None and bx != by:
-            raise ValueError(
-                f"{fn}: x has shape {tuple(x.shape)} and y has shape {tuple(y.shape)}; "
-                "their batch sizes (first dims) must match"
-            )
-        B = bx if bx is not None else by
-        if B > 65535:
-            raise ValueError(f"{fn}: batch size {B} exceeds the maximum of 65535")
-    return Geometry(fn, batched, B, x.shape[-2], y.shape[-2], x.shape[-1], x.dtype, x.device)
-
-
-def _check_tensor(geo: Geometry, name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{geo.fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device != geo.device:
-        raise ValueError(
-            f"{geo.fn}: {name} is on {t.device}, but x is on {geo.device}; put all inputs on one device"
-        )
-    allowed = (geo.dtype, torch.float32) if geo.dtype in _HALF_DTYPES else (geo.dtype,)
-    if t.dtype not in allowed:
-        expected = " or ".join(str(a) for a in allowed)
-        raise TypeError(f"{geo.fn}: {name} has dtype {t.dtype}, expected {expected} (x has dtype {geo.dtype})")
-
-
-def check_vector(geo: Geometry, name: str, t, length: int):
-    """Validate a per-point vector: (length,), or (B, length) in a batched call.
-
-    In a batched call an unbatched (length,) vector is shared by all the batch
-    entries. ``None`` passes through.
-    """
-    if t is None:
-        return None
-    _check_tensor(geo, name, t)
-    shape = tuple(t.shape)
-    ok = shape == (length,) or (geo.batched and shape == (geo.B, length))
-    if not ok:
-        expected = f"({geo.B}, {length}) or ({length},)" if geo.batched else f"({length},)"
-        raise ValueError(f"{geo.fn}: {name} has shape {shape}, expected {expected}")
-    return t
-
-
-def check_matrix(geo: Geometry, name: str, t, rows: int, cols, cols_name: str = "k"):
-    """Validate a per-point matrix: (rows, cols), or (B, rows, cols) in a batched call.
-
-    ``cols=None`` accepts any number of columns. In a batched call an
-    unbatched matrix is shared by all the batch entries.
-    """
-    _check_tensor(geo, name, t)
-    shape = tuple(t.shape)
-    c = cols_name if cols is None else cols
-    ok = t.ndim == 2 or (geo.batched and t.ndim == 3 and shape[0] == geo.B)
-    ok = ok and shape[-2] == rows and (cols is None or shape[-1] == cols)
-    if not ok:
-        expected = f"({geo.B}, {rows}, {c}) or ({rows}, {c})" if geo.batched else f"({rows}, {c})"
-        raise ValueError(f"{geo.fn}: {name} has shape {shape}, expected {expected}")
-    return t
-
-
-def check_finite(geo: Geometry, tensors: dict, allow_neg_inf=()) -> None:
-    """Raise ValueError if an input holds NaN or +inf (or -inf where not allowed).
-
-    One device-to-host synchronisation per call, whatever the number of
-    inputs; switched off by ``config.override(check_finite=False)``, and skipped
-    while a CUDA graph is being captured.
-    """
-    if not config.check_finite or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-        # Inside a CUDA graph capture (a user's torch.cuda.graph) no synchronisation is
-        # allowed: the check stands aside there; the warm-up call that every capture
-        # needs ran it. (solvers.cg(graph=True) does not capture an operator that
-        # checks: its dry product under sync debug mode finds the synchronisation.)
-        return
-    names, flags = [], []
-    for name, t in tensors.items():
-        if t is None or t.numel() == 0:
-            continue
-        if name in allow_neg_inf:
-            flags.append((~(torch.isnan(t) | (t == math.inf))).all())
-        else:
-            flags.append(torch.isfinite(t).all())
-        names.append(name)
-    if not flags or bool(torch.stack(flags).all()):
-        return
-    for name, flag in zip(names, flags):
-        if not bool(flag):
-            what = "NaN or +inf (-inf is allowed: a zero weight)" if name in allow_neg_inf else "NaN or inf"
-            raise ValueError(f"{geo.fn}: {name} contains {what} values")
 
 
 def batch_stride(t: torch.Tensor, unbatched_ndim: int) -> int:

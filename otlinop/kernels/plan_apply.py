@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from ._triton import tl, triton
 
+from .._checks import finite, operand, points, positive_scalar, vector
 from . import _common
 from ._common import LOG2E, _logits, _mma, _online_step, _plan_bias, _row_setup
 
@@ -188,33 +189,16 @@ _PLAN_LAUNCH = _common.TunedLaunch(_plan_apply_kernel)
 
 
 def _validate(fn, x, y, f, g, V, log_a, log_b, eps, cost_scale):
-    geo = _common.check_points(fn, x, y)
-    for name, t, length in (("f", f, geo.n), ("g", g, geo.m)):
-        if t is None:
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor of shape ({length},), got None")
-        _common.check_vector(geo, name, t, length)
-    _common.check_vector(geo, "log_a", log_a, geo.n)
-    _common.check_vector(geo, "log_b", log_b, geo.m)
-    if V is not None:
-        if not isinstance(V, torch.Tensor):
-            raise TypeError(f"{fn}: V must be a torch.Tensor or None, got {type(V).__name__}")
-        # A batched call needs a batched V: (B, m) and (m, k) would be ambiguous.
-        if geo.batched:
-            ok = (V.ndim == 2 and tuple(V.shape) == (geo.B, geo.m)) or \
-                 (V.ndim == 3 and tuple(V.shape[:2]) == (geo.B, geo.m))
-        else:
-            ok = V.ndim in (1, 2) and V.shape[0] == geo.m
-        if not ok:
-            expected = (f"({geo.B}, {geo.m}, k) or ({geo.B}, {geo.m})" if geo.batched
-                        else f"({geo.m}, k) or ({geo.m},)")
-            raise ValueError(f"{fn}: V has shape {tuple(V.shape)}, expected {expected}")
-        _common._check_tensor(geo, "V", V)
-    eps = _common.check_eps(fn, eps)
-    cost_scale = _common.check_cost_scale(fn, cost_scale)
-    _common.check_finite(
-        geo, {"x": x, "y": y, "f": f, "g": g, "V": V, "log_a": log_a, "log_b": log_b},
-        allow_neg_inf=("f", "g", "log_a", "log_b"),
-    )
+    geo = points(fn, x, y, batch="broadcast", max_batch=_common.MAX_BATCH)
+    vector(geo, "f", f, geo.n, shared=True, wide=True)
+    vector(geo, "g", g, geo.m, shared=True, wide=True)
+    vector(geo, "log_a", log_a, geo.n, optional=True, shared=True, wide=True)
+    vector(geo, "log_b", log_b, geo.m, optional=True, shared=True, wide=True)
+    operand(geo, "V", V, geo.m, wide=True, transpose=f"{fn}(y, x, g, f, V, log_a=log_b, log_b=log_a, ...)")
+    eps = positive_scalar(fn, "eps", eps)
+    cost_scale = positive_scalar(fn, "cost_scale", cost_scale)
+    finite(fn, {"x": x, "y": y, "f": f, "g": g, "V": V, "log_a": log_a, "log_b": log_b},
+           allow_neg_inf=("f", "g", "log_a", "log_b"))
     return geo, eps, cost_scale
 
 
@@ -311,7 +295,7 @@ def plan_apply(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_scale=1.
         Column log-weights; None means zeros. ``-inf`` marks a zero weight.
     cost_scale : float, default 1.0
         ``c`` in ``C_ij = c |x_i - y_j|^2``.
-    backend : {None, "triton", "torch"}
+    backend : {None, "auto", "triton", "torch"}
         As in :func:`otlinop.kernels.lse_cost`.
     precision : {None, "ieee", "tf32", "tf32x3"}
         Tensor-core precision of the fp32 dots (the cost dots and P @ V);

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from ._triton import tl, triton
 
+from .._checks import finite, matrix, points, positive_scalar, vector
 from . import _common
 from ._common import LOG2E, _logits, _mma, _online_step, _plan_bias, _row_setup
 
@@ -162,22 +163,18 @@ _BILINEAR_LAUNCH = _common.TunedLaunch(_plan_bilinear_kernel)
 
 
 def _validate(fn, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale):
-    geo = _common.check_points(fn, x, y)
-    for name, t, length in (("f", f, geo.n), ("g", g, geo.m)):
-        if t is None:
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor of shape ({length},), got None")
-        _common.check_vector(geo, name, t, length)
-    _common.check_vector(geo, "log_a", log_a, geo.n)
-    _common.check_vector(geo, "log_b", log_b, geo.m)
-    _common.check_matrix(geo, "W", W, geo.n, None, "k")
-    _common.check_matrix(geo, "V", V, geo.m, W.shape[-1], "k")
-    _common.check_matrix(geo, "Y", Y, geo.m, None, "e")
-    eps = _common.check_eps(fn, eps)
-    cost_scale = _common.check_cost_scale(fn, cost_scale)
-    _common.check_finite(
-        geo, {"x": x, "y": y, "f": f, "g": g, "W": W, "V": V, "Y": Y, "log_a": log_a, "log_b": log_b},
-        allow_neg_inf=("f", "g", "log_a", "log_b"),
-    )
+    geo = points(fn, x, y, batch="broadcast", max_batch=_common.MAX_BATCH)
+    vector(geo, "f", f, geo.n, shared=True, wide=True)
+    vector(geo, "g", g, geo.m, shared=True, wide=True)
+    vector(geo, "log_a", log_a, geo.n, optional=True, shared=True, wide=True)
+    vector(geo, "log_b", log_b, geo.m, optional=True, shared=True, wide=True)
+    matrix(geo, "W", W, geo.n, shared=True, wide=True)
+    matrix(geo, "V", V, geo.m, W.shape[-1], what="as many columns as W", shared=True, wide=True)
+    matrix(geo, "Y", Y, geo.m, cols_name="e", shared=True, wide=True)
+    eps = positive_scalar(fn, "eps", eps)
+    cost_scale = positive_scalar(fn, "cost_scale", cost_scale)
+    finite(fn, {"x": x, "y": y, "f": f, "g": g, "W": W, "V": V, "Y": Y, "log_a": log_a, "log_b": log_b},
+           allow_neg_inf=("f", "g", "log_a", "log_b"))
     return geo, eps, cost_scale
 
 
@@ -253,7 +250,7 @@ def plan_bilinear(x, y, f, g, W, V, Y, *, eps, log_a=None, log_b=None, cost_scal
         Log-weights; None means zeros. ``-inf`` marks a zero weight.
     cost_scale : float, default 1.0
         ``c`` in ``C_ij = c |x_i - y_j|^2``.
-    backend : {None, "triton", "torch"}
+    backend : {None, "auto", "triton", "torch"}
         As in :func:`otlinop.kernels.lse_cost`.
     precision : {None, "ieee", "tf32", "tf32x3"}
         Tensor-core precision of the fp32 dots; None means

@@ -25,12 +25,11 @@ the layout, never an n x m buffer. Unbatched inputs only.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from solvers import config
 
+from .._checks import finite, nonnegative_int, points, positive_scalar, vector
 from ._triton import tl, triton
 
 from . import _common
@@ -159,30 +158,20 @@ def _ell_blocks(k: int):
 
 
 def _validate(fn, x, y, f, g, log_a, log_b, row_threshold, col_threshold, capacity, eps, cost_scale):
-    geo = _common.check_points(fn, x, y)
-    if geo.batched:
-        raise ValueError(f"{fn}: batched inputs are not supported; x must be (n, d) and y (m, d), "
-                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
+    geo = points(fn, x, y, batch="none", hint="batched inputs are not supported; call once per problem")
     for name, t, length in (("f", f, geo.n), ("g", g, geo.m), ("row_threshold", row_threshold, geo.n),
                             ("col_threshold", col_threshold, geo.m)):
-        if t is None:
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor of shape ({length},), got None")
-        _common.check_vector(geo, name, t, length)
-    _common.check_vector(geo, "log_a", log_a, geo.n)
-    _common.check_vector(geo, "log_b", log_b, geo.m)
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-        raise ValueError(f"{fn}: capacity must be a non-negative int (slots per row), got {capacity!r}")
-    eps = _common.check_eps(fn, eps)
-    cost_scale = _common.check_cost_scale(fn, cost_scale)
+        vector(geo, name, t, length, wide=True)
+    vector(geo, "log_a", log_a, geo.n, optional=True, wide=True)
+    vector(geo, "log_b", log_b, geo.m, optional=True, wide=True)
+    capacity = nonnegative_int(fn, "capacity", capacity, "the slots per row of the output")
+    eps = positive_scalar(fn, "eps", eps)
+    cost_scale = positive_scalar(fn, "cost_scale", cost_scale)
     # Thresholds may be +inf (keep nothing in that row or column), never NaN or -inf.
-    if config.check_finite:
-        for name, t in (("row_threshold", row_threshold), ("col_threshold", col_threshold)):
-            if t.numel() and not bool((~torch.isnan(t) & (t != -math.inf)).all()):
-                raise ValueError(f"{fn}: {name} contains NaN or -inf (use +inf to keep nothing, a finite "
-                                 "value otherwise)")
-    _common.check_finite(geo, {"x": x, "y": y, "f": f, "g": g, "log_a": log_a, "log_b": log_b},
-                         allow_neg_inf=("f", "g", "log_a", "log_b"))
-    return geo, eps, cost_scale
+    finite(fn, {"row_threshold": row_threshold, "col_threshold": col_threshold, "x": x, "y": y, "f": f, "g": g,
+                "log_a": log_a, "log_b": log_b},
+           allow_pos_inf=("row_threshold", "col_threshold"), allow_neg_inf=("f", "g", "log_a", "log_b"))
+    return geo, eps, cost_scale, capacity
 
 
 # --------------------------------------------------------------------------
@@ -310,8 +299,8 @@ def plan_truncate(x, y, f, g, *, eps, row_threshold, col_threshold, capacity, lo
     >>> counts.tolist(), cols[0].tolist()     # only the diagonal has log P >= -1
     ([1, 1], [0, 1])
     """
-    geo, eps, cost_scale = _validate(_FN, x, y, f, g, log_a, log_b, row_threshold, col_threshold, capacity,
-                                     eps, cost_scale)
+    geo, eps, cost_scale, capacity = _validate(_FN, x, y, f, g, log_a, log_b, row_threshold, col_threshold,
+                                               capacity, eps, cost_scale)
     precision = _common.resolve_precision(_FN, precision)
     if _common.resolve_backend(_FN, backend, x) == "torch":
         return _truncate_torch(x, y, f, g, log_a, log_b, row_threshold, col_threshold, capacity, eps, cost_scale)
@@ -323,8 +312,8 @@ def plan_truncate_torch(x, y, f, g, *, eps, row_threshold, col_threshold, capaci
                         cost_scale=1.0):
     """Torch reference of :func:`plan_truncate` (same arguments but backend and
     precision; any device, float64 included, in row blocks of bounded memory)."""
-    _, eps, cost_scale = _validate("plan_truncate_torch", x, y, f, g, log_a, log_b, row_threshold,
-                                   col_threshold, capacity, eps, cost_scale)
+    _, eps, cost_scale, capacity = _validate("plan_truncate_torch", x, y, f, g, log_a, log_b, row_threshold,
+                                             col_threshold, capacity, eps, cost_scale)
     return _truncate_torch(x, y, f, g, log_a, log_b, row_threshold, col_threshold, capacity, eps, cost_scale)
 
 
@@ -444,8 +433,8 @@ def ell_matmat(values, columns, counts, V, *, m, row_scale=None, sign=1.0, add=N
         The epilogue, applied in the same kernel: two products and a
         diagonal make the Schur complement ``Diag(D) - P.T Diag(w) P`` in two
         launches (``TruncatedPlanOperator``).
-    backend : {None, "triton", "torch"}
-        None: Triton for CUDA float32/float16/bfloat16, torch otherwise.
+    backend : {None, "auto", "triton", "torch"}
+        None or "auto": Triton for CUDA float32/float16/bfloat16, torch otherwise.
 
     Returns
     -------
@@ -548,7 +537,7 @@ def ell_bilinear(values, columns, counts, W, V, Y, *, m, backend=None):
     V : Tensor, shape (m, k)
     Y : Tensor, shape (m, e)
     m : int
-    backend : {None, "triton", "torch"}
+    backend : {None, "auto", "triton", "torch"}
 
     Returns
     -------

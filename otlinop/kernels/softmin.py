@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from ._triton import tl, triton
 
+from .._checks import finite, points, positive_scalar, vector
 from . import _common
 from ._common import (
     LN2,
@@ -194,13 +195,11 @@ _LSE_LAUNCH = _common.TunedLaunch(_lse_kernel)
 
 
 def _validate(fn, x, y, h, eps, cost_scale):
-    geo = _common.check_points(fn, x, y)
-    if h is None:
-        raise TypeError(f"{fn}: h must be a torch.Tensor of shape ({geo.m},), got None")
-    _common.check_vector(geo, "h", h, geo.m)
-    eps = _common.check_eps(fn, eps)
-    cost_scale = _common.check_cost_scale(fn, cost_scale)
-    _common.check_finite(geo, {"x": x, "y": y, "h": h}, allow_neg_inf=("h",))
+    geo = points(fn, x, y, batch="broadcast", max_batch=_common.MAX_BATCH)
+    vector(geo, "h", h, geo.m, shared=True, wide=True)
+    eps = positive_scalar(fn, "eps", eps)
+    cost_scale = positive_scalar(fn, "cost_scale", cost_scale)
+    finite(fn, {"x": x, "y": y, "h": h}, allow_neg_inf=("h",))
     return geo, eps, cost_scale
 
 
@@ -262,9 +261,9 @@ def lse_cost(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None):
         changing it neither recompiles nor re-tunes.
     cost_scale : float, default 1.0
         ``c`` in ``C_ij = c |x_i - y_j|^2`` (1/2 for GeomLoss' p = 2).
-    backend : {None, "triton", "torch"}
-        None: Triton for CUDA tensors of dtype float32/float16/bfloat16, the
-        torch reference otherwise. "triton" on CPU needs TRITON_INTERPRET=1.
+    backend : {None, "auto", "triton", "torch"}
+        None or "auto": Triton for CUDA tensors of dtype float32/float16/bfloat16,
+        the torch reference otherwise. "triton" on CPU needs TRITON_INTERPRET=1.
     precision : {None, "ieee", "tf32", "tf32x3"}
         Tensor-core precision of the fp32 dots (Triton only; None means
         ``DEFAULT_PRECISION`` = "tf32x3", accurate to fp32 level).

@@ -48,6 +48,7 @@ import math
 import torch
 from ._triton import tl, triton
 
+from .._checks import Geometry, finite, points, positive_scalar, vector
 from . import _common
 from ._common import LN2, LOG2E, _logits, _mma, _online_step, _plan_bias, _row_setup, _store_in_place
 from .softmin import _CONFIGS, _fits, _lse_torch
@@ -370,18 +371,14 @@ _PAIR_LAUNCH = _common.TunedLaunch(_pair_kernel)
 
 
 def _validate(fn, x, y, f, g, log_a, log_b, eps, cost_scale):
-    geo = _common.check_points(fn, x, y)
-    for name, t, length in (("f", f, geo.n), ("g", g, geo.m)):
-        if t is None:
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor of shape ({length},), got None")
-    _common.check_vector(geo, "f", f, geo.n)
-    _common.check_vector(geo, "g", g, geo.m)
-    _common.check_vector(geo, "log_a", log_a, geo.n)
-    _common.check_vector(geo, "log_b", log_b, geo.m)
-    eps = _common.check_eps(fn, eps)
-    cost_scale = _common.check_cost_scale(fn, cost_scale)
-    _common.check_finite(geo, {"x": x, "y": y, "f": f, "g": g, "log_a": log_a, "log_b": log_b},
-                         allow_neg_inf=("log_a", "log_b"))
+    geo = points(fn, x, y, batch="broadcast", max_batch=_common.MAX_BATCH)
+    vector(geo, "f", f, geo.n, shared=True, wide=True)
+    vector(geo, "g", g, geo.m, shared=True, wide=True)
+    vector(geo, "log_a", log_a, geo.n, optional=True, shared=True, wide=True)
+    vector(geo, "log_b", log_b, geo.m, optional=True, shared=True, wide=True)
+    eps = positive_scalar(fn, "eps", eps)
+    cost_scale = positive_scalar(fn, "cost_scale", cost_scale)
+    finite(fn, {"x": x, "y": y, "f": f, "g": g, "log_a": log_a, "log_b": log_b}, allow_neg_inf=("log_a", "log_b"))
     return geo, eps, cost_scale
 
 
@@ -556,7 +553,7 @@ def softmin_self(x, f, log_a=None, *, eps, cost_scale=1.0, backend=None, precisi
 
 def softmin_self_unchecked(x, f, log_a, *, eps: float, cost_scale: float, backend, precision):
     """:func:`softmin_self` without the input checks, for loops that ran them once."""
-    geo = _common.Geometry(_FN_SELF, x.ndim == 3, x.shape[0] if x.ndim == 3 else 1, x.shape[-2], x.shape[-2],
+    geo = Geometry(_FN_SELF, x.ndim == 3, x.shape[0] if x.ndim == 3 else 1, x.shape[-2], x.shape[-2],
                            x.shape[-1], x.dtype, x.device)
     precision = _common.resolve_precision(_FN_SELF, precision)
     if _common.resolve_backend(_FN_SELF, backend, x) == "torch":
@@ -589,7 +586,7 @@ def softmin_pair(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.0, bac
         (changing it neither recompiles nor re-tunes).
     cost_scale : float, default 1.0
         ``c`` in ``C_ij = c |x_i - y_j|^2``.
-    backend : {None, "triton", "torch"}
+    backend : {None, "auto", "triton", "torch"}
         As in :func:`otlinop.kernels.softmin`.
     precision : {None, "ieee", "tf32", "tf32x3"}
         As in :func:`otlinop.kernels.softmin`.
@@ -655,7 +652,7 @@ def softmin_pair_unchecked(x, y, f, g, log_a, log_b, *, eps: float, cost_scale: 
     """
     batched = x.ndim == 3 or y.ndim == 3
     B = x.shape[0] if x.ndim == 3 else (y.shape[0] if y.ndim == 3 else 1)
-    geo = _common.Geometry(_FN, batched, B, x.shape[-2], y.shape[-2], x.shape[-1], x.dtype, x.device)
+    geo = Geometry(_FN, batched, B, x.shape[-2], y.shape[-2], x.shape[-1], x.dtype, x.device)
     precision = _common.resolve_precision(_FN, precision)
     if _common.resolve_backend(_FN, backend, x) == "torch":
         return _pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale)

@@ -1,0 +1,585 @@
+"""Argument validation: every check of otlinop's public arguments, written once.
+
+The public functions of the package (``sinkhorn``, ``SamplesLoss``,
+``PlanOperator``, ``hvp_x``, the kernels, ...) validate their arguments with
+the functions below, so that one odd input meets the same answer everywhere.
+The conventions:
+
+- **Messages** begin with the public function the user called (``owner``:
+  ``"hvp_x"`` even when a ``PlanOperator`` is built inside it), name the
+  argument, say what was expected and what was received, and how to fix it.
+- **Scalars**: one accepted set everywhere: Python ints and floats, NumPy
+  scalars, and 0-d tensors that do not require grad. Bools, strings, None
+  where a number is required, tensors of other shapes and tensors that
+  require grad raise TypeError; NaN, inf (where not meaningful) and values
+  out of range (``<= 0`` for a positive one) raise ValueError. Integer
+  arguments take Python and NumPy integers and 0-d integer tensors.
+- **Names**: ``backend`` is None or "auto" (Triton for CUDA tensors of a
+  Triton dtype, torch otherwise), "torch" or "triton" at every entry point
+  that takes one; ``precision`` is None (the kernels' default) or one of
+  :data:`PRECISIONS`. An unknown name raises ValueError.
+- **Tensors**: a non-tensor or a wrong dtype raises TypeError, a wrong shape
+  or device ValueError (as torch does). Points are real floating tensors
+  (float16, bfloat16, float32, float64); every other tensor of a call has the
+  dtype and the device of ``x``.
+- **Values** (NaN, inf, negative weights, masses) are read back from the
+  device in one synchronisation per call, whatever the number of tensors.
+  :func:`finite` stands aside when ``config.check_finite`` is False (the
+  benchmarks) and while a CUDA graph is being captured (no synchronisation is
+  allowed there; the warm-up call that every capture needs ran the check).
+
+This module sits below the kernels: it imports torch and ``solvers.config``,
+nothing from otlinop. Facts that belong to the kernels (whether Triton is
+installed, which dtypes it takes) are passed in as arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+
+import torch
+
+from solvers import config
+
+__all__ = [
+    "REAL_DTYPES", "HALF_DTYPES", "BACKENDS", "PRECISIONS", "fmt_shape",
+    "positive_scalar", "nonnegative_scalar", "fraction", "positive_int", "nonnegative_int", "flag",
+    "function", "solver_function", "preconditioner", "reach_or_none",
+    "backend_name", "precision_name", "triton_ready",
+    "Geometry", "points", "vector", "weights", "potential", "matrix", "operand", "finite",
+    "Inputs", "measures",
+]
+
+#: Dtypes of the points (and of every operator): the real floating ones.
+REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Half dtypes: their potentials live in float32, and float32 vectors are accepted beside them.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+#: Accepted values of ``backend`` besides None and "auto", which pick Triton for
+#: CUDA tensors of a Triton dtype and torch otherwise.
+BACKENDS = ("triton", "torch")
+
+#: Accepted values of ``precision`` (None means the kernels' ``DEFAULT_PRECISION``).
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+config.declare("check_finite", True, owner="otlinop", doc=(
+    "every public call checks its inputs for NaN / +inf with one device-to-host synchronisation, "
+    "and so does a PlanOperator's construction (with its weights' signs); benchmarks turn it off"))
+
+# What an argument is, for the messages that refuse a value of it.
+_HINTS = {
+    "eps": "eps is the entropic regularisation, e.g. eps=0.1",
+    "blur": "blur is the final length scale, eps = blur**2, e.g. blur=0.05",
+    "cost_scale": "use 1.0 for |x-y|^2 or 0.5 for |x-y|^2/2 (GeomLoss' p=2)",
+    "reach": "None (or inf) means a balanced (hard) marginal constraint",
+    "reach_x": "None (or inf) means a hard constraint on the first marginal",
+    "reach_y": "None (or inf) means a hard constraint on the second marginal",
+    "scaling": "it is the ratio between consecutive blur scales (GeomLoss' default 0.5)",
+    "diameter": "it is the first blur scale of the schedule; None takes the diameter of the data",
+    "ridge": "0 disables the ridge; None gives the default",
+    "tol": "e.g. tol=1e-8",
+    "truncate": "the truncation tolerance, e.g. truncate=1e-8; None keeps the exact plan",
+    "max_fill": "e.g. max_fill=0.25",
+    "threshold": "the L1 marginal error at which to stop, e.g. threshold=1e-3",
+    "rtol": "the inner solve's relative residual, e.g. rtol=1e-10",
+    "atol": "the inner solve's absolute residual, e.g. atol=0.0",
+    "hvp_rtol": "the inner solve's relative residual, e.g. 1e-10",
+}
+
+
+def fmt_shape(shape) -> str:
+    """A shape as Python writes a tuple: ``(5,)``, ``(2, 3)``."""
+    shape = tuple(shape)
+    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _describe(value) -> str:
+    """The received value for a message: its type, and its repr when short."""
+    if value is None:
+        return "None"
+    text = repr(value)
+    return type(value).__name__ + (f" {text}" if len(text) <= 40 else "")
+
+
+def _hint(name: str, hint) -> str:
+    hint = _HINTS.get(name, "") if hint is None else hint
+    return f"; {hint}" if hint else ""
+
+
+# --------------------------------------------------------------------------
+# Scalars
+# --------------------------------------------------------------------------
+def _number(owner: str, name: str, value, kind: str, hint, *, integer: bool = False):
+    """``value`` as a Python number, or TypeError naming ``kind`` ("a positive number")."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0:
+            raise TypeError(f"{owner}: {name} must be {kind}, got a tensor of shape {fmt_shape(value.shape)}; "
+                            f"pass a Python number or a 0-d tensor{_hint(name, hint)}")
+        if value.requires_grad:
+            raise TypeError(f"{owner}: {name} is a tensor that requires grad, but gradients w.r.t. {name} "
+                            f"are not implemented; pass {name}.detach() or float({name})")
+        value = value.item()
+    wanted = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, wanted):
+        raise TypeError(f"{owner}: {name} must be {kind}, got {_describe(value)}{_hint(name, hint)}")
+    return int(value) if integer else float(value)
+
+
+def positive_scalar(owner: str, name: str, value, hint: str | None = None, *, allow_inf: bool = False) -> float:
+    """``value`` as a positive finite float (``+inf`` too with ``allow_inf``).
+
+    ``hint`` completes the message (default: a line on what ``name`` is, for
+    the common names); TypeError for a value that is not a number, ValueError
+    for NaN, inf or ``<= 0``.
+    """
+    value = _number(owner, name, value, "a positive number", hint)
+    if not (value > 0 and (math.isfinite(value) or (allow_inf and value == math.inf))):
+        raise ValueError(f"{owner}: {name} must be positive{'' if allow_inf else ' and finite'}, got {value}"
+                         f"{_hint(name, hint)}")
+    return value
+
+
+def nonnegative_scalar(owner: str, name: str, value, hint: str | None = None, *,
+                       allow_inf: bool = False) -> float:
+    """``value`` as a float ``>= 0``, finite unless ``allow_inf``."""
+    value = _number(owner, name, value, "a non-negative number", hint)
+    if not (value >= 0 and (math.isfinite(value) or allow_inf)):
+        raise ValueError(f"{owner}: {name} must be non-negative{'' if allow_inf else ' and finite'}, "
+                         f"got {value}{_hint(name, hint)}")
+    return value
+
+
+def fraction(owner: str, name: str, value, hint: str | None = None, *, closed: bool = False) -> float:
+    """``value`` as a float in (0, 1), or in (0, 1] with ``closed``."""
+    interval = "(0, 1]" if closed else "(0, 1)"
+    value = _number(owner, name, value, f"a number in {interval}", hint)
+    if not (0.0 < value < 1.0 or (closed and value == 1.0)):
+        raise ValueError(f"{owner}: {name} must be in {interval}, got {value}{_hint(name, hint)}")
+    return value
+
+
+def positive_int(owner: str, name: str, value, hint: str | None = None) -> int:
+    """``value`` as an int ``>= 1`` (Python or NumPy integer, or a 0-d integer tensor)."""
+    value = _number(owner, name, value, "a positive integer", hint, integer=True)
+    if value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive integer, got {value}{_hint(name, hint)}")
+    return value
+
+
+def nonnegative_int(owner: str, name: str, value, hint: str | None = None) -> int:
+    """``value`` as an int ``>= 0``."""
+    value = _number(owner, name, value, "a non-negative integer", hint, integer=True)
+    if value < 0:
+        raise ValueError(f"{owner}: {name} must be a non-negative integer, got {value}{_hint(name, hint)}")
+    return value
+
+
+def flag(owner: str, name: str, value) -> bool:
+    """A bool option: True or False, nothing else (``"no"`` would be true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be True or False, got {_describe(value)}")
+    return value
+
+
+def function(owner: str, name: str, value, expected: str):
+    """A callable argument; ``expected`` says which ("a solver function such as solvers.cg")."""
+    if not callable(value):
+        raise TypeError(f"{owner}: {name} must be {expected}, got {_describe(value)}")
+    return value
+
+
+def solver_function(owner: str, name: str, value):
+    """A solver argument: a callable such as ``solvers.cg``, called as ``solver(A, b, M=..., rtol=..., ...)``."""
+    return function(owner, name, value, "a solver function such as solvers.cg or solvers.minres")
+
+
+def preconditioner(owner: str, name: str, M):
+    """A preconditioner argument: None, an operator or a factory, never a name or a number."""
+    if isinstance(M, (str, bool, numbers.Number)):
+        raise TypeError(f"{owner}: {name} must be None, an operator, or a factory such as solvers.jacobi() or "
+                        f"solvers.neumann(3), got {_describe(M)}")
+    return M
+
+
+def reach_or_none(owner: str, name: str, value) -> float | None:
+    """A marginal relaxation ``reach`` (``rho = reach**2``): a positive float, or
+    None for a hard constraint (None or ``+inf``)."""
+    if value is None:
+        return None
+    value = positive_scalar(owner, name, value, allow_inf=True)
+    return None if value == math.inf else value
+
+
+# --------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------
+def backend_name(owner: str, backend) -> str | None:
+    """The backend asked for: None (for None and "auto"), "torch" or "triton"."""
+    if backend is None or (isinstance(backend, str) and backend == "auto"):
+        return None
+    if isinstance(backend, str) and backend in BACKENDS:
+        return str(backend)
+    raise ValueError(f"{owner}: backend must be None or 'auto' (Triton for CUDA tensors of a Triton dtype, "
+                     f"torch otherwise), 'torch' or 'triton', got {backend!r}")
+
+
+def precision_name(owner: str, precision) -> str | None:
+    """The dot precision asked for: None (the kernels' default) or one of :data:`PRECISIONS`."""
+    if precision is None or (isinstance(precision, str) and precision in PRECISIONS):
+        return precision
+    raise ValueError(f"{owner}: precision must be None (the kernels' default, accurate to fp32) or one of "
+                     f"{', '.join(repr(p) for p in PRECISIONS)}, got {precision!r}")
+
+
+def triton_ready(owner: str, x: torch.Tensor, *, installed: bool, interpreted: bool, dtypes: tuple) -> None:
+    """That ``backend="triton"`` can run on points ``x``.
+
+    ``installed``: whether triton imports; ``interpreted``: whether the
+    kernels were created by the Triton interpreter; ``dtypes``: the dtypes
+    the kernels take (the kernels' facts, passed in).
+    """
+    if not installed:
+        raise ValueError(f"{owner}: backend='triton' needs the triton package, which is not installed; "
+                         "use backend='torch' (or None)")
+    if x.dtype not in dtypes:
+        names = ", ".join(str(t).replace("torch.", "") for t in dtypes[:-1]) + " and " + \
+            str(dtypes[-1]).replace("torch.", "")
+        raise TypeError(f"{owner}: backend='triton' supports {names} points; x has dtype {x.dtype}. "
+                        f"Use backend='torch' (or None) for {x.dtype}.")
+    if not x.is_cuda:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"{owner}: backend='triton' needs CUDA tensors, but x is on {x.device}. Move the "
+                             "inputs to a GPU, use backend='torch', or (for tests) set TRITON_INTERPRET=1 before "
+                             "importing otlinop to run the Triton interpreter on CPU.")
+        if not interpreted:
+            raise ValueError(f"{owner}: TRITON_INTERPRET=1 was set after otlinop.kernels was imported, so its "
+                             "kernels were compiled for a GPU; set it before the import to run backend='triton' "
+                             "on CPU tensors.")
+
+
+# --------------------------------------------------------------------------
+# Tensors
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes of one call: ``x`` is (n, d) or (B, n, d), ``y`` is (m, d) or (B, m, d).
+
+    ``owner`` names the public function in messages; ``ref`` is the tensor
+    whose dtype and device the others must share ("x", or "P" for an operator).
+    """
+
+    owner: str
+    batched: bool
+    B: int
+    n: int
+    m: int
+    d: int
+    dtype: torch.dtype
+    device: torch.device
+    ref: str = "x"
+
+    def shape(self, *dims) -> tuple:
+        """The full shape of an output whose unbatched shape is ``dims``."""
+        return ((self.B,) if self.batched else ()) + tuple(dims)
+
+
+def points(owner: str, x, y, *, batch: str = "same", allow_empty: bool = True, max_batch: int | None = None,
+           hint: str | None = None) -> Geometry:
+    """Validate two point clouds and return the sizes of the call.
+
+    ``batch``: "none" takes (n, d) and (m, d) only (``hint`` says what to do
+    with batched clouds); "same" also (B, n, d) and (B, m, d) with one B;
+    "broadcast" also lets one side be unbatched (shared by the batch).
+    ``allow_empty=False`` refuses clouds without points; ``max_batch`` bounds B.
+    """
+    ndims = (2,) if batch == "none" else (2, 3)
+    if batch == "none" and hint is None:
+        hint = "batched point clouds are not supported here; call once per problem"
+    for name, t, rows in (("x", x, "n"), ("y", y, "m")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {_describe(t)}; "
+                            "convert with torch.as_tensor(...)")
+        if t.ndim not in ndims:
+            want = f"({rows}, d)" if batch == "none" else f"({rows}, d) or (B, {rows}, d)"
+            raise ValueError(f"{owner}: {name} has shape {fmt_shape(t.shape)}, expected {want}"
+                             + (f"; {hint}" if hint and t.ndim == 3 else ""))
+        if t.dtype not in REAL_DTYPES:
+            raise TypeError(f"{owner}: {name} must have a real floating dtype, got {t.dtype} (float16, bfloat16, "
+                            f"float32 or float64 are accepted); convert with {name}.to(torch.float32)")
+    if batch == "same" and x.ndim != y.ndim:
+        raise ValueError(f"{owner}: x has shape {fmt_shape(x.shape)} and y has shape {fmt_shape(y.shape)}; "
+                         "both must be unbatched (n, d), (m, d) or both batched (B, n, d), (B, m, d)")
+    if x.ndim == 3 and y.ndim == 3 and x.shape[0] != y.shape[0]:
+        raise ValueError(f"{owner}: x has batch size {x.shape[0]} but y has {y.shape[0]} (shapes "
+                         f"{fmt_shape(x.shape)} and {fmt_shape(y.shape)}); the batch sizes (first dims) must match")
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"{owner}: x and y must have the same dimension d, got x {fmt_shape(x.shape)} "
+                         f"and y {fmt_shape(y.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{owner}: the points have 0 coordinates (x has shape {fmt_shape(x.shape)}); "
+                         "each point needs d >= 1")
+    batched = x.ndim == 3 or y.ndim == 3
+    B = x.shape[0] if x.ndim == 3 else (y.shape[0] if y.ndim == 3 else 1)
+    if not allow_empty:
+        for name, t in (("x", x), ("y", y)):
+            if t.shape[-2] == 0:
+                raise ValueError(f"{owner}: {name} is an empty point cloud (shape {fmt_shape(t.shape)}); "
+                                 "each measure needs at least one point")
+        if batched and B == 0:
+            raise ValueError(f"{owner}: the batch is empty (x has shape {fmt_shape(x.shape)})")
+    if max_batch is not None and B > max_batch:
+        raise ValueError(f"{owner}: batch size {B} exceeds the maximum of {max_batch}; split the batch")
+    if y.dtype != x.dtype:
+        raise TypeError(f"{owner}: y has dtype {y.dtype}, expected {x.dtype} like x; convert with y.to({x.dtype})")
+    if y.device != x.device:
+        raise ValueError(f"{owner}: y is on device {y.device}, but x is on {x.device}; "
+                         f"move it with y.to('{x.device}')")
+    return Geometry(owner, batched, B, x.shape[-2], y.shape[-2], x.shape[-1], x.dtype, x.device)
+
+
+def _tensor(geo: Geometry, name: str, t, expected: str, *, optional: bool) -> None:
+    """That ``t`` is a tensor (``expected``: its shape, for a None where one is required)."""
+    if t is None and not optional:
+        raise TypeError(f"{geo.owner}: {name} must be a torch.Tensor of shape {expected}, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{geo.owner}: {name} must be a torch.Tensor{' or None' if optional else ''}, got "
+                        f"{_describe(t)}; convert with torch.as_tensor(...)")
+
+
+def _dtype_device(geo: Geometry, name: str, t: torch.Tensor, *, wide: bool) -> None:
+    """``t`` has the call's dtype (or float32 beside half points, with ``wide``) and device."""
+    allowed = (geo.dtype, torch.float32) if (wide and geo.dtype in HALF_DTYPES) else (geo.dtype,)
+    if t.dtype not in allowed:
+        raise TypeError(f"{geo.owner}: {name} has dtype {t.dtype}, expected {' or '.join(map(str, allowed))} "
+                        f"like {geo.ref}; convert with {name}.to({geo.dtype})")
+    if t.device != geo.device:
+        raise ValueError(f"{geo.owner}: {name} is on device {t.device}, but {geo.ref} is on {geo.device}; "
+                         f"move it with {name}.to('{geo.device}')")
+
+
+def vector(geo: Geometry, name: str, t, length: int, *, what: str = "", optional: bool = False,
+           shared: bool = False, wide: bool = False):
+    """A per-point vector: (length,), or (B, length) in a batched call.
+
+    ``shared``: a batched call also takes an unbatched (length,) vector,
+    shared by the batch. ``optional``: None passes through. ``what`` says
+    what the vector is ("one weight per point of x"); ``wide`` accepts
+    float32 beside half points.
+    """
+    expected = geo.shape(length)
+    want = fmt_shape(expected) + (f" or ({length},)" if shared and geo.batched else "")
+    if t is None and optional:
+        return None
+    _tensor(geo, name, t, want, optional=optional)
+    shape = tuple(t.shape)
+    if not (shape == expected or (shared and shape == (length,))):
+        hint = ""
+        if geo.batched and not shared and shape == (length,):
+            hint = f"; a batched call needs a batched {name}, e.g. {name}.expand({geo.B}, {length})"
+        raise ValueError(f"{geo.owner}: {name} has shape {fmt_shape(shape)}, expected {want}"
+                         + (f" ({what})" if what else "") + hint)
+    _dtype_device(geo, name, t, wide=wide)
+    return t
+
+
+def weights(geo: Geometry, name: str, w, side: str) -> torch.Tensor:
+    """The weights of the cloud ``side`` ("x" or "y"): None gives uniform weights 1/n."""
+    length = geo.n if side == "x" else geo.m
+    if w is None:
+        return torch.full(geo.shape(length), 1.0 / length, dtype=geo.dtype, device=geo.device)
+    return vector(geo, name, w, length, what=f"one weight per point of {side}", optional=True)
+
+
+def potential(owner: str, name: str, t, like: torch.Tensor, *, batched: bool, dtype: torch.dtype):
+    """A warm-start potential shaped like the weights ``like`` (batched, (B, n)),
+    of any real dtype: returned detached, in ``dtype`` and batched (None
+    passes through). Its values are checked (one synchronisation), whatever
+    ``config.check_finite``, as those of :func:`measures`."""
+    if t is None:
+        return None
+    expected = tuple(like.shape) if batched else tuple(like.shape[1:])
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor or None, got {_describe(t)}; "
+                        "convert with torch.as_tensor(...)")
+    if tuple(t.shape) != expected:
+        raise ValueError(f"{owner}: {name} has shape {fmt_shape(t.shape)}, expected {fmt_shape(expected)} "
+                         "(one value per point)")
+    if t.device != like.device:
+        raise ValueError(f"{owner}: {name} is on device {t.device}, but x is on {like.device}; "
+                         f"move it with {name}.to('{like.device}')")
+    if t.dtype not in REAL_DTYPES:
+        raise TypeError(f"{owner}: {name} must have a real floating dtype, got {t.dtype}; "
+                        f"convert with {name}.to({dtype})")
+    t = t.detach().to(dtype)
+    _raise_first(owner, _value_flags({name: t}))
+    return t if batched else t.unsqueeze(0)
+
+
+def matrix(geo: Geometry, name: str, t, rows: int, cols: int | None = None, *, cols_name: str = "k",
+           what: str = "", shared: bool = False, wide: bool = False):
+    """A per-point matrix: (rows, cols), or (B, rows, cols) in a batched call.
+
+    ``cols=None`` takes any number of columns (``cols_name`` in messages);
+    ``shared``: a batched call also takes an unbatched matrix.
+    """
+    c = cols_name if cols is None else cols
+    want = (f"({geo.B}, {rows}, {c})" if geo.batched else f"({rows}, {c})")
+    if geo.batched and shared:
+        want += f" or ({rows}, {c})"
+    _tensor(geo, name, t, want, optional=False)
+    shape = tuple(t.shape)
+    ok = (t.ndim == 2 and (shared or not geo.batched)) or (geo.batched and t.ndim == 3 and shape[0] == geo.B)
+    if not (ok and shape[-2] == rows and (cols is None or shape[-1] == cols)):
+        raise ValueError(f"{geo.owner}: {name} has shape {fmt_shape(shape)}, expected {want}"
+                         + (f" ({what})" if what else ""))
+    _dtype_device(geo, name, t, wide=wide)
+    return t
+
+
+def operand(geo: Geometry, name: str, V, rows: int, *, what: str = "", transpose: str = "", wide: bool = False):
+    """The operand of a product: (rows,) or (rows, k), with a leading B in a
+    batched call (an unbatched one would be ambiguous: (B, m) or (m, k)?).
+
+    None passes through. ``transpose`` names the call of the transposed
+    product, suggested when V has one row per point of x instead.
+    """
+    if V is None:
+        return None
+    lead = geo.shape()
+    want = f"{fmt_shape(lead + (rows,))} or (" + ", ".join(str(s) for s in lead + (rows,)) + ", k)"
+    _tensor(geo, name, V, want, optional=True)
+    L = len(lead)
+    if not (V.ndim in (L + 1, L + 2) and tuple(V.shape[:L + 1]) == lead + (rows,)):
+        hint = ""
+        if transpose and V.ndim > L and V.shape[L] == geo.n != rows:
+            hint = f"; it has one row per point of x: did you mean the transpose, {transpose}?"
+        raise ValueError(f"{geo.owner}: {name} has shape {fmt_shape(V.shape)}, expected {want}"
+                         + (f" ({what})" if what else "") + hint)
+    _dtype_device(geo, name, V, wide=wide)
+    return V
+
+
+# --------------------------------------------------------------------------
+# Values: one synchronisation per call
+# --------------------------------------------------------------------------
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _value_flags(tensors: dict, *, allow_neg_inf=(), allow_pos_inf=(), nonnegative=(), hint: str = "") -> list:
+    """``(flag, message)`` pairs, the flags 0-d bool tensors still on the device."""
+    out = []
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if t is None or t.numel() == 0:
+                continue
+            if name in allow_neg_inf:
+                # The max is NaN or +inf iff t holds one (amax propagates NaN); -inf stays below.
+                out.append((t.amax() < math.inf, f"{name} contains NaN or +inf values; -inf is allowed "
+                                                 "(a zero weight), NaN and +inf are not"))
+            elif name in allow_pos_inf:
+                out.append((t.amin() > -math.inf, f"{name} contains NaN or -inf values; +inf is allowed, "
+                                                  "NaN and -inf are not"))
+            else:
+                out.append((torch.isfinite(t).all(), f"{name} contains NaN or inf values; "
+                                                     + (hint or "every entry must be finite")))
+            if name in nonnegative:
+                out.append(((t >= 0).all(), f"the weights {name} have negative entries; weights must be >= 0 "
+                                            "(zeros are allowed)"))
+    return out
+
+
+def _raise_first(owner: str, flags: list) -> None:
+    """Read all the flags back at once; ValueError with the message of the first false one."""
+    if not flags:
+        return
+    with torch.no_grad():
+        values = torch.stack([f for f, _ in flags]).tolist()
+    for ok, (_, message) in zip(values, flags):
+        if not ok:
+            raise ValueError(f"{owner}: {message}")
+
+
+def finite(owner: str, tensors: dict, *, allow_neg_inf=(), allow_pos_inf=(), nonnegative=(),
+           hint: str = "") -> None:
+    """ValueError if a tensor of ``tensors`` (name -> tensor or None) holds NaN or inf.
+
+    ``allow_neg_inf`` / ``allow_pos_inf``: names that may hold -inf (a zero
+    weight in log space) or +inf; ``nonnegative``: names that must be ``>= 0``
+    (weights); ``hint`` completes the message of a non-finite tensor. One
+    device-to-host synchronisation, none when ``config.check_finite`` is
+    False or a CUDA graph is being captured.
+    """
+    if not config.check_finite or _capturing():
+        # Inside a CUDA graph capture (a user's torch.cuda.graph) no synchronisation is
+        # allowed: the check stands aside there; the warm-up call that every capture
+        # needs ran it. (solvers.cg(graph=True) does not capture an operator that
+        # checks: its dry product under sync debug mode finds the synchronisation.)
+        return
+    _raise_first(owner, _value_flags(tensors, allow_neg_inf=allow_neg_inf, allow_pos_inf=allow_pos_inf,
+                                     nonnegative=nonnegative, hint=hint))
+
+
+# --------------------------------------------------------------------------
+# Two weighted measures (Sinkhorn and the loss)
+# --------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    """Validated data of one Sinkhorn call, always batched: x (B, n, d), a (B, n), ...
+
+    ``pot_dtype`` is the dtype of the potentials: that of x, float32 for half
+    inputs (potentials in half precision lose the small eps scales).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    batched: bool
+
+    @property
+    def pot_dtype(self) -> torch.dtype:
+        return torch.float32 if self.x.dtype in HALF_DTYPES else self.x.dtype
+
+    @property
+    def log_a(self) -> torch.Tensor:
+        return torch.log(self.a.to(self.pot_dtype))
+
+    @property
+    def log_b(self) -> torch.Tensor:
+        return torch.log(self.b.to(self.pot_dtype))
+
+    def unbatch(self, t):
+        return t if (t is None or self.batched) else t[0]
+
+
+def measures(owner: str, x, y, a, b, *, balanced: bool) -> Inputs:
+    """Two weighted point clouds, batched for the Sinkhorn loops.
+
+    Shapes, dtypes and devices, then the values in one synchronisation:
+    finite points, finite non-negative weights with a positive total mass,
+    and with ``balanced`` equal masses. The values are checked whatever
+    ``config.check_finite``: the masses are preconditions of the iterations.
+    """
+    geo = points(owner, x, y, batch="same", allow_empty=False)
+    a = weights(geo, "a", a, "x")
+    b = weights(geo, "b", b, "y")
+    flags = _value_flags({"x": x, "y": y, "a": a, "b": b}, nonnegative=("a", "b"))
+    with torch.no_grad():
+        ma, mb = a.sum(-1, dtype=torch.float64), b.sum(-1, dtype=torch.float64)
+        flags += [((ma > 0).all(), "the weights a have zero total mass; each measure needs a positive mass"),
+                  ((mb > 0).all(), "the weights b have zero total mass; each measure needs a positive mass")]
+        if balanced:
+            # Half-precision weights cannot even represent 1/n exactly.
+            tol = max(1e-3, 8 * torch.finfo(a.dtype).eps)
+            flags.append((((ma - mb).abs() <= tol * torch.maximum(ma, mb)).all(),
+                          "balanced OT needs equal total masses, but sum(a) != sum(b) (relative difference "
+                          "above 1e-3, or 8 ulps for half precision); normalise the weights, or pass reach=... "
+                          "for unbalanced OT"))
+    _raise_first(owner, flags)
+    if not geo.batched:
+        x, y, a, b = x.unsqueeze(0), y.unsqueeze(0), a.unsqueeze(0), b.unsqueeze(0)
+    return Inputs(x, y, a, b, geo.batched)
