@@ -925,7 +925,7 @@ def aslinearoperator(obj, *, dtype: torch.dtype | None = None, device=None) -> L
     """
     if isinstance(obj, LinearOperator):
         return obj
-    from ._interop import convert   # at call time: _interop imports this module
+    from ._interop import convert   # at call time: the interop module imports this one
     return convert(obj, dtype=dtype, device=device)
 
 
