@@ -49,8 +49,9 @@ from .hvp import hvp, hvp_self, hvp_x, hvp_y
 from .plan import transport_gradient
 from ._checks import (Inputs, backend_name, flag, fraction, measures, positive_int, positive_scalar, precision_name,
                       preconditioner, reach_or_none, solver_function)
+from ._sinkhorn_loops import Monitor, symmetric_loop
+from ._sinkhorn_schedule import resolve_eps
 from .kernels._common import check_backend
-from .sinkhorn import _Monitor, _resolve_eps, _symmetric_loop
 
 __all__ = ["SamplesLoss", "sinkhorn_loss"]
 
@@ -141,10 +142,11 @@ def _solve(inp: Inputs, spec: _Spec, verbose: bool = False) -> _Solution:
     if verbose:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(spec.eps_list), desc="SamplesLoss", leave=False)
-    monitor = _Monitor(check_every=1 << 30, callback=None, bar=bar, method="symmetric", inp=inp)
+    monitor = Monitor(check_every=1 << 30, callback=None, bar=bar, method="symmetric", inp=inp)
     with torch.no_grad(), config.override(check_finite=False):
-        pots, pre, _ = _symmetric_loop(inp, list(spec.eps_list), spec.rho_x, spec.rho_y, debias=spec.debias,
-                                       f0=None, g0=None, monitor=monitor, **spec.kernel_options)
+        # Eager steps (no graphs): a schedule without refinement has no run of GRAPH_MIN_RUN steps at one eps.
+        pots, pre, _ = symmetric_loop(inp, list(spec.eps_list), spec.rho_x, spec.rho_y, debias=spec.debias,
+                                      f0=None, g0=None, monitor=monitor, **spec.kernel_options)
     monitor.finish()
     sol = _Solution(pots[0], pots[1], pre[0], pre[1])
     if spec.debias:
@@ -487,7 +489,7 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
     rho = None if reach is None else reach * reach
     inp = measures(owner, x, y, a, b, balanced=rho is None)
     check_backend(owner, backend, x)
-    eps, schedule, _ = _resolve_eps(owner, "symmetric", blur, None, scaling, diameter, inp)
+    eps, schedule, _ = resolve_eps(owner, "symmetric", blur, None, scaling, diameter, inp)
     spec = _Spec(eps_list=tuple(schedule), eps=eps, rho_x=rho, rho_y=rho, debias=debias,
                  cost_scale=cost_scale, backend=backend, precision=precision)
     if potentials:

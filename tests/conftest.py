@@ -62,18 +62,6 @@ class FakeGraphs:
         return _replaying_capture(step, state, copy, replayed)
 
 
-def fake_capture(counts):
-    """``solvers.graphs.capture``'s contract on the CPU (:class:`FakeGraphs`' capture),
-    counting ``counts["captures"]`` and ``counts["replays"]``."""
-    def capture(step, state, device, *, copy=True):
-        counts["captures"] += 1
-
-        def replayed():
-            counts["replays"] += 1
-        return _replaying_capture(step, state, copy, replayed)
-    return capture
-
-
 def counting_graphs():
     """The real CUDA graph machinery (``solvers.graphs.CudaGraphs``), counting its ``captures``."""
     from solvers.graphs import CudaGraphs

@@ -38,7 +38,7 @@ ot = _Lazy("ot")
 
 F64 = torch.float64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-from conftest import fake_capture, requires_cuda  # noqa: E402
+from conftest import FakeGraphs, requires_cuda  # noqa: E402
 
 #: Relative tolerance of the float64 parity tests (the algorithms are identical,
 #: observed errors are ~1e-14).
@@ -354,21 +354,14 @@ def test_symmetric_refinement_reaches_the_threshold():
     dict(blur=0.3, max_iter=60, threshold=1e-7),
     dict(eps=0.2, method="alternating", max_iter=50, threshold=1e-9, reach_x=0.9),
 ], ids=["symmetric", "alternating"])
-def test_graph_runs_match_the_eager_loop(monkeypatch, options, check_every):
+def test_graph_runs_match_the_eager_loop(options, check_every):
     """Runs of one eps replay a captured step between checks: the same potentials, checks and count."""
-    import importlib
-
-    import solvers.graphs
-
-    S = importlib.import_module("otlinop.sinkhorn")
     x, y, a, b = clouds(30, 20)
     opts = dict(options, check_every=check_every, backend="torch")
     eager = sinkhorn(x, y, a, b, **opts)
-    monkeypatch.setattr(S, "_graphable", lambda x, backend: True)
-    counts = {"captures": 0, "replays": 0}
-    monkeypatch.setattr(solvers.graphs, "capture", fake_capture(counts))
+    fake = FakeGraphs()     # the loops' graph machinery on the CPU: a replay runs the captured step
     seen = []
-    graphed = sinkhorn(x, y, a, b, callback=lambda info: seen.append(info["iteration"]), **opts)
+    graphed = sinkhorn(x, y, a, b, callback=lambda info: seen.append(info["iteration"]), _graphs=fake, **opts)
     assert torch.equal(graphed.f, eager.f) and torch.equal(graphed.g, eager.g)
     assert graphed.marginal_error == eager.marginal_error and graphed.n_iter == eager.n_iter
     assert graphed.converged == eager.converged
@@ -377,15 +370,12 @@ def test_graph_runs_match_the_eager_loop(monkeypatch, options, check_every):
     last = [graphed.n_iter] if "method" not in options else [graphed.n_iter][:graphed.n_iter % check_every != 0]
     assert seen == checks + last
     # Replays between checks (none when every step is a check).
-    assert (counts["replays"] > 0) == (check_every > 1)
+    assert (fake.replays > 0) == (check_every > 1)
 
 
 @requires_cuda
-def test_gpu_graph_loops_are_bitwise_the_eager_loops(monkeypatch):
+def test_gpu_graph_loops_are_bitwise_the_eager_loops():
     """On a GPU the captured step replays the eager step's kernels: bitwise the same potentials."""
-    import importlib
-
-    S = importlib.import_module("otlinop.sinkhorn")
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(3000, 16, device="cuda", generator=gen)
     y = torch.randn(2000, 16, device="cuda", generator=gen) + 0.5
@@ -540,14 +530,10 @@ def test_result_is_a_dataclass():
 
 
 @pytest.mark.parametrize("reach", [None, 0.7])
-def test_stacked_debias_problems_match_separate_calls(monkeypatch, reach):
+def test_stacked_debias_problems_match_separate_calls(reach):
     """n == m stacks the problems (x, x) and (y, y) into one soft-min call; it must
     give what two separate calls (used when the sizes differ) give."""
-    import importlib
-
     from otlinop.loss import SamplesLoss
-
-    sinkhorn_module = importlib.import_module("otlinop.sinkhorn")
 
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 40, 3, generator=gen, dtype=torch.float64)

@@ -1,0 +1,315 @@
+"""``SinkhornResult``: the potentials of one ``sinkhorn`` call, their value and the operators built from them.
+
+The class is public: ``otlinop.sinkhorn.SinkhornResult`` and
+``otlinop.SinkhornResult`` are this one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SinkhornResult"]
+
+
+@dataclass(repr=False)
+class SinkhornResult:
+    """Dual potentials of entropic OT and what is needed to reuse them.
+
+    Attributes
+    ----------
+    f : Tensor, shape (n,) or (B, n)
+        Potential on x (GeomLoss convention, see Notes).
+    g : Tensor, shape (m,) or (B, m)
+        Potential on y.
+    eps : float
+        The (final) entropic regularisation.
+    n_iter : int
+        Iterations run: averaged steps for "symmetric" (``len(eps_schedule)``,
+        more with ``max_iter``; plus an initial and a final half-step each),
+        full (g, f) iterations for "alternating".
+    converged : bool
+        Whether the last recorded marginal error is <= ``threshold`` (for
+        "symmetric", informative only: its iteration count is fixed).
+    marginal_error : list of float
+        L1 marginal errors recorded at each check (the maximum over a batch).
+    a, b, x, y : Tensor
+        The weights and points (as given, or the uniform default weights).
+    cost_scale : float
+        ``c`` in ``C_ij = c |x_i - y_j|^2``.
+    reach_x, reach_y : float or None
+        Marginal relaxation per side (``rho = reach^2``); None = balanced side.
+    method : str
+        "symmetric" or "alternating".
+    eps_schedule : list of float
+        The values of eps used (a single value for "alternating").
+    f_pre, g_pre : Tensor or None
+        "symmetric" only: the potentials before the final extrapolation
+        (``f = lam T_f(g_pre)``, ``g = lam T_g(f_pre)``); the loss gradients use
+        the plans ``P(f, g_pre)`` and ``P(f_pre, g)``.
+    backend, precision
+        Kernel options, reused by ``plan`` and the Hessian methods.
+
+    Notes
+    -----
+    Operators built from an unbatched result (``select(i)`` picks one
+    problem of a batch): ``plan`` (the ``PlanOperator``), ``hessian()`` (the
+    Schur complement ``S``), ``dual_hessian()`` (``K``) and
+    ``loss_hessian(wrt)`` (the Hessian of the OT loss in the points). They
+    are exact at converged potentials: ``method="symmetric"`` runs a fixed
+    schedule, so check ``marginal_error``, or solve with ``"alternating"``
+    to a small ``threshold`` when the second-order information must be
+    accurate.
+
+    ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``. OTT-JAX's potentials are
+    ``f + eps log a`` and ``g + eps log b``; POT's ``log_u = (f + eps log a) / eps``.
+    """
+
+    f: torch.Tensor
+    g: torch.Tensor
+    eps: float
+    n_iter: int
+    converged: bool
+    marginal_error: list
+    a: torch.Tensor
+    b: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    cost_scale: float
+    reach_x: float | None
+    reach_y: float | None
+    method: str
+    eps_schedule: list
+    f_pre: torch.Tensor | None = None
+    g_pre: torch.Tensor | None = None
+    backend: str | None = None
+    precision: str | None = None
+
+    @property
+    def rho_x(self):
+        """``reach_x ** 2`` (None when balanced on x)."""
+        return None if self.reach_x is None else self.reach_x ** 2
+
+    @property
+    def rho_y(self):
+        """``reach_y ** 2`` (None when balanced on y)."""
+        return None if self.reach_y is None else self.reach_y ** 2
+
+    @property
+    def batched(self) -> bool:
+        return self.x.ndim == 3
+
+    @property
+    def cost(self) -> torch.Tensor:
+        """The entropic OT value, a scalar tensor, or shape (B,) when batched.
+
+        Balanced: ``<a, f> + <b, g>``. A relaxed side contributes
+        ``(rho + eps/2) <a, 1 - exp(-f/rho)>`` instead of ``<a, f>`` (GeomLoss'
+        unbalanced formula, docs/math.md section 4).
+        """
+        return _ot_value(self.f, self.g, self.a, self.b, self.eps, self.rho_x, self.rho_y)
+
+    def _unbatched(self, what: str, hint: str) -> None:
+        """Raise the error of a per-problem operator asked of a batched result."""
+        if self.batched:
+            raise ValueError(f"SinkhornResult.{what}: this result holds a batch of {self.x.shape[0]} problems, "
+                             f"but {hint}; use result.select(i).{what}")
+
+    def _operator_arguments(self) -> tuple[tuple, dict]:
+        """``(x, y, f, g)`` and the keywords shared by the plan and Hessian operators, in the
+        potentials' dtype (points and weights may be half precision, the potentials are not)."""
+        dt = self.f.dtype
+        data = (self.x.to(dt), self.y.to(dt), self.f, self.g)
+        return data, dict(eps=self.eps, a=self.a.to(dt), b=self.b.to(dt), cost_scale=self.cost_scale,
+                          backend=self.backend, precision=self.precision)
+
+    @property
+    def plan(self):
+        """The plan as a ``PlanOperator`` (n, m) built from (x, y, f, g, a, b).
+
+        Raises
+        ------
+        ValueError
+            For a batched result: use ``result.select(i).plan`` or ``otlinop.plan.plan_matmul``.
+        """
+        if self.batched:
+            raise ValueError(f"SinkhornResult.plan: this result holds a batch of {self.x.shape[0]} problems, "
+                             "but a PlanOperator is one (n, m) plan; use result.select(i).plan, or "
+                             "otlinop.plan.plan_matmul(x, y, f, g, V, eps=..., a=..., b=...) for a batch")
+        from .plan import PlanOperator
+        data, kw = self._operator_arguments()
+        return PlanOperator(*data, **kw)
+
+    def hessian(self, ridge=None):
+        """The Schur complement ``S`` of the dual Hessian on ``g``, a ``HessianOperator`` (m, m).
+
+        Parameters
+        ----------
+        ridge : float, optional
+            Relative ridge ``tau`` (``tau * mean(P.T 1)`` on the diagonal);
+            default ``otlinop.hessian.DEFAULT_RIDGE``, 0 disables it.
+
+        Returns
+        -------
+        HessianOperator
+            ``HessianOperator(x, y, f, g, eps=, a=, b=, cost_scale=, reach_x=,
+            reach_y=, ridge=, backend=, precision=)`` with this result's data,
+            in the potentials' dtype.
+
+        Raises
+        ------
+        ValueError
+            For a batched result: use ``result.select(i).hessian()``.
+
+        Notes
+        -----
+        ``S = ky Diag(P.T 1) - P.T Diag(1 / (kx P 1)) P + ridge mean(P.T 1) I``
+        (docs/math.md section 5). The operator is exact at converged potentials;
+        ``method="symmetric"`` stops after a fixed eps schedule (its
+        ``marginal_error`` says how far from convergence it is).
+
+        Examples
+        --------
+        >>> import torch, solvers
+        >>> from otlinop.sinkhorn import sinkhorn
+        >>> _ = torch.manual_seed(0)
+        >>> x, y = torch.randn(30, 2, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+        >>> res = sinkhorn(x, y, eps=0.5, method="alternating", threshold=1e-10)
+        >>> S = res.hessian()
+        >>> rhs = torch.randn(20, dtype=torch.float64); rhs -= rhs.mean()
+        >>> S.shape, solvers.cg(S, rhs, M=solvers.jacobi(), rtol=1e-10).converged
+        ((20, 20), True)
+        """
+        self._unbatched("hessian()", "a HessianOperator is the (m, m) Schur complement of one problem")
+        from .hessian import HessianOperator
+        data, kw = self._operator_arguments()
+        return HessianOperator(*data, **kw, reach_x=self.reach_x, reach_y=self.reach_y, ridge=ridge)
+
+    def dual_hessian(self, ridge=None):
+        """The dual Hessian ``K`` (n + m, n + m), a ``DualHessianOperator``.
+
+        Parameters
+        ----------
+        ridge : float, optional
+            The relative ridge of its Schur complement (``K.schur``), used by
+            ``K.solve``; as in :meth:`hessian`.
+
+        Returns
+        -------
+        DualHessianOperator
+            ``otlinop.hessian.dual_hessian(x, y, f, g, ...)`` with this
+            result's data, in the potentials' dtype.
+
+        Raises
+        ------
+        ValueError
+            For a batched result: use ``result.select(i).dual_hessian()``.
+
+        Notes
+        -----
+        ``K = [[kx Diag(P 1), P], [P.T, ky Diag(P.T 1)]]``: minus ``eps`` times
+        the Hessian of the dual in ``(f, g)``, with ``k = (rho + eps) / rho`` on
+        a relaxed side and 1 on a hard one (docs/math.md section 5).
+
+        Examples
+        --------
+        >>> import torch, solvers
+        >>> from otlinop.sinkhorn import sinkhorn
+        >>> _ = torch.manual_seed(0)
+        >>> x, y = torch.randn(30, 2, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+        >>> res = sinkhorn(x, y, eps=0.5, reach=1.0, method="alternating", threshold=1e-10)
+        >>> K = res.dual_hessian()
+        >>> z, info = K.solve(torch.randn(50, dtype=torch.float64), M=solvers.neumann(3), rtol=1e-10)
+        >>> K.shape, info.converged
+        ((50, 50), True)
+        """
+        self._unbatched("dual_hessian()", "a DualHessianOperator is the (n + m, n + m) dual Hessian of "
+                        "one problem")
+        from .hessian import dual_hessian
+        data, kw = self._operator_arguments()
+        return dual_hessian(*data, **kw, reach_x=self.reach_x, reach_y=self.reach_y, ridge=ridge)
+
+    def loss_hessian(self, wrt="x", **solver_options):
+        """The Hessian of the OT loss in the points, a ``LossHessianOperator``.
+
+        Parameters
+        ----------
+        wrt : {"x", "y", "xy"}, default "x"
+            The variables: x (size n d), y (m d) or both ((n + m) d, x first).
+        **solver_options
+            Options of the inner Schur solve of each matvec, passed to
+            ``otlinop.hvp.loss_hessian_operator``: ``solver`` (default
+            ``solvers.cg``), ``M`` (e.g. ``solvers.jacobi()``,
+            ``solvers.neumann(3)``), ``rtol``, ``atol``, ``maxiter``, ``ridge``.
+
+        Returns
+        -------
+        LossHessianOperator
+            Symmetric and indefinite (use MINRES for Newton systems); one
+            matvec is one Hessian-vector product, ``.last_solve`` its inner
+            ``SolveResult``.
+
+        Raises
+        ------
+        ValueError
+            For a batched result (use ``result.select(i).loss_hessian()``),
+            or ``wrt`` not in {"x", "y", "xy"}.
+
+        Notes
+        -----
+        ``H = E + R^T K^+ R / eps`` by implicit differentiation (docs/math.md
+        section 6), exact at converged potentials. It is the Hessian of
+        ``OT(a, b)`` only: for the debiased divergence of ``SamplesLoss``
+        subtract ``otlinop.hvp.hvp_self`` terms, or differentiate the loss
+        twice with autograd.
+
+        Examples
+        --------
+        >>> import torch, solvers
+        >>> from otlinop.sinkhorn import sinkhorn
+        >>> _ = torch.manual_seed(0)
+        >>> x, y = torch.randn(30, 2, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+        >>> res = sinkhorn(x, y, eps=0.5, method="alternating", threshold=1e-12)
+        >>> H = res.loss_hessian(M=solvers.jacobi())
+        >>> v = torch.randn(60, dtype=torch.float64)
+        >>> (H @ v).shape, H.last_solve.converged
+        (torch.Size([60]), True)
+        """
+        self._unbatched("loss_hessian()", "a LossHessianOperator is the Hessian of one problem")
+        from .hvp import loss_hessian_operator
+        data, kw = self._operator_arguments()
+        return loss_hessian_operator(*data, **kw, reach_x=self.reach_x, reach_y=self.reach_y, wrt=wrt,
+                                     **solver_options)
+
+    def select(self, i: int) -> "SinkhornResult":
+        """The i-th problem of a batched result, as an unbatched result."""
+        if not self.batched:
+            raise ValueError("SinkhornResult.select: this result is not batched")
+        pick = lambda t: None if t is None else t[i]  # noqa: E731
+        return SinkhornResult(
+            f=self.f[i], g=self.g[i], eps=self.eps, n_iter=self.n_iter, converged=self.converged,
+            marginal_error=list(self.marginal_error), a=self.a[i], b=self.b[i], x=self.x[i], y=self.y[i],
+            cost_scale=self.cost_scale, reach_x=self.reach_x, reach_y=self.reach_y, method=self.method,
+            eps_schedule=list(self.eps_schedule), f_pre=pick(self.f_pre), g_pre=pick(self.g_pre),
+            backend=self.backend, precision=self.precision)
+
+    def __repr__(self) -> str:
+        shape = f"batch={self.x.shape[0]}, " if self.batched else ""
+        n, m = self.x.shape[-2], self.y.shape[-2]
+        err = f"{self.marginal_error[-1]:.2e}" if self.marginal_error else "n/a"
+        return (f"SinkhornResult({shape}n={n}, m={m}, method={self.method!r}, eps={self.eps:.4g}, "
+                f"n_iter={self.n_iter}, converged={self.converged}, marginal_error={err}, "
+                f"reach_x={self.reach_x}, reach_y={self.reach_y}, cost_scale={self.cost_scale})")
+
+
+def _side_value(w, h, eps: float, rho) -> torch.Tensor:
+    """One side of GeomLoss' OT value: ``<w, h>`` or ``(rho + eps/2) <w, 1 - e^{-h/rho}>``."""
+    if rho is None:
+        return (w * h).sum(-1)
+    return (rho + 0.5 * eps) * (w * (-torch.expm1(-h / rho))).sum(-1)
+
+
+def _ot_value(f, g, a, b, eps: float, rho_x, rho_y) -> torch.Tensor:
+    dt = f.dtype
+    return _side_value(a.to(dt), f, eps, rho_x) + _side_value(b.to(dt), g, eps, rho_y)

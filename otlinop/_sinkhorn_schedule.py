@@ -1,0 +1,102 @@
+"""The eps schedule of the Sinkhorn loops: from ``blur``/``eps`` and the data to the list of eps.
+
+- :func:`epsilon_schedule`: GeomLoss' eps-scaling schedule (public, re-exported
+  by ``otlinop.sinkhorn`` and ``otlinop``).
+- :func:`diameter`: the default first scale, the diagonal of the points' bounding box.
+- :func:`resolve_eps`: the final eps and the schedule of one call from its
+  ``blur``/``eps``/``scaling``/``diameter`` options, as ``sinkhorn`` and the
+  loss (``otlinop.loss``) read them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ._checks import Inputs, fraction, positive_scalar
+
+__all__ = ["DEFAULT_BLUR", "diameter", "epsilon_schedule", "resolve_eps"]
+
+#: Default blur when neither ``blur`` nor ``eps`` is given (GeomLoss' default).
+DEFAULT_BLUR = 0.05
+
+
+def diameter(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Diagonal of the joint bounding box of all the points (all batch entries)."""
+    d = x.shape[-1]
+    with torch.no_grad():
+        pts = (x.reshape(-1, d), y.reshape(-1, d))
+        lo = torch.minimum(pts[0].min(0).values, pts[1].min(0).values)
+        hi = torch.maximum(pts[0].max(0).values, pts[1].max(0).values)
+        return float((hi - lo).to(torch.float64).norm().item())
+
+
+def epsilon_schedule(diameter: float, blur: float, scaling: float) -> list[float]:
+    """GeomLoss' eps-scaling schedule for the squared Euclidean cost (p = 2).
+
+    Parameters
+    ----------
+    diameter : float
+        Largest distance between points (the first blur scale), > 0.
+    blur : float
+        Final blur; the last eps is ``blur**2``, > 0.
+    scaling : float
+        Ratio between consecutive blur scales, in (0, 1).
+
+    Returns
+    -------
+    list of float
+        ``[diameter^2] + [exp(e) for e in arange(2 ln diameter, 2 ln blur, 2 ln scaling)] + [blur^2]``
+        (``diameter^2`` appears twice when ``diameter > blur``).
+
+    Raises
+    ------
+    ValueError
+        For a non-positive diameter or blur, or scaling outside (0, 1).
+
+    Examples
+    --------
+    >>> from otlinop.sinkhorn import epsilon_schedule
+    >>> [round(e, 4) for e in epsilon_schedule(1.0, 0.25, 0.5)]
+    [1.0, 1.0, 0.25, 0.0625]
+    """
+    owner = "epsilon_schedule"
+    diameter = positive_scalar(owner, "diameter", diameter, "")
+    blur = positive_scalar(owner, "blur", blur)
+    scaling = fraction(owner, "scaling", scaling)
+    # The log-spaced middle part is taken from numpy's arange, as GeomLoss does,
+    # so that both libraries run the same number of steps at the same eps.
+    middle = np.arange(2 * math.log(diameter), 2 * math.log(blur), 2 * math.log(scaling))
+    return [diameter ** 2] + [float(np.exp(e)) for e in middle] + [blur ** 2]
+
+
+def resolve_eps(owner: str, method: str, blur, eps, scaling, diam, inp: Inputs):
+    """Return (final eps, schedule, blur) for the public function ``owner``.
+
+    ``blur``/``eps``: at most one (default ``blur = DEFAULT_BLUR``);
+    ``method="alternating"`` runs at one eps, ``"symmetric"`` on the schedule
+    from ``diam`` (default :func:`diameter` of the points) down to ``blur``.
+    """
+    if blur is not None and eps is not None:
+        raise ValueError(f"{owner}: give blur or eps, not both (eps = blur**2); got blur={blur!r}, eps={eps!r}")
+    if eps is not None:
+        eps = positive_scalar(owner, "eps", eps)
+        blur = math.sqrt(eps)
+    else:
+        blur = positive_scalar(owner, "blur", DEFAULT_BLUR if blur is None else blur)
+        eps = blur * blur
+    if method == "alternating":
+        return eps, [eps], blur
+    scaling = fraction(owner, "scaling", scaling)
+    if diam is None:
+        diam = diameter(inp.x, inp.y)
+        if diam <= 0:   # every point at the same place: any positive scale works
+            diam = blur
+    else:
+        diam = positive_scalar(owner, "diameter", diam)
+    # The last eps is blur**2 exactly (not the schedule's rounding of it).
+    schedule = epsilon_schedule(diam, blur, scaling)
+    schedule[-1] = eps
+    return eps, schedule, blur
