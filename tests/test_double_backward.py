@@ -19,8 +19,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import solvers  # noqa: E402
+from otlinop._loss_derivatives import SecondOrder, Spec  # noqa: E402
+from otlinop._loss_functions import SinkhornLoss  # noqa: E402
 from otlinop.hvp import hvp, hvp_self  # noqa: E402
-from otlinop.loss import SamplesLoss, _SecondOrder, _SinkhornLoss, _Spec, sinkhorn_loss  # noqa: E402
+from otlinop.loss import SamplesLoss, sinkhorn_loss  # noqa: E402
 from otlinop.sinkhorn import epsilon_schedule, sinkhorn  # noqa: E402
 
 F64 = torch.float64
@@ -179,11 +181,11 @@ def test_semi_unbalanced_sides_are_not_swapped(debias):
     relaxed y side must reach otlinop.hvp as reach_x=None, reach_y=reach."""
     x, y, a, b = clouds(12, 10, mass_b=1.3)
     blur, reach = CONVERGED["blur"], 0.5
-    spec = _Spec(tuple(epsilon_schedule(CONVERGED["diameter"], blur, CONVERGED["scaling"])), blur ** 2,
-                 None, reach ** 2, debias, 0.5, None, None)
+    spec = Spec(tuple(epsilon_schedule(CONVERGED["diameter"], blur, CONVERGED["scaling"])), blur ** 2,
+                None, reach ** 2, debias, 0.5, None, None)
 
     def loss(x, y):
-        return _SinkhornLoss.apply(x[None], y[None], a[None], b[None], spec, _SecondOrder(), False)[0]
+        return SinkhornLoss.apply(x[None], y[None], a[None], b[None], spec, SecondOrder(), False)[0]
 
     A, B = directions(x, y)
     xi, yi = leaves(x, y)

@@ -11,9 +11,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import otlinop.loss as loss_module  # noqa: E402
-from otlinop.loss import SamplesLoss, _sinkhorn_grad, _Solution, _Spec, sinkhorn_loss  # noqa: E402
-from otlinop.sinkhorn import sinkhorn  # noqa: E402
+from otlinop._checks import Inputs  # noqa: E402
+from otlinop._loss_derivatives import Solution, Spec, point_grad, sinkhorn_grad, solve  # noqa: E402
+from otlinop.loss import SamplesLoss, sinkhorn_loss  # noqa: E402
+from otlinop.sinkhorn import epsilon_schedule, sinkhorn  # noqa: E402
 
 
 
@@ -172,14 +173,14 @@ def test_gradient_formulas_against_finite_differences(reach_x, reach_y, debias):
         return float(v)
 
     r = _converged(x, y, a, b, eps, reach_x, reach_y)
-    sol = _Solution(r.f[None], r.g[None], r.f[None], r.g[None])
+    sol = Solution(r.f[None], r.g[None], r.f[None], r.g[None])
     if debias:
         raa = _converged(x, x, a, a, eps, reach_x, reach_x)
         rbb = _converged(y, y, b, b, eps, reach_y, reach_y)
         sol.f_aa, sol.f_aa_pre, sol.g_bb, sol.g_bb_pre = raa.f[None], raa.g[None], rbb.f[None], rbb.g[None]
     rho = lambda t: None if t is None else t * t  # noqa: E731
-    spec = _Spec((eps,), eps, rho(reach_x), rho(reach_y), debias, 0.5, None, None)
-    grads = _sinkhorn_grad(x[None], y[None], a[None], b[None], sol, spec, (True, True, True, True))
+    spec = Spec((eps,), eps, rho(reach_x), rho(reach_y), debias, 0.5, None, None)
+    grads = sinkhorn_grad(x[None], y[None], a[None], b[None], sol, spec, (True, True, True, True))
 
     h = 1e-5
     gen = torch.Generator().manual_seed(1)
@@ -199,26 +200,33 @@ def test_gradient_formulas_against_finite_differences(reach_x, reach_y, debias):
 # --------------------------------------------------------------------------
 # Autograd plumbing
 # --------------------------------------------------------------------------
-def test_only_requested_gradients_are_computed(monkeypatch):
+def test_only_requested_gradients_are_computed():
     x, y, a, b = clouds()
-    calls = []
-    original = loss_module._point_grad
-
-    def counting(*args, **kw):
-        calls.append(args[0].shape)
-        return original(*args, **kw)
-
-    monkeypatch.setattr(loss_module, "_point_grad", counting)
     ai, xi = leaves(a, x)
     value = SamplesLoss(blur=0.1)(ai, xi, b, y)
     value.backward()
     assert xi.grad is not None and ai.grad is not None
-    # x and its debiasing term: two passes, none for y.
-    assert calls == [(1, 50, 2), (1, 50, 2)]
-    calls.clear()
     (ai,) = leaves(a)
     SamplesLoss(blur=0.1)(ai, x, b, y).backward()
-    assert calls == [] and ai.grad.shape == (50,)
+    assert ai.grad.shape == (50,)
+    # The gradient map at the loss's solution, its plan passes counted through its point_grad argument.
+    calls = []
+
+    def counting(*args, **kw):
+        calls.append(args[0].shape)
+        return point_grad(*args, **kw)
+
+    spec = Spec(tuple(epsilon_schedule(1.0, 0.1, 0.5)), 0.01, None, None, True, 0.5, None, None)
+    sol = solve(Inputs(x[None], y[None], a[None], b[None], batched=True), spec)
+    data = (x[None], y[None], a[None], b[None])
+    # x and its debiasing term: two passes, none for y.
+    grads = sinkhorn_grad(*data, sol, spec, (True, False, True, False), point_grad=counting)
+    assert calls == [(1, 50, 2), (1, 50, 2)] and grads[1] is None and grads[3] is None
+    calls.clear()
+    grads = sinkhorn_grad(*data, sol, spec, (False, False, True, False), point_grad=counting)
+    assert calls == [] and grads[2].shape == (1, 50)
+    grads = sinkhorn_grad(*data, sol, spec, (False, True, False, False), point_grad=counting)
+    assert calls == [(1, 40, 2), (1, 40, 2)] and grads[0] is None
 
 
 def test_double_backward():
