@@ -55,7 +55,6 @@ from .kernels._common import check_backend
 
 __all__ = ["SamplesLoss", "sinkhorn_loss"]
 
-_GEOMLOSS_BACKENDS = ("tensorized", "online", "multiscale")
 
 
 # --------------------------------------------------------------------------
