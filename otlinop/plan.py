@@ -22,9 +22,10 @@ from torch.autograd.function import once_differentiable
 
 from solvers import config
 
-from ._base import Diag, LinearOperator
+from ._base import LinearOperator
 from ._checks import (Geometry, backend_name, finite, matrix, operand, points, positive_scalar, precision_name,
                       vector)
+from ._operators.concrete import Diag
 from .kernels._common import check_backend
 from .kernels.plan_apply import plan_apply
 from .marginals import plan_marginals
