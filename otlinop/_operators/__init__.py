@@ -2,9 +2,11 @@
 (``otlinop._base``):
 
 - ``algebra``: what ``A.T``, ``A @ B``, ``A + B``, ``c * A``, ``A ** k`` return;
-- ``concrete``: ``Dense``, ``Diag``, ``Identity``, ``Zero``, ``BlockOperator``.
+- ``concrete``: ``Dense``, ``Diag``, ``Identity``, ``Zero``, ``BlockOperator``;
+- ``plan_product``: the differentiable product with the entropic plan, under
+  ``PlanOperator`` and ``plan_matmul`` (``otlinop.plan``).
 
-Users import these names from ``otlinop``.
+Users import these names from ``otlinop`` (and ``otlinop.plan``).
 """
 
 # ``otlinop._base`` imports ``algebra`` and ``concrete`` at its end, once
