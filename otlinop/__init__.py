@@ -21,8 +21,9 @@ transport (squared Euclidean cost) in PyTorch + Triton.
 # otlinop (a folder named 'solvers' on sys.path can hide it) before the modules
 # below import from it.
 from . import solvers
-from ._base import (BlockOperator, Dense, Diag, Identity, LinearOperator, Zero,
-                    aslinearoperator)
+from ._base import LinearOperator
+from ._operators.concrete import BlockOperator, Dense, Diag, Identity, Zero
+from ._interop import aslinearoperator
 from .plan import PlanOperator, plan_matmul
 from .truncated import TruncatedPlanOperator
 from .marginals import marginal_error, plan_marginals

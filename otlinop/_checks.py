@@ -50,6 +50,7 @@ __all__ = [
     "function", "solver_function", "preconditioner", "reach_or_none",
     "backend_name", "precision_name", "triton_ready",
     "Geometry", "points", "vector", "weights", "potential", "matrix", "operand", "finite",
+    "real_tensor", "operator_operand", "same_space", "composable",
     "Inputs", "measures",
 ]
 
@@ -460,6 +461,77 @@ def operand(geo: Geometry, name: str, V, rows: int, *, what: str = "", transpose
                          + (f" ({what})" if what else "") + hint)
     _dtype_device(geo, name, V, wide=wide)
     return V
+
+
+# --------------------------------------------------------------------------
+# Operators: their data, their operands, their algebra
+# --------------------------------------------------------------------------
+# The operators are duck-typed here (``shape``, ``dtype``, ``device``): this
+# module sits below the one that defines them.
+def real_tensor(owner: str, name: str, t, ndim: int) -> torch.Tensor:
+    """The data of a concrete operator (``Dense``'s M, ``Diag``'s d): a tensor
+    with ``ndim`` dimensions and a real floating dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != ndim:
+        raise ValueError(f"{owner}: {name} must be {ndim}-D, got shape {fmt_shape(t.shape)}")
+    if t.dtype not in REAL_DTYPES:
+        raise TypeError(f"{owner}: {name} must have a real floating dtype, got {t.dtype}; "
+                        f"convert with {name}.to(torch.float64)")
+    return t
+
+
+def operator_operand(A, method: str, name: str, t, ndim: tuple, length: int, what: str) -> None:
+    """The operand ``t`` of ``A.<method>``: a tensor with ``ndim`` dimensions (a
+    tuple of the accepted ones) whose first has ``length`` entries, one per
+    ``what`` ("columns" for ``A @ v``, "rows" for ``A.T @ u``) of A, with A's
+    dtype and device (a device without an index matches any of its type)."""
+    owner = type(A).__name__
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(
+            f"{owner}.{method}: {name} must be a torch.Tensor, got {type(t).__name__}; "
+            "convert with torch.as_tensor(...)")
+    if t.ndim not in ndim:
+        want = " or ".join(f"{d}-D" for d in ndim)
+        raise ValueError(f"{owner}.{method}: {name} must be {want}, got shape {fmt_shape(t.shape)}")
+    if t.shape[0] != length:
+        expected = f"({length},)" if t.ndim == 1 else f"({length}, k)"
+        hint = ""
+        if A.shape[0] != A.shape[1] and t.shape[0] == (A.shape[0] if what == "columns" else A.shape[1]):
+            hint = "; did you mean A.T @ " + name + "?" if what == "columns" else "; did you mean A @ " + name + "?"
+        raise ValueError(
+            f"{owner}.{method}: {name} has shape {fmt_shape(t.shape)}, expected {expected} "
+            f"(the operator has shape {fmt_shape(A.shape)}, {length} {what}){hint}")
+    if t.dtype != A.dtype:
+        raise TypeError(
+            f"{owner}.{method}: {name} has dtype {t.dtype}, expected {A.dtype}; "
+            f"convert with {name}.to({A.dtype})")
+    if t.device != A.device and not (t.device.type == A.device.type and A.device.index is None):
+        raise ValueError(
+            f"{owner}.{method}: {name} is on device {t.device}, expected {A.device}; "
+            f"move it with {name}.to('{A.device}')")
+
+
+def same_space(A, B, op: str) -> None:
+    """``A <op> B`` (``+``, ``-``): the same shape, dtype and device."""
+    if B.shape != A.shape:
+        raise ValueError(f"A {op} B: shapes differ, A is {fmt_shape(A.shape)} and B is "
+                         f"{fmt_shape(B.shape)}")
+    if B.dtype != A.dtype:
+        raise TypeError(f"A {op} B: dtypes differ, A is {A.dtype} and B is {B.dtype}")
+    if B.device != A.device:
+        raise ValueError(f"A {op} B: devices differ, A is on {A.device} and B on {B.device}")
+
+
+def composable(A, B) -> None:
+    """``A @ B``: A's columns are B's rows, one dtype, one device."""
+    if A.shape[1] != B.shape[0]:
+        raise ValueError(f"A @ B: inner dimensions differ, A is {fmt_shape(A.shape)} and B is "
+                         f"{fmt_shape(B.shape)}")
+    if A.dtype != B.dtype:
+        raise TypeError(f"A @ B: dtypes differ, A is {A.dtype} and B is {B.dtype}")
+    if A.device != B.device:
+        raise ValueError(f"A @ B: devices differ, A is on {A.device} and B on {B.device}")
 
 
 # --------------------------------------------------------------------------

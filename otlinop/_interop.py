@@ -1,5 +1,6 @@
 """Bridges between otlinop operators and torch sparse tensors, NumPy, scipy and
-GPyTorch's ``linear_operator`` package.
+GPyTorch's ``linear_operator`` package: ``aslinearoperator`` in, ``to_scipy``
+and ``to_linear_operator`` (``A.to_scipy()``, ``A.to_linear_operator()``) out.
 
 scipy and linear_operator are imported lazily so that ``import otlinop`` stays
 cheap and works without the optional ``linear_operator`` package.
@@ -10,8 +11,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._base import Dense, LinearOperator
+from solvers import register_conversion
+
+from ._base import LinearOperator
 from ._checks import REAL_DTYPES, fmt_shape
+from ._operators.concrete import Dense
+
+__all__ = ["aslinearoperator", "to_scipy", "to_linear_operator"]
 
 _NUMPY_TO_TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
                    np.dtype(np.float64): torch.float64}
@@ -119,8 +125,37 @@ class _GPyTorchOperator(LinearOperator):
         return self.L.to_dense()
 
 
-def convert(obj, *, dtype=None, device=None) -> LinearOperator:
-    """See ``otlinop.aslinearoperator``."""
+def aslinearoperator(obj, *, dtype: torch.dtype | None = None, device=None) -> LinearOperator:
+    """Turn ``obj`` into an otlinop ``LinearOperator``.
+
+    Parameters
+    ----------
+    obj : LinearOperator, torch.Tensor, numpy.ndarray, scipy sparse matrix/array,
+        scipy.sparse.linalg.LinearOperator or linear_operator.LinearOperator
+        Dense tensors become ``Dense``; sparse COO/CSR tensors, scipy sparse
+        matrices and foreign operators are wrapped.
+    dtype, device : optional
+        For NumPy and scipy inputs: the torch dtype and device to use
+        (default: float64, or float32 for float32 inputs; CPU).
+
+    Returns
+    -------
+    LinearOperator
+
+    Raises
+    ------
+    TypeError
+        For anything else, naming the type received and the types accepted.
+
+    Examples
+    --------
+    >>> import numpy as np, otlinop
+    >>> A = otlinop.aslinearoperator(np.eye(2))
+    >>> A.shape, A.dtype
+    ((2, 2), torch.float64)
+    """
+    if isinstance(obj, LinearOperator):
+        return obj
     if isinstance(obj, torch.Tensor):
         if obj.layout == torch.strided:
             return Dense(obj if dtype is None else obj.to(dtype))
@@ -155,10 +190,15 @@ def convert(obj, *, dtype=None, device=None) -> LinearOperator:
         "a scipy.sparse.linalg.LinearOperator or a linear_operator.LinearOperator")
 
 
+# The solvers convert NumPy arrays, scipy matrices and foreign operators through it.
+register_conversion(aslinearoperator)
+
+
 # --------------------------------------------------------------------------
 # Outgoing
 # --------------------------------------------------------------------------
 def to_scipy(A: LinearOperator):
+    """``A.to_scipy()``: see ``LinearOperator.to_scipy``."""
     import scipy.sparse.linalg as sla
 
     np_dtype = _TORCH_TO_NUMPY[A.dtype]
@@ -198,6 +238,7 @@ def to_scipy(A: LinearOperator):
 
 
 def to_linear_operator(A: LinearOperator):
+    """``A.to_linear_operator()``: see ``LinearOperator.to_linear_operator``."""
     try:
         import linear_operator
     except ImportError as err:

@@ -23,8 +23,9 @@ import torch
 
 from solvers import cg
 
-from ._base import BlockOperator, Diag, LinearOperator
+from ._base import LinearOperator
 from ._checks import nonnegative_scalar, positive_scalar, reach_or_none
+from ._operators.concrete import BlockOperator, Diag
 from .plan import PlanOperator, plan_operator_for
 
 __all__ = ["HessianOperator", "DualHessianOperator", "dual_hessian", "DEFAULT_RIDGE"]

@@ -33,8 +33,9 @@ from solvers import cg
 from ._base import LinearOperator
 from ._checks import (fraction, matrix, nonnegative_scalar, points, positive_int, positive_scalar, preconditioner,
                       solver_function, vector)
+from ._operators.plan_product import transport_gradient_for
 from .hessian import DualHessianOperator, hessian_options
-from .plan import plan_operator_for, transport_gradient_for
+from .plan import plan_operator_for
 
 __all__ = ["hvp", "hvp_x", "hvp_y", "hvp_self", "grad_x", "grad_y", "loss_hessian_operator",
            "LossHessianOperator"]

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Diag, LinearOperator
+from ._base import LinearOperator
 from ._checks import Geometry, fmt_shape, vector
+from ._operators.concrete import Diag
 
 __all__ = ["plan_marginals", "marginal_error"]
 

@@ -54,6 +54,24 @@ class TruncatedPlanOperator(LinearOperator):
     ``to_dense()``, so ``HessianOperator.from_plan`` and
     ``DualHessianOperator`` take it as they take a ``PlanOperator``.
 
+    Parameters
+    ----------
+    values, columns, counts : Tensor
+        The layout, shapes (capacity, n), (capacity, n) and (n,).
+    shape : (int, int)
+        ``(n, m)``.
+    tol : float
+        The tolerance the entries were kept for.
+    backend : {None, "torch", "triton"}, optional
+        Passed to the products' kernels.
+    nnz : int, optional
+        ``counts.sum()`` when the builder knows it (spares a read-back).
+    transposed : tuple of Tensor, optional
+        ``(values, columns, counts)`` of the transpose's layout when the
+        builder has it: ``.T`` then needs no sort.
+    transpose_of : TruncatedPlanOperator, optional
+        The operator whose transpose this one is (``P.T.T is P``).
+
     Attributes
     ----------
     tol : float
@@ -76,13 +94,15 @@ class TruncatedPlanOperator(LinearOperator):
       only the rows that use it.
     """
 
-    def __init__(self, values, columns, counts, shape, *, tol, backend=None, nnz=None):
-        super().__init__(tuple(shape), values.dtype, values.device)
+    def __init__(self, values, columns, counts, shape, *, tol, backend=None, nnz=None, transposed=None,
+                 transpose_of=None):
+        super().__init__(tuple(shape), values.dtype, values.device, transpose_of=transpose_of)
         self.values, self.columns, self.counts = values, columns, counts
         self.tol = float(tol)
         self.backend = backend
         self._nnz: int | None = nnz       # counts.sum() when the builder read it already
         self._row_sums: torch.Tensor | None = None
+        self._transposed: tuple | None = transposed   # the transpose's layout, once known
 
     # ------------------------------------------------------------ products
     def _backend_for(self, V):
@@ -115,11 +135,12 @@ class TruncatedPlanOperator(LinearOperator):
                           backend=backend)
 
     def _adjoint(self) -> "TruncatedPlanOperator":
-        vals, cols, counts = _transpose_layout(self.values, self.columns, self.counts, self.shape[1], self._nnz)
-        T = TruncatedPlanOperator(vals, cols, counts, (self.shape[1], self.shape[0]), tol=self.tol,
-                                  backend=self.backend, nnz=self._nnz)
-        T._adjoint_cache = self
-        return T
+        if self._transposed is None:
+            self._transposed = _transpose_layout(self.values, self.columns, self.counts, self.shape[1], self._nnz)
+        vals, cols, counts = self._transposed
+        return TruncatedPlanOperator(vals, cols, counts, (self.shape[1], self.shape[0]), tol=self.tol,
+                                     backend=self.backend, nnz=self._nnz,
+                                     transposed=(self.values, self.columns, self.counts), transpose_of=self)
 
     def _diagonal(self):
         k = min(self.shape)
@@ -154,14 +175,12 @@ class TruncatedPlanOperator(LinearOperator):
 
     def squared(self) -> "TruncatedPlanOperator":
         """The entrywise square ``P∘P`` on the same entries (and transpose, when built)."""
-        sq = TruncatedPlanOperator(self.values * self.values, self.columns, self.counts, self.shape,
-                                   tol=self.tol, backend=self.backend, nnz=self._nnz)
-        T = self._adjoint_cache
-        if T is not None:
-            sqT = TruncatedPlanOperator(T.values * T.values, T.columns, T.counts, T.shape, tol=self.tol,
-                                        backend=self.backend, nnz=T._nnz)
-            sq._adjoint_cache, sqT._adjoint_cache = sqT, sq
-        return sq
+        transposed = None
+        if self._transposed is not None:
+            vals, cols, counts = self._transposed
+            transposed = (vals * vals, cols, counts)
+        return TruncatedPlanOperator(self.values * self.values, self.columns, self.counts, self.shape,
+                                     tol=self.tol, backend=self.backend, nnz=self._nnz, transposed=transposed)
 
     def bilinear(self, W: torch.Tensor, V: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """``out_i = sum_j P_ij <W_i, V_j> Y_j`` over the kept entries, shape (n, e).
@@ -239,8 +258,9 @@ def truncate_plan_for(owner: str, P, tol, *, max_fill, capacity):
     if n == 0 or m == 0:
         return P
     with torch.no_grad():
-        log_a = None if P._a is None else torch.log(P._a)
-        log_b = None if P._b is None else torch.log(P._b)
+        a, b = P.weights
+        log_a = None if a is None else torch.log(a)
+        log_b = None if b is None else torch.log(b)
         ah, bh = _marginals(P, log_a, log_b)
         cdt = compute_dtype(P.dtype)
         log_ah, log_bh = torch.log(ah.to(cdt)), torch.log(bh.to(cdt))
@@ -275,18 +295,19 @@ def _marginals(P, log_a, log_b):
     """``(P 1, P.T 1)``: the cached ones, else both from one fused pass
     (``softmin_pair``: ``P 1 = a exp((f - sf) / eps)``, likewise for the columns);
     ``log_a``, ``log_b``: the log-weights (None for unit weights), under no_grad."""
-    T = P.adjoint()
-    if P._row_sums is not None and T._row_sums is not None:
-        return P._row_sums.detach(), T._row_sums.detach()
+    ah, bh = P.cached_row_sums(), P.adjoint().cached_row_sums()
+    if ah is not None and bh is not None:
+        return ah.detach(), bh.detach()
     f, g = P.f.detach(), P.g.detach()
     sf, sg = softmin_pair(P.x.detach(), P.y.detach(), f, g, log_a, log_b, eps=P.eps, cost_scale=P.cost_scale,
                           backend=P.backend, precision=P.precision)
     ah = torch.exp((f - sf) / P.eps)
     bh = torch.exp((g - sg) / P.eps)
-    if P._a is not None:
-        ah = ah * P._a.detach()
-    if P._b is not None:
-        bh = bh * P._b.detach()
+    a, b = P.weights
+    if a is not None:
+        ah = ah * a.detach()
+    if b is not None:
+        bh = bh * b.detach()
     return ah, bh
 
 

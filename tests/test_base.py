@@ -244,6 +244,29 @@ def test_transpose_is_cached_and_involutive():
     assert A.H is A.T and A.adjoint() is A.T
 
 
+class _OwnTranspose(LinearOperator):
+    """A subclass whose ``_adjoint`` builds an instance of its own class."""
+
+    def __init__(self, M, transpose_of=None):
+        super().__init__(M.shape, M.dtype, M.device, transpose_of=transpose_of)
+        self.M = M
+
+    def _matmat(self, V):
+        return self.M @ V
+
+    def _adjoint(self):
+        return _OwnTranspose(self.M.T, transpose_of=self)
+
+
+def test_transpose_of_pairs_a_subclass_with_its_adjoint():
+    """``transpose_of`` makes the adjoint's adjoint the operator itself, so the
+    algebra recognises ``A.T @ A`` as symmetric PSD."""
+    A = _OwnTranspose(rand(5, 3))
+    assert isinstance(A.T, _OwnTranspose) and A.T.T is A and A.T is A.T
+    assert (A.T @ A).is_psd and (A @ A.T).is_psd
+    torch.testing.assert_close((A.T @ A).to_dense(), A.M.T @ A.M)
+
+
 def test_symmetric_operator_is_its_own_adjoint():
     D = Diag(rand(3))
     assert D.T is D

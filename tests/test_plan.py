@@ -189,12 +189,23 @@ def test_row_col_sums_and_marginals():
     _close(B.diagonal(), D.sum(0))
 
 
+def test_weights_as_given_and_cached_row_sums():
+    x, y, f, g, a, b = _data(7, 5, 2, weights=True)
+    P = PlanOperator(x, y, f, g, eps=0.5, a=a, b=b)
+    assert P.weights[0] is a and P.weights[1] is b and P.T.weights[0] is b
+    assert PlanOperator(x, y, f, g, eps=0.5).weights == (None, None)
+    assert P.cached_row_sums() is None and P.T.cached_row_sums() is None     # no pass of its own
+    assert P.row_sums() is P.cached_row_sums() and P.T.cached_row_sums() is None
+    assert P.col_sums() is P.T.cached_row_sums()
+
+
 def test_row_sums_with_grad_are_not_cached():
     x, y, f, g, _, _ = _data(6, 5, 2)
     f = f.clone().requires_grad_()
     P = PlanOperator(x, y, f, g, eps=1.0)
     r1, r2 = P.row_sums(), P.row_sums()
     assert r1 is not r2 and r1.requires_grad
+    assert P.cached_row_sums() is None
     (gf,) = torch.autograd.grad(r1.sum(), f)
     _close(gf, _dense(x, y, f.detach(), g, 1.0).sum(1))   # d/df_i sum_ij P_ij = (P1)_i / eps
 
@@ -336,7 +347,7 @@ def test_double_backward_raises():
 
 
 def test_only_needed_gradients_are_computed(monkeypatch):
-    import otlinop.plan as plan_module
+    import otlinop._operators.plan_product as plan_module   # the home of plan_matmul's autograd Function
 
     calls = {"apply": 0, "bilinear": 0}
     apply, bilinear = plan_module.plan_apply, plan_module.plan_bilinear
@@ -541,7 +552,6 @@ def test_plan_operator_validation(change, error, pattern):
 
 def test_value_checks_follow_the_kernels_switch(override, monkeypatch):
     """_CHECK_FINITE = False (the benchmarks') skips the construction's read-back too."""
-    from otlinop.kernels import _common
     kwargs = {**_valid(), "f": torch.tensor([0.0, 1, 2, float("nan"), 4, 5], dtype=F64)}
     override(check_finite=False)
     P = PlanOperator(kwargs.pop("x"), kwargs.pop("y"), kwargs.pop("f"), kwargs.pop("g"), eps=1.0, **kwargs)

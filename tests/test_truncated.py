@@ -385,8 +385,6 @@ def test_gpu_cg_graph_cache_is_bitwise_the_eager_loop(override, truncate):
     """Solves sharing a GraphCache capture once and replay: bitwise the eager loop."""
     x, y, f, g, a, b, eps = (t.cuda().float() if isinstance(t, torch.Tensor) else t
                              for t in _converged(160, 120, 32, 0.25))
-    from otlinop.kernels import _common
-
     override(check_finite=False)   # the exact plan's checks read the host
     P = PlanOperator(x, y, f, g, eps=eps, a=a, b=b)
     if truncate is not None:
@@ -563,6 +561,22 @@ def test_transposed_layout_from_the_row_counts(known_nnz):
         rows = dense[:, j].nonzero().flatten()
         assert cT[:int(kT[j]), j].tolist() == rows.tolist()
         assert torch.equal(vT[:int(kT[j]), j], dense[rows, j])
+
+
+def test_squared_transpose_reuses_the_transposed_layout():
+    """Once P.T is built, P.squared().T squares its layout (no second sort); before,
+    it transposes the squared layout on first use: the same operator either way."""
+    P, cold = _sparse_problem()
+    sq = cold.squared()                                 # no transpose yet: sorted on first use
+    assert torch.equal(sq.T.values, cold.T.values ** 2) and torch.equal(sq.T.columns, cold.T.columns)
+    assert sq.T.T is sq and cold.T.T is cold
+    warm = P.truncated(1e-8)
+    T = warm.T
+    sq = warm.squared()                                 # the transpose exists: reused
+    assert sq.T.columns is T.columns and torch.equal(sq.T.values, T.values ** 2)
+    assert sq.T.T is sq and T.T is warm
+    sqT = T.squared()                                   # and from the transposed side
+    assert sqT.T.columns is warm.columns and sqT.T.T is sqT
 
 
 def test_truncation_knows_its_entry_count():

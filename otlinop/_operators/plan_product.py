@@ -1,0 +1,262 @@
+"""The differentiable product ``P @ V`` with the entropic plan, never stored.
+
+``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``, ``C_ij = c |x_i - y_j|^2``.
+``plan_matmul`` (batched inputs allowed) and ``transport_gradient`` are the
+public functions (``otlinop.plan`` exports them); ``PlanMatmul``, the autograd
+Function under both and under ``PlanOperator``, computes the gradients w.r.t.
+``V, f, g, x, y, a, b`` with the same streaming kernels
+(``otlinop.kernels``). ``validated_plan_data`` checks a plan's data once for
+all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from solvers import config
+
+from .._checks import backend_name, finite, operand, points, positive_scalar, precision_name, vector
+from ..kernels._common import check_backend
+from ..kernels.plan_apply import plan_apply
+from ..kernels.plan_bilinear import plan_bilinear
+
+__all__ = ["PlanMatmul", "plan_matmul", "transport_gradient", "transport_gradient_for", "validated_plan_data"]
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+_UNDEFINED = "the plan would be undefined: check the solver of the potentials, or the point clouds"
+
+
+def validated_plan_data(owner: str, x, y, f, g, V, a, b, eps, cost_scale, backend, precision, *,
+                        batched: bool, finite_potentials: bool, hint: str | None = None) -> tuple:
+    """Check the data of a plan for the public function ``owner``; return
+    ``(eps, cost_scale, backend, precision)``.
+
+    x (n, d), y (m, d), f and a (n,), g and b (m,), V (m,) or (m, k); with
+    ``batched`` a common leading batch dimension B on every tensor. Then the
+    values, read back in one synchronisation (none when
+    ``config.check_finite`` is off): finite data and weights ``>= 0``; the
+    potentials may hold -inf (a zero row or column) unless ``finite_potentials``.
+    """
+    eps = positive_scalar(owner, "eps", eps)
+    cost_scale = positive_scalar(owner, "cost_scale", cost_scale)
+    backend = backend_name(owner, backend)
+    precision = precision_name(owner, precision)
+    geo = points(owner, x, y, batch="same" if batched else "none", hint=hint)
+    vector(geo, "f", f, geo.n, what="one potential per point of x")
+    vector(geo, "g", g, geo.m, what="one potential per point of y")
+    vector(geo, "a", a, geo.n, what="one weight per point of x", optional=True)
+    vector(geo, "b", b, geo.m, what="one weight per point of y", optional=True)
+    operand(geo, "V", V, geo.m, what=f"y has {geo.m} points", transpose=f"{owner}(y, x, g, f, V, a=b, b=a, ...)")
+    check_backend(owner, backend, x)
+    finite(owner, {"x": x, "y": y, "f": f, "g": g, "V": V, "a": a, "b": b},
+           allow_neg_inf=() if finite_potentials else ("f", "g"), nonnegative=("a", "b"), hint=_UNDEFINED)
+    return eps, cost_scale, backend, precision
+
+
+# --------------------------------------------------------------------------
+# The differentiable product
+# --------------------------------------------------------------------------
+def _rowdot(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """(..., n, k) x (..., n, k) -> (..., n): <U_i, V_i>."""
+    return (U * V).sum(-1)
+
+
+class PlanMatmul(torch.autograd.Function):
+    """``P @ V`` for the plan of (x, y, f, g, a, b); V=None means ``P 1``.
+
+    Backward (W = grad_out, s_ij = <W_i, V_j>, L = sum_ij P_ij s_ij):
+    dL/dV = P.T W; dL/df_i = rowdot(W, PV)_i / eps; dL/dg_j = rowdot(V, P.T W)_j / eps;
+    dL/dx_i = -(2c/eps) [x_i rowdot(W, PV)_i - sum_j P_ij s_ij y_j];
+    dL/dy_j = -(2c/eps) [y_j rowdot(V, P.T W)_j - sum_i P_ij s_ij x_i];
+    dL/da_i = sum_j (P_ij / a_i) s_ij = rowdot(W, P' V)_i with P' the plan without the a
+    factor (well defined at a_i = 0); dL/db likewise. Every term is one streaming pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, f, g, V, a, b, eps, cost_scale, backend, precision):
+        log_a = None if a is None else torch.log(a)
+        log_b = None if b is None else torch.log(b)
+        opts = dict(eps=eps, cost_scale=cost_scale, backend=backend, precision=precision)
+        out = plan_apply(x, y, f, g, V, log_a=log_a, log_b=log_b, **opts)
+        ctx.opts = opts
+        ctx.save_for_backward(x, y, f, g, V, log_a, log_b, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, W):
+        x, y, f, g, V, log_a, log_b, PV = ctx.saved_tensors
+        nx, ny, nf, ng, nV, na, nb = ctx.needs_input_grad[:7]
+        opts = ctx.opts
+        eps, c2 = opts["eps"], 2.0 * opts["cost_scale"]
+        vector = PV.ndim == x.ndim - 1
+        col = (lambda t: t.unsqueeze(-1)) if vector else (lambda t: t)
+        Wm = col(W)
+        if V is None:
+            Vm = x.new_ones(y.shape[:-1] + (1,))
+        else:
+            Vm = col(V)
+
+        if nx or ny:
+            # dx_i = -(2c/eps) sum_j P_ij s_ij (x_i - y_j) holds with both clouds shifted by any z;
+            # a common centre keeps the two terms small, so that their difference cancels less.
+            z = (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True)) / 2
+            xz, yz = x - z, y - z
+
+        grad_x = grad_y = grad_f = grad_g = grad_V = grad_a = grad_b = None
+        if nf or nx:
+            rw = _rowdot(Wm, col(PV))                      # sum_j P_ij s_ij
+            if nf:
+                grad_f = rw / eps
+            if nx:
+                Py_s = plan_bilinear(x, y, f, g, Wm, Vm, yz, log_a=log_a, log_b=log_b, **opts)
+                grad_x = (-c2 / eps) * (xz * rw.unsqueeze(-1) - Py_s)
+        if nV or ng or ny:
+            PTW = plan_apply(y, x, g, f, W, log_a=log_b, log_b=log_a, **opts)
+            if nV:
+                grad_V = PTW
+            if ng or ny:
+                rv = _rowdot(Vm, col(PTW))                 # sum_i P_ij s_ij
+                if ng:
+                    grad_g = rv / eps
+                if ny:
+                    PTx_s = plan_bilinear(y, x, g, f, Vm, Wm, xz, log_a=log_b, log_b=log_a, **opts)
+                    grad_y = (-c2 / eps) * (yz * rv.unsqueeze(-1) - PTx_s)
+        if na:
+            grad_a = _rowdot(Wm, col(plan_apply(x, y, f, g, V, log_a=None, log_b=log_b, **opts)))
+        if nb:
+            grad_b = _rowdot(Vm, col(plan_apply(y, x, g, f, W, log_a=None, log_b=log_a, **opts)))
+        return grad_x, grad_y, grad_f, grad_g, grad_V, grad_a, grad_b, None, None, None, None
+
+
+def plan_matmul(x, y, f, g, V=None, *, eps, a=None, b=None, cost_scale=1.0, backend=None, precision=None):
+    """The differentiable product ``P @ V`` with the entropic plan ``P``, never stored.
+
+    Parameters
+    ----------
+    x : Tensor, shape (n, d) or (B, n, d)
+        Source points.
+    y : Tensor, shape (m, d) or (B, m, d)
+        Target points.
+    f : Tensor, shape (n,) or (B, n)
+        Source potential.
+    g : Tensor, shape (m,) or (B, m)
+        Target potential.
+    V : Tensor, shape (m,), (m, k), (B, m) or (B, m, k), or None
+        The operand; None gives the row sums ``P 1``.
+    eps : float
+        Entropic regularisation, > 0.
+    a : Tensor, shape (n,) or (B, n), optional
+        Source weights (not logs), >= 0; None means ones.
+    b : Tensor, shape (m,) or (B, m), optional
+        Target weights, >= 0; None means ones.
+    cost_scale : float, default 1.0
+        ``c`` in ``C_ij = c |x_i - y_j|^2`` (GeomLoss' p=2 cost is ``c = 1/2``).
+    backend : {None, "auto", "torch", "triton"}
+        None or "auto" picks Triton for CUDA float16/bfloat16/float32 tensors, torch otherwise.
+    precision : optional
+        Passed to the kernel (see ``otlinop.kernels.plan_apply``).
+
+    Returns
+    -------
+    Tensor, shape (n,), (n, k), (B, n) or (B, n, k)
+        ``P V`` (or ``P 1``), with V's layout.
+
+    Raises
+    ------
+    TypeError
+        For non-tensor data, mismatched dtypes, or an ``eps`` that requires grad.
+    ValueError
+        For mismatched shapes or devices, ``eps <= 0``, ``cost_scale <= 0`` or an
+        unknown backend.
+
+    Notes
+    -----
+    ``P_ij = a_i b_j exp((f_i + g_j - c |x_i - y_j|^2) / eps)``; ``log 0 = -inf``,
+    so zero weights give zero rows or columns. ``P.T @ U`` is
+    ``plan_matmul(y, x, g, f, U, a=b, b=a, ...)``.
+
+    Gradients w.r.t. ``V, f, g, x, y, a, b`` are computed by the same
+    streaming kernels (``plan_apply``, ``plan_bilinear``), only for the inputs
+    that need them: up to five plan passes, O(nm(d + k)) time, O((n + m)(d + k))
+    memory. With ``W`` the output gradient and ``s_ij = <W_i, V_j>``::
+
+        dV = P.T W,  df = rowdot(W, P V) / eps,  dg = rowdot(V, P.T W) / eps,
+        dx_i = -(2c/eps) (x_i rowdot(W, P V)_i - sum_j P_ij s_ij y_j),
+        dy_j = -(2c/eps) (y_j rowdot(V, P.T W)_j - sum_i P_ij s_ij x_i),
+        da_i = sum_j P_ij s_ij / a_i (computed without dividing by a_i).
+
+    The backward is ``once_differentiable``: double backward through this
+    function raises. Second-order derivatives of the OT loss go through the
+    analytic Hessian-vector products of ``otlinop.hvp`` instead.
+    Gradients w.r.t. ``eps`` and ``cost_scale`` are not provided.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from otlinop.plan import plan_matmul
+    >>> x = torch.randn(5, 2, dtype=torch.float64); y = torch.randn(4, 2, dtype=torch.float64)
+    >>> f = torch.zeros(5, dtype=torch.float64, requires_grad=True); g = torch.zeros(4, dtype=torch.float64)
+    >>> out = plan_matmul(x, y, f, g, torch.ones(4, dtype=torch.float64), eps=1.0)
+    >>> out.sum().backward(); f.grad.shape
+    torch.Size([5])
+    """
+    opts = validated_plan_data("plan_matmul", x, y, f, g, V, a, b, eps, cost_scale, backend, precision,
+                               batched=True, finite_potentials=False)
+    return _checked_product(x, y, f, g, V, a, b, *opts)
+
+
+def _checked_product(x, y, f, g, V, a, b, eps, cost_scale, backend, precision):
+    """``P @ V`` on data that ``validated_plan_data`` checked: the kernels' own
+    value checks of the forward pass would read the same values back a second time."""
+    with config.override(check_finite=False):
+        return PlanMatmul.apply(x, y, f, g, V, a, b, eps, cost_scale, backend, precision)
+
+
+def transport_gradient(x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, backend=None, precision=None):
+    """``sum_j P_ij dC_ij/dx_i = 2c ((P 1) * x - P y)``: the gradient of the OT loss w.r.t. x.
+
+    Parameters
+    ----------
+    x, y, f, g, eps, a, b, cost_scale, backend, precision
+        As in ``plan_matmul`` (batched inputs allowed).
+
+    Returns
+    -------
+    Tensor, shape (n, d) or (B, n, d)
+
+    Notes
+    -----
+    One streaming pass, ``P @ [y - z | 1]``, differentiable through
+    ``plan_matmul``. Both clouds are shifted by the common centre
+    ``z = (mean x + mean y) / 2`` first: the result is unchanged
+    (``P 1 * z - P z = 0``) but the two terms stay small, so that their
+    difference loses less in float32. With converged potentials this is the
+    gradient of the entropic OT loss w.r.t. x; ``transport_gradient(y, x, g, f,
+    a=b, b=a, ...)`` gives the one w.r.t. y.
+    """
+    return transport_gradient_for("transport_gradient", x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale,
+                                  backend=backend, precision=precision)
+
+
+def transport_gradient_for(owner: str, x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, backend=None,
+                           precision=None, batched: bool = True, wrt: str = "x"):
+    """:func:`transport_gradient` for the public function ``owner``, whose name
+    its argument errors carry: the gradient w.r.t. x, or w.r.t. y with
+    ``wrt="y"`` (the arguments keep their names in the messages either way);
+    ``batched=False`` refuses batched clouds."""
+    eps, cost_scale, backend, precision = validated_plan_data(owner, x, y, f, g, None, a, b, eps, cost_scale,
+                                                              backend, precision, batched=batched,
+                                                              finite_potentials=False)
+    if wrt == "y":
+        x, y, f, g, a, b = y, x, g, f, b, a
+    z = (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True)) / 2
+    xz, yz = x - z, y - z
+    d = x.shape[-1]
+    V = torch.cat([yz, yz.new_ones(yz.shape[:-1] + (1,))], dim=-1)
+    PV = _checked_product(x, y, f, g, V, a, b, eps, cost_scale, backend, precision)
+    return (2.0 * cost_scale) * (PV[..., d:] * xz - PV[..., :d])
