@@ -49,7 +49,7 @@ from .hvp import hvp, hvp_self, hvp_x, hvp_y
 from .plan import transport_gradient
 from ._checks import (Inputs, backend_name, flag, fraction, measures, positive_int, positive_scalar, precision_name,
                       preconditioner, reach_or_none, solver_function)
-from .kernels._common import check_backend
+from .kernels._dispatch import check_backend
 from .sinkhorn import _Monitor, _resolve_eps, _symmetric_loop
 
 __all__ = ["SamplesLoss", "sinkhorn_loss"]

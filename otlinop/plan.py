@@ -25,7 +25,7 @@ from solvers import config
 from ._base import Diag, LinearOperator
 from ._checks import (Geometry, backend_name, finite, matrix, operand, points, positive_scalar, precision_name,
                       vector)
-from .kernels._common import check_backend
+from .kernels._dispatch import check_backend
 from .kernels.plan_apply import plan_apply
 from .marginals import plan_marginals
 from .kernels.plan_bilinear import plan_bilinear

@@ -33,7 +33,7 @@ from solvers import config
 
 from ._checks import (Inputs, backend_name, fraction, function, measures, nonnegative_scalar, positive_int,
                       positive_scalar, potential, precision_name, reach_or_none)
-from .kernels._common import check_backend, resolve_backend
+from .kernels._dispatch import check_backend, resolve_backend
 from .kernels.softmin import softmin as _softmin
 from .kernels.softmin_pair import softmin_pair_unchecked as _softmin_pair
 from .kernels.softmin_pair import softmin_self_unchecked as _softmin_self

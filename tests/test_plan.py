@@ -541,7 +541,6 @@ def test_plan_operator_validation(change, error, pattern):
 
 def test_value_checks_follow_the_kernels_switch(override, monkeypatch):
     """_CHECK_FINITE = False (the benchmarks') skips the construction's read-back too."""
-    from otlinop.kernels import _common
     kwargs = {**_valid(), "f": torch.tensor([0.0, 1, 2, float("nan"), 4, 5], dtype=F64)}
     override(check_finite=False)
     P = PlanOperator(kwargs.pop("x"), kwargs.pop("y"), kwargs.pop("f"), kwargs.pop("g"), eps=1.0, **kwargs)

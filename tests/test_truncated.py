@@ -385,7 +385,6 @@ def test_gpu_cg_graph_cache_is_bitwise_the_eager_loop(override, truncate):
     """Solves sharing a GraphCache capture once and replay: bitwise the eager loop."""
     x, y, f, g, a, b, eps = (t.cuda().float() if isinstance(t, torch.Tensor) else t
                              for t in _converged(160, 120, 32, 0.25))
-    from otlinop.kernels import _common
 
     override(check_finite=False)   # the exact plan's checks read the host
     P = PlanOperator(x, y, f, g, eps=eps, a=a, b=b)

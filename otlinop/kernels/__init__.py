@@ -19,9 +19,24 @@ launch); the streaming ones take a ``precision`` (None, "ieee", "tf32",
 "tf32x3"; None means :data:`DEFAULT_PRECISION`). The
 ``*_torch`` functions are the float64-capable references and the CPU fallback.
 Only the operators import this package.
+
+What the kernel files share lives in private modules, one idea each:
+
+- ``_dispatch.py``: the backend and the precision of a call (Triton or the
+  torch reference; ``DEFAULT_PRECISION``; whether the interpreter runs).
+- ``_layout.py``: the prepared pair of clouds the kernels read (centred,
+  padded, split or scaled) and its cache; the dot path of each dimension.
+- ``_grid.py``: the shape of a launch: device, batch strides, SM count and
+  the column splits (flash-decoding) of short row grids.
+- ``_tuning.py``: autotuning candidates, their pruning, the tuning keys and
+  launches through the chosen config.
+- ``_tiles.py``: the ``@triton.jit`` helpers every kernel calls (logits of a
+  tile, plan biases, the online log-sum-exp step).
+- ``_reference.py``: the centring and the row blocks of the torch references.
+- ``_triton.py``: ``triton`` and ``triton.language``, or stand-ins without Triton.
 """
 
-from ._common import BACKENDS, DEFAULT_PRECISION, PRECISIONS
+from ._dispatch import BACKENDS, DEFAULT_PRECISION, PRECISIONS
 from .plan_apply import plan_apply, plan_apply_torch
 from .plan_bilinear import plan_bilinear, plan_bilinear_torch
 from .plan_truncate import ell_bilinear, ell_matmat, ell_matmat_torch, plan_truncate, plan_truncate_torch

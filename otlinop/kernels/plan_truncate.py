@@ -30,20 +30,23 @@ import torch
 from solvers import config
 
 from .._checks import finite, nonnegative_int, points, positive_scalar, vector
-from ._triton import tl, triton
-
-from . import _common
-from ._common import _LOG2E, LOG2E, _logits, _plan_bias, _row_setup
+from ._dispatch import interpreting, resolve_backend, resolve_precision
+from ._grid import device_guard, unit_last
+from ._layout import prepare_pair
+from ._reference import centred_points, compute_dtype, cost_block, row_blocks
+from ._tiles import LOG2E, TL_LOG2E, plan_bias, row_setup, tile_logits
+from ._triton import cdiv, tl, triton
+from ._tuning import AUTOTUNE_DISK_CACHE, TunedLaunch, bucket, configs_or_interpreter, pruner, tile_config
 
 __all__ = ["plan_truncate", "plan_truncate_torch", "ell_matmat", "ell_matmat_torch", "ell_bilinear",
            "live_slots"]
 
 _FN = "plan_truncate"
 
-_CONFIGS = _common.configs_or_interpreter([
-    _common.tile_config(64, 64, 4, 2),
-    _common.tile_config(32, 64, 4, 2),
-    _common.tile_config(16, 64, 4, 2),
+_CONFIGS = configs_or_interpreter([
+    tile_config(64, 64, 4, 2),
+    tile_config(32, 64, 4, 2),
+    tile_config(16, 64, 4, 2),
 ])
 
 #: Widest chunk of columns of V per program of ``ell_matmat``.
@@ -62,8 +65,8 @@ def _fits(cfg, args):
 @triton.autotune(
     configs=_CONFIGS,
     key=["N_BUCKET", "M_BUCKET", "DP", "DOT", "CPREC"],
-    prune_configs_by={"early_config_prune": _common.pruner(_fits)},
-    **_common.AUTOTUNE_DISK_CACHE,
+    prune_configs_by={"early_config_prune": pruner(_fits)},
+    **AUTOTUNE_DISK_CACHE,
 )
 @triton.jit(do_not_specialize=["n", "m", "cap"])
 def _truncate_kernel(
@@ -79,22 +82,22 @@ def _truncate_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n
     two_k2 = 2.0 * k2
-    xc0, x0, x1, x2, x3, x4, x5, x6, x7 = _row_setup(X, rows, n, two_k2, D, DP, BLOCK_D, DOT)
+    xc0, x0, x1, x2, x3, x4, x5, x6, x7 = row_setup(X, rows, n, two_k2, D, DP, BLOCK_D, DOT)
     # log2 P_ij = r_i + t_ij with t_ij = u_j + 2 k2 x_i.y_j (the logits of the tile).
-    r = _plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A)
+    r = plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A)
     # Kept iff t_ij - log2(e) ct_j >= log2(e) rt_i - r_i. A zero weight (r = -inf)
     # or a padded row gives +inf: nothing kept.
-    thr = _LOG2E * tl.load(RT + rows, mask=row_ok, other=float("inf")) - r
+    thr = TL_LOG2E * tl.load(RT + rows, mask=row_ok, other=float("inf")) - r
     thr = tl.where(row_ok, thr, float("inf"))
     count = tl.zeros((BLOCK_M,), dtype=tl.int32)
     base = rows.to(tl.int64)
     for start in range(0, m, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < m
-        u = tl.where(col_ok, _plan_bias(G, LOG_B, YN, cols, col_ok, inv_eps2, k2, HAS_LOG_B), float("-inf"))
-        t = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, m, two_k2,
+        u = tl.where(col_ok, plan_bias(G, LOG_B, YN, cols, col_ok, inv_eps2, k2, HAS_LOG_B), float("-inf"))
+        t = tile_logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, m, two_k2,
                     D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, BLOCK_M, BLOCK_N)
-        ct = _LOG2E * tl.load(CT + cols, mask=col_ok, other=float("inf"))
+        ct = TL_LOG2E * tl.load(CT + cols, mask=col_ok, other=float("inf"))
         keep = (t - ct[None, :]) >= thr[:, None]
         kept = keep.to(tl.int32)
         slot = count[:, None] + tl.cumsum(kept, axis=1) - 1
@@ -178,7 +181,7 @@ def _validate(fn, x, y, f, g, log_a, log_b, row_threshold, col_threshold, capaci
 # Truncation
 # --------------------------------------------------------------------------
 
-_TRUNCATE_LAUNCH = _common.TunedLaunch(_truncate_kernel)
+_TRUNCATE_LAUNCH = TunedLaunch(_truncate_kernel)
 
 
 def _truncate_triton(geo, x, y, f, g, log_a, log_b, rt, ct, capacity, eps, cost_scale, precision):
@@ -188,16 +191,16 @@ def _truncate_triton(geo, x, y, f, g, log_a, log_b, rt, ct, capacity, eps, cost_
     count = torch.zeros(n, device=geo.device, dtype=torch.int32)
     if n == 0 or m == 0:
         return vals, cols, count
-    pair = _common.prepare_pair(x, y, precision)
-    f, g = _common.unit_last(f), _common.unit_last(g)
-    log_a, log_b = _common.unit_last(log_a), _common.unit_last(log_b)
-    rt = _common.unit_last(rt.to(torch.float32))
-    ct = _common.unit_last(ct.to(torch.float32))
-    n_b, m_b = _common.bucket(n), _common.bucket(m)
+    pair = prepare_pair(x, y, precision)
+    f, g = unit_last(f), unit_last(g)
+    log_a, log_b = unit_last(log_a), unit_last(log_b)
+    rt = unit_last(rt.to(torch.float32))
+    ct = unit_last(ct.to(torch.float32))
+    n_b, m_b = bucket(n), bucket(m)
     key = (n_b, m_b, pair.DP, pair.DOT, pair.PREC, precision, log_a is not None, log_b is not None,
            x.dtype, f.dtype)
-    grid = lambda meta: (_common.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
-    with _common.device_guard(geo.device):
+    grid = lambda meta: (cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
+    with device_guard(geo.device):
         _TRUNCATE_LAUNCH(
             key, grid,
             pair.x, pair.y, pair.xn, pair.yn, f, g,
@@ -214,19 +217,19 @@ def _truncate_triton(geo, x, y, f, g, log_a, log_b, rt, ct, capacity, eps, cost_
 
 
 def _truncate_torch(x, y, f, g, log_a, log_b, rt, ct, capacity, eps, cost_scale):
-    dtype = _common.compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype)
     n, m = x.shape[0], y.shape[0]
     vals = torch.zeros((capacity, n), device=x.device, dtype=x.dtype)
     cols = torch.zeros((capacity, n), device=x.device, dtype=torch.int32)
     count = torch.zeros(n, device=x.device, dtype=torch.int32)
     if n == 0 or m == 0:
         return vals, cols, count
-    xc, yc, xn, yn = _common.centred_points(x, y, dtype)
+    xc, yc, xn, yn = centred_points(x, y, dtype)
     row = f.to(dtype) / eps + (0.0 if log_a is None else log_a.to(dtype))
     col = g.to(dtype) / eps + (0.0 if log_b is None else log_b.to(dtype))
     rt, ct = rt.to(dtype), ct.to(dtype)
-    for rows in _common.row_blocks(n, m, 1, torch.finfo(dtype).bits // 8, temporaries=4):
-        logp = _common.cost_block(xc, yc, xn, yn, rows, cost_scale)[0].div_(-eps)
+    for rows in row_blocks(n, m, 1, torch.finfo(dtype).bits // 8, temporaries=4):
+        logp = cost_block(xc, yc, xn, yn, rows, cost_scale)[0].div_(-eps)
         logp += row[rows, None]
         logp += col[None, :]
         keep = logp >= rt[rows, None] + ct[None, :]
@@ -301,8 +304,8 @@ def plan_truncate(x, y, f, g, *, eps, row_threshold, col_threshold, capacity, lo
     """
     geo, eps, cost_scale, capacity = _validate(_FN, x, y, f, g, log_a, log_b, row_threshold, col_threshold,
                                                capacity, eps, cost_scale)
-    precision = _common.resolve_precision(_FN, precision)
-    if _common.resolve_backend(_FN, backend, x) == "torch":
+    precision = resolve_precision(_FN, precision)
+    if resolve_backend(_FN, backend, x) == "torch":
         return _truncate_torch(x, y, f, g, log_a, log_b, row_threshold, col_threshold, capacity, eps, cost_scale)
     return _truncate_triton(geo, x, y, f, g, log_a, log_b, row_threshold, col_threshold, capacity, eps,
                             cost_scale, precision)
@@ -361,7 +364,7 @@ def _ell_torch(values, columns, counts, V, row_scale=None, sign=1.0, add=None, a
     vector = V.ndim == 1
     V2 = V[:, None] if vector else V
     cap, n = values.shape
-    dtype = _common.compute_dtype(values.dtype)
+    dtype = compute_dtype(values.dtype)
     out = torch.zeros((n, V2.shape[1]), device=V.device, dtype=dtype)
     if cap and n and V2.shape[1]:
         # Padding slots hold value 0 and column 0; they are masked so that a
@@ -392,15 +395,15 @@ def _ell_triton(values, columns, counts, V, row_scale=None, sign=1.0, add=None, 
         # Rows of V gathered from a row stride that is a multiple of 16 entries load
         # as wide vectors; with k = 65 columns they did not, and the product took 10x
         # longer (H100). One padded copy of V costs far less.
-        padded = torch.zeros((V2.shape[0], _common.cdiv(k, 16) * 16), device=V.device, dtype=V.dtype)
+        padded = torch.zeros((V2.shape[0], cdiv(k, 16) * 16), device=V.device, dtype=V.dtype)
         padded[:, :k] = V2
         V2 = padded
     add2 = None if add is None else (add[:, None] if add.ndim == 1 else add)
     block_s, block_m, block_k = _ell_blocks(k)
-    if _common.interpreting():
+    if interpreting():
         block_s = min(block_s, 4)    # the interpreter: small steps
-    grid = (_common.cdiv(n, block_m), _common.cdiv(k, block_k))
-    with _common.device_guard(V.device):
+    grid = (cdiv(n, block_m), cdiv(k, block_k))
+    with device_guard(V.device):
         _ell_kernel[grid](values, columns, counts, V2, out,
                           values if row_scale is None else row_scale, V2 if add2 is None else add2,
                           values if add_scale is None else add_scale, n, k, float(sign),
@@ -462,7 +465,7 @@ def ell_matmat(values, columns, counts, V, *, m, row_scale=None, sign=1.0, add=N
             raise ValueError(f"ell_matmat: {name} must be a tensor of shape {shape} on {V.device}, got {got}")
     if (add is None) != (add_scale is None):
         raise ValueError("ell_matmat: add and add_scale go together (add_scale_i * add_i)")
-    if _common.resolve_backend("ell_matmat", backend, values) == "torch":
+    if resolve_backend("ell_matmat", backend, values) == "torch":
         return _ell_torch(values, columns, counts, V, row_scale, sign, add, add_scale)
     return _ell_triton(values, columns, counts, V, row_scale, sign, add, add_scale)
 
@@ -509,7 +512,7 @@ _ELL_BILINEAR_BLOCK_M = 32
 
 def _ell_bilinear_torch(values, columns, counts, W, V, Y):
     cap, n = values.shape
-    dtype = _common.compute_dtype(values.dtype)
+    dtype = compute_dtype(values.dtype)
     out = torch.zeros((n, Y.shape[1]), device=Y.device, dtype=dtype)
     if cap and n and Y.shape[1]:
         W, V, Y = W.to(dtype), V.to(dtype), Y.to(dtype)
@@ -556,7 +559,7 @@ def ell_bilinear(values, columns, counts, W, V, Y, *, m, backend=None):
             raise ValueError(f"ell_bilinear: {name} must be a ({rows}, ...) tensor of dtype {values.dtype}, got {got}")
     if V.ndim != 2 or W.shape[1] != V.shape[1]:
         raise ValueError(f"ell_bilinear: W {tuple(W.shape)} and V {tuple(V.shape)} need the same number of columns")
-    backend = _common.resolve_backend("ell_bilinear", backend, values)
+    backend = resolve_backend("ell_bilinear", backend, values)
     k, e = V.shape[1], Y.shape[1]
     if backend == "torch" or max(k, e) > _ELL_BILINEAR_MAX:
         return _ell_bilinear_torch(values, columns, counts, W, V, Y)
@@ -565,8 +568,8 @@ def ell_bilinear(values, columns, counts, W, V, Y, *, m, backend=None):
         return out.zero_()
     bk = max(1, triton.next_power_of_2(max(k, 1)))
     be = max(1, triton.next_power_of_2(e))
-    with _common.device_guard(Y.device):
-        _ell_bilinear_kernel[(_common.cdiv(n, _ELL_BILINEAR_BLOCK_M),)](
+    with device_guard(Y.device):
+        _ell_bilinear_kernel[(cdiv(n, _ELL_BILINEAR_BLOCK_M),)](
             values, columns, counts, W, V, Y, out, n, k, e,
             W.stride(0), W.stride(1), V.stride(0), V.stride(1), Y.stride(0), Y.stride(1),
             out.stride(0), out.stride(1), BLOCK_M=_ELL_BILINEAR_BLOCK_M, BLOCK_K=bk, BLOCK_E=be)
