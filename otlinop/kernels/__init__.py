@@ -10,8 +10,8 @@ One file per primitive; each computes on the squared Euclidean cost
   (y, g, log_b) swapped.
 - :func:`plan_bilinear` (``plan_bilinear.py``): ``sum_j P_ij <W_i, V_j> Y_j``.
 - :func:`plan_truncate` (``plan_truncate.py``): the entries of P above a
-  threshold, in a padded sparse layout, and :func:`ell_matmat` /
-  :func:`ell_bilinear`, the products with that layout.
+  threshold, in a padded sparse layout; :func:`ell_matmat` /
+  :func:`ell_bilinear` (``ell.py``): the products with that layout.
 
 Every primitive accepts a ``backend`` (None, "triton", "torch"), unbatched
 inputs and, but for the truncation, a leading batch dim B (one kernel
@@ -37,9 +37,10 @@ What the kernel files share lives in private modules, one idea each:
 """
 
 from ._dispatch import BACKENDS, DEFAULT_PRECISION, PRECISIONS
+from .ell import ell_bilinear, ell_matmat, ell_matmat_torch
 from .plan_apply import plan_apply, plan_apply_torch
 from .plan_bilinear import plan_bilinear, plan_bilinear_torch
-from .plan_truncate import ell_bilinear, ell_matmat, ell_matmat_torch, plan_truncate, plan_truncate_torch
+from .plan_truncate import plan_truncate, plan_truncate_torch
 from .softmin import lse_cost, lse_cost_torch, softmin, softmin_torch
 from .softmin_pair import softmin_pair, softmin_pair_torch, softmin_self
 
