@@ -78,50 +78,12 @@ PIPELINE_MAX_DP = 16
 _PIPELINE_MAX_DP = tl.constexpr(PIPELINE_MAX_DP)
 
 
-def range_plan(n: int, m: int, batch: int, sms: int | None, *, forced=None):
-    """``((R, rows_per_range), (S, cols_per_range))`` of the block grid (see _gpu_range_plan).
-
-    ``sms``: the SM count of the GPU (``_grid.sm_count``); None (the CPU, the
-    interpreter) gives one block. ``forced``: ``(R, S)`` range counts, the
-    launchers' ``_ranges`` hook (tests exercise several ranges at small sizes).
-    """
-    if forced is not None:
-        r, s = forced
-        return split_plan(n, r), split_plan(m, s)
-    if sms is None:
-        return split_plan(n, 1), split_plan(m, 1)
-    return _gpu_range_plan(n, m, batch, sms)
-
-
-@functools.lru_cache(maxsize=256)
-def _gpu_range_plan(n: int, m: int, batch: int, sms: int):
-    """The block grid on a GPU of ``sms`` SMs.
-
-    R x S x batch is at most ``PROGRAMS_PER_SM`` programs per SM (a second,
-    nearly empty wave would double the time) and as close to it as the
-    128-aligned ranges allow, with about ``COLUMN_RANGES_PER_ROW_RANGE``
-    column ranges per row range (scaled by m / n). A function of the sizes
-    only, so results are deterministic.
-    """
-    target = max(1, (PROGRAMS_PER_SM * sms) // batch)
-    ratio = COLUMN_RANGES_PER_ROW_RANGE * m / max(n, 1)
-    best = None
-    for r in range(1, max(1, n // MIN_RANGE) + 1):
-        rows = split_plan(n, r)
-        if rows[0] > target:
-            break
-        cols = split_plan(m, min(target // rows[0], max(1, m // MIN_RANGE)))
-        programs = rows[0] * cols[0]
-        # Most programs first, then the aspect closest to the wanted ratio.
-        score = (programs, -abs(math.log(max(cols[0], 1) / (rows[0] * ratio))))
-        if best is None or score > best[0]:
-            best = (score, rows, cols)
-    return best[1], best[2]
-
-
 # --------------------------------------------------------------------------
-# Kernels
+# Autotuning
 # --------------------------------------------------------------------------
+
+# The candidate tiles are softmin's (LSE_CONFIGS: the same stream of exp-bound tiles);
+# this pruning adds the registers of the column accumulator.
 
 
 def _pair_fits(cfg, args):
@@ -130,6 +92,11 @@ def _pair_fits(cfg, args):
     if cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] > 128 * 64 and cfg.num_warps < 8:
         return False
     return lse_fits(cfg, args)
+
+
+# --------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------
 
 
 @triton.autotune(
@@ -366,12 +333,96 @@ def _column_lse(Y, X, XN, F, LOG_A, js, n, m, k2, inv_eps2,
     return M + tl.log2(S)
 
 
+# --------------------------------------------------------------------------
+# Block grid
+# --------------------------------------------------------------------------
+
+
+def range_plan(n: int, m: int, batch: int, sms: int | None, *, forced=None):
+    """``((R, rows_per_range), (S, cols_per_range))`` of the block grid (see _gpu_range_plan).
+
+    ``sms``: the SM count of the GPU (``_grid.sm_count``); None (the CPU, the
+    interpreter) gives one block. ``forced``: ``(R, S)`` range counts, the
+    launchers' ``_ranges`` hook (tests exercise several ranges at small sizes).
+    """
+    if forced is not None:
+        r, s = forced
+        return split_plan(n, r), split_plan(m, s)
+    if sms is None:
+        return split_plan(n, 1), split_plan(m, 1)
+    return _gpu_range_plan(n, m, batch, sms)
+
+
+@functools.lru_cache(maxsize=256)
+def _gpu_range_plan(n: int, m: int, batch: int, sms: int):
+    """The block grid on a GPU of ``sms`` SMs.
+
+    R x S x batch is at most ``PROGRAMS_PER_SM`` programs per SM (a second,
+    nearly empty wave would double the time) and as close to it as the
+    128-aligned ranges allow, with about ``COLUMN_RANGES_PER_ROW_RANGE``
+    column ranges per row range (scaled by m / n). A function of the sizes
+    only, so results are deterministic.
+    """
+    target = max(1, (PROGRAMS_PER_SM * sms) // batch)
+    ratio = COLUMN_RANGES_PER_ROW_RANGE * m / max(n, 1)
+    best = None
+    for r in range(1, max(1, n // MIN_RANGE) + 1):
+        rows = split_plan(n, r)
+        if rows[0] > target:
+            break
+        cols = split_plan(m, min(target // rows[0], max(1, m // MIN_RANGE)))
+        programs = rows[0] * cols[0]
+        # Most programs first, then the aspect closest to the wanted ratio.
+        score = (programs, -abs(math.log(max(cols[0], 1) / (rows[0] * ratio))))
+        if best is None or score > best[0]:
+            best = (score, rows, cols)
+    return best[1], best[2]
+
+
+def self_range_plan(n: int, batch: int, sms: int | None, *, forced=None):
+    """``(T, rows_per_range)`` of the self problem: T ranges, T (T + 1) / 2 blocks.
+
+    ``sms`` as in :func:`range_plan`; ``forced``: T, the ``_ranges`` hook of :func:`softmin_self`.
+    """
+    if forced is not None:
+        return split_plan(n, forced)
+    if sms is None:
+        return split_plan(n, 1)
+    return _gpu_self_range_plan(n, batch, sms)
+
+
+@functools.lru_cache(maxsize=256)
+def _gpu_self_range_plan(n: int, batch: int, sms: int):
+    """The most ranges T whose T (T + 1) / 2 blocks x batch fit the programs of one wave."""
+    target = max(1, (PROGRAMS_PER_SM * sms) // batch)
+    best = split_plan(n, 1)
+    for t in range(2, max(1, n // MIN_RANGE) + 1):
+        plan = split_plan(n, t)
+        if plan[0] * (plan[0] + 1) // 2 > target:
+            break
+        best = plan
+    return best
+
+
+_BLOCK_TABLES: dict = {}
+
+
+def _upper_blocks(t: int, device: torch.device) -> torch.Tensor:
+    """The (r, s) pairs with r <= s < t, as an int32 (T (T + 1) / 2, 2) tensor on ``device``."""
+    key = (t, str(device))
+    table = _BLOCK_TABLES.get(key)
+    if table is None:
+        pairs = [(r, s) for r in range(t) for s in range(r, t)]
+        table = torch.tensor(pairs, dtype=torch.int32, device=device).contiguous()
+        _BLOCK_TABLES[key] = table
+    return table
+
+
+# --------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------
+
 _PAIR_LAUNCH = TunedLaunch(_pair_kernel)
-
-
-# --------------------------------------------------------------------------
-# Launcher
-# --------------------------------------------------------------------------
 
 
 def _validate(fn, x, y, f, g, log_a, log_b, eps, cost_scale):
@@ -456,45 +507,6 @@ def _launch(geo, pair, f, g, la, lb, has_log_a, has_log_b, eps, cost_scale, out,
         )
 
 
-def self_range_plan(n: int, batch: int, sms: int | None, *, forced=None):
-    """``(T, rows_per_range)`` of the self problem: T ranges, T (T + 1) / 2 blocks.
-
-    ``sms`` as in :func:`range_plan`; ``forced``: T, the ``_ranges`` hook of :func:`softmin_self`.
-    """
-    if forced is not None:
-        return split_plan(n, forced)
-    if sms is None:
-        return split_plan(n, 1)
-    return _gpu_self_range_plan(n, batch, sms)
-
-
-@functools.lru_cache(maxsize=256)
-def _gpu_self_range_plan(n: int, batch: int, sms: int):
-    """The most ranges T whose T (T + 1) / 2 blocks x batch fit the programs of one wave."""
-    target = max(1, (PROGRAMS_PER_SM * sms) // batch)
-    best = split_plan(n, 1)
-    for t in range(2, max(1, n // MIN_RANGE) + 1):
-        plan = split_plan(n, t)
-        if plan[0] * (plan[0] + 1) // 2 > target:
-            break
-        best = plan
-    return best
-
-
-_BLOCK_TABLES: dict = {}
-
-
-def _upper_blocks(t: int, device: torch.device) -> torch.Tensor:
-    """The (r, s) pairs with r <= s < t, as an int32 (T (T + 1) / 2, 2) tensor on ``device``."""
-    key = (t, str(device))
-    table = _BLOCK_TABLES.get(key)
-    if table is None:
-        pairs = [(r, s) for r in range(t) for s in range(r, t)]
-        table = torch.tensor(pairs, dtype=torch.int32, device=device).contiguous()
-        _BLOCK_TABLES[key] = table
-    return table
-
-
 def _self_triton(geo, x, f, log_a, eps, cost_scale, precision, forced_ranges=None, fixup=True):
     out = torch.empty(geo.shape(geo.n), device=geo.device, dtype=geo.dtype)
     if geo.n == 0:
@@ -513,76 +525,6 @@ def _self_triton(geo, x, f, log_a, eps, cost_scale, precision, forced_ranges=Non
             strides=(geo.n, part.stride(1), geo.n, part.stride(1)), n_rows=0, parts=(0, T), self_=True,
             fixup=fixup)
     return out
-
-
-def softmin_self(x, f, log_a=None, *, eps, cost_scale=1.0, backend=None, precision=None, _ranges=None,
-                 _fixup=True):
-    r"""The soft-min update of a potential on one cloud: ``softmin(x, x, log a + f / eps)``.
-
-    The update of the debiasing potentials ``f_aa`` (and ``g_bb``) of a
-    Sinkhorn divergence. The cost matrix of (x, x) is symmetric: the Triton
-    kernel runs the blocks of the upper triangle only, each feeding its rows
-    and (off the diagonal) its columns, from one dot and one exponential per
-    entry: about half the work of :func:`otlinop.kernels.softmin`.
-
-    Parameters
-    ----------
-    x : Tensor, shape (n, d) or (B, n, d)
-        The points.
-    f : Tensor, shape (n,) or (B, n)
-        The potential.
-    log_a : Tensor, shape (n,) or (B, n), optional
-        Log-weights (``-inf``: a zero weight); None means 0.
-    eps, cost_scale, backend, precision
-        As in :func:`softmin_pair`.
-
-    Returns
-    -------
-    Tensor, shape (n,) or (B, n), dtype of ``x``
-        ``-eps LSE_j(log a_j + f_j / eps - C_ij / eps)``; ``+inf`` where every
-        term is ``-inf``.
-
-    Other Parameters
-    ----------------
-    _ranges : int, optional
-        Test and profiling hook: the Triton launch's T ranges of points,
-        forced (T (T + 1) / 2 blocks; see :func:`self_range_plan`).
-    _fixup : bool, default True
-        As in :func:`softmin_pair`.
-
-    Raises
-    ------
-    ValueError, TypeError
-        As in :func:`softmin_pair`.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from otlinop.kernels import softmin_self
-    >>> x = torch.randn(6, 2, dtype=torch.float64)
-    >>> softmin_self(x, torch.zeros(6, dtype=torch.float64), eps=0.5).shape
-    torch.Size([6])
-    """
-    geo, eps, cost_scale = _validate(_FN_SELF, x, x, f, f, log_a, log_a, eps, cost_scale)
-    precision = resolve_precision(_FN_SELF, precision)
-    if resolve_backend(_FN_SELF, backend, x) == "torch":
-        return _self_torch(x, f, log_a, eps, cost_scale)
-    return _self_triton(geo, x, f, log_a, eps, cost_scale, precision, _ranges, _fixup)
-
-
-def softmin_self_unchecked(x, f, log_a, *, eps: float, cost_scale: float, backend, precision):
-    """:func:`softmin_self` without the input checks, for loops that ran them once."""
-    geo = Geometry(_FN_SELF, x.ndim == 3, x.shape[0] if x.ndim == 3 else 1, x.shape[-2], x.shape[-2],
-                           x.shape[-1], x.dtype, x.device)
-    precision = resolve_precision(_FN_SELF, precision)
-    if resolve_backend(_FN_SELF, backend, x) == "torch":
-        return _self_torch(x, f, log_a, eps, cost_scale)
-    return _self_triton(geo, x, f, log_a, eps, cost_scale, precision)
-
-
-def _self_torch(x, f, log_a, eps, cost_scale):
-    h = f / eps if log_a is None else log_a + f / eps
-    return -eps * lse_torch(x, x, h, eps, cost_scale)
 
 
 def softmin_pair(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.0, backend=None, precision=None,
@@ -690,6 +632,76 @@ def softmin_pair_unchecked(x, y, f, g, log_a, log_b, *, eps: float, cost_scale: 
     return _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision)
 
 
+def softmin_self(x, f, log_a=None, *, eps, cost_scale=1.0, backend=None, precision=None, _ranges=None,
+                 _fixup=True):
+    r"""The soft-min update of a potential on one cloud: ``softmin(x, x, log a + f / eps)``.
+
+    The update of the debiasing potentials ``f_aa`` (and ``g_bb``) of a
+    Sinkhorn divergence. The cost matrix of (x, x) is symmetric: the Triton
+    kernel runs the blocks of the upper triangle only, each feeding its rows
+    and (off the diagonal) its columns, from one dot and one exponential per
+    entry: about half the work of :func:`otlinop.kernels.softmin`.
+
+    Parameters
+    ----------
+    x : Tensor, shape (n, d) or (B, n, d)
+        The points.
+    f : Tensor, shape (n,) or (B, n)
+        The potential.
+    log_a : Tensor, shape (n,) or (B, n), optional
+        Log-weights (``-inf``: a zero weight); None means 0.
+    eps, cost_scale, backend, precision
+        As in :func:`softmin_pair`.
+
+    Returns
+    -------
+    Tensor, shape (n,) or (B, n), dtype of ``x``
+        ``-eps LSE_j(log a_j + f_j / eps - C_ij / eps)``; ``+inf`` where every
+        term is ``-inf``.
+
+    Other Parameters
+    ----------------
+    _ranges : int, optional
+        Test and profiling hook: the Triton launch's T ranges of points,
+        forced (T (T + 1) / 2 blocks; see :func:`self_range_plan`).
+    _fixup : bool, default True
+        As in :func:`softmin_pair`.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As in :func:`softmin_pair`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from otlinop.kernels import softmin_self
+    >>> x = torch.randn(6, 2, dtype=torch.float64)
+    >>> softmin_self(x, torch.zeros(6, dtype=torch.float64), eps=0.5).shape
+    torch.Size([6])
+    """
+    geo, eps, cost_scale = _validate(_FN_SELF, x, x, f, f, log_a, log_a, eps, cost_scale)
+    precision = resolve_precision(_FN_SELF, precision)
+    if resolve_backend(_FN_SELF, backend, x) == "torch":
+        return _self_torch(x, f, log_a, eps, cost_scale)
+    return _self_triton(geo, x, f, log_a, eps, cost_scale, precision, _ranges, _fixup)
+
+
+def softmin_self_unchecked(x, f, log_a, *, eps: float, cost_scale: float, backend, precision):
+    """:func:`softmin_self` without the input checks, for loops that ran them once."""
+    geo = Geometry(_FN_SELF, x.ndim == 3, x.shape[0] if x.ndim == 3 else 1, x.shape[-2], x.shape[-2],
+                           x.shape[-1], x.dtype, x.device)
+    precision = resolve_precision(_FN_SELF, precision)
+    if resolve_backend(_FN_SELF, backend, x) == "torch":
+        return _self_torch(x, f, log_a, eps, cost_scale)
+    return _self_triton(geo, x, f, log_a, eps, cost_scale, precision)
+
+
+# --------------------------------------------------------------------------
+# Torch reference
+# --------------------------------------------------------------------------
+
+
 def _pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale):
     hb = g / eps if log_b is None else log_b + g / eps
     ha = f / eps if log_a is None else log_a + f / eps
@@ -708,3 +720,8 @@ def softmin_pair_torch(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.
     geo, eps, cost_scale = _validate("softmin_pair_torch", x, y, f, g, log_a, log_b, eps, cost_scale)
     out = _pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale)
     return out[..., :geo.n], out[..., geo.n:]
+
+
+def _self_torch(x, f, log_a, eps, cost_scale):
+    h = f / eps if log_a is None else log_a + f / eps
+    return -eps * lse_torch(x, x, h, eps, cost_scale)
