@@ -51,7 +51,7 @@ from ._checks import (Inputs, backend_name, flag, fraction, measures, positive_i
 from ._loss_derivatives import SecondOrder, Spec, solve
 from ._loss_functions import SinkhornLoss
 from ._sinkhorn_schedule import resolve_eps
-from .kernels._common import check_backend
+from .kernels._dispatch import check_backend
 
 __all__ = ["SamplesLoss", "sinkhorn_loss"]
 

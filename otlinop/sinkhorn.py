@@ -38,7 +38,7 @@ from ._checks import (backend_name, function, measures, nonnegative_scalar, posi
 from ._sinkhorn_loops import GRAPH_MIN_RUN, Monitor, alternating_loop, symmetric_loop
 from ._sinkhorn_result import SinkhornResult
 from ._sinkhorn_schedule import epsilon_schedule, resolve_eps
-from .kernels._common import check_backend, resolve_backend
+from .kernels._dispatch import check_backend, resolve_backend
 
 __all__ = ["sinkhorn", "SinkhornResult", "epsilon_schedule"]
 

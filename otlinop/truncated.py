@@ -29,8 +29,9 @@ import torch
 
 from ._base import LinearOperator
 from ._checks import Geometry, fmt_shape, fraction, matrix, positive_int
-from .kernels._common import compute_dtype
-from .kernels.plan_truncate import ell_bilinear, ell_matmat, live_slots, plan_truncate
+from .kernels._reference import compute_dtype
+from .kernels.ell import ell_bilinear, ell_matmat, live_slots
+from .kernels.plan_truncate import plan_truncate
 from .kernels.softmin_pair import softmin_pair
 
 __all__ = ["TruncatedPlanOperator", "truncate_plan"]

@@ -37,7 +37,12 @@ from otlinop.kernels import (  # noqa: E402
     softmin_torch,
 )
 from otlinop import config  # noqa: E402
-from otlinop.kernels import _common  # noqa: E402
+from otlinop.kernels._dispatch import resolve_backend  # noqa: E402
+from otlinop.kernels._grid import SPLIT_ALIGN, column_splits, sm_count, split_plan  # noqa: E402
+from otlinop.kernels._layout import CACHE_SIZE, cached_pairs, clear_cache, dot_mode, prepare_pair  # noqa: E402
+from otlinop.kernels._reference import row_blocks  # noqa: E402
+from otlinop.kernels._tiles import LOG2E  # noqa: E402
+from otlinop.kernels._tuning import AUTOTUNE_DISK_CACHE  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -448,18 +453,16 @@ def test_bilinear_deterministic():
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def force_splits(monkeypatch):
-    """Split the columns into ``splits`` ranges of 16-aligned columns at any size."""
-    def force(splits):
-        monkeypatch.setattr(_common, "SPLIT_ALIGN", 16)
-        monkeypatch.setattr(_common, "_FORCE_SPLITS", splits)
-    return force
+def forced_splits(m, splits):
+    """The launchers' ``_splits`` hook: ``splits`` ranges of 16-aligned columns, at any size."""
+    plan = split_plan(m, splits, align=16)
+    assert column_splits(1, m, None, forced=plan) == plan and plan[0] == splits
+    return plan
 
 
 @pytest.mark.parametrize("splits", [2, 3])
 @pytest.mark.parametrize("d,B", [(3, None), (20, 2)])
-def test_column_splits_match_reference_and_unsplit(force_splits, splits, d, B):
+def test_column_splits_match_reference_and_unsplit(splits, d, B):
     n, m = 37, 70
     lead = () if B is None else (B,)
     x, y, f, g, V, log_a, log_b = _plan_inputs(n, m, d, B, 5, True)
@@ -467,17 +470,16 @@ def test_column_splits_match_reference_and_unsplit(force_splits, splits, d, B):
     a32 = [to(t, torch.float32) for t in (x, y, f, g, V, log_a, log_b, h)]
     x32, y32, f32, g32, V32, la32, lb32, h32 = a32
 
-    def run():
-        return (lse_cost(x32, y32, h32, eps=0.1, backend="triton"),
-                softmin(x32, y32, h32, eps=0.1, backend="triton"),
-                plan_apply(x32, y32, f32, g32, None, eps=0.1, log_a=la32, log_b=lb32, backend="triton"),
-                plan_apply(x32, y32, f32, g32, V32[..., 0], eps=0.1, log_a=la32, log_b=lb32, backend="triton"),
-                plan_apply(x32, y32, f32, g32, V32, eps=0.1, log_a=la32, log_b=lb32, backend="triton"))
+    def run(**hook):
+        return (lse_cost(x32, y32, h32, eps=0.1, backend="triton", **hook),
+                softmin(x32, y32, h32, eps=0.1, backend="triton", **hook),
+                plan_apply(x32, y32, f32, g32, None, eps=0.1, log_a=la32, log_b=lb32, backend="triton", **hook),
+                plan_apply(x32, y32, f32, g32, V32[..., 0], eps=0.1, log_a=la32, log_b=lb32, backend="triton",
+                           **hook),
+                plan_apply(x32, y32, f32, g32, V32, eps=0.1, log_a=la32, log_b=lb32, backend="triton", **hook))
 
     whole = run()
-    force_splits(splits)
-    assert _common.column_splits(1, m, x32.device)[0] == splits
-    parts = run()
+    parts = run(_splits=forced_splits(m, splits))
     ref_lse = lse_cost_torch(x, y, h, eps=0.1)
     assert _err_lse(parts[0], ref_lse) < tol(torch.float32)
     assert _err_lse(parts[1], -0.1 * ref_lse) < tol(torch.float32)
@@ -493,31 +495,35 @@ def test_column_splits_match_reference_and_unsplit(force_splits, splits, d, B):
 def test_split_plan_covers_the_columns():
     for m in (1, 100, 129, 10_000, 50_001):
         for want in (1, 2, 5, 64):
-            splits, cols = _common.split_plan(m, want)
-            assert 1 <= splits <= want and cols % _common.SPLIT_ALIGN == 0
+            splits, cols = split_plan(m, want)
+            assert 1 <= splits <= want and cols % SPLIT_ALIGN == 0
             assert (splits - 1) * cols < m <= splits * cols
 
 
-def test_split_rule_fills_the_gpu(monkeypatch):
-    """On a GPU the split count follows the row grid: none for a full grid."""
-    monkeypatch.setattr(_common, "_INTERPRETED", False)
-    monkeypatch.setattr(_common, "_sm_count", lambda device: 132)
-    cuda = torch.device("cuda")
-    assert _common.column_splits(400, 50_000, cuda) == (1, 50_000)
-    splits, cols = _common.column_splits(79, 10_000, cuda)     # n = 10k in 128-row tiles
+def test_split_rule_fills_the_gpu():
+    """On a GPU (here one of 132 SMs) the split count follows the row grid: none for a full grid."""
+    assert column_splits(400, 50_000, 132) == (1, 50_000)
+    splits, cols = column_splits(79, 10_000, 132)     # n = 10k in 128-row tiles
     assert splits == 4 and splits * 79 >= 264
-    assert _common.column_splits(10, 1500, cuda)[0] == 1       # too few columns to split
-    assert _common.column_splits(79, 10_000, torch.device("cpu")) == (1, 10_000)
+    assert column_splits(10, 1500, 132)[0] == 1       # too few columns to split
+    assert sm_count(torch.device("cpu")) is None      # the CPU (and the interpreter): no split
+    assert column_splits(79, 10_000, None) == (1, 10_000)
+    # The launchers' _splits hook: a count, or a plan that must cover the columns.
+    assert column_splits(79, 10_000, None, forced=3) == split_plan(10_000, 3)
+    with pytest.raises(ValueError, match="does not cover the 70 columns"):
+        column_splits(1, 70, None, forced=(2, 16))
+    with pytest.raises(ValueError, match="_splits must be a positive int"):
+        column_splits(1, 70, None, forced=0)
 
 
 @pytest.mark.parametrize("d", [1, 3, 8])
-def test_fma_and_tensor_core_paths_agree(monkeypatch, d):
+def test_fma_and_tensor_core_paths_agree(d):
     """d <= config.fma_max_d uses FMAs; the tensor-core path must give the same results."""
     x, y, f, g, V, log_a, log_b = (to(t, torch.float32) for t in _plan_inputs(37, 45, d, None, 3, True))
     out = {}
     for fma_max in (8, 0):
         with config.override(fma_max_d=fma_max):
-            assert _common.dot_mode(d, "tf32x3") == (1 if fma_max else 0)
+            assert dot_mode(d, "tf32x3") == (1 if fma_max else 0)
             out[fma_max] = (lse_cost(x, y, g, eps=0.2, backend="triton"),
                             plan_apply(x, y, f, g, V, eps=0.2, log_a=log_a, log_b=log_b, backend="triton"))
     assert _err_lse(out[0][0], out[8][0]) < tol(torch.float32)
@@ -527,25 +533,25 @@ def test_fma_and_tensor_core_paths_agree(monkeypatch, d):
 def test_prepared_pair_cache_reuse_and_invalidation():
     x, y = (to(t, torch.float32) for t in make_points(20, 30, 3))
     g = torch.zeros(30, device=DEVICE)
-    _common.clear_cache()
-    p1 = _common.prepare_pair(x, y, "tf32x3")
-    assert _common.prepare_pair(x, y, "tf32x3") is p1                        # reused
-    assert _common.prepare_pair(y, x, "tf32x3").x is p1.y                    # the transposed call shares it
+    clear_cache()
+    p1 = prepare_pair(x, y, "tf32x3")
+    assert prepare_pair(x, y, "tf32x3") is p1                        # reused
+    assert prepare_pair(y, x, "tf32x3").x is p1.y                    # the transposed call shares it
     before = lse_cost(x, y, g, eps=0.5, backend="triton")
     x.add_(1.0)                                                    # in place: the entry is stale
-    assert _common.prepare_pair(x, y, "tf32x3") is not p1
+    assert prepare_pair(x, y, "tf32x3") is not p1
     after = lse_cost(x, y, g, eps=0.5, backend="triton")
     ref = lse_cost_torch(x.double().cpu(), y.double().cpu(), g.double().cpu(), eps=0.5)
     assert _err_lse(after, ref) < tol(torch.float32)
     assert not torch.allclose(before, after)
-    size = len(_common._cache)
+    size = cached_pairs()
     del x                                                          # a freed input drops its entry
     import gc
     gc.collect()
-    assert len(_common._cache) < size
-    for _ in range(2 * _common._CACHE_SIZE):                       # the cache is bounded
-        _common.prepare_pair(torch.randn(5, 3, device=DEVICE), y, "tf32x3")
-    assert len(_common._cache) <= _common._CACHE_SIZE
+    assert cached_pairs() < size
+    for _ in range(2 * CACHE_SIZE):                                # the cache is bounded
+        prepare_pair(torch.randn(5, 3, device=DEVICE), y, "tf32x3")
+    assert cached_pairs() <= CACHE_SIZE
 
 
 def test_inference_mode_inputs():
@@ -554,10 +560,10 @@ def test_inference_mode_inputs():
         x, y = (to(t, torch.float32) for t in make_points(20, 30, 3))
         h = torch.zeros(30, device=DEVICE)
         out = lse_cost(x, y, h, eps=0.5, backend="triton")
-        before = len(_common._cache)
+        before = cached_pairs()
         x.add_(1.0)
         moved = lse_cost(x, y, h, eps=0.5, backend="triton")
-        assert len(_common._cache) == before
+        assert cached_pairs() == before
     ref = lse_cost_torch(x.double().cpu(), y.double().cpu(), h.double().cpu(), eps=0.5)
     assert _err_lse(moved, ref) < tol(torch.float32)
     assert not torch.allclose(out, moved)
@@ -566,7 +572,7 @@ def test_inference_mode_inputs():
 def test_split_precision_layout():
     """tf32x3 at small d: [x_hi, x_lo, x_hi] . [y_hi, y_hi, y_lo] in one TF32 dot."""
     x, y = (to(t, torch.float32) for t in make_points(20, 30, 3))
-    pair = _common.prepare_pair(x, y, "tf32x3")
+    pair = prepare_pair(x, y, "tf32x3")
     assert (pair.D, pair.DP, pair.PREC, pair.DOT) == (9, 16, "tf32", 0)
     hi, lo, hi2 = pair.x[0, :, 0:3], pair.x[0, :, 3:6], pair.x[0, :, 6:9]
     assert torch.equal(hi, hi2) and torch.equal(pair.y[0, :, 0:3], pair.y[0, :, 3:6])
@@ -578,20 +584,20 @@ def test_split_precision_layout():
     assert torch.equal(pair.xn[0], ((x - z) ** 2).sum(-1))
     # The swapped pair holds the same three products.
     xs, ys = pair.x[0, :, :9], pair.y[0, :, :9]
-    sw = _common.prepare_pair(y, x, "tf32x3")
+    sw = prepare_pair(y, x, "tf32x3")
     assert torch.allclose(xs @ ys.T, (sw.y[0, :, :9] @ sw.x[0, :, :9].T), rtol=0, atol=1e-6)
     # Only float32 tf32x3 at 3d <= SPLIT_MAX_K is split.
-    assert _common.prepare_pair(x, y, "tf32").D == 3
+    assert prepare_pair(x, y, "tf32").D == 3
     big = torch.randn(20, 30, device=DEVICE)
-    assert _common.prepare_pair(big, big, "tf32x3").PREC == "tf32x3"
-    assert _common.prepare_pair(x.half(), y.half(), "tf32x3").D == 3
+    assert prepare_pair(big, big, "tf32x3").PREC == "tf32x3"
+    assert prepare_pair(x.half(), y.half(), "tf32x3").D == 3
 
 
-def test_half_tf32_layout(override, monkeypatch):
+def test_half_tf32_layout(override):
     """"tf32" on fp32 points: fp16 copies scaled by a power of two, k2 rescaled to match."""
-    d = _common.HALF_TF32_MIN_D
+    d = config.half_tf32_min_d
     x, y = (to(t, torch.float32) for t in make_points(20, 30, d))
-    pair = _common.prepare_pair(x, y, "tf32")
+    pair = prepare_pair(x, y, "tf32")
     assert pair.x.dtype == pair.y.dtype == torch.float16 and pair.PREC == "tf32"
     mant, exp = math.frexp(pair.scale)
     assert mant == 0.5 and pair.scale > 1
@@ -602,23 +608,25 @@ def test_half_tf32_layout(override, monkeypatch):
     assert torch.equal(pair.x[0, :, :d], ((x - z) * pair.scale).half())
     # Norms of the rounded points (the expansion is that of the points the dots see).
     assert torch.equal(pair.xn[0], pair.x[0, :, :d].float().square().sum(-1))
-    assert pair.k2(2.0, 0.5) == pytest.approx(2.0 * _common.LOG2E / 0.5 / pair.scale ** 2, rel=1e-15)
-    assert _common.prepare_pair(y, x, "tf32").scale == pair.scale          # the transposed call
+    assert pair.k2(2.0, 0.5) == pytest.approx(2.0 * LOG2E / 0.5 / pair.scale ** 2, rel=1e-15)
+    assert prepare_pair(y, x, "tf32").scale == pair.scale          # the transposed call
     # Only fp32 "tf32" pairs are scaled; the knob off keeps fp32 operands on TF32.
-    assert _common.prepare_pair(x, y, "tf32x3").scale == 1.0
-    assert _common.prepare_pair(x.half(), y.half(), "tf32").scale == 1.0
-    assert _common.prepare_pair(x[:, :d - 1], y[:, :d - 1], "tf32").x.dtype == torch.float32   # low d
+    assert prepare_pair(x, y, "tf32x3").scale == 1.0
+    assert prepare_pair(x.half(), y.half(), "tf32").scale == 1.0
+    assert prepare_pair(x[:, :d - 1], y[:, :d - 1], "tf32").x.dtype == torch.float32   # low d
+    with config.override(half_tf32_min_d=d - 1):                           # the smallest d is a switch
+        assert prepare_pair(x[:, :d - 1], y[:, :d - 1], "tf32").x.dtype == torch.float16
     override(half_tf32=False)
-    _common.clear_cache()
-    plain = _common.prepare_pair(x, y, "tf32")
+    clear_cache()
+    plain = prepare_pair(x, y, "tf32")
     assert plain.x.dtype == torch.float32 and plain.scale == 1.0
-    _common.clear_cache()
+    clear_cache()
 
 
 @pytest.mark.parametrize("spread", [1e-7, 1e6])
 def test_half_tf32_extreme_coordinates(spread):
     """Coordinates far below and far above fp16's range keep "tf32" accuracy (the scale absorbs them)."""
-    xd, yd = make_points(40, 30, _common.HALF_TF32_MIN_D, offset=3.0)
+    xd, yd = make_points(40, 30, config.half_tf32_min_d, offset=3.0)
     xd, yd = xd * spread, yd * spread
     h = make_vec((30,))
     eps = 0.3 * spread ** 2
@@ -646,13 +654,13 @@ def test_tuned_launch_reuses_the_chosen_config():
     assert len(launch._configs) == 1
 
 
-def test_deterministic_with_splits(force_splits):
-    force_splits(3)
+def test_deterministic_with_splits():
+    hook = dict(_splits=forced_splits(70, 3))
     x, y, f, g, V, log_a, log_b = (to(t, torch.float32) for t in _plan_inputs(40, 70, 5, None, 5, True))
-    a = plan_apply(x, y, f, g, V, eps=0.1, log_a=log_a, log_b=log_b, backend="triton")
-    assert torch.equal(a, plan_apply(x, y, f, g, V, eps=0.1, log_a=log_a, log_b=log_b, backend="triton"))
-    a = lse_cost(x, y, g, eps=0.1, backend="triton")
-    assert torch.equal(a, lse_cost(x, y, g, eps=0.1, backend="triton"))
+    a = plan_apply(x, y, f, g, V, eps=0.1, log_a=log_a, log_b=log_b, backend="triton", **hook)
+    assert torch.equal(a, plan_apply(x, y, f, g, V, eps=0.1, log_a=log_a, log_b=log_b, backend="triton", **hook))
+    a = lse_cost(x, y, g, eps=0.1, backend="triton", **hook)
+    assert torch.equal(a, lse_cost(x, y, g, eps=0.1, backend="triton", **hook))
 
 
 @pytest.mark.parametrize("precision", [None, *PRECISIONS])
@@ -665,7 +673,7 @@ def test_precision_modes_accepted(precision, backend):
 
 
 def test_default_precision_is_accurate():
-    assert DEFAULT_PRECISION == "tf32x3" == _common.DEFAULT_PRECISION
+    assert DEFAULT_PRECISION == "tf32x3"
 
 
 def test_backend_dispatch(monkeypatch):
@@ -673,26 +681,26 @@ def test_backend_dispatch(monkeypatch):
     h = torch.zeros(9, dtype=torch.float64)
     # float64 on CPU: the reference, bitwise.
     assert torch.equal(lse_cost(x, y, h, eps=0.5), lse_cost_torch(x, y, h, eps=0.5))
-    assert _common.resolve_backend("f", None, x) == "torch"
-    assert _common.resolve_backend("f", None, x.float()) == ("torch" if x.device.type == "cpu" else "triton")
+    assert resolve_backend("f", None, x) == "torch"
+    assert resolve_backend("f", None, x.float()) == ("torch" if x.device.type == "cpu" else "triton")
     if CUDA:
-        assert _common.resolve_backend("f", None, x.float().cuda()) == "triton"
-        assert _common.resolve_backend("f", None, x.cuda()) == "torch"  # float64
+        assert resolve_backend("f", None, x.float().cuda()) == "triton"
+        assert resolve_backend("f", None, x.cuda()) == "torch"  # float64
     else:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
             lse_cost(x.float(), y.float(), h.float(), eps=0.5, backend="triton")
 
 
-def test_torch_reference_row_blocks(override, monkeypatch):
+def test_torch_reference_row_blocks(override):
     x, y, f, g, V, log_a, log_b = _plan_inputs(50, 33, 3, 2, 5, True)
     full = plan_apply_torch(x, y, f, g, V, eps=0.2, log_a=log_a, log_b=log_b)
-    seen = []
-    real = _common.row_blocks
-    monkeypatch.setattr(_common, "row_blocks", lambda *a, **k: seen.extend(real(*a, **k)) or iter(seen))
     override(torch_block_bytes=2 * 33 * 8 * 2 * 7)
+    # The blocks of this call: batch 2, 33 columns, float64, 2 temporaries per entry.
+    blocks = list(row_blocks(50, 33, 2, 8, temporaries=2))
+    assert len(blocks) >= 7  # 50 rows in blocks of 7 rows or fewer
+    assert [b.start for b in blocks[1:]] == [b.stop for b in blocks[:-1]] and blocks[-1].stop == 50
     blocked = plan_apply_torch(x, y, f, g, V, eps=0.2, log_a=log_a, log_b=log_b)
-    assert len(seen) >= 7  # 50 rows in blocks of 7 rows or fewer
     torch.testing.assert_close(blocked, full, rtol=1e-14, atol=1e-300)
 
 
@@ -891,7 +899,7 @@ def test_gpu_autotune_timings_kept_across_processes(tmp_path):
     import subprocess
     import sys
 
-    if not _common.AUTOTUNE_DISK_CACHE:
+    if not AUTOTUNE_DISK_CACHE:
         pytest.skip("this Triton's autotuner cannot keep its timings on disk (cache_results)")
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path))
     counts = []

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from otlinop.kernels import PRECISIONS, softmin, softmin_pair, softmin_pair_torch, softmin_self  # noqa: E402
-from otlinop.kernels import _common  # noqa: E402
+from otlinop.kernels._grid import SPLIT_ALIGN  # noqa: E402
 
 # The package re-exports the function under the module's name: fetch the module itself.
 sp = importlib.import_module("otlinop.kernels.softmin_pair")
@@ -72,13 +72,6 @@ def rel_err(out, ref):
     return ((out - ref)[fin].abs().max() / ref[fin].abs().max().clamp_min(1e-30)).item()
 
 
-@pytest.fixture
-def ranges(monkeypatch):
-    def force(r_s):
-        monkeypatch.setattr(sp, "_FORCE_RANGES", r_s)
-    return force
-
-
 CASES = [
     # n, m, d, B, ranges (R, S), eps, cost_scale, weights, zeros
     (37, 53, 3, None, (1, 1), 0.3, 1.0, True, 0),
@@ -92,8 +85,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("n,m,d,B,rs,eps,c,weights,zeros", CASES)
-def test_triton_matches_dense_float64(ranges, n, m, d, B, rs, eps, c, weights, zeros):
-    ranges(rs)
+def test_triton_matches_dense_float64(n, m, d, B, rs, eps, c, weights, zeros):
+    hook = dict(_ranges=rs)
     x, y, f, g, la, lb = make_case(n, m, d, B, zeros)
     if not weights:
         la = lb = None
@@ -101,7 +94,7 @@ def test_triton_matches_dense_float64(ranges, n, m, d, B, rs, eps, c, weights, z
     f32 = [None if t is None else t.to(DEVICE, torch.float32) for t in (x, y, f, g, la, lb)]
     precisions = ["ieee", "tf32x3"] if d <= 20 else ["tf32x3"]
     for precision in precisions:
-        sf, sg = softmin_pair(*f32, eps=eps, cost_scale=c, backend="triton", precision=precision)
+        sf, sg = softmin_pair(*f32, eps=eps, cost_scale=c, backend="triton", precision=precision, **hook)
         assert sf.shape == ref_f.shape and sg.shape == ref_g.shape
         assert sf.dtype == torch.float32
         assert rel_err(sf, ref_f) < TOL[precision], precision
@@ -119,12 +112,12 @@ def test_torch_reference_matches_dense_float64(n, m, d, B, rs, eps, c, weights, 
         assert rel_err(sg, ref_g) < 1e-12
 
 
-def test_equals_two_softmin_calls(ranges):
+def test_equals_two_softmin_calls():
     """The pair is the two soft-min updates of docs/math.md section 3, up to fp32 rounding."""
-    ranges((2, 2))
+    hook = dict(_ranges=(2, 2))
     x, y, f, g, la, lb = (t.to(DEVICE, torch.float32) for t in make_case(300, 280, 4))
     eps = 0.2
-    sf, sg = softmin_pair(x, y, f, g, la, lb, eps=eps, backend="triton")
+    sf, sg = softmin_pair(x, y, f, g, la, lb, eps=eps, backend="triton", **hook)
     rf = softmin(x, y, lb + g / eps, eps=eps, backend="triton")
     rg = softmin(y, x, la + f / eps, eps=eps, backend="triton")
     assert rel_err(sf, rf) < 3e-6
@@ -139,93 +132,90 @@ def test_views_of_one_buffer():
     assert torch.equal(out[:40], sf) and torch.equal(out[40:], sg)
 
 
-def test_deterministic(ranges):
-    ranges((3, 2))
+def test_deterministic():
+    hook = dict(_ranges=(3, 2))
     x, y, f, g, la, lb = (t.to(DEVICE, torch.float32) for t in make_case(300, 260, 6, zeros=1))
-    first = sp.softmin_pair_cat(x, y, f, g, la, lb, eps=0.1, backend="triton")
+    first = sp.softmin_pair_cat(x, y, f, g, la, lb, eps=0.1, backend="triton", **hook)
     for _ in range(2):
-        assert torch.equal(sp.softmin_pair_cat(x, y, f, g, la, lb, eps=0.1, backend="triton"), first)
+        assert torch.equal(sp.softmin_pair_cat(x, y, f, g, la, lb, eps=0.1, backend="triton", **hook), first)
 
 
-def test_ranges_do_not_change_the_result_beyond_rounding(ranges):
+def test_ranges_do_not_change_the_result_beyond_rounding():
     x, y, f, g, la, lb = (t.to(DEVICE, torch.float32) for t in make_case(300, 400, 3))
     outs = []
     for rs in [(1, 1), (2, 3), (3, 4)]:
-        ranges(rs)
-        outs.append(sp.softmin_pair_cat(x, y, f, g, la, lb, eps=0.05, backend="triton"))
+        hook = dict(_ranges=rs)
+        outs.append(sp.softmin_pair_cat(x, y, f, g, la, lb, eps=0.05, backend="triton", **hook))
     for o in outs[1:]:
         assert rel_err(o, outs[0]) < 1e-6
 
 
-def test_all_zero_weights_give_inf_not_nan(ranges):
-    ranges((2, 2))
+def test_all_zero_weights_give_inf_not_nan():
+    hook = dict(_ranges=(2, 2))
     x, y, f, g, la, lb = (t.to(DEVICE, torch.float32) for t in make_case(200, 150, 3))
     la = torch.full_like(la, -math.inf)
-    sf, sg = softmin_pair(x, y, f, g, la, lb, eps=0.3, backend="triton")
+    sf, sg = softmin_pair(x, y, f, g, la, lb, eps=0.3, backend="triton", **hook)
     assert torch.isfinite(sf).all()
     assert torch.isinf(sg).all() and (sg > 0).all()
 
 
-def test_tiny_eps_no_underflow(ranges):
+def test_tiny_eps_no_underflow():
     """Logits far below 2^-126 in every entry: the shifted sums keep them."""
-    ranges((2, 2))
+    hook = dict(_ranges=(2, 2))
     x, y, f, g, la, lb = make_case(150, 140, 3, seed=3)
     y = y + 4.0
     eps = 1e-3
     ref_f, ref_g = dense_pair(x, y, f, g, la, lb, eps, 1.0)
     sf, sg = softmin_pair(*(t.to(DEVICE, torch.float32) for t in (x, y, f, g, la, lb)), eps=eps,
-                          backend="triton", precision="ieee")
+                          backend="triton", precision="ieee", **hook)
     assert rel_err(sf, ref_f) < 3e-5 and rel_err(sg, ref_g) < 3e-5
 
 
-def test_underflowing_columns_are_recomputed_exactly(ranges, monkeypatch):
+def test_underflowing_columns_are_recomputed_exactly():
     """Columns with almost no mass under the plan (an outlier y_j, a zero weight).
 
     Their entries lie far below the column tile's shared shift: the fix-up
     merge kernel recomputes them with a per-column max. With that switched
     off those columns are not finite.
     """
-    ranges((2, 2))
+    hook = dict(_ranges=(2, 2))
     x, y, f, g, la, lb = make_case(150, 140, 3, seed=4)
     y[7] += 10.0                      # C/eps ~ 2000 above its neighbours' entries
     lb[11] = -math.inf                # a zero weight: g is still defined there
     eps = 0.05
     ref_f, ref_g = dense_pair(x, y, f, g, la, lb, eps, 1.0)
     args = [t.to(DEVICE, torch.float32) for t in (x, y, f, g, la, lb)]
-    sf, sg = softmin_pair(*args, eps=eps, backend="triton", precision="ieee")
+    sf, sg = softmin_pair(*args, eps=eps, backend="triton", precision="ieee", **hook)
     assert torch.isfinite(sg).all()
     assert rel_err(sf, ref_f) < 3e-5 and rel_err(sg, ref_g) < 3e-5
-    monkeypatch.setattr(sp, "_FIXUP", False)
-    _, sg_off = softmin_pair(*args, eps=eps, backend="triton", precision="ieee")
+    _, sg_off = softmin_pair(*args, eps=eps, backend="triton", precision="ieee", _fixup=False, **hook)
     assert not torch.isfinite(sg_off[7]) and not torch.isfinite(sg_off[11])
 
 
-def test_typical_data_flags_no_column(ranges, monkeypatch):
+def test_typical_data_flags_no_column():
     """On well-spread data no column is flagged: switching the exact
     recomputation off changes no bit."""
-    ranges((2, 3))
+    hook = dict(_ranges=(2, 3))
     args = [t.to(DEVICE, torch.float32) for t in make_case(300, 260, 5, seed=5)]
     for eps in (1.0, 0.05):
-        on = sp.softmin_pair_cat(*args, eps=eps, backend="triton")
-        with monkeypatch.context() as mp:
-            mp.setattr(sp, "_FIXUP", False)
-            off = sp.softmin_pair_cat(*args, eps=eps, backend="triton")
+        on = sp.softmin_pair_cat(*args, eps=eps, backend="triton", **hook)
+        off = sp.softmin_pair_cat(*args, eps=eps, backend="triton", _fixup=False, **hook)
         assert torch.equal(on, off)
 
 
-def test_batched_with_shared_inputs(ranges):
+def test_batched_with_shared_inputs():
     """A cloud, potential or weight without the batch dim is shared by the batch."""
-    ranges((2, 1))
+    hook = dict(_ranges=(2, 1))
     x, y, f, g, la, lb = make_case(130, 70, 3, B=2)
     x0, la0 = x[0], la[0]
     ref_f, ref_g = dense_pair(x0.expand_as(x), y, f, g, la0.expand_as(la), lb, 0.4, 1.0)
     args = [t.to(DEVICE, torch.float32) for t in (x0, y, f, g, la0, lb)]
-    sf, sg = softmin_pair(*args, eps=0.4, backend="triton")
+    sf, sg = softmin_pair(*args, eps=0.4, backend="triton", **hook)
     assert sf.shape == (2, 130) and sg.shape == (2, 70)
     assert rel_err(sf, ref_f) < 3e-5 and rel_err(sg, ref_g) < 3e-5
     for k in range(2):
         uf, ug = softmin_pair(args[0], args[1][k], args[2][k], args[3][k], args[4], args[5][k], eps=0.4,
-                              backend="triton")
+                              backend="triton", **hook)
         assert rel_err(uf, sf[k]) < 1e-6 and rel_err(ug, sg[k]) < 1e-6
 
 
@@ -258,19 +248,19 @@ def test_empty_sizes():
         assert torch.isinf(sg).all() and (sg > 0).all()
 
 
-def test_range_plan_fills_the_gpu(monkeypatch):
-    monkeypatch.setattr(_common, "interpreting", lambda: False)
-    monkeypatch.setattr(_common, "_sm_count", lambda device: 132)
-    cuda = torch.device("cuda", 0)
+def test_range_plan_fills_the_gpu():
+    """On a GPU of 132 SMs; without one (None: the CPU, the interpreter), one block."""
     for n, m, B in [(10_000, 10_000, 1), (50_000, 50_000, 1), (10_000, 40_000, 1), (10_000, 10_000, 4),
                     (1_000_000, 1_000_000, 1), (300, 300, 1)]:
-        (R, rows), (S, cols) = sp.range_plan(n, m, B, cuda)
-        assert rows % _common.SPLIT_ALIGN == 0 and cols % _common.SPLIT_ALIGN == 0
+        (R, rows), (S, cols) = sp.range_plan(n, m, B, 132)
+        assert rows % SPLIT_ALIGN == 0 and cols % SPLIT_ALIGN == 0
         assert (R - 1) * rows < n <= R * rows and (S - 1) * cols < m <= S * cols
         if n >= 10_000:
             assert R * S * B >= 132, (n, m, B, R, S)
             assert R * S * B <= 4 * 264
             assert min(rows, cols) >= sp.MIN_RANGE
+    assert sp.range_plan(10_000, 10_000, 1, None) == ((1, 10_112), (1, 10_112))
+    assert sp.range_plan(10_000, 10_000, 1, 132, forced=(2, 3)) == ((2, 5_120), (3, 3_456))
 
 
 ERRORS = [
@@ -318,50 +308,49 @@ SELF_CASES = [
 
 
 @pytest.mark.parametrize("n,d,B,T,eps,c,weights,zeros", SELF_CASES)
-def test_self_matches_dense_float64(ranges, n, d, B, T, eps, c, weights, zeros):
-    ranges((T, T))
+def test_self_matches_dense_float64(n, d, B, T, eps, c, weights, zeros):
+    hook = dict(_ranges=T)
     x, _, f, _, la, _ = make_case(n, 5, d, B, zeros)
     if not weights:
         la = None
     ref = dense_self(x, f, la, eps, c)
     args = [None if t is None else t.to(DEVICE, torch.float32) for t in (x, f, la)]
     for precision in (["ieee", "tf32x3"] if d <= 20 else ["tf32x3"]):
-        out = softmin_self(*args, eps=eps, cost_scale=c, backend="triton", precision=precision)
+        out = softmin_self(*args, eps=eps, cost_scale=c, backend="triton", precision=precision, **hook)
         assert out.shape == ref.shape and out.dtype == torch.float32
         assert rel_err(out, ref) < TOL[precision], precision
     torch_out = softmin_self(x, f, la, eps=eps, cost_scale=c, backend="torch")
     assert rel_err(torch_out, ref) < 1e-12
 
 
-def test_self_equals_softmin_and_is_deterministic(ranges):
-    ranges((3, 3))
+def test_self_equals_softmin_and_is_deterministic():
+    hook = dict(_ranges=3)
     x, _, f, _, la, _ = (t.to(DEVICE, torch.float32) for t in make_case(300, 5, 4, seed=6))
-    out = softmin_self(x, f, la, eps=0.2, backend="triton")
+    out = softmin_self(x, f, la, eps=0.2, backend="triton", **hook)
     ref = softmin(x, x, la + f / 0.2, eps=0.2, backend="triton")
     assert rel_err(out, ref) < 3e-6
     for _ in range(2):
-        assert torch.equal(softmin_self(x, f, la, eps=0.2, backend="triton"), out)
+        assert torch.equal(softmin_self(x, f, la, eps=0.2, backend="triton", **hook), out)
 
 
-def test_self_underflowing_columns_are_recomputed(ranges, monkeypatch):
+def test_self_underflowing_columns_are_recomputed():
     """Points of the second range get their sums over the first range from column
     partials: an outlier (no mass there) and a zero weight (u = -inf) are
     flagged and recomputed exactly; switched off, the zero weight is not finite."""
-    ranges((2, 2))                 # ranges [0, 128) and [128, 150)
+    hook = dict(_ranges=2)         # ranges [0, 128) and [128, 150)
     x, _, f, _, la, _ = make_case(150, 5, 3, seed=7)
     x[140] += 10.0
     la[141] = -math.inf
     eps = 0.05
     ref = dense_self(x, f, la, eps, 1.0)
     args = [t.to(DEVICE, torch.float32) for t in (x, f, la)]
-    out = softmin_self(*args, eps=eps, backend="triton", precision="ieee")
+    out = softmin_self(*args, eps=eps, backend="triton", precision="ieee", **hook)
     # The outlier's cost to itself, |x|^2 + |x|^2 - 2 x.x with |x|^2 ~ 300, loses
     # ~1e-5 to fp32 cancellation (/ eps = 0.05): softmin has the same error.
     plain = softmin(args[0], args[0], args[2] + args[1] / eps, eps=eps, backend="triton", precision="ieee")
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) <= 2 * rel_err(plain, ref) + 1e-6 and rel_err(out, ref) < 3e-4
-    monkeypatch.setattr(sp, "_FIXUP", False)
-    off = softmin_self(*args, eps=eps, backend="triton", precision="ieee")
+    off = softmin_self(*args, eps=eps, backend="triton", precision="ieee", _fixup=False, **hook)
     assert not torch.isfinite(off[141])
     assert torch.equal(off[:128], out[:128])    # the first range: row partials only, exact
 
@@ -376,15 +365,14 @@ def test_self_errors():
         softmin_self(x, torch.zeros(5), torch.zeros(3), eps=0.5)
 
 
-def test_self_range_plan_fills_the_gpu(monkeypatch):
-    monkeypatch.setattr(_common, "interpreting", lambda: False)
-    monkeypatch.setattr(_common, "_sm_count", lambda device: 132)
-    cuda = torch.device("cuda", 0)
+def test_self_range_plan_fills_the_gpu():
     for n, B in [(10_000, 1), (50_000, 1), (1_000_000, 1), (10_000, 2), (300, 1)]:
-        T, rows = sp.self_range_plan(n, B, cuda)
-        assert rows % _common.SPLIT_ALIGN == 0 and (T - 1) * rows < n <= T * rows
+        T, rows = sp.self_range_plan(n, B, 132)
+        assert rows % SPLIT_ALIGN == 0 and (T - 1) * rows < n <= T * rows
         if n >= 10_000:
             assert 132 <= T * (T + 1) // 2 * B <= 264, (n, B, T)
+    assert sp.self_range_plan(10_000, 1, None) == (1, 10_112)
+    assert sp.self_range_plan(10_000, 1, 132, forced=3) == (3, 3_456)
     blocks = sp._upper_blocks(4, torch.device("cpu"))
     assert blocks.tolist() == [[r, s] for r in range(4) for s in range(r, 4)]
 

@@ -17,7 +17,7 @@ from torch.autograd.function import once_differentiable
 from solvers import config
 
 from .._checks import backend_name, finite, operand, points, positive_scalar, precision_name, vector
-from ..kernels._common import check_backend
+from ..kernels._dispatch import check_backend
 from ..kernels.plan_apply import plan_apply
 from ..kernels.plan_bilinear import plan_bilinear
 

@@ -10,8 +10,8 @@ One file per primitive; each computes on the squared Euclidean cost
   (y, g, log_b) swapped.
 - :func:`plan_bilinear` (``plan_bilinear.py``): ``sum_j P_ij <W_i, V_j> Y_j``.
 - :func:`plan_truncate` (``plan_truncate.py``): the entries of P above a
-  threshold, in a padded sparse layout, and :func:`ell_matmat` /
-  :func:`ell_bilinear`, the products with that layout.
+  threshold, in a padded sparse layout; :func:`ell_matmat` /
+  :func:`ell_bilinear` (``ell.py``): the products with that layout.
 
 Every primitive accepts a ``backend`` (None, "triton", "torch"), unbatched
 inputs and, but for the truncation, a leading batch dim B (one kernel
@@ -19,12 +19,28 @@ launch); the streaming ones take a ``precision`` (None, "ieee", "tf32",
 "tf32x3"; None means :data:`DEFAULT_PRECISION`). The
 ``*_torch`` functions are the float64-capable references and the CPU fallback.
 Only the operators import this package.
+
+What the kernel files share lives in private modules, one idea each:
+
+- ``_dispatch.py``: the backend and the precision of a call (Triton or the
+  torch reference; ``DEFAULT_PRECISION``; whether the interpreter runs).
+- ``_layout.py``: the prepared pair of clouds the kernels read (centred,
+  padded, split or scaled) and its cache; the dot path of each dimension.
+- ``_grid.py``: the shape of a launch: device, batch strides, SM count and
+  the column splits (flash-decoding) of short row grids.
+- ``_tuning.py``: autotuning candidates, their pruning, the tuning keys and
+  launches through the chosen config.
+- ``_tiles.py``: the ``@triton.jit`` helpers every kernel calls (logits of a
+  tile, plan biases, the online log-sum-exp step).
+- ``_reference.py``: the centring and the row blocks of the torch references.
+- ``_triton.py``: ``triton`` and ``triton.language``, or stand-ins without Triton.
 """
 
-from ._common import BACKENDS, DEFAULT_PRECISION, PRECISIONS
+from ._dispatch import BACKENDS, DEFAULT_PRECISION, PRECISIONS
+from .ell import ell_bilinear, ell_matmat, ell_matmat_torch
 from .plan_apply import plan_apply, plan_apply_torch
 from .plan_bilinear import plan_bilinear, plan_bilinear_torch
-from .plan_truncate import ell_bilinear, ell_matmat, ell_matmat_torch, plan_truncate, plan_truncate_torch
+from .plan_truncate import plan_truncate, plan_truncate_torch
 from .softmin import lse_cost, lse_cost_torch, softmin, softmin_torch
 from .softmin_pair import softmin_pair, softmin_pair_torch, softmin_self
 

@@ -23,11 +23,16 @@ buffer.
 from __future__ import annotations
 
 import torch
-from ._triton import tl, triton
 
 from .._checks import finite, operand, points, positive_scalar, vector
-from . import _common
-from ._common import LOG2E, _logits, _mma, _online_step, _plan_bias, _row_setup
+from ._dispatch import resolve_backend, resolve_precision
+from ._grid import MAX_BATCH, SPLIT_ROW_TILE, batch_stride, column_splits, device_guard, sm_count, unit_last
+from ._layout import PreparedPair, prepare_pair
+from ._reference import as_batched, centred_points, compute_dtype, cost_block, row_blocks
+from ._tiles import LOG2E, mma, online_step, plan_bias, row_setup, tile_logits
+from ._triton import cdiv, tl, triton
+from ._tuning import (AUTOTUNE_DISK_CACHE, TunedLaunch, bucket, configs_or_interpreter, pick_block, pruner,
+                      tile_config)
 
 __all__ = ["plan_apply", "plan_apply_torch"]
 
@@ -38,18 +43,18 @@ _FN = "plan_apply"
 # --------------------------------------------------------------------------
 
 # Largest tile first; the last one is the safe fallback.
-_CONFIGS = _common.configs_or_interpreter([
-    # One warpgroup per program, two programs per SM (see softmin._CONFIGS),
+_CONFIGS = configs_or_interpreter([
+    # One warpgroup per program, two programs per SM (see softmin.LSE_CONFIGS),
     # for vectors on tensor cores only. H100, P @ v, device ms per call
     # against the best of the other tiles: 1.07 against 1.66 (50k, d = 3,
     # tf32x3), 1.68 against 2.88 (50k, d = 64, tf32), 0.095 against 0.139
     # (10k, d = 64, tf32).
-    _common.tile_config(64, 128, 4, 3),
-    _common.tile_config(128, 64, 4, 3),
-    _common.tile_config(128, 64, 8, 3),
-    _common.tile_config(128, 64, 8, 2),
-    _common.tile_config(64, 64, 4, 2),
-    _common.tile_config(64, 32, 4, 1),
+    tile_config(64, 128, 4, 3),
+    tile_config(128, 64, 4, 3),
+    tile_config(128, 64, 8, 3),
+    tile_config(128, 64, 8, 2),
+    tile_config(64, 64, 4, 2),
+    tile_config(64, 32, 4, 1),
 ])
 
 # Widest chunk of the columns of V per program. Wider V is split over the
@@ -61,7 +66,7 @@ _MAX_BLOCK_K = 64
 def _fits(cfg, args):
     bm, bn, w = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps
     if args["D_CHUNKS"] > 1 and cfg.num_stages > 2:
-        return False   # shared memory, see softmin._fits
+        return False   # shared memory, see softmin.lse_fits
     if bm < bn and (args["DOT"] == 1 or args["V_MODE"] == 2):
         # ptxas (Triton 3.6): 64 x 128 on 4 warps spills 400-800 bytes on the
         # FMA path and beside a (BLOCK_M, BLOCK_K) accumulator.
@@ -84,8 +89,8 @@ def _fits(cfg, args):
     # Bucketed sizes only; eps and cost_scale are runtime floats (no re-tune
     # when eps changes). Tensor dtypes are added to the key by Triton.
     key=["N_BUCKET", "M_BUCKET", "DP", "K_PAD", "DOT", "CPREC", "PREC", "SPLITS_KEY"],
-    prune_configs_by={"early_config_prune": _common.pruner(_fits)},
-    **_common.AUTOTUNE_DISK_CACHE,
+    prune_configs_by={"early_config_prune": pruner(_fits)},
+    **AUTOTUNE_DISK_CACHE,
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
 # would compile a new variant for every parity of n or m.
@@ -110,7 +115,7 @@ def _plan_apply_kernel(
     D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     DOT: tl.constexpr,
     # tl.dot precision of the cost dot (plain "tf32" for a split pair, see
-    # _common.SPLIT_MAX_K); PREC is that of every other dot.
+    # _layout.SPLIT_MAX_K); PREC is that of every other dot.
     CPREC: tl.constexpr,
     # Columns of V handled by one program (>= 16 for tl.dot).
     BLOCK_K: tl.constexpr,
@@ -136,7 +141,7 @@ def _plan_apply_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     two_k2 = 2.0 * k2
-    xc0, x0, x1, x2, x3, x4, x5, x6, x7 = _row_setup(X, rows, n, two_k2, D, DP, BLOCK_D, DOT)
+    xc0, x0, x1, x2, x3, x4, x5, x6, x7 = row_setup(X, rows, n, two_k2, D, DP, BLOCK_D, DOT)
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
 
     lo = pid_s * cols_per_split
@@ -150,10 +155,10 @@ def _plan_apply_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         # Column bias of l_ij in base 2: log2(e) (log_b_j + g_j / eps) - k2 |y_j|^2.
-        u = tl.where(col_ok, _plan_bias(G, LOG_B, YN, cols, col_ok, inv_eps2, k2, HAS_LOG_B), float("-inf"))
-        t = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, hi, two_k2,
+        u = tl.where(col_ok, plan_bias(G, LOG_B, YN, cols, col_ok, inv_eps2, k2, HAS_LOG_B), float("-inf"))
+        t = tile_logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, hi, two_k2,
                     D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, BLOCK_M, BLOCK_N)
-        M, alpha, p = _online_step(M, t)
+        M, alpha, p = online_step(M, t)
         if V_MODE == 0:
             acc = acc * alpha + tl.sum(p, axis=1)
         elif V_MODE == 1:
@@ -164,14 +169,14 @@ def _plan_apply_kernel(
             vt = tl.load(V + cols[:, None] * stride_vm + kk[None, :] * stride_vk,
                          mask=col_ok[:, None] & (kk[None, :] < k), other=0.0)
             # p is in [0, 1]: casting it to a half V is safe.
-            acc = _mma(p.to(vt.dtype), vt, acc * alpha[:, None], PREC)
+            acc = mma(p.to(vt.dtype), vt, acc * alpha[:, None], PREC)
 
     # Row factor exp(log_a_i + f_i/eps + M_i - c|x_i|^2/eps), in base 2. A row
     # with no finite logit has M = -inf and acc = 0, hence 0 (never NaN). With
     # column splits each split stores its own scaled partial product; their
     # plain sum is the result.
     row_ok = rows < n
-    scale = tl.exp2(_plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A) + M)
+    scale = tl.exp2(plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A) + M)
     if V_MODE == 2:
         out = acc * scale[:, None]
         tl.store(OUT + rows[:, None] * stride_on + kk[None, :] * stride_ok,
@@ -185,11 +190,11 @@ def _plan_apply_kernel(
 # Launcher
 # --------------------------------------------------------------------------
 
-_PLAN_LAUNCH = _common.TunedLaunch(_plan_apply_kernel)
+_PLAN_LAUNCH = TunedLaunch(_plan_apply_kernel)
 
 
 def _validate(fn, x, y, f, g, V, log_a, log_b, eps, cost_scale):
-    geo = points(fn, x, y, batch="broadcast", max_batch=_common.MAX_BATCH)
+    geo = points(fn, x, y, batch="broadcast", max_batch=MAX_BATCH)
     vector(geo, "f", f, geo.n, shared=True, wide=True)
     vector(geo, "g", g, geo.m, shared=True, wide=True)
     vector(geo, "log_a", log_a, geo.n, optional=True, shared=True, wide=True)
@@ -202,7 +207,7 @@ def _validate(fn, x, y, f, g, V, log_a, log_b, eps, cost_scale):
     return geo, eps, cost_scale
 
 
-def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precision):
+def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precision, forced_splits=None):
     vec_ndim = 2 if geo.batched else 1  # ndim of a V vector in this call
     if V is None:
         mode, k, out_shape = 0, 1, geo.shape(geo.n)
@@ -214,13 +219,13 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
     out = torch.empty(out_shape, device=geo.device, dtype=geo.dtype)
     if out.numel() == 0 or geo.m == 0:
         return out.zero_()
-    pair = _common.prepare_pair(x, y, precision)
-    f, g = _common.unit_last(f), _common.unit_last(g)
-    log_a, log_b = _common.unit_last(log_a), _common.unit_last(log_b)
-    block_k = _common.pick_block(k, _MAX_BLOCK_K, chunk_cost=64) if mode == 2 else 16
-    k_chunks = _common.cdiv(k, block_k)
-    row_programs = _common.cdiv(geo.n, _common.SPLIT_ROW_TILE) * geo.B * k_chunks
-    splits, cols = _common.column_splits(row_programs, geo.m, geo.device)
+    pair = prepare_pair(x, y, precision)
+    f, g = unit_last(f), unit_last(g)
+    log_a, log_b = unit_last(log_a), unit_last(log_b)
+    block_k = pick_block(k, _MAX_BLOCK_K, chunk_cost=64) if mode == 2 else 16
+    k_chunks = cdiv(k, block_k)
+    row_programs = cdiv(geo.n, SPLIT_ROW_TILE) * geo.B * k_chunks
+    splits, cols = column_splits(row_programs, geo.m, sm_count(geo.device), forced=forced_splits)
     # Partial products of the splits are summed in fp32 after the launch.
     target = out if splits == 1 else torch.empty((splits,) + out_shape, device=geo.device, dtype=torch.float32)
     t_out = target if splits == 1 else target[0]
@@ -240,12 +245,12 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
         o_strides = (ob, t_out.stride(-1), 0)
     s_stride = target.stride(0) if splits > 1 else 0
 
-    P = _common.PreparedPair
-    grid = lambda meta: (_common.cdiv(geo.n, meta["BLOCK_M"]), splits * k_chunks, geo.B)  # noqa: E731
-    n_b, m_b, k_b = _common.bucket(geo.n), _common.bucket(geo.m), (_common.bucket(k) if mode == 2 else mode)
+    P = PreparedPair
+    grid = lambda meta: (cdiv(geo.n, meta["BLOCK_M"]), splits * k_chunks, geo.B)  # noqa: E731
+    n_b, m_b, k_b = bucket(geo.n), bucket(geo.m), (bucket(k) if mode == 2 else mode)
     key = (n_b, m_b, k_b, pair.DP, pair.DOT, pair.PREC, precision, min(splits, 2), block_k,
            log_a is not None, log_b is not None, x.dtype, f.dtype, None if V is None else V.dtype)
-    with _common.device_guard(geo.device):
+    with device_guard(geo.device):
         _PLAN_LAUNCH(
             key, grid,
             pair.x, pair.y, pair.xn, pair.yn, f, g,
@@ -253,9 +258,9 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
             V_arg, target,
             geo.n, geo.m, k, cols,
             P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
-            _common.batch_stride(f, 1), _common.batch_stride(g, 1),
-            _common.batch_stride(log_a, 1) if log_a is not None else 0,
-            _common.batch_stride(log_b, 1) if log_b is not None else 0,
+            batch_stride(f, 1), batch_stride(g, 1),
+            batch_stride(log_a, 1) if log_a is not None else 0,
+            batch_stride(log_b, 1) if log_b is not None else 0,
             *v_strides, s_stride, *o_strides,
             pair.k2(cost_scale, eps), LOG2E / eps,
             n_b, m_b, k_b, min(splits, 2),
@@ -269,7 +274,7 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
 
 
 def plan_apply(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_scale=1.0,
-               backend=None, precision=None):
+               backend=None, precision=None, _splits=None):
     r"""Streaming product ``P @ V`` of the entropic plan with a vector or a matrix.
 
     Parameters
@@ -311,6 +316,12 @@ def plan_apply(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_scale=1.
         Shape (n,) for V None or a vector, (n, k) for a matrix; with a leading
         B when batched. A row with no nonzero weight gives 0.
 
+    Other Parameters
+    ----------------
+    _splits : int or (int, int), optional
+        Test and profiling hook: the column split of the Triton launch, forced
+        (as in :func:`otlinop.kernels.lse_cost`). The torch backend ignores it.
+
     Raises
     ------
     ValueError
@@ -337,10 +348,10 @@ def plan_apply(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_scale=1.
     torch.Size([5, 3])
     """
     geo, eps, cost_scale = _validate(_FN, x, y, f, g, V, log_a, log_b, eps, cost_scale)
-    precision = _common.resolve_precision(_FN, precision)
-    if _common.resolve_backend(_FN, backend, x) == "torch":
+    precision = resolve_precision(_FN, precision)
+    if resolve_backend(_FN, backend, x) == "torch":
         return _plan_apply_torch(x, y, f, g, V, log_a, log_b, eps, cost_scale)
-    return _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precision)
+    return _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precision, _splits)
 
 
 # --------------------------------------------------------------------------
@@ -349,19 +360,19 @@ def plan_apply(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_scale=1.
 
 
 def _plan_apply_torch(x, y, f, g, V, log_a, log_b, eps, cost_scale):
-    dtype = _common.compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype)
     batched = x.ndim == 3 or y.ndim == 3
-    xc, yc, xn, yn = _common.centred_points(x, y, dtype)
-    f3, g3 = _common.as_batched(f, 1).to(dtype), _common.as_batched(g, 1).to(dtype)
+    xc, yc, xn, yn = centred_points(x, y, dtype)
+    f3, g3 = as_batched(f, 1).to(dtype), as_batched(g, 1).to(dtype)
     col = g3 / eps
     if log_b is not None:
-        col = col + _common.as_batched(log_b, 1).to(dtype)
+        col = col + as_batched(log_b, 1).to(dtype)
     row = f3 / eps
     if log_a is not None:
-        row = row + _common.as_batched(log_a, 1).to(dtype)
+        row = row + as_batched(log_a, 1).to(dtype)
     vector = V is None or V.ndim == (2 if batched else 1)
     if V is not None:
-        V3 = _common.as_batched(V, 2 if batched else 1).to(dtype)
+        V3 = as_batched(V, 2 if batched else 1).to(dtype)
         V3 = V3.unsqueeze(-1) if vector else V3  # (Bv, m, k)
     B = max(xc.shape[0], yc.shape[0], f3.shape[0], g3.shape[0])
     n, m = xc.shape[1], yc.shape[1]
@@ -369,9 +380,9 @@ def _plan_apply_torch(x, y, f, g, V, log_a, log_b, eps, cost_scale):
     out = torch.zeros((B, n, k), device=x.device, dtype=dtype)
     if m == 0:
         return _finish(out, batched, vector, x.dtype)
-    for rows in _common.row_blocks(n, m, B, out.element_size(), temporaries=2):
+    for rows in row_blocks(n, m, B, out.element_size(), temporaries=2):
         # l_ij = log_b_j + (g_j - C_ij) / eps, built in place in the cost block.
-        logits = _common.cost_block(xc, yc, xn, yn, rows, cost_scale).div_(-eps).add_(col[:, None, :])
+        logits = cost_block(xc, yc, xn, yn, rows, cost_scale).div_(-eps).add_(col[:, None, :])
         M = logits.amax(dim=-1, keepdim=True)
         # A row without a finite logit shifts by 0: exp(-inf) = 0, no NaN.
         M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))

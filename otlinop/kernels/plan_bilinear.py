@@ -22,11 +22,16 @@ Cost: time O(n m (d + k + e)) (n m exponentials per chunk of Y, 2 n m
 from __future__ import annotations
 
 import torch
-from ._triton import tl, triton
 
 from .._checks import finite, matrix, points, positive_scalar, vector
-from . import _common
-from ._common import LOG2E, _logits, _mma, _online_step, _plan_bias, _row_setup
+from ._dispatch import resolve_backend, resolve_precision
+from ._grid import MAX_BATCH, batch_stride, device_guard, unit_last
+from ._layout import PreparedPair, prepare_pair
+from ._reference import as_batched, centred_points, compute_dtype, cost_block, row_blocks
+from ._tiles import LOG2E, mma, online_step, plan_bias, row_setup, tile_logits
+from ._triton import cdiv, tl, triton
+from ._tuning import (AUTOTUNE_DISK_CACHE, TunedLaunch, bucket, configs_or_interpreter, pick_block, pruner,
+                      tile_config)
 
 __all__ = ["plan_bilinear", "plan_bilinear_torch"]
 
@@ -39,10 +44,10 @@ _FN = "plan_bilinear"
 # Largest tile first; the last one is the safe fallback. The kernel keeps
 # more tiles alive than the others (logits, S = W V^T, accumulator), hence
 # smaller tiles.
-_CONFIGS = _common.configs_or_interpreter([
-    _common.tile_config(128, 64, 8, 2),
-    _common.tile_config(64, 64, 4, 2),
-    _common.tile_config(64, 32, 4, 2),
+_CONFIGS = configs_or_interpreter([
+    tile_config(128, 64, 8, 2),
+    tile_config(64, 64, 4, 2),
+    tile_config(64, 32, 4, 2),
 ])
 
 _MAX_BLOCK_K = 64   # chunk of the k columns of W and V (looped in the kernel)
@@ -66,8 +71,8 @@ def _fits(cfg, args):
     configs=_CONFIGS,
     # Bucketed sizes only; eps and cost_scale are runtime floats.
     key=["N_BUCKET", "M_BUCKET", "DP", "K_PAD", "E_PAD", "DOT", "CPREC", "PREC"],
-    prune_configs_by={"early_config_prune": _common.pruner(_fits)},
-    **_common.AUTOTUNE_DISK_CACHE,
+    prune_configs_by={"early_config_prune": pruner(_fits)},
+    **AUTOTUNE_DISK_CACHE,
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
 # would compile a new variant for every parity of n or m.
@@ -89,7 +94,7 @@ def _plan_bilinear_kernel(
     D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     DOT: tl.constexpr,
     # tl.dot precision of the cost dot (plain "tf32" for a split pair, see
-    # _common.SPLIT_MAX_K); PREC is that of every other dot.
+    # _layout.SPLIT_MAX_K); PREC is that of every other dot.
     CPREC: tl.constexpr,
     # Chunks of k and e (>= 16 for tl.dot, powers of two) and trip counts.
     BLOCK_K: tl.constexpr, K_CHUNKS: tl.constexpr,
@@ -116,7 +121,7 @@ def _plan_bilinear_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n
     two_k2 = 2.0 * k2
-    xc0, x0, x1, x2, x3, x4, x5, x6, x7 = _row_setup(X, rows, n, two_k2, D, DP, BLOCK_D, DOT)
+    xc0, x0, x1, x2, x3, x4, x5, x6, x7 = row_setup(X, rows, n, two_k2, D, DP, BLOCK_D, DOT)
     kk = tl.arange(0, BLOCK_K)
     ee = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     # First chunk of W stays resident, like the first chunk of x.
@@ -128,29 +133,29 @@ def _plan_bilinear_kernel(
     for start in range(0, m, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < m
-        u = tl.where(col_ok, _plan_bias(G, LOG_B, YN, cols, col_ok, inv_eps2, k2, HAS_LOG_B), float("-inf"))
-        t = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, m, two_k2,
+        u = tl.where(col_ok, plan_bias(G, LOG_B, YN, cols, col_ok, inv_eps2, k2, HAS_LOG_B), float("-inf"))
+        t = tile_logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, m, two_k2,
                     D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, BLOCK_M, BLOCK_N)
-        M, alpha, p = _online_step(M, t)
+        M, alpha, p = online_step(M, t)
 
         # S_ij = <W_i, V_j>; masked rows/columns load 0 (never garbage: 0 * NaN).
         v0 = tl.load(V + cols[:, None] * stride_vm + kk[None, :] * stride_vk,
                      mask=col_ok[:, None] & (kk[None, :] < k), other=0.0)
-        s = _mma(w0, tl.trans(v0), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC)
+        s = mma(w0, tl.trans(v0), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC)
         for c in range(1, K_CHUNKS):
             kc = c * BLOCK_K + kk
             wc = tl.load(W + rows[:, None] * stride_wn + kc[None, :] * stride_wk,
                          mask=row_ok[:, None] & (kc[None, :] < k), other=0.0)
             vc = tl.load(V + cols[:, None] * stride_vm + kc[None, :] * stride_vk,
                          mask=col_ok[:, None] & (kc[None, :] < k), other=0.0)
-            s = _mma(wc, tl.trans(vc), s, PREC)
+            s = mma(wc, tl.trans(vc), s, PREC)
 
         # p * S is signed and unbounded: keep it (and the Z tile) in fp32.
         zt = tl.load(Z + cols[:, None] * stride_zm + ee[None, :] * stride_ze,
                      mask=col_ok[:, None] & (ee[None, :] < e), other=0.0).to(tl.float32)
-        acc = _mma(p * s, zt, acc * alpha[:, None], PREC)
+        acc = mma(p * s, zt, acc * alpha[:, None], PREC)
 
-    out = acc * tl.exp2(_plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A) + M)[:, None]
+    out = acc * tl.exp2(plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A) + M)[:, None]
     tl.store(OUT + rows[:, None] * stride_on + ee[None, :] * stride_oe,
              out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (ee[None, :] < e))
 
@@ -159,11 +164,11 @@ def _plan_bilinear_kernel(
 # Launcher
 # --------------------------------------------------------------------------
 
-_BILINEAR_LAUNCH = _common.TunedLaunch(_plan_bilinear_kernel)
+_BILINEAR_LAUNCH = TunedLaunch(_plan_bilinear_kernel)
 
 
 def _validate(fn, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale):
-    geo = points(fn, x, y, batch="broadcast", max_batch=_common.MAX_BATCH)
+    geo = points(fn, x, y, batch="broadcast", max_batch=MAX_BATCH)
     vector(geo, "f", f, geo.n, shared=True, wide=True)
     vector(geo, "g", g, geo.m, shared=True, wide=True)
     vector(geo, "log_a", log_a, geo.n, optional=True, shared=True, wide=True)
@@ -186,19 +191,19 @@ def _plan_bilinear_triton(geo, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scal
     if W.dtype != V.dtype:
         # One dot operand dtype: promote the half one (an O((n + m) k) copy).
         W, V = W.float(), V.float()
-    pair = _common.prepare_pair(x, y, precision)
-    f, g = _common.unit_last(f), _common.unit_last(g)
-    log_a, log_b = _common.unit_last(log_a), _common.unit_last(log_b)
-    block_k = _common.pick_block(k, _MAX_BLOCK_K, chunk_cost=16)
-    block_e = _common.pick_block(e, _MAX_BLOCK_E, chunk_cost=64)
+    pair = prepare_pair(x, y, precision)
+    f, g = unit_last(f), unit_last(g)
+    log_a, log_b = unit_last(log_a), unit_last(log_b)
+    block_k = pick_block(k, _MAX_BLOCK_K, chunk_cost=16)
+    block_e = pick_block(e, _MAX_BLOCK_E, chunk_cost=64)
     ob = out.stride(0) if geo.batched else 0
 
-    P = _common.PreparedPair
-    grid = lambda meta: (_common.cdiv(geo.n, meta["BLOCK_M"]), _common.cdiv(e, block_e), geo.B)  # noqa: E731
-    n_b, m_b, k_b, e_b = _common.bucket(geo.n), _common.bucket(geo.m), _common.bucket(k), _common.bucket(e)
+    P = PreparedPair
+    grid = lambda meta: (cdiv(geo.n, meta["BLOCK_M"]), cdiv(e, block_e), geo.B)  # noqa: E731
+    n_b, m_b, k_b, e_b = bucket(geo.n), bucket(geo.m), bucket(k), bucket(e)
     key = (n_b, m_b, k_b, e_b, pair.DP, pair.DOT, pair.PREC, precision, block_k, block_e,
            log_a is not None, log_b is not None, x.dtype, f.dtype, W.dtype, Y.dtype)
-    with _common.device_guard(geo.device):
+    with device_guard(geo.device):
         _BILINEAR_LAUNCH(
             key, grid,
             pair.x, pair.y, pair.xn, pair.yn, f, g,
@@ -206,19 +211,19 @@ def _plan_bilinear_triton(geo, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scal
             W, V, Y, out,
             geo.n, geo.m, k, e,
             P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
-            _common.batch_stride(f, 1), _common.batch_stride(g, 1),
-            _common.batch_stride(log_a, 1) if log_a is not None else 0,
-            _common.batch_stride(log_b, 1) if log_b is not None else 0,
-            _common.batch_stride(W, 2), W.stride(-2), W.stride(-1),
-            _common.batch_stride(V, 2), V.stride(-2), V.stride(-1),
-            _common.batch_stride(Y, 2), Y.stride(-2), Y.stride(-1),
+            batch_stride(f, 1), batch_stride(g, 1),
+            batch_stride(log_a, 1) if log_a is not None else 0,
+            batch_stride(log_b, 1) if log_b is not None else 0,
+            batch_stride(W, 2), W.stride(-2), W.stride(-1),
+            batch_stride(V, 2), V.stride(-2), V.stride(-1),
+            batch_stride(Y, 2), Y.stride(-2), Y.stride(-1),
             ob, out.stride(-2), out.stride(-1),
             pair.k2(cost_scale, eps), LOG2E / eps,
             n_b, m_b, k_b, e_b,
             HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None,
             D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
             DOT=pair.DOT, CPREC=pair.PREC,
-            BLOCK_K=block_k, K_CHUNKS=_common.cdiv(k, block_k), BLOCK_E=block_e,
+            BLOCK_K=block_k, K_CHUNKS=cdiv(k, block_k), BLOCK_E=block_e,
             PREC=precision,
         )
     return out
@@ -292,8 +297,8 @@ def plan_bilinear(x, y, f, g, W, V, Y, *, eps, log_a=None, log_b=None, cost_scal
     torch.Size([5, 2])
     """
     geo, eps, cost_scale = _validate(_FN, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale)
-    precision = _common.resolve_precision(_FN, precision)
-    if _common.resolve_backend(_FN, backend, x) == "torch":
+    precision = resolve_precision(_FN, precision)
+    if resolve_backend(_FN, backend, x) == "torch":
         return _plan_bilinear_torch(x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale)
     return _plan_bilinear_triton(geo, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale, precision)
 
@@ -304,23 +309,23 @@ def plan_bilinear(x, y, f, g, W, V, Y, *, eps, log_a=None, log_b=None, cost_scal
 
 
 def _plan_bilinear_torch(x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale):
-    dtype = _common.compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype)
     batched = x.ndim == 3 or y.ndim == 3
-    xc, yc, xn, yn = _common.centred_points(x, y, dtype)
-    col = _common.as_batched(g, 1).to(dtype) / eps
+    xc, yc, xn, yn = centred_points(x, y, dtype)
+    col = as_batched(g, 1).to(dtype) / eps
     if log_b is not None:
-        col = col + _common.as_batched(log_b, 1).to(dtype)
-    row = _common.as_batched(f, 1).to(dtype) / eps
+        col = col + as_batched(log_b, 1).to(dtype)
+    row = as_batched(f, 1).to(dtype) / eps
     if log_a is not None:
-        row = row + _common.as_batched(log_a, 1).to(dtype)
-    W3, V3, Y3 = (_common.as_batched(t, 2).to(dtype) for t in (W, V, Y))
+        row = row + as_batched(log_a, 1).to(dtype)
+    W3, V3, Y3 = (as_batched(t, 2).to(dtype) for t in (W, V, Y))
     B = max(xc.shape[0], yc.shape[0])
     n, m, e = xc.shape[1], yc.shape[1], Y.shape[-1]
     out = torch.zeros((B, n, e), device=x.device, dtype=dtype)
     if m == 0:
         return (out if batched else out[0]).to(x.dtype)
-    for rows in _common.row_blocks(n, m, B, out.element_size(), temporaries=3):
-        logits = _common.cost_block(xc, yc, xn, yn, rows, cost_scale).div_(-eps).add_(col[:, None, :])
+    for rows in row_blocks(n, m, B, out.element_size(), temporaries=3):
+        logits = cost_block(xc, yc, xn, yn, rows, cost_scale).div_(-eps).add_(col[:, None, :])
         M = logits.amax(dim=-1, keepdim=True)
         M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
         q = logits.sub_(M).exp_().mul_(torch.matmul(W3[:, rows], V3.transpose(-1, -2)))

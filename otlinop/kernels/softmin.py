@@ -12,7 +12,7 @@ exponentials (docs/math.md section 2). The dots x_i . y_j run on tensor cores
 exponentials run in base 2 (``exp2``), with every constant folded into
 per-column biases so that the inner loop costs the dot, one max and one exp2
 per entry. The clouds are centred, padded and their squared norms computed
-once per pair of clouds (``_common.prepare_pair``, reused across calls). When
+once per pair of clouds (``_layout.prepare_pair``, reused across calls). When
 the row tiles alone would leave SMs idle, the columns are split over the grid
 and the partial sums merged by a second light kernel (flash-decoding).
 
@@ -27,17 +27,15 @@ n x m buffer.
 from __future__ import annotations
 
 import torch
-from ._triton import tl, triton
 
 from .._checks import finite, points, positive_scalar, vector
-from . import _common
-from ._common import (
-    LN2,
-    _LOG2E,
-    _logits,
-    _online_step,
-    _row_setup,
-)
+from ._dispatch import interpreting, resolve_backend, resolve_precision
+from ._grid import MAX_BATCH, SPLIT_ROW_TILE, batch_stride, column_splits, device_guard, sm_count, unit_last
+from ._layout import PreparedPair, prepare_pair
+from ._reference import as_batched, centred_points, compute_dtype, cost_block, row_blocks
+from ._tiles import LN2, TL_LOG2E, online_step, row_setup, tile_logits
+from ._triton import cdiv, tl, triton
+from ._tuning import AUTOTUNE_DISK_CACHE, TunedLaunch, bucket, configs_or_interpreter, pruner, tile_config
 
 __all__ = ["lse_cost", "softmin", "lse_cost_torch", "softmin_torch"]
 
@@ -51,23 +49,23 @@ _FN_SOFTMIN = "softmin"
 # Largest tile first; the last one is the safe fallback. 128 x 64-128 tiles
 # suit an exp-bound loop (FlashAttention's choice); 64 x 64 keeps every SM busy
 # for smaller n.
-_CONFIGS = _common.configs_or_interpreter([
-    _common.tile_config(128, 128, 8, 2),
+LSE_CONFIGS = configs_or_interpreter([
+    tile_config(128, 128, 8, 2),
     # One warpgroup per program, two programs per SM that do not wait on each
     # other's barriers. H100, n = m = 50k, device ms per call against the best
     # of the other tiles: softmin 1.05 against 1.31 (d = 3, tf32x3) and 1.88
     # against 2.15 (d = 64, tf32); softmin_pair 1.35 against 1.52 and 2.01
     # against 2.47 (128 x 128 on 8 warps).
-    _common.tile_config(64, 128, 4, 2),
-    _common.tile_config(128, 64, 4, 3),
-    _common.tile_config(128, 64, 8, 3),
-    _common.tile_config(128, 64, 4, 2),
-    _common.tile_config(64, 64, 4, 2),
-    _common.tile_config(64, 32, 4, 1),
+    tile_config(64, 128, 4, 2),
+    tile_config(128, 64, 4, 3),
+    tile_config(128, 64, 8, 3),
+    tile_config(128, 64, 4, 2),
+    tile_config(64, 64, 4, 2),
+    tile_config(64, 32, 4, 1),
 ])
 
 
-def _fits(cfg, args):
+def lse_fits(cfg, args):
     bm, bn, w = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps
     if args["DOT"] == 1:
         # FMA path: no operand staging in shared memory; a 128 x 128 fp32 tile
@@ -92,13 +90,13 @@ def _fits(cfg, args):
 
 
 @triton.autotune(
-    configs=_CONFIGS,
+    configs=LSE_CONFIGS,
     # Bucketed sizes, never raw n or m (one tuning per power of two), and no
     # eps / cost_scale: they are runtime floats, so eps-scaling never re-tunes
     # nor recompiles. Tensor dtypes are added to the key by Triton.
     key=["N_BUCKET", "M_BUCKET", "DP", "DOT", "CPREC", "SPLITS_KEY"],
-    prune_configs_by={"early_config_prune": _common.pruner(_fits)},
-    **_common.AUTOTUNE_DISK_CACHE,
+    prune_configs_by={"early_config_prune": pruner(lse_fits)},
+    **AUTOTUNE_DISK_CACHE,
 )
 # Sizes are loop bounds and masks only: specialising on them (== 1, % 16)
 # would compile a new variant for every parity of n or m.
@@ -115,7 +113,7 @@ def _lse_kernel(
     D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     DOT: tl.constexpr,
     # tl.dot precision of the cost dot, the only dot here: the user's precision,
-    # or plain "tf32" for a split pair (see _common.SPLIT_MAX_K).
+    # or plain "tf32" for a split pair (see _layout.SPLIT_MAX_K).
     CPREC: tl.constexpr,
     # True: this program reduces one split of the columns and stores the
     # partial log2-sum-exp (merged by _lse_merge_kernel).
@@ -138,7 +136,7 @@ def _lse_kernel(
     # In base 2: h_j log2(e) - k2 (|x_i|^2 + |y_j|^2 - 2 x_i.y_j). The row term
     # -k2 |x_i|^2 is constant along the stream and is added once at the end.
     two_k2 = 2.0 * k2
-    xc0, x0, x1, x2, x3, x4, x5, x6, x7 = _row_setup(X, rows, n, two_k2, D, DP, BLOCK_D, DOT)
+    xc0, x0, x1, x2, x3, x4, x5, x6, x7 = row_setup(X, rows, n, two_k2, D, DP, BLOCK_D, DOT)
 
     lo = pid_s * cols_per_split
     hi = tl.minimum(lo + cols_per_split, m)
@@ -150,10 +148,10 @@ def _lse_kernel(
         # Columns past the split load h = -inf: they drop out of the max and the sum.
         h = tl.load(H + cols, mask=col_ok, other=float("-inf")).to(tl.float32)
         yn = tl.load(YN + cols, mask=col_ok, other=0.0)
-        u = h * _LOG2E - k2 * yn
-        t = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, hi, two_k2,
+        u = h * TL_LOG2E - k2 * yn
+        t = tile_logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, u, n, hi, two_k2,
                     D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, BLOCK_M, BLOCK_N)
-        M, alpha, p = _online_step(M, t)
+        M, alpha, p = online_step(M, t)
         S = S * alpha + tl.sum(p, axis=1)
 
     row_ok = rows < n
@@ -191,11 +189,11 @@ def _lse_merge_kernel(PART, XN, OUT, n, splits, stride_ps, stride_pb, stride_xnb
 # Launchers
 # --------------------------------------------------------------------------
 
-_LSE_LAUNCH = _common.TunedLaunch(_lse_kernel)
+_LSE_LAUNCH = TunedLaunch(_lse_kernel)
 
 
 def _validate(fn, x, y, h, eps, cost_scale):
-    geo = points(fn, x, y, batch="broadcast", max_batch=_common.MAX_BATCH)
+    geo = points(fn, x, y, batch="broadcast", max_batch=MAX_BATCH)
     vector(geo, "h", h, geo.m, shared=True, wide=True)
     eps = positive_scalar(fn, "eps", eps)
     cost_scale = positive_scalar(fn, "cost_scale", cost_scale)
@@ -203,47 +201,48 @@ def _validate(fn, x, y, h, eps, cost_scale):
     return geo, eps, cost_scale
 
 
-def _lse_triton(geo, x, y, h, eps, cost_scale, precision, out_scale):
+def _lse_triton(geo, x, y, h, eps, cost_scale, precision, out_scale, forced_splits=None):
     out = torch.empty(geo.shape(geo.n), device=geo.device, dtype=geo.dtype)
     if geo.n == 0 or geo.m == 0:
         return out.fill_(float("-inf") * (1.0 if out_scale > 0 else -1.0))
-    pair = _common.prepare_pair(x, y, precision)
-    h = _common.unit_last(h)
+    pair = prepare_pair(x, y, precision)
+    h = unit_last(h)
     k2 = pair.k2(cost_scale, eps)
-    splits, cols = _common.column_splits(_common.cdiv(geo.n, _common.SPLIT_ROW_TILE) * geo.B, geo.m, geo.device)
+    splits, cols = column_splits(cdiv(geo.n, SPLIT_ROW_TILE) * geo.B, geo.m, sm_count(geo.device),
+                                 forced=forced_splits)
     if splits > 1:
         target = torch.empty((splits, geo.B, geo.n), device=geo.device, dtype=torch.float32)
         t_strides = (target.stride(1), target.stride(0))
     else:
         target = out
-        t_strides = (_common.batch_stride(out, 1), 0)
-    grid = lambda meta: (_common.cdiv(geo.n, meta["BLOCK_M"]), splits, geo.B)  # noqa: E731
-    P = _common.PreparedPair
-    n_b, m_b = _common.bucket(geo.n), _common.bucket(geo.m)
-    with _common.device_guard(geo.device):
+        t_strides = (batch_stride(out, 1), 0)
+    grid = lambda meta: (cdiv(geo.n, meta["BLOCK_M"]), splits, geo.B)  # noqa: E731
+    P = PreparedPair
+    n_b, m_b = bucket(geo.n), bucket(geo.m)
+    with device_guard(geo.device):
         key = (n_b, m_b, pair.DP, pair.D, pair.DOT, pair.PREC, min(splits, 2), x.dtype, h.dtype)
         _LSE_LAUNCH(
             key, grid,
             pair.x, pair.y, pair.xn, pair.yn, h, target,
             geo.n, geo.m, cols,
             P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
-            _common.batch_stride(h, 1), *t_strides,
+            batch_stride(h, 1), *t_strides,
             k2, out_scale,
             n_b, m_b, min(splits, 2),
             D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
             DOT=pair.DOT, CPREC=pair.PREC, SPLIT=splits > 1,
         )
         if splits > 1:
-            block = 256 if not _common.interpreting() else 32
-            _lse_merge_kernel[(_common.cdiv(geo.n, block), geo.B)](
+            block = 256 if not interpreting() else 32
+            _lse_merge_kernel[(cdiv(geo.n, block), geo.B)](
                 target, pair.xn, out, geo.n, splits,
-                target.stride(0), target.stride(1), P.bstride(pair.xn), _common.batch_stride(out, 1),
+                target.stride(0), target.stride(1), P.bstride(pair.xn), batch_stride(out, 1),
                 k2, out_scale, BLOCK=block,
             )
     return out
 
 
-def lse_cost(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None):
+def lse_cost(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None, _splits=None):
     r"""Streaming log-sum-exp of ``h_j - C_ij / eps`` over the columns.
 
     Parameters
@@ -274,6 +273,13 @@ def lse_cost(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None):
         Computed in fp32 by the Triton kernels (float64 by the reference for
         float64 inputs). A row whose terms are all ``-inf`` gives ``-inf``.
 
+    Other Parameters
+    ----------------
+    _splits : int or (int, int), optional
+        Test and profiling hook: the column split of the Triton launch, forced
+        (a split count, or a ``(splits, cols_per_split)`` plan; see
+        ``_grid.column_splits``). The torch backend ignores it.
+
     Raises
     ------
     ValueError
@@ -301,13 +307,13 @@ def lse_cost(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None):
     torch.Size([5])
     """
     geo, eps, cost_scale = _validate(_FN_LSE, x, y, h, eps, cost_scale)
-    precision = _common.resolve_precision(_FN_LSE, precision)
-    if _common.resolve_backend(_FN_LSE, backend, x) == "torch":
-        return _lse_torch(x, y, h, eps, cost_scale)
-    return _lse_triton(geo, x, y, h, eps, cost_scale, precision, LN2)
+    precision = resolve_precision(_FN_LSE, precision)
+    if resolve_backend(_FN_LSE, backend, x) == "torch":
+        return lse_torch(x, y, h, eps, cost_scale)
+    return _lse_triton(geo, x, y, h, eps, cost_scale, precision, LN2, _splits)
 
 
-def softmin(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None):
+def softmin(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None, _splits=None):
     r"""Entropic soft-minimum ``-eps * lse_cost(x, y, h)``: the Sinkhorn update.
 
     Parameters
@@ -319,6 +325,11 @@ def softmin(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None):
     -------
     Tensor, shape (n,) or (B, n), dtype of ``x``
         ``+inf`` on a row whose terms are all ``-inf``.
+
+    Other Parameters
+    ----------------
+    _splits
+        As in :func:`lse_cost`.
 
     Raises
     ------
@@ -342,10 +353,10 @@ def softmin(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None):
     >>> f = softmin(x, y, log_b, eps=0.1)  # one half Sinkhorn step from g = 0
     """
     geo, eps, cost_scale = _validate(_FN_SOFTMIN, x, y, h, eps, cost_scale)
-    precision = _common.resolve_precision(_FN_SOFTMIN, precision)
-    if _common.resolve_backend(_FN_SOFTMIN, backend, x) == "torch":
-        return -eps * _lse_torch(x, y, h, eps, cost_scale)
-    return _lse_triton(geo, x, y, h, eps, cost_scale, precision, -eps * LN2)
+    precision = resolve_precision(_FN_SOFTMIN, precision)
+    if resolve_backend(_FN_SOFTMIN, backend, x) == "torch":
+        return -eps * lse_torch(x, y, h, eps, cost_scale)
+    return _lse_triton(geo, x, y, h, eps, cost_scale, precision, -eps * LN2, _splits)
 
 
 # --------------------------------------------------------------------------
@@ -353,18 +364,19 @@ def softmin(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None):
 # --------------------------------------------------------------------------
 
 
-def _lse_torch(x, y, h, eps, cost_scale):
-    dtype = _common.compute_dtype(x.dtype)
-    xc, yc, xn, yn = _common.centred_points(x, y, dtype)
-    h3 = _common.as_batched(h, 1).to(dtype)
+def lse_torch(x, y, h, eps, cost_scale):
+    """:func:`lse_cost_torch` without the checks: (n,) or (B, n), dtype of ``x`` (softmin_pair's reference too)."""
+    dtype = compute_dtype(x.dtype)
+    xc, yc, xn, yn = centred_points(x, y, dtype)
+    h3 = as_batched(h, 1).to(dtype)
     B = max(xc.shape[0], yc.shape[0], h3.shape[0])
     n, m = xc.shape[1], yc.shape[1]
     out = torch.empty((B, n), device=x.device, dtype=dtype)
     if m == 0:
         out.fill_(float("-inf"))
     # logsumexp allocates about two more (B, rows, m) temporaries.
-    for rows in _common.row_blocks(n, m, B, out.element_size(), temporaries=3):
-        logits = _common.cost_block(xc, yc, xn, yn, rows, cost_scale).div_(-eps).add_(h3[:, None, :])
+    for rows in row_blocks(n, m, B, out.element_size(), temporaries=3):
+        logits = cost_block(xc, yc, xn, yn, rows, cost_scale).div_(-eps).add_(h3[:, None, :])
         out[:, rows] = torch.logsumexp(logits, dim=-1)
     if not (x.ndim == 3 or y.ndim == 3):
         out = out[0]
@@ -387,10 +399,10 @@ def lse_cost_torch(x, y, h, *, eps, cost_scale=1.0):
     torch.Size([5])
     """
     _, eps, cost_scale = _validate("lse_cost_torch", x, y, h, eps, cost_scale)
-    return _lse_torch(x, y, h, eps, cost_scale)
+    return lse_torch(x, y, h, eps, cost_scale)
 
 
 def softmin_torch(x, y, h, *, eps, cost_scale=1.0):
     """Torch reference of :func:`softmin`: ``-eps * lse_cost_torch(...)``."""
     _, eps, cost_scale = _validate("softmin_torch", x, y, h, eps, cost_scale)
-    return -eps * _lse_torch(x, y, h, eps, cost_scale)
+    return -eps * lse_torch(x, y, h, eps, cost_scale)

@@ -46,12 +46,15 @@ import functools
 import math
 
 import torch
-from ._triton import tl, triton
 
 from .._checks import Geometry, finite, points, positive_scalar, vector
-from . import _common
-from ._common import LN2, LOG2E, _logits, _mma, _online_step, _plan_bias, _row_setup, _store_in_place
-from .softmin import _CONFIGS, _fits, _lse_torch
+from ._dispatch import interpreting, resolve_backend, resolve_precision
+from ._grid import MAX_BATCH, PROGRAMS_PER_SM, batch_stride, device_guard, sm_count, split_plan, unit_last
+from ._layout import PreparedPair, prepare_pair
+from ._tiles import LN2, LOG2E, mma, online_step, plan_bias, row_setup, store_in_place, tile_logits
+from ._triton import cdiv, tl, triton
+from ._tuning import AUTOTUNE_DISK_CACHE, TunedLaunch, bucket, pruner
+from .softmin import LSE_CONFIGS, lse_fits, lse_torch
 
 __all__ = ["softmin_pair", "softmin_pair_cat", "softmin_pair_torch", "softmin_self"]
 
@@ -73,51 +76,14 @@ LOSS_BITS = 30
 #: d = 3, but 2.66 against 2.54 ms at d = 64 (tf32), hence the bound.
 PIPELINE_MAX_DP = 16
 _PIPELINE_MAX_DP = tl.constexpr(PIPELINE_MAX_DP)
-#: Tests set ``(R, S)`` here to exercise several ranges at small sizes.
-_FORCE_RANGES = None
-#: Tests set False to switch off the exact recomputation of flagged columns.
-_FIXUP = True
-
-
-def range_plan(n: int, m: int, batch: int, device: torch.device):
-    """``((R, rows_per_range), (S, cols_per_range))`` of the block grid (see _gpu_range_plan)."""
-    if _FORCE_RANGES is not None:
-        r, s = _FORCE_RANGES
-        return _common.split_plan(n, r), _common.split_plan(m, s)
-    if device.type != "cuda" or _common.interpreting():
-        return _common.split_plan(n, 1), _common.split_plan(m, 1)
-    return _gpu_range_plan(n, m, batch, _common._sm_count(device))
-
-
-@functools.lru_cache(maxsize=256)
-def _gpu_range_plan(n: int, m: int, batch: int, sms: int):
-    """The block grid on a GPU of ``sms`` SMs.
-
-    R x S x batch is at most ``PROGRAMS_PER_SM`` programs per SM (a second,
-    nearly empty wave would double the time) and as close to it as the
-    128-aligned ranges allow, with about ``COLUMN_RANGES_PER_ROW_RANGE``
-    column ranges per row range (scaled by m / n). A function of the sizes
-    only, so results are deterministic.
-    """
-    target = max(1, (_common.PROGRAMS_PER_SM * sms) // batch)
-    ratio = COLUMN_RANGES_PER_ROW_RANGE * m / max(n, 1)
-    best = None
-    for r in range(1, max(1, n // MIN_RANGE) + 1):
-        rows = _common.split_plan(n, r)
-        if rows[0] > target:
-            break
-        cols = _common.split_plan(m, min(target // rows[0], max(1, m // MIN_RANGE)))
-        programs = rows[0] * cols[0]
-        # Most programs first, then the aspect closest to the wanted ratio.
-        score = (programs, -abs(math.log(max(cols[0], 1) / (rows[0] * ratio))))
-        if best is None or score > best[0]:
-            best = (score, rows, cols)
-    return best[1], best[2]
 
 
 # --------------------------------------------------------------------------
-# Kernels
+# Autotuning
 # --------------------------------------------------------------------------
+
+# The candidate tiles are softmin's (LSE_CONFIGS: the same stream of exp-bound tiles);
+# this pruning adds the registers of the column accumulator.
 
 
 def _pair_fits(cfg, args):
@@ -125,15 +91,20 @@ def _pair_fits(cfg, args):
     # tile needs 8 warps.
     if cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] > 128 * 64 and cfg.num_warps < 8:
         return False
-    return _fits(cfg, args)
+    return lse_fits(cfg, args)
+
+
+# --------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------
 
 
 @triton.autotune(
-    configs=_CONFIGS,
+    configs=LSE_CONFIGS,
     # Bucketed sizes and the layout only: eps is a runtime float.
     key=["N_BUCKET", "M_BUCKET", "DP", "DOT", "CPREC", "SELF"],
-    prune_configs_by={"early_config_prune": _common.pruner(_pair_fits)},
-    **_common.AUTOTUNE_DISK_CACHE,
+    prune_configs_by={"early_config_prune": pruner(_pair_fits)},
+    **AUTOTUNE_DISK_CACHE,
 )
 @triton.jit(do_not_specialize=["n", "m", "rows_per_range", "cols_per_range"])
 def _pair_kernel(
@@ -154,7 +125,7 @@ def _pair_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Tensor-core dots over one feature chunk: the column tile's points are
-    # loaded once per column tile (else _logits reloads them at every tile).
+    # loaded once per column tile (else tile_logits reloads them at every tile).
     RESIDENT_Y: tl.constexpr = DOT == 0 and D_CHUNKS == 1
     PIPE: tl.constexpr = RESIDENT_Y and DP <= _PIPELINE_MAX_DP
     if SELF:
@@ -192,7 +163,7 @@ def _pair_kernel(
         cols = col_start + tl.arange(0, BLOCK_N)
         col_ok = cols < col_hi
         # Column bias (from g, log b): -inf past the range.
-        u = _plan_bias(G, LOG_B, YN, cols, col_ok, inv_eps2, k2, HAS_LOG_B)
+        u = plan_bias(G, LOG_B, YN, cols, col_ok, inv_eps2, k2, HAS_LOG_B)
         u = tl.where(col_ok, u, float("-inf"))
         first_col = col_start == col_lo
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -206,30 +177,30 @@ def _pair_kernel(
             if PIPE:
                 rows0 = row_lo + tl.arange(0, BLOCK_M)
                 xt0 = tl.load(X + rows0[:, None] * DP + feats[None, :], mask=(rows0 < row_hi)[:, None], other=0.0)
-                w_next = _mma(xt0, yT, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), CPREC)
+                w_next = mma(xt0, yT, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), CPREC)
         for row_start in range(row_lo, row_hi, BLOCK_M):
             rows = row_start + tl.arange(0, BLOCK_M)
             row_ok = rows < row_hi
             # The running row pair of this column range, loaded early (used last).
             mo = tl.load(RM + rows, mask=row_ok & (not first_col), other=float("-inf"))
             so = tl.load(RS + rows, mask=row_ok & (not first_col), other=0.0)
-            r = _plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A)
+            r = plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A)
             r = tl.where(row_ok, r, float("-inf"))
             if PIPE:
                 # The next tile's dot is issued before this tile's exponentials.
                 w = two_k2 * w_next
                 rows_n = rows + BLOCK_M
                 xt = tl.load(X + rows_n[:, None] * DP + feats[None, :], mask=(rows_n < row_hi)[:, None], other=0.0)
-                w_next = _mma(xt, yT, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), CPREC)
+                w_next = mma(xt, yT, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), CPREC)
             elif RESIDENT_Y:
                 xt = tl.load(X + rows[:, None] * DP + feats[None, :], mask=row_ok[:, None], other=0.0)
-                w = two_k2 * _mma(xt, yT, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), CPREC)
+                w = two_k2 * mma(xt, yT, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), CPREC)
             else:
-                xc0, x0, x1, x2, x3, x4, x5, x6, x7 = _row_setup(X, rows, row_hi, two_k2, D, DP, BLOCK_D, DOT)
-                w = _logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, zero_u, row_hi, col_hi,
+                xc0, x0, x1, x2, x3, x4, x5, x6, x7 = row_setup(X, rows, row_hi, two_k2, D, DP, BLOCK_D, DOT)
+                w = tile_logits(xc0, x0, x1, x2, x3, x4, x5, x6, x7, X, Y, rows, cols, zero_u, row_hi, col_hi,
                             two_k2, D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, BLOCK_M, BLOCK_N)
             # Rows: this tile's exact (max, sum), the one exp2 per entry.
-            mt, _, p = _online_step(tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), w + u[None, :])
+            mt, _, p = online_step(tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), w + u[None, :])
             st = tl.sum(p, axis=1)
             mn = tl.maximum(mo, mt)
             sh = tl.where(mn == float("-inf"), 0.0, mn)
@@ -243,8 +214,8 @@ def _pair_kernel(
                 # 1.50 ms at d = 3, but 2.23 against 2.01 ms at d = 64
                 # (tf32), hence only on the pipelined path.
                 tl.debug_barrier()
-                _store_in_place(RM + rows, mn, row_ok)
-                _store_in_place(RS + rows, sn, row_ok)
+                store_in_place(RM + rows, mn, row_ok)
+                store_in_place(RS + rows, sn, row_ok)
             else:
                 tl.store(RM + rows, mn, mask=row_ok)
                 tl.store(RS + rows, sn, mask=row_ok)
@@ -347,125 +318,86 @@ def _column_lse(Y, X, XN, F, LOG_A, js, n, m, k2, inv_eps2,
     (The soft-min kernel with the roles swapped: per-column running max.)
     """
     two_k2 = 2.0 * k2
-    yc0, y0, y1, y2, y3, y4, y5, y6, y7 = _row_setup(Y, js, m, two_k2, D, DP, BLOCK_D, DOT)
+    yc0, y0, y1, y2, y3, y4, y5, y6, y7 = row_setup(Y, js, m, two_k2, D, DP, BLOCK_D, DOT)
     M = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     S = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for start in range(0, n, BLOCK_N):
         ii = start + tl.arange(0, BLOCK_N)
         i_ok = ii < n
-        r = _plan_bias(F, LOG_A, XN, ii, i_ok, inv_eps2, k2, HAS_LOG_A)
+        r = plan_bias(F, LOG_A, XN, ii, i_ok, inv_eps2, k2, HAS_LOG_A)
         r = tl.where(i_ok, r, float("-inf"))
-        t = _logits(yc0, y0, y1, y2, y3, y4, y5, y6, y7, Y, X, js, ii, r, m, n, two_k2,
+        t = tile_logits(yc0, y0, y1, y2, y3, y4, y5, y6, y7, Y, X, js, ii, r, m, n, two_k2,
                     D, DP, BLOCK_D, D_CHUNKS, DOT, CPREC, BLOCK_M, BLOCK_N)
-        M, alpha, p = _online_step(M, t)
+        M, alpha, p = online_step(M, t)
         S = S * alpha + tl.sum(p, axis=1)
     return M + tl.log2(S)
 
 
-_PAIR_LAUNCH = _common.TunedLaunch(_pair_kernel)
-
-
 # --------------------------------------------------------------------------
-# Launcher
+# Block grid
 # --------------------------------------------------------------------------
 
 
-def _validate(fn, x, y, f, g, log_a, log_b, eps, cost_scale):
-    geo = points(fn, x, y, batch="broadcast", max_batch=_common.MAX_BATCH)
-    vector(geo, "f", f, geo.n, shared=True, wide=True)
-    vector(geo, "g", g, geo.m, shared=True, wide=True)
-    vector(geo, "log_a", log_a, geo.n, optional=True, shared=True, wide=True)
-    vector(geo, "log_b", log_b, geo.m, optional=True, shared=True, wide=True)
-    eps = positive_scalar(fn, "eps", eps)
-    cost_scale = positive_scalar(fn, "cost_scale", cost_scale)
-    finite(fn, {"x": x, "y": y, "f": f, "g": g, "log_a": log_a, "log_b": log_b}, allow_neg_inf=("log_a", "log_b"))
-    return geo, eps, cost_scale
+def range_plan(n: int, m: int, batch: int, sms: int | None, *, forced=None):
+    """``((R, rows_per_range), (S, cols_per_range))`` of the block grid (see _gpu_range_plan).
 
-
-def _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision):
-    out = torch.empty(geo.shape(geo.n + geo.m), device=geo.device, dtype=geo.dtype)
-    if geo.n == 0 or geo.m == 0:
-        return out.fill_(float("inf"))
-    pair = _common.prepare_pair(x, y, precision)
-    f, g, log_a, log_b = (_common.unit_last(t) for t in (f, g, log_a, log_b))
-    (R, rows), (S, cols) = range_plan(geo.n, geo.m, geo.B, geo.device)
-    # Partial (max, sum) pairs of the rows (S per row) and of the columns (R
-    # per column): one allocation, [maxima | sums] x batch x [rows | columns].
-    part = torch.empty((2, geo.B, S * geo.n + R * geo.m), device=geo.device, dtype=torch.float32)
-    rm, rs = part[0], part[1]
-    cm, cs = part[0, :, S * geo.n:], part[1, :, S * geo.n:]
-    part_strides = (geo.n, part.stride(1), geo.m, part.stride(1))   # (partial, batch) rows, columns
-    la = log_a if log_a is not None else f
-    lb = log_b if log_b is not None else g
-    _launch(geo, pair, f, g, la, lb, log_a is not None, log_b is not None, eps, cost_scale, out,
-            grid=(R, S, geo.B), blocks=part, ranges=(rows, cols), partials=(rm, rs, cm, cs),
-            strides=part_strides, n_rows=geo.n, parts=(S, R), self_=False)
-    return out
-
-
-def _launch(geo, pair, f, g, la, lb, has_log_a, has_log_b, eps, cost_scale, out, *, grid, blocks, ranges,
-            partials, strides, n_rows, parts, self_):
-    """Launch the fused kernel on ``grid`` and the merge into ``out`` (both problems).
-
-    ``partials`` = (row maxima, row sums, column maxima, column sums) and
-    ``strides`` their (partial, batch) strides; ``parts`` = (row partials,
-    column partials) per point; ``n_rows``: the size of the row section of
-    ``out`` (0 for the self problem, whose points all merge as columns);
-    ``blocks``: the block table of the self problem (any tensor otherwise).
+    ``sms``: the SM count of the GPU (``_grid.sm_count``); None (the CPU, the
+    interpreter) gives one block. ``forced``: ``(R, S)`` range counts, the
+    launchers' ``_ranges`` hook (tests exercise several ranges at small sizes).
     """
-    P = _common.PreparedPair
-    bs = _common.batch_stride
-    n_b, m_b = _common.bucket(geo.n), _common.bucket(geo.m)
-    k2 = pair.k2(cost_scale, eps)
-    layout = dict(D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS, DOT=pair.DOT,
-                  CPREC=pair.PREC)
-    prepared_strides = (P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn))
-    with _common.device_guard(geo.device):
-        key = (n_b, m_b, pair.DP, pair.D, pair.DOT, pair.PREC, geo.dtype, f.dtype, g.dtype,
-               has_log_a and la.dtype, has_log_b and lb.dtype, self_)
-        _PAIR_LAUNCH(
-            key, grid,
-            pair.x, pair.y, pair.xn, pair.yn, f, g, la, lb,
-            *partials, blocks,
-            geo.n, geo.m, *ranges,
-            *prepared_strides,
-            bs(f, 1), bs(g, 1), bs(la, 1), bs(lb, 1),
-            *strides,
-            k2, LOG2E / eps,
-            n_b, m_b,
-            **layout, HAS_LOG_A=has_log_a, HAS_LOG_B=has_log_b, SELF=self_,
-        )
-        # 64 columns per merge program: the width of an exact recomputation.
-        block, block_n = (32, 16) if _common.interpreting() else (64, 64)
-        programs = _common.cdiv(n_rows, block) + _common.cdiv(geo.m, block)
-        _pair_merge_kernel[(programs, geo.B)](
-            *partials, pair.x, pair.y, pair.xn, pair.yn, f, la, out,
-            n_rows, geo.n, geo.m, *parts,
-            *strides,
-            *prepared_strides,
-            bs(f, 1), bs(la, 1), bs(out, 1),
-            k2, LOG2E / eps, -eps * LN2, math.log2(geo.n) - 126.0 + LOSS_BITS,
-            **layout, HAS_LOG_A=has_log_a,
-            FIXUP=_FIXUP, BLOCK=block, BLOCK_N=block_n, num_warps=4,
-        )
+    if forced is not None:
+        r, s = forced
+        return split_plan(n, r), split_plan(m, s)
+    if sms is None:
+        return split_plan(n, 1), split_plan(m, 1)
+    return _gpu_range_plan(n, m, batch, sms)
 
 
-def self_range_plan(n: int, batch: int, device: torch.device):
-    """``(T, rows_per_range)`` of the self problem: T ranges, T (T + 1) / 2 blocks."""
-    if _FORCE_RANGES is not None:
-        return _common.split_plan(n, _FORCE_RANGES[0])
-    if device.type != "cuda" or _common.interpreting():
-        return _common.split_plan(n, 1)
-    return _gpu_self_range_plan(n, batch, _common._sm_count(device))
+@functools.lru_cache(maxsize=256)
+def _gpu_range_plan(n: int, m: int, batch: int, sms: int):
+    """The block grid on a GPU of ``sms`` SMs.
+
+    R x S x batch is at most ``PROGRAMS_PER_SM`` programs per SM (a second,
+    nearly empty wave would double the time) and as close to it as the
+    128-aligned ranges allow, with about ``COLUMN_RANGES_PER_ROW_RANGE``
+    column ranges per row range (scaled by m / n). A function of the sizes
+    only, so results are deterministic.
+    """
+    target = max(1, (PROGRAMS_PER_SM * sms) // batch)
+    ratio = COLUMN_RANGES_PER_ROW_RANGE * m / max(n, 1)
+    best = None
+    for r in range(1, max(1, n // MIN_RANGE) + 1):
+        rows = split_plan(n, r)
+        if rows[0] > target:
+            break
+        cols = split_plan(m, min(target // rows[0], max(1, m // MIN_RANGE)))
+        programs = rows[0] * cols[0]
+        # Most programs first, then the aspect closest to the wanted ratio.
+        score = (programs, -abs(math.log(max(cols[0], 1) / (rows[0] * ratio))))
+        if best is None or score > best[0]:
+            best = (score, rows, cols)
+    return best[1], best[2]
+
+
+def self_range_plan(n: int, batch: int, sms: int | None, *, forced=None):
+    """``(T, rows_per_range)`` of the self problem: T ranges, T (T + 1) / 2 blocks.
+
+    ``sms`` as in :func:`range_plan`; ``forced``: T, the ``_ranges`` hook of :func:`softmin_self`.
+    """
+    if forced is not None:
+        return split_plan(n, forced)
+    if sms is None:
+        return split_plan(n, 1)
+    return _gpu_self_range_plan(n, batch, sms)
 
 
 @functools.lru_cache(maxsize=256)
 def _gpu_self_range_plan(n: int, batch: int, sms: int):
     """The most ranges T whose T (T + 1) / 2 blocks x batch fit the programs of one wave."""
-    target = max(1, (_common.PROGRAMS_PER_SM * sms) // batch)
-    best = _common.split_plan(n, 1)
+    target = max(1, (PROGRAMS_PER_SM * sms) // batch)
+    best = split_plan(n, 1)
     for t in range(2, max(1, n // MIN_RANGE) + 1):
-        plan = _common.split_plan(n, t)
+        plan = split_plan(n, t)
         if plan[0] * (plan[0] + 1) // 2 > target:
             break
         best = plan
@@ -486,14 +418,103 @@ def _upper_blocks(t: int, device: torch.device) -> torch.Tensor:
     return table
 
 
-def _self_triton(geo, x, f, log_a, eps, cost_scale, precision):
+# --------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------
+
+_PAIR_LAUNCH = TunedLaunch(_pair_kernel)
+
+
+def _validate(fn, x, y, f, g, log_a, log_b, eps, cost_scale):
+    geo = points(fn, x, y, batch="broadcast", max_batch=MAX_BATCH)
+    vector(geo, "f", f, geo.n, shared=True, wide=True)
+    vector(geo, "g", g, geo.m, shared=True, wide=True)
+    vector(geo, "log_a", log_a, geo.n, optional=True, shared=True, wide=True)
+    vector(geo, "log_b", log_b, geo.m, optional=True, shared=True, wide=True)
+    eps = positive_scalar(fn, "eps", eps)
+    cost_scale = positive_scalar(fn, "cost_scale", cost_scale)
+    finite(fn, {"x": x, "y": y, "f": f, "g": g, "log_a": log_a, "log_b": log_b}, allow_neg_inf=("log_a", "log_b"))
+    return geo, eps, cost_scale
+
+
+def _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision, forced_ranges=None, fixup=True):
+    out = torch.empty(geo.shape(geo.n + geo.m), device=geo.device, dtype=geo.dtype)
+    if geo.n == 0 or geo.m == 0:
+        return out.fill_(float("inf"))
+    pair = prepare_pair(x, y, precision)
+    f, g, log_a, log_b = (unit_last(t) for t in (f, g, log_a, log_b))
+    (R, rows), (S, cols) = range_plan(geo.n, geo.m, geo.B, sm_count(geo.device), forced=forced_ranges)
+    # Partial (max, sum) pairs of the rows (S per row) and of the columns (R
+    # per column): one allocation, [maxima | sums] x batch x [rows | columns].
+    part = torch.empty((2, geo.B, S * geo.n + R * geo.m), device=geo.device, dtype=torch.float32)
+    rm, rs = part[0], part[1]
+    cm, cs = part[0, :, S * geo.n:], part[1, :, S * geo.n:]
+    part_strides = (geo.n, part.stride(1), geo.m, part.stride(1))   # (partial, batch) rows, columns
+    la = log_a if log_a is not None else f
+    lb = log_b if log_b is not None else g
+    _launch(geo, pair, f, g, la, lb, log_a is not None, log_b is not None, eps, cost_scale, out,
+            grid=(R, S, geo.B), blocks=part, ranges=(rows, cols), partials=(rm, rs, cm, cs),
+            strides=part_strides, n_rows=geo.n, parts=(S, R), self_=False, fixup=fixup)
+    return out
+
+
+def _launch(geo, pair, f, g, la, lb, has_log_a, has_log_b, eps, cost_scale, out, *, grid, blocks, ranges,
+            partials, strides, n_rows, parts, self_, fixup):
+    """Launch the fused kernel on ``grid`` and the merge into ``out`` (both problems).
+
+    ``partials`` = (row maxima, row sums, column maxima, column sums) and
+    ``strides`` their (partial, batch) strides; ``parts`` = (row partials,
+    column partials) per point; ``n_rows``: the size of the row section of
+    ``out`` (0 for the self problem, whose points all merge as columns);
+    ``blocks``: the block table of the self problem (any tensor otherwise);
+    ``fixup``: whether the merge recomputes flagged columns exactly (tests
+    switch it off to see them).
+    """
+    P = PreparedPair
+    bs = batch_stride
+    n_b, m_b = bucket(geo.n), bucket(geo.m)
+    k2 = pair.k2(cost_scale, eps)
+    layout = dict(D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS, DOT=pair.DOT,
+                  CPREC=pair.PREC)
+    prepared_strides = (P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn))
+    with device_guard(geo.device):
+        key = (n_b, m_b, pair.DP, pair.D, pair.DOT, pair.PREC, geo.dtype, f.dtype, g.dtype,
+               has_log_a and la.dtype, has_log_b and lb.dtype, self_)
+        _PAIR_LAUNCH(
+            key, grid,
+            pair.x, pair.y, pair.xn, pair.yn, f, g, la, lb,
+            *partials, blocks,
+            geo.n, geo.m, *ranges,
+            *prepared_strides,
+            bs(f, 1), bs(g, 1), bs(la, 1), bs(lb, 1),
+            *strides,
+            k2, LOG2E / eps,
+            n_b, m_b,
+            **layout, HAS_LOG_A=has_log_a, HAS_LOG_B=has_log_b, SELF=self_,
+        )
+        # 64 columns per merge program: the width of an exact recomputation.
+        block, block_n = (32, 16) if interpreting() else (64, 64)
+        programs = cdiv(n_rows, block) + cdiv(geo.m, block)
+        _pair_merge_kernel[(programs, geo.B)](
+            *partials, pair.x, pair.y, pair.xn, pair.yn, f, la, out,
+            n_rows, geo.n, geo.m, *parts,
+            *strides,
+            *prepared_strides,
+            bs(f, 1), bs(la, 1), bs(out, 1),
+            k2, LOG2E / eps, -eps * LN2, math.log2(geo.n) - 126.0 + LOSS_BITS,
+            **layout, HAS_LOG_A=has_log_a,
+            FIXUP=fixup, BLOCK=block, BLOCK_N=block_n, num_warps=4,
+        )
+
+
+def _self_triton(geo, x, f, log_a, eps, cost_scale, precision, forced_ranges=None, fixup=True):
     out = torch.empty(geo.shape(geo.n), device=geo.device, dtype=geo.dtype)
     if geo.n == 0:
         return out
-    pair = _common.prepare_pair(x, x, precision)
-    f, log_a = _common.unit_last(f), _common.unit_last(log_a)
+    pair = prepare_pair(x, x, precision)
+    f, log_a = unit_last(f), unit_last(log_a)
     la = log_a if log_a is not None else f
-    T, rows = self_range_plan(geo.n, geo.B, geo.device)
+    T, rows = self_range_plan(geo.n, geo.B, sm_count(geo.device), forced=forced_ranges)
     blocks = _upper_blocks(T, geo.device)
     # Slot k of point i: its partial (max, sum) against range k, from the block
     # (range of i, k) as a row when k >= range of i, else as a column.
@@ -501,72 +522,13 @@ def _self_triton(geo, x, f, log_a, eps, cost_scale, precision):
     pm, ps = part[0], part[1]
     _launch(geo, pair, f, f, la, la, log_a is not None, log_a is not None, eps, cost_scale, out,
             grid=(blocks.shape[0], 1, geo.B), blocks=blocks, ranges=(rows, rows), partials=(pm, ps, pm, ps),
-            strides=(geo.n, part.stride(1), geo.n, part.stride(1)), n_rows=0, parts=(0, T), self_=True)
+            strides=(geo.n, part.stride(1), geo.n, part.stride(1)), n_rows=0, parts=(0, T), self_=True,
+            fixup=fixup)
     return out
 
 
-def softmin_self(x, f, log_a=None, *, eps, cost_scale=1.0, backend=None, precision=None):
-    r"""The soft-min update of a potential on one cloud: ``softmin(x, x, log a + f / eps)``.
-
-    The update of the debiasing potentials ``f_aa`` (and ``g_bb``) of a
-    Sinkhorn divergence. The cost matrix of (x, x) is symmetric: the Triton
-    kernel runs the blocks of the upper triangle only, each feeding its rows
-    and (off the diagonal) its columns, from one dot and one exponential per
-    entry: about half the work of :func:`otlinop.kernels.softmin`.
-
-    Parameters
-    ----------
-    x : Tensor, shape (n, d) or (B, n, d)
-        The points.
-    f : Tensor, shape (n,) or (B, n)
-        The potential.
-    log_a : Tensor, shape (n,) or (B, n), optional
-        Log-weights (``-inf``: a zero weight); None means 0.
-    eps, cost_scale, backend, precision
-        As in :func:`softmin_pair`.
-
-    Returns
-    -------
-    Tensor, shape (n,) or (B, n), dtype of ``x``
-        ``-eps LSE_j(log a_j + f_j / eps - C_ij / eps)``; ``+inf`` where every
-        term is ``-inf``.
-
-    Raises
-    ------
-    ValueError, TypeError
-        As in :func:`softmin_pair`.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from otlinop.kernels import softmin_self
-    >>> x = torch.randn(6, 2, dtype=torch.float64)
-    >>> softmin_self(x, torch.zeros(6, dtype=torch.float64), eps=0.5).shape
-    torch.Size([6])
-    """
-    geo, eps, cost_scale = _validate(_FN_SELF, x, x, f, f, log_a, log_a, eps, cost_scale)
-    precision = _common.resolve_precision(_FN_SELF, precision)
-    if _common.resolve_backend(_FN_SELF, backend, x) == "torch":
-        return _self_torch(x, f, log_a, eps, cost_scale)
-    return _self_triton(geo, x, f, log_a, eps, cost_scale, precision)
-
-
-def softmin_self_unchecked(x, f, log_a, *, eps: float, cost_scale: float, backend, precision):
-    """:func:`softmin_self` without the input checks, for loops that ran them once."""
-    geo = Geometry(_FN_SELF, x.ndim == 3, x.shape[0] if x.ndim == 3 else 1, x.shape[-2], x.shape[-2],
-                           x.shape[-1], x.dtype, x.device)
-    precision = _common.resolve_precision(_FN_SELF, precision)
-    if _common.resolve_backend(_FN_SELF, backend, x) == "torch":
-        return _self_torch(x, f, log_a, eps, cost_scale)
-    return _self_triton(geo, x, f, log_a, eps, cost_scale, precision)
-
-
-def _self_torch(x, f, log_a, eps, cost_scale):
-    h = f / eps if log_a is None else log_a + f / eps
-    return -eps * _lse_torch(x, x, h, eps, cost_scale)
-
-
-def softmin_pair(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.0, backend=None, precision=None):
+def softmin_pair(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.0, backend=None, precision=None,
+                 _ranges=None, _fixup=True):
     r"""Both soft-min updates of ``(f, g)``, from one pass over the cost.
 
     Parameters
@@ -598,6 +560,16 @@ def softmin_pair(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.0, bac
         + f / eps)``. Both are views of one (…, n + m) buffer ``[sf | sg]``.
         ``+inf`` where every term is ``-inf``.
 
+    Other Parameters
+    ----------------
+    _ranges : (int, int), optional
+        Test and profiling hook: the block grid of the Triton launch, forced
+        to R row ranges and S column ranges (see :func:`range_plan`).
+    _fixup : bool, default True
+        Test hook: False skips the exact recomputation of the columns that
+        may have lost mass to underflow (to show that it is needed).
+        The torch backend ignores both.
+
     Raises
     ------
     ValueError, TypeError
@@ -626,22 +598,23 @@ def softmin_pair(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.0, bac
     (torch.Size([5]), torch.Size([4]))
     """
     out = softmin_pair_cat(x, y, f, g, log_a, log_b, eps=eps, cost_scale=cost_scale, backend=backend,
-                           precision=precision)
+                           precision=precision, _ranges=_ranges, _fixup=_fixup)
     n = x.shape[-2]
     return out[..., :n], out[..., n:]
 
 
 def softmin_pair_cat(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.0, backend=None,
-                     precision=None):
+                     precision=None, _ranges=None, _fixup=True):
     """:func:`softmin_pair` as the one buffer ``[sf | sg]`` of shape (n + m,) or (B, n + m).
 
-    For loops that keep ``[f | g]`` in one tensor (one averaging op per step).
+    For loops that keep ``[f | g]`` in one tensor (one averaging op per step);
+    ``_ranges`` and ``_fixup`` as in :func:`softmin_pair`.
     """
     geo, eps, cost_scale = _validate(_FN, x, y, f, g, log_a, log_b, eps, cost_scale)
-    precision = _common.resolve_precision(_FN, precision)
-    if _common.resolve_backend(_FN, backend, x) == "torch":
+    precision = resolve_precision(_FN, precision)
+    if resolve_backend(_FN, backend, x) == "torch":
         return _pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale)
-    return _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision)
+    return _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision, _ranges, _fixup)
 
 
 def softmin_pair_unchecked(x, y, f, g, log_a, log_b, *, eps: float, cost_scale: float, backend, precision):
@@ -653,17 +626,87 @@ def softmin_pair_unchecked(x, y, f, g, log_a, log_b, *, eps: float, cost_scale: 
     batched = x.ndim == 3 or y.ndim == 3
     B = x.shape[0] if x.ndim == 3 else (y.shape[0] if y.ndim == 3 else 1)
     geo = Geometry(_FN, batched, B, x.shape[-2], y.shape[-2], x.shape[-1], x.dtype, x.device)
-    precision = _common.resolve_precision(_FN, precision)
-    if _common.resolve_backend(_FN, backend, x) == "torch":
+    precision = resolve_precision(_FN, precision)
+    if resolve_backend(_FN, backend, x) == "torch":
         return _pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale)
     return _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision)
+
+
+def softmin_self(x, f, log_a=None, *, eps, cost_scale=1.0, backend=None, precision=None, _ranges=None,
+                 _fixup=True):
+    r"""The soft-min update of a potential on one cloud: ``softmin(x, x, log a + f / eps)``.
+
+    The update of the debiasing potentials ``f_aa`` (and ``g_bb``) of a
+    Sinkhorn divergence. The cost matrix of (x, x) is symmetric: the Triton
+    kernel runs the blocks of the upper triangle only, each feeding its rows
+    and (off the diagonal) its columns, from one dot and one exponential per
+    entry: about half the work of :func:`otlinop.kernels.softmin`.
+
+    Parameters
+    ----------
+    x : Tensor, shape (n, d) or (B, n, d)
+        The points.
+    f : Tensor, shape (n,) or (B, n)
+        The potential.
+    log_a : Tensor, shape (n,) or (B, n), optional
+        Log-weights (``-inf``: a zero weight); None means 0.
+    eps, cost_scale, backend, precision
+        As in :func:`softmin_pair`.
+
+    Returns
+    -------
+    Tensor, shape (n,) or (B, n), dtype of ``x``
+        ``-eps LSE_j(log a_j + f_j / eps - C_ij / eps)``; ``+inf`` where every
+        term is ``-inf``.
+
+    Other Parameters
+    ----------------
+    _ranges : int, optional
+        Test and profiling hook: the Triton launch's T ranges of points,
+        forced (T (T + 1) / 2 blocks; see :func:`self_range_plan`).
+    _fixup : bool, default True
+        As in :func:`softmin_pair`.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As in :func:`softmin_pair`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from otlinop.kernels import softmin_self
+    >>> x = torch.randn(6, 2, dtype=torch.float64)
+    >>> softmin_self(x, torch.zeros(6, dtype=torch.float64), eps=0.5).shape
+    torch.Size([6])
+    """
+    geo, eps, cost_scale = _validate(_FN_SELF, x, x, f, f, log_a, log_a, eps, cost_scale)
+    precision = resolve_precision(_FN_SELF, precision)
+    if resolve_backend(_FN_SELF, backend, x) == "torch":
+        return _self_torch(x, f, log_a, eps, cost_scale)
+    return _self_triton(geo, x, f, log_a, eps, cost_scale, precision, _ranges, _fixup)
+
+
+def softmin_self_unchecked(x, f, log_a, *, eps: float, cost_scale: float, backend, precision):
+    """:func:`softmin_self` without the input checks, for loops that ran them once."""
+    geo = Geometry(_FN_SELF, x.ndim == 3, x.shape[0] if x.ndim == 3 else 1, x.shape[-2], x.shape[-2],
+                           x.shape[-1], x.dtype, x.device)
+    precision = resolve_precision(_FN_SELF, precision)
+    if resolve_backend(_FN_SELF, backend, x) == "torch":
+        return _self_torch(x, f, log_a, eps, cost_scale)
+    return _self_triton(geo, x, f, log_a, eps, cost_scale, precision)
+
+
+# --------------------------------------------------------------------------
+# Torch reference
+# --------------------------------------------------------------------------
 
 
 def _pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale):
     hb = g / eps if log_b is None else log_b + g / eps
     ha = f / eps if log_a is None else log_a + f / eps
-    sf = -eps * _lse_torch(x, y, hb, eps, cost_scale)
-    sg = -eps * _lse_torch(y, x, ha, eps, cost_scale)
+    sf = -eps * lse_torch(x, y, hb, eps, cost_scale)
+    sg = -eps * lse_torch(y, x, ha, eps, cost_scale)
     # Both are (B, .) in a batched call (x or y batched), 1-D otherwise.
     return torch.cat([sf, sg], dim=-1)
 
@@ -677,3 +720,8 @@ def softmin_pair_torch(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.
     geo, eps, cost_scale = _validate("softmin_pair_torch", x, y, f, g, log_a, log_b, eps, cost_scale)
     out = _pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale)
     return out[..., :geo.n], out[..., geo.n:]
+
+
+def _self_torch(x, f, log_a, eps, cost_scale):
+    h = f / eps if log_a is None else log_a + f / eps
+    return -eps * lse_torch(x, x, h, eps, cost_scale)
