@@ -249,8 +249,9 @@ def truncate_plan(P, tol: float = 1e-8, *, max_fill: float = 0.25, capacity: int
     return truncate_plan_for("truncate_plan", P, tol, max_fill=max_fill, capacity=capacity)
 
 
-def truncate_plan_for(owner: str, P, tol, *, max_fill, capacity):
-    """:func:`truncate_plan` for the public function ``owner``, whose name its argument errors carry."""
+def truncate_plan_for(owner: str, P, tol, *, max_fill, capacity, max_entries: int = MAX_LAYOUT_ENTRIES):
+    """:func:`truncate_plan` for the public function ``owner``, whose name its argument errors carry;
+    ``max_entries`` bounds the layout's slots (tests lower it)."""
     tol = fraction(owner, "tol", tol)
     max_fill = fraction(owner, "max_fill", max_fill, closed=True)
     if capacity is not None:
@@ -271,8 +272,8 @@ def truncate_plan_for(owner: str, P, tol, *, max_fill, capacity):
         ct = torch.where(bh > 0, 0.5 * log_bh, inf)
         rt, ct = _as(rt, P.x), _as(ct, P.x)
         # Slots per row: at most max_fill of a row, and a layout of at most
-        # MAX_LAYOUT_ENTRIES slots (a value and a column index each) in all.
-        limit = max(1, min(int(max_fill * m), MAX_LAYOUT_ENTRIES // n))
+        # max_entries slots (a value and a column index each) in all.
+        limit = max(1, min(int(max_fill * m), max_entries // n))
         cap = min(limit, m, capacity if capacity is not None else DEFAULT_CAPACITY)
         x, y, f, g = P.x.detach(), P.y.detach(), P.f.detach(), P.g.detach()
         opts = dict(eps=P.eps, cost_scale=P.cost_scale, backend=P.backend, precision=P.precision)

@@ -509,14 +509,17 @@ def test_truncated_half_inputs(dtype):
     assert err < (5e-3 if dtype == torch.float16 else 2e-2)
 
 
-def test_truncated_keeps_streaming_when_the_layout_would_be_too_large(monkeypatch):
-    import otlinop.truncated as tr
+def test_truncated_keeps_streaming_when_the_layout_would_be_too_large():
+    from otlinop.truncated import MAX_LAYOUT_ENTRIES, truncate_plan_for
 
     P, Pt = _sparse_problem()
     assert isinstance(Pt, TruncatedPlanOperator)
     need = int(Pt.counts.max())
-    monkeypatch.setattr(tr, "MAX_LAYOUT_ENTRIES", (need - 1) * P.shape[0])
-    assert P.truncated(1e-8) is P
+    opts = dict(max_fill=0.25, capacity=None)
+    assert isinstance(truncate_plan_for("truncated", P, 1e-8, max_entries=need * P.shape[0], **opts),
+                      TruncatedPlanOperator)
+    assert truncate_plan_for("truncated", P, 1e-8, max_entries=(need - 1) * P.shape[0], **opts) is P
+    assert need * P.shape[0] <= MAX_LAYOUT_ENTRIES
 
 
 def test_loss_hessian_operator_on_truncated_plan():
