@@ -149,6 +149,7 @@ class HessianOperator(LinearOperator):
     def _build(self, P, eps: float, kx: float, ky: float, ridge: float):
         ah, bh = P.row_sums(), P.col_sums()
         self.P, self.eps, self.kx, self.ky = P, eps, kx, ky
+        self._options = (eps, kx, ky, ridge)
         self.shift = ridge * bh.mean()
         self.D = ky * bh + self.shift
         self._row_weight = 1.0 / (kx * ah)
@@ -176,6 +177,13 @@ class HessianOperator(LinearOperator):
 
     def splitting(self):
         return self.D, self.N
+
+    # What to_linear_operator rebuilds on other tensors (otlinop._interop_linop).
+    def _parts(self):
+        return (self.P,)
+
+    def _from_parts(self, parts, *, dtype, device):
+        return HessianOperator._on_plan(parts[0], self._options)
 
 
 class DualHessianOperator(BlockOperator):

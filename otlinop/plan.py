@@ -195,6 +195,14 @@ class PlanOperator(LinearOperator):
             P_ii = P_ii * self._b[:k]
         return P_ii
 
+    # What to_linear_operator rebuilds on other tensors (otlinop._interop_linop).
+    def _parts(self):
+        return (self.x, self.y, self.f, self.g, self._a, self._b)
+
+    def _from_parts(self, parts, *, dtype, device):
+        x, y, f, g, a, b = parts
+        return PlanOperator._unchecked(x, y, f, g, self.eps, a, b, self.cost_scale, self.backend, self.precision)
+
     # ---------------------------------------------------------------- public
     def row_sums(self) -> torch.Tensor:
         """``P 1``, shape (n,): the first marginal (cached when it carries no autograd graph)."""

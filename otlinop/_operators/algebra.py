@@ -43,6 +43,13 @@ class AdjointOperator(LinearOperator):
     def _diagonal(self):
         return self._op._diagonal()
 
+    # What to_linear_operator rebuilds on other tensors (otlinop._interop_linop).
+    def _parts(self):
+        return (self._op,)
+
+    def _from_parts(self, parts, *, dtype, device):
+        return parts[0].adjoint()
+
 
 class ProductOperator(LinearOperator):
     """A @ B."""
@@ -87,6 +94,12 @@ class ProductOperator(LinearOperator):
             return self._A._diagonal()[: min(self.shape)] * self._B.d[: min(self.shape)]
         return super()._diagonal()
 
+    def _parts(self):
+        return (self._A, self._B)
+
+    def _from_parts(self, parts, *, dtype, device):
+        return ProductOperator(*parts)
+
 
 class SumOperator(LinearOperator):
     """A + B."""
@@ -120,6 +133,12 @@ class SumOperator(LinearOperator):
     def _diagonal(self):
         return self._A._diagonal() + self._B._diagonal()
 
+    def _parts(self):
+        return (self._A, self._B)
+
+    def _from_parts(self, parts, *, dtype, device):
+        return SumOperator(*parts)
+
 
 class ScaledOperator(LinearOperator):
     """c * A with c a real scalar (number or 0-d tensor, differentiable)."""
@@ -152,6 +171,12 @@ class ScaledOperator(LinearOperator):
     def _diagonal(self):
         return self._c * self._op._diagonal()
 
+    def _parts(self):
+        return (self._op, self._c)
+
+    def _from_parts(self, parts, *, dtype, device):
+        return ScaledOperator(*parts)
+
 
 class PowerOperator(LinearOperator):
     """A ** k, k >= 2, A square: k matvecs per application."""
@@ -182,3 +207,9 @@ class PowerOperator(LinearOperator):
         if isinstance(self._op, (Diag, Identity, Zero)):
             return self._op._diagonal() ** self._k
         return super()._diagonal()
+
+    def _parts(self):
+        return (self._op, self._k)
+
+    def _from_parts(self, parts, *, dtype, device):
+        return PowerOperator(*parts)

@@ -70,6 +70,13 @@ class Dense(LinearOperator):
     def to_dense(self):
         return self.M
 
+    # What to_linear_operator rebuilds on other tensors (otlinop._interop_linop).
+    def _parts(self):
+        return (self.M,)
+
+    def _from_parts(self, parts, *, dtype, device):
+        return Dense(parts[0], is_symmetric=self.is_symmetric, is_psd=self.is_psd)
+
 
 class Diag(LinearOperator):
     """The diagonal operator ``Diag(d)``, shape (n, n).
@@ -125,6 +132,12 @@ class Diag(LinearOperator):
     def to_dense(self):
         return torch.diag(self.d)
 
+    def _parts(self):
+        return (self.d,)
+
+    def _from_parts(self, parts, *, dtype, device):
+        return Diag(parts[0], psd=self.is_psd)
+
 
 class Identity(LinearOperator):
     """The identity of size n: symmetric PSD, O(n) matvec (a copy-free return).
@@ -147,6 +160,12 @@ class Identity(LinearOperator):
 
     def _diagonal(self):
         return torch.ones(self.shape[0], dtype=self.dtype, device=self.device)
+
+    def _parts(self):
+        return ()
+
+    def _from_parts(self, parts, *, dtype, device):
+        return Identity(self.shape[0], dtype=dtype, device=device)
 
 
 class Zero(LinearOperator):
@@ -183,6 +202,12 @@ class Zero(LinearOperator):
 
     def _diagonal(self):
         return torch.zeros(min(self.shape), dtype=self.dtype, device=self.device)
+
+    def _parts(self):
+        return ()
+
+    def _from_parts(self, parts, *, dtype, device):
+        return Zero(self.shape, dtype=dtype, device=device)
 
 
 class BlockOperator(LinearOperator):
