@@ -312,11 +312,25 @@ class LinearOperator:
     def to_linear_operator(self):
         """A GPyTorch ``linear_operator.LinearOperator`` that calls this operator.
 
-        Usable with that package's functions (``matmul``, ``solve``,
-        ``transpose``). Gradients do not flow through it to this operator's
-        tensors; use otlinop's own ``solve`` for that.
+        Its representation (what linear_operator differentiates) is the
+        tensors this operator is built from, so ``requires_grad_`` on it and
+        ``inv_quad_logdet``, ``solve``, ``matmul`` or ``to_dense`` give
+        gradients to them (``Dense``, ``Diag``, the algebra, ``PlanOperator``,
+        ``HessianOperator``; other operators are opaque: no gradient, fixed
+        dtype). Batch dimensions (``expand``, ``unsqueeze``) are copies of
+        this operator. Needs the optional ``linear_operator`` package.
+
+        Examples
+        --------
+        >>> import torch, otlinop
+        >>> d = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64, requires_grad=True)
+        >>> L = otlinop.Diag(d).to_linear_operator()
+        >>> _, logdet = L.inv_quad_logdet(logdet=True)     # sum(log d)
+        >>> logdet.backward()
+        >>> torch.allclose(d.grad, 1 / d)
+        True
         """
-        from ._interop import to_linear_operator
+        from ._interop_linop import to_linear_operator
         return to_linear_operator(self)
 
     # ------------------------------------------------------------- algebra

@@ -1,6 +1,6 @@
 """Bridges between otlinop operators and torch sparse tensors, NumPy, scipy and
 GPyTorch's ``linear_operator`` package: ``aslinearoperator`` in, ``to_scipy``
-and ``to_linear_operator`` (``A.to_scipy()``, ``A.to_linear_operator()``) out.
+(``A.to_scipy()``) out; ``A.to_linear_operator()`` is in ``_interop_linop``.
 
 scipy and linear_operator are imported lazily so that ``import otlinop`` stays
 cheap and works without the optional ``linear_operator`` package.
@@ -17,7 +17,7 @@ from ._base import LinearOperator
 from ._checks import REAL_DTYPES, fmt_shape
 from ._operators.concrete import Dense
 
-__all__ = ["aslinearoperator", "to_scipy", "to_linear_operator"]
+__all__ = ["aslinearoperator", "to_scipy"]
 
 _NUMPY_TO_TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
                    np.dtype(np.float64): torch.float64}
@@ -235,49 +235,3 @@ def to_scipy(A: LinearOperator):
 
     with torch.no_grad():
         return _OtlinopScipyOperator()
-
-
-def to_linear_operator(A: LinearOperator):
-    """``A.to_linear_operator()``: see ``LinearOperator.to_linear_operator``."""
-    try:
-        import linear_operator
-    except ImportError as err:
-        raise ImportError("to_linear_operator needs the linear_operator package: pip install linear_operator") from err
-
-    class _OtlinopGPyTorchOperator(linear_operator.LinearOperator):
-        """linear_operator view of an otlinop operator.
-
-        The only tensor argument is a 0-element placeholder that carries dtype
-        and device; the otlinop operator rides along as a non-tensor kwarg.
-        """
-
-        def __init__(self, placeholder, *, otlinop_op):
-            super().__init__(placeholder, otlinop_op=otlinop_op)
-            self._placeholder = placeholder
-            self._op = otlinop_op
-
-        def _matmul(self, rhs):
-            if rhs.ndim == 1:
-                return self._op.matvec(rhs)
-            if rhs.ndim == 2:
-                return self._op.matmat(rhs)
-            raise ValueError(f"to_linear_operator: batched right-hand sides are not supported, got shape "
-                             f"{fmt_shape(rhs.shape)}")
-
-        def _size(self):
-            return torch.Size(self._op.shape)
-
-        def _transpose_nonbatch(self):
-            return _OtlinopGPyTorchOperator(self._placeholder, otlinop_op=self._op.adjoint())
-
-        def _diagonal(self):
-            return self._op.diagonal()
-
-        def to_dense(self):
-            return self._op.to_dense()
-
-        def _expand_batch(self, batch_shape):
-            raise NotImplementedError("otlinop operators have no batch dimensions")
-
-    placeholder = torch.zeros(0, dtype=A.dtype, device=A.device)
-    return _OtlinopGPyTorchOperator(placeholder, otlinop_op=A)
