@@ -78,6 +78,7 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
     every = check_every_for("bicgstab", check_every, pb.op.device)
     Mop = bind_preconditioner("bicgstab", M, pb.op, pb.vector, spd=False)
     op, B = pb.op, pb.B
+    # rho, alpha and omega are complex for a complex system (non-Hermitian A): col_dot conjugates.
     k, dtype, device = pb.k, B.dtype, B.device
     tiny = torch.finfo(dtype).eps ** 2
 
@@ -124,7 +125,7 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
             half = active & (col_norm(S) <= tol)
             Shat = apply_M(S)
             T = apply(op, Shat, pb.vector)
-            tt = col_dot(T, T)
+            tt = col_dot(T, T).real
             full = active & ~half & (tt > 0)
             omega = torch.where(full, col_dot(T, S) / torch.where(full, tt, 1), zero)
             X = torch.addcmul(X, Shat, omega)

@@ -6,9 +6,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._cg_step import cg_direction, cg_update, check_state, fused_backend
+from ._cg_step import cg_direction, cg_update, check_state, fused_backend, real_inner
 from ._common import (bind_preconditioner, check_callback, check_every_for, check_maxiter,
-                      check_tolerance, col_dot, col_norm, setup, tolerance)
+                      check_tolerance, col_norm, setup, tolerance)
 from ._loop import run_loop
 from ._result import CONVERGED, INDEFINITE_A, INDEFINITE_M, NONFINITE, default_describe, finish
 from .graphs import CUDA_GRAPHS, GraphCache
@@ -139,9 +139,6 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     flat = pb.k == 1
     if flat:
         B, tol = B[:, 0], tol[0]
-        dot = torch.dot
-    else:
-        dot = col_dot
     # The state lives in buffers of its own that every iteration updates in place (the
     # ops write through out=): a captured iteration then needs no copy-back (cg(graph=True)).
     if pb.X0 is None:
@@ -149,9 +146,10 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     else:
         X = pb.X0[:, 0] if flat else pb.X0
         R = B - op @ X
-    one = torch.ones(() if flat else pb.k, dtype=B.dtype, device=B.device)
+    # The scalars are real for complex systems too (A and M Hermitian): real_inner.
+    one = torch.ones(() if flat else pb.k, dtype=pb.real_dtype, device=B.device)
     Z = R if Mop is None else Mop @ R
-    rho = dot(R, Z)
+    rho = real_inner(R, Z)
     rnorm = col_norm(R)
     # The loop keeps few per-column flags: the status codes are derived afterwards. A column
     # has converged iff rnorm <= tol (it froze there); failed_pq / failed_rho hold the

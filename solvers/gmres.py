@@ -14,9 +14,18 @@ __all__ = ["gmres"]
 
 
 def _givens(a: torch.Tensor, b: torch.Tensor):
-    """Vectorised rotation with ``[c s; -s c] [a; b] = [r; 0]``, r >= 0; (0, 0) -> c = s = r = 0."""
-    r = torch.hypot(a, b)
-    return safe_div(a, r), safe_div(b, r), r
+    """Vectorised rotation with ``[c s; -conj(s) c] [a; b] = [r; 0]``, b real >= 0.
+
+    Real a: r = hypot(a, b) >= 0, c = a / r, s = b / r. Complex a (LAPACK's
+    convention, c real): r = sgn(a) hypot(|a|, b), c = |a| / |r|,
+    s = sgn(a) b / |r|. (0, 0) -> c = s = r = 0.
+    """
+    if not a.is_complex():
+        r = torch.hypot(a, b)
+        return safe_div(a, r), safe_div(b, r), r
+    size = torch.hypot(a.abs(), b)
+    phase = torch.where(a == 0, torch.ones_like(a), torch.sgn(a))
+    return safe_div(a.abs(), size), phase * safe_div(b, size), phase * size
 
 
 def _combine(Vb: torch.Tensor, H: torch.Tensor, g: torch.Tensor, used: torch.Tensor, size: int) -> torch.Tensor:
@@ -153,9 +162,10 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
             W = apply(op, apply_M(Vb[i]), pb.vector)
             h0 = col_norm(W)
             basis = Vb[: i + 1]
-            h = torch.einsum("jnk,nk->jk", basis, W)
+            # The projections are basis^H W (conj() is a no-op on real tensors).
+            h = torch.einsum("jnk,nk->jk", basis.conj(), W)
             W = W - torch.einsum("jnk,jk->nk", basis, h)
-            h2 = torch.einsum("jnk,nk->jk", basis, W)
+            h2 = torch.einsum("jnk,nk->jk", basis.conj(), W)
             W = W - torch.einsum("jnk,jk->nk", basis, h2)
             h = h + h2
             hn = col_norm(W)
@@ -168,7 +178,7 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
             H[i, i] = r
             qi, qn = Q[i, : i + 2].clone(), Q[i + 1, : i + 2].clone()
             Q[i, : i + 2] = torch.where(active, c * qi + s * qn, qi)
-            Q[i + 1, : i + 2] = torch.where(active, c * qn - s * qi, qn)
+            Q[i + 1, : i + 2] = torch.where(active, c * qn - s.conj() * qi, qn)
             used = used + active
             iters = iters + active
             rnorm = torch.where(active, (beta * Q[i + 1, 0]).abs(), rnorm)

@@ -7,7 +7,7 @@ import numbers
 import torch
 
 from ._common import (apply, as_output, bind_preconditioner, check_callback, check_every_for, check_maxiter,
-                      check_tolerance, col_dot, safe_div, setup)
+                      check_tolerance, col_dot_real, safe_div, setup, stop_tolerance)
 from ._result import CONVERGED, INDEFINITE_M, LEAST_SQUARES, NONFINITE, RUNNING, default_describe, finish
 
 __all__ = ["minres"]
@@ -89,7 +89,8 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
     every = check_every_for("minres", check_every, pb.op.device)
     Mop = bind_preconditioner("minres", M, pb.op, pb.vector, spd=True)
     op, B = pb.op, pb.B
-    dtype, device, k = B.dtype, B.device, pb.k
+    # Lanczos on a Hermitian A: every scalar of the recurrence is real, complex or not.
+    dtype, device, k = pb.real_dtype, B.device, pb.k
     eps = torch.finfo(dtype).eps
 
     def apply_M(V):
@@ -106,13 +107,13 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
         X = pb.X0
         R1 = B - apply_A(X)
     Y = apply_M(R1)
-    beta1sq = col_dot(R1, Y)
+    beta1sq = col_dot_real(R1, Y)
     if pb.X0 is None:
         bnormsq = beta1sq
     else:
-        bnormsq = col_dot(B, apply_M(B)) if Mop is not None else col_dot(B, B)
+        bnormsq = col_dot_real(B, apply_M(B)) if Mop is not None else col_dot_real(B, B)
     bnorm = torch.sqrt(torch.clamp(bnormsq, min=0))
-    tol = torch.clamp(rtol * bnorm, min=atol)
+    tol = stop_tolerance(bnorm, rtol, atol)
     beta1 = torch.sqrt(torch.clamp(beta1sq, min=0))
 
     codes = torch.zeros(k, dtype=torch.int64, device=device)
@@ -141,12 +142,12 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
             Yn = apply_A(V)
             if it > 0:
                 Yn = torch.addcmul(Yn, R1, safe_div(beta, oldb), value=-1)
-            alfa = col_dot(V, Yn)
+            alfa = col_dot_real(V, Yn)
             Yn = torch.addcmul(Yn, R2, safe_div(alfa, beta), value=-1)
             R1, R2 = R2, Yn
             Y = apply_M(R2)
             oldb = beta
-            beta2 = col_dot(R2, Y)
+            beta2 = col_dot_real(R2, Y)
             beta = torch.sqrt(torch.clamp(beta2, min=0))
             tnorm2 = tnorm2 + alfa * alfa + oldb * oldb + beta * beta
 
