@@ -174,6 +174,14 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
             Vb[i + 1] = W * safe_div(torch.ones_like(hn), hn)
             top = torch.einsum("abk,bk->ak", Q[: i + 1, : i + 1], h)  # previous rotations applied
             c, s, r = _givens(top[i], hn)
+            # A vanishing pivot: A M v_i lies (to rounding) in the span of the previous columns,
+            # as when A M is singular. Its component is dropped (H[i, i] = 0, see _combine); the
+            # rotation that swaps rows i and i+1 keeps Q unitary and the residual estimate true.
+            # Solving with the rounding-sized pivot instead would add an O(1) error to x.
+            dead = r.abs() <= eps * h0
+            c = torch.where(dead, torch.zeros_like(c), c)
+            s = torch.where(dead, torch.ones_like(s), s)
+            r = torch.where(dead, torch.zeros_like(r), r)
             H[:i, i] = top[:i]
             H[i, i] = r
             qi, qn = Q[i, : i + 2].clone(), Q[i + 1, : i + 2].clone()
