@@ -35,23 +35,27 @@ __all__ = ["cg"]
 @torch.no_grad()
 def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=None, check_every=None,
        graph=False, _backend=None):
-    """Solve ``A x = b`` for a symmetric positive definite ``A`` by (preconditioned) CG.
+    """Solve ``A x = b`` for a symmetric (Hermitian) positive definite ``A`` by (preconditioned) CG.
 
     Parameters
     ----------
     A : operator or Tensor, shape (n, n)
-        Symmetric positive definite. Anything ``as_operator`` accepts: an
+        Symmetric positive definite, or Hermitian positive definite when
+        complex. Anything ``as_operator`` accepts: an
         otlinop operator, a dense torch tensor, a NumPy array, a scipy sparse
         matrix or LinearOperator, a ``linear_operator`` object.
     b : Tensor, shape (n,) or (n, k)
-        One right-hand side, or k of them solved together: each column has
-        its own step sizes and stopping test, and one iteration costs one
-        ``A @ P`` with P of shape (n, k).
+        Real or complex, of A's precision (a complex b with a real A gives a
+        complex solve). One right-hand side, or k of them solved together:
+        each column has its own step sizes and stopping test, and one
+        iteration costs one ``A @ P`` with P of shape (n, k).
     x0 : Tensor, shape like b, optional
         Initial guess (default zeros).
     rtol, atol : float
         Column j stops when ``||r_j|| <= max(rtol * ||b_j||, atol)``
         (scipy's rule), with r the recursively updated residual.
+        ``rtol=inf`` or ``atol=inf`` stops at once; a column of b that is
+        zero gets x = 0 at once, whatever x0 (scipy's rules).
     maxiter : int, optional
         Iteration limit (default ``10 n``, as scipy).
     M : operator, Tensor, callable or factory, optional
@@ -95,10 +99,12 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     ------
     ValueError
         If A is not square, b or x0 has the wrong shape or non-finite
-        entries, maxiter < 1, a tolerance is negative, or M is one of this
+        entries, maxiter < 1, a tolerance is negative, NaN, None or a
+        string, or M is one of this
         package's preconditioners and known not to be positive definite.
     TypeError
-        If b, x0 or M have the wrong type or dtype.
+        If b, x0 or M have the wrong type, or a dtype of another precision
+        than A's.
 
     Notes
     -----
@@ -106,6 +112,8 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     ``alpha = rho / p^T A p``, ``x += alpha p``, ``r -= alpha A p``. If
     ``p^T A p <= 0`` the column stops and the status says that A is not
     positive definite (use ``minres``); if ``r^T M r <= 0`` it says so of M.
+    For complex systems the inner products are ``r^H M r`` and ``p^H A p``
+    (real for a Hermitian A and M) and the step sizes stay real.
     Non-convergence is reported in ``status``, never raised.
 
     The loop runs under ``torch.no_grad()``: ``x`` carries no gradient. Use

@@ -61,16 +61,18 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
     Parameters
     ----------
     A : operator or Tensor, shape (n, n)
-        Any square operator (no adjoint needed).
+        Any square operator, real or complex (no adjoint needed).
     b : Tensor, shape (n,) or (n, k)
-        One or k right-hand sides; k Arnoldi processes run side by side, one
-        ``A @ V`` with V of shape (n, k) per iteration.
+        Real or complex, of A's precision. One or k right-hand sides; k
+        Arnoldi processes run side by side, one ``A @ V`` with V of shape
+        (n, k) per iteration.
     x0 : Tensor, shape like b, optional
         Initial guess (default zeros).
     rtol, atol : float
         Column j stops when ``||b_j - A x_j|| <= max(rtol ||b_j||, atol)``:
         the Arnoldi estimate inside a cycle, confirmed by the explicit
-        residual at the restart.
+        residual at the restart. ``rtol=inf`` or ``atol=inf`` stops at once; a column of b that is
+        zero gets x = 0 at once, whatever x0 (scipy's rules).
     restart : int
         Krylov dimension per cycle (default 20, capped at n). Memory:
         ``(restart + 1) n k`` entries.
@@ -98,16 +100,19 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
     ------
     ValueError
         Non-square A, wrong shapes, non-finite b or x0, maxiter or restart
-        < 1, negative tolerances.
+        < 1, negative, NaN, None or string tolerances.
     TypeError
-        Wrong types or dtypes.
+        Wrong types, or dtypes of another precision than A's.
 
     Notes
     -----
     Arnoldi with classical Gram-Schmidt applied twice (as stable as the
     modified version, and two batched products instead of a loop), Givens
-    rotations on the Hessenberg matrix; at each restart
-    ``x += M V_j y_j`` with ``min_y ||beta e_1 - H y||``.
+    rotations on the Hessenberg matrix (complex ones, with a real cosine,
+    for complex systems); at each restart ``x += M V_j y_j`` with
+    ``min_y ||beta e_1 - H y||``. A pivot that vanishes to rounding (A M
+    singular on the Krylov space) drops its direction, as an exact zero
+    does, instead of dividing by it.
 
     Examples
     --------

@@ -54,11 +54,13 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
     Parameters
     ----------
     A : operator or Tensor, shape (n, m)
-        Any shape; needs ``A.T`` (dense tensors and otlinop operators with an
-        adjoint have it).
-    b : Tensor, shape (n,) or (n, k)
-        One or k right-hand sides; per iteration one ``A @ V`` and one
-        ``A.T @ U`` with k columns.
+        Any shape, real or complex; needs its adjoint: ``A.H``, or ``A.T``
+        (conjugated for a complex A; dense tensors and otlinop operators
+        with an adjoint have them).
+    b : Tensor, number, shape (n,) or (n, k)
+        Real or complex, of A's precision. One or k right-hand sides; per
+        iteration one ``A @ V`` and one ``A^H @ U`` with k columns. When A
+        has one row, a number or a 0-d tensor (scipy's scalar b).
     x0 : Tensor, shape (m,) or (m, k), optional
         Initial guess (default zeros).
     damp : float
@@ -68,6 +70,8 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
         ||A|| ||x||`` (a compatible system) or ``||A^T r|| <= atol ||A||
         ||r||`` (a least-squares solution), with ``r = b - A x`` (the damped
         residual when ``damp > 0``) and LSMR's estimates of the norms.
+        ``atol=inf`` or ``btol=inf`` stops at once; a column of b that is
+        zero gets x = 0 at once.
     conlim : float
         Stop (not converged) when the estimate of ``cond(A)`` exceeds it;
         0 disables the test.
@@ -83,21 +87,25 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
     -------
     SolveResult
         ``x`` of shape (m,) or (m, k); ``residual_norm`` is LSMR's estimate
-        of ``||r||``.
+        of ``||r||``; ``extras`` holds scipy's estimates ``normr``,
+        ``normar`` (``||A^H r||``), ``normA``, ``condA`` and ``normx``, each
+        of shape () or (k,), taken at each column's last iteration.
 
     Raises
     ------
     ValueError
-        Wrong shapes, non-finite b or x0, maxiter < 1, negative tolerances or
-        damp.
+        Wrong shapes, non-finite b or x0, maxiter < 1, negative, NaN, None
+        or string tolerances, negative damp.
     TypeError
-        Wrong types or dtypes, or an A without ``.T``.
+        Wrong types, dtypes of another precision than A's, or an A without
+        an adjoint.
 
     Notes
     -----
     Golub-Kahan bidiagonalisation ``beta u = A v - alpha u``,
-    ``alpha v = A^T u - beta v``; LSMR is MINRES on the normal equations
-    ``(A^T A + damp^2 I) x = A^T b``, so ``||A^T r||`` decreases
+    ``alpha v = A^H u - beta v`` (alpha and beta are norms: every scalar
+    of the recurrences is real, also for complex A); LSMR is MINRES on the
+    normal equations ``(A^H A + damp^2 I) x = A^H b``, so ``||A^H r||`` decreases
     monotonically. The stopping tests are scipy's (istop 1-6): codes 1 and 4
     are reported as converged, 2 and 5 as converged to a least-squares
     solution, 3 and 6 (conlim) as not converged. There is no preconditioner

@@ -16,16 +16,17 @@ __all__ = ["minres"]
 @torch.no_grad()
 def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=None,
            check_every=None):
-    """Solve ``(A - shift I) x = b`` for a symmetric, possibly indefinite ``A`` by MINRES.
+    """Solve ``(A - shift I) x = b`` for a symmetric (Hermitian), possibly indefinite ``A`` by MINRES.
 
     Parameters
     ----------
     A : operator or Tensor, shape (n, n)
-        Symmetric (indefinite and singular are fine). Anything
-        ``as_operator`` accepts.
+        Symmetric, or Hermitian when complex (indefinite and singular are
+        fine). Anything ``as_operator`` accepts.
     b : Tensor, shape (n,) or (n, k)
-        One or k right-hand sides; the k Lanczos recurrences run side by
-        side, one ``A @ V`` with V of shape (n, k) per iteration.
+        Real or complex, of A's precision. One or k right-hand sides; the k
+        Lanczos recurrences run side by side, one ``A @ V`` with V of shape
+        (n, k) per iteration.
     x0 : Tensor, shape like b, optional
         Initial guess (default zeros).
     shift : float
@@ -34,6 +35,8 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
         Column j stops when ``||r_j|| <= max(rtol * ||b_j||, atol)``. With a
         preconditioner both norms are M-norms, ``||r||_M = sqrt(r^T M r)``, as
         in scipy; ``||r||`` is MINRES' own estimate, exact in exact arithmetic.
+        ``rtol=inf`` or ``atol=inf`` stops at once; a column of b that is
+        zero gets x = 0 at once, whatever x0 (scipy's rules).
     maxiter : int, optional
         Iteration limit (default ``5 n``, as scipy).
     M : operator, Tensor, callable or factory, optional
@@ -53,14 +56,16 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
     Raises
     ------
     ValueError
-        Non-square A, wrong shapes, non-finite b or x0, maxiter < 1, negative
-        tolerances, or a package preconditioner known to be indefinite.
+        Non-square A, wrong shapes, non-finite b or x0, maxiter < 1, negative,
+        NaN, None or string tolerances, or a package preconditioner known to
+        be indefinite.
     TypeError
-        Wrong types or dtypes.
+        Wrong types, or dtypes of another precision than A's.
 
     Notes
     -----
-    Lanczos on ``M^(1/2) (A - shift I) M^(1/2)`` with a QR factorisation of the
+    Lanczos on ``M^(1/2) (A - shift I) M^(1/2)`` (real coefficients
+    ``alpha = v^H A v``, ``beta^2 = r^H M r`` for a Hermitian A) with a QR factorisation of the
     tridiagonal matrix updated by Givens rotations; ``x_k`` minimises
     ``||b - (A - shift I) x||_M`` over the Krylov space. A column also stops
     (not converged) when ``r^T M r < 0`` (M indefinite or A not symmetric) or

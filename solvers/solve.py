@@ -197,12 +197,15 @@ def solve(A, b, method="cg", *, params=None, **options):
     Notes
     -----
     Implicit function theorem: with ``A(theta) x = b`` and an incoming
-    gradient ``g = dL/dx``, the backward pass solves ``A^T lam = g`` once
+    gradient ``g = dL/dx``, the backward pass solves ``A^H lam = g`` once
     (the same method and options, without x0 and callback; ``A`` itself for
-    cg, minres or an ``A.is_symmetric`` operator, else ``A.T``; the
-    preconditioner is transposed or re-bound to ``A.T``), then returns
-    ``dL/db = lam`` and ``dL/dtheta = -lam^T (dA/dtheta) x``, computed by
-    autograd on one matvec ``A @ x`` with x held fixed. The backward pass
+    cg, minres (which assume a Hermitian A) or a real ``A.is_symmetric``
+    operator, else the adjoint, ``A.H`` or ``A.T``; the preconditioner is
+    replaced by its adjoint or re-bound to it), then returns
+    ``dL/db = lam`` and ``dL/dtheta = -lam^H (dA/dtheta) x``, computed by
+    autograd on one matvec ``A @ x`` with x held fixed. A complex b with a
+    real A makes the solve complex (A is applied to real and imaginary
+    parts); gradients follow torch's convention for complex tensors. The backward pass
     calls ``solve`` itself, so ``create_graph=True`` and double backward work
     when the matvec is twice differentiable. The gradient is exact only to
     the solver's tolerance; a backward solve that does not converge emits a
