@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ._operator import (COMPLEX_DTYPES, DTYPES, REAL_DTYPES, CallableOperator, ComplexifiedOperator, DenseOperator,
-                        as_operator, fmt_shape, is_operator, promote)
+                        as_operator, complex_of, fmt_shape, is_operator, promote)
 
 # On the CPU a host sync costs nothing, so test every iteration; on an
 # accelerator each sync stalls the launch queue, so test every 10.
@@ -57,8 +57,14 @@ def _solve_dtype(caller: str, op_dtype: torch.dtype, name: str, dtype: torch.dty
     if dtype not in DTYPES:
         raise TypeError(f"{caller}: {name} has dtype {dtype}, expected a floating or complex dtype like A "
                         f"({op_dtype}); convert with {name}.to({op_dtype})")
-    if dtype.to_real() != op_dtype.to_real():
-        want = op_dtype.to_complex() if dtype in COMPLEX_DTYPES else op_dtype
+    if dtype in COMPLEX_DTYPES:
+        want = complex_of(op_dtype)
+    else:
+        want = op_dtype.to_real()
+    if dtype != want:
+        if want is None:
+            raise TypeError(f"{caller}: {name} has dtype {dtype}, but A has dtype {op_dtype}, which has no "
+                            "complex counterpart; use a float32 or float64 operator for complex systems")
         raise TypeError(f"{caller}: {name} has dtype {dtype}, but A has dtype {op_dtype}; "
                         f"convert with {name}.to({want})")
     return dtype if dtype in COMPLEX_DTYPES else op_dtype
@@ -82,7 +88,7 @@ def setup(caller: str, A, b, x0, *, square: bool, scalar_b: bool = False) -> Pro
         raise TypeError(f"{caller}: A has dtype {op.dtype}, expected float32, float64, complex64 or complex128")
     if scalar_b and n == 1:
         if isinstance(b, numbers.Number) and not isinstance(b, bool):
-            b = torch.tensor([b], dtype=op.dtype.to_complex() if isinstance(b, complex) else op.dtype,
+            b = torch.tensor([b], dtype=complex_of(op.dtype) if isinstance(b, complex) else op.dtype,
                              device=op.device)
         elif isinstance(b, torch.Tensor) and b.ndim == 0:
             b = b.reshape(1)
@@ -197,7 +203,7 @@ def bind_preconditioner(caller: str, M, op, vector: bool, *, spd: bool):
         M = as_operator(M, name="M", caller=caller)
     if tuple(int(s) for s in M.shape) != (n, n):
         raise ValueError(f"{caller}: M has shape {fmt_shape(M.shape)}, expected ({n}, {n}) like A")
-    if M.dtype != op.dtype and not (M.dtype in REAL_DTYPES and M.dtype.to_complex() == op.dtype):
+    if M.dtype != op.dtype and not (M.dtype in REAL_DTYPES and complex_of(M.dtype) == op.dtype):
         raise TypeError(f"{caller}: M has dtype {M.dtype}, but A has dtype {op.dtype}")
     if not _same_device(torch.device(M.device), op.device):
         raise ValueError(f"{caller}: M is on {M.device}, but A is on {op.device}")

@@ -22,6 +22,14 @@ __all__ = ["as_operator", "register_conversion", "adjoint"]
 REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
 DTYPES = REAL_DTYPES + COMPLEX_DTYPES
+# The real dtypes with a complex counterpart the solvers take (torch's own
+# to_complex() maps float16 to complex32 and bfloat16 to complex64).
+_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def complex_of(dtype: torch.dtype) -> torch.dtype | None:
+    """The complex dtype of a real dtype's precision (itself if complex), or None."""
+    return dtype if dtype in COMPLEX_DTYPES else _COMPLEX_OF.get(dtype)
 
 # The converters registered by packages above the solvers, tried in order by
 # as_operator for objects that are neither operators nor dense torch tensors.
@@ -119,7 +127,7 @@ class ComplexifiedOperator:
     def __init__(self, A):
         self.operator = A
         self.shape = tuple(int(s) for s in A.shape)
-        self.dtype = A.dtype.to_complex()
+        self.dtype = complex_of(A.dtype)
         self.device = A.device
         self.is_symmetric = bool(getattr(A, "is_symmetric", False))
         self.is_psd = bool(getattr(A, "is_psd", False))
@@ -188,7 +196,7 @@ def promote(A, dtype: torch.dtype):
     promotion the solvers make)."""
     if A.dtype == dtype:
         return A
-    if A.dtype in REAL_DTYPES and dtype == A.dtype.to_complex():
+    if A.dtype in REAL_DTYPES and dtype == complex_of(A.dtype):
         return ComplexifiedOperator(A)
     raise TypeError(f"cannot apply an operator of dtype {A.dtype} to vectors of dtype {dtype}")
 

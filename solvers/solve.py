@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from ._operator import COMPLEX_DTYPES, REAL_DTYPES, adjoint, as_operator, is_operator, promote
+from ._operator import COMPLEX_DTYPES, REAL_DTYPES, adjoint, as_operator, complex_of, is_operator, promote
 from .bicgstab import bicgstab
 from .cg import cg
 from .gmres import gmres
@@ -231,7 +231,7 @@ def solve(A, b, method="cg", *, params=None, **options):
                          "'bicgstab'")
     op = as_operator(A, caller="solve")
     if (isinstance(b, torch.Tensor) and b.dtype in COMPLEX_DTYPES and op.dtype in REAL_DTYPES
-            and b.dtype == op.dtype.to_complex()):
+            and b.dtype == complex_of(op.dtype)):
         # A complex b with a real A: the solve, and the VJP's product A x, run in complex.
         op = promote(op, b.dtype)
     found = _find_params(op, params)

@@ -137,8 +137,8 @@ class _HostOperator:
 
     def __matmul__(self, V):
         arr = V.numpy()
-        out = self.L.matvec(arr) if V.ndim == 1 else self.L.matmat(arr)
-        return torch.as_tensor(np.asarray(out, dtype=self._np).reshape(V.shape[:1] if V.ndim == 1 else (-1, V.shape[1])))
+        out = np.asarray(self.L.matvec(arr) if V.ndim == 1 else self.L.matmat(arr), dtype=self._np)
+        return torch.as_tensor(out.reshape(self.shape[0], *V.shape[1:]))
 
     @property
     def H(self):
@@ -373,12 +373,20 @@ def _translate(value):
     return value, repr(value), None
 
 
-def _axis(values, ids=None):
-    """[(our value, id, not-applicable solver or None)] for one argument."""
+def _axis(argnames, values, ids=None):
+    """[(our kwargs, id, not-applicable solver or None, marks)] for one parametrized group of arguments
+    (values may be tuples, for several argnames, and pytest.param objects)."""
     out = []
-    for i, v in enumerate(values):
-        ours, label, missing = _translate(v)
-        out.append((ours, ids[i] if ids else label, missing))
+    for i, value in enumerate(values):
+        marks, given_id = (), None
+        if all(hasattr(value, attr) for attr in ("values", "marks", "id")):  # a pytest.param
+            marks, given_id = tuple(value.marks), value.id
+            value = value.values[0] if len(argnames) == 1 else value.values
+        translated = [_translate(v) for v in ((value,) if len(argnames) == 1 else tuple(value))]
+        if given_id is None:
+            given_id = ids[i] if isinstance(ids, (list, tuple)) else "-".join(t[1] for t in translated)
+        missing = next((t[2] for t in translated if t[2] is not None), None)
+        out.append(({a: t[0] for a, t in zip(argnames, translated)}, given_id, missing, marks))
     return out
 
 
@@ -386,30 +394,30 @@ _KEPT_MARKS = ("xfail", "skip", "skipif", "filterwarnings")
 
 
 def _function_params(module, ns, file: str, fixtures: dict):
-    """pytest.params (name, kwargs) for every module-level ``test_*`` function of ``module``."""
+    """pytest.params (name, kwargs) for every module-level ``test_*`` function of ``module``:
+    its parametrize marks (scipy's values translated) and its ``case`` / ``solver`` fixtures."""
     params = []
     for name, fn in vars(module).items():
         if not name.startswith("test") or not inspect.isfunction(fn):
             continue
         marks = list(getattr(fn, "pytestmark", []))
         kept = [m for m in marks if m.name in _KEPT_MARKS]
-        axes = {}
+        axes, covered = [], set()
         for m in marks:
             if m.name == "parametrize":
-                argnames = m.args[0] if not isinstance(m.args[0], str) else [a.strip() for a in m.args[0].split(",")]
-                if len(argnames) != 1:
-                    raise NotImplementedError(f"{file}::{name}: multi-argument parametrize not handled")
-                axes[argnames[0]] = _axis(m.args[1], m.kwargs.get("ids"))
+                argnames = [a.strip() for a in m.args[0].split(",")] if isinstance(m.args[0], str) \
+                    else list(m.args[0])
+                axes.append(_axis(argnames, m.args[1], m.kwargs.get("ids")))
+                covered.update(argnames)
         for arg in inspect.signature(fn).parameters:
-            if arg not in axes and arg in fixtures:
-                axes[arg] = _axis(fixtures[arg])
-        names = list(axes)
-        for combo in itertools.product(*(axes[a] for a in names)):
+            if arg not in covered and arg in fixtures:
+                axes.append(_axis([arg], fixtures[arg]))
+        for combo in itertools.product(*axes):
             label = "-".join(c[1] for c in combo)
             test_id = f"{file}::{name}[{label}]" if combo else f"{file}::{name}"
-            kwargs = {a: c[0] for a, c in zip(names, combo)}
+            kwargs = {k: v for c in combo for k, v in c[0].items()}
             na = next((c[2] for c in combo if c[2] is not None), None)
-            extra = list(kept)
+            extra = list(kept) + [m for c in combo for m in c[3]]
             reason = _excluded(test_id)
             if na is not None:
                 extra.append(pytest.mark.skip(reason=f"not applicable: {NOT_APPLICABLE[na]}"))
