@@ -29,8 +29,10 @@ writes. One program streams the vectors at a fraction of the GPU's
 bandwidth, so it is used up to ``config.cg_fused_max_n`` rows, and only while
 ``config.cg_fused`` is set (off by default until measured on a GPU;
 :func:`fused_backend`); longer vectors, several right-hand sides, other
-dtypes and the CPU take the torch reference, which is the same arithmetic as
-separate torch operations (dots by ``torch.dot`` / ``torch.linalg.vecdot``).
+dtypes (complex included) and the CPU take the torch reference, which is the
+same arithmetic as separate torch operations (dots by ``torch.dot`` /
+``torch.linalg.vecdot``; for complex vectors the real part of ``torch.vdot``,
+the scalars staying real).
 The two backends agree to rounding, not bitwise (their sums run in
 different orders).
 """
@@ -57,7 +59,7 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test
 #: when this module was imported: ``triton.jit`` reads it then).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["cg_update", "cg_direction", "check_state", "fused_backend"]
+__all__ = ["cg_update", "cg_direction", "check_state", "fused_backend", "real_inner"]
 
 # At 2^15 float32 rows a pass streams 128 KiB per vector, estimated (not
 # measured) at a few microseconds for one program. Not yet tuned on a GPU:
@@ -86,7 +88,8 @@ def fused_backend(B: torch.Tensor) -> str:
     """The backend the CG iteration takes for right-hand side(s) ``B``:
     "triton" for one CUDA right-hand side (1-D) of float32 or float64 with at
     most ``config.cg_fused_max_n`` rows, when Triton is installed and
-    ``config.cg_fused`` is set; "torch" otherwise."""
+    ``config.cg_fused`` is set; "torch" otherwise (complex dtypes always:
+    the kernels are real-only)."""
     ok = (config.cg_fused and HAS_TRITON and B.is_cuda and B.ndim == 1 and B.dtype in _DTYPES
           and B.shape[0] <= config.cg_fused_max_n)
     return "triton" if ok else "torch"
@@ -160,9 +163,18 @@ if HAS_TRITON:
         tl.store(RHO, rho_new)
 
 
-def _inner(U, V, out=None):
-    """``<U, V>`` (into ``out``, if given): 0-d for vectors, per column for (n, k)."""
+def real_inner(U, V, out=None):
+    """``<U, V>`` (into ``out``, if given): 0-d for vectors, per column for (n, k).
+
+    For complex vectors, the real part of ``U^H V``: CG's inner products
+    (``r^H M r``, ``p^H A p``) are real for a Hermitian A and M, and its
+    scalars stay real tensors.
+    """
+    if U.is_complex():
+        d = (torch.vdot(U, V) if U.ndim == 1 else torch.linalg.vecdot(U, V, dim=0)).real
+        return d if out is None else out.copy_(d)
     return torch.dot(U, V, out=out) if U.ndim == 1 else torch.linalg.vecdot(U, V, dim=0, out=out)
+
 
 
 def check_state(fn: str, vectors: dict, scalars: dict, backend: str) -> None:
@@ -236,7 +248,7 @@ def cg_update(P, Q, X, R, rho, rnorm, active, iters, failed_pq, rho_new, tol, *,
         _update_kernel[(1,)](P, Q, X, R, rho, rnorm, active, iters, failed_pq, rho_new, tol, P.shape[0],
                              PRECOND=precond, F64=P.dtype == torch.float64, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
         return
-    pq = _inner(P, Q)
+    pq = real_inner(P, Q)
     step = active & (pq > 0)
     torch.where(active ^ step, pq, failed_pq, out=failed_pq)
     alpha = torch.where(step, rho / pq, 0.0)
@@ -245,7 +257,7 @@ def cg_update(P, Q, X, R, rho, rnorm, active, iters, failed_pq, rho_new, tol, *,
     if precond:
         torch.linalg.vector_norm(R, dim=0, out=rnorm)
     else:
-        _inner(R, R, rho_new)
+        real_inner(R, R, rho_new)
         torch.sqrt(rho_new, out=rnorm)
     iters.add_(step)
     torch.logical_and(step, rnorm > tol, out=active)
@@ -277,7 +289,7 @@ def cg_direction(R, Z, P, rho, rho_new, active, failed_rho, *, precond: bool, ba
                                 BLOCK=_BLOCK, num_warps=_NUM_WARPS)
         return
     if precond:
-        _inner(R, Z, rho_new)
+        real_inner(R, Z, rho_new)
         still = active & (rho_new > 0)
         torch.where(active ^ still, rho_new, failed_rho, out=failed_rho)
         active.copy_(still)

@@ -1,20 +1,35 @@
 """The operator protocol the solvers rely on, and the adaptor ``as_operator``.
 
-An operator has ``shape`` (n, m), ``dtype`` (a torch dtype), ``device`` and
-``A @ v`` for v of shape (m,) or (m, k); optionally ``.T``, ``diagonal()``,
+An operator has ``shape`` (n, m), ``dtype`` (a real or complex torch dtype),
+``device`` and ``A @ v`` for v of shape (m,) or (m, k); optionally ``.T`` (the
+transpose, never conjugated), ``.H`` (the conjugate transpose), ``diagonal()``,
 ``splitting()`` and the flags ``is_symmetric`` / ``is_psd``. The solvers never
 import OT code: a package that converts more kinds of objects (NumPy arrays,
 scipy matrices, foreign LinearOperators) registers its converter with
 :func:`register_conversion` when it is imported, as ``otlinop`` does.
+
+A real operator serves complex vectors through :class:`ComplexifiedOperator`
+(``A (u + iv) = A u + i A v``), which is how the solvers promote a real ``A``
+when ``b`` or ``x0`` is complex, as scipy does.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["as_operator", "register_conversion"]
+__all__ = ["as_operator", "register_conversion", "adjoint"]
 
 REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+DTYPES = REAL_DTYPES + COMPLEX_DTYPES
+# The real dtypes with a complex counterpart the solvers take (torch's own
+# to_complex() maps float16 to complex32 and bfloat16 to complex64).
+_COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def complex_of(dtype: torch.dtype) -> torch.dtype | None:
+    """The complex dtype of a real dtype's precision (itself if complex), or None."""
+    return dtype if dtype in COMPLEX_DTYPES else _COMPLEX_OF.get(dtype)
 
 # The converters registered by packages above the solvers, tried in order by
 # as_operator for objects that are neither operators nor dense torch tensors.
@@ -81,6 +96,13 @@ class DenseOperator:
             self._T._T = self
         return self._T
 
+    @property
+    def H(self) -> "DenseOperator":
+        """The conjugate transpose (``T`` for a real matrix)."""
+        if not self.M.is_complex():
+            return self.T
+        return DenseOperator(self.M.mH)
+
     def diagonal(self) -> torch.Tensor:
         return self.M.diagonal()
 
@@ -92,6 +114,91 @@ class DenseOperator:
 
     def __repr__(self) -> str:
         return f"<dense {self.shape[0]}x{self.shape[1]} {self.dtype} on {self.device}>"
+
+
+class ComplexifiedOperator:
+    """A real (n, m) operator applied to complex vectors: ``A (u + iv) = A u + i A v``.
+
+    One product of the real operator with 2k columns (the real and imaginary
+    parts side by side) per product with k complex columns. Its dtype is the
+    complex dtype of A's precision; ``T``, ``H`` and ``diagonal()`` follow A's.
+    """
+
+    def __init__(self, A):
+        self.operator = A
+        self.shape = tuple(int(s) for s in A.shape)
+        self.dtype = complex_of(A.dtype)
+        self.device = A.device
+        self.is_symmetric = bool(getattr(A, "is_symmetric", False))
+        self.is_psd = bool(getattr(A, "is_psd", False))
+
+    def __matmul__(self, V):
+        if V.ndim == 1:
+            W = self.operator @ torch.stack([V.real, V.imag], dim=1)
+            return torch.complex(W[:, 0], W[:, 1])
+        k = V.shape[1]
+        W = self.operator @ torch.cat([V.real, V.imag], dim=1)
+        return torch.complex(W[:, :k], W[:, k:])
+
+    @property
+    def T(self) -> "ComplexifiedOperator":
+        return ComplexifiedOperator(self.operator.T)
+
+    @property
+    def H(self) -> "ComplexifiedOperator":
+        # A is real: its adjoint is its transpose.
+        return self.T
+
+    def diagonal(self) -> torch.Tensor:
+        return self.operator.diagonal().to(self.dtype)
+
+    def _differentiable_tensors(self) -> tuple:
+        fn = getattr(self.operator, "_differentiable_tensors", None)
+        return tuple(fn()) if callable(fn) else ()
+
+    def __repr__(self) -> str:
+        return f"<complex view of {self.operator!r}>"
+
+
+class _ConjugateTranspose:
+    """``A^H v = conj(A^T conj(v))`` for a complex operator with a (non-conjugating) ``.T`` only."""
+
+    def __init__(self, A):
+        self._AT = A.T
+        self.shape = tuple(int(s) for s in self._AT.shape)
+        self.dtype, self.device = A.dtype, A.device
+
+    def __matmul__(self, V):
+        return (self._AT @ V.conj()).conj()
+
+    def __repr__(self) -> str:
+        return f"<conjugate transpose of {self._AT!r}.T>"
+
+
+def adjoint(A):
+    """The adjoint ``A^H`` of an operator: ``A.H`` if it has one, else ``A.T`` for
+    a real operator, else ``conj(A.T conj(v))``.
+
+    Raises AttributeError or NotImplementedError (from the operator) when A
+    has neither.
+    """
+    H = getattr(type(A), "H", None)
+    if H is not None:
+        return A.H
+    if A.dtype in COMPLEX_DTYPES:
+        return _ConjugateTranspose(A)
+    return A.T
+
+
+def promote(A, dtype: torch.dtype):
+    """``A`` for vectors of ``dtype``: A itself, or its complex view when A is
+    real and ``dtype`` the complex dtype of the same precision (the only
+    promotion the solvers make)."""
+    if A.dtype == dtype:
+        return A
+    if A.dtype in REAL_DTYPES and dtype == complex_of(A.dtype):
+        return ComplexifiedOperator(A)
+    raise TypeError(f"cannot apply an operator of dtype {A.dtype} to vectors of dtype {dtype}")
 
 
 class CallableOperator:
@@ -162,9 +269,9 @@ def as_operator(A, *, name: str = "A", caller: str = "as_operator"):
         if A.ndim != 2:
             raise ValueError(f"{caller}: {name} must be a 2-D matrix or an operator, got a tensor of shape "
                              f"{fmt_shape(A.shape)}")
-        if A.dtype not in REAL_DTYPES:
-            raise TypeError(f"{caller}: {name} has dtype {A.dtype}, expected a real floating dtype "
-                            f"(float32 or float64); convert with {name}.to(torch.float64)")
+        if A.dtype not in DTYPES:
+            raise TypeError(f"{caller}: {name} has dtype {A.dtype}, expected a floating or complex dtype "
+                            f"(float32, float64, complex64 or complex128); convert with {name}.to(torch.float64)")
         if A.layout == torch.strided:
             return DenseOperator(A)
     if not CONVERSIONS:

@@ -40,6 +40,13 @@ class SolveResult:
         Per-column convergence flags; ``converged == bool(column_converged.all())``.
     column_iterations : Tensor of int64, shape () or (k,)
         Per-column iteration counts.
+    extras : dict
+        A method's own estimates, each a tensor of shape () or (k,); empty
+        for most methods. ``lsmr`` gives scipy's ``normr`` (``||b - A x||``,
+        of the damped residual with ``damp``), ``normar`` (``||A^H r||``),
+        ``normA`` (Frobenius norm of A, damped), ``condA`` (condition number
+        of A, damped) and ``normx`` (``||x||``), in scipy's order after
+        ``itn``.
 
     Examples
     --------
@@ -57,6 +64,7 @@ class SolveResult:
     status: str
     column_converged: torch.Tensor = field(repr=False)
     column_iterations: torch.Tensor = field(repr=False)
+    extras: dict = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
         return (f"SolveResult(x=<{tuple(self.x.shape)} {self.x.dtype}>, converged={self.converged}, "
@@ -121,11 +129,12 @@ def default_describe(method: str, hint: str) -> Callable[[int, dict], str]:
 
 def finish(*, X: torch.Tensor, vector: bool, codes: torch.Tensor, iters: torch.Tensor,
            rnorm: torch.Tensor, tol: torch.Tensor, bnorm: torch.Tensor, rtol: float, atol: float,
-           maxiter: int, describe: Callable[[int, dict], str]) -> SolveResult:
+           maxiter: int, describe: Callable[[int, dict], str], extras: dict | None = None) -> SolveResult:
     """Build the SolveResult after the loop, with a single device-to-host transfer.
 
     ``X`` (n, k); ``codes`` int64, ``iters`` int64, ``rnorm``/``tol``/``bnorm``
-    float, all (k,). Columns still RUNNING are marked MAXITER.
+    float, all (k,). Columns still RUNNING are marked MAXITER. ``extras``:
+    name -> (k,) tensor, shaped like ``residual_norm`` in the result.
     """
     codes = torch.where(codes == RUNNING, torch.full_like(codes, MAXITER), codes)
     host = torch.stack([codes.double(), iters.double(), rnorm.double(), tol.double(),
@@ -156,11 +165,13 @@ def finish(*, X: torch.Tensor, vector: bool, codes: torch.Tensor, iters: torch.T
         nfail = sum(1 for o in ok if not o)
         status = f"{nfail} of {k} right-hand sides did not converge; " + " | ".join(parts)
     residual_norm = rnorm.clone()
+    extras = {name: value.clone() for name, value in (extras or {}).items()}
     if vector:
         X, residual_norm = X[:, 0], residual_norm[0]
         column_converged, iters = column_converged[0], iters[0]
+        extras = {name: value[0] for name, value in extras.items()}
     return SolveResult(x=X, converged=converged, n_iter=n_iter, residual_norm=residual_norm, status=status,
-                       column_converged=column_converged, column_iterations=iters.clone())
+                       column_converged=column_converged, column_iterations=iters.clone(), extras=extras)
 
 
 def _ratio(col: dict) -> float:

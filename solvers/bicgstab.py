@@ -18,15 +18,17 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
     Parameters
     ----------
     A : operator or Tensor, shape (n, n)
-        Any square operator; no adjoint needed.
+        Any square operator, real or complex; no adjoint needed.
     b : Tensor, shape (n,) or (n, k)
-        One or k right-hand sides, advanced together: two ``A @ V`` products
-        with V of shape (n, k) per iteration.
+        Real or complex, of A's precision. One or k right-hand sides,
+        advanced together: two ``A @ V`` products with V of shape (n, k) per
+        iteration.
     x0 : Tensor, shape like b, optional
         Initial guess (default zeros).
     rtol, atol : float
         Column j stops when ``||r_j|| <= max(rtol ||b_j||, atol)``, tested
-        after each half step, as scipy.
+        after each half step, as scipy. ``rtol=inf`` or ``atol=inf`` stops at once; a column of b that is
+        zero gets x = 0 at once, whatever x0 (scipy's rules).
     maxiter : int, optional
         Iteration limit (default ``10 n``); an iteration costs two matvecs.
     M : operator, Tensor, callable or factory, optional
@@ -46,14 +48,15 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
     Raises
     ------
     ValueError
-        Non-square A, wrong shapes, non-finite b or x0, maxiter < 1, negative
-        tolerances.
+        Non-square A, wrong shapes, non-finite b or x0, maxiter < 1, negative,
+        NaN, None or string tolerances.
     TypeError
-        Wrong types or dtypes.
+        Wrong types, or dtypes of another precision than A's.
 
     Notes
     -----
-    With shadow residual ``r~ = r_0``: ``rho = r~^T r``,
+    With shadow residual ``r~ = r_0`` (``^T`` reads ``^H`` for complex
+    systems, whose scalars are complex): ``rho = r~^T r``,
     ``p = r + (rho/rho_old)(alpha/omega)(p - omega v)``, ``v = A M p``,
     ``alpha = rho / r~^T v``, ``s = r - alpha v``, ``t = A M s``,
     ``omega = t^T s / t^T t``, ``x += alpha M p + omega M s``,
@@ -78,6 +81,7 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
     every = check_every_for("bicgstab", check_every, pb.op.device)
     Mop = bind_preconditioner("bicgstab", M, pb.op, pb.vector, spd=False)
     op, B = pb.op, pb.B
+    # rho, alpha and omega are complex for a complex system (non-Hermitian A): col_dot conjugates.
     k, dtype, device = pb.k, B.dtype, B.device
     tiny = torch.finfo(dtype).eps ** 2
 
@@ -124,7 +128,7 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
             half = active & (col_norm(S) <= tol)
             Shat = apply_M(S)
             T = apply(op, Shat, pb.vector)
-            tt = col_dot(T, T)
+            tt = col_dot(T, T).real
             full = active & ~half & (tt > 0)
             omega = torch.where(full, col_dot(T, S) / torch.where(full, tt, 1), zero)
             X = torch.addcmul(X, Shat, omega)

@@ -6,9 +6,9 @@ from typing import NamedTuple
 
 import torch
 
-from ._cg_step import cg_direction, cg_update, check_state, fused_backend
+from ._cg_step import cg_direction, cg_update, check_state, fused_backend, real_inner
 from ._common import (bind_preconditioner, check_callback, check_every_for, check_maxiter,
-                      check_tolerance, col_dot, col_norm, setup, tolerance)
+                      check_tolerance, col_norm, setup, tolerance)
 from ._loop import run_loop
 from ._result import CONVERGED, INDEFINITE_A, INDEFINITE_M, NONFINITE, default_describe, finish
 from .graphs import CUDA_GRAPHS, GraphCache
@@ -35,23 +35,27 @@ __all__ = ["cg"]
 @torch.no_grad()
 def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=None, check_every=None,
        graph=False, _backend=None):
-    """Solve ``A x = b`` for a symmetric positive definite ``A`` by (preconditioned) CG.
+    """Solve ``A x = b`` for a symmetric (Hermitian) positive definite ``A`` by (preconditioned) CG.
 
     Parameters
     ----------
     A : operator or Tensor, shape (n, n)
-        Symmetric positive definite. Anything ``as_operator`` accepts: an
+        Symmetric positive definite, or Hermitian positive definite when
+        complex. Anything ``as_operator`` accepts: an
         otlinop operator, a dense torch tensor, a NumPy array, a scipy sparse
         matrix or LinearOperator, a ``linear_operator`` object.
     b : Tensor, shape (n,) or (n, k)
-        One right-hand side, or k of them solved together: each column has
-        its own step sizes and stopping test, and one iteration costs one
-        ``A @ P`` with P of shape (n, k).
+        Real or complex, of A's precision (a complex b with a real A gives a
+        complex solve). One right-hand side, or k of them solved together:
+        each column has its own step sizes and stopping test, and one
+        iteration costs one ``A @ P`` with P of shape (n, k).
     x0 : Tensor, shape like b, optional
         Initial guess (default zeros).
     rtol, atol : float
         Column j stops when ``||r_j|| <= max(rtol * ||b_j||, atol)``
         (scipy's rule), with r the recursively updated residual.
+        ``rtol=inf`` or ``atol=inf`` stops at once; a column of b that is
+        zero gets x = 0 at once, whatever x0 (scipy's rules).
     maxiter : int, optional
         Iteration limit (default ``10 n``, as scipy).
     M : operator, Tensor, callable or factory, optional
@@ -95,10 +99,12 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     ------
     ValueError
         If A is not square, b or x0 has the wrong shape or non-finite
-        entries, maxiter < 1, a tolerance is negative, or M is one of this
+        entries, maxiter < 1, a tolerance is negative, NaN, None or a
+        string, or M is one of this
         package's preconditioners and known not to be positive definite.
     TypeError
-        If b, x0 or M have the wrong type or dtype.
+        If b, x0 or M have the wrong type, or a dtype of another precision
+        than A's.
 
     Notes
     -----
@@ -106,6 +112,8 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     ``alpha = rho / p^T A p``, ``x += alpha p``, ``r -= alpha A p``. If
     ``p^T A p <= 0`` the column stops and the status says that A is not
     positive definite (use ``minres``); if ``r^T M r <= 0`` it says so of M.
+    For complex systems the inner products are ``r^H M r`` and ``p^H A p``
+    (real for a Hermitian A and M) and the step sizes stay real.
     Non-convergence is reported in ``status``, never raised.
 
     The loop runs under ``torch.no_grad()``: ``x`` carries no gradient. Use
@@ -139,9 +147,6 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     flat = pb.k == 1
     if flat:
         B, tol = B[:, 0], tol[0]
-        dot = torch.dot
-    else:
-        dot = col_dot
     # The state lives in buffers of its own that every iteration updates in place (the
     # ops write through out=): a captured iteration then needs no copy-back (cg(graph=True)).
     if pb.X0 is None:
@@ -149,9 +154,10 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     else:
         X = pb.X0[:, 0] if flat else pb.X0
         R = B - op @ X
-    one = torch.ones(() if flat else pb.k, dtype=B.dtype, device=B.device)
+    # The scalars are real for complex systems too (A and M Hermitian): real_inner.
+    one = torch.ones(() if flat else pb.k, dtype=pb.real_dtype, device=B.device)
     Z = R if Mop is None else Mop @ R
-    rho = dot(R, Z)
+    rho = real_inner(R, Z)
     rnorm = col_norm(R)
     # The loop keeps few per-column flags: the status codes are derived afterwards. A column
     # has converged iff rnorm <= tol (it froze there); failed_pq / failed_rho hold the

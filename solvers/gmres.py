@@ -14,9 +14,18 @@ __all__ = ["gmres"]
 
 
 def _givens(a: torch.Tensor, b: torch.Tensor):
-    """Vectorised rotation with ``[c s; -s c] [a; b] = [r; 0]``, r >= 0; (0, 0) -> c = s = r = 0."""
-    r = torch.hypot(a, b)
-    return safe_div(a, r), safe_div(b, r), r
+    """Vectorised rotation with ``[c s; -conj(s) c] [a; b] = [r; 0]``, b real >= 0.
+
+    Real a: r = hypot(a, b) >= 0, c = a / r, s = b / r. Complex a (LAPACK's
+    convention, c real): r = sgn(a) hypot(|a|, b), c = |a| / |r|,
+    s = sgn(a) b / |r|. (0, 0) -> c = s = r = 0.
+    """
+    if not a.is_complex():
+        r = torch.hypot(a, b)
+        return safe_div(a, r), safe_div(b, r), r
+    size = torch.hypot(a.abs(), b)
+    phase = torch.where(a == 0, torch.ones_like(a), torch.sgn(a))
+    return safe_div(a.abs(), size), phase * safe_div(b, size), phase * size
 
 
 def _combine(Vb: torch.Tensor, H: torch.Tensor, g: torch.Tensor, used: torch.Tensor, size: int) -> torch.Tensor:
@@ -52,16 +61,18 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
     Parameters
     ----------
     A : operator or Tensor, shape (n, n)
-        Any square operator (no adjoint needed).
+        Any square operator, real or complex (no adjoint needed).
     b : Tensor, shape (n,) or (n, k)
-        One or k right-hand sides; k Arnoldi processes run side by side, one
-        ``A @ V`` with V of shape (n, k) per iteration.
+        Real or complex, of A's precision. One or k right-hand sides; k
+        Arnoldi processes run side by side, one ``A @ V`` with V of shape
+        (n, k) per iteration.
     x0 : Tensor, shape like b, optional
         Initial guess (default zeros).
     rtol, atol : float
         Column j stops when ``||b_j - A x_j|| <= max(rtol ||b_j||, atol)``:
         the Arnoldi estimate inside a cycle, confirmed by the explicit
-        residual at the restart.
+        residual at the restart. ``rtol=inf`` or ``atol=inf`` stops at once; a column of b that is
+        zero gets x = 0 at once, whatever x0 (scipy's rules).
     restart : int
         Krylov dimension per cycle (default 20, capped at n). Memory:
         ``(restart + 1) n k`` entries.
@@ -89,16 +100,19 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
     ------
     ValueError
         Non-square A, wrong shapes, non-finite b or x0, maxiter or restart
-        < 1, negative tolerances.
+        < 1, negative, NaN, None or string tolerances.
     TypeError
-        Wrong types or dtypes.
+        Wrong types, or dtypes of another precision than A's.
 
     Notes
     -----
     Arnoldi with classical Gram-Schmidt applied twice (as stable as the
     modified version, and two batched products instead of a loop), Givens
-    rotations on the Hessenberg matrix; at each restart
-    ``x += M V_j y_j`` with ``min_y ||beta e_1 - H y||``.
+    rotations on the Hessenberg matrix (complex ones, with a real cosine,
+    for complex systems); at each restart ``x += M V_j y_j`` with
+    ``min_y ||beta e_1 - H y||``. A pivot that vanishes to rounding (A M
+    singular on the Krylov space) drops its direction, as an exact zero
+    does, instead of dividing by it.
 
     Examples
     --------
@@ -153,9 +167,10 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
             W = apply(op, apply_M(Vb[i]), pb.vector)
             h0 = col_norm(W)
             basis = Vb[: i + 1]
-            h = torch.einsum("jnk,nk->jk", basis, W)
+            # The projections are basis^H W (conj() is a no-op on real tensors).
+            h = torch.einsum("jnk,nk->jk", basis.conj(), W)
             W = W - torch.einsum("jnk,jk->nk", basis, h)
-            h2 = torch.einsum("jnk,nk->jk", basis, W)
+            h2 = torch.einsum("jnk,nk->jk", basis.conj(), W)
             W = W - torch.einsum("jnk,jk->nk", basis, h2)
             h = h + h2
             hn = col_norm(W)
@@ -164,11 +179,19 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
             Vb[i + 1] = W * safe_div(torch.ones_like(hn), hn)
             top = torch.einsum("abk,bk->ak", Q[: i + 1, : i + 1], h)  # previous rotations applied
             c, s, r = _givens(top[i], hn)
+            # A vanishing pivot: A M v_i lies (to rounding) in the span of the previous columns,
+            # as when A M is singular. Its component is dropped (H[i, i] = 0, see _combine); the
+            # rotation that swaps rows i and i+1 keeps Q unitary and the residual estimate true.
+            # Solving with the rounding-sized pivot instead would add an O(1) error to x.
+            dead = r.abs() <= eps * h0
+            c = torch.where(dead, torch.zeros_like(c), c)
+            s = torch.where(dead, torch.ones_like(s), s)
+            r = torch.where(dead, torch.zeros_like(r), r)
             H[:i, i] = top[:i]
             H[i, i] = r
             qi, qn = Q[i, : i + 2].clone(), Q[i + 1, : i + 2].clone()
             Q[i, : i + 2] = torch.where(active, c * qi + s * qn, qi)
-            Q[i + 1, : i + 2] = torch.where(active, c * qn - s * qi, qn)
+            Q[i + 1, : i + 2] = torch.where(active, c * qn - s.conj() * qi, qn)
             used = used + active
             iters = iters + active
             rnorm = torch.where(active, (beta * Q[i + 1, 0]).abs(), rnorm)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 from ._common import (apply, as_output, check_callback, check_every_for, check_maxiter, check_tolerance, col_norm,
                       safe_div, setup)
+from ._operator import adjoint
 from ._result import CONVERGED, CONVERGED_LSQ, ILL_CONDITIONED, MAXITER, NONFINITE, RUNNING, finish
 
 __all__ = ["lsmr"]
@@ -52,11 +54,13 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
     Parameters
     ----------
     A : operator or Tensor, shape (n, m)
-        Any shape; needs ``A.T`` (dense tensors and otlinop operators with an
-        adjoint have it).
-    b : Tensor, shape (n,) or (n, k)
-        One or k right-hand sides; per iteration one ``A @ V`` and one
-        ``A.T @ U`` with k columns.
+        Any shape, real or complex; needs its adjoint: ``A.H``, or ``A.T``
+        (conjugated for a complex A; dense tensors and otlinop operators
+        with an adjoint have them).
+    b : Tensor, number, shape (n,) or (n, k)
+        Real or complex, of A's precision. One or k right-hand sides; per
+        iteration one ``A @ V`` and one ``A^H @ U`` with k columns. When A
+        has one row, a number or a 0-d tensor (scipy's scalar b).
     x0 : Tensor, shape (m,) or (m, k), optional
         Initial guess (default zeros).
     damp : float
@@ -66,6 +70,8 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
         ||A|| ||x||`` (a compatible system) or ``||A^T r|| <= atol ||A||
         ||r||`` (a least-squares solution), with ``r = b - A x`` (the damped
         residual when ``damp > 0``) and LSMR's estimates of the norms.
+        ``atol=inf`` or ``btol=inf`` stops at once; a column of b that is
+        zero gets x = 0 at once.
     conlim : float
         Stop (not converged) when the estimate of ``cond(A)`` exceeds it;
         0 disables the test.
@@ -81,21 +87,25 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
     -------
     SolveResult
         ``x`` of shape (m,) or (m, k); ``residual_norm`` is LSMR's estimate
-        of ``||r||``.
+        of ``||r||``; ``extras`` holds scipy's estimates ``normr``,
+        ``normar`` (``||A^H r||``), ``normA``, ``condA`` and ``normx``, each
+        of shape () or (k,), taken at each column's last iteration.
 
     Raises
     ------
     ValueError
-        Wrong shapes, non-finite b or x0, maxiter < 1, negative tolerances or
-        damp.
+        Wrong shapes, non-finite b or x0, maxiter < 1, negative, NaN, None
+        or string tolerances, negative damp.
     TypeError
-        Wrong types or dtypes, or an A without ``.T``.
+        Wrong types, dtypes of another precision than A's, or an A without
+        an adjoint.
 
     Notes
     -----
     Golub-Kahan bidiagonalisation ``beta u = A v - alpha u``,
-    ``alpha v = A^T u - beta v``; LSMR is MINRES on the normal equations
-    ``(A^T A + damp^2 I) x = A^T b``, so ``||A^T r||`` decreases
+    ``alpha v = A^H u - beta v`` (alpha and beta are norms: every scalar
+    of the recurrences is real, also for complex A); LSMR is MINRES on the
+    normal equations ``(A^H A + damp^2 I) x = A^H b``, so ``||A^H r||`` decreases
     monotonically. The stopping tests are scipy's (istop 1-6): codes 1 and 4
     are reported as converged, 2 and 5 as converged to a least-squares
     solution, 3 and 6 (conlim) as not converged. There is no preconditioner
@@ -112,7 +122,7 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
     >>> res.converged, [round(v, 8) for v in res.x.tolist()]
     (True, [1.0, 1.0])
     """
-    pb = setup("lsmr", A, b, x0, square=False)
+    pb = setup("lsmr", A, b, x0, square=False, scalar_b=True)
     for name, value in (("damp", damp), ("conlim", conlim)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
             raise ValueError(f"lsmr: {name} must be a non-negative float, got {value!r}")
@@ -124,11 +134,12 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
     every = check_every_for("lsmr", check_every, pb.op.device)
     op, B = pb.op, pb.B
     try:
-        AT = op.T
+        AT = adjoint(op)
     except (AttributeError, NotImplementedError) as err:
         raise TypeError(f"lsmr: A must provide its adjoint A.T ({err}); use an operator with _rmatvec, "
                         "or cg/gmres on a square system") from None
-    k, dtype, device = pb.k, B.dtype, B.device
+    # Golub-Kahan's alpha and beta are norms: every scalar is real, complex system or not.
+    k, dtype, device = pb.k, pb.real_dtype, B.device
     ones = torch.ones(k, dtype=dtype, device=device)
     zeros = torch.zeros(k, dtype=dtype, device=device)
     damp_t = torch.full((k,), damp, dtype=dtype, device=device)
@@ -136,7 +147,7 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
 
     normb = col_norm(B)
     if pb.X0 is None:
-        X = torch.zeros((pb.m, k), dtype=dtype, device=device)
+        X = torch.zeros((pb.m, k), dtype=pb.dtype, device=device)
         U = B
     else:
         X = pb.X0
@@ -159,11 +170,11 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
     normr = beta
     normar = alpha * beta
 
+    normA_out, condA_out = torch.sqrt(normA2), ones
     codes = torch.zeros(k, dtype=torch.int64, device=device)
-    # Scipy's istop = 0: A^T r = 0 (x0 already solves the normal equations) or b = 0 (x = 0).
-    done0 = (normar == 0) | (normb == 0)
-    X = torch.where(normb == 0, torch.zeros_like(X), X)
-    normr = torch.where(normb == 0, zeros, normr)
+    # Scipy's istop = 0: A^T r = 0 (x0 already solves the normal equations) or b = 0 (x = 0,
+    # setup zeroed x0 there). An infinite atol or btol accepts any x: stop at once too.
+    done0 = (normar == 0) | (normb == 0) | (math.isinf(atol) or math.isinf(btol))
     codes = torch.where(done0, CONVERGED, codes)
     codes = torch.where(~torch.isfinite(normar), NONFINITE, codes)
     active = codes == RUNNING
@@ -227,6 +238,8 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
             normx = col_norm(X)
             normr = torch.where(active, normr_n, normr)
             normar = torch.where(active, normar_n, normar)
+            normA_out = torch.where(active, normA, normA_out)
+            condA_out = torch.where(active, condA, condA_out)
             iters = iters + active
 
             test1 = safe_div(normr, normb)
@@ -251,6 +264,8 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
             if (it + 1) % every == 0 and not bool(active.any()):
                 break
 
+    extras = dict(normr=normr, normar=normar, normA=normA_out, condA=condA_out, normx=col_norm(X))
     return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=normr,
                   tol=torch.full((k,), float("nan"), dtype=dtype, device=device), bnorm=normb,
-                  rtol=btol, atol=atol, maxiter=maxiter, describe=_lsmr_describe(damp, atol, btol, conlim))
+                  rtol=btol, atol=atol, maxiter=maxiter, describe=_lsmr_describe(damp, atol, btol, conlim),
+                  extras=extras)

@@ -7,7 +7,7 @@ import numbers
 import torch
 
 from ._common import (apply, as_output, bind_preconditioner, check_callback, check_every_for, check_maxiter,
-                      check_tolerance, col_dot, safe_div, setup)
+                      check_tolerance, col_dot_real, safe_div, setup, stop_tolerance)
 from ._result import CONVERGED, INDEFINITE_M, LEAST_SQUARES, NONFINITE, RUNNING, default_describe, finish
 
 __all__ = ["minres"]
@@ -16,16 +16,17 @@ __all__ = ["minres"]
 @torch.no_grad()
 def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=None,
            check_every=None):
-    """Solve ``(A - shift I) x = b`` for a symmetric, possibly indefinite ``A`` by MINRES.
+    """Solve ``(A - shift I) x = b`` for a symmetric (Hermitian), possibly indefinite ``A`` by MINRES.
 
     Parameters
     ----------
     A : operator or Tensor, shape (n, n)
-        Symmetric (indefinite and singular are fine). Anything
-        ``as_operator`` accepts.
+        Symmetric, or Hermitian when complex (indefinite and singular are
+        fine). Anything ``as_operator`` accepts.
     b : Tensor, shape (n,) or (n, k)
-        One or k right-hand sides; the k Lanczos recurrences run side by
-        side, one ``A @ V`` with V of shape (n, k) per iteration.
+        Real or complex, of A's precision. One or k right-hand sides; the k
+        Lanczos recurrences run side by side, one ``A @ V`` with V of shape
+        (n, k) per iteration.
     x0 : Tensor, shape like b, optional
         Initial guess (default zeros).
     shift : float
@@ -34,6 +35,8 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
         Column j stops when ``||r_j|| <= max(rtol * ||b_j||, atol)``. With a
         preconditioner both norms are M-norms, ``||r||_M = sqrt(r^T M r)``, as
         in scipy; ``||r||`` is MINRES' own estimate, exact in exact arithmetic.
+        ``rtol=inf`` or ``atol=inf`` stops at once; a column of b that is
+        zero gets x = 0 at once, whatever x0 (scipy's rules).
     maxiter : int, optional
         Iteration limit (default ``5 n``, as scipy).
     M : operator, Tensor, callable or factory, optional
@@ -53,14 +56,16 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
     Raises
     ------
     ValueError
-        Non-square A, wrong shapes, non-finite b or x0, maxiter < 1, negative
-        tolerances, or a package preconditioner known to be indefinite.
+        Non-square A, wrong shapes, non-finite b or x0, maxiter < 1, negative,
+        NaN, None or string tolerances, or a package preconditioner known to
+        be indefinite.
     TypeError
-        Wrong types or dtypes.
+        Wrong types, or dtypes of another precision than A's.
 
     Notes
     -----
-    Lanczos on ``M^(1/2) (A - shift I) M^(1/2)`` with a QR factorisation of the
+    Lanczos on ``M^(1/2) (A - shift I) M^(1/2)`` (real coefficients
+    ``alpha = v^H A v``, ``beta^2 = r^H M r`` for a Hermitian A) with a QR factorisation of the
     tridiagonal matrix updated by Givens rotations; ``x_k`` minimises
     ``||b - (A - shift I) x||_M`` over the Krylov space. A column also stops
     (not converged) when ``r^T M r < 0`` (M indefinite or A not symmetric) or
@@ -89,7 +94,8 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
     every = check_every_for("minres", check_every, pb.op.device)
     Mop = bind_preconditioner("minres", M, pb.op, pb.vector, spd=True)
     op, B = pb.op, pb.B
-    dtype, device, k = B.dtype, B.device, pb.k
+    # Lanczos on a Hermitian A: every scalar of the recurrence is real, complex or not.
+    dtype, device, k = pb.real_dtype, B.device, pb.k
     eps = torch.finfo(dtype).eps
 
     def apply_M(V):
@@ -106,13 +112,13 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
         X = pb.X0
         R1 = B - apply_A(X)
     Y = apply_M(R1)
-    beta1sq = col_dot(R1, Y)
+    beta1sq = col_dot_real(R1, Y)
     if pb.X0 is None:
         bnormsq = beta1sq
     else:
-        bnormsq = col_dot(B, apply_M(B)) if Mop is not None else col_dot(B, B)
+        bnormsq = col_dot_real(B, apply_M(B)) if Mop is not None else col_dot_real(B, B)
     bnorm = torch.sqrt(torch.clamp(bnormsq, min=0))
-    tol = torch.clamp(rtol * bnorm, min=atol)
+    tol = stop_tolerance(bnorm, rtol, atol)
     beta1 = torch.sqrt(torch.clamp(beta1sq, min=0))
 
     codes = torch.zeros(k, dtype=torch.int64, device=device)
@@ -141,12 +147,12 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
             Yn = apply_A(V)
             if it > 0:
                 Yn = torch.addcmul(Yn, R1, safe_div(beta, oldb), value=-1)
-            alfa = col_dot(V, Yn)
+            alfa = col_dot_real(V, Yn)
             Yn = torch.addcmul(Yn, R2, safe_div(alfa, beta), value=-1)
             R1, R2 = R2, Yn
             Y = apply_M(R2)
             oldb = beta
-            beta2 = col_dot(R2, Y)
+            beta2 = col_dot_real(R2, Y)
             beta = torch.sqrt(torch.clamp(beta2, min=0))
             tnorm2 = tnorm2 + alfa * alfa + oldb * oldb + beta * beta
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ._operator import fmt_shape, as_operator
+from ._operator import adjoint, as_operator, fmt_shape
 
 __all__ = ["PreconditionerFactory", "jacobi", "neumann"]
 
@@ -68,14 +68,17 @@ def _square(caller: str, A) -> int:
 
 
 def _check_vector(caller: str, name: str, d, n: int, A) -> tuple[torch.Tensor, bool]:
+    """``d`` checked (shape, dtype, finite, no zero); also whether it has an entry that is
+    not a positive real (negative, or complex with a nonzero imaginary part)."""
     if not isinstance(d, torch.Tensor) or d.ndim != 1 or d.shape[0] != n:
         got = fmt_shape(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__
         raise ValueError(f"{caller}: {name} must be a tensor of shape ({n},), got {got}")
     if d.dtype != A.dtype:
         raise TypeError(f"{caller}: {name} has dtype {d.dtype}, but A has dtype {A.dtype}")
     bad, zero = ~torch.isfinite(d), d == 0
+    not_positive = (d.real < 0) | (d.imag != 0) if d.is_complex() else d < 0
     # One host synchronisation for both checks (and the sign, which jacobi reads).
-    any_bad, any_zero, any_negative = torch.stack([bad.any(), zero.any(), (d < 0).any()]).tolist()
+    any_bad, any_zero, any_negative = torch.stack([bad.any(), zero.any(), not_positive.any()]).tolist()
     if any_bad:
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"{caller}: {name} has a non-finite entry at index {i}")
@@ -120,6 +123,12 @@ class _DiagonalPreconditioner:
     @property
     def T(self):
         return self
+
+    @property
+    def H(self):
+        if not self._inv.is_complex():
+            return self
+        return _DiagonalPreconditioner(self._inv.conj(), self._name + ".H", self.why_not_definite)
 
     def diagonal(self) -> torch.Tensor:
         return self._inv
@@ -176,7 +185,10 @@ def jacobi(A=None):
 def _bind_jacobi(A):
     d, negative = _diagonal("jacobi", A)
     why = None
-    if negative:
+    if negative and d.is_complex():
+        i = int(((d.real <= 0) | (d.imag != 0)).nonzero()[0, 0])
+        why = f"diag(A) has an entry {complex(d[i]):.3g} at index {i} that is not a positive real"
+    elif negative:
         i = int((d <= 0).nonzero()[0, 0])
         why = f"diag(A) has a negative entry {float(d[i]):.3g} at index {i}"
     return _DiagonalPreconditioner(1.0 / d, "jacobi(A)", why)
@@ -198,9 +210,14 @@ class _JacobiRemainder:
     def T(self):
         return _JacobiRemainder(self._A.T, self._d)
 
+    @property
+    def H(self):
+        return _JacobiRemainder(adjoint(self._A), self._d.conj())
+
 
 class _NeumannPreconditioner:
-    """``M = D^-1/2 (sum_{k<=terms} T^k) D^-1/2``, T = D^-1/2 N D^-1/2 (signed for negative D).
+    """``M = D^-1/2 (sum_{k<=terms} T^k) D^-1/2``, T = D^-1/2 N D^-1/2 (signed for negative
+    or complex D).
 
     Shape (n, n); ``terms`` N-matvecs per application; symmetric when D > 0
     and N is symmetric.
@@ -210,14 +227,27 @@ class _NeumannPreconditioner:
         self._D, self._N, self._terms, self._name = D, N, terms, name
         self.shape = (D.shape[0], D.shape[0])
         self.dtype, self.device = D.dtype, D.device
-        positive = bool((D > 0).all())
+        if D.is_complex():
+            positive = bool(((D.real > 0) & (D.imag == 0)).all())
+        else:
+            positive = bool((D > 0).all())
         self._s = D.abs().rsqrt()
-        # With D = S|D| (S = sign(D)) the series equals |D|^-1/2 (sum (S T)^k) S |D|^-1/2 exactly.
-        self._sign = None if positive else torch.sign(D)
+        # With D = S|D| (S = sign(D), or D/|D| for complex D) the series equals
+        # |D|^-1/2 (sum (S^-1 T)^k) S^-1 |D|^-1/2 exactly; S^-1 = S for a real sign.
+        if positive:
+            self._sign = None
+        else:
+            self._sign = torch.sgn(D).conj() if D.is_complex() else torch.sign(D)
         self.is_symmetric = positive and bool(getattr(N, "is_symmetric", False))
         # Even terms: the eigenvalues (1 - t^(K+1)) / (1 - t) of sum T^k are positive for every real t.
-        self.is_psd = self.is_symmetric and terms % 2 == 0
-        self.why_not_definite = None if positive else "the splitting's D has negative entries"
+        # (A complex symmetric N need not be Hermitian: no claim then.)
+        self.is_psd = self.is_symmetric and terms % 2 == 0 and not D.is_complex()
+        if positive:
+            self.why_not_definite = None
+        elif D.is_complex():
+            self.why_not_definite = "the splitting's D has entries that are not positive reals"
+        else:
+            self.why_not_definite = "the splitting's D has negative entries"
 
     def __matmul__(self, Rv):
         s = self._s if Rv.ndim == 1 else self._s[:, None]
@@ -237,6 +267,12 @@ class _NeumannPreconditioner:
         if self.is_symmetric:
             return self
         return _NeumannPreconditioner(self._D, self._N.T, self._terms, self._name + ".T")
+
+    @property
+    def H(self):
+        if not self._D.is_complex():
+            return self.T
+        return _NeumannPreconditioner(self._D.conj(), adjoint(self._N), self._terms, self._name + ".H")
 
     def __repr__(self) -> str:
         return self._name

@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from ._operator import is_operator, as_operator
+from ._operator import COMPLEX_DTYPES, REAL_DTYPES, adjoint, as_operator, complex_of, is_operator, promote
 from .bicgstab import bicgstab
 from .cg import cg
 from .gmres import gmres
@@ -65,11 +65,13 @@ def _adjoint_preconditioner(M, symmetric: bool):
     if M is None or symmetric:
         return M
     if isinstance(M, PreconditionerFactory) or (hasattr(M, "bind") and not is_operator(M)):
-        return M  # the solver binds it to A.T
+        return M  # the solver binds it to A^H
+    if isinstance(M, torch.Tensor):
+        return M.mH
     try:
-        return M.T
+        return adjoint(M)
     except (AttributeError, NotImplementedError):
-        # A plain callable has no transpose; reusing it still gives a valid (if weaker) preconditioner.
+        # A plain callable has no adjoint; reusing it still gives a valid (if weaker) preconditioner.
         return M
 
 
@@ -195,12 +197,15 @@ def solve(A, b, method="cg", *, params=None, **options):
     Notes
     -----
     Implicit function theorem: with ``A(theta) x = b`` and an incoming
-    gradient ``g = dL/dx``, the backward pass solves ``A^T lam = g`` once
+    gradient ``g = dL/dx``, the backward pass solves ``A^H lam = g`` once
     (the same method and options, without x0 and callback; ``A`` itself for
-    cg, minres or an ``A.is_symmetric`` operator, else ``A.T``; the
-    preconditioner is transposed or re-bound to ``A.T``), then returns
-    ``dL/db = lam`` and ``dL/dtheta = -lam^T (dA/dtheta) x``, computed by
-    autograd on one matvec ``A @ x`` with x held fixed. The backward pass
+    cg, minres (which assume a Hermitian A) or a real ``A.is_symmetric``
+    operator, else the adjoint, ``A.H`` or ``A.T``; the preconditioner is
+    replaced by its adjoint or re-bound to it), then returns
+    ``dL/db = lam`` and ``dL/dtheta = -lam^H (dA/dtheta) x``, computed by
+    autograd on one matvec ``A @ x`` with x held fixed. A complex b with a
+    real A makes the solve complex (A is applied to real and imaginary
+    parts); gradients follow torch's convention for complex tensors. The backward pass
     calls ``solve`` itself, so ``create_graph=True`` and double backward work
     when the matvec is twice differentiable. The gradient is exact only to
     the solver's tolerance; a backward solve that does not converge emits a
@@ -225,24 +230,30 @@ def solve(A, b, method="cg", *, params=None, **options):
         raise ValueError(f"solve: unknown method {method!r}; expected one of 'cg', 'minres', 'gmres', "
                          "'bicgstab'")
     op = as_operator(A, caller="solve")
+    if (isinstance(b, torch.Tensor) and b.dtype in COMPLEX_DTYPES and op.dtype in REAL_DTYPES
+            and b.dtype == complex_of(op.dtype)):
+        # A complex b with a real A: the solve, and the VJP's product A x, run in complex.
+        op = promote(op, b.dtype)
     found = _find_params(op, params)
     needs_grad = torch.is_grad_enabled() and (
         (isinstance(b, torch.Tensor) and b.requires_grad) or any(p.requires_grad for p in found))
     if not needs_grad:
         return _METHODS[method](op, b, **options)
-    symmetric = method in _SYMMETRIC_METHODS or bool(getattr(op, "is_symmetric", False))
+    # cg and minres assume a Hermitian A; a symmetric complex A is not its own adjoint.
+    symmetric = method in _SYMMETRIC_METHODS or (
+        op.dtype not in COMPLEX_DTYPES and bool(getattr(op, "is_symmetric", False)))
     if symmetric:
-        adjoint = op
+        adj = op
     else:
         try:
-            adjoint = op.T
+            adj = adjoint(op)
         except (AttributeError, NotImplementedError) as err:
             raise TypeError(f"solve: method={method!r} needs A.T for the backward pass, but A "
                             f"({type(op).__name__}) has none ({err}); give the operator an adjoint, declare "
                             "is_symmetric=True, or use method='cg'/'minres' for a symmetric A") from None
     adjoint_options = {key: value for key, value in options.items() if key not in ("x0", "callback")}
     adjoint_options["M"] = _adjoint_preconditioner(options.get("M"), symmetric)
-    spec = _Spec(op=op, adjoint=adjoint, method=method, options=dict(options), adjoint_options=adjoint_options,
+    spec = _Spec(op=op, adjoint=adj, method=method, options=dict(options), adjoint_options=adjoint_options,
                  params=found)
     x = _Solve.apply(spec, b, *found)
     return dataclasses.replace(spec.result, x=x)

@@ -158,6 +158,10 @@ def test_fused_backend_is_chosen_for_one_short_cuda_rhs():
             n = config.cg_fused_max_n
             assert cg_step.fused_backend(torch.zeros(n, device="cuda")) == "triton"
             assert cg_step.fused_backend(torch.zeros(n + 1, device="cuda")) == "torch"
+            # The kernels are real-only: complex systems take the torch branch.
+            for dtype in (torch.complex64, torch.complex128):
+                assert cg_step.fused_backend(torch.zeros(10, device="cuda", dtype=dtype)) == "torch"
+        assert cg_step.fused_backend(torch.zeros(10, dtype=torch.complex64)) == "torch"
     if CUDA:
         assert cg_step.fused_backend(torch.zeros(10, device="cuda")) == "torch"
 
@@ -232,6 +236,51 @@ def test_cg_on_the_fused_kernels_reports_what_stopped_it(case):
     word = {"A indefinite": "A is not positive definite", "M indefinite": "M is not positive definite",
             "nan": "non-finite"}[case]
     assert word in statuses[0], statuses[0]
+
+
+def _hermitian(n, dtype=torch.complex128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    G = torch.complex(torch.randn(n, n, generator=g, dtype=F64), torch.randn(n, n, generator=g, dtype=F64))
+    b = torch.complex(torch.randn(n, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64))
+    return (G @ G.mH / n + torch.eye(n, dtype=torch.complex128)).to(dtype), b.to(dtype)
+
+
+def test_complex_step_is_the_real_step_of_the_embedding():
+    """CG on a Hermitian A is CG on its real embedding [[Re A, -Im A], [Im A, Re A]] with
+    [Re b; Im b]: Re(u^H v) is the real inner product of the embedded vectors. The complex
+    state keeps real scalars, and the Triton branch refuses complex vectors."""
+    A, b = _hermitian(12)
+    E = torch.cat([torch.cat([A.real, -A.imag], 1), torch.cat([A.imag, A.real], 1)], 0)
+    e = torch.cat([b.real, b.imag])
+    for M in (None, "jacobi"):
+        for steps in (1, 3, 8):
+            z = cg(A, b, rtol=0.0, maxiter=steps, M=jacobi() if M else None)
+            r = cg(E, e, rtol=0.0, maxiter=steps, M=jacobi() if M else None)
+            assert z.x.dtype == torch.complex128 and z.residual_norm.dtype == F64
+            torch.testing.assert_close(torch.cat([z.x.real, z.x.imag]), r.x, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(z.residual_norm, r.residual_norm, rtol=1e-10, atol=1e-14)
+    vectors = dict(X=b.clone(), R=b.clone(), P=b.clone())
+    real = torch.tensor(1.0, dtype=F64)
+    scalars = dict(rho=real, rnorm=real, active=torch.tensor(True), iters=torch.tensor(0), failed_pq=real,
+                   failed_rho=real, rho_new=real)
+    cg_step.check_state("cg", vectors, scalars, "torch")
+    with pytest.raises(ValueError, match="backend='triton' takes 1-D float32 or float64 vectors, got \\(12,\\) "
+                                         "torch.complex128"):
+        cg_step.check_state("cg", vectors, scalars, "triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_iterations_replayed_as_a_graph_are_the_eager_loop(dtype):
+    """The complex torch branch also updates its state in place: a captured iteration
+    (conftest's FakeGraphs) replays bitwise the eager loop."""
+    import solvers
+    A, b = _hermitian(30, dtype)
+    opts = dict(rtol=1e-5 if dtype == torch.complex64 else 1e-10, M=jacobi(), check_every=4)
+    eager = cg(A, b, **opts)
+    graphs = FakeGraphs()
+    got = cg(A, b, graph=solvers.GraphCache(graphs=graphs), **opts)
+    assert graphs.captures == 1 and graphs.replays > 0 and eager.converged
+    assert torch.equal(got.x, eager.x) and got.n_iter == eager.n_iter
 
 
 class _NanOperator:

@@ -231,6 +231,62 @@ def test_neumann_errors():
 
 
 # -------------------------------------------------------- exact and custom
+# ------------------------------------------------------------------ complex
+C128 = torch.complex128
+
+
+def _complex(n, seed=0):
+    g = np.random.default_rng(seed)
+    return torch.as_tensor(g.standard_normal((n, n)) + 1j * g.standard_normal((n, n)), dtype=C128)
+
+
+def test_jacobi_on_a_complex_operator():
+    A = _complex(6, 1) + 6 * torch.eye(6, dtype=C128)
+    M = jacobi(A)
+    assert M.dtype == C128
+    torch.testing.assert_close(M @ torch.ones(6, dtype=C128), 1 / A.diagonal())
+    torch.testing.assert_close(dense_of_c(M.H, 6), dense_of_c(M, 6).mH)
+    assert isinstance(M.why_not_definite, str)  # a non-real diagonal: not for cg / minres
+    H = A + A.mH  # Hermitian with a real, positive diagonal
+    assert jacobi(H).why_not_definite is None
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3])
+@pytest.mark.parametrize("real_diagonal", [True, False])
+def test_neumann_on_a_complex_splitting_is_the_series(terms, real_diagonal):
+    n = 8
+    N = 0.1 * _complex(n, 2)
+    if real_diagonal:
+        D = torch.linspace(2, 5, n, dtype=F64).to(C128)
+    else:  # the signed form, with the complex phase of D
+        D = torch.as_tensor(np.linspace(2, 5, n) * np.exp(1j * np.linspace(-2, 2, n)), dtype=C128)
+    M = neumann(terms, (D, N))
+    Dinv = torch.diag(1 / D)
+    series = sum(torch.linalg.matrix_power(Dinv @ N, k) @ Dinv for k in range(terms + 1))
+    torch.testing.assert_close(dense_of_c(M, n), series, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(dense_of_c(M.T, n), series.T, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(dense_of_c(M.H, n), series.mH, rtol=1e-12, atol=1e-14)
+    assert (M.why_not_definite is None) == real_diagonal
+    # The adjoint solve of solve(..., "gmres") with this M goes through M.H.
+    A = torch.diag(D) - N
+    res = gmres(A, torch.ones(n, dtype=C128), M=M, rtol=1e-12)
+    assert res.converged and res.n_iter < n
+
+
+def test_neumann_on_a_complex_hermitian_operator_for_cg():
+    A = _complex(30, 3)
+    A = (A + A.mH) / 2 / 30 ** 0.5 + 3 * torch.eye(30, dtype=C128)  # Hermitian, diagonally dominant enough
+    b = torch.ones(30, dtype=C128)
+    plain = cg(A, b, rtol=1e-10)
+    pre = cg(A, b, rtol=1e-10, M=neumann(2))
+    assert plain.converged and pre.converged and pre.n_iter < plain.n_iter
+    torch.testing.assert_close(pre.x, torch.linalg.solve(A, b))
+
+
+def dense_of_c(M, n):
+    return M @ torch.eye(n, dtype=C128)
+
+
 @pytest.mark.parametrize("fn", [cg, minres, gmres, bicgstab])
 def test_exact_preconditioner_converges_in_one_or_two_iterations(fn):
     A = spd(60, 1e4) if fn in (cg, minres) else spd(60, 1e4) + torch.triu(torch.ones(60, 60, dtype=F64), 1)

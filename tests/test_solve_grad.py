@@ -183,6 +183,61 @@ def test_nonsymmetric_backward_uses_the_transpose_and_rebinds_the_preconditioner
         torch.testing.assert_close(gA, -torch.outer(lam, x.detach()))
 
 
+# ------------------------------------------------------------------ complex
+C128 = torch.complex128
+
+
+def _cplx(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.complex(torch.randn(*shape, generator=g, dtype=F64), torch.randn(*shape, generator=g, dtype=F64))
+
+
+@pytest.mark.parametrize("method", ["gmres", "bicgstab"])
+def test_complex_gradients_match_torch_linalg_solve(method):
+    """Complex A and b: the backward pass solves with A^H (torch's convention for complex
+    gradients), as torch.linalg.solve's autograd does."""
+    A0 = _cplx(6, 6, seed=2) / 3 + 3 * torch.eye(6, dtype=C128)
+    b0 = _cplx(6, seed=3)
+    for M in (None, jacobi()):
+        A, b = A0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        x = solve(A, b, method, M=M, **TIGHT).x
+        (x.abs() ** 2).sum().backward()
+        Ar, br = A0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+        (torch.linalg.solve(Ar, br).abs() ** 2).sum().backward()
+        torch.testing.assert_close(b.grad, br.grad)
+        torch.testing.assert_close(A.grad, Ar.grad)
+
+
+@pytest.mark.parametrize("method", ["cg", "minres"])
+def test_complex_hermitian_gradient(method):
+    P = _cplx(5, 5, seed=4)
+    b0 = _cplx(5, seed=5)
+
+    def herm(P):
+        return P @ P.mH / 5 + torch.eye(5, dtype=C128)
+
+    P1, b1 = P.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    (solve(herm(P1), b1, method, **TIGHT).x.abs() ** 2).sum().backward()
+    P2, b2 = P.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    (torch.linalg.solve(herm(P2), b2).abs() ** 2).sum().backward()
+    torch.testing.assert_close(b1.grad, b2.grad)
+    torch.testing.assert_close(P1.grad, P2.grad)
+
+
+def test_real_operator_complex_rhs_gradient():
+    """A real A with a complex b: a complex solve whose gradient reaches A's real tensor."""
+    A0 = torch.randn(6, 6, dtype=F64) / 3 + 3 * torch.eye(6, dtype=F64)
+    b0 = _cplx(6, seed=6)
+    A, b = A0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    x = solve(A, b, "gmres", **TIGHT).x
+    assert x.dtype == C128
+    (x.abs() ** 2).sum().backward()
+    Ar, br = A0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
+    (torch.linalg.solve(Ar.to(C128), br).abs() ** 2).sum().backward()
+    torch.testing.assert_close(b.grad, br.grad)
+    torch.testing.assert_close(A.grad, Ar.grad)
+
+
 def test_no_grad_needed_returns_the_plain_result():
     A, b = torch.eye(3, dtype=F64) * 2, torch.ones(3, dtype=F64)
     res = solve(A, b)

@@ -530,13 +530,13 @@ def test_argument_errors(fn):
     with pytest.raises(TypeError, match=rf"{name}: callback must be callable"):
         fn(A, b, callback=3)
     tol = "atol" if fn is lsmr else "rtol"
-    with pytest.raises(ValueError, match=rf"{name}: {tol} must be a finite non-negative float, got -1.0"):
+    with pytest.raises(ValueError, match=rf"{name}: {tol} must be a non-negative float \(inf stops at once\), got -1.0"):
         fn(A, b, **{tol: -1.0})
 
 
 def test_more_argument_errors():
     A, b = torch.eye(4, dtype=F64), torch.ones(4, dtype=F64)
-    with pytest.raises(ValueError, match=r"cg: atol must be a finite non-negative float, got -1e-08"):
+    with pytest.raises(ValueError, match=r"cg: atol must be a non-negative float \(inf stops at once\), got -1e-08"):
         cg(A, b, atol=-1e-8)
     with pytest.raises(ValueError, match=r"gmres: restart must be a positive int, got 0"):
         gmres(A, b, restart=0)
@@ -552,6 +552,302 @@ def test_more_argument_errors():
         minres(A, b, shift="1")
     with pytest.raises(TypeError, match=r"cg: A could not be used as a linear operator"):
         cg(object(), b)
+
+
+# ------------------------------------------------------- scipy's semantics
+ALL = [cg, minres, gmres, bicgstab, lsmr]
+
+
+def _system(fn, n=12, dtype=F64):
+    """A system fn solves, as tensors of ``dtype``."""
+    if fn is lsmr:
+        return torch.as_tensor(nonsym(n, 7), dtype=dtype)
+    make = {cg: lambda: spd(n, 1e2, 7), minres: lambda: sym_indefinite(n, 7)}.get(fn, lambda: nonsym(n, 7))
+    return torch.as_tensor(make(), dtype=dtype)
+
+
+@pytest.mark.parametrize("fn", ALL)
+def test_zero_rhs_ignores_x0(fn):
+    # scipy returns x = 0 at once for b = 0, whatever x0: so do the solvers, column by column.
+    A = _system(fn)
+    res = fn(A, torch.zeros(12, dtype=F64), torch.ones(12, dtype=F64))
+    assert res.converged and res.n_iter == 0 and torch.all(res.x == 0) and float(res.residual_norm) == 0
+    B = torch.stack([torch.zeros(12, dtype=F64), torch.linspace(1, 2, 12, dtype=F64)], dim=1)
+    X0 = torch.ones(12, 2, dtype=F64)
+    kw = dict(atol=1e-10, btol=1e-10) if fn is lsmr else dict(rtol=1e-10, atol=0.0)
+    res = fn(A, B, X0, maxiter=200, **kw)
+    assert res.converged and torch.all(res.x[:, 0] == 0) and int(res.column_iterations[0]) == 0
+    assert int(res.column_iterations[1]) > 0
+    torch.testing.assert_close(res.x[:, 1], torch.linalg.solve(A, B[:, 1]), rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("fn", ALL)
+def test_infinite_tolerances_stop_at_once(fn):
+    A, b = _system(fn), torch.linspace(-1, 1, 12, dtype=F64)
+    x0 = torch.full((12,), 0.5, dtype=F64)
+    names = ("atol", "btol") if fn is lsmr else ("rtol", "atol")
+    for name in names:
+        for start in (None, x0):
+            res = fn(A, b, start, **{name: float("inf")})
+            assert res.converged and res.n_iter == 0, (name, res.status)
+            torch.testing.assert_close(res.x, torch.zeros(12, dtype=F64) if start is None else x0)
+    # rtol * ||b|| = inf * 0 is no NaN: a zero column still stops at once, with x = 0.
+    B = torch.stack([b, torch.zeros(12, dtype=F64)], dim=1)
+    res = fn(A, B, torch.ones(12, 2, dtype=F64), **{names[0]: float("inf")})
+    assert res.converged and res.n_iter == 0 and torch.all(res.x[:, 1] == 0)
+
+
+@pytest.mark.parametrize("fn", ALL)
+def test_invalid_tolerances(fn):
+    A, b = _system(fn), torch.ones(12, dtype=F64)
+    name = fn.__name__
+    for tol in (("atol", "btol") if fn is lsmr else ("rtol", "atol")):
+        # scipy refuses atol=None / 'legacy' / -1 with ValueError (test_invalid_atol): so does every solver.
+        for bad, shown in ((-1, "-1.0"), (float("nan"), "nan"), (None, "None"), ("legacy", "'legacy'"),
+                           ("1e-5", "'1e-5'")):
+            with pytest.raises(ValueError, match=rf"{name}: {tol} must be a non-negative float.*got {shown}"):
+                fn(A, b, **{tol: bad})
+        for bad in ([1e-5], True, 1j):
+            with pytest.raises(TypeError, match=rf"{name}: {tol} must be a non-negative float, got"):
+                fn(A, b, **{tol: bad})
+    ok = fn(A, b, **{"atol": np.float32(1e-3)})  # NumPy scalars are numbers
+    assert ok.converged
+
+
+@pytest.mark.parametrize("case", ["compatible", "overdetermined", "damped", "underdetermined", "x0"])
+def test_lsmr_estimates_match_scipy(case):
+    # (scipy's own TestLSMRReturns, on its bidiagonal matrix, runs in test_scipy_isolve_suite.py: there the
+    # iterates are rounding-sensitive, and ours and scipy's each match their own x, not each other's.)
+    rng = _rng(11)
+    kw, x0 = dict(atol=1e-8, btol=1e-8, maxiter=200), None
+    if case == "compatible":
+        A = rng.standard_normal((30, 10))
+        b = A @ np.arange(10, 0, -1.0)
+    elif case == "overdetermined":
+        A, b = rng.standard_normal((30, 10)), rng.standard_normal(30)
+    elif case == "damped":
+        A, b = rng.standard_normal((30, 10)), rng.standard_normal(30)
+        kw["damp"] = 0.5
+    elif case == "underdetermined":
+        A, b = rng.standard_normal((8, 20)), rng.standard_normal(8)
+    else:
+        A, b, x0 = rng.standard_normal((25, 12)), rng.standard_normal(25), rng.standard_normal(12)
+    x, istop, itn, normr, normar, normA, condA, normx = sla.lsmr(A, b, x0=x0, **kw)
+    res = lsmr(t(A), t(b), None if x0 is None else t(x0), **kw)
+    assert res.n_iter == itn and res.converged == (istop in (1, 2, 4, 5))
+    assert rel(res.x, x) < 1e-8
+    e = {k: float(v) for k, v in res.extras.items()}
+    assert set(e) == {"normr", "normar", "normA", "condA", "normx"}
+    np.testing.assert_allclose([e["normA"], e["condA"], e["normx"]], [normA, condA, normx], rtol=1e-8)
+    # ||r|| and ||A^T r|| may be at rounding level: compare them on the scale of the stopping tests.
+    bnorm = np.linalg.norm(b)
+    assert abs(e["normr"] - normr) <= 1e-10 * bnorm
+    assert abs(e["normar"] - normar) <= 1e-10 * normA * bnorm
+    assert float(res.residual_norm) == e["normr"]
+    # The estimates are those of the returned x.
+    r = b - A @ res.x.numpy()
+    if "damp" not in kw:
+        assert abs(e["normr"] - np.linalg.norm(r)) <= 1e-6 * bnorm
+        assert abs(e["normar"] - np.linalg.norm(A.T @ r)) <= 1e-6 * normA * bnorm
+
+
+def test_lsmr_estimates_per_column():
+    rng = _rng(12)
+    A, B = t(rng.standard_normal((30, 10))), t(rng.standard_normal((30, 3)))
+    res = lsmr(A, B, atol=1e-10, btol=1e-10)
+    for j in range(3):
+        one = lsmr(A, B[:, j], atol=1e-10, btol=1e-10)
+        for name, value in res.extras.items():
+            assert value.shape == (3,)
+            torch.testing.assert_close(value[j], one.extras[name], rtol=1e-9, atol=1e-12)
+
+
+def test_lsmr_scalar_b():
+    # scipy's testScalarB: one equation, a Python number or a 0-d tensor as b.
+    A = torch.tensor([[1.0, 2.0]], dtype=F64)
+    for b in (3.0, 3, torch.tensor(3.0, dtype=F64)):
+        res = lsmr(A, b)
+        assert res.converged and res.x.shape == (2,)
+        torch.testing.assert_close(A @ res.x, torch.tensor([3.0], dtype=F64))
+    res = lsmr(A, 3 + 1j)
+    assert res.x.dtype == torch.complex128
+    torch.testing.assert_close(A.to(torch.complex128) @ res.x, torch.tensor([3 + 1j], dtype=torch.complex128))
+    with pytest.raises(TypeError, match=r"lsmr: b must be a torch.Tensor of shape \(2,\)"):
+        lsmr(torch.eye(2, dtype=F64), 3.0)
+    with pytest.raises(TypeError, match=r"cg: b must be a torch.Tensor"):
+        cg(torch.eye(1, dtype=F64), 3.0)
+
+
+# ------------------------------------------------------------------ complex
+C128, C64 = torch.complex128, torch.complex64
+
+
+def _crandn(*shape, seed=0, dtype=C128):
+    g = np.random.default_rng(seed)
+    return torch.as_tensor(g.standard_normal(shape) + 1j * g.standard_normal(shape), dtype=dtype)
+
+
+def _hermitian_pd(n, cond, seed=0, dtype=C128):
+    Q, _ = torch.linalg.qr(_crandn(n, n, seed=seed))
+    return ((Q * torch.as_tensor(np.geomspace(1, cond, n))) @ Q.mH).to(dtype)
+
+
+def _hermitian_indefinite(n, seed=0, dtype=C128):
+    Q, _ = torch.linalg.qr(_crandn(n, n, seed=seed))
+    ev = np.concatenate([-np.geomspace(1, 50, n // 2), np.geomspace(1, 50, n - n // 2)])
+    return ((Q * torch.as_tensor(ev)) @ Q.mH).to(dtype)
+
+
+def _complex_general(n, seed=0, dtype=C128):
+    return (_crandn(n, n, seed=seed) / np.sqrt(2 * n) + 2 * torch.eye(n, dtype=C128)).to(dtype)
+
+
+def _rtol(dtype):
+    return 1e-10 if dtype == C128 else 1e-5
+
+
+def _close(x, A, b, dtype):
+    ref = torch.linalg.solve(A.to(C128), b.to(C128))
+    tol = 1e-8 if dtype == C128 else 2e-3
+    assert float(torch.linalg.vector_norm(x.to(C128) - ref) / torch.linalg.vector_norm(ref)) < tol
+
+
+@pytest.mark.parametrize("dtype", [C128, C64])
+@pytest.mark.parametrize("precond", [None, "jacobi", "neumann"])
+def test_complex_hermitian_cg(dtype, precond):
+    A = _hermitian_pd(40, 1e2, seed=1, dtype=dtype)
+    A = A * torch.as_tensor(np.geomspace(1, 10, 40)).sqrt()[:, None] * torch.as_tensor(np.geomspace(1, 10, 40)).sqrt()
+    A = ((A + A.mH) / 2).to(dtype)
+    b = _crandn(40, seed=2, dtype=dtype)
+    M = {None: None, "jacobi": jacobi(), "neumann": solvers.neumann(2)}[precond]
+    res = cg(A, b, rtol=_rtol(dtype), M=M, maxiter=500)
+    assert res.converged and res.x.dtype == dtype and res.residual_norm.dtype == dtype.to_real()
+    _close(res.x, A, b, dtype)
+    # The same arithmetic as scipy's complex cg (np.vdot), to rounding.
+    if dtype == C128 and precond is None:
+        xs, info = sla.cg(A.numpy(), b.numpy(), rtol=1e-10, maxiter=500)
+        assert info == 0 and rel(res.x.numpy(), xs) < 1e-8
+
+
+@pytest.mark.parametrize("dtype", [C128, C64])
+@pytest.mark.parametrize("precond", [None, "jacobi"])
+def test_complex_hermitian_minres(dtype, precond):
+    # scipy's minres is real-only (it skips its complex cases); MINRES on a Hermitian A is real Lanczos.
+    A = _hermitian_indefinite(40, seed=3, dtype=dtype)
+    b = _crandn(40, seed=4, dtype=dtype)
+    M = None
+    if precond == "jacobi":  # an SPD preconditioner for an indefinite A: |diag|^-1
+        M = torch.diag(1 / A.diagonal().abs()).to(dtype)
+    res = minres(A, b, rtol=_rtol(dtype), M=M, maxiter=1000)
+    assert res.converged and res.x.dtype == dtype
+    _close(res.x, A, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [C128, C64])
+@pytest.mark.parametrize("name", ["gmres", "bicgstab"])
+def test_complex_general_gmres_bicgstab(dtype, name):
+    fn = {"gmres": gmres, "bicgstab": bicgstab}[name]
+    A = _complex_general(50, seed=5, dtype=dtype)
+    B = _crandn(50, 3, seed=6, dtype=dtype)
+    for M in (None, jacobi()):
+        res = fn(A, B, rtol=_rtol(dtype), M=M, maxiter=500)
+        assert res.converged and res.x.dtype == dtype, res.status
+        for j in range(3):
+            _close(res.x[:, j], A, B[:, j], dtype)
+    if dtype == C128:  # one column: scipy's complex iteration count, to rounding
+        calls = []
+        xs, info = getattr(sla, name)(A.numpy(), B[:, 0].numpy(), rtol=1e-10, callback=lambda x: calls.append(1),
+                                      **({"callback_type": "x", "restart": 50} if name == "gmres" else {}))
+        res = fn(A, B[:, 0], rtol=1e-10, **({"restart": 50} if name == "gmres" else {}))
+        assert info == 0 and rel(res.x.numpy(), xs) < 1e-8
+        if name == "bicgstab":
+            close_count(res.n_iter, len(calls))
+
+
+@pytest.mark.parametrize("dtype", [C128, C64])
+def test_complex_lsmr(dtype):
+    A = _crandn(40, 15, seed=7, dtype=dtype)
+    b = _crandn(40, seed=8, dtype=dtype)
+    res = lsmr(A, b, atol=1e-12, btol=1e-12, maxiter=200)
+    ref = torch.linalg.lstsq(A.to(C128), b.to(C128).unsqueeze(1)).solution[:, 0]
+    tol = 1e-8 if dtype == C128 else 1e-3
+    assert res.x.dtype == dtype
+    assert float(torch.linalg.vector_norm(res.x.to(C128) - ref) / torch.linalg.vector_norm(ref)) < tol
+    if dtype == C128:
+        x, istop, itn, normr, normar, normA, condA, normx = sla.lsmr(A.numpy(), b.numpy(), atol=1e-12, btol=1e-12,
+                                                                    maxiter=200)
+        assert abs(res.n_iter - itn) <= 1 and rel(res.x.numpy(), x) < 1e-8
+        np.testing.assert_allclose(float(res.extras["normr"]), normr, rtol=1e-8)
+
+
+@pytest.mark.parametrize("fn", ALL)
+def test_real_operator_with_complex_rhs(fn):
+    # scipy's promotion: a real A with a complex b (or x0) is a complex solve; A sees real vectors only.
+    A = _system(fn, 20)
+    seen = []
+
+    class Real:
+        shape, dtype, device = tuple(A.shape), A.dtype, A.device
+        is_symmetric = fn in (cg, minres)
+
+        def __matmul__(self, V):
+            seen.append(V.dtype)
+            return A @ V
+
+        @property
+        def T(self):
+            return A.T
+
+    b = _crandn(20, seed=9)
+    kw = dict(atol=1e-12, btol=1e-12, maxiter=100) if fn is lsmr else dict(rtol=1e-11, maxiter=500)
+    res = fn(Real(), b, **kw)
+    assert res.converged and res.x.dtype == C128 and set(seen) == {F64}
+    _close(res.x, A, b, C128)
+    # A complex x0 alone makes the solve complex too (scipy's lsmr: result_type(A, b, x0)).
+    res = fn(A, b.real.clone(), torch.full((20,), 1j, dtype=C128), **kw)
+    assert res.x.dtype == C128 and res.converged
+    _close(res.x, A, b.real.to(C128), C128)
+
+
+def test_complex_dtype_errors():
+    A = _hermitian_pd(6, 10)
+    with pytest.raises(TypeError, match=r"cg: b has dtype torch.complex64, but A has dtype torch.complex128; "
+                                        r"convert with b.to\(torch.complex128\)"):
+        cg(A, torch.ones(6, dtype=C64))
+    with pytest.raises(TypeError, match=r"cg: b has dtype torch.float32, but A has dtype torch.complex128"):
+        cg(A, torch.ones(6))
+    with pytest.raises(TypeError, match=r"gmres: b has dtype torch.complex64, but A has dtype torch.float64; "
+                                        r"convert with b.to\(torch.complex128\)"):
+        gmres(torch.eye(6, dtype=F64), torch.ones(6, dtype=C64))
+    with pytest.raises(TypeError, match=r"cg: x0 has dtype torch.complex64, but A has dtype torch.complex128"):
+        cg(A, torch.ones(6, dtype=C128), torch.ones(6, dtype=C64))
+    with pytest.raises(TypeError, match=r"cg: b has dtype torch.int64, expected a floating or complex dtype"):
+        cg(A, torch.ones(6, dtype=torch.int64))
+    # A real b is converted to A's complex dtype; a real M is applied to real and imaginary parts.
+    res = cg(A, torch.ones(6, dtype=F64), M=torch.eye(6, dtype=F64), rtol=1e-12)
+    assert res.converged and res.x.dtype == C128
+    with pytest.raises(TypeError, match=r"cg: M has dtype torch.complex128, but A has dtype torch.float64"):
+        cg(torch.eye(6, dtype=F64), torch.ones(6, dtype=F64), M=torch.eye(6, dtype=C128))
+
+
+def test_complex_jacobi_needs_a_positive_real_diagonal_for_cg():
+    A = _complex_general(8, seed=10)
+    with pytest.raises(ValueError, match=r"cg: M=jacobi\(A\) is not positive definite \(diag\(A\) has an entry .* "
+                                         r"that is not a positive real\)"):
+        cg(A, torch.ones(8, dtype=C128), M=jacobi())
+    res = gmres(A, torch.ones(8, dtype=C128), M=jacobi(), rtol=1e-12)
+    assert res.converged
+
+
+def test_gmres_drops_a_vanishing_pivot():
+    # scipy's test_defective_precond_breakdown: A M singular; the rounding-sized third pivot is dropped, so x
+    # solves the system outside M's null space instead of picking up an O(1) error.
+    A = torch.diag(torch.tensor([2.0, 3.0, 4.0], dtype=F64))
+    M = torch.diag(torch.tensor([1.0, 1.0, 0.0], dtype=F64))
+    b, x0 = torch.tensor([0.0, 1.0, 1.0], dtype=F64), torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    res = gmres(A, b, x0, M=M, rtol=1e-15, maxiter=30)
+    assert not res.converged and torch.isfinite(res.x).all()
+    torch.testing.assert_close(M @ (A @ res.x), M @ b, rtol=0, atol=1e-14)
 
 
 # --------------------------------------------------------------------- GPU
