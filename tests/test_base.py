@@ -190,6 +190,9 @@ class TestGPyTorchOperator(OperatorBattery):
 
 
 class TestLinearOperatorRoundTrip(OperatorBattery):
+    # The linear_operator bridge (to_linear_operator) makes its own objects picklable.
+    picklable = False
+
     def make(self):
         pytest.importorskip("linear_operator")
         M = rand(4, 4, seed=25)
@@ -329,16 +332,14 @@ def test_error_messages():
         A.matmat(torch.zeros(2, 5, dtype=F64))
     with pytest.raises(ValueError, match=r"u has shape \(3,\), expected \(4,\)"):
         A.rmatvec(torch.zeros(3, dtype=F64))
-    with pytest.raises(TypeError, match="v must be a torch.Tensor, got ndarray"):
-        A.matvec(np.zeros(3))
+    with pytest.raises(TypeError, match="v must be a torch.Tensor or a NumPy array of numbers, got str"):
+        A.matvec("abc")
     with pytest.raises(ValueError, match=r"v must be 1-D \(m,\) or 2-D \(m, k\), got shape \(3, 1, 1\)"):
         A @ torch.zeros(3, 1, 1, dtype=F64)
     with pytest.raises(ValueError, match=r"A \+ B: shapes differ, A is \(4, 3\) and B is \(3, 3\)"):
         A + Dense(rand(3, 3))
     with pytest.raises(ValueError, match=r"A @ B: inner dimensions differ"):
         A @ A
-    with pytest.raises(TypeError, match="A \\+ B: dtypes differ"):
-        Dense(rand(2, 2)) + Dense(rand(2, 2).float())
     with pytest.raises(ValueError, match="A \\*\\* k: A must be square"):
         A ** 2
     with pytest.raises(ValueError, match="k must be a non-negative int"):
