@@ -24,7 +24,8 @@ import numbers
 import numpy as np
 import torch
 
-from ._checks import fmt_shape, operator_dtype, operator_operand, operator_operand_shape, same_space
+from ._checks import (OPERATOR_DTYPES, fmt_shape, operator_dtype, operator_operand, operator_operand_shape,
+                      same_space)
 
 __all__ = ["LinearOperator", "is_adjoint_pair"]
 
@@ -145,7 +146,8 @@ class LinearOperator:
         if len(shape) != 2 or min(shape) < 0:
             raise ValueError(
                 f"{type(self).__name__}: shape must be two non-negative ints (n, m), got {shape!r}")
-        operator_dtype(type(self).__name__, dtype)
+        if dtype not in OPERATOR_DTYPES:
+            operator_dtype(type(self).__name__, dtype)
         self.shape = shape
         self.dtype = dtype
         self.device = torch.device(device)

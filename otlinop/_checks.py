@@ -549,7 +549,10 @@ def operator_operand(A, method: str, name: str, t, form: str, length: int, what:
         raise TypeError(
             f"{owner}.{method}: {name} must be a torch.Tensor, got {type(t).__name__}; "
             "convert with torch.as_tensor(...)")
-    operator_operand_shape(A, method, name, t.shape, form, length, what)
+    # The common shapes pass without the full check (this runs at every product).
+    if not (t.ndim == 1 and form != "matrix" and t.shape[0] == length) and not (
+            t.ndim == 2 and t.shape[0] == length and (form != "vector" or t.shape[1] == 1)):
+        operator_operand_shape(A, method, name, t.shape, form, length, what)
     if t.dtype != A.dtype and not (getattr(A, "adapts_dtype", False) and t.dtype in OPERATOR_DTYPES):
         raise TypeError(
             f"{owner}.{method}: {name} has dtype {t.dtype}, expected {A.dtype}; "

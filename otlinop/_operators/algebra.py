@@ -56,15 +56,17 @@ def conform(op: LinearOperator, dtype: torch.dtype, device: torch.device) -> Lin
     return out if out.dtype == dtype else CastOperator(out, dtype)
 
 
-def _conform_all(*ops):
-    if all(op.dtype == ops[0].dtype and op.device == ops[0].device for op in ops[1:]):
-        return ops
-    dtype, device = promoted(ops)
-    return tuple(conform(op, dtype, device) for op in ops)
+def _conform_pair(A, B):
+    if A.dtype == B.dtype and A.device == B.device:
+        return A, B
+    dtype, device = promoted((A, B))
+    return conform(A, dtype, device), conform(B, dtype, device)
 
 
 def _conj(c):
     """The complex conjugate of a scalar (number or 0-d tensor)."""
+    if type(c) in (int, float):
+        return c
     if isinstance(c, torch.Tensor):
         return c.conj() if c.is_complex() else c
     return c.conjugate() if isinstance(c, complex) else c
@@ -209,7 +211,7 @@ class ProductOperator(LinearOperator):
             sym = psd = True
         elif isinstance(A, ProductOperator) and A._B.is_symmetric and is_adjoint_pair(A._A, B):
             sym, psd = True, A._B.is_psd
-        A, B = _conform_all(A, B)
+        A, B = _conform_pair(A, B)
         super().__init__((A.shape[0], B.shape[1]), A.dtype, A.device, is_symmetric=sym, is_psd=psd)
         self._A, self._B = A, B
         self.args = (A, B)
@@ -258,7 +260,7 @@ class SumOperator(LinearOperator):
     """A + B."""
 
     def __init__(self, A: LinearOperator, B: LinearOperator):
-        A, B = _conform_all(A, B)
+        A, B = _conform_pair(A, B)
         super().__init__(A.shape, A.dtype, A.device, is_symmetric=A.is_symmetric and B.is_symmetric,
                          is_psd=A.is_psd and B.is_psd)
         self._A, self._B = A, B
@@ -300,6 +302,8 @@ class SumOperator(LinearOperator):
 
 
 def _is_real_scalar(c) -> bool:
+    if type(c) in (int, float):
+        return True
     if isinstance(c, torch.Tensor):
         return not c.is_complex() or bool(c.imag == 0)
     return isinstance(c, numbers.Real) or c.imag == 0
@@ -313,11 +317,11 @@ class ScaledOperator(LinearOperator):
     """
 
     def __init__(self, A: LinearOperator, c):
-        if isinstance(c, numbers.Number) and hasattr(c, "item"):   # a NumPy scalar: torch wants Python's
-            c = c.item()
+        if type(c) not in (int, float) and isinstance(c, numbers.Number) and hasattr(c, "item"):
+            c = c.item()   # a NumPy scalar: torch wants Python's
         if isinstance(A, ScaledOperator):
             A, c = A._op, A._c * c
-        if isinstance(c, numbers.Real):   # the common case, without torch's promotion machinery
+        if type(c) in (int, float) or isinstance(c, numbers.Real):   # the common case, without torch's promotion
             dtype = A.dtype
         else:
             dtype = torch.result_type(torch.empty(0, dtype=A.dtype), c)

@@ -30,6 +30,8 @@ NUMPY_OF = {torch.float16: np.float16, torch.bfloat16: np.float32, torch.float32
 
 def is_scalar(c) -> bool:
     """A number (Python or NumPy, complex included) or a 0-d tensor; not a bool."""
+    if type(c) in (int, float):
+        return True
     if isinstance(c, (bool, np.bool_)):
         return False
     if isinstance(c, numbers.Number):
