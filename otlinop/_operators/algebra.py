@@ -211,10 +211,10 @@ class ProductOperator(LinearOperator):
             sym = psd = True
         elif isinstance(A, ProductOperator) and A._B.is_symmetric and is_adjoint_pair(A._A, B):
             sym, psd = True, A._B.is_psd
+        self.args = (A, B)   # the operands as written; _A and _B are them in the product's dtype
         A, B = _conform_pair(A, B)
         super().__init__((A.shape[0], B.shape[1]), A.dtype, A.device, is_symmetric=sym, is_psd=psd)
         self._A, self._B = A, B
-        self.args = (A, B)
         self.adapts_dtype = A.adapts_dtype and B.adapts_dtype
         self.adapts_device = A.adapts_device and B.adapts_device
 
@@ -260,11 +260,11 @@ class SumOperator(LinearOperator):
     """A + B."""
 
     def __init__(self, A: LinearOperator, B: LinearOperator):
+        self.args = (A, B)   # the operands as written; _A and _B are them in the sum's dtype
         A, B = _conform_pair(A, B)
         super().__init__(A.shape, A.dtype, A.device, is_symmetric=A.is_symmetric and B.is_symmetric,
                          is_psd=A.is_psd and B.is_psd)
         self._A, self._B = A, B
-        self.args = (A, B)
         self.adapts_dtype = A.adapts_dtype and B.adapts_dtype
         self.adapts_device = A.adapts_device and B.adapts_device
 
@@ -320,7 +320,7 @@ class ScaledOperator(LinearOperator):
         if type(c) not in (int, float) and isinstance(c, numbers.Number) and hasattr(c, "item"):
             c = c.item()   # a NumPy scalar: torch wants Python's
         if isinstance(A, ScaledOperator):
-            A, c = A._op, A._c * c
+            A, c = A.args[0], A._c * c
         if type(c) in (int, float) or isinstance(c, numbers.Real):   # the common case, without torch's promotion
             dtype = A.dtype
         else:
@@ -329,11 +329,11 @@ class ScaledOperator(LinearOperator):
                 dtype = torch.complex64
         sym = A.is_symmetric and _is_real_scalar(c)
         psd = A.is_psd and sym and bool(c.real >= 0)
+        self.args = (A, c)
         if dtype != A.dtype and not A.adapts_dtype:   # an adapting A takes any dtype as it is
             A = conform(A, dtype, A.device)
         super().__init__(A.shape, dtype, A.device, is_symmetric=sym, is_psd=psd)
         self._op, self._c, self._c_conj = A, c, _conj(c)
-        self.args = (A, c)
         self.adapts_dtype = A.adapts_dtype
         # A 0-d tensor on an accelerator ties the operator to that device.
         self.adapts_device = A.adapts_device and not (isinstance(c, torch.Tensor) and c.device.type != "cpu")
