@@ -100,8 +100,7 @@ def _handed(part, op):
 
 def _from_matrix(part, M):
     """``interface.aslinearoperator(M)`` and ``MatrixLinearOperator(M)``."""
-    view_type = type(otlinop.Identity(1).to_scipy())
-    if isinstance(M, view_type):
+    if isinstance(getattr(M, "operator", None), otlinop.LinearOperator):   # a to_scipy() view
         return _handed(part, M.operator)
     if isinstance(M, otlinop.LinearOperator):
         return _handed(part, M)
@@ -219,9 +218,7 @@ def _as_linear_operator_cases(part):
 
 def _linear_operator_class(part):
     class Tests(_shipped("TestLinearOperator")):
-        @pytest.fixture(autouse=True)
-        def _interface(self, scipy_interface):
-            pass
+        """scipy's tests, with the stand-in of ``part`` (the module's ``pytestmark``)."""
 
     Tests.part = part
     Tests.__name__ = Tests.__qualname__ = f"TestLinearOperator_{part}"
@@ -265,4 +262,7 @@ for _name, _func in sorted(vars(shipped).items()):
             _alias = f"test_{_part}__{_name[len('test_'):]}"
             _ALIASES[_alias], _PART_OF[_alias] = _name, _part
             globals()[_alias] = _func
+del _name, _func, _part, _alias
+
+# Every test of this module, the classes' included, runs with the stand-in (or is skipped as excluded).
 pytestmark = pytest.mark.usefixtures("scipy_interface")
