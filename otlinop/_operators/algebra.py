@@ -164,7 +164,7 @@ class CastOperator(LinearOperator):
         A = self._op
         if V.is_complex() and not A.dtype.is_complex:
             rows = V.shape[0]
-            parts = torch.view_as_real(V.resolve_conj()).reshape(rows, -1)   # (m, 2k), or (m, 2) for a vector
+            parts = torch.view_as_real(V.resolve_conj().resolve_neg()).reshape(rows, -1)   # (m, 2k), or (m, 2) for a vector
             Y = mat(parts.to(A.dtype)).to(_real_part_dtype(self.dtype))
             return torch.view_as_complex(Y.reshape(Y.shape[0], *V.shape[1:], 2).contiguous())
         X = V.to(A.dtype)
