@@ -1,37 +1,39 @@
 """``LinearOperator``: the protocol every otlinop operator follows, and its
-public methods (checked products, adjoint, diagonal, splitting, algebra,
-conversions).
+public methods (checked products, adjoint, transpose, diagonal, splitting,
+algebra, conversions).
 
 This module knows nothing about optimal transport. Operators are torch-native:
 a matvec takes and returns torch tensors on the operator's device, so autograd
-flows through every composition. The operators that the algebra returns
-(``A @ B``, ``A + B``, ``c * A``, ``A.T``, ``A ** k``) live in
-``otlinop._operators.algebra``, the concrete ones (``Dense``, ``Diag``,
-``Identity``, ``Zero``, ``BlockOperator``) in ``otlinop._operators.concrete``,
-``aslinearoperator`` and the bridges to scipy and GPyTorch in
-``otlinop._interop``.
+flows through every composition. They also take NumPy operands (and return
+NumPy arrays), so that code written for ``scipy.sparse.linalg`` operators runs
+on them. The operators that the algebra returns (``A @ B``, ``A + B``,
+``c * A``, ``A.H``, ``A.T``, ``A ** k``) live in ``otlinop._operators.algebra``,
+the concrete ones (``Dense``, ``Diag``, ``Identity``, ``Zero``,
+``BlockOperator``) in ``otlinop._operators.concrete``, ``aslinearoperator`` and
+the bridges to scipy and GPyTorch in ``otlinop._interop``.
 
-Only real dtypes are supported (float16, bfloat16, float32, float64); ``.T``
-and ``.H`` are therefore the same operator.
+Dtypes: the real floating ones (float16, bfloat16, float32, float64) and
+complex64, complex128. ``A.H`` is the adjoint (conjugate transpose) and
+``A.T`` the transpose; for real operators they are the same operator.
 """
 
 from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 
-from ._checks import REAL_DTYPES, fmt_shape, operator_operand, same_space
+from ._checks import (OPERATOR_DTYPES, fmt_shape, operator_dtype, operator_operand, operator_operand_shape,
+                      same_space)
 
 __all__ = ["LinearOperator", "is_adjoint_pair"]
 
-
-def _is_scalar(c) -> bool:
-    if isinstance(c, bool):
-        return False
-    if isinstance(c, numbers.Real):
-        return True
-    return isinstance(c, torch.Tensor) and c.ndim == 0 and not c.is_complex()
+def complex_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The complex dtype a real operator of ``dtype`` computes in on complex operands."""
+    if dtype.is_complex:
+        return dtype
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
 def _overrides(obj, name: str) -> bool:
@@ -40,62 +42,96 @@ def _overrides(obj, name: str) -> bool:
 
 
 class LinearOperator:
-    """A matrix-free linear map ``A: R^m -> R^n`` acting on torch tensors.
+    """A matrix-free linear map ``A: K^m -> K^n`` (K real or complex) acting on torch tensors.
 
     Subclasses call ``super().__init__(shape, dtype, device)`` and implement
     ``_matvec`` (v of shape (m,) -> (n,)) or ``_matmat`` (V of shape (m, k) ->
-    (n, k)); each defaults from the other. The adjoint comes from
-    ``_rmatvec``/``_rmatmat`` or from ``_adjoint`` (returning an operator);
-    symmetric operators get it for free. A cheap diagonal is offered by
-    overriding ``_diagonal``.
+    (n, k)); each defaults from the other. The adjoint (conjugate transpose)
+    comes from ``_rmatvec``/``_rmatmat`` or from ``_adjoint`` (returning an
+    operator); self-adjoint operators get it for free. A cheap diagonal is
+    offered by overriding ``_diagonal``.
 
     The public methods (``matvec``, ``matmat``, ``rmatvec``, ``rmatmat``,
     ``@``) check the operand's type, shape, dtype and device once, so the
-    hooks can trust their input.
+    hooks can trust their input. They also take NumPy arrays (and array-likes
+    such as lists), which are moved to the operator's device and dtype, and
+    then return NumPy arrays, as ``scipy.sparse.linalg`` operators do.
 
     Parameters
     ----------
     shape : tuple of two ints
         ``(n, m)``: the operator maps vectors of length m to length n.
     dtype : torch.dtype
-        A real floating dtype; operands must have it.
+        float16, bfloat16, float32, float64, complex64 or complex128; tensor
+        operands must have it.
     device : torch.device or str
         Operands must live there.
     is_symmetric : bool, optional
-        Declares ``A == A.T`` (square operators only).
+        Declares ``A == A.H``: symmetric for real dtypes, Hermitian for
+        complex ones (square operators only).
     is_psd : bool, optional
-        Declares ``A`` symmetric positive semi-definite.
+        Declares ``A`` self-adjoint positive semi-definite.
     transpose_of : LinearOperator, optional
         For an operator built by another one's ``_adjoint``: that operator,
-        which becomes this one's adjoint, so that ``A.T.T is A`` and
-        ``A.T @ A`` is recognised as symmetric PSD (``is_adjoint_pair``).
+        which becomes this one's adjoint, so that ``A.H.H is A`` and
+        ``A.H @ A`` is recognised as self-adjoint PSD (``is_adjoint_pair``).
+
+    Attributes
+    ----------
+    shape, dtype, device, is_symmetric, is_psd
+        As above.
+    ndim : int
+        Always 2 (as for scipy's operators).
+    args : tuple
+        The operands of an operator the algebra built (``(A, B)`` for
+        ``A + B`` and ``A @ B``, ``(A, c)`` for ``c * A``, ``(A, k)`` for
+        ``A ** k``); ``()`` for the others.
+    adapts_dtype, adapts_device : bool
+        Whether the dtype (device) adapts to the operators this one is
+        combined with: true for ``Identity(n)`` and ``Zero(shape)`` built
+        without a dtype (device), and for their scaled sums and products.
 
     Raises
     ------
     TypeError
         If the subclass implements neither ``_matvec`` nor ``_matmat``, or the
-        dtype is not a real floating dtype.
+        dtype is not one of the above.
     ValueError
         If the shape is not two non-negative ints, or a non-square operator is
         declared symmetric.
 
     Notes
     -----
-    Algebra: ``A + B``, ``A - B``, ``-A``, ``c * A``, ``A / c``, ``A @ B``
-    (composition), ``A ** k`` (square A), ``A.T`` / ``A.H`` / ``A.adjoint()``.
-    Compositions propagate adjoints, cheap diagonals and symmetry.
+    Algebra: ``A + B``, ``A - B``, ``-A``, ``c * A`` (c real or complex),
+    ``A / c``, ``A @ B`` (composition), ``A ** k`` (square A), ``A.H`` /
+    ``A.adjoint()`` (conjugate transpose), ``A.T`` / ``A.transpose()``
+    (transpose). Compositions propagate adjoints, cheap diagonals and
+    symmetry, and promote dtypes as torch does (``float32`` and ``float64``
+    give ``float64``, ``float32`` and ``complex64`` give ``complex64``); an
+    operand of a narrower dtype computes in its own (its input rounded to it,
+    its output widened), except ``Identity``, ``Zero`` and ``Diag``, which
+    are widened exactly.
 
     Examples
     --------
     >>> import torch, otlinop
     >>> A = otlinop.Dense(torch.eye(3, dtype=torch.float64))
-    >>> B = 2 * A + otlinop.Identity(3, dtype=torch.float64)
-    >>> (B @ torch.ones(3, dtype=torch.float64)).tolist()
-    [3.0, 3.0, 3.0]
+    >>> B = 2 * A + otlinop.Identity(3)
+    >>> B.dtype, (B @ torch.ones(3, dtype=torch.float64)).tolist()
+    (torch.float64, [3.0, 3.0, 3.0])
     """
 
     is_symmetric: bool = False
     is_psd: bool = False
+    ndim = 2
+    args: tuple = ()
+    adapts_dtype: bool = False
+    adapts_device: bool = False
+
+    # NumPy defers to the operator in ``ndarray @ A`` (and refuses ``np.add(A, x)``
+    # and the like) instead of broadcasting the operator as an object array.
+    __array_ufunc__ = None
+    __array_priority__ = 1000
 
     def __init__(self, shape, dtype, device, *, is_symmetric: bool | None = None,
                  is_psd: bool | None = None, transpose_of: LinearOperator | None = None):
@@ -110,10 +146,8 @@ class LinearOperator:
         if len(shape) != 2 or min(shape) < 0:
             raise ValueError(
                 f"{type(self).__name__}: shape must be two non-negative ints (n, m), got {shape!r}")
-        if dtype not in REAL_DTYPES:
-            raise TypeError(
-                f"{type(self).__name__}: dtype must be one of float16, bfloat16, float32, float64, "
-                f"got {dtype}")
+        if dtype not in OPERATOR_DTYPES:
+            operator_dtype(type(self).__name__, dtype)
         self.shape = shape
         self.dtype = dtype
         self.device = torch.device(device)
@@ -127,6 +161,7 @@ class LinearOperator:
             raise ValueError(
                 f"{type(self).__name__}: a symmetric operator must be square, got shape {fmt_shape(shape)}")
         self._adjoint_cache: LinearOperator | None = transpose_of
+        self._transpose_cache: LinearOperator | None = None
 
     # ------------------------------------------------------------------ hooks
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -140,7 +175,7 @@ class LinearOperator:
         return torch.stack([self._matvec(V[:, j]) for j in range(V.shape[1])], dim=1)
 
     def _rmatvec(self, u: torch.Tensor) -> torch.Tensor:
-        """(n,) -> (m,): the adjoint applied to u."""
+        """(n,) -> (m,): the adjoint (conjugate transpose) applied to u."""
         if _overrides(self, "_rmatmat"):
             return self._rmatmat(u.unsqueeze(1)).squeeze(1)
         if _overrides(self, "_adjoint"):
@@ -165,6 +200,16 @@ class LinearOperator:
         """The adjoint operator (m, n)."""
         return AdjointOperator(self)
 
+    def _transpose(self) -> "LinearOperator":
+        """The transpose (m, n) of a complex operator (``conj(A.H conj(u))`` by default)."""
+        return TransposeOperator(self)
+
+    def _astype(self, dtype: torch.dtype, device: torch.device) -> "LinearOperator":
+        """This operator as one of the wider ``dtype`` (on ``device``, which
+        differs from its own only when it adapts its device), for the algebra.
+        By default it computes in its own dtype (``CastOperator``)."""
+        return CastOperator(self, dtype)
+
     def _diagonal(self) -> torch.Tensor:
         """(min(n, m),) main diagonal, when cheap."""
         raise NotImplementedError(
@@ -177,39 +222,55 @@ class LinearOperator:
 
     @property
     def has_adjoint(self) -> bool:
-        """Whether ``rmatvec``/``.T`` are available."""
+        """Whether ``rmatvec``/``.H``/``.T`` are available."""
         return (self.is_symmetric or _overrides(self, "_rmatvec") or _overrides(self, "_rmatmat")
                 or _overrides(self, "_adjoint"))
 
     # ---------------------------------------------------------------- public
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+    def matvec(self, v):
         """Return ``A v``.
 
         Parameters
         ----------
-        v : Tensor, shape (m,)
+        v : Tensor or ndarray, shape (m,) or (m, 1)
+            A NumPy array (or list) is moved to the operator's device and
+            dtype (its complex counterpart for a complex v: nothing is
+            dropped), and the product comes back as a NumPy array.
 
         Returns
         -------
-        Tensor, shape (n,)
+        Tensor or ndarray, shape (n,) or (n, 1) (like v)
         """
-        operator_operand(self, "matvec", "v", v, (1,), self.shape[1], "columns")
-        return self._matvec(v)
+        if not isinstance(v, torch.Tensor):
+            return numpy_product(self, "matvec", "v", v, "vector", "columns")
+        operator_operand(self, "matvec", "v", v, "vector", self.shape[1], "columns")
+        return self._matvec(v) if v.ndim == 1 else self._matmat(v)
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """Return ``A V`` for V of shape (m, k), as an (n, k) tensor."""
-        operator_operand(self, "matmat", "V", V, (2,), self.shape[1], "columns")
+    def matmat(self, V):
+        """Return ``A V`` for V of shape (m, k), as an (n, k) tensor (NumPy array for a NumPy V)."""
+        if not isinstance(V, torch.Tensor):
+            return numpy_product(self, "matmat", "V", V, "matrix", "columns")
+        operator_operand(self, "matmat", "V", V, "matrix", self.shape[1], "columns")
         return self._matmat(V)
 
-    def rmatvec(self, u: torch.Tensor) -> torch.Tensor:
-        """Return ``A.T u`` for u of shape (n,), as an (m,) tensor."""
-        operator_operand(self, "rmatvec", "u", u, (1,), self.shape[0], "rows")
-        return self._rmatvec(u)
+    def rmatvec(self, u):
+        """Return ``A.H u`` (the adjoint, as scipy's ``rmatvec``) for u of shape (n,)
+        or (n, 1), as an (m,) or (m, 1) tensor (NumPy array for a NumPy u)."""
+        if not isinstance(u, torch.Tensor):
+            return numpy_product(self, "rmatvec", "u", u, "vector", "rows", adjoint=True)
+        operator_operand(self, "rmatvec", "u", u, "vector", self.shape[0], "rows")
+        return self._rmatvec(u) if u.ndim == 1 else self._rmatmat(u)
 
-    def rmatmat(self, U: torch.Tensor) -> torch.Tensor:
-        """Return ``A.T U`` for U of shape (n, k), as an (m, k) tensor."""
-        operator_operand(self, "rmatmat", "U", U, (2,), self.shape[0], "rows")
+    def rmatmat(self, U):
+        """Return ``A.H U`` for U of shape (n, k), as an (m, k) tensor (NumPy array for a NumPy U)."""
+        if not isinstance(U, torch.Tensor):
+            return numpy_product(self, "rmatmat", "U", U, "matrix", "rows", adjoint=True)
+        operator_operand(self, "rmatmat", "U", U, "matrix", self.shape[0], "rows")
         return self._rmatmat(U)
+
+    def dot(self, x):
+        """``A @ x`` (scipy's name for it)."""
+        return self @ x
 
     def __matmul__(self, other):
         if isinstance(other, LinearOperator):
@@ -222,22 +283,50 @@ class LinearOperator:
             raise ValueError(
                 f"{type(self).__name__} @ v: v must be 1-D (m,) or 2-D (m, k), got shape "
                 f"{fmt_shape(other.shape)}")
-        return NotImplemented
+        self._refuse_operand(other, left=False)
+        arr = numeric_array(other)
+        if arr is None:
+            return NotImplemented
+        return numpy_product(self, "__matmul__", "v", other, "either", "columns", arr=arr)
 
     def __rmatmul__(self, other):
         # u @ A == (A.T @ u.T).T
         if isinstance(other, torch.Tensor):
-            if other.ndim == 1:
-                return self.rmatvec(other)
-            if other.ndim == 2:
-                operator_operand(self, "__rmatmul__", "U.T", other.T, (2,), self.shape[0], "rows")
-                return self._rmatmat(other.T).T
+            if other.ndim not in (1, 2):
+                raise ValueError(
+                    f"u @ {type(self).__name__}: u must be 1-D or 2-D, got shape {fmt_shape(other.shape)}")
+            U = other if other.ndim == 1 else other.T
+            name = "u" if other.ndim == 1 else "U.T"
+            operator_operand(self, "__rmatmul__", name, U, "either", self.shape[0], "rows")
+            T = self.transpose()
+            return T._matvec(U) if U.ndim == 1 else T._matmat(U).T
+        self._refuse_operand(other, left=True)
+        arr = numeric_array(other)
+        if arr is None:
+            return NotImplemented
+        if arr.ndim not in (1, 2):
             raise ValueError(
-                f"u @ {type(self).__name__}: u must be 1-D or 2-D, got shape {fmt_shape(other.shape)}")
-        return NotImplemented
+                f"u @ {type(self).__name__}: u must be 1-D or 2-D, got shape {fmt_shape(arr.shape)}")
+        operator_operand_shape(self, "__rmatmul__", "u" if arr.ndim == 1 else "U.T", arr.T.shape, "either",
+                               self.shape[0], "rows")
+        # The transpose's columns are this operator's rows (checked above).
+        return numpy_product(self.transpose(), "__rmatmul__", "u", None, "either", "columns", arr=arr.T).T
+
+    def _refuse_operand(self, other, *, left: bool) -> None:
+        """scipy's refusals of a scalar and of a sparse matrix in ``A @ x`` (``x @ A`` when ``left``)."""
+        name = type(self).__name__
+        if is_scalar(other):
+            written = f"c @ {name}" if left else f"{name} @ c"
+            raise ValueError(f"{written}: Scalar operands are not allowed, use '*' instead "
+                             f"(c is {type(other).__name__} {other!r})")
+        if is_sparse_matrix(other):
+            written = f"B @ {name}" if left else f"{name} @ B"
+            raise TypeError(f"{written}: Unable to multiply a LinearOperator with a sparse matrix (B is "
+                            f"{type(other).__name__}); compose with otlinop.aslinearoperator(B), or densify B "
+                            "with B.toarray()")
 
     def adjoint(self) -> "LinearOperator":
-        """The adjoint operator ``A^T`` of shape (m, n) (real dtypes: ``.T == .H``)."""
+        """The adjoint (conjugate transpose) ``A^H``, shape (m, n); for real dtypes the transpose."""
         if self._adjoint_cache is None:
             if _overrides(self, "_adjoint"):
                 self._adjoint_cache = self._adjoint()
@@ -250,14 +339,29 @@ class LinearOperator:
         return self._adjoint_cache
 
     @property
-    def T(self) -> "LinearOperator":
-        """The transpose ``A^T``, an operator of shape (m, n)."""
+    def H(self) -> "LinearOperator":
+        """The adjoint (conjugate transpose) ``A^H``, an operator of shape (m, n)."""
         return self.adjoint()
 
+    def transpose(self) -> "LinearOperator":
+        """The transpose ``A^T`` (no conjugation), shape (m, n).
+
+        For real dtypes it is the adjoint itself (``A.T is A.H``); for complex
+        ones ``A.T.T is A``.
+        """
+        if not self.dtype.is_complex:
+            return self.adjoint()
+        if self._transpose_cache is None:
+            T = self._transpose()
+            if T is not self and T._transpose_cache is None:
+                T._transpose_cache = self
+            self._transpose_cache = T
+        return self._transpose_cache
+
     @property
-    def H(self) -> "LinearOperator":
-        """The conjugate transpose; equal to ``.T`` for the real dtypes supported."""
-        return self.adjoint()
+    def T(self) -> "LinearOperator":
+        """The transpose ``A^T`` (no conjugation), an operator of shape (m, n)."""
+        return self.transpose()
 
     def diagonal(self) -> torch.Tensor:
         """The main diagonal, shape (min(n, m),).
@@ -295,8 +399,11 @@ class LinearOperator:
         """A ``scipy.sparse.linalg.LinearOperator`` on NumPy arrays.
 
         Vectors are moved to this operator's device and dtype, multiplied and
-        moved back, so scipy's ``cg``, ``minres``, ``gmres``, ``lsmr``,
-        ``eigsh`` and ``svds`` run on any otlinop operator, GPU ones included.
+        moved back (a complex vector on a real operator stays complex), so
+        scipy's ``cg``, ``minres``, ``gmres``, ``lsmr``, ``eigsh`` and
+        ``svds`` run on any otlinop operator, GPU ones included. The result
+        is picklable when this operator is, and its ``operator`` attribute
+        is this operator.
 
         Examples
         --------
@@ -353,18 +460,25 @@ class LinearOperator:
         return self
 
     def __mul__(self, c):
-        if _is_scalar(c):
+        if is_scalar(c):
             return ScaledOperator(self, c)
+        if isinstance(c, (LinearOperator, torch.Tensor, np.ndarray, list, tuple)) or is_sparse_matrix(c):
+            raise TypeError(f"{type(self).__name__}: '*' takes a scalar, got {type(c).__name__}; use '@' for the "
+                            "product with a vector, a matrix or an operator")
         return NotImplemented
 
     __rmul__ = __mul__
 
     def __truediv__(self, c):
-        if _is_scalar(c):
+        if is_scalar(c):
             if (isinstance(c, torch.Tensor) and bool(c == 0)) or (not isinstance(c, torch.Tensor) and c == 0):
                 raise ZeroDivisionError(f"{type(self).__name__} / c: c is zero")
+            if isinstance(c, np.generic):
+                c = c.item()
             return ScaledOperator(self, 1.0 / c)
-        return NotImplemented
+        raise ValueError(f"{type(self).__name__} / c: Can only divide a linear operator by a scalar. c is "
+                         f"{type(c).__name__}{' of shape ' + fmt_shape(c.shape) if hasattr(c, 'shape') else ''}; "
+                         "to scale rows or columns, compose with Diag(1 / d)")
 
     def __pow__(self, k):
         if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 0:
@@ -372,7 +486,8 @@ class LinearOperator:
         if self.shape[0] != self.shape[1]:
             raise ValueError(f"A ** k: A must be square, got shape {fmt_shape(self.shape)}")
         if k == 0:
-            return Identity(self.shape[0], dtype=self.dtype, device=self.device)
+            return Identity(self.shape[0], dtype=None if self.adapts_dtype else self.dtype,
+                            device=None if self.adapts_device else self.device)
         if k == 1:
             return self
         return PowerOperator(self, int(k))
@@ -382,19 +497,17 @@ class LinearOperator:
         if self.is_psd:
             flags.append("psd")
         elif self.is_symmetric:
-            flags.append("symmetric")
+            flags.append("hermitian" if self.dtype.is_complex else "symmetric")
         extra = (", " + ", ".join(flags)) if flags else ""
-        return f"<{type(self).__name__} {self.shape[0]}x{self.shape[1]} {self.dtype} on {self.device}{extra}>"
-
-    # Keep numpy from broadcasting ``ndarray @ A`` elementwise.
-    __array_priority__ = 1000
+        dtype = f"{self.dtype}{' (adapts)' if self.adapts_dtype else ''}"
+        return f"<{type(self).__name__} {self.shape[0]}x{self.shape[1]} {dtype} on {self.device}{extra}>"
 
 
 def is_adjoint_pair(L: LinearOperator, R: LinearOperator) -> bool:
-    """Whether L is known to be ``R.T`` (the adjoint one of them caches is the other).
+    """Whether L is known to be ``R.H`` (the adjoint one of them caches is the other).
 
-    How the algebra recognises ``X.T @ X`` as symmetric PSD without looking at
-    the operators' data.
+    How the algebra recognises ``X.H @ X`` as self-adjoint PSD without looking
+    at the operators' data.
     """
     return L is R._adjoint_cache or R is L._adjoint_cache or (L is R and R.is_symmetric)
 
@@ -404,6 +517,7 @@ def is_adjoint_pair(L: LinearOperator, R: LinearOperator) -> bool:
 # inside each method would cost about 0.9 us per ``A @ B`` (Python 3.11), more
 # than half of it. ``otlinop._operators`` imports this module first, so any
 # import order ends here.
-from ._operators.algebra import (AdjointOperator, PowerOperator, ProductOperator,  # noqa: E402
-                                 ScaledOperator, SumOperator)
+from ._operators.algebra import (AdjointOperator, CastOperator, PowerOperator,  # noqa: E402
+                                 ProductOperator, ScaledOperator, SumOperator, TransposeOperator)
 from ._operators.concrete import Diag, Identity  # noqa: E402
+from ._operators.numpy_operands import is_scalar, is_sparse_matrix, numeric_array, numpy_product  # noqa: E402

@@ -50,12 +50,18 @@ __all__ = [
     "function", "solver_function", "preconditioner", "reach_or_none",
     "backend_name", "precision_name", "triton_ready",
     "Geometry", "points", "vector", "weights", "potential", "matrix", "operand", "finite",
-    "real_tensor", "operator_operand", "same_space", "composable",
+    "COMPLEX_DTYPES", "OPERATOR_DTYPES", "operator_dtype", "real_operator_dtype", "operator_tensor",
+    "operator_operand_shape",
+    "operator_operand", "same_space", "composable",
     "Inputs", "measures",
 ]
 
 #: Dtypes of the points (and of every operator): the real floating ones.
 REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Complex dtypes of the operator algebra (the OT operators stay real).
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+#: Dtypes of the operator algebra (``Dense``, ``Diag``, sums, products, ...).
+OPERATOR_DTYPES = REAL_DTYPES + COMPLEX_DTYPES
 #: Half dtypes: their potentials live in float32, and float32 vectors are accepted beside them.
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -307,6 +313,10 @@ def points(owner: str, x, y, *, batch: str = "same", allow_empty: bool = True, m
             want = f"({rows}, d)" if batch == "none" else f"({rows}, d) or (B, {rows}, d)"
             raise ValueError(f"{owner}: {name} has shape {fmt_shape(t.shape)}, expected {want}"
                              + (f"; {hint}" if hint and t.ndim == 3 else ""))
+        if t.dtype.is_complex:
+            raise TypeError(f"{owner}: {name} has dtype {t.dtype}, but points, plans and their Hessians are real "
+                            "(float16, bfloat16, float32 or float64); complex dtypes are for the operator algebra "
+                            "(Dense, Diag, Identity, their sums and products)")
         if t.dtype not in REAL_DTYPES:
             raise TypeError(f"{owner}: {name} must have a real floating dtype, got {t.dtype} (float16, bfloat16, "
                             f"float32 or float64 are accepted); convert with {name}.to(torch.float32)")
@@ -468,69 +478,111 @@ def operand(geo: Geometry, name: str, V, rows: int, *, what: str = "", transpose
 # --------------------------------------------------------------------------
 # The operators are duck-typed here (``shape``, ``dtype``, ``device``): this
 # module sits below the one that defines them.
-def real_tensor(owner: str, name: str, t, ndim: int) -> torch.Tensor:
+_OPERATOR_DTYPE_NAMES = "float16, bfloat16, float32, float64, complex64, complex128"
+
+
+def operator_dtype(owner: str, dtype) -> None:
+    """The dtype of an operator: a real floating or a complex one."""
+    if dtype not in OPERATOR_DTYPES:
+        raise TypeError(f"{owner}: dtype must be one of {_OPERATOR_DTYPE_NAMES}, got {dtype}")
+
+
+def real_operator_dtype(owner: str, name: str, dtype) -> None:
+    """The dtype of an OT operator's data (a plan's entries): a real floating one."""
+    if dtype.is_complex:
+        raise TypeError(f"{owner}: {name} has dtype {dtype}, but {owner} is a real operator (the entries of a "
+                        "transport plan are real); complex dtypes are for the operator algebra (Dense, Diag, ...)")
+    if dtype not in REAL_DTYPES:
+        raise TypeError(f"{owner}: {name} must have a real floating dtype (float16, bfloat16, float32 or "
+                        f"float64), got {dtype}")
+
+
+def operator_tensor(owner: str, name: str, t, ndim: int) -> torch.Tensor:
     """The data of a concrete operator (``Dense``'s M, ``Diag``'s d): a tensor
-    with ``ndim`` dimensions and a real floating dtype."""
+    with ``ndim`` dimensions and a real floating or complex dtype."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{owner}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.ndim != ndim:
         raise ValueError(f"{owner}: {name} must be {ndim}-D, got shape {fmt_shape(t.shape)}")
-    if t.dtype not in REAL_DTYPES:
-        raise TypeError(f"{owner}: {name} must have a real floating dtype, got {t.dtype}; "
-                        f"convert with {name}.to(torch.float64)")
+    if t.dtype not in OPERATOR_DTYPES:
+        raise TypeError(f"{owner}: {name} must have a floating or complex dtype ({_OPERATOR_DTYPE_NAMES}), "
+                        f"got {t.dtype}; convert with {name}.to(torch.float64)")
     return t
 
 
-def operator_operand(A, method: str, name: str, t, ndim: tuple, length: int, what: str) -> None:
-    """The operand ``t`` of ``A.<method>``: a tensor with ``ndim`` dimensions (a
-    tuple of the accepted ones) whose first has ``length`` entries, one per
-    ``what`` ("columns" for ``A @ v``, "rows" for ``A.T @ u``) of A, with A's
-    dtype and device (a device without an index matches any of its type)."""
+def operator_operand_shape(A, method: str, name: str, shape, form: str, length: int, what: str) -> None:
+    """The shape of the operand of ``A.<method>``: its first dimension has
+    ``length`` entries, one per ``what`` ("columns" for ``A @ v``, "rows" for
+    ``A.H @ u``) of A. ``form`` is "vector" ((length,) or a column (length, 1)),
+    "matrix" ((length, k)) or "either" ((length,) or (length, k))."""
+    owner = type(A).__name__
+    shape = tuple(shape)
+    ndim = len(shape)
+    if form == "vector" and not (ndim == 1 or (ndim == 2 and shape[1] == 1)):
+        more = "; use matmat for several columns" if ndim == 2 else ""
+        raise ValueError(f"{owner}.{method}: {name} must be 1-D (m,) or a column (m, 1), got shape "
+                         f"{fmt_shape(shape)}{more}")
+    if form == "matrix" and ndim != 2:
+        raise ValueError(f"{owner}.{method}: {name} must be 2-D, got shape {fmt_shape(shape)}")
+    if form == "either" and ndim not in (1, 2):
+        raise ValueError(f"{owner}.{method}: {name} must be 1-D (m,) or 2-D (m, k), got shape {fmt_shape(shape)}")
+    if shape[0] != length:
+        if ndim == 1:
+            expected = f"({length},)"
+        else:
+            expected = f"({length}, 1)" if form == "vector" else f"({length}, k)"
+        hint = ""
+        if A.shape[0] != A.shape[1] and shape[0] == (A.shape[0] if what == "columns" else A.shape[1]):
+            hint = "; did you mean A.T @ " + name + "?" if what == "columns" else "; did you mean A @ " + name + "?"
+        raise ValueError(
+            f"{owner}.{method}: {name} has shape {fmt_shape(shape)}, expected {expected} "
+            f"(the operator has shape {fmt_shape(A.shape)}, {length} {what}){hint}")
+
+
+def operator_operand(A, method: str, name: str, t, form: str, length: int, what: str) -> None:
+    """The tensor operand ``t`` of ``A.<method>``: its shape (``operator_operand_shape``),
+    A's dtype and device (a device without an index matches any of its type).
+    An operator whose dtype (device) adapts (``Identity(n)``) takes any
+    operator dtype (device)."""
     owner = type(A).__name__
     if not isinstance(t, torch.Tensor):
         raise TypeError(
             f"{owner}.{method}: {name} must be a torch.Tensor, got {type(t).__name__}; "
             "convert with torch.as_tensor(...)")
-    if t.ndim not in ndim:
-        want = " or ".join(f"{d}-D" for d in ndim)
-        raise ValueError(f"{owner}.{method}: {name} must be {want}, got shape {fmt_shape(t.shape)}")
-    if t.shape[0] != length:
-        expected = f"({length},)" if t.ndim == 1 else f"({length}, k)"
-        hint = ""
-        if A.shape[0] != A.shape[1] and t.shape[0] == (A.shape[0] if what == "columns" else A.shape[1]):
-            hint = "; did you mean A.T @ " + name + "?" if what == "columns" else "; did you mean A @ " + name + "?"
-        raise ValueError(
-            f"{owner}.{method}: {name} has shape {fmt_shape(t.shape)}, expected {expected} "
-            f"(the operator has shape {fmt_shape(A.shape)}, {length} {what}){hint}")
-    if t.dtype != A.dtype:
+    # The common shapes pass without the full check (this runs at every product).
+    if not (t.ndim == 1 and form != "matrix" and t.shape[0] == length) and not (
+            t.ndim == 2 and t.shape[0] == length and (form != "vector" or t.shape[1] == 1)):
+        operator_operand_shape(A, method, name, t.shape, form, length, what)
+    if t.dtype != A.dtype and not (getattr(A, "adapts_dtype", False) and t.dtype in OPERATOR_DTYPES):
         raise TypeError(
             f"{owner}.{method}: {name} has dtype {t.dtype}, expected {A.dtype}; "
             f"convert with {name}.to({A.dtype})")
-    if t.device != A.device and not (t.device.type == A.device.type and A.device.index is None):
+    if (t.device != A.device and not (t.device.type == A.device.type and A.device.index is None)
+            and not getattr(A, "adapts_device", False)):
         raise ValueError(
             f"{owner}.{method}: {name} is on device {t.device}, expected {A.device}; "
             f"move it with {name}.to('{A.device}')")
 
 
+def _fixed_device(A) -> bool:
+    return not getattr(A, "adapts_device", False)
+
+
 def same_space(A, B, op: str) -> None:
-    """``A <op> B`` (``+``, ``-``): the same shape, dtype and device."""
+    """``A <op> B`` (``+``, ``-``): the same shape and device (the dtypes promote)."""
     if B.shape != A.shape:
         raise ValueError(f"A {op} B: shapes differ, A is {fmt_shape(A.shape)} and B is "
                          f"{fmt_shape(B.shape)}")
-    if B.dtype != A.dtype:
-        raise TypeError(f"A {op} B: dtypes differ, A is {A.dtype} and B is {B.dtype}")
-    if B.device != A.device:
+    if B.device != A.device and _fixed_device(A) and _fixed_device(B):
         raise ValueError(f"A {op} B: devices differ, A is on {A.device} and B on {B.device}")
 
 
 def composable(A, B) -> None:
-    """``A @ B``: A's columns are B's rows, one dtype, one device."""
+    """``A @ B``: A's columns are B's rows, one device (the dtypes promote)."""
     if A.shape[1] != B.shape[0]:
         raise ValueError(f"A @ B: inner dimensions differ, A is {fmt_shape(A.shape)} and B is "
                          f"{fmt_shape(B.shape)}")
-    if A.dtype != B.dtype:
-        raise TypeError(f"A @ B: dtypes differ, A is {A.dtype} and B is {B.dtype}")
-    if A.device != B.device:
+    if A.device != B.device and _fixed_device(A) and _fixed_device(B):
         raise ValueError(f"A @ B: devices differ, A is on {A.device} and B on {B.device}")
 
 

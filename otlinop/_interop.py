@@ -14,21 +14,25 @@ import torch
 from solvers import register_conversion
 
 from ._base import LinearOperator
-from ._checks import REAL_DTYPES, fmt_shape
+from ._checks import OPERATOR_DTYPES, fmt_shape
 from ._operators.concrete import Dense
 
 __all__ = ["aslinearoperator", "to_scipy"]
 
 _NUMPY_TO_TORCH = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
-                   np.dtype(np.float64): torch.float64}
+                   np.dtype(np.float64): torch.float64, np.dtype(np.complex64): torch.complex64,
+                   np.dtype(np.complex128): torch.complex128}
 _TORCH_TO_NUMPY = {torch.float16: np.float16, torch.bfloat16: np.float32, torch.float32: np.float32,
-                   torch.float64: np.float64}
+                   torch.float64: np.float64, torch.complex64: np.complex64, torch.complex128: np.complex128}
 
 
 def _torch_dtype_for(np_dtype, dtype):
+    """The torch dtype of a NumPy or scipy input: ``dtype`` when given; else its own,
+    float64 for integers and extended precision, complex128 for extended complex."""
     if dtype is not None:
         return dtype
-    return _NUMPY_TO_TORCH.get(np.dtype(np_dtype), torch.float64)
+    np_dtype = np.dtype(np_dtype)
+    return _NUMPY_TO_TORCH.get(np_dtype, torch.complex128 if np_dtype.kind == "c" else torch.float64)
 
 
 class _SparseTensorOperator(LinearOperator):
@@ -37,8 +41,9 @@ class _SparseTensorOperator(LinearOperator):
     def __init__(self, S: torch.Tensor):
         if S.ndim != 2:
             raise ValueError(f"aslinearoperator: a sparse tensor must be 2-D, got shape {fmt_shape(S.shape)}")
-        if S.dtype not in REAL_DTYPES:
-            raise TypeError(f"aslinearoperator: sparse tensor has dtype {S.dtype}, expected a real floating dtype")
+        if S.dtype not in OPERATOR_DTYPES:
+            raise TypeError(f"aslinearoperator: sparse tensor has dtype {S.dtype}, expected a floating or "
+                            "complex dtype")
         S = S.coalesce() if S.layout == torch.sparse_coo else S
         super().__init__(S.shape, S.dtype, S.device)
         self.S = S
@@ -54,6 +59,8 @@ class _SparseTensorOperator(LinearOperator):
         return self._ST
 
     def _rmatmat(self, U):
+        if self.dtype.is_complex:   # S.H U = conj(S.T conj(U)): no conjugated copy of S
+            return (self._transposed() @ U.conj_physical()).conj_physical()
         return self._transposed() @ U
 
     def _diagonal(self):
@@ -76,9 +83,10 @@ class _ScipyOperator(LinearOperator):
     def __init__(self, A, dtype, device):
         super().__init__(A.shape, dtype, device)
         self.A = A
+        self._AH = None   # the adjoint, built on first use
 
     def _host(self, V):
-        return V.detach().cpu().numpy().astype(self._np_dtype(), copy=False)
+        return V.detach().cpu().resolve_conj().resolve_neg().numpy().astype(self._np_dtype(), copy=False)
 
     def _np_dtype(self):
         return _TORCH_TO_NUMPY[self.dtype]
@@ -90,8 +98,10 @@ class _ScipyOperator(LinearOperator):
         return self._back(self.A @ self._host(V))
 
     def _rmatmat(self, U):
-        AT = self.A.T if hasattr(self.A, "T") else self.A.adjoint()
-        return self._back(AT @ self._host(U))
+        if self._AH is None:
+            import scipy.sparse as sp
+            self._AH = self.A.conj().T if sp.issparse(self.A) else self.A.H
+        return self._back(self._AH @ self._host(U))
 
     def _diagonal(self):
         import scipy.sparse as sp
@@ -114,6 +124,8 @@ class _GPyTorchOperator(LinearOperator):
         return self.L @ V
 
     def _rmatmat(self, U):
+        if self.dtype.is_complex:
+            return (self.L.mT @ U.conj()).conj()
         return self.L.mT @ U
 
     def _diagonal(self):
@@ -136,7 +148,10 @@ def aslinearoperator(obj, *, dtype: torch.dtype | None = None, device=None) -> L
         matrices and foreign operators are wrapped.
     dtype, device : optional
         For NumPy and scipy inputs: the torch dtype and device to use
-        (default: float64, or float32 for float32 inputs; CPU).
+        (default: the input's own float16, float32, float64, complex64 or
+        complex128; float64 for integers and extended precision, complex128
+        for extended complex; CPU). The ``to_scipy()`` view of an otlinop
+        operator gives that operator back.
 
     Returns
     -------
@@ -166,16 +181,19 @@ def aslinearoperator(obj, *, dtype: torch.dtype | None = None, device=None) -> L
     if isinstance(obj, np.ndarray):
         if obj.ndim != 2:
             raise ValueError(f"aslinearoperator: a NumPy array must be 2-D, got shape {fmt_shape(obj.shape)}")
-        if not np.issubdtype(obj.dtype, np.floating) and not np.issubdtype(obj.dtype, np.integer):
-            raise TypeError(f"aslinearoperator: NumPy dtype {obj.dtype} is not supported; use a real dtype")
+        if obj.dtype.kind not in "iufc":
+            raise TypeError(f"aslinearoperator: NumPy dtype {obj.dtype} is not supported; use a real or complex "
+                            "floating dtype (integers become float64)")
         t = torch.as_tensor(np.ascontiguousarray(obj), dtype=_torch_dtype_for(obj.dtype, dtype),
                             device=device or "cpu")
         return Dense(t)
     import scipy.sparse as sp
     import scipy.sparse.linalg as sla
+
+    from ._interop_scipy import ScipyView
+    if isinstance(obj, ScipyView) and dtype is None and device is None:
+        return obj.operator
     if sp.issparse(obj) or isinstance(obj, sla.LinearOperator):
-        if obj.dtype is not None and np.issubdtype(np.dtype(obj.dtype), np.complexfloating):
-            raise TypeError(f"aslinearoperator: complex scipy operators are not supported, got {obj.dtype}")
         tdtype = _torch_dtype_for(obj.dtype if obj.dtype is not None else np.float64, dtype)
         return _ScipyOperator(obj, tdtype, device or "cpu")
     try:
@@ -199,39 +217,5 @@ register_conversion(aslinearoperator)
 # --------------------------------------------------------------------------
 def to_scipy(A: LinearOperator):
     """``A.to_scipy()``: see ``LinearOperator.to_scipy``."""
-    import scipy.sparse.linalg as sla
-
-    np_dtype = _TORCH_TO_NUMPY[A.dtype]
-
-    def to_torch(arr):
-        return torch.as_tensor(np.asarray(arr, dtype=np_dtype), device=A.device)
-
-    def to_numpy(t):
-        return t.detach().to("cpu").numpy()
-
-    class _OtlinopScipyOperator(sla.LinearOperator):
-        def __init__(self):
-            super().__init__(dtype=np.dtype(np_dtype), shape=A.shape)
-            self.operator = A
-
-        def _matvec(self, x):
-            x = to_torch(x).reshape(A.shape[1])
-            return to_numpy(A.matvec(x))
-
-        def _matmat(self, X):
-            return to_numpy(A.matmat(to_torch(X)))
-
-        def _rmatvec(self, x):
-            x = to_torch(x).reshape(A.shape[0])
-            return to_numpy(A.rmatvec(x))
-
-        def _rmatmat(self, X):
-            return to_numpy(A.rmatmat(to_torch(X)))
-
-        def _adjoint(self):
-            if A.has_adjoint:
-                return to_scipy(A.adjoint())
-            return super()._adjoint()
-
-    with torch.no_grad():
-        return _OtlinopScipyOperator()
+    from ._interop_scipy import ScipyView   # imports scipy: only when asked for
+    return ScipyView(A)

@@ -28,7 +28,7 @@ import math
 import torch
 
 from ._base import LinearOperator
-from ._checks import Geometry, fmt_shape, fraction, matrix, positive_int
+from ._checks import Geometry, fmt_shape, fraction, matrix, positive_int, real_operator_dtype
 from .kernels._reference import compute_dtype
 from .kernels.ell import ell_bilinear, ell_matmat, live_slots
 from .kernels.plan_truncate import plan_truncate
@@ -97,6 +97,7 @@ class TruncatedPlanOperator(LinearOperator):
 
     def __init__(self, values, columns, counts, shape, *, tol, backend=None, nnz=None, transposed=None,
                  transpose_of=None):
+        real_operator_dtype("TruncatedPlanOperator", "values", values.dtype)
         super().__init__(tuple(shape), values.dtype, values.device, transpose_of=transpose_of)
         self.values, self.columns, self.counts = values, columns, counts
         self.tol = float(tol)

@@ -1,8 +1,10 @@
 """The operator layer's private modules, built on ``LinearOperator``
 (``otlinop._base``):
 
-- ``algebra``: what ``A.T``, ``A @ B``, ``A + B``, ``c * A``, ``A ** k`` return;
+- ``algebra``: what ``A.H``, ``A.T``, ``A @ B``, ``A + B``, ``c * A``, ``A ** k``
+  return, and how their dtypes promote;
 - ``concrete``: ``Dense``, ``Diag``, ``Identity``, ``Zero``, ``BlockOperator``;
+- ``numpy_operands``: products with NumPy operands (``A @ ndarray``);
 - ``plan_product``: the differentiable product with the entropic plan, under
   ``PlanOperator`` and ``plan_matmul`` (``otlinop.plan``).
 

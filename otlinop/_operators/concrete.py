@@ -13,27 +13,28 @@ from typing import Any, Sequence
 import torch
 
 from .._base import LinearOperator, is_adjoint_pair
-from .._checks import fmt_shape, real_tensor
+from .._checks import fmt_shape, operator_tensor
 
 __all__ = ["Dense", "Diag", "Identity", "Zero", "BlockOperator"]
 
 
 class Dense(LinearOperator):
-    """A dense (n, m) matrix held as a torch tensor.
+    """A dense (n, m) matrix held as a torch tensor, real or complex.
 
     Parameters
     ----------
     M : Tensor, shape (n, m)
+        Of a floating or complex dtype.
     is_symmetric : bool, optional
-        Declare symmetry. When omitted, a square M is checked once with
-        ``torch.allclose(M, M.T)``.
+        Declare ``M == M.H`` (symmetric, or Hermitian for a complex M). When
+        omitted, a square M is checked once with ``torch.allclose(M, M.mH)``.
     is_psd : bool, optional
-        Declare M symmetric positive semi-definite (not checked).
+        Declare M self-adjoint positive semi-definite (not checked).
 
     Notes
     -----
-    Adjoint: ``M.T``. Diagonal: ``M.diagonal()``. One matvec costs O(nm) time
-    and no extra memory. Gradients flow to M.
+    Adjoint: ``M.mH``; transpose: ``M.T``. Diagonal: ``M.diagonal()``. One
+    matvec costs O(nm) time and no extra memory. Gradients flow to M.
 
     Examples
     --------
@@ -44,11 +45,11 @@ class Dense(LinearOperator):
     """
 
     def __init__(self, M: torch.Tensor, *, is_symmetric: bool | None = None, is_psd: bool = False):
-        real_tensor("Dense", "M", M, 2)
+        operator_tensor("Dense", "M", M, 2)
         if M.layout != torch.strided:
             raise TypeError("Dense: M must be a strided (dense) tensor; use aslinearoperator for sparse tensors")
         if is_symmetric is None:
-            is_symmetric = bool(M.shape[0] == M.shape[1] and torch.allclose(M, M.T))
+            is_symmetric = bool(M.shape[0] == M.shape[1] and torch.allclose(M, M.mH))
         super().__init__(M.shape, M.dtype, M.device, is_symmetric=is_symmetric or is_psd, is_psd=is_psd)
         self.M = M
 
@@ -59,10 +60,13 @@ class Dense(LinearOperator):
         return self.M @ V
 
     def _rmatvec(self, u):
-        return self.M.T @ u
+        return self.M.mH @ u
 
     def _rmatmat(self, U):
-        return self.M.T @ U
+        return self.M.mH @ U
+
+    def _transpose(self):
+        return Dense(self.M.T, is_symmetric=self.is_symmetric, is_psd=self.is_psd)
 
     def _diagonal(self):
         return self.M.diagonal()
@@ -79,19 +83,21 @@ class Dense(LinearOperator):
 
 
 class Diag(LinearOperator):
-    """The diagonal operator ``Diag(d)``, shape (n, n).
+    """The diagonal operator ``Diag(d)``, shape (n, n), real or complex.
 
     Parameters
     ----------
     d : Tensor, shape (n,)
+        Of a floating or complex dtype.
     psd : bool, optional
-        Whether every ``d_i >= 0``, when the caller knows it (e.g. a
+        Whether every ``d_i >= 0`` (real), when the caller knows it (e.g. a
         marginal of a plan). None (default): checked at construction,
         which reads one flag back from the device.
 
     Notes
     -----
-    Symmetric; PSD when every ``d_i >= 0``. One matvec costs O(n).
+    Self-adjoint (Hermitian) when d is real; PSD when every ``d_i >= 0``.
+    Adjoint: ``Diag(conj(d))``; transpose: itself. One matvec costs O(n).
     ``inverse()`` gives ``Diag(1 / d)``.
 
     Examples
@@ -103,12 +109,19 @@ class Diag(LinearOperator):
     """
 
     def __init__(self, d: torch.Tensor, *, psd: bool | None = None):
-        real_tensor("Diag", "d", d, 1)
-        if psd is None:
-            psd = bool((d >= 0).all()) if d.numel() else True
-        elif not isinstance(psd, bool):
+        operator_tensor("Diag", "d", d, 1)
+        if psd is not None and not isinstance(psd, bool):
             raise TypeError(f"Diag: psd must be a bool or None, got {type(psd).__name__}")
-        super().__init__((d.shape[0], d.shape[0]), d.dtype, d.device, is_symmetric=True, is_psd=psd)
+        hermitian = True
+        if d.is_complex():
+            # One read-back for both flags: real entries, and non-negative ones.
+            flags = torch.stack([(d.imag == 0).all(), ((d.imag == 0) & (d.real >= 0)).all()]).tolist() \
+                if d.numel() else [True, True]
+            hermitian = flags[0]
+            psd = flags[1] if psd is None else psd
+        elif psd is None:
+            psd = bool((d >= 0).all()) if d.numel() else True
+        super().__init__((d.shape[0], d.shape[0]), d.dtype, d.device, is_symmetric=hermitian or psd, is_psd=psd)
         self.d = d
 
     def _matvec(self, v):
@@ -116,6 +129,19 @@ class Diag(LinearOperator):
 
     def _matmat(self, V):
         return self.d.unsqueeze(1) * V
+
+    def _rmatvec(self, u):
+        return self.d.conj() * u
+
+    def _rmatmat(self, U):
+        return self.d.conj().unsqueeze(1) * U
+
+    def _transpose(self):
+        return self
+
+    def _astype(self, dtype, device):
+        # Widening d is exact and costs O(n): no need to compute in the narrower dtype.
+        return Diag(self.d.to(dtype), psd=self.is_psd)
 
     def _diagonal(self):
         return self.d
@@ -145,18 +171,38 @@ class Identity(LinearOperator):
     Parameters
     ----------
     n : int
-    dtype : torch.dtype, default float32
-    device : torch.device or str, default "cpu"
+    dtype : torch.dtype, optional
+        None (default): the dtype adapts to the operators the identity is
+        combined with (``Dense(M) + Identity(n)`` has M's dtype), and the
+        identity alone takes operands of any dtype (``dtype`` then reads
+        torch's default dtype). An explicit dtype stays.
+    device : torch.device or str, optional
+        None (default): adapts likewise (``device`` then reads "cpu").
+
+    Examples
+    --------
+    >>> import torch, otlinop
+    >>> A = otlinop.Dense(torch.eye(2, dtype=torch.float64)) + otlinop.Identity(2)
+    >>> A.dtype, (A @ torch.ones(2, dtype=torch.float64)).tolist()
+    (torch.float64, [2.0, 2.0])
     """
 
-    def __init__(self, n: int, *, dtype=torch.float32, device="cpu"):
-        super().__init__((n, n), dtype, device, is_symmetric=True, is_psd=True)
+    def __init__(self, n: int, *, dtype=None, device=None):
+        super().__init__((n, n), torch.get_default_dtype() if dtype is None else dtype,
+                         "cpu" if device is None else device, is_symmetric=True, is_psd=True)
+        self.adapts_dtype, self.adapts_device = dtype is None, device is None
 
     def _matvec(self, v):
         return v
 
     def _matmat(self, V):
         return V
+
+    def _transpose(self):
+        return self
+
+    def _astype(self, dtype, device):
+        return Identity(self.shape[0], dtype=dtype, device=device)
 
     def _diagonal(self):
         return torch.ones(self.shape[0], dtype=self.dtype, device=self.device)
@@ -174,16 +220,21 @@ class Zero(LinearOperator):
     Parameters
     ----------
     shape : (int, int) or int (square)
-    dtype : torch.dtype, default float32
-    device : torch.device or str, default "cpu"
+    dtype : torch.dtype, optional
+        None (default): adapts to the operators it is combined with, as
+        ``Identity``'s does. An explicit dtype stays.
+    device : torch.device or str, optional
+        None (default): adapts likewise.
     """
 
-    def __init__(self, shape, *, dtype=torch.float32, device="cpu"):
+    def __init__(self, shape, *, dtype=None, device=None):
         if isinstance(shape, numbers.Integral):
             shape = (shape, shape)
         shape = tuple(shape)
         square = len(shape) == 2 and shape[0] == shape[1]
-        super().__init__(shape, dtype, device, is_symmetric=square, is_psd=square)
+        super().__init__(shape, torch.get_default_dtype() if dtype is None else dtype,
+                         "cpu" if device is None else device, is_symmetric=square, is_psd=square)
+        self.adapts_dtype, self.adapts_device = dtype is None, device is None
 
     def _matvec(self, v):
         return v.new_zeros(self.shape[0])
@@ -198,7 +249,14 @@ class Zero(LinearOperator):
         return U.new_zeros((self.shape[1], U.shape[1]))
 
     def _adjoint(self):
-        return Zero((self.shape[1], self.shape[0]), dtype=self.dtype, device=self.device)
+        return Zero((self.shape[1], self.shape[0]), dtype=None if self.adapts_dtype else self.dtype,
+                    device=None if self.adapts_device else self.device)
+
+    def _transpose(self):
+        return self.adjoint()
+
+    def _astype(self, dtype, device):
+        return Zero(self.shape, dtype=dtype, device=device)
 
     def _diagonal(self):
         return torch.zeros(min(self.shape), dtype=self.dtype, device=self.device)
@@ -222,13 +280,14 @@ class BlockOperator(LinearOperator):
     is_symmetric : bool, optional
         Declare symmetry; by default it is inferred when the diagonal blocks
         are symmetric and each off-diagonal pair is known to be an adjoint pair
-        (``blocks[j][i] is blocks[i][j].T``) or both are None.
+        (``blocks[j][i] is blocks[i][j].H``) or both are None.
 
     Notes
     -----
     Adjoint: the transposed grid of adjoints. Diagonal: when every diagonal
     block is square, the concatenation of their diagonals. One matvec costs
-    one matvec of each block.
+    one matvec of each block. The blocks' dtypes promote as in ``A + B``
+    (``Identity(n)`` and ``Zero`` blocks adapt).
 
     Examples
     --------
@@ -251,16 +310,16 @@ class BlockOperator(LinearOperator):
         ops = [b for row in grid for b in row if b is not None]
         if not ops:
             raise ValueError("BlockOperator: all blocks are None; the sizes cannot be inferred")
-        dtype, device = ops[0].dtype, ops[0].device
+        fixed = [b for b in ops if not b.adapts_device]
         heights: list[int | None] = [None] * len(grid)
         widths: list[int | None] = [None] * ncols
         for i, row in enumerate(grid):
             for j, b in enumerate(row):
                 if b is None:
                     continue
-                if b.dtype != dtype or b.device != device:
-                    raise TypeError(f"BlockOperator: block [{i}][{j}] is {b.dtype} on {b.device}, expected "
-                                    f"{dtype} on {device} like the first block")
+                if fixed and not b.adapts_device and b.device != fixed[0].device:
+                    raise ValueError(f"BlockOperator: block [{i}][{j}] is on {b.device}, expected "
+                                     f"{fixed[0].device} like the other blocks")
                 for sizes, idx, size, what in ((heights, i, b.shape[0], "rows"), (widths, j, b.shape[1], "columns")):
                     if sizes[idx] is None:
                         sizes[idx] = size
@@ -272,7 +331,7 @@ class BlockOperator(LinearOperator):
             empty = [k for k, s in enumerate(sizes) if s is None]
             if empty:
                 raise ValueError(f"BlockOperator: block {name} {empty[0]} holds only None; its size is unknown")
-        self._grid, self._heights, self._widths = grid, heights, widths
+        self._heights, self._widths = heights, widths
         if is_symmetric is None:
             is_symmetric = heights == widths and all(
                 (grid[i][i] is None or grid[i][i].is_symmetric) and all(
@@ -281,6 +340,9 @@ class BlockOperator(LinearOperator):
                         and is_adjoint_pair(grid[j][i], grid[i][j]))
                     for j in range(i + 1, ncols))
                 for i in range(len(grid)))
+        from .algebra import conform, promoted   # at call time: the algebra imports this module
+        dtype, device = promoted(ops)
+        self._grid = [[None if b is None else conform(b, dtype, device) for b in row] for row in grid]
         super().__init__((sum(heights), sum(widths)), dtype, device, is_symmetric=is_symmetric)
 
     def _apply(self, grid, heights, widths, V):
@@ -311,6 +373,11 @@ class BlockOperator(LinearOperator):
 
     def _rmatmat(self, U):
         return self._adjoint()._matmat(U)
+
+    def _transpose(self):
+        transposed = [[None if self._grid[i][j] is None else self._grid[i][j].transpose()
+                       for i in range(len(self._grid))] for j in range(len(self._widths))]
+        return BlockOperator(transposed, is_symmetric=self.is_symmetric)
 
     def _diagonal(self):
         if self._heights != self._widths:
