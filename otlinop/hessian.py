@@ -213,6 +213,16 @@ class DualHessianOperator(BlockOperator):
                          is_symmetric=True)
         self.is_psd = True
 
+    # What to_linear_operator rebuilds on other tensors (otlinop._interop_linop): the plan, not
+    # the blocks, whose diagonals are derived from it (and must be derived again, with a graph).
+    def _parts(self):
+        return (self.P,)
+
+    def _from_parts(self, parts, *, dtype, device):
+        rebuilt = DualHessianOperator.__new__(DualHessianOperator)
+        rebuilt._setup(parts[0], self.schur._options)
+        return rebuilt
+
     def solve(self, r: torch.Tensor, *, solver=cg, M=None, **options):
         r"""A solution of ``K z = r`` through the Schur complement.
 

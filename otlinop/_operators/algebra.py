@@ -111,6 +111,15 @@ class AdjointOperator(LinearOperator):
         d = self._op._diagonal()
         return d.conj() if d.is_complex() else d
 
+    # What to_linear_operator rebuilds on other tensors (otlinop._interop_linop): the
+    # algebra's operators are built from their operands as written (``args``), and
+    # rebuilt through the methods that built them, which promote dtypes again.
+    def _parts(self):
+        return (self._op,)
+
+    def _from_parts(self, parts, *, dtype, device):
+        return parts[0].adjoint()
+
 
 class TransposeOperator(LinearOperator):
     """A.T (no conjugation) of a complex operator: ``A.T v = conj(A.H conj(v))``."""
@@ -145,12 +154,11 @@ class TransposeOperator(LinearOperator):
     def _diagonal(self):
         return self._op._diagonal()
 
-    # What to_linear_operator rebuilds on other tensors (otlinop._interop_linop).
     def _parts(self):
         return (self._op,)
 
     def _from_parts(self, parts, *, dtype, device):
-        return parts[0].adjoint()
+        return parts[0].transpose()
 
 
 class CastOperator(LinearOperator):
@@ -204,6 +212,14 @@ class CastOperator(LinearOperator):
 
     def _diagonal(self):
         return self._op._diagonal().to(self.dtype)
+
+    def _parts(self):
+        return (self._op,)
+
+    def _from_parts(self, parts, *, dtype, device):
+        # ``dtype`` is this operator's dtype as the bridge converts it; never narrower than the operand.
+        A = parts[0]
+        return conform(A, torch.promote_types(A.dtype, dtype), A.device)
 
 
 # -------------------------------------------------------------- combinations
@@ -263,7 +279,7 @@ class ProductOperator(LinearOperator):
         return super()._diagonal()
 
     def _parts(self):
-        return (self._A, self._B)
+        return self.args
 
     def _from_parts(self, parts, *, dtype, device):
         return ProductOperator(*parts)
@@ -314,7 +330,7 @@ class SumOperator(LinearOperator):
         return self._A._diagonal() + self._B._diagonal()
 
     def _parts(self):
-        return (self._A, self._B)
+        return self.args
 
     def _from_parts(self, parts, *, dtype, device):
         return SumOperator(*parts)
@@ -388,7 +404,7 @@ class ScaledOperator(LinearOperator):
         return self._c * self._op._diagonal()
 
     def _parts(self):
-        return (self._op, self._c)
+        return self.args
 
     def _from_parts(self, parts, *, dtype, device):
         return ScaledOperator(*parts)
@@ -435,7 +451,7 @@ class PowerOperator(LinearOperator):
         return super()._diagonal()
 
     def _parts(self):
-        return (self._op, self._k)
+        return self.args
 
     def _from_parts(self, parts, *, dtype, device):
         return PowerOperator(*parts)

@@ -211,7 +211,9 @@ class Identity(LinearOperator):
         return ()
 
     def _from_parts(self, parts, *, dtype, device):
-        return Identity(self.shape[0], dtype=dtype, device=device)
+        # An adapting identity stays adapting: the operators it is combined with decide again.
+        return Identity(self.shape[0], dtype=None if self.adapts_dtype else dtype,
+                        device=None if self.adapts_device else device)
 
 
 class Zero(LinearOperator):
@@ -265,7 +267,8 @@ class Zero(LinearOperator):
         return ()
 
     def _from_parts(self, parts, *, dtype, device):
-        return Zero(self.shape, dtype=dtype, device=device)
+        return Zero(self.shape, dtype=None if self.adapts_dtype else dtype,
+                    device=None if self.adapts_device else device)
 
 
 class BlockOperator(LinearOperator):
@@ -332,6 +335,7 @@ class BlockOperator(LinearOperator):
             if empty:
                 raise ValueError(f"BlockOperator: block {name} {empty[0]} holds only None; its size is unknown")
         self._heights, self._widths = heights, widths
+        self._blocks = grid   # as written (converted, not promoted): what _parts exposes
         if is_symmetric is None:
             is_symmetric = heights == widths and all(
                 (grid[i][i] is None or grid[i][i].is_symmetric) and all(
@@ -389,6 +393,16 @@ class BlockOperator(LinearOperator):
     def block(self, i: int, j: int):
         """The operator in block row i, block column j (None for a zero block)."""
         return self._grid[i][j]
+
+    # What to_linear_operator rebuilds on other tensors (otlinop._interop_linop): the
+    # blocks as written, row by row (None for a zero block); their dtypes promote again.
+    def _parts(self):
+        return tuple(b for row in self._blocks for b in row)
+
+    def _from_parts(self, parts, *, dtype, device):
+        ncols = len(self._widths)
+        grid = [list(parts[i:i + ncols]) for i in range(0, len(parts), ncols)]
+        return BlockOperator(grid, is_symmetric=self.is_symmetric)
 
 
 def _as_operator(block) -> LinearOperator:
