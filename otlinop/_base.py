@@ -27,7 +27,7 @@ import torch
 from ._checks import (OPERATOR_DTYPES, fmt_shape, operator_dtype, operator_operand, operator_operand_shape,
                       same_space)
 
-__all__ = ["LinearOperator", "is_adjoint_pair"]
+__all__ = ["LinearOperator", "is_adjoint_pair", "known_adjoint"]
 
 def complex_dtype_of(dtype: torch.dtype) -> torch.dtype:
     """The complex dtype a real operator of ``dtype`` computes in on complex operands."""
@@ -422,10 +422,13 @@ class LinearOperator:
         Its representation (what linear_operator differentiates) is the
         tensors this operator is built from, so ``requires_grad_`` on it and
         ``inv_quad_logdet``, ``solve``, ``matmul`` or ``to_dense`` give
-        gradients to them (``Dense``, ``Diag``, the algebra, ``PlanOperator``,
-        ``HessianOperator``; other operators are opaque: no gradient, fixed
-        dtype). Batch dimensions (``expand``, ``unsqueeze``) are copies of
-        this operator. Needs the optional ``linear_operator`` package.
+        gradients to them (``Dense``, ``Diag``, ``BlockOperator``, the
+        algebra, ``PlanOperator``, ``HessianOperator``,
+        ``DualHessianOperator``; other operators are opaque: no gradient,
+        fixed dtype). Batch dimensions (``expand``, ``unsqueeze``) are copies
+        of this operator. Complex operators multiply, transpose and index;
+        gradients w.r.t. their complex tensors flow through ``matmul`` and
+        ``to_dense`` only. Needs the optional ``linear_operator`` package.
 
         Examples
         --------
@@ -510,6 +513,15 @@ def is_adjoint_pair(L: LinearOperator, R: LinearOperator) -> bool:
     at the operators' data.
     """
     return L is R._adjoint_cache or R is L._adjoint_cache or (L is R and R.is_symmetric)
+
+
+def known_adjoint(A: LinearOperator) -> LinearOperator | None:
+    """The adjoint that ``A`` holds (built by ``A.H``, or given as ``transpose_of``), or None.
+
+    Computes nothing; what ``is_adjoint_pair`` looks at, so that code which
+    rebuilds operators (``otlinop._interop_linop``) can keep adjoint pairs.
+    """
+    return A._adjoint_cache
 
 
 # LinearOperator's methods return these subclasses of it. They are imported

@@ -16,14 +16,29 @@ An otlinop operator says what it is built from through two optional hooks:
     other otlinop operators, and constants (numbers, None, strings).
 ``_from_parts(parts, *, dtype, device)``
     The same operator built from ``parts`` of the same structure, where
-    tensors may have been replaced; ``dtype`` and ``device`` are the bridge's
-    (for operators that hold no tensor, such as ``Identity``).
+    tensors may have been replaced. ``dtype`` and ``device`` are what this
+    operator's own dtype and device become: unchanged when the tensors kept
+    theirs, converted as the bridge's tensors were (``.double()``) otherwise.
+    Operators that hold tensors take their dtype from them and ignore it;
+    ``Identity`` and ``Zero`` of a fixed dtype take it (adapting ones stay
+    adapting), the algebra's ``CastOperator`` widens to it.
 
-``Dense``, ``Diag``, ``Identity``, ``Zero``, the algebra's operators
-(``A.T``, ``A @ B``, ``A + B``, ``c * A``, ``A ** k``), ``PlanOperator`` and
-``HessianOperator`` define them. An operator without them is opaque: it
-contributes no tensor (no gradient reaches it), and it keeps its dtype and
-device (``.double()`` then raises a TypeError that names it).
+``Dense``, ``Diag``, ``Identity``, ``Zero``, ``BlockOperator``, the algebra's
+operators (``A.H``, ``A.T``, ``A @ B``, ``A + B``, ``c * A``, ``A ** k`` and
+the casts of mixed dtypes), ``PlanOperator``, ``HessianOperator`` and
+``DualHessianOperator`` define them. The algebra's operators expose their
+operands as written (``args``) and are rebuilt by the constructors that
+promote dtypes, so a rebuilt operator promotes as the original did. An
+operator without the hooks is opaque: it contributes no tensor (no gradient
+reaches it), and it keeps its dtype and device (converting it raises a
+TypeError that names it).
+
+Complex operators multiply, transpose (without conjugation, as
+linear_operator's ``mT``), index and differentiate through ``matmul``
+(torch's autograd, not linear_operator's real-only Functions);
+linear_operator's other autograd Functions (``solve``, ``inv_quad_logdet``,
+...) differentiate real tensors only, so a gradient w.r.t. a complex tensor
+through them raises a NotImplementedError.
 
 Batch dimensions are copies of the one operator (``expand``, ``unsqueeze``,
 ``repeat``): products fold the batch into extra columns, so one otlinop
@@ -40,8 +55,9 @@ except ImportError as err:  # an optional dependency
     raise ImportError("to_linear_operator needs the optional linear_operator package: "
                       "pip install linear_operator") from err
 
-from ._base import LinearOperator
+from ._base import LinearOperator, known_adjoint
 from ._checks import fmt_shape
+from ._operators.algebra import conform
 
 __all__ = ["OtlinopLinearOperator", "to_linear_operator", "operator_tensors", "operator_on"]
 
@@ -77,12 +93,37 @@ def operator_tensors(op: LinearOperator) -> list[torch.Tensor]:
     return found
 
 
-def operator_on(template: LinearOperator, tensors, *, dtype: torch.dtype, device) -> LinearOperator:
-    """``template`` rebuilt on ``tensors`` (in the order of ``operator_tensors(template)``).
+def _conversion(template: LinearOperator, old, tensors, dtype: torch.dtype):
+    """``dtype -> dtype``: what each dtype of ``template`` becomes when it is rebuilt on ``tensors``.
 
-    A sub-operator used twice is rebuilt once, so ``X.T @ X`` stays a
-    recognised adjoint pair. Operators that hold no tensor are rebuilt with
-    ``dtype`` and ``device``.
+    A dtype converts as the template's own dtype (to ``dtype``) and the
+    tensors of that dtype did; a dtype that nothing carried, as the template's
+    when it is of the same kind (real or complex) and unchanged otherwise.
+    linear_operator converts all tensors of a kind alike (``.double()`` the
+    real floating ones, ``.to(dtype)`` all of them), so there is one answer.
+    """
+    seen = {template.dtype: dtype}
+    for o, t in zip(old, tensors):
+        seen.setdefault(o.dtype, t.dtype)
+    moved = dtype != template.dtype
+
+    def convert(d: torch.dtype) -> torch.dtype:
+        if d in seen:
+            return seen[d]
+        return dtype if moved and d.is_complex == dtype.is_complex else d
+
+    return convert
+
+
+def operator_on(template: LinearOperator, tensors, *, dtype: torch.dtype, device) -> LinearOperator:
+    """``template`` rebuilt on ``tensors`` (in the order of ``operator_tensors(template)``), as an
+    operator of ``dtype`` on ``device``.
+
+    A sub-operator used twice is rebuilt once, and one whose adjoint was
+    rebuilt is that adjoint's adjoint, so ``X.H @ X`` (and ``S.H @ S`` for a
+    sum S) stays a recognised adjoint pair. Operators that hold no tensor
+    take their dtype as ``_conversion`` maps it; an adapting result is brought
+    to ``dtype`` and ``device``.
 
     Raises
     ------
@@ -97,6 +138,7 @@ def operator_on(template: LinearOperator, tensors, *, dtype: torch.dtype, device
                          f"got {len(tensors)}")
     device = torch.device(device)
     new_of = {id(o): t for o, t in zip(old, tensors)}
+    convert = _conversion(template, old, tensors, dtype)
     memo: dict[int, LinearOperator] = {}
 
     def build(node):
@@ -106,24 +148,45 @@ def operator_on(template: LinearOperator, tensors, *, dtype: torch.dtype, device
             return node
         if id(node) in memo:
             return memo[id(node)]
+        partner = known_adjoint(node)
         parts = getattr(node, "_parts", None)
-        if parts is not None:
-            new = node._from_parts(tuple(build(p) for p in parts()), dtype=dtype, device=device)
-        elif node.dtype == dtype and _same_device(node.device, device):
+        node_dtype = convert(node.dtype)
+        if partner is not None and id(partner) in memo:
+            new = memo[id(partner)].adjoint()
+        elif parts is not None:
+            new = node._from_parts(tuple(build(p) for p in parts()), dtype=node_dtype, device=device)
+        elif node_dtype == node.dtype and _same_device(node.device, device):
             new = node
         else:
             raise TypeError(
-                f"to_linear_operator: cannot move {node!r} to {dtype} on {device}: it does not expose its "
-                "tensors (no _parts/_from_parts hooks); convert the otlinop operator itself and call "
+                f"to_linear_operator: cannot move {node!r} to {node_dtype} on {device}: it does not expose "
+                "its tensors (no _parts/_from_parts hooks); convert the otlinop operator itself and call "
                 "to_linear_operator() again")
         memo[id(node)] = new
         return new
 
-    return build(template)
+    op = build(template)
+    if (op.adapts_dtype and op.dtype != dtype) or (op.adapts_device and not _same_device(op.device, device)):
+        op = conform(op, dtype, device)   # exact for adapting operators (an Identity rebuilt in dtype)
+    return op
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
     return a == b or (a.type == b.type and (a.index is None or b.index is None))
+
+
+def _times(op: LinearOperator, X: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``A X``, or ``A.T X`` (linear_operator's transpose: no conjugation) when ``transposed``.
+
+    The transpose of a real operator is its ``rmatmat`` (for a ``Dense``,
+    ``M.T``, also when M is symmetric: gradients reach M's entries as in the
+    dense computation); that of a complex one ``A.T`` (for a ``Dense``, M.T).
+    """
+    if transposed and op.dtype.is_complex:
+        op, transposed = op.transpose(), False
+    if X.ndim == 1:
+        return op.rmatvec(X) if transposed else op.matvec(X)
+    return op.rmatmat(X) if transposed else op.matmat(X)
 
 
 def _is_noop(index) -> bool:
@@ -183,8 +246,11 @@ class OtlinopLinearOperator(linear_operator.LinearOperator):
         anchor, *tensors = self._args
         op = operator_on(self._ot_template, tensors, dtype=anchor.dtype, device=anchor.device)
         if op.dtype != anchor.dtype or not _same_device(op.device, anchor.device):
+            # E.g. .double() on a complex operator with real parts: linear_operator converts the real
+            # tensors only, and the real float64 parts then promote the complex64 ones.
             raise TypeError(f"to_linear_operator: {op!r} was rebuilt as {op.dtype} on {op.device}, expected "
-                            f"{anchor.dtype} on {anchor.device}")
+                            f"{anchor.dtype} on {anchor.device}; convert the otlinop operator itself and call "
+                            "to_linear_operator() again")
         return op
 
     def _grad_state(self):
@@ -220,16 +286,16 @@ class OtlinopLinearOperator(linear_operator.LinearOperator):
         return self._ot_batch + torch.Size((m, n) if self._ot_transposed else (n, m))
 
     def _matmul(self, rhs: torch.Tensor) -> torch.Tensor:
-        return self._apply(rhs, adjoint=self._ot_transposed)
+        return self._apply(rhs, transposed=self._ot_transposed)
 
     def _t_matmul(self, rhs: torch.Tensor) -> torch.Tensor:
-        return self._apply(rhs, adjoint=not self._ot_transposed)
+        return self._apply(rhs, transposed=not self._ot_transposed)
 
-    def _apply(self, rhs: torch.Tensor, *, adjoint: bool) -> torch.Tensor:
+    def _apply(self, rhs: torch.Tensor, *, transposed: bool) -> torch.Tensor:
         """The operator (or its transpose) times rhs of shape (m,) or (..., m, k)."""
         op = self.operator
-        n, m = op.shape[::-1] if adjoint else op.shape
-        name = "A.mT @ rhs" if adjoint != self._ot_transposed else "A @ rhs"
+        n, m = op.shape[::-1] if transposed else op.shape
+        name = "A.mT @ rhs" if transposed != self._ot_transposed else "A @ rhs"
         if rhs.dtype != op.dtype:
             raise TypeError(f"to_linear_operator: {name}: rhs has dtype {rhs.dtype}, expected {op.dtype}; "
                             f"convert with rhs.to({op.dtype})")
@@ -237,15 +303,33 @@ class OtlinopLinearOperator(linear_operator.LinearOperator):
             raise ValueError(f"to_linear_operator: {name}: rhs has shape {fmt_shape(rhs.shape)}, expected "
                              f"({m},) or (..., {m}, k) for an operator of shape {fmt_shape(self.shape)}")
         if rhs.ndim == 1:
-            out = op.rmatvec(rhs) if adjoint else op.matvec(rhs)
+            out = _times(op, rhs, transposed)
             return out.expand(*self._ot_batch, n) if self._ot_batch else out
         rhs_batch, k = rhs.shape[:-2], rhs.shape[-1]
         # (..., m, k) -> (m, batch * k): one otlinop product for the whole batch.
         columns = rhs.movedim(-2, 0).reshape(m, -1)
-        out = op.rmatmat(columns) if adjoint else op.matmat(columns)
+        out = _times(op, columns, transposed)
         out = out.reshape(n, *rhs_batch, k).movedim(0, -2)
         batch = torch.broadcast_shapes(self._ot_batch, rhs_batch)
         return out.expand(*batch, n, k) if batch != rhs_batch else out
+
+    def matmul(self, other):
+        # linear_operator's Matmul Function is real: its backward applies the transpose, not the
+        # adjoint, and gives complex tensors no gradient. A complex operator's product goes
+        # through otlinop's own product instead, which torch's autograd differentiates.
+        if self.dtype.is_complex and isinstance(other, torch.Tensor):
+            return self._matmul(other)   # checks the shape as linear_operator would
+        return super().matmul(other)
+
+    def _bilinear_derivative(self, left_vecs, right_vecs):
+        complex_grads = [t for t in self._args[1:] if t.is_complex() and t.requires_grad]
+        if complex_grads:
+            raise NotImplementedError(
+                f"to_linear_operator: {self._ot_template!r} is built from complex tensors that require grad, "
+                "and linear_operator's autograd Functions (solve, inv_quad_logdet, root decompositions, ...) "
+                "differentiate real tensors only; differentiate matmul or to_dense of the bridge, or the "
+                "otlinop operator itself, instead")
+        return super()._bilinear_derivative(left_vecs, right_vecs)
 
     def _transpose_nonbatch(self) -> "OtlinopLinearOperator":
         op = self._ot_template
@@ -279,10 +363,10 @@ class OtlinopLinearOperator(linear_operator.LinearOperator):
         unique_cols, col_pos = torch.unique(cols, return_inverse=True)
         unique_rows, row_pos = torch.unique(rows, return_inverse=True)
         if unique_rows.numel() < unique_cols.numel() and op.has_adjoint:
-            picked = op.rmatmat(self._unit_columns(op.shape[0], unique_rows))   # (m, rows): A[rows, :].T
+            picked = _times(op, self._unit_columns(op.shape[0], unique_rows), True)   # (m, rows): A[rows, :].T
             values = picked[cols, row_pos]
         else:
-            picked = op.matmat(self._unit_columns(op.shape[1], unique_cols))    # (n, cols): A[:, cols]
+            picked = _times(op, self._unit_columns(op.shape[1], unique_cols), False)  # (n, cols): A[:, cols]
             values = picked[rows, col_pos]
         return values.reshape(shape)
 
