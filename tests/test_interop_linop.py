@@ -9,8 +9,9 @@ import pickle
 import pytest
 import torch
 
-from otlinop import Dense, Diag, Identity, LinearOperator
-from otlinop.hessian import HessianOperator
+from otlinop import BlockOperator, Dense, Diag, Identity, LinearOperator, Zero
+from otlinop.hessian import DualHessianOperator, HessianOperator
+from otlinop.plan import PlanOperator
 
 import _hessian_reference as ref
 
@@ -26,6 +27,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks are impl
 
 def rand(*shape, seed=0):
     return torch.randn(*shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
+
+
+def crand(*shape, seed=0):
+    return torch.randn(*shape, dtype=torch.complex128, generator=torch.Generator().manual_seed(seed))
 
 
 def spd(n, seed=0):
@@ -217,6 +222,176 @@ def test_rebuild_keeps_adjoint_pairs_and_symmetry():
     torch.testing.assert_close(B @ v, A @ v)
     with pytest.raises(ValueError, match="built from 2 tensors, got 1"):
         operator_on(A, [X], dtype=F64, device="cpu")
+
+
+def _dual_hessian_problem():
+    p = ref.problem(n=8, m=6, eps=0.5, reach_x=1.0, reach_y=None, seed=4)
+
+    def dense(x, y, f, g, a, b):
+        P = ref.plan(x, y, f, g, a, b, p.eps, p.c)
+        kx, ky = ref.k(p.reach_x, p.eps), ref.k(p.reach_y, p.eps)
+        return torch.cat([torch.cat([torch.diag(kx * P.sum(1)), P], 1), torch.cat([P.T, torch.diag(ky * P.sum(0))], 1)])
+
+    def operator(x, y, f, g, a, b):
+        return DualHessianOperator(PlanOperator(x, y, f, g, eps=p.eps, a=a, b=b, cost_scale=p.c), eps=p.eps,
+                                   reach_x=p.reach_x, reach_y=p.reach_y)
+
+    return p, dense, operator, [p.x, p.y, p.f, p.g, p.a, p.b]
+
+
+def _dual_hessian():
+    _, _, operator, tensors = _dual_hessian_problem()
+    return operator(*tensors)
+
+
+#: One operator of each class (and each way the merged algebra builds one): the rebuild on copies of
+#: its tensors must be the same operator.
+_EVERY_CLASS = {
+    "Dense": lambda: Dense(rand(5, 4, seed=40)),
+    "Diag complex": lambda: Diag(crand(4, seed=41)),
+    "AdjointOperator": lambda: Dense(rand(5, 4, seed=42)).H,
+    "TransposeOperator complex": lambda: Dense(crand(5, 4, seed=43)).H.T,
+    "CastOperator (adjoint of a mixed sum)":
+        lambda: (Dense(rand(4, 4, seed=44).float()) + Dense(rand(4, 4, seed=45))).H,
+    "ProductOperator mixed real-complex": lambda: Dense(rand(3, 4, seed=46)) @ Dense(crand(4, 4, seed=47)),
+    "SumOperator with a fixed Identity": lambda: Dense(rand(4, 4, seed=48)) + Identity(4, dtype=torch.float32),
+    "SumOperator with an adapting Zero": lambda: Zero((5, 4)) - Dense(rand(5, 4, seed=49)),
+    "ScaledOperator complex": lambda: (2 - 1j) * Dense(rand(4, 4, seed=50)),
+    "ScaledOperator tensor": lambda: torch.tensor(3.0, dtype=F64) * Diag(torch.rand(4, dtype=F64)),
+    "PowerOperator": lambda: Dense(spd(4, seed=51), is_psd=True) ** 3,
+    "BlockOperator": lambda: BlockOperator([[Diag(torch.rand(3, dtype=F64) + 1.0), Dense(rand(3, 2, seed=52))],
+                                            [Dense(rand(3, 2, seed=52)).T, None]]),
+    "DualHessianOperator": _dual_hessian,
+}
+
+
+@pytest.mark.parametrize("name", list(_EVERY_CLASS))
+def test_every_operator_class_rebuilds_itself(name):
+    A = _EVERY_CLASS[name]()
+    old = operator_tensors(A)
+    assert old, "each of these is built from tensors"
+    new = [t.clone() for t in old]
+    B = operator_on(A, new, dtype=A.dtype, device=A.device)
+    assert B is not A and type(B) is type(A)
+    assert (B.shape, B.dtype, B.is_symmetric, B.is_psd, B.adapts_dtype) == \
+        (A.shape, A.dtype, A.is_symmetric, A.is_psd, A.adapts_dtype)
+    assert [id(t) for t in operator_tensors(B)] == [id(t) for t in new]
+    torch.testing.assert_close(B.to_dense(), A.to_dense())
+    if A.has_adjoint:
+        torch.testing.assert_close(B.H.to_dense(), A.to_dense().mH)
+
+
+@pytest.mark.parametrize("name", [n for n in _EVERY_CLASS if "complex" not in n])
+def test_every_real_operator_class_converts_with_its_tensors(name):
+    A = _EVERY_CLASS[name]()
+    L = A.to_linear_operator().float()
+    assert L.operator.dtype == torch.float32 and L.operator.adapts_dtype == A.adapts_dtype
+    torch.testing.assert_close(L.to_dense(), A.to_dense().float(), rtol=1e-5, atol=1e-5)
+
+
+def test_rebuild_keeps_the_adjoint_pair_of_a_sum():
+    # S.H is a new SumOperator (not an AdjointOperator): the rebuild makes it the rebuilt S's adjoint.
+    S = Dense(rand(6, 4, seed=53)) + Dense(rand(6, 4, seed=54))
+    A = S.H @ S
+    assert A.is_psd
+    B = operator_on(A, [t.clone() for t in operator_tensors(A)], dtype=F64, device="cpu")
+    assert B.is_psd
+    torch.testing.assert_close(B.to_dense(), A.to_dense())
+
+
+def test_mixed_dtypes_rebuild_convert_and_differentiate():
+    # float32 data in a float64 congruence: the float32 part computes in float32 (a CastOperator).
+    X32, Y = rand(6, 4, seed=55).float(), rand(6, 4, seed=56)
+    S = Dense(X32.clone().requires_grad_(True)) + Dense(Y.clone().requires_grad_(True))
+    L = (S.H @ S).to_linear_operator()
+    assert L.dtype == F64 and [t.dtype for t in L.representation()[1:]] == [torch.float32, F64]
+    assert L.detach().operator.is_psd
+    assert L.float().operator.dtype == torch.float32 and L.double().operator.dtype == F64
+    rhs = rand(4, 2, seed=57)
+    with linear_operator.settings.max_cholesky_size(0), linear_operator.settings.cg_tolerance(1e-6):
+        iq = L.inv_quad(rhs)
+    gX, gY = torch.autograd.grad(iq, L.representation()[1:])
+    Xr, Yr = X32.double().requires_grad_(True), Y.clone().requires_grad_(True)
+    K = (Xr + Yr).T @ (Xr + Yr)
+    gX_ref, gY_ref = torch.autograd.grad((rhs * torch.linalg.solve(K, rhs)).sum(), (Xr, Yr))
+    assert gX.dtype == torch.float32
+    torch.testing.assert_close(gX.double(), gX_ref, rtol=1e-4, atol=1e-6)   # float32 products
+    torch.testing.assert_close(gY, gY_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_adapting_operators_take_the_bridge_dtype():
+    L = Identity(3).to_linear_operator()
+    assert L.dtype == torch.get_default_dtype()
+    D = L.double()
+    assert D.operator.dtype == F64 and D.to_dense().dtype == F64
+    torch.testing.assert_close(D @ torch.ones(3, dtype=F64), torch.ones(3, dtype=F64))
+    S = (2.0 * Identity(3) + Zero(3)).to_linear_operator().half()
+    assert S.operator.dtype == torch.float16
+    torch.testing.assert_close(S.to_dense(), 2 * torch.eye(3, dtype=torch.float16))
+
+
+def test_block_and_dual_hessian_gradients():
+    # BlockOperator: gradients reach its blocks' tensors.
+    d, X = torch.rand(3, dtype=F64) + 1.0, rand(3, 2, seed=58)
+    L = BlockOperator([[Diag(d), Dense(X)], [Dense(X).T, None]]).to_linear_operator().requires_grad_(True)
+    v = rand(5, 2, seed=59)
+    (L @ v).square().sum().backward()
+    d2, X2 = d.detach().clone().requires_grad_(True), X.detach().clone().requires_grad_(True)
+    K = torch.cat([torch.cat([torch.diag(d2), X2], 1), torch.cat([X2.T, torch.zeros(2, 2, dtype=F64)], 1)])
+    (K @ v).square().sum().backward()
+    dl, Xl = L.representation()[1:]
+    torch.testing.assert_close(dl.grad, d2.grad)
+    torch.testing.assert_close(Xl.grad, X2.grad)
+    # DualHessianOperator: requires_grad_ after construction, so its diagonal blocks (the plan's
+    # marginals) are derived again with a graph.
+    _, dense, operator, tensors = _dual_hessian_problem()
+    L = operator(*[t.clone() for t in tensors]).to_linear_operator().requires_grad_(True)
+    v = rand(14, 2, seed=60)
+    ((L @ v).square().sum() + L.to_dense().sum()).backward()
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    K = dense(*leaves)
+    ((K @ v).square().sum() + K.sum()).backward()
+    for t, t_ref in zip(L.representation()[1:], leaves):
+        torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-8, atol=1e-12)
+
+
+# ------------------------------------------------------------- complex operators
+def test_complex_products_transpose_index_and_differentiate_through_matmul():
+    M, v, u = crand(5, 4, seed=61), crand(4, seed=62), crand(5, 3, seed=63)
+    L = Dense(M.clone()).to_linear_operator()
+    torch.testing.assert_close(L @ v, M @ v)
+    torch.testing.assert_close(L.mT @ u, M.T @ u)          # linear_operator's mT: no conjugation
+    torch.testing.assert_close(u.mT @ L, u.mT @ M)
+    torch.testing.assert_close(L.mT.to_dense(), M.T)
+    rows, cols = torch.tensor([0, 1, 4]), torch.tensor([3, 0, 2])
+    torch.testing.assert_close(L[rows, cols], M[rows, cols])
+    torch.testing.assert_close(L[torch.zeros(4, dtype=torch.long), torch.arange(4)], M[0])   # through A.T
+    torch.testing.assert_close(L.mT[cols, rows], M.T[cols, rows])
+    torch.testing.assert_close(torch.diagonal(Dense(M[:4]).to_linear_operator(), dim1=-2, dim2=-1), M[:4].diagonal())
+    # matmul and to_dense differentiate through torch's autograd, for the operator's tensor and the rhs.
+    Ml, vl = M.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    L = Dense(Ml).to_linear_operator()
+    ((L @ vl).abs().square().sum() + L.to_dense().real.sum()).backward()
+    Mr, vr = M.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    ((Mr @ vr).abs().square().sum() + Mr.real.sum()).backward()
+    torch.testing.assert_close(Ml.grad, Mr.grad)
+    torch.testing.assert_close(vl.grad, vr.grad)
+
+
+def test_complex_gradients_through_linear_operator_functions_are_a_clear_error():
+    Q = crand(4, 4, seed=64)
+    H = (Q @ Q.mH + 4 * torch.eye(4, dtype=torch.complex128)).requires_grad_(True)
+    L = Dense(H, is_psd=True).to_linear_operator()
+    x = linear_operator.solve(L, crand(4, 2, seed=65))      # the forward runs (Cholesky at this size)
+    with pytest.raises(NotImplementedError, match="differentiate real tensors only"):
+        x.abs().sum().backward()
+
+
+def test_conversion_that_breaks_the_promotion_is_a_clear_error():
+    # .double() converts the real tensors only: a float64 part then promotes the complex64 sum.
+    A = Dense(rand(3, 3, seed=66).float()) + Diag(crand(3, seed=67).to(torch.complex64))
+    with pytest.raises(TypeError, match="rebuilt as torch.complex128 .* expected torch.complex64"):
+        A.to_linear_operator().double()
 
 
 # ------------------------------------------------------------ tensor protocol
