@@ -13,11 +13,12 @@ fixtures, its ``parametrize`` marks, its other marks kept).
 
 The wrappers speak scipy's calling convention and nothing more:
 
-- ``A`` and ``M``: NumPy arrays and complex scipy matrices become dense torch
-  tensors (the solvers wrap 2-D tensors), real scipy matrices and real scipy
-  LinearOperators go through the converter ``import otlinop`` registers
-  (``otlinop.aslinearoperator``), complex scipy LinearOperators through the
-  small host adaptor below until that converter takes complex operators;
+- ``A`` and ``M``: NumPy arrays become dense torch tensors (the solvers wrap
+  2-D tensors); scipy matrices and scipy LinearOperators, real or complex, go
+  through the converter ``import otlinop`` registers
+  (``otlinop.aslinearoperator``), in the solve's dtype except a real
+  LinearOperator, which keeps a real dtype (the solvers apply it to complex
+  vectors themselves);
 - the dtype is scipy's ``make_system`` rule (the common type of A and b, so
   a float32 matrix with a float64 b is solved in float64; lsmr: at least
   float64, as scipy's ``result_type(A, b, float)``), b is raveled as scipy
@@ -124,27 +125,6 @@ def _solve_dtype(*dtypes, at_least=None) -> np.dtype:
     return np.result_type(*[np.dtype(c) for c in chars])
 
 
-class _HostOperator:
-    """A scipy LinearOperator seen through the solvers' operator protocol (host round trips).
-
-    Used for complex scipy LinearOperators, which ``otlinop.aslinearoperator``
-    refuses until the operators of issue 20 take complex dtypes.
-    """
-
-    def __init__(self, L, dtype: np.dtype):
-        self.L, self._np = L, np.dtype(dtype)
-        self.shape, self.dtype, self.device = tuple(L.shape), _TORCH[self._np], torch.device("cpu")
-
-    def __matmul__(self, V):
-        arr = V.numpy()
-        out = np.asarray(self.L.matvec(arr) if V.ndim == 1 else self.L.matmat(arr), dtype=self._np)
-        return torch.as_tensor(out.reshape(self.shape[0], *V.shape[1:]))
-
-    @property
-    def H(self):
-        return _HostOperator(self.L.H, self._np)
-
-
 def _operator(A, dtype: np.dtype):
     """``A`` (NumPy array, scipy matrix or LinearOperator) as something otlinop's solvers take,
     applied in ``dtype``; a real scipy LinearOperator keeps its real dtype (of that
@@ -152,16 +132,11 @@ def _operator(A, dtype: np.dtype):
     if isinstance(A, np.ndarray) or np.isscalar(A):
         return torch.as_tensor(np.array(A, dtype=dtype, ndmin=2))
     if sp.issparse(A):
-        if np.issubdtype(dtype, np.complexfloating):
-            return torch.as_tensor(A.toarray().astype(dtype))
         return otlinop.aslinearoperator(A, dtype=_TORCH[dtype])
     if isinstance(A, sla.LinearOperator):
         own = np.dtype(A.dtype) if A.dtype is not None else np.dtype(np.float64)
         if np.issubdtype(own, np.complexfloating):
-            try:
-                return otlinop.aslinearoperator(A, dtype=_TORCH[dtype])
-            except TypeError:
-                return _HostOperator(A, dtype)
+            return otlinop.aslinearoperator(A, dtype=_TORCH[dtype])
         real = np.dtype(dtype.char.lower())
         return otlinop.aslinearoperator(A, dtype=_TORCH[real])
     raise TypeError(f"scipy suite adapter: cannot convert {type(A).__name__}")
