@@ -9,8 +9,11 @@ NumPy arrays), so that code written for ``scipy.sparse.linalg`` operators runs
 on them. The operators that the algebra returns (``A @ B``, ``A + B``,
 ``c * A``, ``A.H``, ``A.T``, ``A ** k``) live in ``otlinop._operators.algebra``,
 the concrete ones (``Dense``, ``Diag``, ``Identity``, ``Zero``,
-``BlockOperator``) in ``otlinop._operators.concrete``, ``aslinearoperator`` and
-the bridges to scipy and GPyTorch in ``otlinop._interop``.
+``BlockOperator``) in ``otlinop._operators.concrete``, the products with NumPy
+operands in ``otlinop._operators.numpy_operands``, ``aslinearoperator`` in
+``otlinop._interop``, the scipy view (``to_scipy``) in
+``otlinop._interop_scipy`` and the GPyTorch bridge (``to_linear_operator``) in
+``otlinop._interop_linop``.
 
 Dtypes: the real floating ones (float16, bfloat16, float32, float64) and
 complex64, complex128. ``A.H`` is the adjoint (conjugate transpose) and
