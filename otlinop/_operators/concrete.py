@@ -376,7 +376,21 @@ class BlockOperator(LinearOperator):
         return BlockOperator(transposed, is_symmetric=self.is_symmetric)
 
     def _rmatmat(self, U):
-        return self._adjoint()._matmat(U)
+        # Through each block's own adjoint product (rmatmat), not the grid of their adjoint
+        # operators: no grid is built per call, and a symmetric Dense block applies M.mH, not
+        # itself, so gradients w.r.t. its entries are those of the dense matrix (to_linear_operator).
+        if not all(b is None or b.has_adjoint for row in self._grid for b in row):
+            return self._matmat(U)   # declared symmetric, with blocks that have no adjoint
+        parts = torch.split(U, self._heights, dim=0)
+        cols = []
+        for j, width in enumerate(self._widths):
+            acc = None
+            for i, row in enumerate(self._grid):
+                if row[j] is not None:
+                    y = row[j]._rmatmat(parts[i])
+                    acc = y if acc is None else acc + y
+            cols.append(acc if acc is not None else U.new_zeros((width, U.shape[1])))
+        return torch.cat(cols, dim=0)
 
     def _transpose(self):
         transposed = [[None if self._grid[i][j] is None else self._grid[i][j].transpose()
