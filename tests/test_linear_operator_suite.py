@@ -22,7 +22,7 @@ import unittest
 import pytest
 import torch
 
-from otlinop import Dense, Diag
+from otlinop import BlockOperator, Dense, Diag
 from otlinop.hessian import HessianOperator
 
 import _hessian_reference as ref
@@ -150,6 +150,21 @@ class TestProduct(_Bridge, LinearOperatorTestCase, unittest.TestCase):
     def evaluate_linear_op(self, linear_op):
         X, d = self.tensors(linear_op)
         return X.T @ (d[:, None] * X)
+
+
+@_excluding
+class TestBlock(_Bridge, LinearOperatorTestCase, unittest.TestCase):
+    """``[[A, B], [B.T, C]]`` with A, C symmetric positive definite and B small: positive definite,
+    represented by its blocks' tensors."""
+
+    def create_linear_op(self):
+        B = Dense(0.3 * _rand(5, 3, seed=8))
+        return BlockOperator([[Dense(_spd(5, seed=9), is_psd=True), B],
+                              [B.T, Diag(torch.linspace(2.0, 4.0, 3, dtype=F64))]]).to_linear_operator()
+
+    def evaluate_linear_op(self, linear_op):
+        A, B, c = self.tensors(linear_op)
+        return torch.cat([torch.cat([A, B], 1), torch.cat([B.T, torch.diag(c)], 1)])
 
 
 _HESSIAN = dict(n=14, m=12, eps=0.5, reach_x=1.0, reach_y=1.0, seed=7)
