@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._operator import (COMPLEX_DTYPES, DTYPES, REAL_DTYPES, CallableOperator, ComplexifiedOperator, DenseOperator,
-                        as_operator, complex_of, fmt_shape, is_operator, promote)
+from ._operator import (COMPLEX_DTYPES, DTYPES, HALF_DTYPES, REAL_DTYPES, CallableOperator, ComplexifiedOperator,
+                        DenseOperator, WidenedOperator, as_operator, complex_of, fmt_shape, is_operator, promote)
 
 # On the CPU a host sync costs nothing, so test every iteration; on an
 # accelerator each sync stalls the launch queue, so test every 10.
@@ -28,6 +28,9 @@ class Problem:
     ``dtype`` is the dtype the solve runs in (``B``'s and ``X0``'s; ``op`` is
     promoted to it), ``real_dtype`` that of its norms and of the scalars of
     Hermitian methods. ``base_op`` is the operator before promotion.
+    ``out_dtype`` is the dtype of the returned x: ``dtype``, except for
+    float16 and bfloat16 inputs, whose solve runs in float32 (``op`` then
+    applies A in its own dtype to float32 vectors).
     """
 
     op: object
@@ -40,6 +43,7 @@ class Problem:
     dtype: torch.dtype
     real_dtype: torch.dtype
     base_op: object
+    out_dtype: torch.dtype = None
 
 
 def _same_device(t: torch.device, dev: torch.device) -> bool:
@@ -128,11 +132,18 @@ def setup(caller: str, A, b, x0, *, square: bool, scalar_b: bool = False) -> Pro
         X0 = (x0.unsqueeze(1) if vector else x0).to(dtype, copy=True)
         # scipy returns x = 0 for b = 0 whatever x0: such columns start (and stop) at 0.
         X0 = torch.where((B != 0).any(dim=0), X0, torch.zeros((), dtype=dtype, device=X0.device))
+    # Half precision cannot carry a Krylov recurrence (its scalars underflow and its
+    # residuals stall at ~1e-3): the vectors and scalars run in float32, A in its own dtype.
+    out_dtype = dtype
+    if dtype in HALF_DTYPES:
+        dtype = torch.float32
+        if X0 is not None:
+            X0 = X0.to(dtype)
     B = B.to(dtype)
     base = op
     op = promote(op, dtype)
     return Problem(op=op, B=B, X0=X0, vector=vector, n=n, m=m, k=k, dtype=dtype, real_dtype=dtype.to_real(),
-                   base_op=base)
+                   base_op=base, out_dtype=out_dtype)
 
 
 def check_tolerance(caller: str, name: str, value) -> float:
@@ -189,6 +200,8 @@ def bind_preconditioner(caller: str, M, op, vector: bool, *, spd: bool):
     if M is None:
         return None
     n = int(op.shape[0])
+    # A half solve runs in float32: M is taken in A's own dtype and widened like A.
+    m_dtype = op.operator.dtype if isinstance(op, WidenedOperator) else op.dtype
     if hasattr(M, "bind") and not is_operator(M):
         M = M.bind(op.operator if isinstance(op, ComplexifiedOperator) else op)
     elif isinstance(M, torch.Tensor):
@@ -199,12 +212,12 @@ def bind_preconditioner(caller: str, M, op, vector: bool, *, spd: bool):
         M = DenseOperator(M)
     elif not is_operator(M):
         if callable(M):
-            return CallableOperator(M, n, op.dtype, op.device, vector)
+            return promote(CallableOperator(M, n, m_dtype, op.device, vector), op.dtype)
         M = as_operator(M, name="M", caller=caller)
     if tuple(int(s) for s in M.shape) != (n, n):
         raise ValueError(f"{caller}: M has shape {fmt_shape(M.shape)}, expected ({n}, {n}) like A")
-    if M.dtype != op.dtype and not (M.dtype in REAL_DTYPES and complex_of(M.dtype) == op.dtype):
-        raise TypeError(f"{caller}: M has dtype {M.dtype}, but A has dtype {op.dtype}")
+    if M.dtype not in (op.dtype, m_dtype) and not (M.dtype in REAL_DTYPES and complex_of(M.dtype) == op.dtype):
+        raise TypeError(f"{caller}: M has dtype {M.dtype}, but A has dtype {m_dtype}")
     if not _same_device(torch.device(M.device), op.device):
         raise ValueError(f"{caller}: M is on {M.device}, but A is on {op.device}")
     # This package's preconditioners say why they are not positive definite when they know it.

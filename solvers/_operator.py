@@ -21,6 +21,8 @@ __all__ = ["as_operator", "register_conversion", "adjoint"]
 
 REAL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+# Dtypes whose solves run their recurrences in float32 (see WidenedOperator).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 DTYPES = REAL_DTYPES + COMPLEX_DTYPES
 # The real dtypes with a complex counterpart the solvers take (torch's own
 # to_complex() maps float16 to complex32 and bfloat16 to complex64).
@@ -190,12 +192,51 @@ def adjoint(A):
     return A.T
 
 
+class WidenedOperator:
+    """A float16 or bfloat16 operator applied to float32 vectors.
+
+    The solvers run their recurrences in float32 for half inputs (half
+    precision cannot hold their scalars, and torch lacks some half kernels):
+    each product casts the vector to A's dtype, applies A in its own
+    arithmetic and returns the result in float32. ``T``, ``H`` and
+    ``diagonal()`` follow A's.
+    """
+
+    def __init__(self, A):
+        self.operator = A
+        self.shape = tuple(int(s) for s in A.shape)
+        self.dtype = torch.float32
+        self.device = A.device
+        self.is_symmetric = bool(getattr(A, "is_symmetric", False))
+        self.is_psd = bool(getattr(A, "is_psd", False))
+
+    def __matmul__(self, V):
+        return (self.operator @ V.to(self.operator.dtype)).to(torch.float32)
+
+    @property
+    def T(self) -> "WidenedOperator":
+        return WidenedOperator(self.operator.T)
+
+    @property
+    def H(self) -> "WidenedOperator":
+        return WidenedOperator(adjoint(self.operator))
+
+    def diagonal(self) -> torch.Tensor:
+        return self.operator.diagonal().to(torch.float32)
+
+    def __repr__(self) -> str:
+        return f"<float32 view of {self.operator!r}>"
+
+
 def promote(A, dtype: torch.dtype):
-    """``A`` for vectors of ``dtype``: A itself, or its complex view when A is
-    real and ``dtype`` the complex dtype of the same precision (the only
-    promotion the solvers make)."""
+    """``A`` for vectors of ``dtype``: A itself, its complex view when A is
+    real and ``dtype`` the complex dtype of the same precision, or its float32
+    view when A is float16 or bfloat16 and ``dtype`` float32 (the only
+    promotions the solvers make)."""
     if A.dtype == dtype:
         return A
+    if A.dtype in HALF_DTYPES and dtype == torch.float32:
+        return WidenedOperator(A)
     if A.dtype in REAL_DTYPES and dtype == complex_of(A.dtype):
         return ComplexifiedOperator(A)
     raise TypeError(f"cannot apply an operator of dtype {A.dtype} to vectors of dtype {dtype}")

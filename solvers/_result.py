@@ -32,7 +32,12 @@ class SolveResult:
         latter recomputed explicitly at each restart), the preconditioned
         norm ``sqrt(r^T M r)`` for ``minres`` (plain ``||r||`` without M), and
         LSMR's estimate of ``||b - A x||`` (with ``damp``, of the damped
-        residual) for ``lsmr``.
+        residual) for ``lsmr``. The square methods replace it by the true
+        ``||b - A x||`` of the returned x (one extra product) where the
+        recursion cannot be trusted: for float16/bfloat16 inputs, when it
+        fell within a few ulps of ``||b||``, and when a column failed and its
+        true residual is 10 times larger (minres with ``M`` excepted: its
+        tolerance is on the M-norm).
     status : str
         A sentence saying why the solver stopped and, when it failed, what to
         try next.
@@ -82,6 +87,12 @@ BREAKDOWN = 6           # bicgstab: rho or omega vanished
 NONFINITE = 7           # NaN or inf appeared
 ILL_CONDITIONED = 8     # lsmr: cond(A) estimate above conlim
 LEAST_SQUARES = 9       # minres: singular A, b outside its range
+SINGULAR = 10           # finite iterates worse than x = 0: A singular and b inconsistent, or worse
+RESOLUTION = 11         # the recursive residual met the tolerance, the true residual does not
+# The true residual is recomputed for a converged column whose recursive residual is
+# below this many ulps of ||b|| (below that, recursive and true residuals part ways).
+_RESOLUTION_ULPS = 2
+_DIVERGED = 100
 _CONVERGED_CODES = (CONVERGED, CONVERGED_LSQ)
 
 
@@ -116,7 +127,19 @@ def default_describe(method: str, hint: str) -> Callable[[int, dict], str]:
                     "try gmres")
         if code == NONFINITE:
             return (f"stopped after {it} iterations: NaN or inf appeared; check A, M, b and x0 for non-finite "
-                    "values, or overflow in float16/float32")
+                    "values, or overflow in float16/float32; with finite inputs this is a breakdown: the system is "
+                    "singular or inconsistent (b not in A's range), or too ill-conditioned. Where x was not "
+                    "finite it is returned as 0; for a least-squares solution use lsmr")
+        if code == SINGULAR:
+            return (f"stopped after {it} iterations: the iterates diverged (true {phrase}, "
+                    f"||b|| = {info['bnorm']:.1e}): the system is singular or inconsistent (b not "
+                    "in A's range), or too ill-conditioned; for a least-squares solution use lsmr (or minres on a "
+                    "symmetric A), or project b onto A's range")
+        if code == RESOLUTION:
+            eps = info["eps"]
+            return (f"stopped after {it} iterations: the recursive residual reached the tolerance but the "
+                    f"true {phrase}; the tolerance is below what {info['dtype']} resolves (eps = {eps:.1e}): "
+                    f"use rtol >= {10 * eps:.0e} or solve in a wider dtype")
         if code == LEAST_SQUARES:
             return (f"stopped after {it} iterations: A is singular and b is not in its range; x is a "
                     f"least-squares solution (||A r|| ~ 0) with {phrase}")
@@ -127,21 +150,69 @@ def default_describe(method: str, hint: str) -> Callable[[int, dict], str]:
     return describe
 
 
+def verify(X: torch.Tensor, codes: torch.Tensor, rnorm: torch.Tensor, tol: torch.Tensor, bnorm: torch.Tensor,
+           residual: Callable[[torch.Tensor], torch.Tensor], out_dtype: torch.dtype):
+    """x in ``out_dtype``, and the codes and residuals checked against the true residual.
+
+    ``residual(X)`` is ``||b_j - A x_j||`` per column (one product). It is
+    computed, for the x returned, when a column stopped without converging,
+    when the solve ran wider than ``out_dtype`` (half inputs), or when a
+    converged column's recursive residual is within a few ulps of ``||b||``:
+    there the recursion no longer tracks ``b - A x``. A converged column whose
+    true residual misses the tolerance becomes RESOLUTION; a failed column
+    whose iterates diverged becomes SINGULAR, a non-finite x is replaced by 0
+    (NONFINITE). Where the true residual is computed for a converged column,
+    or is 10 times the recursive one, it is the residual reported.
+    """
+    Xo = X.to(out_dtype)
+    finite = torch.isfinite(Xo).all(dim=0)
+    Xo = torch.where(finite, Xo, torch.zeros((), dtype=out_dtype, device=X.device))
+    conv = (codes == CONVERGED) | (codes == CONVERGED_LSQ)
+    eps = torch.finfo(out_dtype).eps
+    check_conv = conv & ((out_dtype != X.dtype) | (rnorm <= _RESOLUTION_ULPS * eps * bnorm))
+    check_fail = ~conv & (codes != RUNNING) | ~finite
+    need = check_conv | check_fail
+    if not bool(need.any()):
+        return Xo, codes, rnorm
+    true = residual(Xo.to(X.dtype)).to(rnorm.dtype)
+    missed = check_conv & ~(true <= tol)
+    # Diverged: far worse than x = 0 (CG's residual may exceed ||b|| on its way, not 100-fold),
+    # or the recursion lost track of b - A x while x is still far from a solution.
+    diverged = check_fail & ((true > _DIVERGED * bnorm) | ((true > 10 * rnorm) & (true > 1e-2 * bnorm)))
+    codes = torch.where(missed, RESOLUTION, codes)
+    codes = torch.where(diverged, SINGULAR, codes)
+    codes = torch.where(~finite | (need & ~torch.isfinite(true)), NONFINITE, codes)
+    honest = check_conv | (check_fail & ((true > 10 * rnorm) | ~finite | diverged))
+    rnorm = torch.where(honest, true, rnorm)
+    return Xo, codes, rnorm
+
+
 def finish(*, X: torch.Tensor, vector: bool, codes: torch.Tensor, iters: torch.Tensor,
            rnorm: torch.Tensor, tol: torch.Tensor, bnorm: torch.Tensor, rtol: float, atol: float,
-           maxiter: int, describe: Callable[[int, dict], str], extras: dict | None = None) -> SolveResult:
+           maxiter: int, describe: Callable[[int, dict], str], extras: dict | None = None,
+           residual: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           out_dtype: torch.dtype | None = None) -> SolveResult:
     """Build the SolveResult after the loop, with a single device-to-host transfer.
 
     ``X`` (n, k); ``codes`` int64, ``iters`` int64, ``rnorm``/``tol``/``bnorm``
     float, all (k,). Columns still RUNNING are marked MAXITER. ``extras``:
     name -> (k,) tensor, shaped like ``residual_norm`` in the result.
+    ``out_dtype``: the dtype of the returned x (default X's). ``residual``:
+    ``X -> ||B - A X||`` per column, for :func:`verify`.
     """
     codes = torch.where(codes == RUNNING, torch.full_like(codes, MAXITER), codes)
+    out_dtype = X.dtype if out_dtype is None else out_dtype
+    if residual is not None:
+        X, codes, rnorm = verify(X, codes, rnorm, tol, bnorm, residual, out_dtype)
+    else:
+        X = X.to(out_dtype)
     host = torch.stack([codes.double(), iters.double(), rnorm.double(), tol.double(),
                         bnorm.double()]).cpu().tolist()
     k = X.shape[1]
+    eps = torch.finfo(out_dtype).eps
     cols = [dict(code=int(host[0][j]), iterations=int(host[1][j]), residual=host[2][j], tol=host[3][j],
-                 bnorm=host[4][j], rtol=rtol, atol=atol, maxiter=maxiter) for j in range(k)]
+                 bnorm=host[4][j], rtol=rtol, atol=atol, maxiter=maxiter, dtype=str(out_dtype).replace("torch.", ""),
+                 eps=eps) for j in range(k)]
     ok = [c["code"] in _CONVERGED_CODES for c in cols]
     converged = all(ok)
     n_iter = max((c["iterations"] for c in cols), default=0)

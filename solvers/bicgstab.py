@@ -147,4 +147,5 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
     return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=rnorm, tol=tol, bnorm=bnorm,
                   rtol=rtol, atol=atol, maxiter=maxiter,
                   describe=default_describe("bicgstab", "try gmres, a preconditioner M=jacobi() or "
-                                               "M=neumann(3), or a larger maxiter"))
+                                               "M=neumann(3), or a larger maxiter"),
+                  residual=lambda X: col_norm(B - apply(op, X, pb.vector)), out_dtype=pb.out_dtype)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 
 from ._cg_step import cg_direction, cg_update, check_state, fused_backend, real_inner
-from ._common import (bind_preconditioner, check_callback, check_every_for, check_maxiter,
+from ._common import (apply, bind_preconditioner, check_callback, check_every_for, check_maxiter,
                       check_tolerance, col_norm, setup, tolerance)
 from ._loop import run_loop
 from ._result import CONVERGED, INDEFINITE_A, INDEFINITE_M, NONFINITE, default_describe, finish
@@ -236,4 +236,5 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     codes = torch.where(rnorm <= tol, CONVERGED, codes)
     return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=rnorm, tol=tol, bnorm=bnorm,
                   rtol=rtol, atol=atol, maxiter=maxiter,
-                  describe=default_describe("cg", "try M=jacobi() or M=neumann(3), or a larger maxiter"))
+                  describe=default_describe("cg", "try M=jacobi() or M=neumann(3), or a larger maxiter"),
+                  residual=lambda X: col_norm(pb.B - apply(op, X, pb.vector)), out_dtype=pb.out_dtype)

@@ -219,4 +219,5 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
 
     hint = f"try a larger restart (now {m}), M=jacobi() or M=neumann(3), or a larger maxiter"
     return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=rnorm, tol=tol, bnorm=bnorm,
-                  rtol=rtol, atol=atol, maxiter=maxiter, describe=default_describe("gmres", hint))
+                  rtol=rtol, atol=atol, maxiter=maxiter, describe=default_describe("gmres", hint),
+                  residual=lambda X: col_norm(B - apply(op, X, pb.vector)), out_dtype=pb.out_dtype)

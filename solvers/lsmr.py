@@ -268,4 +268,4 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
     return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=normr,
                   tol=torch.full((k,), float("nan"), dtype=dtype, device=device), bnorm=normb,
                   rtol=btol, atol=atol, maxiter=maxiter, describe=_lsmr_describe(damp, atol, btol, conlim),
-                  extras=extras)
+                  extras=extras, out_dtype=pb.out_dtype)

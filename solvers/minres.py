@@ -7,7 +7,7 @@ import numbers
 import torch
 
 from ._common import (apply, as_output, bind_preconditioner, check_callback, check_every_for, check_maxiter,
-                      check_tolerance, col_dot_real, safe_div, setup, stop_tolerance)
+                      check_tolerance, col_dot_real, col_norm, safe_div, setup, stop_tolerance)
 from ._result import CONVERGED, INDEFINITE_M, LEAST_SQUARES, NONFINITE, RUNNING, default_describe, finish
 
 __all__ = ["minres"]
@@ -199,4 +199,7 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
 
     return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=phibar, tol=tol, bnorm=bnorm,
                   rtol=rtol, atol=atol, maxiter=maxiter,
-                  describe=default_describe("minres", "try M=jacobi() or M=neumann(3), or a larger maxiter"))
+                  describe=default_describe("minres", "try M=jacobi() or M=neumann(3), or a larger maxiter"),
+                  # With M, the tolerance is on the M-norm: the 2-norm residual is no check of it.
+                  residual=None if Mop is not None else lambda X: col_norm(B - apply_A(X)),
+                  out_dtype=pb.out_dtype)
