@@ -114,6 +114,11 @@ def default_describe(method: str, hint: str) -> Callable[[int, dict], str]:
         if code in _CONVERGED_CODES:
             return f"converged in {it} iterations: {phrase}"
         if code == MAXITER:
+            # A tolerance the dtype cannot resolve explains the failure better than any hint.
+            if "eps" in info and info["tol"] < _RESOLUTION_ULPS * info["eps"] * info["bnorm"] * 5:
+                return (f"maxiter={info['maxiter']} reached with {phrase}; the tolerance is below what "
+                        f"{info['dtype']} resolves (eps = {info['eps']:.1e}): use rtol >= "
+                        f"{10 * info['eps']:.0e} or solve in a wider dtype")
             return f"maxiter={info['maxiter']} reached with {phrase}; {hint}"
         if code == INDEFINITE_A:
             return (f"stopped after {it} iterations: A is not positive definite (p^T A p <= 0); use minres "

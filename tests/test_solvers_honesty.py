@@ -83,6 +83,9 @@ def test_float16_gmres_no_longer_raises_torchs_half_error():
     _, _, G, b = _spd()
     res = gmres(G.half(), b.half(), rtol=1e-2)
     assert res.converged and res.x.dtype == torch.float16
+    # Below float16's resolution it cannot converge: the status says why, not "try M".
+    res = gmres(G.half(), b.half(), rtol=1e-5, maxiter=40)
+    assert not res.converged and "below what float16 resolves" in res.status, res.status
 
 
 def _singular_inconsistent(dtype, n=50):
