@@ -10,12 +10,15 @@ if not torch.cuda.is_available():  # before triton is first imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math  # noqa: E402
+import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import otlinop  # noqa: E402
 from otlinop import Dense, Identity, LinearOperator, Zero  # noqa: E402
 from otlinop.plan import PlanOperator  # noqa: E402
+from otlinop.sinkhorn import sinkhorn  # noqa: E402
 
 F64 = torch.float64
 
@@ -142,3 +145,46 @@ def test_a_wrong_output_dtype_or_type_names_the_class_and_the_hook():
     with pytest.raises(TypeError, match=r"_NotATensor._matvec returned list .*expected a torch.Tensor of shape "
                                         r"\(2,\)"):
         _NotATensor() @ torch.ones(2, dtype=F64)
+
+
+# ------------------------------------------------------------------ sinkhorn
+def test_sinkhorn_warns_that_its_results_are_not_differentiable():
+    x, y = _clouds()
+    with pytest.warns(UserWarning, match=r"sinkhorn: x requires grad, but the results of sinkhorn .* not "
+                                         r"differentiable; for a differentiable loss use otlinop.SamplesLoss or "
+                                         r"otlinop.sinkhorn_loss"):
+        res = sinkhorn(x.clone().requires_grad_(), y, eps=1.0)
+    assert not res.cost.requires_grad
+    with pytest.warns(UserWarning, match=r"sinkhorn: y, b require grad"):
+        sinkhorn(x, y.clone().requires_grad_(), b=torch.full((5,), 0.2, dtype=F64, requires_grad=True), eps=1.0)
+    # No warning for detached inputs, nor under no_grad.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sinkhorn(x, y, eps=1.0)
+        with torch.no_grad():
+            sinkhorn(x.clone().requires_grad_(), y, eps=1.0)
+
+
+def test_the_differentiable_entry_point_named_by_the_warning_differentiates():
+    x, y = _clouds()
+    x = x.clone().requires_grad_()
+    otlinop.sinkhorn_loss(x, y, blur=1.0).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("i", [2, 5, -3])
+def test_select_out_of_range_names_the_batch_size(i):
+    x, y = _clouds()
+    res = sinkhorn(torch.stack([x, x + 1]), torch.stack([y, y]), eps=1.0)
+    with pytest.raises(IndexError, match=rf"SinkhornResult.select: i={i} is out of range for a batch of 2 problems"):
+        res.select(i)
+    torch.testing.assert_close(res.select(-1).f, res.select(1).f)
+
+
+@pytest.mark.parametrize("i", [1.0, "0", None, True])
+def test_select_refuses_a_non_integer(i):
+    x, y = _clouds()
+    res = sinkhorn(torch.stack([x, x]), torch.stack([y, y]), eps=1.0)
+    with pytest.raises(TypeError, match=r"SinkhornResult.select: i must be an int \(the index of a problem in the "
+                                        r"batch of 2\)"):
+        res.select(i)
