@@ -348,6 +348,10 @@ def points(owner: str, x, y, *, batch: str = "same", allow_empty: bool = True, m
     if y.device != x.device:
         raise ValueError(f"{owner}: y is on device {y.device}, but x is on {x.device}; "
                          f"move it with y.to('{x.device}')")
+    if x.device.type == "meta":
+        # Meta tensors have shapes but no values: nothing can be computed from them.
+        raise ValueError(f"{owner}: x and y are on the meta device, which holds shapes but no values; "
+                         "pass point clouds with data (on 'cpu' or 'cuda')")
     return Geometry(owner, batched, B, x.shape[-2], y.shape[-2], x.shape[-1], x.dtype, x.device)
 
 

@@ -188,3 +188,33 @@ def test_select_refuses_a_non_integer(i):
     with pytest.raises(TypeError, match=r"SinkhornResult.select: i must be an int \(the index of a problem in the "
                                         r"batch of 2\)"):
         res.select(i)
+
+
+# ------------------------------------------------------------------ meta device
+@pytest.mark.parametrize("entry", ["sinkhorn", "PlanOperator", "SamplesLoss", "sinkhorn_loss", "hvp_x"])
+def test_meta_device_is_refused(entry):
+    x, y = (t.to("meta") for t in _clouds())
+    f, g = torch.zeros(6, dtype=F64, device="meta"), torch.zeros(5, dtype=F64, device="meta")
+    call = {
+        "sinkhorn": lambda: sinkhorn(x, y, eps=1.0),
+        "PlanOperator": lambda: PlanOperator(x, y, f, g, eps=1.0),
+        "SamplesLoss": lambda: otlinop.SamplesLoss()(x, y),
+        "sinkhorn_loss": lambda: otlinop.sinkhorn_loss(x, y),
+        "hvp_x": lambda: otlinop.hvp_x(x, y, f, g, torch.zeros_like(x), eps=1.0),
+    }[entry]
+    with pytest.raises(ValueError, match=rf"{entry}: x and y are on the meta device, which holds shapes but no "
+                                         "values"):
+        call()
+
+
+# ------------------------------------------------------------------ scipy view
+def test_scipy_view_wrong_length_names_the_operator_and_the_shape():
+    view = _plan().to_scipy()
+    with pytest.raises(ValueError, match=r"PlanOperator.to_scipy\(\).matvec: x has shape \(7,\), expected \(5,\) "
+                                         r"\(the operator has shape \(6, 5\), 5 columns\)"):
+        view.matvec(np.ones(7))
+    with pytest.raises(ValueError, match=r"PlanOperator.to_scipy\(\).matvec: x has shape \(7,\), expected \(5,\)"):
+        view @ np.ones(7)
+    with pytest.raises(ValueError, match=r"PlanOperator.to_scipy\(\).rmatvec: x has shape \(5,\), expected \(6,\) "
+                                         r".*did you mean A @ x\?"):
+        view.rmatvec(np.ones(5))
