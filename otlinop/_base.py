@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ._checks import (OPERATOR_DTYPES, fmt_shape, operator_dtype, operator_operand, operator_operand_shape,
-                      same_space)
+                      operator_output, operator_scalar, operator_shape, same_space)
 
 __all__ = ["LinearOperator", "is_adjoint_pair", "known_adjoint"]
 
@@ -142,13 +142,7 @@ class LinearOperator:
             raise TypeError(
                 f"{type(self).__name__} must implement _matvec or _matmat "
                 "(each defaults from the other)")
-        try:
-            shape = tuple(int(s) for s in shape)
-        except TypeError:
-            raise ValueError(f"{type(self).__name__}: shape must be a pair of ints, got {shape!r}") from None
-        if len(shape) != 2 or min(shape) < 0:
-            raise ValueError(
-                f"{type(self).__name__}: shape must be two non-negative ints (n, m), got {shape!r}")
+        shape = operator_shape(type(self).__name__, shape)
         if dtype not in OPERATOR_DTYPES:
             operator_dtype(type(self).__name__, dtype)
         self.shape = shape
@@ -247,14 +241,16 @@ class LinearOperator:
         if not isinstance(v, torch.Tensor):
             return numpy_product(self, "matvec", "v", v, "vector", "columns")
         operator_operand(self, "matvec", "v", v, "vector", self.shape[1], "columns")
-        return self._matvec(v) if v.ndim == 1 else self._matmat(v)
+        if v.ndim == 1:
+            return self._checked_output("_matvec", self._matvec(v), self.shape[0], v)
+        return self._checked_output("_matmat", self._matmat(v), self.shape[0], v)
 
     def matmat(self, V):
         """Return ``A V`` for V of shape (m, k), as an (n, k) tensor (NumPy array for a NumPy V)."""
         if not isinstance(V, torch.Tensor):
             return numpy_product(self, "matmat", "V", V, "matrix", "columns")
         operator_operand(self, "matmat", "V", V, "matrix", self.shape[1], "columns")
-        return self._matmat(V)
+        return self._checked_output("_matmat", self._matmat(V), self.shape[0], V)
 
     def rmatvec(self, u):
         """Return ``A.H u`` (the adjoint, as scipy's ``rmatvec``) for u of shape (n,)
@@ -262,14 +258,28 @@ class LinearOperator:
         if not isinstance(u, torch.Tensor):
             return numpy_product(self, "rmatvec", "u", u, "vector", "rows", adjoint=True)
         operator_operand(self, "rmatvec", "u", u, "vector", self.shape[0], "rows")
-        return self._rmatvec(u) if u.ndim == 1 else self._rmatmat(u)
+        if u.ndim == 1:
+            return self._checked_output("_rmatvec", self._rmatvec(u), self.shape[1], u)
+        return self._checked_output("_rmatmat", self._rmatmat(u), self.shape[1], u)
 
     def rmatmat(self, U):
         """Return ``A.H U`` for U of shape (n, k), as an (m, k) tensor (NumPy array for a NumPy U)."""
         if not isinstance(U, torch.Tensor):
             return numpy_product(self, "rmatmat", "U", U, "matrix", "rows", adjoint=True)
         operator_operand(self, "rmatmat", "U", U, "matrix", self.shape[0], "rows")
-        return self._rmatmat(U)
+        return self._checked_output("_rmatmat", self._rmatmat(U), self.shape[1], U)
+
+    def _checked_output(self, hook: str, out, rows: int, operand: torch.Tensor):
+        """``out``, what ``hook`` returned for ``operand``, once its shape and dtype are
+        checked: the hooks trust their input, the public methods do not trust their output
+        (a user operator's wrong shape would otherwise travel on, or broadcast)."""
+        shape = (rows,) if operand.ndim == 1 else (rows, operand.shape[1])
+        if not (isinstance(out, torch.Tensor) and out.shape == shape
+                and (out.dtype == self.dtype or self.adapts_dtype)):
+            if hook in ("_matmat", "_rmatmat") and not _overrides(self, hook):   # the default loops over the vector hook
+                hook = f"{hook[:-3]}vec (through the default {hook})"
+            operator_output(self, hook, out, shape, None if self.adapts_dtype else self.dtype)
+        return out
 
     def dot(self, x):
         """``A @ x`` (scipy's name for it)."""
@@ -302,7 +312,10 @@ class LinearOperator:
             name = "u" if other.ndim == 1 else "U.T"
             operator_operand(self, "__rmatmul__", name, U, "either", self.shape[0], "rows")
             T = self.transpose()
-            return T._matvec(U) if U.ndim == 1 else T._matmat(U).T
+            # Checked as this operator's (a real one's transpose is a wrapper of its _rmatvec).
+            if U.ndim == 1:
+                return self._checked_output("transpose()._matvec", T._matvec(U), self.shape[1], U)
+            return self._checked_output("transpose()._matmat", T._matmat(U), self.shape[1], U).T
         self._refuse_operand(other, left=True)
         arr = numeric_array(other)
         if arr is None:
@@ -467,6 +480,7 @@ class LinearOperator:
 
     def __mul__(self, c):
         if is_scalar(c):
+            operator_scalar(f"{type(self).__name__} * c", c)
             return ScaledOperator(self, c)
         if isinstance(c, (LinearOperator, torch.Tensor, np.ndarray, list, tuple)) or is_sparse_matrix(c):
             raise TypeError(f"{type(self).__name__}: '*' takes a scalar, got {type(c).__name__}; use '@' for the "
@@ -481,6 +495,7 @@ class LinearOperator:
                 raise ZeroDivisionError(f"{type(self).__name__} / c: c is zero")
             if isinstance(c, np.generic):
                 c = c.item()
+            operator_scalar(f"{type(self).__name__} / c", c)
             return ScaledOperator(self, 1.0 / c)
         raise ValueError(f"{type(self).__name__} / c: Can only divide a linear operator by a scalar. c is "
                          f"{type(c).__name__}{' of shape ' + fmt_shape(c.shape) if hasattr(c, 'shape') else ''}; "

@@ -52,7 +52,7 @@ __all__ = [
     "Geometry", "points", "vector", "weights", "potential", "matrix", "operand", "finite",
     "COMPLEX_DTYPES", "OPERATOR_DTYPES", "operator_dtype", "real_operator_dtype", "operator_tensor",
     "operator_operand_shape",
-    "operator_operand", "same_space", "composable",
+    "operator_operand", "operator_shape", "operator_scalar", "operator_output", "same_space", "composable",
     "Inputs", "measures",
 ]
 
@@ -348,6 +348,10 @@ def points(owner: str, x, y, *, batch: str = "same", allow_empty: bool = True, m
     if y.device != x.device:
         raise ValueError(f"{owner}: y is on device {y.device}, but x is on {x.device}; "
                          f"move it with y.to('{x.device}')")
+    if x.device.type == "meta":
+        # Meta tensors have shapes but no values: nothing can be computed from them.
+        raise ValueError(f"{owner}: x and y are on the meta device, which holds shapes but no values; "
+                         "pass point clouds with data (on 'cpu' or 'cuda')")
     return Geometry(owner, batched, B, x.shape[-2], y.shape[-2], x.shape[-1], x.dtype, x.device)
 
 
@@ -562,6 +566,54 @@ def operator_operand(A, method: str, name: str, t, form: str, length: int, what:
         raise ValueError(
             f"{owner}.{method}: {name} is on device {t.device}, expected {A.device}; "
             f"move it with {name}.to('{A.device}')")
+
+
+def operator_shape(owner: str, shape) -> tuple:
+    """The shape of an operator: two non-negative integers (Python, NumPy or
+    0-d integer tensors). A float is refused, not truncated (``2.5`` is not 2)."""
+    try:
+        entries = tuple(shape)
+    except TypeError:
+        raise ValueError(f"{owner}: shape must be a pair of ints, got {shape!r}") from None
+    for s in entries:
+        if isinstance(s, torch.Tensor) and s.ndim == 0 and not s.dtype.is_floating_point \
+                and not s.dtype.is_complex and s.dtype != torch.bool:
+            continue
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise ValueError(f"{owner}: shape must be a pair of ints, got {shape!r} "
+                             f"({_describe(s)} is not an integer)")
+    entries = tuple(int(s) for s in entries)
+    if len(entries) != 2 or min(entries, default=0) < 0:
+        raise ValueError(f"{owner}: shape must be two non-negative ints (n, m), got {shape!r}")
+    return entries
+
+
+def operator_scalar(owner: str, c) -> None:
+    """ValueError if the factor ``c`` of ``c * A`` (or the divisor of ``A / c``) is
+    NaN or infinite: the scaled operator would return NaN for every vector. A
+    tensor is read back once (``finite``'s rules: not while capturing a graph,
+    nor with ``config.check_finite`` off)."""
+    if isinstance(c, torch.Tensor):
+        finite(owner, {"c": c}, hint="the factor must be finite")
+        return
+    if isinstance(c, numbers.Number) and not all(map(math.isfinite, (complex(c).real, complex(c).imag))):
+        raise ValueError(f"{owner}: c is {c!r}; the factor must be finite")
+
+
+def operator_output(A, hook: str, out, shape: tuple, dtype) -> None:
+    """What the hook ``A.<hook>`` returned: a tensor of ``shape`` and ``dtype``
+    (None: any operator dtype). A user operator's hook is trusted nowhere
+    else, and a wrong shape would otherwise travel on (or broadcast) silently."""
+    owner = type(A).__name__
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{owner}.{hook} returned {_describe(out)}, expected a torch.Tensor of shape "
+                        f"{fmt_shape(shape)}; fix {owner}.{hook}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{owner}.{hook} returned shape {fmt_shape(out.shape)}, expected {fmt_shape(shape)} "
+                         f"(the operator has shape {fmt_shape(A.shape)}); fix {owner}.{hook}")
+    if dtype is not None and out.dtype != dtype:
+        raise TypeError(f"{owner}.{hook} returned dtype {out.dtype}, expected {dtype} (the operator's); "
+                        f"fix {owner}.{hook}")
 
 
 def _fixed_device(A) -> bool:

@@ -6,6 +6,7 @@ The class is public: ``otlinop.sinkhorn.SinkhornResult`` and
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -283,9 +284,22 @@ class SinkhornResult:
                                      **solver_options)
 
     def select(self, i: int) -> "SinkhornResult":
-        """The i-th problem of a batched result, as an unbatched result."""
+        """The i-th problem of a batched result, as an unbatched result.
+
+        ``i`` is an int in ``[-B, B)`` for a batch of B problems (negative
+        indices count from the end); IndexError outside it, TypeError for a
+        non-integer.
+        """
         if not self.batched:
             raise ValueError("SinkhornResult.select: this result is not batched")
+        B = self.x.shape[0]
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"SinkhornResult.select: i must be an int (the index of a problem in the batch of "
+                            f"{B}), got {type(i).__name__} {i!r}")
+        if not -B <= i < B:
+            raise IndexError(f"SinkhornResult.select: i={i} is out of range for a batch of {B} problems "
+                             f"(valid: 0 to {B - 1}, or -{B} to -1 from the end)")
+        i = int(i)
         pick = lambda t: None if t is None else t[i]  # noqa: E731
         return SinkhornResult(
             f=self.f[i], g=self.g[i], eps=self.eps, n_iter=self.n_iter, converged=self.converged,

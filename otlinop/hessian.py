@@ -37,6 +37,19 @@ __all__ = ["HessianOperator", "DualHessianOperator", "dual_hessian", "DEFAULT_RI
 DEFAULT_RIDGE = 1e-9
 
 
+def row_weight(row_scale: torch.Tensor) -> torch.Tensor:
+    """``1 / row_scale`` where ``row_scale = kx ah`` is positive, 0 where it is 0.
+
+    A point of zero weight (``a_i = 0``, documented as allowed) has a zero row in
+    P, hence ``ah_i = 0``: it carries no plan mass and its row of K is zero. Its
+    term ``P_i.T P_i / (kx ah_i)`` in the Schur complement is then exactly 0 (so
+    is the back-substituted ``z1_i``, the minimum-norm choice for a zero row), not
+    ``0 * inf``. The denominator is made safe first so that autograd through
+    ``to_linear_operator`` sees no infinite branch either."""
+    positive = row_scale > 0
+    return positive.to(row_scale.dtype) / torch.where(positive, row_scale, torch.ones_like(row_scale))
+
+
 def hessian_options(owner: str, eps, reach_x, reach_y, ridge, *,
                     reach_names: tuple = ("reach_x", "reach_y")) -> tuple:
     """``(eps, kx, ky, ridge)`` from the arguments of a dual Hessian, checked
@@ -152,7 +165,8 @@ class HessianOperator(LinearOperator):
         self._options = (eps, kx, ky, ridge)
         self.shift = ridge * bh.mean()
         self.D = ky * bh + self.shift
-        self._row_weight = 1.0 / (kx * ah)
+        # 1 / (kx ah), and 0 on the rows of zero mass (row_weight says why).
+        self._row_weight = row_weight(kx * ah)
         # Both diagonals are non-negative by construction (plan marginals, kx, ky > 0):
         # saying so spares the host a read-back each.
         self.N = P.T @ Diag(self._row_weight, psd=True) @ P
@@ -173,7 +187,7 @@ class HessianOperator(LinearOperator):
         return self._S._matvec(v)
 
     def _diagonal(self):
-        return self.D - self.P.squared().T @ (1.0 / (self.kx * self.P.row_sums()))
+        return self.D - self.P.squared().T @ self._row_weight
 
     def splitting(self):
         return self.D, self.N
@@ -209,6 +223,10 @@ class DualHessianOperator(BlockOperator):
         kx, ky = self.schur.kx, self.schur.ky
         self.P, self.eps = P, self.schur.eps
         self._row_scale = kx * P.row_sums()          # kx ah: the (1, 1) block
+        # Dividing by kx ah row by row (as before, bit for bit) on the rows of positive
+        # mass; a row of zero mass gives 0 (row_weight says why).
+        self._has_mass = (self._row_scale > 0).to(self._row_scale.dtype)
+        self._safe_scale = torch.where(self._row_scale > 0, self._row_scale, torch.ones_like(self._row_scale))
         super().__init__([[Diag(self._row_scale, psd=True), P], [P.T, Diag(ky * P.col_sums(), psd=True)]],
                          is_symmetric=True)
         self.is_psd = True
@@ -226,7 +244,9 @@ class DualHessianOperator(BlockOperator):
     def solve(self, r: torch.Tensor, *, solver=cg, M=None, **options):
         r"""A solution of ``K z = r`` through the Schur complement.
 
-        ``S z2 = r2 - P.T (r1 / (kx ah))``, then ``z1 = (r1 - P z2) / (kx ah)``.
+        ``S z2 = r2 - P.T (r1 / (kx ah))``, then ``z1 = (r1 - P z2) / (kx ah)``;
+        on a row of zero mass (``a_i = 0``: ``ah_i = 0``, a zero row of P and K)
+        the division is replaced by 0, so ``z1_i = 0``.
 
         Parameters
         ----------
@@ -257,10 +277,12 @@ class DualHessianOperator(BlockOperator):
             raise ValueError(f"DualHessianOperator.solve: r must have shape ({self.shape[0]},) or "
                              f"({self.shape[0]}, k) (n + m rows), got {got}")
         r1, r2 = r[:n], r[n:]
-        scale = self._row_scale if r.ndim == 1 else self._row_scale[:, None]
-        result = solver(self.schur, r2 - self.P.T @ (r1 / scale), M=M, **options)
+        scale, mass = self._safe_scale, self._has_mass
+        if r.ndim == 2:
+            scale, mass = scale[:, None], mass[:, None]
+        result = solver(self.schur, r2 - self.P.T @ (r1 / scale * mass), M=M, **options)
         z2 = result.x
-        z1 = (r1 - self.P @ z2) / scale
+        z1 = (r1 - self.P @ z2) / scale * mass
         return torch.cat([z1, z2]), result
 
 

@@ -48,6 +48,19 @@ _METHODS = ("symmetric", "alternating")
 # --------------------------------------------------------------------------
 # Options (the checks live in otlinop._checks)
 # --------------------------------------------------------------------------
+def _warn_not_differentiable(owner: str, **tensors) -> None:
+    """Warn when an input requires grad: the loops run without autograd, so a later
+    ``res.cost.backward()`` would only meet torch's generic "does not require grad".
+    A warning, not an error: reading potentials of a model's points is legitimate."""
+    names = [name for name, t in tensors.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+    if names and torch.is_grad_enabled():
+        which = ", ".join(names)
+        warnings.warn(f"{owner}: {which} {'requires' if len(names) == 1 else 'require'} grad, but the results of "
+                      f"{owner} (potentials, cost, plan) are computed without autograd and are not "
+                      "differentiable; for a differentiable loss use otlinop.SamplesLoss or otlinop.sinkhorn_loss "
+                      f"(pass {names[0]}.detach() to silence this warning)", UserWarning, stacklevel=3)
+
+
 def _resolve_reach(owner: str, reach, reach_x, reach_y):
     """Return (rho_x, rho_y): ``reach**2`` per side, None for a balanced side."""
     if reach is not None and (reach_x is not None or reach_y is not None):
@@ -160,6 +173,13 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
         non-positive blur/eps/reach/cost_scale, scaling outside (0, 1), an
         unknown method or backend.
 
+    Warns
+    -----
+    UserWarning
+        If an input requires grad: the results are not differentiable (the
+        loops run without autograd); ``SamplesLoss`` and ``sinkhorn_loss`` are
+        the differentiable entry points.
+
     Notes
     -----
     With ``T_f(g) = smin_C(log b + g/eps)``, ``T_g(f) = smin_{C^T}(log a + f/eps)``,
@@ -213,6 +233,7 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
         max_iter = positive_int(owner, "max_iter", max_iter)
 
     inp = measures(owner, x, y, a, b, balanced=(rho_x is None and rho_y is None))
+    _warn_not_differentiable(owner, x=x, y=y, a=a, b=b, f0=f0, g0=g0)
     check_backend(owner, backend, x)
     f0 = potential(owner, "f0", f0, inp.a, batched=inp.batched, dtype=inp.pot_dtype)
     g0 = potential(owner, "g0", g0, inp.b, batched=inp.batched, dtype=inp.pot_dtype)

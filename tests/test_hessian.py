@@ -131,6 +131,35 @@ def test_dual_solve_through_schur(case):
     torch.testing.assert_close(K @ Z, torch.stack([r, 2 * r], 1), rtol=0, atol=1e-9 * float(r.norm()))
 
 
+@pytest.mark.parametrize("reach_x", [None, 1.0])
+def test_zero_weights_in_a(reach_x):
+    """Points of zero weight in a (allowed) have zero rows in P: S, its diagonal and the
+    dual solve are those of the problem without them (z1 = 0 on their rows), with no NaN
+    from 1 / (kx ah) (issue 19, item 3)."""
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(12, 2, dtype=F64, generator=gen), torch.randn(9, 2, dtype=F64, generator=gen)
+    a, b = 0.5 + torch.rand(12, dtype=F64, generator=gen), 0.5 + torch.rand(9, dtype=F64, generator=gen)
+    a[[0, 7]] = 0.0
+    a, b = a / a.sum(), b / b.sum()
+    f, g = ref.sinkhorn(x, y, a, b, 0.5, 1.0, reach_x, None)
+    keep = a > 0
+    kept = ref.Problem(x=x[keep], y=y, a=a[keep], b=b, f=f[keep], g=g, eps=0.5, c=1.0, reach_x=reach_x,
+                       reach_y=None)
+    S = HessianOperator(x, y, f, g, eps=0.5, a=a, b=b, reach_x=reach_x)
+    dense = _schur(kept)
+    torch.testing.assert_close(S.to_dense(), dense, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(S.diagonal(), dense.diagonal(), rtol=1e-12, atol=1e-15)
+    K = dual_hessian(x, y, f, g, eps=0.5, a=a, b=b, reach_x=reach_x, ridge=0.0)
+    r = torch.randn(K.shape[0], dtype=F64, generator=gen)
+    r[:12][~keep] = 0.0                        # K's rows there are zero: only such r are consistent
+    if reach_x is None:
+        r[12:] += (r[:12].sum() - r[12:].sum()) / 9
+    z, info = K.solve(r, rtol=1e-12)
+    assert info.converged and torch.isfinite(z).all()
+    assert float(z[:12][~keep].abs().max()) == 0.0
+    torch.testing.assert_close(K @ z, r, rtol=0, atol=1e-10 * float(r.norm()))
+
+
 # ------------------------------------------------------------------ solvers
 @pytest.mark.parametrize("case", ["balanced", "unbalanced"])
 def test_cg_neumann_converges(case):

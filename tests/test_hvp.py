@@ -217,6 +217,69 @@ def test_gradients(case):
     torch.testing.assert_close(gy, ay, rtol=1e-12, atol=1e-14)
 
 
+# ---------------------------------------------------------------- zero weights in a
+def _zero_weight_problem(reach_x=None):
+    """A problem with two points of zero weight in x (allowed by the docs), and the same
+    problem with those points removed; potentials converged to 1e-14 on the full one."""
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(14, 2, dtype=F64, generator=gen), torch.randn(11, 2, dtype=F64, generator=gen) + 0.5
+    a, b = 0.5 + torch.rand(14, dtype=F64, generator=gen), 0.5 + torch.rand(11, dtype=F64, generator=gen)
+    a[[3, 9]] = 0.0
+    a, b = a / a.sum(), b / b.sum()
+    f, g = ref.sinkhorn(x, y, a, b, 0.5, 1.0, reach_x, None)
+    keep = a > 0
+    full = ref.Problem(x=x, y=y, a=a, b=b, f=f, g=g, eps=0.5, c=1.0, reach_x=reach_x, reach_y=None)
+    kept = ref.Problem(x=x[keep], y=y, a=a[keep], b=b, f=f[keep], g=g, eps=0.5, c=1.0, reach_x=reach_x,
+                       reach_y=None)
+    return full, kept, keep
+
+
+@pytest.mark.parametrize("reach_x", [None, 1.0])
+def test_zero_weights_in_a(reach_x):
+    """A point of zero weight carries no plan mass: the loss does not depend on it, so its
+    rows of every HVP are 0 and the other rows are those of the problem without it (issue 19,
+    item 3: 1/(kx ah) made NaN here)."""
+    p, q, keep = _zero_weight_problem(reach_x)
+    A, B = _directions(p)
+    H = _dense_hessian(q)
+    nd = q.x.numel()
+    Hx, Hy, info = hvp(p.x, p.y, p.f, p.g, A, B, **p.kwargs(), ridge=0.0)
+    assert info.converged, info.status
+    assert float(Hx[~keep].abs().max()) == 0.0
+    assert ref.rel(_flat(Hx[keep], Hy), H @ _flat(A[keep], B)) < 1e-10
+    HA, _ = hvp_x(p.x, p.y, p.f, p.g, A, **p.kwargs(), ridge=0.0)
+    assert float(HA[~keep].abs().max()) == 0.0
+    assert ref.rel(HA[keep].reshape(-1), H[:nd, :nd] @ A[keep].reshape(-1)) < 1e-10
+    # A direction on the zero-weight points alone moves nothing.
+    lone = torch.zeros_like(A)
+    lone[~keep] = A[~keep]
+    Lx, Ly, _ = hvp(p.x, p.y, p.f, p.g, lone, None, **p.kwargs())
+    assert float(_flat(Lx, Ly).abs().max()) == 0.0
+    # Finite differences of the analytic gradient on the full problem.
+    fx, fy = ref.fd_hvp(p, A, B)
+    Hx, Hy, _ = hvp(p.x, p.y, p.f, p.g, A, B, **p.kwargs())
+    assert ref.rel(_flat(Hx, Hy), _flat(fx, fy)) < 1e-6
+
+
+def test_zero_weights_in_a_double_backward():
+    """SamplesLoss' double backward with zero weights in a: finite, 0 on those points, and
+    equal to the problem without them."""
+    from otlinop.loss import SamplesLoss
+    p, q, keep = _zero_weight_problem()
+    A = _directions(p)[0]
+    loss = SamplesLoss(blur=0.5, debias=False)
+
+    def hessian_along(a, x, A):
+        x = x.clone().requires_grad_()
+        gx, = torch.autograd.grad(loss(a, x, p.b, p.y), x, create_graph=True)
+        return torch.autograd.grad((gx * A).sum(), x)[0]
+
+    full, kept = hessian_along(p.a, p.x, A), hessian_along(q.a, q.x, A[keep])
+    assert torch.isfinite(full).all()
+    assert float(full[~keep].abs().max()) == 0.0
+    torch.testing.assert_close(full[keep], kept, rtol=1e-6, atol=1e-9)
+
+
 # ---------------------------------------------------------------- errors
 def test_errors():
     p = ref.problem()

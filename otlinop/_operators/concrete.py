@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from .._base import LinearOperator, is_adjoint_pair
-from .._checks import fmt_shape, operator_tensor
+from .._checks import fmt_shape, nonnegative_int, operator_tensor
 
 __all__ = ["Dense", "Diag", "Identity", "Zero", "BlockOperator"]
 
@@ -188,6 +188,7 @@ class Identity(LinearOperator):
     """
 
     def __init__(self, n: int, *, dtype=None, device=None):
+        n = nonnegative_int("Identity", "n", n)   # 2.5 is refused, not truncated to 2
         super().__init__((n, n), torch.get_default_dtype() if dtype is None else dtype,
                          "cpu" if device is None else device, is_symmetric=True, is_psd=True)
         self.adapts_dtype, self.adapts_device = dtype is None, device is None
@@ -230,8 +231,8 @@ class Zero(LinearOperator):
     """
 
     def __init__(self, shape, *, dtype=None, device=None):
-        if isinstance(shape, numbers.Integral):
-            shape = (shape, shape)
+        if isinstance(shape, (numbers.Number, torch.Tensor)):   # Zero(n): n x n (2.5 is refused, not truncated)
+            shape = (nonnegative_int("Zero", "shape", shape),) * 2
         shape = tuple(shape)
         square = len(shape) == 2 and shape[0] == shape[1]
         super().__init__(shape, torch.get_default_dtype() if dtype is None else dtype,
