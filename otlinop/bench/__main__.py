@@ -1,4 +1,4 @@
-"""``python -m otlinop.bench {solvers,plan,sinkhorn,hvp,all} [--results DIR | --no-results] [options]``.
+"""``python -m otlinop.bench {solvers,plan,sinkhorn,hvp,train,all} [--results DIR | --no-results] [options]``.
 
 Benchmarks measure on the GPU (CUDA events, medians) and print Markdown
 tables; on a CPU-only machine they run tiny sizes and say so.
@@ -27,6 +27,7 @@ SUITES = {
     "plan": "otlinop.bench.plan_bench",
     "sinkhorn": "otlinop.bench.sinkhorn_bench",
     "hvp": "otlinop.bench.hvp_bench",
+    "train": "otlinop.bench.train_bench",
 }
 
 #: Parent of the default results folder of ``all`` (relative to the working directory).
@@ -138,6 +139,11 @@ def main(argv=None) -> int:
                     if suite == "sinkhorn":
                         sinkhorn = module.collect(rest)
                         code = 0
+                    elif suite == "train":
+                        code = int(module.main(rest, results=results) or 0)
+                        if results is not None:
+                            files += [f for f in ("train.json", "train.png")
+                                      if os.path.exists(os.path.join(results, f))]
                     else:
                         code = int(module.main(rest) or 0)
                 except BaseException as exc:
