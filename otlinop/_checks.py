@@ -401,10 +401,13 @@ def vector(geo: Geometry, name: str, t, length: int, *, what: str = "", optional
 
 
 def weights(geo: Geometry, name: str, w, side: str) -> torch.Tensor:
-    """The weights of the cloud ``side`` ("x" or "y"): None gives uniform weights 1/n."""
+    """The weights of the cloud ``side`` ("x" or "y"): None gives uniform weights 1/n,
+    in float32 beside half points (1/n in half precision is off by up to 2^-9, and so
+    would be the total mass and the loss)."""
     length = geo.n if side == "x" else geo.m
     if w is None:
-        return torch.full(geo.shape(length), 1.0 / length, dtype=geo.dtype, device=geo.device)
+        dtype = torch.float32 if geo.dtype in HALF_DTYPES else geo.dtype
+        return torch.full(geo.shape(length), 1.0 / length, dtype=dtype, device=geo.device)
     return vector(geo, name, w, length, what=f"one weight per point of {side}", optional=True)
 
 

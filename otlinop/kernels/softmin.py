@@ -202,7 +202,7 @@ def _validate(fn, x, y, h, eps, cost_scale):
 
 
 def _lse_triton(geo, x, y, h, eps, cost_scale, precision, out_scale, forced_splits=None):
-    # Potentials of half points are float32: |C| / eps passes 65504 at a radius of about 180.
+    # Potentials of half points are float32: costs pass 65504 for points about 256 apart.
     out = torch.empty(geo.shape(geo.n), device=geo.device, dtype=compute_dtype(geo.dtype))
     if geo.n == 0 or geo.m == 0:
         return out.fill_(float("-inf") * (1.0 if out_scale > 0 else -1.0))
