@@ -8,9 +8,15 @@ without storing P (docs/math.md section 2): each program owns a tile of rows of 
 and streams the columns of y. With ``l_ij = log_b_j + (g_j - C_ij) / eps`` it
 keeps a running maximum ``M_i`` (rescaling the partial sums when it grows) and
 ``S_i = sum_j exp(l_ij - M_i) V_j``, where the probability tile times the V
-tile is a tensor-core dot; at the end ``(P V)_i = exp(log_a_i + f_i/eps + M_i) S_i``.
-Everything runs in base 2 (``exp2``), with the constants folded into per-row
-and per-column biases.
+tile is a tensor-core dot; at the end ``(P V)_i = exp(L_i) S_i`` with
+``L_i = log_a_i + f_i/eps + M_i``, the log of the row's largest entry of P.
+That factor is applied in two equal halves (``_tiles.scale_rows``): a product
+inside the output's range never overflows or underflows on the way, and one
+outside it is refused by the launcher (inf there, read back with the inputs).
+:func:`plan_apply_scaled` (the ``LOG_SCALE`` variant of the same kernel)
+returns ``(S, L)`` instead, for products beyond the range and for
+row-normalised sums, in which ``f`` cancels. Everything runs in base 2
+(``exp2``), with the constants folded into per-row and per-column biases.
 
 ``P.T @ U`` is the same call with the roles swapped:
 ``plan_apply(y, x, g, f, U, log_a=log_b, log_b=log_a)``.
