@@ -295,8 +295,8 @@ def softmin_gradient(x, y, g, w, *, eps, b=None, cost_scale=1.0, backend=None, p
     gives ``ybar`` as the ratio of two sums that share their row factor, so
     that factor (``exp(f_i / eps + ...)``, whose exponent float32 only knows to
     ``|f| / eps * 2^-24``) never enters: what GeomLoss differentiates, and
-    as accurate in float32 as the soft-min itself. A row whose weights are all
-    zero gives 0.
+    as accurate in float32 as the soft-min itself. A row without a finite
+    logit (every ``b_j = 0``) takes ``ybar_i = 0``.
     """
     z = (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True)) / 2
     xz, yz = x - z, y - z

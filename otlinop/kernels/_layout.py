@@ -223,8 +223,8 @@ def prepare_pair(x: torch.Tensor, y: torch.Tensor, precision: str) -> PreparedPa
 
     # x and y share d and dtype (checked by the launchers): one layout for both orders. Half points
     # are stored as float32 (exactly their values, centred in fp32): their costs and hence their
-    # potentials are those of the given points, bitwise those of the same points in float32 (the
-    # loss differentiates at float32 copies), and the precision applies to them as to float32 ones.
+    # potentials are those of the given points and of their float32 copies (at which the loss
+    # differentiates), and the precision applies to them as to float32 ones.
     layout = _layout_of(x.shape[-1], torch.float32, precision)
     if x.is_inference() or y.is_inference():
         # Inference tensors carry no version counter: an in-place change could
