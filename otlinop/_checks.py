@@ -401,10 +401,13 @@ def vector(geo: Geometry, name: str, t, length: int, *, what: str = "", optional
 
 
 def weights(geo: Geometry, name: str, w, side: str) -> torch.Tensor:
-    """The weights of the cloud ``side`` ("x" or "y"): None gives uniform weights 1/n."""
+    """The weights of the cloud ``side`` ("x" or "y"): None gives uniform weights 1/n,
+    in float32 beside half points (1/n in half precision is off by up to 2^-9, and so
+    would be the total mass and the loss)."""
     length = geo.n if side == "x" else geo.m
     if w is None:
-        return torch.full(geo.shape(length), 1.0 / length, dtype=geo.dtype, device=geo.device)
+        dtype = torch.float32 if geo.dtype in HALF_DTYPES else geo.dtype
+        return torch.full(geo.shape(length), 1.0 / length, dtype=dtype, device=geo.device)
     return vector(geo, name, w, length, what=f"one weight per point of {side}", optional=True)
 
 
@@ -679,15 +682,33 @@ def _raise_first(owner: str, flags: list) -> None:
             raise ValueError(f"{owner}: {message}")
 
 
+def _result_flags(results: dict, allow_neg_inf, hint: str) -> list:
+    """``(flag, message)`` pairs for computed results: NaN or inf there means an overflow."""
+    out = []
+    with torch.no_grad():
+        for name, t in results.items():
+            if t is None or t.numel() == 0:
+                continue
+            # amax propagates NaN: below +inf means neither NaN nor +inf.
+            ok = t.amax() < math.inf if name in allow_neg_inf else torch.isfinite(t).all()
+            out.append((ok, f"{name} overflowed {str(t.dtype).replace('torch.', '')}: it holds inf or NaN "
+                            f"although every input is finite; {hint or 'the result is out of its dtype range'}"))
+    return out
+
+
 def finite(owner: str, tensors: dict, *, allow_neg_inf=(), allow_pos_inf=(), nonnegative=(),
-           hint: str = "") -> None:
+           hint: str = "", results: dict | None = None, result_hint: str = "") -> None:
     """ValueError if a tensor of ``tensors`` (name -> tensor or None) holds NaN or inf.
 
     ``allow_neg_inf`` / ``allow_pos_inf``: names that may hold -inf (a zero
     weight in log space) or +inf; ``nonnegative``: names that must be ``>= 0``
-    (weights); ``hint`` completes the message of a non-finite tensor. One
-    device-to-host synchronisation, none when ``config.check_finite`` is
-    False or a CUDA graph is being captured.
+    (weights); ``hint`` completes the message of a non-finite tensor.
+    ``results`` (name -> tensor): what a call computed from ``tensors``,
+    checked after them in the same read-back, so that a result that overflowed
+    its dtype raises (``result_hint`` says why it can and what to do) instead
+    of travelling on as inf; a name in ``allow_neg_inf`` may hold -inf there
+    too. One device-to-host synchronisation, none when ``config.check_finite``
+    is False or a CUDA graph is being captured.
     """
     if not config.check_finite or _capturing():
         # Inside a CUDA graph capture (a user's torch.cuda.graph) no synchronisation is
@@ -695,8 +716,11 @@ def finite(owner: str, tensors: dict, *, allow_neg_inf=(), allow_pos_inf=(), non
         # needs ran it. (solvers.cg(graph=True) does not capture an operator that
         # checks: its dry product under sync debug mode finds the synchronisation.)
         return
-    _raise_first(owner, _value_flags(tensors, allow_neg_inf=allow_neg_inf, allow_pos_inf=allow_pos_inf,
-                                     nonnegative=nonnegative, hint=hint))
+    flags = _value_flags(tensors, allow_neg_inf=allow_neg_inf, allow_pos_inf=allow_pos_inf,
+                         nonnegative=nonnegative, hint=hint)
+    if results:
+        flags += _result_flags(results, allow_neg_inf, result_hint)
+    _raise_first(owner, flags)
 
 
 # --------------------------------------------------------------------------

@@ -28,9 +28,9 @@ import solvers
 from solvers import config
 
 from ._checks import Inputs
+from ._operators.plan_product import softmin_gradient
 from ._sinkhorn_loops import Monitor, symmetric_loop
 from .hvp import hvp, hvp_self, hvp_x, hvp_y
-from .plan import transport_gradient
 
 __all__ = ["Spec", "SecondOrder", "Solution", "solve", "loss_value", "point_grad", "sinkhorn_grad",
            "sinkhorn_hvp"]
@@ -160,9 +160,18 @@ def _weight_grad(h, h_self, eps: float, rho, relaxed: bool) -> torch.Tensor:
     return out - 0.5 * eps if relaxed else out
 
 
-def point_grad(x, y, f, g_pre, a, b, spec: Spec) -> torch.Tensor:
-    """``c2 (ah * x - P y)`` for ``P = P(f, g_pre)`` on (x, y), batched: one plan pass."""
-    return transport_gradient(x, y, f, g_pre, eps=spec.eps, a=a, b=b, **spec.kernel_options)
+def point_grad(x, y, f, g_pre, a, b, spec: Spec, *, rho=None) -> torch.Tensor:
+    """``c2 (ah * x - P y) = c2 ah (x - ybar)`` for ``P = P(f, g_pre)`` on (x, y), batched: one plan pass.
+
+    ``f`` is the damped soft-min of ``g_pre`` (the final extrapolation), so the
+    rows of P are the soft-min's weights times the masses ``ah = P 1``: ``a``
+    on a balanced side, ``a e^{-f/rho}`` on a relaxed one (``f = lam smin``,
+    ``(f - smin) / eps = -f / rho``). ``ybar`` is their normalised average of
+    y (``softmin_gradient``): ``f`` never enters a plan exponent, where
+    float32 would know ``f / eps`` only to ``|f| / eps * 2^-24``.
+    """
+    ah = a if rho is None else a * torch.exp(-f / rho)
+    return softmin_gradient(x, y, g_pre, ah, eps=spec.eps, b=b, **spec.kernel_options)
 
 
 def sinkhorn_grad(x, y, a, b, sol: Solution, spec: Spec, needs, *, point_grad=point_grad) -> tuple:
@@ -176,13 +185,13 @@ def sinkhorn_grad(x, y, a, b, sol: Solution, spec: Spec, needs, *, point_grad=po
     need_x, need_y, need_a, need_b = needs
     gx = gy = ga = gb = None
     if need_x:
-        gx = point_grad(x, y, sol.f, sol.g_pre, a, b, spec)
+        gx = point_grad(x, y, sol.f, sol.g_pre, a, b, spec, rho=spec.rho_x)
         if spec.debias:
-            gx = gx - point_grad(x, x, sol.f_aa, sol.f_aa_pre, a, a, spec)
+            gx = gx - point_grad(x, x, sol.f_aa, sol.f_aa_pre, a, a, spec, rho=spec.rho_x)
     if need_y:
-        gy = point_grad(y, x, sol.g, sol.f_pre, b, a, spec)
+        gy = point_grad(y, x, sol.g, sol.f_pre, b, a, spec, rho=spec.rho_y)
         if spec.debias:
-            gy = gy - point_grad(y, y, sol.g_bb, sol.g_bb_pre, b, b, spec)
+            gy = gy - point_grad(y, y, sol.g_bb, sol.g_bb_pre, b, b, spec, rho=spec.rho_y)
     if need_a:
         ga = _weight_grad(sol.f, sol.f_aa, spec.eps, spec.rho_x, spec.relaxed)
     if need_b:

@@ -328,7 +328,7 @@ def test_triton_half_inputs():
         xr, yr = xh.double().cpu(), yh.double().cpu()
         # Vectors may be float32 or the half dtype.
         out = lse_cost(xh, yh, to(h, torch.float32), eps=0.5, backend="triton")
-        assert out.dtype == dtype
+        assert out.dtype == torch.float32     # log-sum-exps and potentials of half points are float32
         assert _err_lse(out, lse_cost_torch(xr, yr, h, eps=0.5)) < tol(dtype)
         out = plan_apply(xh, yh, to(f, dtype), to(g, torch.float32), to(V, dtype), eps=0.5,
                          log_a=to(log_a, torch.float32), log_b=to(log_b, dtype), backend="triton")
@@ -590,7 +590,11 @@ def test_split_precision_layout():
     assert prepare_pair(x, y, "tf32").D == 3
     big = torch.randn(20, 30, device=DEVICE)
     assert prepare_pair(big, big, "tf32x3").PREC == "tf32x3"
-    assert prepare_pair(x.half(), y.half(), "tf32x3").D == 3
+    # Half points are prepared as the float32 copies of their values: split too, bitwise that pair.
+    xh, yh = x.half(), y.half()
+    half_pair, copy_pair = prepare_pair(xh, yh, "tf32x3"), prepare_pair(xh.float(), yh.float(), "tf32x3")
+    assert half_pair.D == 9 and half_pair.x.dtype == torch.float32
+    assert torch.equal(half_pair.x, copy_pair.x) and torch.equal(half_pair.yn, copy_pair.yn)
 
 
 def test_half_tf32_layout(override):
@@ -612,7 +616,8 @@ def test_half_tf32_layout(override):
     assert prepare_pair(y, x, "tf32").scale == pair.scale          # the transposed call
     # Only fp32 "tf32" pairs are scaled; the knob off keeps fp32 operands on TF32.
     assert prepare_pair(x, y, "tf32x3").scale == 1.0
-    assert prepare_pair(x.half(), y.half(), "tf32").scale == 1.0
+    assert prepare_pair(x.half(), y.half(), "tf32").scale == prepare_pair(x.half().float(), y.half().float(),
+                                                                         "tf32").scale   # half points as fp32
     assert prepare_pair(x[:, :d - 1], y[:, :d - 1], "tf32").x.dtype == torch.float32   # low d
     with config.override(half_tf32_min_d=d - 1):                           # the smallest d is a switch
         assert prepare_pair(x[:, :d - 1], y[:, :d - 1], "tf32").x.dtype == torch.float16

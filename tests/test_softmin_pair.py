@@ -219,14 +219,16 @@ def test_batched_with_shared_inputs():
         assert rel_err(uf, sf[k]) < 1e-6 and rel_err(ug, sg[k]) < 1e-6
 
 
-@pytest.mark.parametrize("dtype,budget", [(torch.float16, 1e-2), (torch.bfloat16, 8e-2)])
+# Half points are prepared as float32 copies of their values: their soft-mins are as accurate as
+# float32 ones against the exact values of the rounded points (half operands once cost 1e-2 and 8e-2).
+@pytest.mark.parametrize("dtype,budget", [(torch.float16, 1e-5), (torch.bfloat16, 1e-5)])
 def test_half_inputs(dtype, budget):
     x, y, f, g, la, lb = make_case(64, 48, 8)
     ref_f, ref_g = dense_pair(x.to(dtype).double(), y.to(dtype).double(), f, g, la, lb, 0.5, 1.0)
     sf, sg = softmin_pair(x.to(DEVICE, dtype), y.to(DEVICE, dtype), f.to(DEVICE, torch.float32),
                           g.to(DEVICE, torch.float32), la.to(DEVICE, torch.float32),
                           lb.to(DEVICE, torch.float32), eps=0.5, backend="triton")
-    assert sf.dtype == dtype
+    assert sf.dtype == sg.dtype == torch.float32     # potentials of half points are float32
     assert rel_err(sf, ref_f) < budget and rel_err(sg, ref_g) < budget
 
 

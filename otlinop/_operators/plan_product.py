@@ -18,10 +18,11 @@ from solvers import config
 
 from .._checks import backend_name, finite, operand, points, positive_scalar, precision_name, vector
 from ..kernels._dispatch import check_backend
-from ..kernels.plan_apply import plan_apply
+from ..kernels.plan_apply import OVERFLOW_HINT, plan_apply, plan_apply_scaled
 from ..kernels.plan_bilinear import plan_bilinear
 
-__all__ = ["PlanMatmul", "plan_matmul", "transport_gradient", "transport_gradient_for", "validated_plan_data"]
+__all__ = ["PlanMatmul", "plan_matmul", "plan_values", "softmin_gradient", "transport_gradient",
+           "transport_gradient_for", "validated_plan_data"]
 
 
 # --------------------------------------------------------------------------
@@ -31,15 +32,16 @@ _UNDEFINED = "the plan would be undefined: check the solver of the potentials, o
 
 
 def validated_plan_data(owner: str, x, y, f, g, V, a, b, eps, cost_scale, backend, precision, *,
-                        batched: bool, finite_potentials: bool, hint: str | None = None) -> tuple:
+                        batched: bool, finite_potentials: bool, hint: str | None = None,
+                        values: bool = True) -> tuple:
     """Check the data of a plan for the public function ``owner``; return
     ``(eps, cost_scale, backend, precision)``.
 
     x (n, d), y (m, d), f and a (n,), g and b (m,), V (m,) or (m, k); with
-    ``batched`` a common leading batch dimension B on every tensor. Then the
-    values, read back in one synchronisation (none when
-    ``config.check_finite`` is off): finite data and weights ``>= 0``; the
-    potentials may hold -inf (a zero row or column) unless ``finite_potentials``.
+    ``batched`` a common leading batch dimension B on every tensor. Then, with
+    ``values``, the values (:func:`plan_values`); a caller that computes a
+    product passes ``values=False`` and calls :func:`plan_values` with its
+    result, so that one read-back checks both.
     """
     eps = positive_scalar(owner, "eps", eps)
     cost_scale = positive_scalar(owner, "cost_scale", cost_scale)
@@ -52,9 +54,19 @@ def validated_plan_data(owner: str, x, y, f, g, V, a, b, eps, cost_scale, backen
     vector(geo, "b", b, geo.m, what="one weight per point of y", optional=True)
     operand(geo, "V", V, geo.m, what=f"y has {geo.m} points", transpose=f"{owner}(y, x, g, f, V, a=b, b=a, ...)")
     check_backend(owner, backend, x)
-    finite(owner, {"x": x, "y": y, "f": f, "g": g, "V": V, "a": a, "b": b},
-           allow_neg_inf=() if finite_potentials else ("f", "g"), nonnegative=("a", "b"), hint=_UNDEFINED)
+    if values:
+        plan_values(owner, x, y, f, g, V, a, b, finite_potentials=finite_potentials)
     return eps, cost_scale, backend, precision
+
+
+def plan_values(owner: str, x, y, f, g, V, a, b, *, finite_potentials: bool, results: dict | None = None) -> None:
+    """The values of a plan's data, read back in one synchronisation (none when
+    ``config.check_finite`` is off): finite data and weights ``>= 0``; the
+    potentials may hold -inf (a zero row or column) unless ``finite_potentials``.
+    ``results``: what was computed from them, refused if it overflowed."""
+    finite(owner, {"x": x, "y": y, "f": f, "g": g, "V": V, "a": a, "b": b},
+           allow_neg_inf=() if finite_potentials else ("f", "g"), nonnegative=("a", "b"), hint=_UNDEFINED,
+           results=results, result_hint=OVERFLOW_HINT)
 
 
 # --------------------------------------------------------------------------
@@ -206,13 +218,16 @@ def plan_matmul(x, y, f, g, V=None, *, eps, a=None, b=None, cost_scale=1.0, back
     torch.Size([5])
     """
     opts = validated_plan_data("plan_matmul", x, y, f, g, V, a, b, eps, cost_scale, backend, precision,
-                               batched=True, finite_potentials=False)
-    return _checked_product(x, y, f, g, V, a, b, *opts)
+                               batched=True, finite_potentials=False, values=False)
+    out = _checked_product(x, y, f, g, V, a, b, *opts)
+    plan_values("plan_matmul", x, y, f, g, V, a, b, finite_potentials=False, results={"P @ V": out})
+    return out
 
 
 def _checked_product(x, y, f, g, V, a, b, eps, cost_scale, backend, precision):
-    """``P @ V`` on data that ``validated_plan_data`` checked: the kernels' own
-    value checks of the forward pass would read the same values back a second time."""
+    """``P @ V`` on data whose shapes ``validated_plan_data`` checked, and whose
+    values ``plan_values`` checks with the result: the kernels' own value checks
+    of the forward pass would read the same values back a second time."""
     with config.override(check_finite=False):
         return PlanMatmul.apply(x, y, f, g, V, a, b, eps, cost_scale, backend, precision)
 
@@ -251,7 +266,8 @@ def transport_gradient_for(owner: str, x, y, f, g, *, eps, a=None, b=None, cost_
     ``batched=False`` refuses batched clouds."""
     eps, cost_scale, backend, precision = validated_plan_data(owner, x, y, f, g, None, a, b, eps, cost_scale,
                                                               backend, precision, batched=batched,
-                                                              finite_potentials=False)
+                                                              finite_potentials=False, values=False)
+    data = (x, y, f, g, None, a, b)
     if wrt == "y":
         x, y, f, g, a, b = y, x, g, f, b, a
     z = (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True)) / 2
@@ -259,4 +275,38 @@ def transport_gradient_for(owner: str, x, y, f, g, *, eps, a=None, b=None, cost_
     d = x.shape[-1]
     V = torch.cat([yz, yz.new_ones(yz.shape[:-1] + (1,))], dim=-1)
     PV = _checked_product(x, y, f, g, V, a, b, eps, cost_scale, backend, precision)
-    return (2.0 * cost_scale) * (PV[..., d:] * xz - PV[..., :d])
+    out = (2.0 * cost_scale) * (PV[..., d:] * xz - PV[..., :d])
+    plan_values(owner, *data, finite_potentials=False, results={"the transport gradient": out})
+    return out
+
+
+def softmin_gradient(x, y, g, w, *, eps, b=None, cost_scale=1.0, backend=None, precision=None):
+    """``2c w_i (x_i - ybar_i)``: the gradient w.r.t. x of ``sum_i w_i smin_i(g)`` at fixed g.
+
+    ``smin_i(g) = -eps log sum_j b_j exp((g_j - C_ij) / eps)`` and ``ybar_i =
+    sum_j pi_ij y_j`` with ``pi_ij`` its soft-max weights, the rows of
+    ``P(f, g)`` normalised to 1. For data that the caller checked: x (B, n, d),
+    y (B, m, d), g and b (B, m), w (B, n) (the row masses); returns (B, n, d)
+    in the dtype of x.
+
+    With ``f`` the (damped) soft-min of ``g``, the plan ``P(f, g)`` is
+    ``Diag(w) pi`` for ``w = P 1``: this is ``transport_gradient(x, y, f, g)``
+    without ``f``. One pass of ``plan_apply_scaled`` on ``V = [y - z | 1]``
+    gives ``ybar`` as the ratio of two sums that share their row factor, so
+    that factor (``exp(f_i / eps + ...)``, whose exponent float32 only knows to
+    ``|f| / eps * 2^-24``) never enters: what GeomLoss differentiates, and
+    as accurate in float32 as the soft-min itself. A row without a finite
+    logit (every ``b_j = 0``) takes ``ybar_i = 0``.
+    """
+    z = (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True)) / 2
+    xz, yz = x - z, y - z
+    d = x.shape[-1]
+    V = torch.cat([yz, yz.new_ones(yz.shape[:-1] + (1,))], dim=-1)
+    log_b = None if b is None else torch.log(b)
+    with config.override(check_finite=False):
+        # f does not enter the ratio: zeros keep the row scales (unused) finite.
+        S, _ = plan_apply_scaled(x, y, g.new_zeros(x.shape[:-1]), g, V, eps=eps, log_b=log_b,
+                                 cost_scale=cost_scale, backend=backend, precision=precision)
+    mass = S[..., d:]
+    ybar = torch.where(mass > 0, S[..., :d] / mass, torch.zeros_like(S[..., :d]))
+    return ((2.0 * cost_scale) * w.unsqueeze(-1) * (xz - ybar.to(xz.dtype))).to(x.dtype)

@@ -7,7 +7,9 @@ One file per primitive; each computes on the squared Euclidean cost
   ``-eps LSE_j(h_j - C_ij / eps)``.
 - :func:`plan_apply` (``plan_apply.py``): ``P @ V`` for the entropic plan;
   ``P.T @ U`` is the same call with the roles of (x, f, log_a) and
-  (y, g, log_b) swapped.
+  (y, g, log_b) swapped. :func:`plan_apply_scaled`: the same product with
+  each row's factor kept in log scale (``P V = exp(L) S``), for products
+  beyond the dtype's range and for row-normalised sums.
 - :func:`plan_bilinear` (``plan_bilinear.py``): ``sum_j P_ij <W_i, V_j> Y_j``.
 - :func:`plan_truncate` (``plan_truncate.py``): the entries of P above a
   threshold, in a padded sparse layout; :func:`ell_matmat` /
@@ -38,7 +40,7 @@ What the kernel files share lives in private modules, one idea each:
 
 from ._dispatch import BACKENDS, DEFAULT_PRECISION, PRECISIONS
 from .ell import ell_bilinear, ell_matmat, ell_matmat_torch
-from .plan_apply import plan_apply, plan_apply_torch
+from .plan_apply import plan_apply, plan_apply_scaled, plan_apply_torch
 from .plan_bilinear import plan_bilinear, plan_bilinear_torch
 from .plan_truncate import plan_truncate, plan_truncate_torch
 from .softmin import lse_cost, lse_cost_torch, softmin, softmin_torch
@@ -54,6 +56,7 @@ __all__ = [
     "lse_cost",
     "lse_cost_torch",
     "plan_apply",
+    "plan_apply_scaled",
     "plan_apply_torch",
     "plan_bilinear",
     "plan_bilinear_torch",

@@ -35,7 +35,8 @@ __all__ = [
 #: d = ``config.half_tf32_min_d`` on) is faster but rounds the inputs of every
 #: dot: a relative error 2^-11 to 2^-10 on each product, which the logits then
 #: multiply by ``2c|x||y|/eps``.
-#: Half-precision operands ignore the setting.
+#: Half-precision points are promoted to float32 when the pair is prepared (exactly):
+#: the setting applies to them as to float32 points.
 DEFAULT_PRECISION = "tf32x3"
 
 #: Dtypes the Triton kernels accept for the points.

@@ -7,8 +7,10 @@ the kernel constants that follow from the dimension and the precision (the
 dot path, the chunking, the ``tl.dot`` precision). For "tf32x3" at small d
 the fp32 coordinates are split once into TF32 high and low parts
 (``SPLIT_MAX_K``); for "tf32" at large d they are stored as scaled fp16
-(``config.half_tf32``). :func:`prepare_pair` builds a pair once and reuses
-it while both clouds are alive and unchanged.
+(``config.half_tf32``). Half points (float16, bfloat16) are stored as
+float32, like float32 points: their costs are computed in fp32 from their
+exact values. :func:`prepare_pair` builds a pair once and reuses it while
+both clouds are alive and unchanged.
 """
 
 from __future__ import annotations
@@ -102,11 +104,11 @@ class PreparedPair:
     ``x`` (Bx, n, DP) and ``y`` (By, m, DP): the points minus the common
     centre, times ``scale`` (a power of two: 1 but for config.half_tf32),
     contiguous, each row padded with zeros to DP entries (see
-    :func:`feature_layout`), in the storage dtype; for a split pair the rows
+    :func:`feature_layout`), in fp32 (fp16 for config.half_tf32); for a split pair the rows
     hold ``[x_hi, x_lo, x_hi]`` and ``[y_hi, y_hi, y_lo]`` (see
     ``SPLIT_MAX_K``). ``xn`` (Bx, n) and ``yn`` (By, m): the squared norms of
-    the centred points in fp32 (of the rounded points for half inputs, so
-    that the expansion ``|x|^2 + |y|^2 - 2 x.y`` is that of the points the
+    the centred points in fp32 (of the rounded points for config.half_tf32,
+    so that the expansion ``|x|^2 + |y|^2 - 2 x.y`` is that of the points the
     dots see). A batch dim of 1 is shared by a batched call. The kernel
     constants: ``D`` features per row as the dot sees them, ``DOT`` (0 tensor
     cores, 1 FMAs) and ``PREC``, the tl.dot precision to use; ``k2()`` gives
@@ -183,7 +185,7 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, layout) -> PreparedPair:
         for side, t in enumerate((x3, y3)):
             # A cloud shared by a batch whose entries have different centres is
             # materialised per entry.
-            store = torch.float16 if half else t.dtype
+            store = torch.float16 if half else torch.float32
             batch = max(t.shape[0], z.shape[0])
             buf = torch.zeros((batch,) + tuple(t.shape[1:-1]) + (DP,), device=t.device, dtype=store)
             c = (centred[side] * scale if half else centred[side]).to(store)
@@ -219,8 +221,11 @@ def prepare_pair(x: torch.Tensor, y: torch.Tensor, precision: str) -> PreparedPa
     """
     import weakref
 
-    # x and y share d and dtype (checked by the launchers): one layout for both orders.
-    layout = _layout_of(x.shape[-1], x.dtype, precision)
+    # x and y share d and dtype (checked by the launchers): one layout for both orders. Half points
+    # are stored as float32 (exactly their values, centred in fp32): their costs and hence their
+    # potentials are those of the given points and of their float32 copies (at which the loss
+    # differentiates), and the precision applies to them as to float32 ones.
+    layout = _layout_of(x.shape[-1], torch.float32, precision)
     if x.is_inference() or y.is_inference():
         # Inference tensors carry no version counter: an in-place change could
         # not be detected, so they are prepared afresh at every call.

@@ -3,7 +3,8 @@
 Loading a row tile of the prepared points (:func:`row_setup`), the base-2
 logits ``u_j + 2 k2 x_i . y_j`` of a tile on tensor cores or FMAs
 (:func:`tile_logits`, :func:`mma`), a plan's per-row or per-column bias
-(:func:`plan_bias`), one step of the online log-sum-exp (:func:`online_step`)
+(:func:`plan_bias`), one step of the online log-sum-exp (:func:`online_step`),
+the final scaling of a plan product by its row factor (:func:`scale_rows`)
 and a store in the tile's own layout (:func:`store_in_place`). Everything
 runs in base 2 (``exp2``): ``LOG2E`` and ``LN2`` convert on the host,
 ``TL_LOG2E`` on the device.
@@ -14,8 +15,8 @@ from __future__ import annotations
 from ._dispatch import interpreting
 from ._triton import tl, triton
 
-__all__ = ["LN2", "LOG2E", "TL_LOG2E", "mma", "online_step", "plan_bias", "row_setup", "store_in_place",
-           "tile_logits"]
+__all__ = ["LN2", "LOG2E", "TL_LOG2E", "mma", "online_step", "plan_bias", "row_setup", "scale_rows",
+           "store_in_place", "tile_logits"]
 
 #: log2(e) and ln(2), for the host side of the base-2 exponentials.
 LOG2E = 1.4426950408889634
@@ -191,3 +192,23 @@ def online_step(M, t):
     alpha = tl.exp2(M - shift)
     p = tl.exp2(t - shift[:, None])
     return m_new, alpha, p
+
+
+@triton.jit
+def scale_rows(acc, lsc, TWO_D: tl.constexpr):
+    """``acc * exp2(lsc)`` per row (``acc`` (BLOCK_M,) or, with TWO_D, (BLOCK_M, BLOCK_K)).
+
+    ``lsc`` is the base-2 log of a plan row's largest entry and ``acc`` that
+    row's sum normalised by it, so ``|acc|`` lies between the largest term of
+    the operand and m times it. The factor is applied in two equal halves
+    ``exp2(lsc / 2)`` (``lsc / 2`` is exact): a result inside the fp32 range
+    never goes through an intermediate inf or 0, which ``exp2(lsc)`` alone
+    gives for ``|lsc| > 126`` however small or large ``acc`` is. A row
+    without a finite logit (``lsc = -inf``, ``acc = 0``) gives 0.
+    """
+    half = tl.exp2(0.5 * lsc)
+    if TWO_D:
+        out = (acc * half[:, None]) * half[:, None]
+    else:
+        out = (acc * half) * half
+    return out

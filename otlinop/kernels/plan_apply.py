@@ -8,9 +8,15 @@ without storing P (docs/math.md section 2): each program owns a tile of rows of 
 and streams the columns of y. With ``l_ij = log_b_j + (g_j - C_ij) / eps`` it
 keeps a running maximum ``M_i`` (rescaling the partial sums when it grows) and
 ``S_i = sum_j exp(l_ij - M_i) V_j``, where the probability tile times the V
-tile is a tensor-core dot; at the end ``(P V)_i = exp(log_a_i + f_i/eps + M_i) S_i``.
-Everything runs in base 2 (``exp2``), with the constants folded into per-row
-and per-column biases.
+tile is a tensor-core dot; at the end ``(P V)_i = exp(L_i) S_i`` with
+``L_i = log_a_i + f_i/eps + M_i``, the log of the row's largest entry of P.
+That factor is applied in two equal halves (``_tiles.scale_rows``): a product
+inside the output's range never overflows or underflows on the way, and one
+outside it is refused by the launcher (inf there, read back with the inputs).
+:func:`plan_apply_scaled` (the ``LOG_SCALE`` variant of the same kernel)
+returns ``(S, L)`` instead, for products beyond the range and for
+row-normalised sums, in which ``f`` cancels. Everything runs in base 2
+(``exp2``), with the constants folded into per-row and per-column biases.
 
 ``P.T @ U`` is the same call with the roles swapped:
 ``plan_apply(y, x, g, f, U, log_a=log_b, log_b=log_a)``.
@@ -29,12 +35,12 @@ from ._dispatch import resolve_backend, resolve_precision
 from ._grid import MAX_BATCH, SPLIT_ROW_TILE, batch_stride, column_splits, device_guard, sm_count, unit_last
 from ._layout import PreparedPair, prepare_pair
 from ._reference import as_batched, centred_points, compute_dtype, cost_block, row_blocks
-from ._tiles import LOG2E, mma, online_step, plan_bias, row_setup, tile_logits
+from ._tiles import LN2, LOG2E, mma, online_step, plan_bias, row_setup, scale_rows, tile_logits
 from ._triton import cdiv, tl, triton
 from ._tuning import (AUTOTUNE_DISK_CACHE, TunedLaunch, bucket, configs_or_interpreter, pick_block, pruner,
                       tile_config)
 
-__all__ = ["plan_apply", "plan_apply_torch"]
+__all__ = ["OVERFLOW_HINT", "plan_apply", "plan_apply_scaled", "plan_apply_torch"]
 
 _FN = "plan_apply"
 
@@ -96,12 +102,13 @@ def _fits(cfg, args):
 # would compile a new variant for every parity of n or m.
 @triton.jit(do_not_specialize=["n", "m", "k", "cols_per_split"])
 def _plan_apply_kernel(
-    X, Y, XN, YN, F, G, LOG_A, LOG_B, V, OUT,
+    X, Y, XN, YN, F, G, LOG_A, LOG_B, V, OUT, LSC,
     n, m, k, cols_per_split,
     stride_xb, stride_yb, stride_xnb, stride_ynb,
     stride_fb, stride_gb, stride_lab, stride_lbb,
     stride_vb, stride_vm, stride_vk,
     stride_os, stride_ob, stride_on, stride_ok,
+    stride_ls, stride_lb,
     k2,        # cost_scale * log2(e) / eps (runtime: eps changes never recompile)
     inv_eps2,  # log2(e) / eps
     N_BUCKET, M_BUCKET, K_PAD, SPLITS_KEY,  # autotuning keys only
@@ -111,6 +118,9 @@ def _plan_apply_kernel(
     # product and reduction: a tl.dot would pad k = 1 to 16); 2: a matrix
     # (tensor-core dot of the probability tile with the V tile).
     V_MODE: tl.constexpr,
+    # True: store the row sums unscaled in OUT and the base-2 log of each
+    # row's factor in LSC (plan_apply_scaled); False: store P V itself.
+    LOG_SCALE: tl.constexpr,
     # The prepared layout and the dot path (see softmin._lse_kernel).
     D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     DOT: tl.constexpr,
@@ -138,6 +148,7 @@ def _plan_apply_kernel(
     LOG_B += b * stride_lbb
     V += b * stride_vb
     OUT += b * stride_ob + pid_s * stride_os
+    LSC += b * stride_lb + pid_s * stride_ls
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     two_k2 = 2.0 * k2
@@ -171,18 +182,22 @@ def _plan_apply_kernel(
             # p is in [0, 1]: casting it to a half V is safe.
             acc = mma(p.to(vt.dtype), vt, acc * alpha[:, None], PREC)
 
-    # Row factor exp(log_a_i + f_i/eps + M_i - c|x_i|^2/eps), in base 2. A row
-    # with no finite logit has M = -inf and acc = 0, hence 0 (never NaN). With
-    # column splits each split stores its own scaled partial product; their
-    # plain sum is the result.
+    # Row factor exp(log_a_i + f_i/eps + M_i - c|x_i|^2/eps), in base 2: lsc
+    # is the log2 of the row's largest entry of P (-inf for a row with no
+    # finite logit, whose acc is 0: the product is 0, never NaN). With column
+    # splits each split stores its own partial (scaled, or with its own lsc);
+    # the launcher merges them.
     row_ok = rows < n
-    scale = tl.exp2(plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A) + M)
+    lsc = plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A) + M
+    if LOG_SCALE:
+        tl.store(LSC + rows, lsc, mask=row_ok)
+        out = acc
+    else:
+        out = scale_rows(acc, lsc, V_MODE == 2)
     if V_MODE == 2:
-        out = acc * scale[:, None]
         tl.store(OUT + rows[:, None] * stride_on + kk[None, :] * stride_ok,
                  out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (kk[None, :] < k))
     else:
-        out = acc * scale
         tl.store(OUT + rows * stride_on, out.to(OUT.dtype.element_ty), mask=row_ok)
 
 
@@ -194,6 +209,8 @@ _PLAN_LAUNCH = TunedLaunch(_plan_apply_kernel)
 
 
 def _validate(fn, x, y, f, g, V, log_a, log_b, eps, cost_scale):
+    """Shapes, dtypes, devices and scalars; the values are read back after the
+    product, with it (:func:`_check_values`): one synchronisation for both."""
     geo = points(fn, x, y, batch="broadcast", max_batch=MAX_BATCH)
     vector(geo, "f", f, geo.n, shared=True, wide=True)
     vector(geo, "g", g, geo.m, shared=True, wide=True)
@@ -202,12 +219,27 @@ def _validate(fn, x, y, f, g, V, log_a, log_b, eps, cost_scale):
     operand(geo, "V", V, geo.m, wide=True, transpose=f"{fn}(y, x, g, f, V, log_a=log_b, log_b=log_a, ...)")
     eps = positive_scalar(fn, "eps", eps)
     cost_scale = positive_scalar(fn, "cost_scale", cost_scale)
-    finite(fn, {"x": x, "y": y, "f": f, "g": g, "V": V, "log_a": log_a, "log_b": log_b},
-           allow_neg_inf=("f", "g", "log_a", "log_b"))
     return geo, eps, cost_scale
 
 
-def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precision, forced_splits=None):
+#: Why a plan product can overflow, and what to do, for the message that refuses one.
+OVERFLOW_HINT = (
+    "the plan's entries a_i b_j exp((f_i + g_j - C_ij) / eps), or their sums, exceed the dtype's range in some "
+    "rows. The potentials of this problem at this eps keep f_i + g_j - C_ij near or below 0; far above it, f and g "
+    "belong to another problem or another eps, or eps is too small for the dtype to resolve them (|f| / eps "
+    "above about 1e6 in float32: use float64 or a larger eps)")
+
+
+def _check_values(fn, x, y, f, g, V, log_a, log_b, results: dict) -> None:
+    """The inputs' values, then the results' (an overflow), in one read-back."""
+    finite(fn, {"x": x, "y": y, "f": f, "g": g, "V": V, "log_a": log_a, "log_b": log_b},
+           allow_neg_inf=("f", "g", "log_a", "log_b", "L"), results=results,
+           result_hint=OVERFLOW_HINT + "; plan_apply_scaled returns such a product as exp(L) * S")
+
+
+def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precision, forced_splits=None,
+                       log_scale=False):
+    """P @ V, or with ``log_scale`` the pair (S, L) of :func:`plan_apply_scaled` (S in fp32)."""
     vec_ndim = 2 if geo.batched else 1  # ndim of a V vector in this call
     if V is None:
         mode, k, out_shape = 0, 1, geo.shape(geo.n)
@@ -216,9 +248,12 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
     else:
         k = V.shape[-1]
         mode, out_shape = (1 if k == 1 else 2), geo.shape(geo.n, k)
-    out = torch.empty(out_shape, device=geo.device, dtype=geo.dtype)
+    # Unscaled row sums reach m max|V|: fp32 even for half points.
+    out = torch.empty(out_shape, device=geo.device, dtype=torch.float32 if log_scale else geo.dtype)
+    lsc = torch.full(geo.shape(geo.n), float("-inf"), device=geo.device, dtype=torch.float32) if log_scale else None
     if out.numel() == 0 or geo.m == 0:
-        return out.zero_()
+        out.zero_()
+        return (out, lsc) if log_scale else out
     pair = prepare_pair(x, y, precision)
     f, g = unit_last(f), unit_last(g)
     log_a, log_b = unit_last(log_a), unit_last(log_b)
@@ -226,9 +261,17 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
     k_chunks = cdiv(k, block_k)
     row_programs = cdiv(geo.n, SPLIT_ROW_TILE) * geo.B * k_chunks
     splits, cols = column_splits(row_programs, geo.m, sm_count(geo.device), forced=forced_splits)
-    # Partial products of the splits are summed in fp32 after the launch.
+    # Partial products of the splits are merged in fp32 after the launch.
     target = out if splits == 1 else torch.empty((splits,) + out_shape, device=geo.device, dtype=torch.float32)
     t_out = target if splits == 1 else target[0]
+    # The row scales (log_scale): one (B, n) slice per split.
+    l_target = None
+    if log_scale:
+        l_target = lsc.view((1,) + tuple(lsc.shape)) if splits == 1 else \
+            torch.empty((splits,) + tuple(lsc.shape), device=geo.device, dtype=torch.float32)
+        l_strides = (l_target.stride(0) if splits > 1 else 0, l_target.stride(1) if geo.batched else 0)
+    else:
+        l_strides = (0, 0)
 
     # Strides of V and OUT as (batch, row, column) whatever the mode.
     if V is None:
@@ -255,22 +298,31 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
             key, grid,
             pair.x, pair.y, pair.xn, pair.yn, f, g,
             log_a if log_a is not None else f, log_b if log_b is not None else g,
-            V_arg, target,
+            V_arg, target, l_target if log_scale else target,
             geo.n, geo.m, k, cols,
             P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn),
             batch_stride(f, 1), batch_stride(g, 1),
             batch_stride(log_a, 1) if log_a is not None else 0,
             batch_stride(log_b, 1) if log_b is not None else 0,
-            *v_strides, s_stride, *o_strides,
+            *v_strides, s_stride, *o_strides, *l_strides,
             pair.k2(cost_scale, eps), LOG2E / eps,
             n_b, m_b, k_b, min(splits, 2),
-            HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None, V_MODE=mode,
+            HAS_LOG_A=log_a is not None, HAS_LOG_B=log_b is not None, V_MODE=mode, LOG_SCALE=log_scale,
             D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS,
             DOT=pair.DOT, CPREC=pair.PREC, BLOCK_K=block_k, PREC=precision,
         )
+    if not log_scale:
+        if splits > 1:
+            out.copy_(target.sum(0))
+        return out
     if splits > 1:
-        out.copy_(target.sum(0))
-    return out
+        # Each split's sums carry their own shift: bring them to the largest one.
+        top = l_target.amax(0)
+        shift = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+        w = torch.exp2(l_target - shift)
+        out.copy_((target * (w if mode < 2 else w.unsqueeze(-1))).sum(0))
+        lsc.copy_(top)
+    return out, lsc.mul_(LN2)
 
 
 def plan_apply(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_scale=1.0,
@@ -326,7 +378,10 @@ def plan_apply(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_scale=1.
     ------
     ValueError
         Inconsistent shapes or devices, invalid eps, cost_scale, backend or
-        precision, non-finite inputs (f, g, log_a, log_b may hold -inf).
+        precision, non-finite inputs (f, g, log_a, log_b may hold -inf); a
+        product that overflows the output dtype (inputs and result are read
+        back together, one synchronisation, when ``config.check_finite`` is
+        on; :func:`plan_apply_scaled` gives such a product in log scale).
     TypeError
         Non-tensor inputs or inconsistent dtypes.
 
@@ -334,6 +389,11 @@ def plan_apply(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_scale=1.
     -----
     .. math:: (PV)_i = \sum_j \exp\big(\log a_i + \log b_j
               + (f_i + g_j - c\|x_i - y_j\|^2)/\varepsilon\big) V_j
+
+    Each row is summed relative to its largest entry of P (the running max
+    of the online log-sum-exp), and that entry's factor is applied at the
+    end in two halves: any result inside the output's range is returned
+    without an intermediate overflow or underflow.
 
     ``P.T @ U = plan_apply(y, x, g, f, U, log_a=log_b, log_b=log_a)``. Time
     O(n m (d + k)), memory O((n + m)(d + k)).
@@ -350,8 +410,83 @@ def plan_apply(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_scale=1.
     geo, eps, cost_scale = _validate(_FN, x, y, f, g, V, log_a, log_b, eps, cost_scale)
     precision = resolve_precision(_FN, precision)
     if resolve_backend(_FN, backend, x) == "torch":
-        return _plan_apply_torch(x, y, f, g, V, log_a, log_b, eps, cost_scale)
-    return _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precision, _splits)
+        out = _plan_apply_torch(x, y, f, g, V, log_a, log_b, eps, cost_scale)
+    else:
+        out = _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precision, _splits)
+    _check_values(_FN, x, y, f, g, V, log_a, log_b, {"P @ V": out})
+    return out
+
+
+def plan_apply_scaled(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_scale=1.0,
+                      backend=None, precision=None, _splits=None):
+    r"""``P @ V`` as a row scale and a normalised sum: ``P V = exp(L)[:, None] * S``.
+
+    The same pass as :func:`plan_apply`, which stores the product itself;
+    here the factor of each row stays in log scale. ``L_i`` is the log of the
+    row's largest entry of P and ``S_i`` the row's sum relative to it, so
+    ``S`` never overflows (for ``V = 1``, ``1 <= S_i <= m``) whatever the
+    size of the entries, and the ratio of two columns of ``S`` is a sum
+    normalised by the row's mass in which the potential ``f`` cancels
+    exactly: ``S_i[:k] / S_i[k]`` for ``V = [W | 1]`` is
+    ``sum_j pi_ij W_j`` with ``pi_ij = P_ij / (P 1)_i`` (what a soft-min
+    differentiates, and what GeomLoss' gradients are made of).
+
+    Parameters
+    ----------
+    x, y, f, g, V, eps, log_a, log_b, cost_scale, backend, precision
+        As in :func:`plan_apply`.
+
+    Returns
+    -------
+    S : Tensor, shape of ``plan_apply``'s result
+        float32 for float32 and half points (float64 for float64 ones):
+        unscaled sums reach ``m max|V|``. A row with no nonzero weight gives 0.
+    L : Tensor, shape (n,) or (B, n)
+        Same dtype as S; ``-inf`` for a row with no nonzero weight.
+
+    Other Parameters
+    ----------------
+    _splits
+        As in :func:`plan_apply`.
+
+    Raises
+    ------
+    ValueError, TypeError
+        As :func:`plan_apply`; ``L`` is +inf (raised as an overflow) only
+        where ``f / eps`` itself exceeds the dtype's range.
+
+    Notes
+    -----
+    .. math:: L_i = \log a_i + f_i / \varepsilon + \max_j l_{ij},\quad
+              S_i = \sum_j e^{l_{ij} - \max_k l_{ik}} V_j,\quad
+              l_{ij} = \log b_j + (g_j - c\|x_i - y_j\|^2)/\varepsilon
+
+    ``log (P 1)_i = L_i + log S_i`` for ``V = None`` (a marginal in log
+    scale). Same cost as :func:`plan_apply`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from otlinop.kernels import plan_apply, plan_apply_scaled
+    >>> x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    >>> f, g = torch.full((5,), 100.0, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    >>> S, L = plan_apply_scaled(x, y, f, g, eps=1e-2)      # P 1 = exp(1e4 + ...): no float holds it
+    >>> bool(torch.isfinite(S).all() and torch.isfinite(L).all())
+    True
+    >>> S, L = plan_apply_scaled(x, y, f - 100.0, g, eps=1.0)
+    >>> torch.allclose(torch.exp(L) * S, plan_apply(x, y, f - 100.0, g, eps=1.0))
+    True
+    """
+    fn = "plan_apply_scaled"
+    geo, eps, cost_scale = _validate(fn, x, y, f, g, V, log_a, log_b, eps, cost_scale)
+    precision = resolve_precision(fn, precision)
+    if resolve_backend(fn, backend, x) == "torch":
+        S, L = _plan_apply_torch(x, y, f, g, V, log_a, log_b, eps, cost_scale, log_scale=True)
+    else:
+        S, L = _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precision, _splits,
+                                  log_scale=True)
+    _check_values(fn, x, y, f, g, V, log_a, log_b, {"S": S, "L": L})
+    return S, L
 
 
 # --------------------------------------------------------------------------
@@ -359,7 +494,8 @@ def plan_apply(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_scale=1.
 # --------------------------------------------------------------------------
 
 
-def _plan_apply_torch(x, y, f, g, V, log_a, log_b, eps, cost_scale):
+def _plan_apply_torch(x, y, f, g, V, log_a, log_b, eps, cost_scale, log_scale=False):
+    """P @ V (dtype of x), or with ``log_scale`` the pair (S, L) of :func:`plan_apply_scaled`."""
     dtype = compute_dtype(x.dtype)
     batched = x.ndim == 3 or y.ndim == 3
     xc, yc, xn, yn = centred_points(x, y, dtype)
@@ -378,18 +514,23 @@ def _plan_apply_torch(x, y, f, g, V, log_a, log_b, eps, cost_scale):
     n, m = xc.shape[1], yc.shape[1]
     k = 1 if vector else V.shape[-1]
     out = torch.zeros((B, n, k), device=x.device, dtype=dtype)
-    if m == 0:
-        return _finish(out, batched, vector, x.dtype)
-    for rows in row_blocks(n, m, B, out.element_size(), temporaries=2):
+    lsc = torch.full((B, n), float("-inf"), device=x.device, dtype=dtype)
+    for rows in (row_blocks(n, m, B, out.element_size(), temporaries=2) if m else ()):
         # l_ij = log_b_j + (g_j - C_ij) / eps, built in place in the cost block.
         logits = cost_block(xc, yc, xn, yn, rows, cost_scale).div_(-eps).add_(col[:, None, :])
         M = logits.amax(dim=-1, keepdim=True)
-        # A row without a finite logit shifts by 0: exp(-inf) = 0, no NaN.
-        M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
+        # A row without a finite logit shifts by 0: exp(-inf) = 0, no NaN; its scale is -inf.
+        has = torch.isfinite(M)
+        M = torch.where(has, M, torch.zeros_like(M))
         p = logits.sub_(M).exp_()
-        S = p.sum(-1, keepdim=True) if V is None else torch.matmul(p, V3)
-        out[:, rows] = torch.exp(row[:, rows, None] + M) * S
-    return _finish(out, batched, vector, x.dtype)
+        out[:, rows] = p.sum(-1, keepdim=True) if V is None else torch.matmul(p, V3)
+        lsc[:, rows] = torch.where(has[..., 0], row[:, rows] + M[..., 0], float("-inf"))
+    if log_scale:
+        S = out[..., 0] if vector else out
+        return (S, lsc) if batched else (S[0], lsc[0])
+    # The row factor in two halves, as the kernel (_tiles.scale_rows): no intermediate inf or 0.
+    half = torch.exp(0.5 * lsc)[..., None]
+    return _finish(out.mul_(half).mul_(half), batched, vector, x.dtype)
 
 
 def _finish(out, batched, vector, dtype):
@@ -417,4 +558,6 @@ def plan_apply_torch(x, y, f, g, V=None, *, eps, log_a=None, log_b=None, cost_sc
     torch.Size([5])
     """
     _, eps, cost_scale = _validate("plan_apply_torch", x, y, f, g, V, log_a, log_b, eps, cost_scale)
-    return _plan_apply_torch(x, y, f, g, V, log_a, log_b, eps, cost_scale)
+    out = _plan_apply_torch(x, y, f, g, V, log_a, log_b, eps, cost_scale)
+    _check_values("plan_apply_torch", x, y, f, g, V, log_a, log_b, {"P @ V": out})
+    return out

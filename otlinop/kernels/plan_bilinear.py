@@ -28,7 +28,8 @@ from ._dispatch import resolve_backend, resolve_precision
 from ._grid import MAX_BATCH, batch_stride, device_guard, unit_last
 from ._layout import PreparedPair, prepare_pair
 from ._reference import as_batched, centred_points, compute_dtype, cost_block, row_blocks
-from ._tiles import LOG2E, mma, online_step, plan_bias, row_setup, tile_logits
+from .plan_apply import OVERFLOW_HINT
+from ._tiles import LOG2E, mma, online_step, plan_bias, row_setup, scale_rows, tile_logits
 from ._triton import cdiv, tl, triton
 from ._tuning import (AUTOTUNE_DISK_CACHE, TunedLaunch, bucket, configs_or_interpreter, pick_block, pruner,
                       tile_config)
@@ -155,7 +156,8 @@ def _plan_bilinear_kernel(
                      mask=col_ok[:, None] & (ee[None, :] < e), other=0.0).to(tl.float32)
         acc = mma(p * s, zt, acc * alpha[:, None], PREC)
 
-    out = acc * tl.exp2(plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A) + M)[:, None]
+    # The row factor (log2 of the row's largest entry of P) in two halves: no intermediate inf or 0.
+    out = scale_rows(acc, plan_bias(F, LOG_A, XN, rows, row_ok, inv_eps2, k2, HAS_LOG_A) + M, True)
     tl.store(OUT + rows[:, None] * stride_on + ee[None, :] * stride_oe,
              out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (ee[None, :] < e))
 
@@ -178,9 +180,13 @@ def _validate(fn, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale):
     matrix(geo, "Y", Y, geo.m, cols_name="e", shared=True, wide=True)
     eps = positive_scalar(fn, "eps", eps)
     cost_scale = positive_scalar(fn, "cost_scale", cost_scale)
-    finite(fn, {"x": x, "y": y, "f": f, "g": g, "W": W, "V": V, "Y": Y, "log_a": log_a, "log_b": log_b},
-           allow_neg_inf=("f", "g", "log_a", "log_b"))
     return geo, eps, cost_scale
+
+
+def _check_values(fn, x, y, f, g, W, V, Y, log_a, log_b, out) -> None:
+    """The inputs' values, then the result's (an overflow), in one read-back."""
+    finite(fn, {"x": x, "y": y, "f": f, "g": g, "W": W, "V": V, "Y": Y, "log_a": log_a, "log_b": log_b},
+           allow_neg_inf=("f", "g", "log_a", "log_b"), results={"the product": out}, result_hint=OVERFLOW_HINT)
 
 
 def _plan_bilinear_triton(geo, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale, precision):
@@ -273,7 +279,9 @@ def plan_bilinear(x, y, f, g, W, V, Y, *, eps, log_a=None, log_b=None, cost_scal
     ------
     ValueError
         Inconsistent shapes (W and V must share k) or devices, invalid eps,
-        cost_scale, backend or precision, non-finite inputs.
+        cost_scale, backend or precision, non-finite inputs; a product that
+        overflows the output dtype (read back with the inputs, as in
+        :func:`otlinop.kernels.plan_apply`).
     TypeError
         Non-tensor inputs or inconsistent dtypes.
 
@@ -299,8 +307,11 @@ def plan_bilinear(x, y, f, g, W, V, Y, *, eps, log_a=None, log_b=None, cost_scal
     geo, eps, cost_scale = _validate(_FN, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale)
     precision = resolve_precision(_FN, precision)
     if resolve_backend(_FN, backend, x) == "torch":
-        return _plan_bilinear_torch(x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale)
-    return _plan_bilinear_triton(geo, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale, precision)
+        out = _plan_bilinear_torch(x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale)
+    else:
+        out = _plan_bilinear_triton(geo, x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale, precision)
+    _check_values(_FN, x, y, f, g, W, V, Y, log_a, log_b, out)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -329,7 +340,9 @@ def _plan_bilinear_torch(x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale):
         M = logits.amax(dim=-1, keepdim=True)
         M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
         q = logits.sub_(M).exp_().mul_(torch.matmul(W3[:, rows], V3.transpose(-1, -2)))
-        out[:, rows] = torch.exp(row[:, rows, None] + M) * torch.matmul(q, Y3)
+        # The row factor in two halves, as the kernel (_tiles.scale_rows): no intermediate inf or 0.
+        half = torch.exp(0.5 * (row[:, rows, None] + M))
+        out[:, rows] = torch.matmul(q, Y3).mul_(half).mul_(half)
     out = out if batched else out[0]
     return out.to(x.dtype)
 
@@ -351,4 +364,6 @@ def plan_bilinear_torch(x, y, f, g, W, V, Y, *, eps, log_a=None, log_b=None, cos
     torch.Size([5, 2])
     """
     _, eps, cost_scale = _validate("plan_bilinear_torch", x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale)
-    return _plan_bilinear_torch(x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale)
+    out = _plan_bilinear_torch(x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale)
+    _check_values("plan_bilinear_torch", x, y, f, g, W, V, Y, log_a, log_b, out)
+    return out

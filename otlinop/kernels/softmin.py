@@ -202,7 +202,8 @@ def _validate(fn, x, y, h, eps, cost_scale):
 
 
 def _lse_triton(geo, x, y, h, eps, cost_scale, precision, out_scale, forced_splits=None):
-    out = torch.empty(geo.shape(geo.n), device=geo.device, dtype=geo.dtype)
+    # Potentials of half points are float32: costs pass 65504 for points about 256 apart.
+    out = torch.empty(geo.shape(geo.n), device=geo.device, dtype=compute_dtype(geo.dtype))
     if geo.n == 0 or geo.m == 0:
         return out.fill_(float("-inf") * (1.0 if out_scale > 0 else -1.0))
     pair = prepare_pair(x, y, precision)
@@ -269,9 +270,11 @@ def lse_cost(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None, _spl
 
     Returns
     -------
-    Tensor, shape (n,) or (B, n), dtype of ``x``
+    Tensor, shape (n,) or (B, n), dtype of ``x`` (float32 for float16 / bfloat16 ``x``)
         Computed in fp32 by the Triton kernels (float64 by the reference for
-        float64 inputs). A row whose terms are all ``-inf`` gives ``-inf``.
+        float64 inputs); half points give float32 values, which the squared
+        distances of a cloud of radius above a few hundred would overflow in
+        half precision. A row whose terms are all ``-inf`` gives ``-inf``.
 
     Other Parameters
     ----------------
@@ -323,7 +326,7 @@ def softmin(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None, _spli
 
     Returns
     -------
-    Tensor, shape (n,) or (B, n), dtype of ``x``
+    Tensor, shape (n,) or (B, n), dtype of ``x`` (float32 for float16 / bfloat16 ``x``)
         ``+inf`` on a row whose terms are all ``-inf``.
 
     Other Parameters
@@ -365,7 +368,8 @@ def softmin(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None, _spli
 
 
 def lse_torch(x, y, h, eps, cost_scale):
-    """:func:`lse_cost_torch` without the checks: (n,) or (B, n), dtype of ``x`` (softmin_pair's reference too)."""
+    """:func:`lse_cost_torch` without the checks: (n,) or (B, n) in ``compute_dtype(x.dtype)``
+    (softmin_pair's reference too)."""
     dtype = compute_dtype(x.dtype)
     xc, yc, xn, yn = centred_points(x, y, dtype)
     h3 = as_batched(h, 1).to(dtype)
@@ -380,14 +384,14 @@ def lse_torch(x, y, h, eps, cost_scale):
         out[:, rows] = torch.logsumexp(logits, dim=-1)
     if not (x.ndim == 3 or y.ndim == 3):
         out = out[0]
-    return out.to(x.dtype)
+    return out
 
 
 def lse_cost_torch(x, y, h, *, eps, cost_scale=1.0):
     """Torch reference of :func:`lse_cost` (same arguments but backend/precision).
 
-    Works on any device in float64, float32 (and half inputs, computed in
-    float32). Processes row blocks whose (B, rows, m) temporaries stay under
+    Works on any device in float64, float32 (and half inputs, computed and
+    returned in float32). Processes row blocks whose (B, rows, m) temporaries stay under
     ``config.torch_block_bytes``; never allocates n x m at once for large inputs.
 
     Examples

@@ -51,6 +51,7 @@ from .._checks import Geometry, finite, points, positive_scalar, vector
 from ._dispatch import interpreting, resolve_backend, resolve_precision
 from ._grid import MAX_BATCH, PROGRAMS_PER_SM, batch_stride, device_guard, sm_count, split_plan, unit_last
 from ._layout import PreparedPair, prepare_pair
+from ._reference import compute_dtype
 from ._tiles import LN2, LOG2E, mma, online_step, plan_bias, row_setup, store_in_place, tile_logits
 from ._triton import cdiv, tl, triton
 from ._tuning import AUTOTUNE_DISK_CACHE, TunedLaunch, bucket, pruner
@@ -438,7 +439,8 @@ def _validate(fn, x, y, f, g, log_a, log_b, eps, cost_scale):
 
 
 def _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision, forced_ranges=None, fixup=True):
-    out = torch.empty(geo.shape(geo.n + geo.m), device=geo.device, dtype=geo.dtype)
+    # float32 potentials for half points, as softmin.
+    out = torch.empty(geo.shape(geo.n + geo.m), device=geo.device, dtype=compute_dtype(geo.dtype))
     if geo.n == 0 or geo.m == 0:
         return out.fill_(float("inf"))
     pair = prepare_pair(x, y, precision)
@@ -508,7 +510,7 @@ def _launch(geo, pair, f, g, la, lb, has_log_a, has_log_b, eps, cost_scale, out,
 
 
 def _self_triton(geo, x, f, log_a, eps, cost_scale, precision, forced_ranges=None, fixup=True):
-    out = torch.empty(geo.shape(geo.n), device=geo.device, dtype=geo.dtype)
+    out = torch.empty(geo.shape(geo.n), device=geo.device, dtype=compute_dtype(geo.dtype))
     if geo.n == 0:
         return out
     pair = prepare_pair(x, x, precision)
@@ -555,7 +557,7 @@ def softmin_pair(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.0, bac
 
     Returns
     -------
-    (sf, sg) : Tensors, shapes (n,) and (m,) (or (B, n), (B, m)), dtype of ``x``
+    (sf, sg) : Tensors, shapes (n,) and (m,) (or (B, n), (B, m)), dtype of ``x`` (float32 for half ``x``)
         ``sf = softmin(x, y, log_b + g / eps)`` and ``sg = softmin(y, x, log_a
         + f / eps)``. Both are views of one (…, n + m) buffer ``[sf | sg]``.
         ``+inf`` where every term is ``-inf``.
@@ -655,7 +657,7 @@ def softmin_self(x, f, log_a=None, *, eps, cost_scale=1.0, backend=None, precisi
 
     Returns
     -------
-    Tensor, shape (n,) or (B, n), dtype of ``x``
+    Tensor, shape (n,) or (B, n), dtype of ``x`` (float32 for half ``x``)
         ``-eps LSE_j(log a_j + f_j / eps - C_ij / eps)``; ``+inf`` where every
         term is ``-inf``.
 
@@ -703,6 +705,8 @@ def softmin_self_unchecked(x, f, log_a, *, eps: float, cost_scale: float, backen
 
 
 def _pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale):
+    # In the compute dtype: g / eps of half potentials would overflow.
+    f, g, log_a, log_b = _promoted(x, f, g, log_a, log_b)
     hb = g / eps if log_b is None else log_b + g / eps
     ha = f / eps if log_a is None else log_a + f / eps
     sf = -eps * lse_torch(x, y, hb, eps, cost_scale)
@@ -722,6 +726,13 @@ def softmin_pair_torch(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.
     return out[..., :geo.n], out[..., geo.n:]
 
 
+def _promoted(x, *ts):
+    """``ts`` in ``compute_dtype(x.dtype)`` (None passes)."""
+    dtype = compute_dtype(x.dtype)
+    return [None if t is None else t.to(dtype) for t in ts]
+
+
 def _self_torch(x, f, log_a, eps, cost_scale):
+    f, log_a = _promoted(x, f, log_a)
     h = f / eps if log_a is None else log_a + f / eps
     return -eps * lse_torch(x, x, h, eps, cost_scale)
