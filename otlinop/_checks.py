@@ -49,7 +49,7 @@ __all__ = [
     "positive_scalar", "nonnegative_scalar", "fraction", "positive_int", "nonnegative_int", "flag",
     "function", "solver_function", "preconditioner", "reach_or_none",
     "backend_name", "precision_name", "triton_ready",
-    "Geometry", "points", "vector", "weights", "potential", "matrix", "directions", "operand", "finite",
+    "Geometry", "points", "vector", "weights", "potential", "matrix", "directions", "operand", "finite", "choice",
     "COMPLEX_DTYPES", "OPERATOR_DTYPES", "operator_dtype", "real_operator_dtype", "operator_tensor",
     "operator_operand_shape",
     "operator_operand", "operator_shape", "operator_scalar", "operator_output", "same_space", "composable",
@@ -195,6 +195,14 @@ def function(owner: str, name: str, value, expected: str):
     """A callable argument; ``expected`` says which ("a solver function such as solvers.cg")."""
     if not callable(value):
         raise TypeError(f"{owner}: {name} must be {expected}, got {_describe(value)}")
+    return value
+
+
+def choice(owner: str, name: str, value, options: tuple, what: str = "") -> str:
+    """One of the strings ``options`` (``what`` says what each means, for the message)."""
+    if not (isinstance(value, str) and value in options):
+        listed = ", ".join(repr(o) for o in options)
+        raise ValueError(f"{owner}: {name} must be one of {listed}, got {value!r}" + (f" ({what})" if what else ""))
     return value
 
 

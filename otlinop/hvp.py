@@ -38,12 +38,19 @@ from .hessian import DualHessianOperator, hessian_options
 from .plan import plan_operator_for
 
 __all__ = ["hvp", "hvp_x", "hvp_y", "hvp_self", "grad_x", "grad_y", "loss_hessian_operator",
-           "LossHessianOperator"]
+           "LossHessianOperator", "inner_rtol"]
 
 # Inner-solve tolerances that the float64 tests and the float32 benchmark need
 # (the CG residual, relative to the right-hand side, of the Schur system).
 _DEFAULT_RTOL = {torch.float64: 1e-11}
 _DEFAULT_RTOL_LOW = 1e-5
+
+
+def inner_rtol(dtype: torch.dtype) -> float:
+    """The default relative tolerance of the inner (Schur) solve of an HVP in
+    ``dtype``: 1e-11 in float64, 1e-5 otherwise. The loss's converging solves
+    (``otlinop.loss``, ``converge``) use it too."""
+    return _DEFAULT_RTOL.get(dtype, _DEFAULT_RTOL_LOW)
 
 
 #: Columns per direction that the moments of the ``Q y`` term (below) may add to
@@ -182,7 +189,7 @@ def _hvp(K, x, y, A, B, *, cost_scale, solve, sides):
 def _solve_options(owner, dtype, solver, M, rtol, atol, maxiter):
     solver_function(owner, "solver", solver)
     preconditioner(owner, "M", M)
-    rtol = _DEFAULT_RTOL.get(dtype, _DEFAULT_RTOL_LOW) if rtol is None else nonnegative_scalar(owner, "rtol", rtol)
+    rtol = inner_rtol(dtype) if rtol is None else nonnegative_scalar(owner, "rtol", rtol)
     atol = nonnegative_scalar(owner, "atol", atol)
     maxiter = None if maxiter is None else positive_int(owner, "maxiter", maxiter)
     return dict(solver=solver, M=M, rtol=rtol, atol=atol, maxiter=maxiter)

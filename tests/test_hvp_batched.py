@@ -21,6 +21,7 @@ import scipy.sparse.linalg as sla  # noqa: E402
 
 import _hessian_reference as ref  # noqa: E402
 from otlinop.hvp import hvp, hvp_self, hvp_x, hvp_y, loss_hessian_operator  # noqa: E402
+from otlinop.plan import PlanOperator  # noqa: E402
 from solvers import cg, jacobi, minres  # noqa: E402
 
 F64 = torch.float64
@@ -115,6 +116,21 @@ def test_batched_with_minres_and_a_preconditioner():
     assert info.converged, info.status
     exact = _flat_cols(*hvp(p.x, p.y, p.f, p.g, A, B, **kw)[:2])
     assert ref.rel(_flat_cols(Hx, Hy), exact) < 1e-9
+
+
+def test_batched_on_a_truncated_plan():
+    """``truncate=``: the sparse plan's products and bilinear passes with k columns."""
+    p = ref.problem(n=80, m=60, d=32, eps=0.25)
+    assert type(PlanOperator(p.x, p.y, p.f, p.g, eps=p.eps, a=p.a, b=p.b).truncated(1e-8)).__name__ == \
+        "TruncatedPlanOperator"
+    A, B = _blocks(p, k=3)
+    kw = dict(p.kwargs(), truncate=1e-8, M=jacobi())
+    Hx, Hy, info = hvp(p.x, p.y, p.f, p.g, A, B, **kw)
+    assert info.converged
+    single = _stack([hvp(p.x, p.y, p.f, p.g, A[..., j], B[..., j], **kw) for j in range(3)])
+    assert ref.rel(_flat_cols(Hx, Hy), _flat_cols(*single)) < 1e-10
+    exact = _flat_cols(*hvp(p.x, p.y, p.f, p.g, A, B, **p.kwargs())[:2])
+    assert ref.rel(_flat_cols(Hx, Hy), exact) < 1e-6
 
 
 @pytest.mark.parametrize("wrt", ["x", "y", "xy"])
