@@ -28,7 +28,12 @@ the final potentials ``(f, g)``,
     H_y = hvp(x, y, f, g, A, B).Hy - hvp_self(y, g_bb, B),
 
 one Schur-complement solve each (``hvp_solver``, ``hvp_preconditioner``,
-``hvp_rtol``, ``hvp_maxiter``). They are exact at converged potentials.
+``hvp_rtol``, ``hvp_maxiter``). They are exact at converged potentials, which
+GeomLoss' schedule does not reach: by default (``converge="create_graph"``)
+a backward that records a graph first iterates the potentials to convergence
+at the final eps and returns the gradient there, so that the double backward
+is its derivative (docs/second-order.md; ``refine`` in
+``otlinop._loss_derivatives``).
 Derivatives that are not implemented (second ones involving the weights,
 third ones) raise NotImplementedError when autograd needs them, and only
 then: ``_NotImplementedDerivative`` nodes carry those dependencies.
