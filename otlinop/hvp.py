@@ -18,7 +18,10 @@ This is docs/math.md section 6's ``H = E + R^T K^+ R / eps`` over the joint vari
 for balanced and unbalanced problems alike (only ``kx``, ``ky`` in ``K``
 change). Every sum over ``j`` is a streaming plan pass: ``P @ [y | B | <y, B>]``
 and ``P.T @ [x | A | <x, A>]`` before the solve, ``P @ [dg' | y dg']`` and one
-``P.bilinear`` after it (and the same on ``P.T`` for the y part).
+``P.bilinear`` after it (and the same on ``P.T`` for the y part); for small d
+the bilinear pass becomes d^2 more columns of the first one (``_Side``).
+k directions at once (A of shape (n, d, k)) are one solve with k right-hand
+sides and the same passes with k times the columns.
 
 The potentials must be converged (``P 1`` and ``P.T 1`` satisfy the optimality
 conditions); the functions take them as given.
@@ -57,8 +60,10 @@ def inner_rtol(dtype: torch.dtype) -> float:
 #: a plan pass instead of one bilinear pass per direction. A streaming pass takes
 #: up to 64 columns at the price of one (``kernels.plan_apply`` recomputes the
 #: plan once per chunk of 64), and on a truncated plan a column costs O(nnz), as
-#: a bilinear pass does per direction.
+#: a bilinear pass does per direction. ``_MOMENT_COLUMNS_MAX`` bounds them in all
+#: (an (m, 8192) operand: 330 MB at m = 10k in float32).
 _MOMENT_COLUMNS = 64
+_MOMENT_COLUMNS_MAX = 8192
 
 
 def _products(P, blocks):
@@ -82,7 +87,8 @@ class _Side:
     The term ``sum_j P_ij (<A_i, y_j> + <x_i, B_j>) y_j`` of it is either k
     bilinear passes or, for small d, the moments ``sum_j P_ij y_j y_j^T`` (d^2
     columns) and ``sum_j P_ij y_j B_j^T`` (d^2 k) contracted with A and x: extra
-    columns of the first pass, chosen when they fit in ``_MOMENT_COLUMNS`` per direction.
+    columns of the first pass, chosen when they fit in ``_MOMENT_COLUMNS`` per
+    direction (and ``_MOMENT_COLUMNS_MAX`` in all).
     """
 
     def __init__(self, P, x, y, A, B, *, c2, wanted):
@@ -94,7 +100,7 @@ class _Side:
         self.w = None if B is None else torch.einsum("md,mdk->mk", y, B)
         self.ah = P.row_sums()
         moment_columns = d * d * ((A is not None) + (B is not None) * k)
-        self.moments = wanted and moment_columns <= _MOMENT_COLUMNS * k
+        self.moments = wanted and moment_columns <= min(_MOMENT_COLUMNS * k, _MOMENT_COLUMNS_MAX)
         yy = yB = None
         if self.moments and A is not None:
             yy = (y[:, :, None] * y[:, None, :]).reshape(m, d * d)
