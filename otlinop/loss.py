@@ -340,6 +340,11 @@ class SamplesLoss(torch.nn.Module):
     >>> (Hv,) = torch.autograd.grad((g * v).sum(), x)
     >>> Hv.shape, L.last_hvp_solve.converged
     (torch.Size([40, 2]), True)
+
+    The backward with ``create_graph=True`` converged the potentials first:
+
+    >>> L.last_refinement.status, L.last_refinement.marginal_error <= L.last_refinement.threshold
+    ('converged', True)
     """
 
     def __init__(self, loss="sinkhorn", p=2, blur=0.05, reach=None, diameter=None, scaling=0.5, truncate=5,
