@@ -49,7 +49,7 @@ __all__ = [
     "positive_scalar", "nonnegative_scalar", "fraction", "positive_int", "nonnegative_int", "flag",
     "function", "solver_function", "preconditioner", "reach_or_none",
     "backend_name", "precision_name", "triton_ready",
-    "Geometry", "points", "vector", "weights", "potential", "matrix", "operand", "finite",
+    "Geometry", "points", "vector", "weights", "potential", "matrix", "directions", "operand", "finite", "choice",
     "COMPLEX_DTYPES", "OPERATOR_DTYPES", "operator_dtype", "real_operator_dtype", "operator_tensor",
     "operator_operand_shape",
     "operator_operand", "operator_shape", "operator_scalar", "operator_output", "same_space", "composable",
@@ -195,6 +195,14 @@ def function(owner: str, name: str, value, expected: str):
     """A callable argument; ``expected`` says which ("a solver function such as solvers.cg")."""
     if not callable(value):
         raise TypeError(f"{owner}: {name} must be {expected}, got {_describe(value)}")
+    return value
+
+
+def choice(owner: str, name: str, value, options: tuple, what: str = "") -> str:
+    """One of the strings ``options`` (``what`` says what each means, for the message)."""
+    if not (isinstance(value, str) and value in options):
+        listed = ", ".join(repr(o) for o in options)
+        raise ValueError(f"{owner}: {name} must be one of {listed}, got {value!r}" + (f" ({what})" if what else ""))
     return value
 
 
@@ -454,6 +462,30 @@ def matrix(geo: Geometry, name: str, t, rows: int, cols: int | None = None, *, c
         raise ValueError(f"{geo.owner}: {name} has shape {fmt_shape(shape)}, expected {want}"
                          + (f" ({what})" if what else ""))
     _dtype_device(geo, name, t, wide=wide)
+    return t
+
+
+def directions(geo: Geometry, name: str, t, rows: int, *, k: int | None = None, what: str = ""):
+    """Directions at the points of an unbatched call: one, (rows, d), or k >= 1
+    of them stacked along a last axis, (rows, d, k).
+
+    ``k``: what another argument of the call already fixed, None if nothing
+    did (either form), 0 for a single direction ((rows, d) only), else the
+    count ((rows, d, k) only).
+    """
+    d = geo.d
+    want = {None: f"({rows}, {d}) or ({rows}, {d}, k), k >= 1", 0: f"({rows}, {d})"}.get(k, f"({rows}, {d}, {k})")
+    _tensor(geo, name, t, want, optional=False)
+    shape = tuple(t.shape)
+    ok = shape[:2] == (rows, d) and t.ndim in (2, 3)
+    if ok and k is not None:
+        ok = shape[2:] == (() if k == 0 else (k,))
+    if ok and t.ndim == 3 and shape[2] == 0:
+        ok = False
+    if not ok:
+        raise ValueError(f"{geo.owner}: {name} has shape {fmt_shape(shape)}, expected {want}"
+                         + (f" ({what})" if what else ""))
+    _dtype_device(geo, name, t, wide=False)
     return t
 
 

@@ -11,7 +11,10 @@ functions below are the formulas of ``otlinop.loss``'s module docstring
   one streaming plan pass (:func:`point_grad`) per point cloud and side;
 - :func:`sinkhorn_hvp`: Hessian-vector products in the points, one
   ``otlinop.hvp`` call per batch entry, with the inner solves of
-  :class:`SecondOrder`.
+  :class:`SecondOrder`;
+- :func:`refine` and :func:`converged`: the potentials of :func:`solve`
+  iterated further at the final eps, until their marginal errors reach a
+  tolerance (what the second derivatives differentiate; docs/second-order.md).
 
 The autograd Functions that call them are in ``otlinop._loss_functions``.
 """
@@ -19,7 +22,8 @@ The autograd Functions that call them are in ``otlinop._loss_functions``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -29,11 +33,35 @@ from solvers import config
 
 from ._checks import Inputs
 from ._operators.plan_product import softmin_gradient
-from ._sinkhorn_loops import Monitor, symmetric_loop
-from .hvp import hvp, hvp_self, hvp_x, hvp_y
+from ._sinkhorn_loops import Monitor, alternating_loop, damping, row_error, symmetric_loop
+from .hvp import hvp, hvp_self, hvp_x, hvp_y, inner_rtol
+from .kernels.softmin_pair import softmin_self_unchecked
 
-__all__ = ["Spec", "SecondOrder", "Solution", "solve", "loss_value", "point_grad", "sinkhorn_grad",
-           "sinkhorn_hvp"]
+__all__ = ["CONVERGE", "REFINE_MAX_ITER", "Spec", "SecondOrder", "Solution", "Refinement", "solve", "refine",
+           "converged", "loss_value", "point_grad", "sinkhorn_grad", "sinkhorn_hvp"]
+
+#: The values of ``converge`` (``SamplesLoss``, ``sinkhorn_loss``): when the
+#: potentials are iterated to convergence at the final eps (docs/second-order.md).
+CONVERGE = ("create_graph", "always", "never")
+
+#: The most iterations of one converging solve (:func:`refine`), per problem:
+#: alternating iterations of OT(a, b), averaged steps of each debiasing problem.
+REFINE_MAX_ITER = 10_000
+
+# Iterations between two reads of the marginal error in :func:`refine`: each read
+# is a host synchronisation on a GPU, and overshooting costs at most this many
+# iterations beyond the tolerance.
+_REFINE_CHECK_EVERY = 5
+# Checks without a new smallest marginal error after which a converging run stops:
+# the error has reached the floor of the arithmetic (float32 at a small eps).
+_STALL_CHECKS = 5
+
+# The converging solves' tolerance on the L1 marginal error (relative to the mass),
+# as a fraction of the inner solves' rtol: a marginal error delta moves the HVP by
+# up to about 100 delta, an inner rtol by about its own size (measured, float32,
+# n = 600, d = 3, blur 0.3, inner rtol 1e-5: the double backward 7.7e-4 off the
+# float64 one at delta = 1e-5, 8.2e-5 at 1e-6, 3.5e-5 where float32 stalls, 1.1e-7).
+_REFINE_FRACTION = 0.1
 
 
 # --------------------------------------------------------------------------
@@ -73,7 +101,15 @@ class Spec:
 
 @dataclass(frozen=True)
 class SecondOrder:
-    """How a double backward solves its Schur systems, and who receives the ``SolveResult``s."""
+    """How a double backward solves its Schur systems, who receives the ``SolveResult``s,
+    and at which potentials the derivatives are taken.
+
+    ``converge`` (one of :data:`CONVERGE`): "create_graph" iterates the
+    potentials to convergence (:func:`converged`) when a backward records a
+    graph; "always" in the forward already; "never" differentiates the
+    schedule's potentials. ``report`` receives each :class:`Refinement`;
+    ``refine_max_iter`` bounds its iterations (a test shortens it).
+    """
 
     owner: str = "SamplesLoss"
     solver: Callable = solvers.cg
@@ -81,10 +117,17 @@ class SecondOrder:
     rtol: float | None = None
     maxiter: int | None = None
     record: Callable | None = None
+    converge: str = "create_graph"
+    report: Callable | None = None
+    refine_max_iter: int = REFINE_MAX_ITER
 
     @property
     def solve_options(self) -> dict:
         return dict(solver=self.solver, M=self.M, rtol=self.rtol, atol=0.0, maxiter=self.maxiter)
+
+    def tolerance(self, dtype: torch.dtype) -> float:
+        """The marginal tolerance of a converging solve in ``dtype``: a tenth of the inner solves' ``rtol``."""
+        return _REFINE_FRACTION * (inner_rtol(dtype) if self.rtol is None else self.rtol)
 
 
 @dataclass
@@ -117,6 +160,170 @@ def solve(inp: Inputs, spec: Spec, verbose: bool = False) -> Solution:
     if spec.debias:
         sol.f_aa, sol.g_bb, sol.f_aa_pre, sol.g_bb_pre = pots[2], pots[3], pre[2], pre[3]
     return sol
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """The iterations :func:`refine` ran at the final eps for one loss evaluation.
+
+    Attributes
+    ----------
+    n_iter : int
+        Alternating iterations of OT(a, b) (two soft-min passes each).
+    n_iter_self : tuple of int
+        Averaged steps of OT(a, a) and OT(b, b) (one soft-min pass of a cloud
+        against itself each); () without debiasing.
+    marginal_error : float
+        The largest L1 marginal error at the end, relative to the mass (the
+        largest over the problems and the batch).
+    threshold : float
+        The tolerance on it.
+    status : str
+        "converged" (every problem reached the tolerance), "stalled" (one
+        stopped improving above it: the floor of the arithmetic's precision
+        at this eps), "max_iter" (one ran ``refine_max_iter`` iterations) or
+        "diverged" (a non-finite error).
+    """
+
+    n_iter: int
+    n_iter_self: tuple
+    marginal_error: float
+    threshold: float
+    status: str
+
+    @property
+    def converged(self) -> bool:
+        return self.status == "converged"
+
+
+class _Progress:
+    """The stopping test of a converging run, one error per check: below the threshold,
+    non-finite, or no new smallest error in ``_STALL_CHECKS`` checks (the error then
+    wanders at the precision's floor; in the linear regime every check lowers it)."""
+
+    def __init__(self, threshold: float):
+        self.threshold, self.error, self.best, self.since = threshold, math.inf, math.inf, 0
+        self.status = None
+
+    def check(self, error: float) -> bool:
+        """Record one error; True when the run should stop (``status`` says why)."""
+        self.error = error
+        if error <= self.threshold:
+            self.status = "converged"
+        elif not math.isfinite(error):
+            self.status = "diverged"
+        else:
+            self.since = 0 if error < self.best else self.since + 1
+            self.best = min(self.best, error)
+            if self.since >= _STALL_CHECKS:
+                self.status = "stalled"
+        return self.status is not None
+
+
+def _refine_self(x, f, log_a, a, eps: float, rho, opts: dict, threshold: float, max_iter: int):
+    """Averaged steps ``f <- (f + lam T(f)) / 2`` of the debiasing problem of the cloud
+    x (batched) from ``f``, until its L1 marginal error is <= ``threshold``.
+
+    GeomLoss' update of the self problems: the plan of a cloud with itself is
+    positive semi-definite (a Gaussian kernel), so the linearised step
+    contracts by at most 1/2 whatever eps, and the potential stays symmetric.
+    Returns ``(f, steps, _Progress)``.
+    """
+    lam = damping(eps, rho)
+    progress = _Progress(threshold)
+    for step in range(1, max_iter + 1):
+        s = softmin_self_unchecked(x, f, log_a, eps=eps, **opts).to(f.dtype)
+        if (step % _REFINE_CHECK_EVERY == 0 or step == max_iter) and \
+                progress.check(float(row_error(f, s, a, eps, rho).max())):
+            return f, step, progress
+        f = torch.lerp(f, s if lam == 1.0 else lam * s, 0.5)
+    progress.status = "max_iter"
+    return f, max_iter, progress
+
+
+def _translation(f, g, log_a, log_b, rho_x, rho_y) -> torch.Tensor:
+    """The shift t (B, 1) maximising the dual along ``(f + t, g - t)``, which leaves the
+    plan unchanged (Séjourné et al. 2022, translation-invariant Sinkhorn).
+
+    With ``A = <a, e^{-f/rho_x}>`` and ``B = <b, e^{-g/rho_y}>`` (the mass on a hard
+    side, whose ``1/rho`` is 0), ``t = (log A - log B) / (1/rho_x + 1/rho_y)``: the
+    mode that damped updates contract only by ``rho / (rho + eps)`` per step, removed at once.
+    """
+    ix = 0.0 if rho_x is None else 1.0 / rho_x
+    iy = 0.0 if rho_y is None else 1.0 / rho_y
+    log_A = torch.logsumexp(log_a - f * ix, dim=-1, keepdim=True)
+    log_B = torch.logsumexp(log_b - g * iy, dim=-1, keepdim=True)
+    return (log_A - log_B) / (ix + iy)
+
+
+def refine(inp: Inputs, sol: Solution, spec: Spec, tol: float, *,
+           max_iter: int = REFINE_MAX_ITER) -> tuple[Solution, Refinement]:
+    """The potentials at ``spec.eps`` iterated from ``sol`` until their L1 marginal
+    errors are <= ``tol`` times the mass (per problem, every batch entry), or
+    stop improving.
+
+    OT(a, b): OTT's alternating iterations (``alternating_loop``, g then f),
+    warm-started at ``sol.f``, in runs of ``_REFINE_CHECK_EVERY`` iterations;
+    with a relaxed side each run starts with the exact dual ascent step
+    along the translation (:func:`_translation`), the mode that damped
+    updates leave nearly unchanged at small eps. OT(a, a), OT(b, b) with
+    ``debias``: averaged steps (:func:`_refine_self`) from ``sol.f_aa``,
+    ``sol.g_bb``. The result has no extrapolation step: its ``f_pre``,
+    ``g_pre`` are ``f``, ``g`` (at convergence it changes nothing).
+    """
+    eps, opts = spec.eps, spec.kernel_options
+    with torch.no_grad(), config.override(check_finite=False):
+        mass_a = float(inp.a.sum(-1, dtype=torch.float64).min())
+        mass_b = float(inp.b.sum(-1, dtype=torch.float64).min())
+        monitor = Monitor(check_every=_REFINE_CHECK_EVERY, callback=None, bar=None, method="alternating", inp=inp)
+        progress = _Progress(tol * mass_a)
+        f, g, n_iter = sol.f, sol.g, 0
+        while progress.status is None:
+            if n_iter >= max_iter:
+                progress.status = "max_iter"
+                break
+            if spec.relaxed:
+                f = f + _translation(f, g, inp.log_a, inp.log_b, spec.rho_x, spec.rho_y)
+            f, g, its, _ = alternating_loop(inp, eps, spec.rho_x, spec.rho_y, f0=f, g0=None,
+                                            max_iter=min(_REFINE_CHECK_EVERY, max_iter - n_iter),
+                                            threshold=0.0, monitor=monitor, graphs=None, **opts)
+            n_iter += its
+            progress.check(float(monitor.errors[-1]))
+        monitor.finish()
+        out = Solution(f, g, f, g)
+        runs, steps = [(progress, mass_a)], ()
+        if spec.debias:
+            f_aa, n_aa, p_aa = _refine_self(inp.x, sol.f_aa, inp.log_a, inp.a, eps, spec.rho_x, opts,
+                                            tol * mass_a, max_iter)
+            g_bb, n_bb, p_bb = _refine_self(inp.y, sol.g_bb, inp.log_b, inp.b, eps, spec.rho_y, opts,
+                                            tol * mass_b, max_iter)
+            out = replace(out, f_aa=f_aa, g_bb=g_bb, f_aa_pre=f_aa, g_bb_pre=g_bb)
+            runs, steps = runs + [(p_aa, mass_a), (p_bb, mass_b)], (n_aa, n_bb)
+    statuses = [p.status for p, _ in runs]
+    status = next((s for s in ("diverged", "max_iter", "stalled") if s in statuses), "converged")
+    return out, Refinement(n_iter, steps, max(p.error / mass for p, mass in runs), tol, status)
+
+
+def converged(inp: Inputs, sol: Solution, spec: Spec, second: SecondOrder) -> Solution:
+    """:func:`refine` to ``second``'s tolerance; the :class:`Refinement` goes to
+    ``second.report``, and a warning says when the tolerance was not reached."""
+    out, info = refine(inp, sol, spec, second.tolerance(sol.f.dtype), max_iter=second.refine_max_iter)
+    if second.report is not None:
+        second.report(info)
+    if not info.converged:
+        why = {"stalled": f"stopped improving at an L1 marginal error of {info.marginal_error:.1e} (relative to "
+                          f"the mass), above the tolerance {info.threshold:.1e}: the floor of "
+                          f"{str(sol.f.dtype).replace('torch.', '')} at this eps",
+               "max_iter": f"did not reach the tolerance {info.threshold:.1e} on the L1 marginal error within "
+                           f"{second.refine_max_iter} iterations (error {info.marginal_error:.1e}, relative to "
+                           "the mass)",
+               "diverged": "diverged (non-finite marginal error)"}[info.status]
+        warnings.warn(
+            f"{second.owner}: the potentials at the final eps (blur^2 = {spec.eps:.3g}) {why}. The second "
+            "derivatives agree with the gradient only up to that error; float64 inputs and a larger blur "
+            "converge further, a larger hvp_rtol asks for less, and converge='never' differentiates the eps "
+            "schedule's potentials instead", RuntimeWarning, stacklevel=2)
+    return out
 
 
 # --------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import Inputs
-from ._loss_derivatives import loss_value, sinkhorn_grad, sinkhorn_hvp, solve
+from ._loss_derivatives import converged, loss_value, sinkhorn_grad, sinkhorn_hvp, solve
 
 __all__ = ["SinkhornLoss"]
 
@@ -128,15 +128,25 @@ class _SinkhornGrad(torch.autograd.Function):
 
 
 class SinkhornLoss(torch.autograd.Function):
-    """Per-entry Sinkhorn loss (B,) of batched (x, y, a, b); gradients by ``_SinkhornGrad``."""
+    """Per-entry Sinkhorn loss (B,) of batched (x, y, a, b); gradients by ``_SinkhornGrad``.
+
+    ``second.converge`` picks the potentials (docs/second-order.md): "always"
+    iterates them to convergence here, in the forward; "create_graph" in a
+    backward that records a graph (``torch.is_grad_enabled()`` there: the
+    gradient is then differentiated again), once per forward; "never" keeps
+    the eps schedule's.
+    """
 
     @staticmethod
     def forward(ctx, x, y, a, b, spec, second, verbose):
         inp = Inputs(x.detach(), y.detach(), a.detach(), b.detach(), batched=True)
         sol = solve(inp, spec, verbose)
+        if second.converge == "always":
+            sol = converged(inp, sol, spec, second)
         dt = inp.pot_dtype
         value = loss_value(inp.a.to(dt), inp.b.to(dt), sol, spec)
         ctx.spec, ctx.sol, ctx.second = spec, sol, second
+        ctx.converged_sol = None      # "create_graph": the converged potentials, once computed
         ctx.save_for_backward(x, y, a, b)
         return value.to(x.dtype)
 
@@ -147,6 +157,14 @@ class SinkhornLoss(torch.autograd.Function):
         if not any(needs):
             return None, None, None, None, None, None, None
         sol, spec, second = ctx.sol, ctx.spec, ctx.second
+        if second.converge == "create_graph" and torch.is_grad_enabled():
+            # A graph is recorded: the gradient will be differentiated again, by the HVP
+            # (an implicit-function derivative at a fixed point). Both must come from the
+            # same, converged, potentials for the HVP to be the derivative of this gradient.
+            if ctx.converged_sol is None:
+                inp = Inputs(*(t.detach() for t in inputs), batched=True)
+                ctx.converged_sol = converged(inp, sol, spec, second)
+            sol = ctx.converged_sol
         dt = sol.f.dtype
         x, y, a, b = (t.to(dt) for t in inputs)
         grads = _SinkhornGrad.apply(x, y, a.detach(), b.detach(), sol, spec, needs, second, (a, b))

@@ -18,7 +18,10 @@ This is docs/math.md section 6's ``H = E + R^T K^+ R / eps`` over the joint vari
 for balanced and unbalanced problems alike (only ``kx``, ``ky`` in ``K``
 change). Every sum over ``j`` is a streaming plan pass: ``P @ [y | B | <y, B>]``
 and ``P.T @ [x | A | <x, A>]`` before the solve, ``P @ [dg' | y dg']`` and one
-``P.bilinear`` after it (and the same on ``P.T`` for the y part).
+``P.bilinear`` after it (and the same on ``P.T`` for the y part); for small d
+the bilinear pass becomes d^2 more columns of the first one (``_Side``).
+k directions at once (A of shape (n, d, k)) are one solve with k right-hand
+sides and the same passes with k times the columns.
 
 The potentials must be converged (``P 1`` and ``P.T 1`` satisfy the optimality
 conditions); the functions take them as given.
@@ -31,14 +34,14 @@ import torch
 from solvers import cg
 
 from ._base import LinearOperator
-from ._checks import (fraction, matrix, nonnegative_scalar, points, positive_int, positive_scalar, preconditioner,
-                      solver_function, vector)
+from ._checks import (directions, fraction, nonnegative_scalar, points, positive_int, positive_scalar,
+                      preconditioner, solver_function, vector)
 from ._operators.plan_product import transport_gradient_for
 from .hessian import DualHessianOperator, hessian_options
 from .plan import plan_operator_for
 
 __all__ = ["hvp", "hvp_x", "hvp_y", "hvp_self", "grad_x", "grad_y", "loss_hessian_operator",
-           "LossHessianOperator"]
+           "LossHessianOperator", "inner_rtol"]
 
 # Inner-solve tolerances that the float64 tests and the float32 benchmark need
 # (the CG residual, relative to the right-hand side, of the Schur system).
@@ -46,53 +49,117 @@ _DEFAULT_RTOL = {torch.float64: 1e-11}
 _DEFAULT_RTOL_LOW = 1e-5
 
 
-def _rowdot(U, V):
-    return (U * V).sum(-1)
+def inner_rtol(dtype: torch.dtype) -> float:
+    """The default relative tolerance of the inner (Schur) solve of an HVP in
+    ``dtype``: 1e-11 in float64, 1e-5 otherwise. The loss's converging solves
+    (``otlinop.loss``, ``converge``) use it too."""
+    return _DEFAULT_RTOL.get(dtype, _DEFAULT_RTOL_LOW)
+
+
+#: Columns per direction that the moments of the ``Q y`` term (below) may add to
+#: a plan pass instead of one bilinear pass per direction. A streaming pass takes
+#: up to 64 columns at the price of one (``kernels.plan_apply`` recomputes the
+#: plan once per chunk of 64), and on a truncated plan a column costs O(nnz), as
+#: a bilinear pass does per direction. ``_MOMENT_COLUMNS_MAX`` bounds them in all
+#: (an (m, 8192) operand: 330 MB at m = 10k in float32).
+_MOMENT_COLUMNS = 64
+_MOMENT_COLUMNS_MAX = 8192
+
+
+def _products(P, blocks):
+    """``{name: P @ V}`` for the named (m, c_name) blocks, in one plan pass."""
+    names = [name for name, V in blocks if V is not None]
+    mats = [V for _, V in blocks if V is not None]
+    if not mats:
+        return {}
+    out = P @ torch.cat(mats, dim=1)
+    return dict(zip(names, torch.split(out, [V.shape[1] for V in mats], dim=1)))
 
 
 class _Side:
     """One side of the HVP: the x side on ``P`` or, with every role swapped, the
-    y side on ``P.T``. Holds the points and directions of both sides and one
-    streaming pass of the plan, ``P @ [y | B | <y, B>]`` (parts not needed are skipped),
-    and ``r = (P∘s) 1``, the right-hand side of the dual solve on this side."""
+    y side on ``P.T``. Holds the points, the k directions of both sides (A:
+    (n, d, k), B: (m, d, k), or None for zero), one streaming pass of the plan,
+    ``P @ [y | B | <y, B> | moments]`` (parts not needed are skipped), and
+    ``r = (P∘s) 1``, shape (n, k), the right-hand sides of the dual solve on this side.
 
-    def __init__(self, P, x, y, A, B, *, c2, need_Py):
+    ``wanted``: this side's HVP will be asked for (``gradient_derivative``).
+    The term ``sum_j P_ij (<A_i, y_j> + <x_i, B_j>) y_j`` of it is either k
+    bilinear passes or, for small d, the moments ``sum_j P_ij y_j y_j^T`` (d^2
+    columns) and ``sum_j P_ij y_j B_j^T`` (d^2 k) contracted with A and x: extra
+    columns of the first pass, chosen when they fit in ``_MOMENT_COLUMNS`` per
+    direction (and ``_MOMENT_COLUMNS_MAX`` in all).
+    """
+
+    def __init__(self, P, x, y, A, B, *, c2, wanted):
         self.P, self.x, self.y, self.A, self.B, self.c2 = P, x, y, A, B, c2
-        self.u = None if A is None else _rowdot(x, A)
-        self.w = None if B is None else _rowdot(y, B)
+        n, d = x.shape
+        m = y.shape[0]
+        k = (A if A is not None else B).shape[2]
+        self.u = None if A is None else torch.einsum("nd,ndk->nk", x, A)
+        self.w = None if B is None else torch.einsum("md,mdk->mk", y, B)
         self.ah = P.row_sums()
-        d = y.shape[1]
-        cols = ([y] if need_Py else []) + ([] if B is None else [B, self.w[:, None]])
-        out = P @ torch.cat(cols, dim=1) if cols else None
-        self.Py = out[:, :d] if need_Py else None
-        k = d if need_Py else 0
-        self.PB, self.Pw = (None, None) if B is None else (out[:, k:k + d], out[:, k + d])
-        # (P∘s) 1 with s_ij = c2 <x_i - y_j, A_i - B_j>, shape (n,).
-        r = torch.zeros_like(self.ah)
+        moment_columns = d * d * ((A is not None) + (B is not None) * k)
+        self.moments = wanted and moment_columns <= min(_MOMENT_COLUMNS * k, _MOMENT_COLUMNS_MAX)
+        yy = yB = None
+        if self.moments and A is not None:
+            yy = (y[:, :, None] * y[:, None, :]).reshape(m, d * d)
+        if self.moments and B is not None:
+            yB = (y[:, :, None, None] * B[:, None, :, :]).reshape(m, d * d * k)
+        out = _products(P, [("Py", y if (A is not None or wanted) else None),
+                            ("PB", None if B is None else B.reshape(m, d * k)),
+                            ("Pw", self.w), ("Pyy", yy), ("PyB", yB)])
+        self.Py = out.get("Py")
+        self.PB = None if B is None else out["PB"].reshape(n, d, k)
+        self.Pw = out.get("Pw")
+        self.Pyy = None if yy is None else out["Pyy"].reshape(n, d, d)
+        self.PyB = None if yB is None else out["PyB"].reshape(n, d, d, k)
+        # (P∘s) 1 with s_ij = c2 <x_i - y_j, A_i - B_j>, shape (n, k).
+        r = torch.zeros(n, k, dtype=x.dtype, device=x.device)
         if A is not None:
-            r = r + self.ah * self.u - _rowdot(A, self.Py)
+            r = r + self.ah[:, None] * self.u - torch.einsum("ndk,nd->nk", A, self.Py)
         if B is not None:
-            r = r + self.Pw - _rowdot(x, self.PB)
+            r = r + self.Pw - torch.einsum("nd,ndk->nk", x, self.PB)
         self.r = c2 * r
 
+    def _bilinear_term(self):
+        """``sum_j P_ij (<A_i, y_j> + <x_i, B_j>) y_j``, shape (n, d, k)."""
+        x, y, A, B = self.x, self.y, self.A, self.B
+        if self.moments:
+            T = 0
+            if A is not None:
+                T = T + torch.einsum("nce,nck->nek", self.Pyy, A)
+            if B is not None:
+                T = T + torch.einsum("nc,neck->nek", x, self.PyB)
+            return T
+        columns = []
+        for j in range((A if A is not None else B).shape[2]):
+            W = torch.cat([t for t in (None if A is None else A[:, :, j], None if B is None else x)
+                           if t is not None], dim=1)
+            V = torch.cat([t for t in (None if A is None else y, None if B is None else B[:, :, j])
+                           if t is not None], dim=1)
+            columns.append(self.P.bilinear(W, V, y))
+        return torch.stack(columns, dim=2)
+
     def gradient_derivative(self, df, dg, *, eps):
-        """``sum_j G_ij`` (module docstring) from this side's potential derivative
-        ``df`` and the other side's ``dg``: shape (n, d)."""
+        """``sum_j G_ij`` (module docstring) from this side's potential derivatives
+        ``df`` (n, k) and the other side's ``dg`` (m, k): shape (n, d, k)."""
         P, x, y, A, B, ah, c2, r = self.P, self.x, self.y, self.A, self.B, self.ah, self.c2, self.r
+        n, d = x.shape
+        m, k = y.shape[0], df.shape[1]
         # s_ij = c2 (u_i - <y_j, A_i> - <x_i, B_j> + w_j): sum_j dP_ij (x_i - y_j) needs
-        # P dg and P (y dg) (with the w_j part folded into dg), and one bilinear pass
-        # for sum_j P_ij (<A_i, y_j> + <x_i, B_j>) y_j.
+        # P dg and P (y dg) (with the w_j part folded into dg), one pass for the k
+        # directions, and the bilinear term sum_j P_ij (<A_i, y_j> + <x_i, B_j>) y_j.
         dg_w = dg if B is None else dg - c2 * self.w
         df_u = df if A is None else df - c2 * self.u
-        out = P @ torch.cat([dg_w[:, None], y * dg_w[:, None]], dim=1)
-        P_dg = out[:, 0] if B is None else out[:, 0] + c2 * self.Pw
-        W = torch.cat([t for t in (A, None if B is None else x) if t is not None], dim=1)
-        V = torch.cat([t for t in (None if A is None else y, B) if t is not None], dim=1)
-        replan = (x * (ah * df + P_dg - r)[:, None] - self.Py * df_u[:, None] - out[:, 1:]
-                  - c2 * P.bilinear(W, V, y))
-        transport = torch.zeros_like(x)
+        out = P @ torch.cat([dg_w, (y[:, :, None] * dg_w[:, None, :]).reshape(m, d * k)], dim=1)
+        P_dg = out[:, :k] if B is None else out[:, :k] + c2 * self.Pw
+        P_ydg = out[:, k:].reshape(n, d, k)
+        replan = (x[:, :, None] * (ah[:, None] * df + P_dg - r)[:, None, :] - self.Py[:, :, None] * df_u[:, None, :]
+                  - P_ydg - c2 * self._bilinear_term())
+        transport = torch.zeros_like(replan)
         if A is not None:
-            transport = transport + ah[:, None] * A
+            transport = transport + ah[:, None, None] * A
         if B is not None:
             transport = transport - self.PB
         return c2 * (transport + replan / eps)
@@ -100,14 +167,27 @@ class _Side:
 
 def _hvp(K, x, y, A, B, *, cost_scale, solve, sides):
     """``(H_x [A; B], H_y [A; B], SolveResult)`` for the dual Hessian K of the
-    problem (its plan ``K.P``); ``sides`` in {"x", "y", "xy"} picks the parts computed."""
+    problem (its plan ``K.P``); ``sides`` in {"x", "y", "xy"} picks the parts computed.
+
+    A, B: (n, d), (m, d) for one direction, or (n, d, k), (m, d, k) for k of
+    them (one solve with k right-hand sides); None for a zero part. The
+    products have the directions' shape.
+    """
     c2 = 2.0 * cost_scale
-    X = _Side(K.P, x, y, A, B, c2=c2, need_Py=A is not None or "x" in sides)
-    Y = _Side(K.P.T, y, x, B, A, c2=c2, need_Py=B is not None or "y" in sides)
-    dphi, result = K.solve(torch.cat([X.r, Y.r]), **solve)
+    single = (A if A is not None else B).ndim == 2
+    if single:
+        A, B = (None if D is None else D[:, :, None] for D in (A, B))
+    X = _Side(K.P, x, y, A, B, c2=c2, wanted="x" in sides)
+    Y = _Side(K.P.T, y, x, B, A, c2=c2, wanted="y" in sides)
+    rhs = torch.cat([X.r, Y.r])
+    # One direction goes to the solver as a vector (what a user's solver or M expects).
+    dphi, result = K.solve(rhs[:, 0] if single else rhs, **solve)
+    dphi = dphi.reshape(rhs.shape)
     df, dg = dphi[:x.shape[0]], dphi[x.shape[0]:]
     dx = X.gradient_derivative(df, dg, eps=K.eps) if "x" in sides else None
     dy = Y.gradient_derivative(dg, df, eps=K.eps) if "y" in sides else None
+    if single:
+        dx, dy = (None if H is None else H[:, :, 0] for H in (dx, dy))
     return dx, dy, result
 
 
@@ -115,7 +195,7 @@ def _hvp(K, x, y, A, B, *, cost_scale, solve, sides):
 def _solve_options(owner, dtype, solver, M, rtol, atol, maxiter):
     solver_function(owner, "solver", solver)
     preconditioner(owner, "M", M)
-    rtol = _DEFAULT_RTOL.get(dtype, _DEFAULT_RTOL_LOW) if rtol is None else nonnegative_scalar(owner, "rtol", rtol)
+    rtol = inner_rtol(dtype) if rtol is None else nonnegative_scalar(owner, "rtol", rtol)
     atol = nonnegative_scalar(owner, "atol", atol)
     maxiter = None if maxiter is None else positive_int(owner, "maxiter", maxiter)
     return dict(solver=solver, M=M, rtol=rtol, atol=atol, maxiter=maxiter)
@@ -133,9 +213,10 @@ def _checked_dual(owner, x, y, f, g, A, B, *, eps, a, b, cost_scale, reach_x, re
     vector(geo, "f", f, geo.n, what="one potential per point of x")
     vector(geo, "g", g, geo.m, what="one potential per point of y")
     if A is not None or "A" in need:
-        A = matrix(geo, "A", A, geo.n, geo.d, what="a direction for x")
+        A = directions(geo, "A", A, geo.n, what="one direction for x, or k of them")
     if B is not None or "B" in need:
-        B = matrix(geo, "B", B, geo.m, geo.d, what="a direction for y")
+        k = None if A is None else (0 if A.ndim == 2 else A.shape[2])
+        B = directions(geo, "B", B, geo.m, k=k, what="shaped like A, one row per point of y")
     eps, _, _, _ = hessian_options(owner, eps, reach_x, reach_y, ridge, reach_names=reach_names)
     cost_scale = positive_scalar(owner, "cost_scale", cost_scale)
     solve = _solve_options(owner, x.dtype, solver, M, rtol, atol, maxiter)
@@ -162,9 +243,13 @@ def hvp(x, y, f, g, A=None, B=None, *, eps, a=None, b=None, cost_scale=1.0, reac
     f : Tensor, shape (n,)
     g : Tensor, shape (m,)
         Converged potentials (GeomLoss convention).
-    A : Tensor, shape (n, d), optional
-    B : Tensor, shape (m, d), optional
-        The direction; a missing part is zero (at least one is needed).
+    A : Tensor, shape (n, d) or (n, d, k), optional
+    B : Tensor, shape (m, d) or (m, d, k), optional
+        The direction, or k directions stacked along the last axis (both
+        parts with the same k); a missing part is zero (at least one is
+        needed). k directions cost one solve with k right-hand sides (one
+        ``S @ Z`` plan pass per CG iteration for all of them) and the same
+        number of plan passes as one, each with k times the columns.
     eps : float
     a, b : Tensor, shapes (n,), (m,), optional
         Weights (uniform by default).
@@ -196,12 +281,13 @@ def hvp(x, y, f, g, A=None, B=None, *, eps, a=None, b=None, cost_scale=1.0, reac
 
     Returns
     -------
-    Hx : Tensor, shape (n, d)
-        ``H_xx A + H_xy B``.
-    Hy : Tensor, shape (m, d)
+    Hx : Tensor, shape (n, d) or (n, d, k)
+        ``H_xx A + H_xy B`` (shaped like the directions).
+    Hy : Tensor, shape (m, d) or (m, d, k)
         ``H_yx A + H_yy B``.
     result : SolveResult
-        The inner solve's result (check ``result.converged``).
+        The inner solve's result (check ``result.converged``; with k
+        directions, ``column_converged`` and ``column_iterations`` per direction).
 
     Raises
     ------
@@ -214,7 +300,11 @@ def hvp(x, y, f, g, A=None, B=None, *, eps, a=None, b=None, cost_scale=1.0, reac
     dP_ij (x_i - y_j)]`` and ``dP_ij = P_ij (df_i + dg_j - s_ij) / eps``,
     ``s_ij = c2 <x_i - y_j, A_i - B_j>``, ``(df, dg) = K^+ [(P∘s) 1; (P∘s).T 1]``
     (module docstring). Cost: one Schur solve (2 plan passes per iteration
-    plus the preconditioner's) and 6 plan passes (4 with one of A, B).
+    plus the preconditioner's) and 6 plan passes (4 with one of A, B); the
+    term ``sum_j P_ij (<A_i, y_j> + <x_i, B_j>) y_j`` is one pass per
+    direction when d is large, or, when d^2 (plus d^2 k with both parts)
+    columns fit in 64 per direction, the moments ``P (y y^T)`` and ``P (y B^T)``
+    computed in the first pass (no pass of its own).
     For a double backward, ``(Hx, Hy)`` are the second-order contributions to
     ``x`` and ``y`` of grad-of-grad directions ``(A, B)`` (H is symmetric).
 
@@ -230,6 +320,16 @@ def hvp(x, y, f, g, A=None, B=None, *, eps, a=None, b=None, cost_scale=1.0, reac
     >>> Hx, Hy, info = hvp(x, y, res.f, res.g, A, B, eps=res.eps, a=res.a, b=res.b, M=solvers.jacobi())
     >>> info.converged, Hx.shape, Hy.shape
     (True, torch.Size([30, 2]), torch.Size([20, 2]))
+
+    Four directions in one solve with four right-hand sides:
+
+    >>> A4, B4 = torch.randn(30, 2, 4, dtype=torch.float64), torch.randn(20, 2, 4, dtype=torch.float64)
+    >>> Hx4, Hy4, info4 = hvp(x, y, res.f, res.g, A4, B4, eps=res.eps, a=res.a, b=res.b)
+    >>> Hx4.shape, info4.x.shape
+    (torch.Size([30, 2, 4]), torch.Size([20, 4]))
+    >>> one = hvp(x, y, res.f, res.g, A4[..., 1], B4[..., 1], eps=res.eps, a=res.a, b=res.b)[0]
+    >>> torch.allclose(Hx4[..., 1], one, rtol=1e-9, atol=1e-12)
+    True
     """
     if A is None and B is None:
         raise ValueError("hvp: give a direction A (for x), B (for y) or both; got neither")
@@ -249,8 +349,24 @@ def hvp_x(x, y, f, g, A, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, r
           truncate=None):
     """``H_xx A``, the HVP of ``L`` in ``x`` alone; returns ``(HA, SolveResult)``.
 
-    Arguments as in ``hvp``. Cost: the Schur solve and 4 plan passes
-    (``P @ y``, ``P.T @ [A | <x, A>]``, ``P @ [dg | y dg]``, one bilinear).
+    A is (n, d), or (n, d, k) for k directions in one solve (HA then has
+    A's shape). Arguments as in ``hvp``. Cost: the Schur solve and 4 plan
+    passes (``P @ y``, ``P.T @ [A | <x, A>]``, ``P @ [dg | y dg]``, one
+    bilinear per direction), 3 when d^2 <= 64 k (the bilinear term from
+    the moments ``P (y y^T)``, d^2 more columns of the first pass).
+
+    Examples
+    --------
+    >>> import torch, solvers
+    >>> from otlinop.sinkhorn import sinkhorn
+    >>> from otlinop.hvp import hvp_x
+    >>> _ = torch.manual_seed(0)
+    >>> x, y = torch.randn(30, 3, dtype=torch.float64), torch.randn(20, 3, dtype=torch.float64)
+    >>> res = sinkhorn(x, y, eps=0.5, method="alternating", threshold=1e-12)
+    >>> A = torch.randn(30, 3, 16, dtype=torch.float64)           # 16 directions, one solve
+    >>> HA, info = hvp_x(x, y, res.f, res.g, A, eps=res.eps, a=res.a, b=res.b, M=solvers.jacobi())
+    >>> HA.shape, info.converged, len(info.column_iterations)
+    (torch.Size([30, 3, 16]), True, 16)
     """
     dx, _, result = _checked_hvp("hvp_x", x, y, f, g, A, None, "x", need="A", eps=eps, a=a, b=b,
                                  cost_scale=cost_scale, reach_x=reach_x, reach_y=reach_y, solver=solver, M=M,
@@ -264,7 +380,7 @@ def hvp_y(x, y, f, g, B, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, r
           truncate=None):
     """``H_yy B``, the HVP of ``L`` in ``y`` alone; returns ``(HB, SolveResult)``.
 
-    Arguments as in ``hvp``; the cost mirrors ``hvp_x``.
+    B is (m, d) or (m, d, k). Arguments as in ``hvp``; the cost mirrors ``hvp_x``.
     """
     _, dy, result = _checked_hvp("hvp_y", x, y, f, g, None, B, "y", need="B", eps=eps, a=a, b=b,
                                  cost_scale=cost_scale, reach_x=reach_x, reach_y=reach_y, solver=solver, M=M,
@@ -283,14 +399,15 @@ def hvp_self(x, f, A, *, eps, a=None, cost_scale=1.0, reach=None, solver=cg, M=N
     x : Tensor, shape (n, d)
     f : Tensor, shape (n,)
         The converged symmetric potential ``f_aa`` of ``OT(a, a)``.
-    A : Tensor, shape (n, d)
+    A : Tensor, shape (n, d) or (n, d, k)
+        One direction, or k in one solve.
     reach : float, optional
         The relaxation of both sides (None: balanced).
     Other arguments as in ``hvp``.
 
     Returns
     -------
-    HA : Tensor, shape (n, d)
+    HA : Tensor, shaped like A
     result : SolveResult
 
     Notes
@@ -333,10 +450,14 @@ class LossHessianOperator(LinearOperator):
       (n + m) d) for ``"xy"`` (``x`` rows first, then ``y``, each row-major).
     * Symmetric (up to the inner-solve tolerance) and indefinite: use MINRES,
       not CG, for Newton systems; ``to_scipy()`` works with ``eigsh``.
-    * One matvec is one HVP: a Schur solve plus 4 to 6 plan passes. The dual
-      Hessian ``K`` and a preconditioner factory bound to its Schur complement
-      are built once and shared by all matvecs. ``last_solve`` holds the last
-      inner ``SolveResult``.
+    * One matvec is one HVP: a Schur solve plus 3 to 6 plan passes. A
+      matmat ``H @ V`` with V of shape (size, k) is one batched HVP: one
+      solve with k right-hand sides (``hvp``'s A of shape (n, d, k)), not k
+      matvecs; block eigensolvers (``scipy.sparse.linalg.lobpcg`` on
+      ``to_scipy()``), block Lanczos and Newton-Krylov with several
+      directions use it. The dual Hessian ``K`` and a preconditioner factory
+      bound to its Schur complement are built once and shared by all
+      products. ``last_solve`` holds the last inner ``SolveResult``.
     * On a GPU, ``solver=functools.partial(cg, graph=solvers.GraphCache())``
       also keeps the inner CG's captured iteration from one matvec to the
       next (``cg(graph=True)`` captures it again at every matvec).
@@ -353,13 +474,23 @@ class LossHessianOperator(LinearOperator):
         self._cost_scale, self._solve = cost_scale, {**solve, "M": M}
         self.last_solve = None
 
-    def _matvec(self, v):
+    def _apply(self, V):
+        """(size,) -> (size,) or (size, k) -> (size, k): one HVP, with k directions in one solve."""
         x, y = self.x, self.y
-        A = v[:x.numel()].reshape(x.shape) if "x" in self.wrt else None
-        B = v[v.numel() - y.numel():].reshape(y.shape) if "y" in self.wrt else None
+        cols = V.shape[1:]
+        A = V[:x.numel()].reshape(x.shape + cols) if "x" in self.wrt else None
+        B = V[V.shape[0] - y.numel():].reshape(y.shape + cols) if "y" in self.wrt else None
         dx, dy, self.last_solve = _hvp(self.K, x, y, A, B, cost_scale=self._cost_scale, solve=self._solve,
                                        sides=self.wrt)
-        return torch.cat([t.reshape(-1) for t in (dx, dy) if t is not None])
+        return torch.cat([t.reshape((-1,) + cols) for t in (dx, dy) if t is not None])
+
+    def _matvec(self, v):
+        return self._apply(v)
+
+    def _matmat(self, V):
+        if V.shape[1] == 0:
+            return V.new_zeros((self.shape[0], 0))
+        return self._apply(V)
 
 
 def loss_hessian_operator(x, y, f, g, *, wrt="x", eps, a=None, b=None, cost_scale=1.0, reach_x=None,

@@ -28,7 +28,12 @@ the final potentials ``(f, g)``,
     H_y = hvp(x, y, f, g, A, B).Hy - hvp_self(y, g_bb, B),
 
 one Schur-complement solve each (``hvp_solver``, ``hvp_preconditioner``,
-``hvp_rtol``, ``hvp_maxiter``). They are exact at converged potentials.
+``hvp_rtol``, ``hvp_maxiter``). They are exact at converged potentials, which
+GeomLoss' schedule does not reach: by default (``converge="create_graph"``)
+a backward that records a graph first iterates the potentials to convergence
+at the final eps and returns the gradient there, so that the double backward
+is its derivative (docs/second-order.md; ``refine`` in
+``otlinop._loss_derivatives``).
 Derivatives that are not implemented (second ones involving the weights,
 third ones) raise NotImplementedError when autograd needs them, and only
 then: ``_NotImplementedDerivative`` nodes carry those dependencies.
@@ -46,9 +51,9 @@ import torch
 
 import solvers
 
-from ._checks import (Inputs, backend_name, flag, fraction, measures, positive_int, positive_scalar, precision_name,
-                      preconditioner, reach_or_none, solver_function)
-from ._loss_derivatives import SecondOrder, Spec, solve
+from ._checks import (Inputs, backend_name, choice, flag, fraction, measures, positive_int, positive_scalar,
+                      precision_name, preconditioner, reach_or_none, solver_function)
+from ._loss_derivatives import CONVERGE, SecondOrder, Spec, converged, solve
 from ._loss_functions import SinkhornLoss
 from ._sinkhorn_schedule import resolve_eps
 from .kernels._dispatch import check_backend
@@ -111,15 +116,17 @@ def _check_options(owner: str, loss, p, blur, reach, diameter, scaling, cost, ke
     return blur, reach, diameter, scaling, cost_scale
 
 
-def _check_second_order(owner: str, solver, M, rtol, maxiter) -> dict:
-    """The options of the double backward's inner solves; returns ``SecondOrder`` keywords."""
+def _check_second_order(owner: str, solver, M, rtol, maxiter, converge) -> dict:
+    """The options of the double backward's inner solves and potentials; returns ``SecondOrder`` keywords."""
     solver_function(owner, "hvp_solver", solver)
     preconditioner(owner, "hvp_preconditioner", M)
     if rtol is not None:
         rtol = positive_scalar(owner, "hvp_rtol", rtol)
     if maxiter is not None:
         maxiter = positive_int(owner, "hvp_maxiter", maxiter)
-    return dict(owner=owner, solver=solver, M=M, rtol=rtol, maxiter=maxiter)
+    choice(owner, "converge", converge, CONVERGE, "when the potentials are iterated to convergence at the final "
+           "eps: in a backward with create_graph=True, always, or never")
+    return dict(owner=owner, solver=solver, M=M, rtol=rtol, maxiter=maxiter, converge=converge)
 
 
 def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cost_scale, debias,
@@ -135,8 +142,10 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
     spec = Spec(eps_list=tuple(schedule), eps=eps, rho_x=rho, rho_y=rho, debias=debias,
                 cost_scale=cost_scale, backend=backend, precision=precision)
     if potentials:
-        sol = solve(Inputs(inp.x.detach(), inp.y.detach(), inp.a.detach(), inp.b.detach(), True),
-                    spec, verbose)
+        data = Inputs(inp.x.detach(), inp.y.detach(), inp.a.detach(), inp.b.detach(), True)
+        sol = solve(data, spec, verbose)
+        if second.converge == "always":
+            sol = converged(data, sol, spec, second)
         F = sol.f if sol.f_aa is None else sol.f - sol.f_aa
         G = sol.g if sol.g_bb is None else sol.g - sol.g_bb
         F, G = inp.unbatch(F).to(x.dtype), inp.unbatch(G).to(x.dtype)
@@ -199,11 +208,28 @@ class SamplesLoss(torch.nn.Module):
         Second order only: ``M`` for that solve, e.g. ``solvers.jacobi()``
         (helps with skewed weights) or ``solvers.neumann(3)``.
     hvp_rtol : float, optional
-        Second order only: the inner solve's relative residual; default
-        ``otlinop.hvp``'s (1e-11 in float64, 1e-5 otherwise).
+        Second order only: the inner solve's relative residual, and the L1
+        marginal error (relative to the mass) to which ``converge`` iterates
+        the potentials; default ``otlinop.hvp.inner_rtol`` (1e-11 in float64,
+        1e-5 otherwise).
     hvp_maxiter : int, optional
         Second order only: the inner solve's iteration limit (default the
         solver's).
+    converge : {"create_graph", "always", "never"}, default "create_graph"
+        Which potentials the value and the derivatives come from. GeomLoss'
+        eps schedule stops before the potentials converge at the final eps;
+        a converging solve goes on there (Gauss-Seidel iterations from the
+        schedule's potentials, to ``hvp_rtol``). "create_graph": a backward
+        that records a graph (``create_graph=True``, as
+        ``torch.autograd.functional.hessian`` and ``hvp`` do) converges
+        first and returns the gradient at the converged potentials, whose
+        double backward (the HVP there) is then its exact derivative; a
+        plain backward returns GeomLoss' gradient, and the value is always
+        GeomLoss'. "always": the forward converges: value, gradients and
+        HVPs all at the converged potentials (derivatives of one function),
+        ``potentials=True`` returns them. "never": the schedule's potentials
+        throughout (the HVP at them is not the derivative of the gradient
+        to better than the schedule's convergence). See docs/second-order.md.
 
     Attributes
     ----------
@@ -212,6 +238,11 @@ class SamplesLoss(torch.nn.Module):
         backward (None before any). Per batch entry the solves are that of
         ``OT(a, b)``, then, with ``debias``, those of ``OT(a, a)`` and
         ``OT(b, b)``; check ``converged`` and ``n_iter`` here.
+    last_refinement : Refinement or None
+        What the last converging solve ran (None before any): ``n_iter``
+        (alternating iterations of OT(a, b), two soft-min passes each),
+        ``n_iter_self`` (averaged steps of OT(a, a), OT(b, b)),
+        ``marginal_error``, ``threshold``, ``converged``.
 
     Raises
     ------
@@ -222,6 +253,12 @@ class SamplesLoss(torch.nn.Module):
         for third derivatives.
     ValueError, TypeError
         For invalid options (at construction) or inputs (at the call).
+
+    Warns
+    -----
+    RuntimeWarning
+        When a converging solve stops at ``REFINE_MAX_ITER`` (10000)
+        iterations before reaching its tolerance.
 
     Notes
     -----
@@ -261,12 +298,16 @@ class SamplesLoss(torch.nn.Module):
         H_y = Hy(x, y, f, g; A, B) - H_self(y, g_bb; B).
 
     The batch entries run one after the other (the Schur solves differ).
-    The products are exact at converged potentials. GeomLoss' schedule
-    (``scaling``, ``diameter``, ``blur``) fixes the number of iterations, so
-    the final potentials are converged only as far as the schedule takes
-    them: their accuracy, and the HVP's, improve with ``scaling`` closer to 1
-    (more steps near the final eps) and with a larger ``blur`` relative to
-    the diameter. The inner solves' status is in ``last_hvp_solve``
+    The products are implicit-function derivatives, exact at converged
+    potentials; GeomLoss' schedule (``scaling``, ``diameter``, ``blur``)
+    stops before convergence, so by default (``converge="create_graph"``)
+    the backward that records the graph first iterates the potentials to
+    convergence at the final eps, and the gradient it returns, and the HVP,
+    are those at the converged potentials: the double backward then agrees
+    with central differences of gradients computed the same way
+    (``create_graph=True``) to about 1e-8 in float64. It costs the
+    iterations of ``last_refinement`` (docs/second-order.md measures them),
+    once per forward. The inner solves' status is in ``last_hvp_solve``
     (``hvp_log`` for ``sinkhorn_loss``).
     Second derivatives that involve the weights raise NotImplementedError
     (a direction on the weight gradients, or a requested derivative of the
@@ -299,21 +340,28 @@ class SamplesLoss(torch.nn.Module):
     >>> (Hv,) = torch.autograd.grad((g * v).sum(), x)
     >>> Hv.shape, L.last_hvp_solve.converged
     (torch.Size([40, 2]), True)
+
+    The backward with ``create_graph=True`` converged the potentials first:
+
+    >>> L.last_refinement.status, L.last_refinement.marginal_error <= L.last_refinement.threshold
+    ('converged', True)
     """
 
     def __init__(self, loss="sinkhorn", p=2, blur=0.05, reach=None, diameter=None, scaling=0.5, truncate=5,
                  cost=None, kernel=None, cluster_scale=None, debias=True, potentials=False, verbose=False,
                  backend="auto", cost_scale=None, precision=None, hvp_solver=solvers.cg, hvp_preconditioner=None,
-                 hvp_rtol=None, hvp_maxiter=None):
+                 hvp_rtol=None, hvp_maxiter=None, converge="create_graph"):
         super().__init__()
         owner = "SamplesLoss"
         blur, reach, diameter, scaling, cost_scale = _check_options(
             owner, loss, p, blur, reach, diameter, scaling, cost, kernel, cluster_scale, cost_scale,
             debias, potentials, precision)
-        second = _check_second_order(owner, hvp_solver, hvp_preconditioner, hvp_rtol, hvp_maxiter)
+        second = _check_second_order(owner, hvp_solver, hvp_preconditioner, hvp_rtol, hvp_maxiter, converge)
         self.hvp_solver, self.hvp_preconditioner = second["solver"], second["M"]
         self.hvp_rtol, self.hvp_maxiter = second["rtol"], second["maxiter"]
+        self.converge = converge
         self.last_hvp_solve = None
+        self.last_refinement = None
         self.loss, self.p = loss, p
         self.blur, self.reach, self.diameter, self.scaling = blur, reach, diameter, scaling
         self.truncate, self.cluster_scale = truncate, cluster_scale
@@ -337,8 +385,8 @@ class SamplesLoss(torch.nn.Module):
         else:
             raise TypeError(f"{owner}: expected loss(x, y) or loss(a, x, b, y), got {len(args)} arguments")
         second = SecondOrder(**_check_second_order(owner, self.hvp_solver, self.hvp_preconditioner,
-                                                   self.hvp_rtol, self.hvp_maxiter),
-                             record=self._record_hvp_solve)
+                                                   self.hvp_rtol, self.hvp_maxiter, self.converge),
+                             record=self._record_hvp_solve, report=self._record_refinement)
         return _samples_loss(owner, a, x, b, y, blur=self.blur, reach=self.reach, diameter=self.diameter,
                              scaling=self.scaling, cost_scale=self.cost_scale, debias=self.debias,
                              potentials=self.potentials, backend=self._backend, precision=self.precision,
@@ -347,17 +395,20 @@ class SamplesLoss(torch.nn.Module):
     def _record_hvp_solve(self, result) -> None:
         self.last_hvp_solve = result
 
+    def _record_refinement(self, refinement) -> None:
+        self.last_refinement = refinement
+
     def extra_repr(self) -> str:
         return (f"loss={self.loss!r}, p={self.p}, blur={self.blur}, reach={self.reach}, "
                 f"diameter={self.diameter}, scaling={self.scaling}, debias={self.debias}, "
                 f"potentials={self.potentials}, cost_scale={self.cost_scale}, backend={self.backend!r}, "
-                f"precision={self.precision!r}")
+                f"precision={self.precision!r}, converge={self.converge!r}")
 
 
 def sinkhorn_loss(x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
                   debias=True, potentials=False, cost_scale=None, backend="auto", precision=None,
                   verbose=False, hvp_solver=solvers.cg, hvp_preconditioner=None, hvp_rtol=None,
-                  hvp_maxiter=None, hvp_log=None):
+                  hvp_maxiter=None, hvp_log=None, converge="create_graph"):
     """Functional form of :class:`SamplesLoss` (loss="sinkhorn").
 
     Parameters
@@ -377,6 +428,9 @@ def sinkhorn_loss(x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=
         that of ``OT(a, b)``, then with ``debias`` those of ``OT(a, a)`` and
         ``OT(b, b)`` (for the sides that have a direction). This is the
         functional counterpart of ``SamplesLoss.last_hvp_solve``.
+    converge : {"create_graph", "always", "never"}, default "create_graph"
+        Which potentials the value and derivatives come from, as in
+        :class:`SamplesLoss` (a converging solve that stops short warns).
 
     Returns
     -------
@@ -418,7 +472,8 @@ def sinkhorn_loss(x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=
     if hvp_log is not None and not isinstance(hvp_log, list):
         raise TypeError(f"{owner}: hvp_log must be a list (it receives the SolveResult of every inner solve "
                         f"of a double backward) or None, got {type(hvp_log).__name__}")
-    second = SecondOrder(**_check_second_order(owner, hvp_solver, hvp_preconditioner, hvp_rtol, hvp_maxiter),
+    second = SecondOrder(**_check_second_order(owner, hvp_solver, hvp_preconditioner, hvp_rtol, hvp_maxiter,
+                                               converge),
                          record=None if hvp_log is None else hvp_log.append)
     return _samples_loss(owner, a, x, b, y, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
                          cost_scale=cost_scale, debias=debias, potentials=potentials,

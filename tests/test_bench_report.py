@@ -140,12 +140,41 @@ def test_hvp_suite_reports_a_failing_fused_row_and_goes_on(capsys):
     lines = captured.out.splitlines()
     failed = [line for line in lines if "failed: RuntimeError: no kernel here" in line]
     assert len(failed) == 2 and all(hvp_bench.FUSED_LABEL in line for line in failed)
-    assert sum(line.startswith("| otlinop |") for line in lines) == 8 + 2     # 8 rows measured, 2 failed
+    # 10 HVP rows measured (2 of them k = 16 batched), 2 failed, 4 SamplesLoss rows.
+    assert sum(line.startswith("| otlinop |") for line in lines) == 10 + 2 + 4
     assert not config.cg_fused
 
     with pytest.raises(RuntimeError, match="broken everywhere"):
         hvp_bench.main(argv, cg=_cg_failing_when_fused(everywhere=True))
     assert config.check_finite and not config.cg_fused   # the bench's overrides end, errors included
+
+
+def test_hvp_suite_runs_tiny_on_the_cpu(capsys, tmp_path):
+    """The dense d = 3 case beside another dimension, the batched rows against their
+    one-direction rows, the SamplesLoss double-backward rows (issue 18, item 5), all with
+    errors against the float64 reference; the reference cache serves the second run."""
+    from otlinop.bench import hvp_bench
+
+    cache = str(tmp_path / "ref.pt")
+    argv = ["--n", "30", "--d", "5", "3", "--k", "4", "--no-peer", "--truncate", "--cache", cache]
+    assert hvp_bench.main(argv) == 0
+    out = capsys.readouterr().out
+    tables = out.split("| library | HVP |")[1:]
+    assert "d = 5:" in out and "d = 3:" in out and len(tables) == 2
+    for table in tables:
+        rows = {cells[1]: cells[2:] for cells in
+                ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+                 if line.startswith("| otlinop |"))}
+        for label in ("M = jacobi()", "M = jacobi(), k = 4 directions in one call",
+                      "SamplesLoss double backward, M = None", "SamplesLoss double backward, M = jacobi()"):
+            ms, its, err = rows[label]
+            assert float(ms) > 0 and int(its) > 0 and float(err) < 1e-3, (label, rows[label])
+        first = next(label for label in rows if label.startswith("SamplesLoss forward + backward"))
+        assert "converging iterations" in first and "(converged)" in first
+    assert out.count("4 directions in one call (M = jacobi(), k = 4 directions in one call): ") == 2
+    assert out.count("float64 reference read from") == 0
+    assert hvp_bench.main(argv) == 0
+    assert capsys.readouterr().out.count("float64 reference read from") == 2
 
 
 def _sinkhorn_reference(method, x, y, a, b, eps, k):

@@ -295,7 +295,7 @@ def test_errors():
         hvp_x(p.x, p.y, p.f, p.f, A, **kw)
     with pytest.raises(ValueError, match="x and y must have the same dimension"):
         hvp_x(p.x, p.y[:, :1], p.f, p.g, A, **kw)
-    with pytest.raises(TypeError, match=r"hvp_x: A must be a torch.Tensor of shape \(24, 2\), got None"):
+    with pytest.raises(TypeError, match=r"hvp_x: A must be a torch.Tensor of shape \(24, 2\) or \(24, 2, k\), k >= 1, got None"):
         hvp_x(p.x, p.y, p.f, p.g, None, **kw)
     with pytest.raises(TypeError, match="solver must be a solver function"):
         hvp_y(p.x, p.y, p.f, p.g, B, **kw, solver="cg")
