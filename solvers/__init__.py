@@ -21,10 +21,12 @@ from .bicgstab import bicgstab
 from .cg import cg
 from .gmres import gmres
 from .graphs import GraphCache
+from .incomplete import ichol0, ilu0
 from .lsmr import lsmr
 from .minres import minres
 from .preconditioners import PreconditionerFactory, jacobi, neumann
 from .solve import solve
+from .triangular import spsolve_triangular
 
 __all__ = [
     "cg",
@@ -37,6 +39,9 @@ __all__ = [
     "GraphCache",
     "jacobi",
     "neumann",
+    "ichol0",
+    "ilu0",
+    "spsolve_triangular",
     "PreconditionerFactory",
     "config",
     "Config",
