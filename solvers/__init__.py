@@ -23,6 +23,7 @@ from .gmres import gmres
 from .graphs import GraphCache
 from .incomplete import ichol0, ilu0
 from .lsmr import lsmr
+from .lstsq import lstsq
 from .minres import minres
 from .preconditioners import PreconditionerFactory, jacobi, neumann
 from .solve import solve
@@ -34,6 +35,7 @@ __all__ = [
     "gmres",
     "bicgstab",
     "lsmr",
+    "lstsq",
     "solve",
     "SolveResult",
     "GraphCache",
