@@ -64,7 +64,7 @@ def sparse_matrix(caller: str, A):
                                 "otlinop.SparseOperator, a torch sparse (or dense) tensor, or an object with "
                                 "to_sparse_csr()")
             A = fn()
-        P, values, _ = csr_parts(caller, A)
+        P, values, _, _ = csr_parts(caller, A)
     if P.shape[0] != P.shape[1]:
         raise ValueError(f"{caller}: A must be square, got shape {fmt_shape(P.shape)}")
     return P, values.detach()
@@ -358,7 +358,8 @@ class _Conjugated:
 def _breakdown(caller: str, F, diag_positions, cholesky: bool):
     bad = ~torch.isfinite(F)
     pivots = F[diag_positions]
-    bad_pivot = (pivots.real <= 0) if cholesky else (pivots == 0)
+    # A breakdown's NaN spreads to the rows after it: the first bad pivot is where it happened.
+    bad_pivot = ~torch.isfinite(pivots) | ((pivots.real <= 0) if cholesky else (pivots == 0))
     if bool(bad.any()) or bool(bad_pivot.any()):
         i = int(bad_pivot.nonzero()[0, 0]) if bool(bad_pivot.any()) else -1
         where = f" at row {i}" if i >= 0 else ""
@@ -388,7 +389,7 @@ def _build_ilu0(A, shift: float, method):
     return IncompleteLU(P, F, shift, method)
 
 
-def ichol0(A=None, *, shift: float = 0.0, _method=None):
+def ichol0(A=None, *, shift: float = 0.0, method=None):
     """The incomplete Cholesky preconditioner with zero fill, IC(0).
 
     Parameters
@@ -400,6 +401,8 @@ def ichol0(A=None, *, shift: float = 0.0, _method=None):
     shift : float, default 0
         Factor ``A + shift * Diag(diag(A))`` instead (Manteuffel's shift),
         for matrices on which IC(0) breaks down.
+    method : {None, "native", "levels"}
+        How the triangular solves run (see ``spsolve_triangular``).
 
     Returns
     -------
@@ -415,11 +418,6 @@ def ichol0(A=None, *, shift: float = 0.0, _method=None):
         the message suggests a shift).
     TypeError
         A has no sparse form.
-
-    Other Parameters
-    ----------------
-    _method : {None, "native", "levels"}
-        How the triangular solves run (``solvers.triangular.TriangularSolver``).
 
     Notes
     -----
@@ -445,11 +443,11 @@ def ichol0(A=None, *, shift: float = 0.0, _method=None):
     """
     shift = _shift("ichol0", shift)
     if A is None:
-        return PreconditionerFactory(lambda op: _build_ichol0(op, shift, _method), "ichol0()")
-    return _build_ichol0(A, shift, _method)
+        return PreconditionerFactory(lambda op: _build_ichol0(op, shift, method), "ichol0()")
+    return _build_ichol0(A, shift, method)
 
 
-def ilu0(A=None, *, shift: float = 0.0, _method=None):
+def ilu0(A=None, *, shift: float = 0.0, method=None):
     """The incomplete LU preconditioner with zero fill, ILU(0).
 
     Parameters
@@ -460,6 +458,8 @@ def ilu0(A=None, *, shift: float = 0.0, _method=None):
         with it, the bound preconditioner.
     shift : float, default 0
         Factor ``A + shift * Diag(diag(A))`` instead.
+    method : {None, "native", "levels"}
+        How the triangular solves run (see ``spsolve_triangular``).
 
     Returns
     -------
@@ -472,11 +472,6 @@ def ilu0(A=None, *, shift: float = 0.0, _method=None):
         A is not square, a diagonal entry is not stored, or a pivot is zero.
     TypeError
         A has no sparse form.
-
-    Other Parameters
-    ----------------
-    _method : {None, "native", "levels"}
-        How the triangular solves run.
 
     Notes
     -----
@@ -495,5 +490,5 @@ def ilu0(A=None, *, shift: float = 0.0, _method=None):
     """
     shift = _shift("ilu0", shift)
     if A is None:
-        return PreconditionerFactory(lambda op: _build_ilu0(op, shift, _method), "ilu0()")
-    return _build_ilu0(A, shift, _method)
+        return PreconditionerFactory(lambda op: _build_ilu0(op, shift, method), "ilu0()")
+    return _build_ilu0(A, shift, method)

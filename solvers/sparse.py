@@ -80,6 +80,7 @@ class CSRPattern:
         self._transpose = None      # (pattern, perm): values of A.T are values[perm]
         self._diag = None           # (entry positions, their rows)
         self._blocks = {}
+        self._tensor = None         # (values, their version, the torch CSR tensor on them)
 
     @property
     def nnz(self) -> int:
@@ -91,8 +92,15 @@ class CSRPattern:
                                        self.crow.diff(), output_size=self.nnz)
 
     def tensor(self, values: torch.Tensor) -> torch.Tensor:
-        """The torch CSR tensor of these values (autograd flows to ``values``)."""
-        return _quiet_csr(self.crow, self.col, values, self.shape)
+        """The torch CSR tensor of these values (autograd flows to ``values``); the last one
+        built is kept while the same values tensor, unmodified, asks again."""
+        cached = self._tensor
+        if cached is not None and cached[0] is values and cached[1] == values._version:
+            return cached[2]
+        tensor = _quiet_csr(self.crow, self.col, values, self.shape)
+        if not values.requires_grad:
+            self._tensor = (values, values._version, tensor)
+        return tensor
 
     def transpose(self):
         """``(pattern of A.T, perm)`` with ``values_T = values[perm]`` (one stable sort, cached)."""
@@ -100,13 +108,9 @@ class CSRPattern:
             n, m = self.shape
             perm = torch.argsort(self.col, stable=True)
             rows = self.rows()[perm]
-            counts = torch.bincount(self.col, minlength=m)
             crow = torch.zeros(m + 1, dtype=torch.int64, device=self.device)
-            torch.cumsum(counts, 0, out=crow[1:])
+            torch.cumsum(torch.bincount(self.col, minlength=m), 0, out=crow[1:])
             T = CSRPattern(crow, rows, (m, n))
-            inverse = torch.empty_like(perm)
-            inverse[perm] = torch.arange(perm.shape[0], device=self.device)
-            T._transpose = (self, inverse)
             self._transpose = (T, perm)
         return self._transpose
 
@@ -154,6 +158,12 @@ def _as_2d(X):
     return X[:, None] if X.ndim == 1 else X
 
 
+def _product(P, values, X):
+    if P.nnz == 0 or X.shape[1] == 0:
+        return X.new_zeros((P.shape[0], X.shape[1]))
+    return P.tensor(values) @ X
+
+
 class _CSRMatmul(torch.autograd.Function):
     """Y = A X for A = (P, values); backward in ``csr_matmul`` and ``csr_sampled``."""
 
@@ -161,9 +171,7 @@ class _CSRMatmul(torch.autograd.Function):
     def forward(ctx, P, adjoint, values, X):
         ctx.P, ctx.adjoint = P, adjoint
         ctx.save_for_backward(values, X)
-        if P.nnz == 0 or X.shape[1] == 0:
-            return X.new_zeros((P.shape[0], X.shape[1]))
-        return P.tensor(values) @ X
+        return _product(P, values.detach(), X)
 
     @staticmethod
     def backward(ctx, G):
@@ -183,7 +191,7 @@ def _adjoint_matmul(P, values, G, adjoint):
         PT, vT = adjoint
     else:
         PT, perm = P.transpose()
-        vT = values[perm].conj()
+        vT = values[perm].conj_physical() if values.is_complex() else values[perm]
     return csr_matmul(PT, vT, G)
 
 
@@ -261,7 +269,10 @@ def csr_matmul(P: CSRPattern, values: torch.Tensor, X: torch.Tensor, *, adjoint=
     [10.0, 1.0]
     """
     vector = X.ndim == 1
-    Y = _CSRMatmul.apply(P, adjoint, values, _as_2d(X))
+    if torch.is_grad_enabled() and (values.requires_grad or X.requires_grad):
+        Y = _CSRMatmul.apply(P, adjoint, values, _as_2d(X))
+    else:       # no autograd node: the product alone
+        Y = _product(P, values, _as_2d(X))
     return Y[:, 0] if vector else Y
 
 
@@ -316,6 +327,11 @@ def csr_parts(caller: str, A: torch.Tensor, name: str = "A"):
         pattern) or whatever A's values were computed from.
     batch : int or None
         B for a batched tensor.
+    source : Tensor or None
+        The sparse tensor whose ``values().reshape(-1)`` are ``values`` (A,
+        or A coalesced), so that a caller can take them again for each use
+        (a fresh autograd node each time); None when the values had to be
+        reordered.
 
     Raises
     ------
@@ -349,10 +365,23 @@ def csr_parts(caller: str, A: torch.Tensor, name: str = "A"):
             rows, col = idx[0], idx[1]
         else:
             rows, col = idx[0] * n + idx[1], idx[0] * m + idx[2]
-        return CSRPattern(_csr_from_rows(rows, col, shape[0]), col, shape), values, batch
+        return CSRPattern(_csr_from_rows(rows, col, shape[0]), col, shape), values, batch, A
     if A.dense_dim() != 0:
         raise ValueError(f"{caller}: {name} must have no dense dimensions, got {A.dense_dim()}")
     crow, col, values = A.crow_indices(), A.col_indices(), A.values()
+    source = A
+    if A.grad_fn is not None and type(A.grad_fn).__name__.startswith("SparseCompressedTensorBackward"):
+        # A was built by torch.sparse_csr_tensor from values that require grad: torch's backward
+        # through that constructor forms the dense (n, m) gradient. Take the values themselves.
+        node = A.grad_fn.next_functions[0][0] if A.grad_fn.next_functions else None
+        leaf = getattr(node, "variable", None)
+        if isinstance(leaf, torch.Tensor) and leaf.shape == values.shape:
+            values, source = leaf, None
+        else:
+            warnings.warn(f"{caller}: {name} was built by torch.sparse_csr_tensor from values computed by "
+                          "autograd; gradients through torch's constructor form the dense (n, m) matrix. Build the "
+                          "operator from the values instead: SparseOperator.from_pattern(CSRPattern(crow, col, "
+                          "shape), values)", UserWarning, stacklevel=3)
     if batch is not None:
         nnz_b = col.shape[-1]
         offsets = torch.arange(B, device=col.device)
@@ -370,5 +399,5 @@ def csr_parts(caller: str, A: torch.Tensor, name: str = "A"):
         if not bool((key[1:] > key[:-1]).all()):
             coo = torch.sparse_coo_tensor(torch.stack([rows, col]), values, shape).coalesce()
             rows, col = coo.indices()
-            return CSRPattern(_csr_from_rows(rows, col, shape[0]), col, shape), coo.values(), batch
-    return P, values, batch
+            return CSRPattern(_csr_from_rows(rows, col, shape[0]), col, shape), coo.values(), batch, None
+    return P, values, batch, source

@@ -141,9 +141,10 @@ class TriangularSolver:
     Notes
     -----
     ``solve(values, B, adjoint=False)`` returns ``A^-1 B`` (``A^-H B`` with
-    ``adjoint``), B of shape (n, k), no autograd: the differentiable entry
-    point is ``spsolve_triangular``. The level schedule is built on first
-    use (per direction) and kept.
+    ``adjoint``), B of shape (n, k), without autograd; ``apply`` is the
+    same solve, differentiable (what ``spsolve_triangular`` calls after its
+    checks). The level schedule is built on first use (per direction) and
+    kept: keep a solver to solve repeatedly with one pattern.
     """
 
     def __init__(self, pattern: CSRPattern, *, lower: bool, unit_diagonal: bool = False, method=None,
@@ -191,8 +192,13 @@ class TriangularSolver:
             self._mask = (None if bool(keep.all()) else keep,)
         return self._mask[0]
 
+    def apply(self, values: torch.Tensor, B: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
+        """``A^-1 B`` (``A^-H B`` when ``adjoint``) for B of shape (n, k), differentiable in
+        ``values`` (gradient on the pattern) and B; no checks (``spsolve_triangular`` checks)."""
+        return _TriangularSolve.apply(self, bool(adjoint), values, B)
+
     def solve(self, values: torch.Tensor, B: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
-        """``A^-1 B`` (``A^-H B`` when ``adjoint``) for B of shape (n, k)."""
+        """``A^-1 B`` (``A^-H B`` when ``adjoint``) for B of shape (n, k), without autograd."""
         with torch.no_grad():
             values = values.detach()
             if B.shape[1] == 0 or B.shape[0] == 0:
@@ -205,7 +211,9 @@ class TriangularSolver:
         T = self.pattern.tensor(values)
         conjugate = adjoint and values.is_complex()
         rhs = B.conj() if conjugate else B
-        X = torch.triangular_solve(rhs.resolve_conj(), T, upper=not self.lower, transpose=adjoint,
+        # torch's sparse solve reads B's storage as if it were dense (a strided view gives wrong
+        # answers): give it a contiguous copy.
+        X = torch.triangular_solve(rhs.resolve_conj().contiguous(), T, upper=not self.lower, transpose=adjoint,
                                    unitriangular=self.unit_diagonal).solution
         return X.conj().resolve_conj() if conjugate else X
 
@@ -259,18 +267,22 @@ class _TriangularSolve(torch.autograd.Function):
 
 
 def _as_matrix(A, caller):
-    """(pattern, values, batch) of A: a torch sparse tensor, or an object with ``to_sparse_csr()``."""
+    """(pattern, values, batch) of A: an operator holding a ``CSRPattern`` and its ``values``
+    (otlinop's ``SparseOperator``), a torch sparse tensor, or an object with ``to_sparse_csr()``."""
+    pattern = getattr(A, "pattern", None)
+    if isinstance(pattern, CSRPattern) and isinstance(getattr(A, "values", None), torch.Tensor):
+        return pattern, A.values, getattr(A, "batch", None)
     if not isinstance(A, torch.Tensor) and callable(getattr(A, "to_sparse_csr", None)):
         A = A.to_sparse_csr()
-    return csr_parts(caller, A)
+    return csr_parts(caller, A)[:3]
 
 
-def spsolve_triangular(A, B, lower: bool = True, unit_diagonal: bool = False, *, _method=None):
+def spsolve_triangular(A, B, lower: bool = True, unit_diagonal: bool = False, *, method=None):
     """Solve ``A X = B`` for a sparse triangular A, differentiably in A's values and in B.
 
     Parameters
     ----------
-    A : Tensor, sparse CSR or COO, shape (n, n) or (Bt, n, n); or an operator with ``to_sparse_csr()``
+    A : Tensor, sparse CSR or COO, shape (n, n) or (Bt, n, n); or a SparseOperator
         float32, float64, complex64 or complex128. Only the triangle named
         by ``lower`` is read (entries of the other triangle are ignored and
         get a zero gradient). A batch holds one pattern per matrix.
@@ -280,6 +292,10 @@ def spsolve_triangular(A, B, lower: bool = True, unit_diagonal: bool = False, *,
         Solve with the lower (else upper) triangle.
     unit_diagonal : bool, default False
         Take the diagonal as ones; stored diagonal entries are ignored.
+    method : {None, "native", "levels"}
+        None: torch's own sparse solve where it exists (MKL on the CPU,
+        cuSPARSE on CUDA), else the level schedule; "native" or "levels"
+        forces one (the level schedule runs on any device).
 
     Returns
     -------
@@ -296,18 +312,13 @@ def spsolve_triangular(A, B, lower: bool = True, unit_diagonal: bool = False, *,
         ``unit_diagonal``) a diagonal entry of A is missing or zero: A is
         singular.
 
-    Other Parameters
-    ----------------
-    _method : {None, "native", "levels"}
-        Force torch's own solve or the level schedule (tests).
-
     Notes
     -----
     ``x = A^-1 b``; backward: ``lam = A^-H g`` (one solve with the other
     triangle's transpose), ``db = lam``, ``dA_ij = -lam_i conj(x_j)`` for the
     stored (i, j) of the triangle only. On the CPU (with MKL) and on CUDA
     the solves are torch's (``torch.triangular_solve`` on CSR); elsewhere,
-    or for ``_method="levels"``, a level schedule in torch (one gather and
+    or for ``method="levels"``, a level schedule in torch (one gather and
     one scatter-add per level; built on each call: keep a
     ``TriangularSolver`` to reuse it). Like scipy's ``spsolve_triangular``.
 
@@ -324,19 +335,19 @@ def spsolve_triangular(A, B, lower: bool = True, unit_diagonal: bool = False, *,
     Bt = batch or 1
     n = pattern.shape[0] // Bt
     if pattern.shape[0] != pattern.shape[1]:
-        raise ValueError(f"{caller}: A must be square, got shape {fmt_shape(A.shape)}")
+        raise ValueError(f"{caller}: A must be square, got shape {fmt_shape(pattern.shape)}")
     if not isinstance(B, torch.Tensor):
         raise TypeError(f"{caller}: B must be a torch.Tensor, got {type(B).__name__}")
-    expected = ((Bt, n), (Bt, n, None)) if batch is not None else ((n,), (n, None))
-    if not any(B.ndim == len(e) and all(s is None or B.shape[i] == s for i, s in enumerate(e)) for e in expected):
-        want = " or ".join(fmt_shape(tuple("k" if s is None else s for s in e)).replace("'", "") for e in expected)
-        raise ValueError(f"{caller}: B has shape {fmt_shape(B.shape)}, expected {want}")
+    lead = (Bt, n) if batch is not None else (n,)
+    if B.ndim not in (len(lead), len(lead) + 1) or tuple(B.shape[:len(lead)]) != lead:
+        want = ", ".join(str(s) for s in lead)
+        raise ValueError(f"{caller}: B has shape {fmt_shape(B.shape)}, expected ({want},) or ({want}, k)")
     if B.dtype != values.dtype:
         raise TypeError(f"{caller}: B has dtype {B.dtype}, but A has dtype {values.dtype}; convert with "
                         f"B.to({values.dtype})")
     if B.device != values.device:
         raise ValueError(f"{caller}: B is on {B.device}, but A is on {values.device}")
-    solver = TriangularSolver(pattern, lower=lower, unit_diagonal=unit_diagonal, method=_method,
+    solver = TriangularSolver(pattern, lower=lower, unit_diagonal=unit_diagonal, method=method,
                               dtype=values.dtype)
     if not unit_diagonal:
         d = solver.diagonal(values.detach())
@@ -348,5 +359,4 @@ def spsolve_triangular(A, B, lower: bool = True, unit_diagonal: bool = False, *,
                              "unit_diagonal=True if the diagonal is implicitly ones")
     shape = B.shape
     B2 = B.reshape(pattern.shape[0], -1)
-    X = _TriangularSolve.apply(solver, False, values, B2)
-    return X.reshape(shape)
+    return solver.apply(values, B2).reshape(shape)

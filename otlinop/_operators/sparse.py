@@ -88,9 +88,14 @@ class SparseOperator(LinearOperator):
     """
 
     def __init__(self, A: torch.Tensor, *, is_symmetric: bool | None = None, is_psd: bool = False):
-        pattern, values, batch = csr_parts("SparseOperator", A)
+        pattern, values, batch, source = csr_parts("SparseOperator", A)
         self._setup(pattern, values, batch, tuple(A.shape[-2:]), is_symmetric=bool(is_symmetric) or is_psd,
                     is_psd=is_psd)
+        if source is not None and source.requires_grad:
+            # Take the values from the tensor at each differentiable use: a fresh autograd node each
+            # time, so that the operator serves any number of backward passes.
+            self._source = ("tensor", source)
+            self._values = values.detach()
 
     @classmethod
     def from_pattern(cls, pattern: CSRPattern, values: torch.Tensor, *, batch: int | None = None,
@@ -98,6 +103,7 @@ class SparseOperator(LinearOperator):
         """The operator of a ``CSRPattern`` and its values (shape (nnz,)), without copying.
 
         ``batch`` = B says that the pattern is block diagonal with B blocks.
+        Gradients reach ``values`` (a leaf, or any tensor computed from one).
         """
         if not isinstance(pattern, CSRPattern):
             raise TypeError(f"SparseOperator.from_pattern: pattern must be a solvers.sparse.CSRPattern, got "
@@ -105,40 +111,57 @@ class SparseOperator(LinearOperator):
         if not isinstance(values, torch.Tensor) or values.shape != (pattern.nnz,):
             got = fmt_shape(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise ValueError(f"SparseOperator.from_pattern: values must have shape ({pattern.nnz},), got {got}")
+        if values.device != pattern.device:
+            raise ValueError(f"SparseOperator.from_pattern: values are on {values.device}, the pattern on "
+                             f"{pattern.device}")
         B = batch or 1
         op = cls.__new__(cls)
         op._setup(pattern, values, batch, (pattern.shape[0] // B, pattern.shape[1] // B),
                   is_symmetric=is_symmetric or is_psd, is_psd=is_psd)
         return op
 
-    def _setup(self, pattern, values, batch, block_shape, *, is_symmetric, is_psd, transpose_of=None,
-               derived=None):
+    def _setup(self, pattern, values, batch, block_shape, *, is_symmetric, is_psd, transpose_of=None):
         super().__init__(pattern.shape, values.dtype, values.device, is_symmetric=is_symmetric, is_psd=is_psd,
                          transpose_of=transpose_of)
         self.pattern = pattern
         self._values = values
-        # A transpose's values are its parent's, permuted: (parent values, perm, conjugate).
-        self._derived = derived
+        # Where differentiable values come from, when not from _values itself: ("tensor", a sparse
+        # tensor) or ("transpose", the operator transposed, perm, conjugate).
+        self._source = None
         self.batch = batch
         self.block_shape = (int(block_shape[0]), int(block_shape[1]))
 
     @property
+    def values_require_grad(self) -> bool:
+        """Whether the values are differentiable (own values, the sparse tensor's, or those of
+        the operator this one transposes)."""
+        source = self._source
+        if source is None:
+            return self._values.requires_grad
+        if source[0] == "tensor":
+            return source[1].requires_grad
+        return source[1].values_require_grad
+
+    @property
     def values(self) -> torch.Tensor:
         """The stored entries, shape (nnz,), in row-major order (differentiable)."""
-        if self._derived is None:
+        source = self._source
+        if source is None:
             return self._values
-        source, perm, conjugate = self._derived
-        if source.requires_grad and torch.is_grad_enabled():
-            # Gathered at each use: a cached gather would be one graph node, freed by the first backward.
-            values = source[perm]
-            return values.conj() if conjugate else values
+        differentiable = torch.is_grad_enabled() and self.values_require_grad
+        if source[0] == "tensor":
+            return source[1].values().reshape(-1) if differentiable else self._values
+        _, parent, perm, conjugate = source
+        if differentiable:
+            # Gathered at each use: a cached gather would be one autograd node, freed by the first backward.
+            values = parent.values[perm]
+            return values.conj_physical() if conjugate else values
         if self._values is None:
             with torch.no_grad():
-                values = source[perm]
-                self._values = values.conj().resolve_conj() if conjugate else values
+                values = parent.values[perm]
+                self._values = values.conj_physical() if conjugate else values
         return self._values
 
-    # ------------------------------------------------------------ products
     def _own_adjoint(self):
         """``(pattern, values)`` of A^H when A is declared Hermitian (no transposed pattern needed)."""
         if self.is_symmetric:
@@ -153,15 +176,11 @@ class SparseOperator(LinearOperator):
 
     def _transposed(self, conjugate: bool, adjoint: bool) -> "SparseOperator":
         PT, perm = self.pattern.transpose()
-        if self._derived is None:
-            derived = (self._values, perm, conjugate)
-        else:   # permute the original values once, not a gather of a gather
-            source, first, conjugated = self._derived
-            derived = (source, first[perm], conjugated != conjugate)
         op = type(self).__new__(type(self))
-        op._setup(PT, derived[0].detach()[:0], self.batch, self.block_shape[::-1], is_symmetric=False,
-                  is_psd=False, transpose_of=self if adjoint else None, derived=derived)
-        op._values = None
+        op._setup(PT, self._values.detach()[:0] if self._values is not None else self.values.detach()[:0],
+                  self.batch, self.block_shape[::-1], is_symmetric=False, is_psd=False,
+                  transpose_of=self if adjoint else None)
+        op._source, op._values = ("transpose", self, perm, conjugate), None
         return op
 
     def _adjoint(self):
@@ -212,8 +231,14 @@ class SparseOperator(LinearOperator):
         return self.pattern.tensor(self.values)
 
     def _differentiable_tensors(self) -> tuple:
-        """What ``solve`` differentiates: the values, when they require grad."""
-        return (self.values,) if self.values.requires_grad else ()
+        """What ``solve`` and ``lstsq`` differentiate: the tensors the values are taken from
+        (the values, or the sparse tensor they are read from at each use), when they require grad."""
+        source = self._source
+        if source is None:
+            return (self._values,) if self._values.requires_grad else ()
+        if source[0] == "tensor":
+            return (source[1],) if source[1].requires_grad else ()
+        return source[1]._differentiable_tensors()
 
     def _parts(self):
         return (self.values,)
