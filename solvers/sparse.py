@@ -92,14 +92,14 @@ class CSRPattern:
                                        self.crow.diff(), output_size=self.nnz)
 
     def tensor(self, values: torch.Tensor) -> torch.Tensor:
-        """The torch CSR tensor of these values (autograd flows to ``values``); the last one
-        built is kept while the same values tensor, unmodified, asks again."""
+        """The torch CSR tensor of these values, outside autograd (torch's backward through its
+        sparse constructor would form the dense matrix); the last one built is kept while the
+        same values tensor, unmodified, asks again."""
         cached = self._tensor
         if cached is not None and cached[0] is values and cached[1] == values._version:
             return cached[2]
-        tensor = _quiet_csr(self.crow, self.col, values, self.shape)
-        if not values.requires_grad:
-            self._tensor = (values, values._version, tensor)
+        tensor = _quiet_csr(self.crow, self.col, values.detach(), self.shape)
+        self._tensor = (values, values._version, tensor)
         return tensor
 
     def transpose(self):
@@ -171,7 +171,7 @@ class _CSRMatmul(torch.autograd.Function):
     def forward(ctx, P, adjoint, values, X):
         ctx.P, ctx.adjoint = P, adjoint
         ctx.save_for_backward(values, X)
-        return _product(P, values.detach(), X)
+        return _product(P, values, X)
 
     @staticmethod
     def backward(ctx, G):

@@ -158,6 +158,7 @@ class TriangularSolver:
         self._levels = None             # (order, bounds)
         self._by_direction = {}
         self._mask = None
+        self._native_part = None        # CUDA: (pattern of the entries read, their positions)
 
     @property
     def levels(self) -> int:
@@ -208,7 +209,19 @@ class TriangularSolver:
             return self._by_levels(values, B, adjoint)
 
     def _native(self, values, B, adjoint):
-        T = self.pattern.tensor(values)
+        if self.pattern.device.type == "cuda" and self.used() is not None:
+            # cuSPARSE is not documented to skip the other triangle (or a stored diagonal taken as
+            # unit): give it the entries the solve reads, and nothing else.
+            if self._native_part is None:
+                keep = torch.nonzero(self.used()).flatten()
+                rows = self.pattern.rows()[keep]
+                crow = torch.zeros(self.pattern.shape[0] + 1, dtype=torch.int64, device=keep.device)
+                torch.cumsum(torch.bincount(rows, minlength=self.pattern.shape[0]), 0, out=crow[1:])
+                self._native_part = (CSRPattern(crow, self.pattern.col[keep], self.pattern.shape), keep)
+            part, keep = self._native_part
+            T = part.tensor(values[keep])
+        else:
+            T = self.pattern.tensor(values)
         conjugate = adjoint and values.is_complex()
         rhs = B.conj() if conjugate else B
         # torch's sparse solve reads B's storage as if it were dense (a strided view gives wrong

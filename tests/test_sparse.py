@@ -648,3 +648,13 @@ def test_cuda_products_and_triangular_solves_match_the_cpu(dtype):
         torch.testing.assert_close(spsolve_triangular(Lg, B.cuda(), method=method).cpu(), expected, **tol)
     res = cg(SparseOperator(Ag, is_psd=True), B[:, 0].cuda(), M=ichol0(), rtol=1e-6)
     assert res.converged
+    # A full matrix: each solve reads one triangle (and not a diagonal taken as unit), as on the CPU.
+    F = (A.to_dense() + torch.triu(torch.rand(64 * 64, 64 * 64, dtype=dtype), 1) * (A.to_dense() != 0))
+    Fs = F.to_sparse_csr()
+    for lower in (True, False):
+        for unit in (False, True):
+            want = spsolve_triangular(Fs, B, lower=lower, unit_diagonal=unit)
+            for method in METHODS:
+                got = spsolve_triangular(Fs.cuda(), B.cuda(), lower=lower, unit_diagonal=unit, method=method)
+                torch.testing.assert_close(got.cpu(), want, **tol)
+    torch.testing.assert_close((ilu0(Fs.cuda()) @ B.cuda()).cpu(), ilu0(Fs) @ B, **tol)

@@ -69,8 +69,9 @@ class SparseOperator(LinearOperator):
       A). ``A.T.T is A``.
     * ``diagonal()`` reads the stored diagonal (zero where none is
       stored), so ``jacobi(A)`` needs no product.
-    * ``to_sparse_csr()`` gives the torch CSR tensor back (what
-      ``solvers.ichol0``, ``solvers.ilu0`` and ``spsolve_triangular`` read).
+    * ``to_sparse_csr()`` gives the torch CSR tensor back (no autograd);
+      ``solvers.ichol0``, ``solvers.ilu0`` and ``spsolve_triangular`` read
+      the operator's pattern and values directly.
     * ``solve(A, b)`` differentiates w.r.t. ``values`` with one adjoint
       solve, the gradient again on the pattern.
 
@@ -227,7 +228,8 @@ class SparseOperator(LinearOperator):
 
     def to_sparse_csr(self) -> torch.Tensor:
         """The torch CSR tensor of this operator (block diagonal for a batch), sharing its
-        indices and values; differentiable in the values."""
+        indices and values, outside autograd: gradients flow through the operator's products
+        (torch's backward through its sparse constructor would form the dense matrix)."""
         return self.pattern.tensor(self.values)
 
     def _differentiable_tensors(self) -> tuple:
