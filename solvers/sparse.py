@@ -40,7 +40,7 @@ SPARSE_DTYPES = (torch.float32, torch.float64, torch.complex64, torch.complex128
 
 #: Entries x columns gathered at once by ``csr_sampled``: its temporaries are a few
 #: times this many numbers, a fraction of the values of a large matrix.
-_SAMPLED_BLOCK = 1 << 20
+_SAMPLED_BLOCK = 1 << 18
 
 
 def _quiet_csr(crow, col, values, shape):
@@ -293,7 +293,7 @@ def csr_sampled(P: CSRPattern, G: torch.Tensor, X: torch.Tensor) -> torch.Tensor
     Notes
     -----
     The gradient of ``<G, A X>`` with respect to A's values; computed in
-    row blocks of about 1M entries x columns, never as the (n, m) product.
+    row blocks of about 262k entries x columns, never as the (n, m) product.
     """
     return _CSRSampled.apply(P, _as_2d(G), _as_2d(X))
 
