@@ -191,7 +191,8 @@ def _adjoint_matmul(P, values, G, adjoint):
         PT, vT = adjoint
     else:
         PT, perm = P.transpose()
-        vT = values[perm].conj_physical() if values.is_complex() else values[perm]
+        vT = values.index_select(0, perm)
+        vT = vT.conj_physical() if vT.is_complex() else vT
     return csr_matmul(PT, vT, G)
 
 
@@ -224,10 +225,10 @@ def _sampled(P, G, X):
         return out
     conj = X.is_complex()
     for r0, r1, e0, e1 in P.row_blocks(max(1, _SAMPLED_BLOCK // k)):
-        rows = torch.repeat_interleave(torch.arange(r1 - r0, device=G.device), P.crow[r0:r1 + 1].diff(),
-                                       output_size=e1 - e0)
-        Xj = X[P.col[e0:e1]]
-        prod = G[r0:r1][rows] * (Xj.conj() if conj else Xj)
+        # Row i of G repeated once per entry of row i: no index of rows is needed.
+        Gi = torch.repeat_interleave(G[r0:r1], P.crow[r0:r1 + 1].diff(), dim=0, output_size=e1 - e0)
+        Xj = X.index_select(0, P.col[e0:e1])
+        prod = Gi.mul_(Xj.conj() if conj else Xj)
         out[e0:e1] = prod[:, 0] if k == 1 else prod.sum(1)
     return out
 
@@ -392,11 +393,13 @@ def csr_parts(caller: str, A: torch.Tensor, name: str = "A"):
     crow, col = crow.to(torch.int64), col.to(torch.int64)
     P = CSRPattern(crow, col, shape)
     if col.numel() > 1:
-        # torch does not promise sorted, unique columns within a row: sort them (keys are unique
-        # unless duplicated, which the COO path sums).
-        rows = P.rows()
-        key = rows * shape[1] + col
-        if not bool((key[1:] > key[:-1]).all()):
+        # torch does not promise sorted, unique columns within a row: check (columns increase
+        # except where a row starts), and sort them through a coalesced COO tensor if not.
+        increasing = col[1:] > col[:-1]
+        starts = crow[1:-1]
+        increasing[starts[(starts > 0) & (starts < col.numel())] - 1] = True
+        if not bool(increasing.all()):
+            rows = P.rows()
             coo = torch.sparse_coo_tensor(torch.stack([rows, col]), values, shape).coalesce()
             rows, col = coo.indices()
             return CSRPattern(_csr_from_rows(rows, col, shape[0]), col, shape), coo.values(), batch, None

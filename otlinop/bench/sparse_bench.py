@@ -102,6 +102,7 @@ def product_table(g: int, ks, dtypes, device) -> None:
     for dtype in dtypes:
         A = poisson_2d(g, dtype=dtype, device=device)
         values = A.values().clone().requires_grad_(True)
+        A_leaf = A.detach().clone().requires_grad_(True)
         op = SparseOperator(A)
         op_grad = SparseOperator.from_pattern(op.pattern, values)
         for k in ks:
@@ -111,19 +112,16 @@ def product_table(g: int, ks, dtypes, device) -> None:
             t_ours = timing.bench(lambda: op @ V)
 
             def with_grad(product):
-                # The sparse tensor is built from the values in each call: its autograd node serves one backward.
-                def run():
-                    A_grad = torch.sparse_csr_tensor(A.crow_indices(), A.col_indices(), values, A.shape,
-                                                     check_invariants=False)
-                    return torch.autograd.grad(product(A_grad, Vg).sum(), (values, Vg))
-                return run
+                # A leaf sparse tensor: torch's backward through torch.sparse_csr_tensor(..., values) would
+                # form the dense gradient whatever the product does.
+                return lambda: torch.autograd.grad(product(A_leaf, Vg).sum(), (A_leaf, Vg))
 
             cells = [_maybe(with_grad(torch.sparse.mm)),
                      _maybe(lambda: torch.autograd.grad((op_grad @ Vg).sum(), (values, Vg)))]
             cells.append(_maybe(with_grad(tsgu.sparse_mm)) if tsgu is not None else "not installed")
             print(f"| {str(dtype)[6:]} | {k} | {t_torch:.3f} | {t_ours:.3f} | {t_ours / t_torch:.2f} | "
                   + " | ".join(cells) + " |", flush=True)
-        del A, op, op_grad, values
+        del A, A_leaf, op, op_grad, values
 
 
 def _maybe(fn) -> str:
@@ -169,9 +167,7 @@ def triangular_table(grids, k: int, dtypes, device, dense_limit: int) -> None:
             _sync(device)
             analysis = f"{1e3 * (time.perf_counter() - t0):.1f}"
 
-            def L_grad():
-                return torch.sparse_csr_tensor(L.crow_indices(), L.col_indices(), values, L.shape,
-                                               check_invariants=False)
+            L_leaf = L.detach().clone().requires_grad_(True)     # what torchsparsegradutils differentiates
 
             fwd = [_maybe(lambda: spsolve_triangular(L, B, method="native")),
                    _maybe(lambda: levels.solve(L.values(), B)),
@@ -184,12 +180,12 @@ def triangular_table(grids, k: int, dtypes, device, dense_limit: int) -> None:
             else:
                 fwd.append(f"n > {dense_limit}")
 
-            def grads(fn):
-                return lambda: torch.autograd.grad(fn().sum(), (values, Bg))
+            def grads(fn, wrt):
+                return lambda: torch.autograd.grad(fn().sum(), (wrt, Bg))
 
-            fb = [_maybe(grads(lambda: spsolve_triangular(L_grad(), Bg, method="native"))),
-                  _maybe(grads(lambda: levels.apply(values, Bg))),
-                  _maybe(grads(lambda: tsgu.sparse_triangular_solve(L_grad(), Bg, upper=False))) if tsgu
+            fb = [_maybe(grads(lambda: spsolve_triangular(L_leaf, Bg, method="native"), L_leaf)),
+                  _maybe(grads(lambda: levels.apply(values, Bg), values)),
+                  _maybe(grads(lambda: tsgu.sparse_triangular_solve(L_leaf, Bg, upper=False), L_leaf)) if tsgu
                   else "not installed"]
             if Ld is not None:
                 fb.append(_maybe(lambda: torch.autograd.grad(
@@ -198,7 +194,7 @@ def triangular_table(grids, k: int, dtypes, device, dense_limit: int) -> None:
                 fb.append(f"n > {dense_limit}")
             print(f"| {str(dtype)[6:]} | {g} | {n} | {count} | {analysis} | " + " | ".join(fwd + fb) + " |",
                   flush=True)
-            del L, values, B, Bg, Ld, levels
+            del L, L_leaf, values, B, Bg, Ld, levels
 
 
 # --------------------------------------------------------------------------
