@@ -23,6 +23,7 @@ transport (squared Euclidean cost) in PyTorch + Triton.
 from . import solvers
 from ._base import LinearOperator
 from ._operators.concrete import BlockOperator, Dense, Diag, Identity, Zero
+from ._operators.sparse import SparseOperator
 from ._interop import aslinearoperator
 from .plan import PlanOperator, plan_matmul
 from .truncated import TruncatedPlanOperator
@@ -39,7 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # operators
-    "LinearOperator", "Dense", "Diag", "Identity", "Zero", "BlockOperator", "aslinearoperator",
+    "LinearOperator", "Dense", "Diag", "Identity", "Zero", "BlockOperator", "SparseOperator", "aslinearoperator",
     "PlanOperator", "TruncatedPlanOperator", "plan_matmul", "plan_marginals", "marginal_error",
     # Sinkhorn and the loss
     "sinkhorn", "SinkhornResult", "epsilon_schedule", "SamplesLoss", "sinkhorn_loss",

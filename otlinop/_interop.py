@@ -14,8 +14,9 @@ import torch
 from solvers import register_conversion
 
 from ._base import LinearOperator
-from ._checks import OPERATOR_DTYPES, fmt_shape
+from ._checks import fmt_shape
 from ._operators.concrete import Dense
+from ._operators.sparse import SparseOperator
 
 __all__ = ["aslinearoperator", "to_scipy"]
 
@@ -33,45 +34,6 @@ def _torch_dtype_for(np_dtype, dtype):
         return dtype
     np_dtype = np.dtype(np_dtype)
     return _NUMPY_TO_TORCH.get(np_dtype, torch.complex128 if np_dtype.kind == "c" else torch.float64)
-
-
-class _SparseTensorOperator(LinearOperator):
-    """A torch sparse COO or CSR matrix. Adjoint by transposition, O(nnz) matvec."""
-
-    def __init__(self, S: torch.Tensor):
-        if S.ndim != 2:
-            raise ValueError(f"aslinearoperator: a sparse tensor must be 2-D, got shape {fmt_shape(S.shape)}")
-        if S.dtype not in OPERATOR_DTYPES:
-            raise TypeError(f"aslinearoperator: sparse tensor has dtype {S.dtype}, expected a floating or "
-                            "complex dtype")
-        S = S.coalesce() if S.layout == torch.sparse_coo else S
-        super().__init__(S.shape, S.dtype, S.device)
-        self.S = S
-        self._ST = None
-
-    def _matmat(self, V):
-        return self.S @ V
-
-    def _transposed(self):
-        if self._ST is None:
-            coo = self.S if self.S.layout == torch.sparse_coo else self.S.to_sparse_coo()
-            self._ST = coo.t().coalesce()
-        return self._ST
-
-    def _rmatmat(self, U):
-        if self.dtype.is_complex:   # S.H U = conj(S.T conj(U)): no conjugated copy of S
-            return (self._transposed() @ U.conj_physical()).conj_physical()
-        return self._transposed() @ U
-
-    def _diagonal(self):
-        coo = self.S if self.S.layout == torch.sparse_coo else self.S.to_sparse_coo().coalesce()
-        idx, val = coo.indices(), coo.values()
-        on_diag = idx[0] == idx[1]
-        out = torch.zeros(min(self.shape), dtype=self.dtype, device=self.device)
-        return out.index_add(0, idx[0][on_diag], val[on_diag])
-
-    def to_dense(self):
-        return self.S.to_dense()
 
 
 class _ScipyOperator(LinearOperator):
@@ -144,8 +106,9 @@ def aslinearoperator(obj, *, dtype: torch.dtype | None = None, device=None) -> L
     ----------
     obj : LinearOperator, torch.Tensor, numpy.ndarray, scipy sparse matrix/array,
         scipy.sparse.linalg.LinearOperator or linear_operator.LinearOperator
-        Dense tensors become ``Dense``; sparse COO/CSR tensors, scipy sparse
-        matrices and foreign operators are wrapped.
+        Dense tensors become ``Dense``, sparse COO/CSR tensors (2-D or
+        batched 3-D) ``SparseOperator``; scipy sparse matrices and foreign
+        operators are wrapped.
     dtype, device : optional
         For NumPy and scipy inputs: the torch dtype and device to use
         (default: the input's own float16, float32, float64, complex64 or
@@ -175,7 +138,7 @@ def aslinearoperator(obj, *, dtype: torch.dtype | None = None, device=None) -> L
         if obj.layout == torch.strided:
             return Dense(obj if dtype is None else obj.to(dtype))
         if obj.layout in (torch.sparse_coo, torch.sparse_csr):
-            return _SparseTensorOperator(obj if dtype is None else obj.to(dtype))
+            return SparseOperator(obj if dtype is None else obj.to(dtype))
         raise TypeError(f"aslinearoperator: torch layout {obj.layout} is not supported; "
                         "use a dense, sparse COO or sparse CSR tensor")
     if isinstance(obj, np.ndarray):

@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from solvers import config
+
 from ._base import LinearOperator
 from ._checks import Geometry, fmt_shape, fraction, matrix, positive_int, real_operator_dtype
 from .kernels._reference import compute_dtype
@@ -89,8 +91,11 @@ class TruncatedPlanOperator(LinearOperator):
       order: deterministic), O(capacity (n + m)) memory for the layout and
       its transpose.
     * Gradients: the products are differentiable in the operand (a torch
-      path is taken when it requires grad), not in the points or potentials
-      (the layout is a fixed snapshot of P).
+      path is taken when it requires grad) and in ``values`` when they
+      require grad (``P.values.requires_grad_()``): then ``dL/dvalues`` has
+      the layout's shape (capacity, n), zero on padding, and ``P.T``'s
+      products reach ``values`` too; no n x m temporary. Not in the points
+      or potentials (the layout is a fixed snapshot of P).
     * The padding holds value 0; products skip it, so a NaN in V reaches
       only the rows that use it.
     """
@@ -105,6 +110,11 @@ class TruncatedPlanOperator(LinearOperator):
         self._nnz: int | None = nnz       # counts.sum() when the builder read it already
         self._row_sums: torch.Tensor | None = None
         self._transposed: tuple | None = transposed   # the transpose's layout, once known
+        # For a transpose built by _adjoint: the operator it transposes, and where each of its
+        # slots comes from (built with the layout, or on demand), so that products reach that
+        # operator's values when they require grad.
+        self._source: TruncatedPlanOperator | None = None
+        self._slot_map: tuple | None = None
 
     # ------------------------------------------------------------ products
     def _backend_for(self, V):
@@ -112,7 +122,26 @@ class TruncatedPlanOperator(LinearOperator):
             return "torch"
         return self.backend
 
+    def _differentiable_values(self):
+        """The values when products must differentiate w.r.t. them (own or, for a transpose,
+        gathered from the transposed operator's), else None."""
+        if not torch.is_grad_enabled():
+            return None
+        if self.values.requires_grad:
+            return self.values
+        P = self._source
+        if P is not None and P.values.requires_grad:
+            if self._slot_map is None:
+                self._slot_map = _transpose_layout(P.values.detach(), P.columns, P.counts, P.shape[1], P._nnz)[3]
+            slots, rows, flat = self._slot_map
+            out = torch.zeros(self.values.shape, dtype=self.dtype, device=self.device)
+            return out.index_put((slots, rows), P.values.reshape(-1)[flat])
+        return None
+
     def _matmat(self, V):
+        values = self._differentiable_values()
+        if values is not None:
+            return _LayoutProduct.apply(self, values, V)
         return ell_matmat(self.values, self.columns, self.counts, V, m=self.shape[1], backend=self._backend_for(V))
 
     def _matvec(self, v):
@@ -129,6 +158,10 @@ class TruncatedPlanOperator(LinearOperator):
         row_weight : Tensor, shape (n,)
         diag : Tensor, shape (m,)
         """
+        if self._differentiable_values() is not None:
+            rows = row_weight if V.ndim == 1 else row_weight[:, None]
+            d = diag if V.ndim == 1 else diag[:, None]
+            return d * V - self.adjoint()._matmat(rows * self._matmat(V))
         backend = self._backend_for(V)
         T = self.adjoint()
         u = ell_matmat(self.values, self.columns, self.counts, V, m=self.shape[1], row_scale=row_weight,
@@ -137,12 +170,17 @@ class TruncatedPlanOperator(LinearOperator):
                           backend=backend)
 
     def _adjoint(self) -> "TruncatedPlanOperator":
+        slot_map = None
         if self._transposed is None:
-            self._transposed = _transpose_layout(self.values, self.columns, self.counts, self.shape[1], self._nnz)
+            vals, cols, counts, slot_map = _transpose_layout(self.values.detach(), self.columns, self.counts,
+                                                             self.shape[1], self._nnz)
+            self._transposed = (vals, cols, counts)
         vals, cols, counts = self._transposed
-        return TruncatedPlanOperator(vals, cols, counts, (self.shape[1], self.shape[0]), tol=self.tol,
-                                     backend=self.backend, nnz=self._nnz,
-                                     transposed=(self.values, self.columns, self.counts), transpose_of=self)
+        T = TruncatedPlanOperator(vals, cols, counts, (self.shape[1], self.shape[0]), tol=self.tol,
+                                  backend=self.backend, nnz=self._nnz,
+                                  transposed=(self.values, self.columns, self.counts), transpose_of=self)
+        T._source, T._slot_map = self, slot_map
+        return T
 
     def _diagonal(self):
         k = min(self.shape)
@@ -211,8 +249,58 @@ class TruncatedPlanOperator(LinearOperator):
                 f"tol={self.tol:g}, dtype={self.dtype}, device={self.device})")
 
 
+class _LayoutProduct(torch.autograd.Function):
+    """``P @ V`` for a padded layout whose values require grad.
+
+    Forward: the operator's kernel (Triton on CUDA). Backward:
+    ``dV = P.T @ G`` (the transposed layout) and
+    ``dvalues[s, i] = <G_i, V_{columns[s, i]}>`` on the live slots
+    (``_layout_sampled``), both differentiable again; nothing of size n x m.
+    """
+
+    @staticmethod
+    def forward(ctx, P, values, V):
+        ctx.P = P
+        ctx.save_for_backward(values, V)
+        return ell_matmat(values.detach(), P.columns, P.counts, V, m=P.shape[1], backend=P.backend)
+
+    @staticmethod
+    def backward(ctx, G):
+        values, V = ctx.saved_tensors
+        P = ctx.P
+        dvalues = dV = None
+        if ctx.needs_input_grad[2]:
+            dV = P.adjoint()._matmat(G)
+        if ctx.needs_input_grad[1]:
+            dvalues = _layout_sampled(P.columns, P.counts, G, V)
+        return None, dvalues, dV
+
+
+def _layout_sampled(columns, counts, G, V):
+    """``out[s, i] = <G_i, V_{columns[s, i]}>`` on live slots, 0 on padding: shape (capacity, n),
+    computed in slot blocks whose (slots, n, k) temporaries fit ``config.torch_block_bytes``."""
+    cap, n = columns.shape
+    G2 = G[:, None] if G.ndim == 1 else G
+    V2 = V[:, None] if V.ndim == 1 else V
+    k = G2.shape[1]
+    live = live_slots(counts, cap)
+    per = max(1, config.torch_block_bytes // max(1, n * k * G2.element_size() * 2))
+    blocks = []
+    for s0 in range(0, cap, per):
+        s1 = min(cap, s0 + per)
+        dots = (G2[None, :, :] * V2[columns[s0:s1].to(torch.int64)]).sum(-1)
+        blocks.append(torch.where(live[s0:s1], dots, 0.0))
+    if not blocks:
+        return torch.zeros((cap, n), dtype=G.dtype, device=G.device)
+    return torch.cat(blocks)
+
+
 def _transpose_layout(values, columns, counts, m, nnz=None):
     """The padded layout of the transpose: entries sorted by (column, row).
+
+    Returns the transpose's values, columns and counts, and the slot map
+    ``(slots, columns, source)``: entry ``source[e]`` of ``values.reshape(-1)``
+    sits at ``[slots[e], columns[e]]`` of the transpose's layout.
 
     The live entries are enumerated row by row from the running sum of
     ``counts`` (``nnz`` of them: read back here unless the caller knows
@@ -240,9 +328,10 @@ def _transpose_layout(values, columns, counts, m, nnz=None):
     capT = int(ccount.max()) if m and j.numel() else 0
     valsT = torch.zeros((capT, m), dtype=values.dtype, device=device)
     colsT = torch.zeros((capT, m), dtype=torch.int32, device=device)
-    valsT[pos, j] = values[s, i][order]
+    source = (s * n + i)[order]                    # the flat slot of each entry in the layout
+    valsT[pos, j] = values.reshape(-1)[source]
     colsT[pos, j] = i[order].to(torch.int32)
-    return valsT, colsT, ccount.to(torch.int32)
+    return valsT, colsT, ccount.to(torch.int32), (pos, j, source)
 
 
 def truncate_plan(P, tol: float = 1e-8, *, max_fill: float = 0.25, capacity: int | None = None):

@@ -21,10 +21,13 @@ from .bicgstab import bicgstab
 from .cg import cg
 from .gmres import gmres
 from .graphs import GraphCache
+from .incomplete import ichol0, ilu0
 from .lsmr import lsmr
+from .lstsq import lstsq
 from .minres import minres
 from .preconditioners import PreconditionerFactory, jacobi, neumann
 from .solve import solve
+from .triangular import spsolve_triangular
 
 __all__ = [
     "cg",
@@ -32,11 +35,15 @@ __all__ = [
     "gmres",
     "bicgstab",
     "lsmr",
+    "lstsq",
     "solve",
     "SolveResult",
     "GraphCache",
     "jacobi",
     "neumann",
+    "ichol0",
+    "ilu0",
+    "spsolve_triangular",
     "PreconditionerFactory",
     "config",
     "Config",

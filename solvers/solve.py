@@ -14,7 +14,7 @@ from .gmres import gmres
 from .minres import minres
 from .preconditioners import PreconditionerFactory
 
-__all__ = ["solve"]
+__all__ = ["solve", "operator_params"]
 
 _METHODS = {"cg": cg, "minres": minres, "gmres": gmres, "bicgstab": bicgstab}
 _SYMMETRIC_METHODS = ("cg", "minres")
@@ -36,15 +36,15 @@ def _graph_leaves(root) -> list:
     return leaves
 
 
-def _find_params(op, params) -> tuple:
-    """The tensors requiring grad that ``op``'s matvec depends on (see ``solve``)."""
+def operator_params(op, params, caller: str = "solve") -> tuple:
+    """The tensors requiring grad that ``op``'s matvec depends on (see ``solve``; ``lstsq`` shares it)."""
     if params is not None:
         if isinstance(params, torch.Tensor):
             params = (params,)
         params = tuple(params)
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"solve: params[{i}] must be a torch.Tensor, got {type(p).__name__}")
+                raise TypeError(f"{caller}: params[{i}] must be a torch.Tensor, got {type(p).__name__}")
         return tuple(p for p in params if p.requires_grad)
     for attr in ("_differentiable_tensors", "parameters"):
         fn = getattr(op, attr, None)
@@ -168,8 +168,8 @@ def solve(A, b, method="cg", *, params=None, **options):
     b : Tensor, shape (n,) or (n, k)
     method : {"cg", "minres", "gmres", "bicgstab"}
         The solver, used for the forward solve and for the adjoint solve of
-        the backward pass. ``lsmr`` is not offered: least-squares gradients
-        need other formulas.
+        the backward pass. For least squares use ``lstsq`` (LSMR with its
+        own implicit gradient).
     params : tuple of Tensor, optional
         The tensors A's matvec depends on, for gradients with respect to
         them. When omitted they are taken from ``A._differentiable_tensors()``
@@ -224,9 +224,9 @@ def solve(A, b, method="cg", *, params=None, **options):
     """
     if not isinstance(method, str) or method not in _METHODS:
         if method == "lsmr":
-            raise ValueError("solve: method='lsmr' is not supported (least-squares gradients are not "
-                             "implemented); call solvers.lsmr directly, or solve the normal equations with "
-                             "method='cg'")
+            raise ValueError("solve: method='lsmr' is not supported here: least squares has its own "
+                             "gradient formulas; use solvers.lstsq(A, b, damp=...), which runs LSMR and "
+                             "differentiates it")
         raise ValueError(f"solve: unknown method {method!r}; expected one of 'cg', 'minres', 'gmres', "
                          "'bicgstab'")
     op = as_operator(A, caller="solve")
@@ -234,7 +234,7 @@ def solve(A, b, method="cg", *, params=None, **options):
             and b.dtype == complex_of(op.dtype)):
         # A complex b with a real A: the solve, and the VJP's product A x, run in complex.
         op = promote(op, b.dtype)
-    found = _find_params(op, params)
+    found = operator_params(op, params)
     needs_grad = torch.is_grad_enabled() and (
         (isinstance(b, torch.Tensor) and b.requires_grad) or any(p.requires_grad for p in found))
     if not needs_grad:

@@ -12,6 +12,7 @@ import solvers
 from otlinop.hessian import HessianOperator
 from otlinop.hvp import hvp
 from otlinop.kernels import ell_bilinear, ell_matmat, ell_matmat_torch, plan_truncate, plan_truncate_torch
+from otlinop.kernels.ell import live_slots
 from otlinop.plan import PlanOperator
 from otlinop.sinkhorn import sinkhorn
 from otlinop.truncated import TruncatedPlanOperator, truncate_plan
@@ -557,7 +558,7 @@ def test_transposed_layout_from_the_row_counts(known_nnz):
             columns[s, i] = j
             dense[i, j] = values[s, i]
     values[:, counts == 0] = 9.0          # padding: never read
-    vT, cT, kT = _transpose_layout(values, columns, counts, m, int(counts.sum()) if known_nnz else None)
+    vT, cT, kT, _ = _transpose_layout(values, columns, counts, m, int(counts.sum()) if known_nnz else None)
     assert kT.tolist() == (dense != 0).sum(0).tolist()
     assert vT.shape == (int(kT.max()), m)
     for j in range(m):
@@ -589,3 +590,52 @@ def test_truncation_knows_its_entry_count():
     assert isinstance(Pt, TruncatedPlanOperator)
     assert Pt._nnz == int(Pt.counts.sum()) == Pt.T._nnz == int(Pt.T.counts.sum())
     assert torch.equal(Pt.T.to_dense(), Pt.to_dense().T)
+
+
+def _dense_of_layout(values, Pt):
+    """The (n, m) matrix of a layout's values, differentiably (index_put of the live slots)."""
+    n, m = Pt.shape
+    live = live_slots(Pt.counts, values.shape[0])
+    s, i = live.nonzero(as_tuple=True)
+    return torch.zeros((n, m), dtype=values.dtype).index_put((i, Pt.columns[s, i].long()), values[s, i])
+
+
+def test_truncated_values_gradient_stays_on_the_layout():
+    """Issue 22 item 2: with values requiring grad, products give dL/dvalues of the layout's
+    shape (zero on padding), equal to dense autograd read on the kept entries; P.T reaches them too."""
+    _, Pt = _sparse_problem()
+    values = Pt.values.detach().clone().requires_grad_(True)
+    P = TruncatedPlanOperator(values, Pt.columns, Pt.counts, Pt.shape, tol=Pt.tol)
+    n, m = P.shape
+    V = torch.randn(m, 3, dtype=F64, requires_grad=True)
+    U = torch.randn(n, 2, dtype=F64, requires_grad=True)
+    W, Z = torch.randn(n, 3, dtype=F64), torch.randn(m, 2, dtype=F64)
+    loss = (W * (P @ V)).sum() + (Z * (P.T @ U)).sum() + (P @ V[:, 0]).square().sum()
+    grads = torch.autograd.grad(loss, (values, V, U))
+    vd = values.detach().clone().requires_grad_(True)
+    Vd, Ud = V.detach().clone().requires_grad_(True), U.detach().clone().requires_grad_(True)
+    D = _dense_of_layout(vd, Pt)
+    loss_d = (W * (D @ Vd)).sum() + (Z * (D.T @ Ud)).sum() + (D @ Vd[:, 0]).square().sum()
+    expected = torch.autograd.grad(loss_d, (vd, Vd, Ud))
+    assert grads[0].shape == values.shape
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    padding = ~live_slots(Pt.counts, values.shape[0])
+    assert bool((grads[0][padding] == 0).all())
+    # A second backward through the cached transpose (no graph freed by the first).
+    (Z * (P.T @ U)).sum().backward()
+    assert values.grad is not None
+
+
+def test_truncated_values_gradient_through_the_schur_product():
+    _, Pt = _sparse_problem()
+    values = Pt.values.detach().clone().requires_grad_(True)
+    P = TruncatedPlanOperator(values, Pt.columns, Pt.counts, Pt.shape, tol=Pt.tol)
+    n, m = P.shape
+    V, w, d, R = (torch.randn(m, 2, dtype=F64), torch.rand(n, dtype=F64), torch.rand(m, dtype=F64),
+                  torch.randn(m, 2, dtype=F64))
+    (P.schur_product(V, w, d) * R).sum().backward()
+    vd = values.detach().clone().requires_grad_(True)
+    D = _dense_of_layout(vd, Pt)
+    ((d[:, None] * V - D.T @ (w[:, None] * (D @ V))) * R).sum().backward()
+    torch.testing.assert_close(values.grad, vd.grad, rtol=1e-10, atol=1e-14)

@@ -28,6 +28,7 @@ SUITES = {
     "sinkhorn": "otlinop.bench.sinkhorn_bench",
     "hvp": "otlinop.bench.hvp_bench",
     "train": "otlinop.bench.train_bench",
+    "sparse": "otlinop.bench.sparse_bench",
 }
 
 #: Parent of the default results folder of ``all`` (relative to the working directory).
