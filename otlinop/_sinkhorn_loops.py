@@ -47,15 +47,18 @@ def damping(eps: float, rho) -> float:
 
 
 def row_error(f, s, a, eps: float, rho) -> torch.Tensor:
-    """L1 row-marginal error of the plan P(f, g), per batch entry (B,).
+    """L1 row-marginal error of the plan P(f, g) relative to the mass of ``a``, per batch entry (B,).
 
     ``s = smin(log b + g / eps)`` (undamped), so ``(P 1)_i = a_i exp((f_i - s_i) / eps)``;
     the target is ``a`` on a balanced side, ``a exp(-f / rho)`` (the fixed point)
-    on a relaxed one. Costs no extra pass over the data.
+    on a relaxed one. Relative, so that a threshold means the same for weights of
+    any mass (an absolute 1e-3 is met at once by weights of mass 1e-300, and never
+    by weights of mass 1e10); for probability weights it is the L1 error. Costs no
+    extra pass over the data.
     """
     target = 0.0 if rho is None else -f / rho
     ratio = torch.exp((f - s) / eps) - torch.exp(torch.as_tensor(target, dtype=f.dtype, device=f.device))
-    return torch.where(a > 0, a * ratio.abs(), torch.zeros_like(ratio)).sum(-1)
+    return torch.where(a > 0, a * ratio.abs(), torch.zeros_like(ratio)).sum(-1) / a.sum(-1)
 
 
 # --------------------------------------------------------------------------

@@ -73,11 +73,13 @@ class SinkhornResult:
     converged : bool
         Whether the final marginal error is <= ``threshold``.
     marginal_error : float
-        The final L1 marginal error (the maximum over a batch): that of the
-        last check ("alternating"), of the potentials before the final
-        extrapolation ("symmetric").
+        The final marginal error ``||P 1 - a||_1 / sum(a)`` (against
+        ``a exp(-f/rho)`` on a relaxed side; the maximum over a batch): that
+        of the last check ("alternating"), of the potentials before the final
+        extrapolation ("symmetric"). Relative to the mass, it is the L1 error
+        for probability weights.
     marginal_error_history : list of float
-        The L1 marginal errors recorded at every check, the final one last.
+        The marginal errors recorded at every check, the final one last.
         (Before version 0.2 this list was ``marginal_error``.)
     a, b, x, y : Tensor
         The weights and points (as given, or the uniform default weights).

@@ -35,8 +35,8 @@ import torch
 from solvers import config
 from solvers.graphs import CUDA_GRAPHS
 
-from ._checks import (backend_name, function, measures, nonnegative_scalar, positive_int, positive_scalar, potential,
-                      precision_name, reach_or_none)
+from ._checks import (backend_name, flag, function, measures, nonnegative_scalar, positive_int, positive_scalar,
+                      potential, precision_name, reach_or_none)
 from ._sinkhorn_loops import GRAPH_MIN_RUN, Monitor, alternating_loop, symmetric_loop
 from ._sinkhorn_result import ConvergenceWarning, SinkhornResult, convergence_status
 from ._sinkhorn_schedule import epsilon_schedule, resolve_eps
@@ -143,7 +143,9 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
         most steps in all, default the schedule's length + 2000. On a GPU,
         runs of one eps replay a CUDA graph between checks.
     threshold : float, optional
-        Convergence threshold on the L1 marginal error, default 1e-3 (OTT's).
+        Convergence threshold on the marginal error ``||P 1 - a||_1 / sum(a)``
+        (the L1 error for probability weights; relative, so that it means the
+        same for weights of any mass), default 1e-3 (OTT's).
         ``float("inf")`` asks for no convergence: "symmetric" then runs its
         schedule alone, GeomLoss' fixed count and values (``SamplesLoss``
         does so always).
@@ -186,8 +188,9 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
     TypeError
         Non-tensor inputs, non-floating or mismatched dtypes.
     ValueError
-        Mismatched shapes or devices, empty clouds, non-finite points, negative
-        weights or zero mass, unequal masses in a balanced problem,
+        Mismatched shapes or devices, empty clouds, non-finite points, points
+        whose costs overflow the compute dtype, negative weights, zero mass or
+        masses whose product overflows, unequal masses in a balanced problem,
         non-positive blur/eps/reach/cost_scale, scaling outside (0, 1), an
         unknown method or backend.
 
@@ -254,6 +257,7 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
     threshold = 1e-3 if threshold is None else nonnegative_scalar(owner, "threshold", threshold, allow_inf=True)
     if callback is not None:
         function(owner, "callback", callback, "callable or None")
+    flag(owner, "verbose", verbose)
     if method == "alternating":
         max_iter = DEFAULT_MAX_ITER if max_iter is None else positive_int(owner, "max_iter", max_iter)
         if diameter is not None:
@@ -261,7 +265,7 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
     elif max_iter is not None:
         max_iter = positive_int(owner, "max_iter", max_iter)
 
-    inp = measures(owner, x, y, a, b, balanced=(rho_x is None and rho_y is None))
+    inp = measures(owner, x, y, a, b, balanced=(rho_x is None and rho_y is None), cost_scale=cost_scale)
     _warn_not_differentiable(owner, x=x, y=y, a=a, b=b, f0=f0, g0=g0)
     check_backend(owner, backend, x)
     f0 = potential(owner, "f0", f0, inp.a, batched=inp.batched, dtype=inp.pot_dtype)

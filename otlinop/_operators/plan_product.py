@@ -38,8 +38,9 @@ def validated_plan_data(owner: str, x, y, f, g, V, a, b, eps, cost_scale, backen
     x (n, d), y (m, d), f and a (n,), g and b (m,), V (m,) or (m, k); with
     ``batched`` a common leading batch dimension B on every tensor. Then the
     values, read back in one synchronisation (none when
-    ``config.check_finite`` is off): finite data and weights ``>= 0``; the
-    potentials may hold -inf (a zero row or column) unless ``finite_potentials``.
+    ``config.check_finite`` is off): finite data and weights ``>= 0``, costs
+    ``cost_scale |x_i - y_j|^2`` finite in the compute dtype; the potentials
+    may hold -inf (a zero row or column) unless ``finite_potentials``.
     """
     eps = positive_scalar(owner, "eps", eps)
     cost_scale = positive_scalar(owner, "cost_scale", cost_scale)
@@ -53,7 +54,8 @@ def validated_plan_data(owner: str, x, y, f, g, V, a, b, eps, cost_scale, backen
     operand(geo, "V", V, geo.m, what=f"y has {geo.m} points", transpose=f"{owner}(y, x, g, f, V, a=b, b=a, ...)")
     check_backend(owner, backend, x)
     finite(owner, {"x": x, "y": y, "f": f, "g": g, "V": V, "a": a, "b": b},
-           allow_neg_inf=() if finite_potentials else ("f", "g"), nonnegative=("a", "b"), hint=_UNDEFINED)
+           allow_neg_inf=() if finite_potentials else ("f", "g"), nonnegative=("a", "b"), hint=_UNDEFINED,
+           cost_scale=cost_scale)
     return eps, cost_scale, backend, precision
 
 
