@@ -291,9 +291,9 @@ class SinkhornResult:
         Notes
         -----
         ``S = ky Diag(P.T 1) - P.T Diag(1 / (kx P 1)) P + ridge mean(P.T 1) I``
-        (docs/math.md section 5). The operator is exact at converged potentials;
-        ``method="symmetric"`` stops after a fixed eps schedule (its
-        ``marginal_error`` says how far from convergence it is).
+        (docs/math.md section 5). The operator is exact at converged potentials:
+        ``status`` and ``marginal_error`` say how far from convergence they are
+        (``threshold`` sets how far ``sinkhorn`` goes).
 
         Examples
         --------
