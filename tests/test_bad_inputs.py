@@ -1,6 +1,6 @@
-"""Bad and extreme inputs at every public entry point (issue 19): 282 distinct inputs.
+"""Bad and extreme inputs at every public entry point (issue 19): 281 distinct inputs.
 
-Each is one collected test (the count is checked by the last test of this file):
+Each is one collected test (the last test of this file checks the count):
 a bad input must raise an error whose message begins with the function or class
 the user called and names the argument, what was expected and what came (the
 ``BAD`` table and the contract tests of item 6 above it); an extreme but valid
@@ -984,7 +984,7 @@ def test_the_docstring_counts_the_battery():
     module = sys.modules[__name__]
     count = 0
     for name, fn in vars(module).items():
-        if name.startswith("test_") and callable(fn):
+        if name.startswith("test_") and callable(fn) and name != "test_the_docstring_counts_the_battery":
             size = 1
             for mark in getattr(fn, "pytestmark", []):
                 if mark.name == "parametrize":
