@@ -28,7 +28,7 @@ from ._interop import aslinearoperator
 from .plan import PlanOperator, plan_matmul
 from .truncated import TruncatedPlanOperator
 from .marginals import marginal_error, plan_marginals
-from .sinkhorn import SinkhornResult, epsilon_schedule, sinkhorn
+from .sinkhorn import ConvergenceWarning, SinkhornResult, epsilon_schedule, sinkhorn
 from .loss import SamplesLoss, sinkhorn_loss
 from .hessian import DualHessianOperator, HessianOperator, dual_hessian
 from .hvp import (LossHessianOperator, grad_x, grad_y, hvp, hvp_self, hvp_x, hvp_y,
@@ -43,7 +43,7 @@ __all__ = [
     "LinearOperator", "Dense", "Diag", "Identity", "Zero", "BlockOperator", "SparseOperator", "aslinearoperator",
     "PlanOperator", "TruncatedPlanOperator", "plan_matmul", "plan_marginals", "marginal_error",
     # Sinkhorn and the loss
-    "sinkhorn", "SinkhornResult", "epsilon_schedule", "SamplesLoss", "sinkhorn_loss",
+    "sinkhorn", "SinkhornResult", "ConvergenceWarning", "epsilon_schedule", "SamplesLoss", "sinkhorn_loss",
     # second order
     "HessianOperator", "DualHessianOperator", "dual_hessian", "hvp", "hvp_x", "hvp_y", "hvp_self",
     "grad_x", "grad_y", "loss_hessian_operator", "LossHessianOperator",

@@ -50,6 +50,7 @@ __all__ = [
     "function", "solver_function", "preconditioner", "reach_or_none",
     "backend_name", "precision_name", "triton_ready",
     "Geometry", "points", "vector", "weights", "potential", "matrix", "directions", "operand", "finite", "choice",
+    "compute_dtype",
     "COMPLEX_DTYPES", "OPERATOR_DTYPES", "operator_dtype", "real_operator_dtype", "operator_tensor",
     "operator_operand_shape",
     "operator_operand", "operator_shape", "operator_scalar", "operator_output", "same_space", "composable",
@@ -703,6 +704,35 @@ def _value_flags(tensors: dict, *, allow_neg_inf=(), allow_pos_inf=(), nonnegati
     return out
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the costs and potentials of points of ``dtype`` are computed in (float32 for half)."""
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def _extent_flag(x: torch.Tensor, y: torch.Tensor, cost_scale: float) -> list:
+    """``(flag, message)``: the largest cost ``c |x_i - y_j|^2`` stays finite in the compute dtype.
+
+    Bounded by ``c diam^2`` (diam: the diagonal of the joint bounding box); the kernels
+    form ``|x|^2 + |y|^2 - 2 x.y`` on centred points, up to ``4 c diam^2``, which must
+    be finite. No synchronisation: the flag joins the others.
+    """
+    if x.numel() == 0 or y.numel() == 0:
+        return []
+    dtype = compute_dtype(x.dtype)
+    d = x.shape[-1]
+    with torch.no_grad():
+        pts = (x.reshape(-1, d), y.reshape(-1, d))
+        lo = torch.minimum(pts[0].amin(0), pts[1].amin(0)).double()
+        hi = torch.maximum(pts[0].amax(0), pts[1].amax(0)).double()
+        reach = 4.0 * cost_scale * ((hi - lo) ** 2).sum()
+        limit = torch.finfo(dtype).max
+        name = str(dtype).replace("torch.", "")
+    return [(reach <= limit, f"the points are too far apart: their costs c |x_i - y_j|^2 (c = cost_scale = "
+                             f"{cost_scale:g}) overflow {name} (4 c diam^2 exceeds {limit:.1e}, diam the "
+                             "diagonal of the points' bounding box); rescale the points (scaling them by s "
+                             "scales the costs by s^2: pass eps * s^2)")]
+
+
 def _raise_first(owner: str, flags: list) -> None:
     """Read all the flags back at once; ValueError with the message of the first false one."""
     if not flags:
@@ -729,7 +759,8 @@ def _result_flags(results: dict, allow_neg_inf, hint: str) -> list:
 
 
 def finite(owner: str, tensors: dict, *, allow_neg_inf=(), allow_pos_inf=(), nonnegative=(),
-           hint: str = "", results: dict | None = None, result_hint: str = "") -> None:
+           hint: str = "", results: dict | None = None, result_hint: str = "",
+           cost_scale: float | None = None) -> None:
     """ValueError if a tensor of ``tensors`` (name -> tensor or None) holds NaN or inf.
 
     ``allow_neg_inf`` / ``allow_pos_inf``: names that may hold -inf (a zero
@@ -739,8 +770,10 @@ def finite(owner: str, tensors: dict, *, allow_neg_inf=(), allow_pos_inf=(), non
     checked after them in the same read-back, so that a result that overflowed
     its dtype raises (``result_hint`` says why it can and what to do) instead
     of travelling on as inf; a name in ``allow_neg_inf`` may hold -inf there
-    too. One device-to-host synchronisation, none when ``config.check_finite``
-    is False or a CUDA graph is being captured.
+    too. With ``cost_scale``, the points ``tensors["x"]`` and ``tensors["y"]``
+    must also keep their costs ``cost_scale |x_i - y_j|^2`` finite in the
+    compute dtype. One device-to-host synchronisation, none when
+    ``config.check_finite`` is False or a CUDA graph is being captured.
     """
     if not config.check_finite or _capturing():
         # Inside a CUDA graph capture (a user's torch.cuda.graph) no synchronisation is
@@ -750,6 +783,8 @@ def finite(owner: str, tensors: dict, *, allow_neg_inf=(), allow_pos_inf=(), non
         return
     flags = _value_flags(tensors, allow_neg_inf=allow_neg_inf, allow_pos_inf=allow_pos_inf,
                          nonnegative=nonnegative, hint=hint)
+    if cost_scale is not None:
+        flags += _extent_flag(tensors["x"], tensors["y"], cost_scale)
     if results:
         flags += _result_flags(results, allow_neg_inf, result_hint)
     _raise_first(owner, flags)
@@ -788,22 +823,32 @@ class Inputs:
         return t if (t is None or self.batched) else t[0]
 
 
-def measures(owner: str, x, y, a, b, *, balanced: bool) -> Inputs:
+def measures(owner: str, x, y, a, b, *, balanced: bool, cost_scale: float = 1.0) -> Inputs:
     """Two weighted point clouds, batched for the Sinkhorn loops.
 
     Shapes, dtypes and devices, then the values in one synchronisation:
-    finite points, finite non-negative weights with a positive total mass,
-    and with ``balanced`` equal masses. The values are checked whatever
-    ``config.check_finite``: the masses are preconditions of the iterations.
+    finite points whose costs ``cost_scale |x_i - y_j|^2`` are finite in the
+    compute dtype, finite non-negative weights with a positive total mass
+    whose product (the mass of ``a⊗b``, the reference measure of the problem)
+    is finite in that dtype, and with ``balanced`` equal masses. The values
+    are checked whatever ``config.check_finite``: they are preconditions of
+    the iterations.
     """
     geo = points(owner, x, y, batch="same", allow_empty=False)
     a = weights(geo, "a", a, "x")
     b = weights(geo, "b", b, "y")
     flags = _value_flags({"x": x, "y": y, "a": a, "b": b}, nonnegative=("a", "b"))
+    flags += _extent_flag(x, y, cost_scale)
     with torch.no_grad():
         ma, mb = a.sum(-1, dtype=torch.float64), b.sum(-1, dtype=torch.float64)
+        limit = torch.finfo(compute_dtype(x.dtype)).max
+        name = str(compute_dtype(x.dtype)).replace("torch.", "")
         flags += [((ma > 0).all(), "the weights a have zero total mass; each measure needs a positive mass"),
-                  ((mb > 0).all(), "the weights b have zero total mass; each measure needs a positive mass")]
+                  ((mb > 0).all(), "the weights b have zero total mass; each measure needs a positive mass"),
+                  ((ma * mb <= limit).all(),
+                   f"the weights' total masses are too large: their product sum(a) * sum(b), the mass of a⊗b "
+                   f"in eps KL(P | a⊗b), overflows {name} (above {limit:.1e}); rescale the weights (scaling both "
+                   "by s scales the plan by s and shifts the potentials by -eps log(s) in total)")]
         if balanced:
             # Half-precision weights cannot even represent 1/n exactly.
             tol = max(1e-3, 8 * torch.finfo(a.dtype).eps)

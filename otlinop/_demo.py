@@ -62,11 +62,11 @@ def main(argv=None) -> int:
           f"|grad_x| = {grad.norm().item():.4e}; {1e3 * t_loss:.1f} ms (loss + gradient)")
 
     # 2. Converged potentials for the same eps: GeomLoss' eps-scaling schedule
-    #    (a fixed number of steps), then OTT-style alternating updates warm-started
+    #    (a fixed number of steps: threshold=inf), then OTT-style alternating updates warm-started
     #    from it until the marginal error is below the threshold.
     _sync(device)
     t0 = time.perf_counter()
-    warm = otlinop.sinkhorn(x.detach(), y, blur=args.blur, cost_scale=0.5)
+    warm = otlinop.sinkhorn(x.detach(), y, blur=args.blur, cost_scale=0.5, threshold=math.inf)
     res = otlinop.sinkhorn(x.detach(), y, eps=warm.eps, cost_scale=0.5, method="alternating",
                            f0=warm.f, g0=warm.g, threshold=args.threshold, max_iter=20_000)
     P = res.plan

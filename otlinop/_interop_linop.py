@@ -291,10 +291,10 @@ class OtlinopLinearOperator(linear_operator.LinearOperator):
     def _t_matmul(self, rhs: torch.Tensor) -> torch.Tensor:
         return self._apply(rhs, transposed=not self._ot_transposed)
 
-    def _apply(self, rhs: torch.Tensor, *, transposed: bool) -> torch.Tensor:
-        """The operator (or its transpose) times rhs of shape (m,) or (..., m, k)."""
+    def _check_rhs(self, rhs: torch.Tensor, *, transposed: bool) -> None:
+        """rhs of ``A @ rhs`` (or of the transpose): A's dtype and (m,) or (..., m, k)."""
         op = self.operator
-        n, m = op.shape[::-1] if transposed else op.shape
+        m = op.shape[0] if transposed else op.shape[1]
         name = "A.mT @ rhs" if transposed != self._ot_transposed else "A @ rhs"
         if rhs.dtype != op.dtype:
             raise TypeError(f"to_linear_operator: {name}: rhs has dtype {rhs.dtype}, expected {op.dtype}; "
@@ -302,6 +302,12 @@ class OtlinopLinearOperator(linear_operator.LinearOperator):
         if rhs.ndim == 0 or rhs.shape[-1 if rhs.ndim == 1 else -2] != m:
             raise ValueError(f"to_linear_operator: {name}: rhs has shape {fmt_shape(rhs.shape)}, expected "
                              f"({m},) or (..., {m}, k) for an operator of shape {fmt_shape(self.shape)}")
+
+    def _apply(self, rhs: torch.Tensor, *, transposed: bool) -> torch.Tensor:
+        """The operator (or its transpose) times rhs of shape (m,) or (..., m, k)."""
+        self._check_rhs(rhs, transposed=transposed)
+        op = self.operator
+        n, m = op.shape[::-1] if transposed else op.shape
         if rhs.ndim == 1:
             out = _times(op, rhs, transposed)
             return out.expand(*self._ot_batch, n) if self._ot_batch else out
@@ -319,6 +325,10 @@ class OtlinopLinearOperator(linear_operator.LinearOperator):
         # through otlinop's own product instead, which torch's autograd differentiates.
         if self.dtype.is_complex and isinstance(other, torch.Tensor):
             return self._matmul(other)   # checks the shape as linear_operator would
+        if isinstance(other, torch.Tensor):
+            # Before linear_operator's own size check, whose RuntimeError names neither the
+            # operator nor what it expected.
+            self._check_rhs(other, transposed=self._ot_transposed)
         return super().matmul(other)
 
     def _bilinear_derivative(self, left_vecs, right_vecs):

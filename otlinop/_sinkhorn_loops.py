@@ -9,9 +9,9 @@ their arguments, then run one of these loops on batched, checked data
   debiasing problems in a second bank (:class:`SelfBank`).
 - :func:`alternating_loop`: Gauss-Seidel updates (g then f) at one eps until
   the marginal error falls below a threshold.
-- :class:`Monitor`: the marginal errors at the checks, the callback and the
-  progress bar; :func:`row_error` computes the error from an update, without
-  an extra pass over the data.
+- :class:`Monitor`: the marginal errors at the checks, the callback, the
+  progress bar and the detection of a stalled loop; :func:`row_error`
+  computes the error from an update, without an extra pass over the data.
 - :class:`StepGraph`: a run of steps at one eps replayed as a CUDA graph,
   through the ``graphs`` object the loops take (``solvers.graphs.CudaGraphs``
   or a stand-in; None runs every step eagerly).
@@ -34,8 +34,8 @@ from ._checks import Inputs
 from .kernels.softmin import softmin
 from .kernels.softmin_pair import softmin_pair_unchecked, softmin_self_unchecked
 
-__all__ = ["GRAPH_MIN_RUN", "damping", "row_error", "Monitor", "SelfBank", "StepGraph", "symmetric_loop",
-           "alternating_loop"]
+__all__ = ["GRAPH_MIN_RUN", "STALL_DROP", "STALL_ITERATIONS", "STALL_CHECKS", "STALL_FLOOR", "damping", "row_error",
+           "resolution", "Monitor", "SelfBank", "StepGraph", "symmetric_loop", "alternating_loop"]
 
 
 # --------------------------------------------------------------------------
@@ -47,23 +47,52 @@ def damping(eps: float, rho) -> float:
 
 
 def row_error(f, s, a, eps: float, rho) -> torch.Tensor:
-    """L1 row-marginal error of the plan P(f, g), per batch entry (B,).
+    """L1 row-marginal error of the plan P(f, g) relative to the mass of ``a``, per batch entry (B,).
 
     ``s = smin(log b + g / eps)`` (undamped), so ``(P 1)_i = a_i exp((f_i - s_i) / eps)``;
     the target is ``a`` on a balanced side, ``a exp(-f / rho)`` (the fixed point)
-    on a relaxed one. Costs no extra pass over the data.
+    on a relaxed one. Relative, so that a threshold means the same for weights of
+    any mass (an absolute 1e-3 is met at once by weights of mass 1e-300, and never
+    by weights of mass 1e10); for probability weights it is the L1 error. Costs no
+    extra pass over the data.
     """
     target = 0.0 if rho is None else -f / rho
     ratio = torch.exp((f - s) / eps) - torch.exp(torch.as_tensor(target, dtype=f.dtype, device=f.device))
-    return torch.where(a > 0, a * ratio.abs(), torch.zeros_like(ratio)).sum(-1)
+    return torch.where(a > 0, a * ratio.abs(), torch.zeros_like(ratio)).sum(-1) / a.sum(-1)
 
 
 # --------------------------------------------------------------------------
-# Checks: errors, callback, progress bar
+# Checks: errors, callback, progress bar, stagnation
 # --------------------------------------------------------------------------
+#: A loop at one eps has stalled when its best marginal error has not dropped
+#: by the relative amount STALL_DROP over the last max(STALL_ITERATIONS,
+#: STALL_CHECKS * check_every) iterations, and that error is within
+#: STALL_FLOOR times the resolution of the potentials' arithmetic,
+#: ``u (max|f| + max|g|) / eps`` (u: the unit roundoff; an error of u |f| in a
+#: potential is one of u |f| / eps in each plan entry). In exact arithmetic
+#: Sinkhorn converges linearly, so a plateau at that level is rounding: float32
+#: potentials of ~2700 stop near 1e-4 at eps = 1, where float64 goes on. A
+#: plateau far above it is the iteration's own: at small eps the error can drop
+#: by less than 0.1% per 100 iterations for thousands of iterations before it
+#: falls (Gaussian clouds, eps = 0.0025, float64: 2.57e-2 to 2.54e-2 over 600
+#: iterations, converged 3400 later), and the loop goes on.
+STALL_DROP = 1e-3
+STALL_ITERATIONS = 100
+STALL_CHECKS = 10
+STALL_FLOOR = 100.0
+
+
+def resolution(f: torch.Tensor, g: torch.Tensor, eps: float, precision) -> float:
+    """``u (max|f| + max|g|) / eps``: the marginal error that rounding alone leaves (one sync).
+    ``precision="tf32"`` rounds the points' dot products to 11 bits, so its u is 2^-11."""
+    u = 2.0 ** -11 if precision == "tf32" else torch.finfo(f.dtype).eps
+    scale = (f.abs().amax() + g.abs().amax()).item()
+    return u * scale / eps
+
+
 @dataclass
 class Monitor:
-    """Marginal errors at the checks, the callback and the progress bar."""
+    """Marginal errors at the checks, the callback, the progress bar and stagnation."""
 
     check_every: int
     callback: Callable | None
@@ -71,6 +100,11 @@ class Monitor:
     method: str
     inp: Inputs
     errors: list = field(default_factory=list)   # tensors (B,) until finish()
+    best: float = math.inf          # best error read at one eps (stagnation)
+    best_at: int = 0                # iteration of its last drop by STALL_DROP
+    stalled: bool = False
+    stall_span: int = 0             # once stalled: iterations without progress
+    floor: float = math.nan         # once stalled: the arithmetic's resolution (see resolution())
 
     @property
     def syncs(self) -> bool:
@@ -89,6 +123,24 @@ class Monitor:
             self.callback({"method": self.method, "iteration": iteration, "eps": eps,
                            "marginal_error": value, "f": self.inp.unbatch(f), "g": self.inp.unbatch(g)})
         return value
+
+    def stagnant(self, iteration: int, value: float, resolution: Callable[[], float]) -> bool:
+        """Whether the error ``value`` read at ``iteration`` (a check at the final,
+        fixed eps) ends a stall (see STALL_DROP). ``value`` is a host float the loop
+        read for its stopping test already; ``resolution()`` (one sync) is asked only
+        once a window passes without progress, at most once per window."""
+        if value < self.best * (1.0 - STALL_DROP):
+            self.best, self.best_at = value, iteration
+            return False
+        span = iteration - self.best_at
+        if span < max(STALL_ITERATIONS, STALL_CHECKS * self.check_every):
+            return False
+        floor = resolution()
+        if self.best > STALL_FLOOR * floor:
+            self.best_at = iteration     # a transient, far above rounding: wait another window
+            return False
+        self.stalled, self.stall_span, self.floor = True, span, floor
+        return True
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
@@ -213,9 +265,10 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
     dot x_i . y_j computed once for both), so a step costs that launch, its
     merge and one averaging op. The debiasing potentials, if any, are a
     second, stacked bank (SelfBank). After the schedule, up to ``refine``
-    more steps at its last eps, until a check finds the marginal error
-    <= ``threshold``. With ``graphs`` (None: every step eager), runs of
-    equal eps replay a captured step (GRAPH_MIN_RUN).
+    more steps at its last eps, until a check (the first one at the end of
+    the schedule) finds the marginal error <= ``threshold``, a non-finite
+    error, or a stall (``Monitor.stagnant``). With ``graphs`` (None: every
+    step eager), runs of equal eps replay a captured step (GRAPH_MIN_RUN).
     """
     x, y = inp.x, inp.y
     log_a, log_b = inp.log_a, inp.log_b
@@ -256,11 +309,15 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
         return eps_list[min(i, len(eps_list) - 1)]
 
     def checks(i):
-        return (i + 1) % monitor.check_every == 0
+        # A check at step i measures the state after i averaged steps. A refining call also
+        # checks at the end of the schedule: converged there, it stops there (threshold=inf
+        # runs exactly the schedule, as GeomLoss).
+        return i > 0 and (i % monitor.check_every == 0 or (refine > 0 and i == len(eps_list)))
 
     graphed = graphs is not None and selves is None
     warm = f0 is None or g0 is None     # a soft-min ran already: kernels compiled and tuned
     replay = None       # the StepGraph of the current run of equal eps
+    S = None            # the soft-mins of the current FG, when a check stopped the loop
     i = 0
     while i < total:
         eps = eps_at(i)
@@ -278,35 +335,39 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
                 continue
         S = smins(FG, eps)
         warm = True
-        stop = False
         if checks(i):
             lam_x = damping(eps, rho_x)
             err = row_error(FG[:, :n], S[:, :n] / lam_x, inp.a, eps, rho_x)
-            refining = refine > 0 and i + 1 >= len(eps_list)
-            value = monitor.record(i + 1, eps, err, FG[:, :n], FG[:, n:], read=refining)
-            if refining:
-                stop = value <= threshold or not math.isfinite(value)
+            refining = refine > 0 and i >= len(eps_list)
+            value = monitor.record(i, eps, err, FG[:, :n], FG[:, n:], read=refining)
+            if refining and (value <= threshold or not math.isfinite(value) or monitor.stagnant(
+                    i, value, lambda: resolution(FG[:, :n], FG[:, n:], eps, precision))):
+                # Stop before this step's averaging: the state whose error was read is the one
+                # returned, and its soft-mins S are the final extrapolation.
+                break
         # Averaged (Jacobi) updates: plain simultaneous updates oscillate.
         FG = torch.lerp(FG, S, 0.5)
+        S = None
         if selves is not None:
             selves.step(eps)
         monitor.advance()
         i += 1
-        if stop:
-            break
     del replay
 
     # Final extrapolation: one unaveraged step at the last eps from the
     # pre-last potentials. GeomLoss differentiates only this step.
     eps = eps_list[-1]
-    S = smins(FG, eps)
+    stopped = S is not None
+    if not stopped:
+        S = smins(FG, eps)
     pre = [FG[:, :n], FG[:, n:]]
     pots = [S[:, :n], S[:, n:]]
     if selves is not None:
         pre += selves.potentials()
         pots += selves.smins(eps)
-    monitor.record(i, eps, row_error(pre[0], pots[0] / damping(eps, rho_x), inp.a, eps, rho_x),
-                   pots[0], pots[1])
+    if not stopped:     # (a stopping check recorded this very error)
+        monitor.record(i, eps, row_error(pre[0], pots[0] / damping(eps, rho_x), inp.a, eps, rho_x),
+                       pots[0], pots[1])
     return pots, pre, i
 
 
@@ -314,8 +375,10 @@ def alternating_loop(inp: Inputs, eps: float, rho_x, rho_y, *, f0, g0, max_iter:
                      monitor: Monitor, cost_scale: float, backend, precision, graphs=None):
     """OTT-JAX's alternating loop: g then f, checks every ``check_every`` iterations.
 
-    Returns ``(f, g, n_iter, converged)``. With ``graphs`` (None: every
-    iteration eager), the iterations between two checks replay a captured one.
+    Returns ``(f, g, n_iter, converged)``; it stops at ``max_iter``, at a
+    check whose error is <= ``threshold`` or not finite, or at a stall
+    (``Monitor.stagnant``). With ``graphs`` (None: every iteration eager),
+    the iterations between two checks replay a captured one.
     """
     x, y = inp.x, inp.y
     log_a, log_b = inp.log_a, inp.log_b
@@ -380,6 +443,8 @@ def alternating_loop(inp: Inputs, eps: float, rho_x, rho_y, *, f0, g0, max_iter:
                 converged = True
                 break
             if not math.isfinite(value):   # diverged (as OTT, stop rather than iterate on NaNs)
+                break
+            if monitor.stagnant(n_iter, value, lambda: resolution(f, g, eps, precision)):
                 break
     return f, g, n_iter, converged
 

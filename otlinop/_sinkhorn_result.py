@@ -1,17 +1,57 @@
 """``SinkhornResult``: the potentials of one ``sinkhorn`` call, their value and the operators built from them.
 
-The class is public: ``otlinop.sinkhorn.SinkhornResult`` and
-``otlinop.SinkhornResult`` are this one.
+The classes are public: ``otlinop.SinkhornResult`` and
+``otlinop.ConvergenceWarning`` (what ``sinkhorn`` warns when it returns a
+result that is not converged) are these. :func:`convergence_status` writes
+the sentence of a result's ``status``.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SinkhornResult"]
+__all__ = ["SinkhornResult", "ConvergenceWarning", "convergence_status"]
+
+
+class ConvergenceWarning(UserWarning):
+    """Warned by ``otlinop.sinkhorn`` when it returns potentials whose marginal
+    error is above the threshold (the result's ``status`` says why: the
+    iteration budget, a stall at the dtype's resolution, or a divergence).
+
+    A subclass of ``UserWarning``: filter it on its own with
+    ``warnings.filterwarnings("ignore", category=otlinop.ConvergenceWarning)``,
+    or turn it into an error with ``"error"`` in place of ``"ignore"``.
+    """
+
+
+def convergence_status(*, method: str, converged: bool, error: float, threshold: float, n_iter: int,
+                       max_iter: int, stalled: bool, stall_span: int, floor: float, dtype: torch.dtype) -> str:
+    """The sentence of ``SinkhornResult.status``: what happened, and what to try next.
+
+    ``floor``: once ``stalled``, the resolution ``u (max|f| + max|g|) / eps`` of the
+    potentials' arithmetic (``otlinop._sinkhorn_loops.resolution``).
+    """
+    name = str(dtype).replace("torch.", "")
+    if converged:
+        return f"converged: marginal error {error:.2e} <= threshold {threshold:.2e} after {n_iter} iterations"
+    if not math.isfinite(error):
+        return (f"diverged: the marginal error is {error} after {n_iter} iterations (the potentials overflowed "
+                f"or became NaN in {name}); check the scale of the points against eps (docs/numerics.md), or "
+                "pass float64 points")
+    if stalled:
+        return (f"stalled: the marginal error has not decreased for {stall_span} iterations and stays near "
+                f"{error:.2e}, above threshold {threshold:.2e}: the threshold is below what {name} arithmetic "
+                f"resolves on this problem (its resolution u (max|f| + max|g|) / eps is {floor:.1e} here; in exact "
+                f"arithmetic Sinkhorn converges linearly); pass "
+                f"{'float64 points' if dtype != torch.float64 else 'a larger eps'} or a threshold above {error:.1e}")
+    skip = " and diameter=blur (no second annealing)" if method == "symmetric" else ""
+    return (f"not converged: marginal error {error:.2e} > threshold {threshold:.2e} after {n_iter} iterations "
+            f"(max_iter={max_iter}); raise max_iter, or continue from this result with f0=res.f, "
+            f"g0=res.g{skip}")
 
 
 @dataclass(repr=False)
@@ -31,10 +71,16 @@ class SinkhornResult:
         more with ``max_iter``; plus an initial and a final half-step each),
         full (g, f) iterations for "alternating".
     converged : bool
-        Whether the last recorded marginal error is <= ``threshold`` (for
-        "symmetric", informative only: its iteration count is fixed).
-    marginal_error : list of float
-        L1 marginal errors recorded at each check (the maximum over a batch).
+        Whether the final marginal error is <= ``threshold``.
+    marginal_error : float
+        The final marginal error ``||P 1 - a||_1 / sum(a)`` (against
+        ``a exp(-f/rho)`` on a relaxed side; the maximum over a batch): that
+        of the last check ("alternating"), of the potentials before the final
+        extrapolation ("symmetric"). Relative to the mass, it is the L1 error
+        for probability weights.
+    marginal_error_history : list of float
+        The marginal errors recorded at every check, the final one last.
+        (Before version 0.2 this list was ``marginal_error``.)
     a, b, x, y : Tensor
         The weights and points (as given, or the uniform default weights).
     cost_scale : float
@@ -51,6 +97,14 @@ class SinkhornResult:
         the plans ``P(f, g_pre)`` and ``P(f_pre, g)``.
     backend, precision
         Kernel options, reused by ``plan`` and the Hessian methods.
+    threshold : float
+        The threshold the call was given.
+    status : str
+        One sentence: "converged: ...", "not converged: ..." (the iteration
+        budget ran out), "stalled: ..." (no progress at the dtype's
+        resolution) or "diverged: ..." (non-finite potentials), with what to
+        try next. ``sinkhorn`` warns it (``ConvergenceWarning``) for every
+        result that is not converged, and ``repr`` shows it.
 
     Notes
     -----
@@ -58,10 +112,8 @@ class SinkhornResult:
     problem of a batch): ``plan`` (the ``PlanOperator``), ``hessian()`` (the
     Schur complement ``S``), ``dual_hessian()`` (``K``) and
     ``loss_hessian(wrt)`` (the Hessian of the OT loss in the points). They
-    are exact at converged potentials: ``method="symmetric"`` runs a fixed
-    schedule, so check ``marginal_error``, or solve with ``"alternating"``
-    to a small ``threshold`` when the second-order information must be
-    accurate.
+    are exact at converged potentials: check ``converged``, and solve to a
+    small ``threshold`` when the second-order information must be accurate.
 
     ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``. OTT-JAX's potentials are
     ``f + eps log a`` and ``g + eps log b``; POT's ``log_u = (f + eps log a) / eps``.
@@ -72,7 +124,7 @@ class SinkhornResult:
     eps: float
     n_iter: int
     converged: bool
-    marginal_error: list
+    marginal_error: float
     a: torch.Tensor
     b: torch.Tensor
     x: torch.Tensor
@@ -86,6 +138,9 @@ class SinkhornResult:
     g_pre: torch.Tensor | None = None
     backend: str | None = None
     precision: str | None = None
+    marginal_error_history: list = field(default_factory=list)
+    threshold: float = math.nan
+    status: str = ""
 
     @property
     def rho_x(self):
@@ -103,13 +158,83 @@ class SinkhornResult:
 
     @property
     def cost(self) -> torch.Tensor:
-        """The entropic OT value, a scalar tensor, or shape (B,) when batched.
+        r"""The entropic OT value as GeomLoss computes it, a scalar tensor, or shape (B,) when batched.
 
-        Balanced: ``<a, f> + <b, g>``. A relaxed side contributes
-        ``(rho + eps/2) <a, 1 - exp(-f/rho)>`` instead of ``<a, f>`` (GeomLoss'
-        unbalanced formula, docs/math.md section 4).
+        Balanced: the dual objective ``<a, f> + <b, g>``. A relaxed side
+        contributes ``(rho + eps/2) <a, 1 - exp(-f/rho)>`` instead of
+        ``<a, f>`` (GeomLoss' unbalanced formula, docs/math.md section 4).
+
+        Notes
+        -----
+        With weights of total mass ``m = sum(a) = sum(b)`` and converged
+        potentials (the plan ``P`` has marginals ``a`` and ``b``), the primal
+        entropic objective is
+
+            ``<P, C> + eps KL(P | a⊗b) = cost + eps (m^2 - m)``,
+
+        ``KL(P | Q) = sum P log(P / Q) - sum P + sum Q``. The two agree for
+        probability weights (m = 1, the default); for m = 2 the primal is
+        ``cost + 2 eps``. (``cost`` omits the dual's term
+        ``-eps <a⊗b, exp((f + g - C)/eps) - 1>``, which is ``-eps (m - m^2)``
+        at convergence.) POT's ``ot.sinkhorn2`` returns the transport part
+        ``<P, C>`` alone: :meth:`transport_cost`.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from otlinop.sinkhorn import sinkhorn
+        >>> _ = torch.manual_seed(0)
+        >>> x, y = torch.randn(30, 2, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+        >>> a, b = torch.full((30,), 2 / 30, dtype=torch.float64), torch.full((20,), 2 / 20, dtype=torch.float64)
+        >>> res = sinkhorn(x, y, a, b, eps=0.5, method="alternating", threshold=1e-12)
+        >>> P, C = res.plan.to_dense(), torch.cdist(x, y) ** 2
+        >>> primal = (P * C).sum() + 0.5 * (P * (P / (a[:, None] * b)).log() - P + a[:, None] * b).sum()
+        >>> bool(torch.isclose(primal, res.cost + 0.5 * (2 ** 2 - 2)))
+        True
         """
         return _ot_value(self.f, self.g, self.a, self.b, self.eps, self.rho_x, self.rho_y)
+
+    def transport_cost(self) -> torch.Tensor:
+        r"""``<P, C> = sum_ij P_ij C_ij``, the transport part of the cost (POT's ``sinkhorn2`` value).
+
+        Returns
+        -------
+        Tensor, shape () or (B,) when batched
+            ``<P, C>`` for the plan of this result's potentials, in the
+            potentials' dtype; one streaming pass over the plan (a product
+            with ``d + 2`` columns), never an n x m buffer.
+
+        Notes
+        -----
+        ``<P, C> = c sum_i [ (P 1)_i |x_i|^2 - 2 <x_i, (P y)_i> + (P |y|^2)_i ]``
+        on points centred at their joint mean (the cost does not change, and
+        the expansion does not cancel far from the origin). It is not
+        :attr:`cost`: ``cost`` adds ``eps KL(P | a⊗b)`` (and, for weights of
+        mass ``m != 1``, differs by ``eps (m^2 - m)``, see :attr:`cost`).
+
+        Examples
+        --------
+        >>> import torch
+        >>> from otlinop.sinkhorn import sinkhorn
+        >>> _ = torch.manual_seed(0)
+        >>> x, y = torch.randn(30, 2, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+        >>> res = sinkhorn(x, y, eps=0.5, method="alternating", threshold=1e-12)
+        >>> dense = (res.plan.to_dense() * torch.cdist(x, y) ** 2).sum()
+        >>> bool(torch.isclose(res.transport_cost(), dense))
+        True
+        """
+        from .plan import plan_matmul
+        dt = self.f.dtype
+        x, y = self.x.to(dt), self.y.to(dt)
+        centre = torch.cat([x, y], dim=-2).mean(-2, keepdim=True)
+        x, y = x - centre, y - centre
+        y2 = (y * y).sum(-1, keepdim=True)
+        V = torch.cat([torch.ones_like(y2), y, y2], dim=-1)
+        PV = plan_matmul(x, y, self.f, self.g, V, eps=self.eps, a=self.a.to(dt), b=self.b.to(dt),
+                         cost_scale=self.cost_scale, backend=self.backend, precision=self.precision)
+        rows, Py, Py2 = PV[..., 0], PV[..., 1:-1], PV[..., -1]
+        value = (rows * (x * x).sum(-1) - 2 * (x * Py).sum(-1) + Py2).sum(-1)
+        return self.cost_scale * value
 
     def _unbatched(self, what: str, hint: str) -> None:
         """Raise the error of a per-problem operator asked of a batched result."""
@@ -166,9 +291,9 @@ class SinkhornResult:
         Notes
         -----
         ``S = ky Diag(P.T 1) - P.T Diag(1 / (kx P 1)) P + ridge mean(P.T 1) I``
-        (docs/math.md section 5). The operator is exact at converged potentials;
-        ``method="symmetric"`` stops after a fixed eps schedule (its
-        ``marginal_error`` says how far from convergence it is).
+        (docs/math.md section 5). The operator is exact at converged potentials:
+        ``status`` and ``marginal_error`` say how far from convergence they are
+        (``threshold`` sets how far ``sinkhorn`` goes).
 
         Examples
         --------
@@ -303,18 +428,20 @@ class SinkhornResult:
         pick = lambda t: None if t is None else t[i]  # noqa: E731
         return SinkhornResult(
             f=self.f[i], g=self.g[i], eps=self.eps, n_iter=self.n_iter, converged=self.converged,
-            marginal_error=list(self.marginal_error), a=self.a[i], b=self.b[i], x=self.x[i], y=self.y[i],
+            marginal_error=self.marginal_error, a=self.a[i], b=self.b[i], x=self.x[i], y=self.y[i],
             cost_scale=self.cost_scale, reach_x=self.reach_x, reach_y=self.reach_y, method=self.method,
             eps_schedule=list(self.eps_schedule), f_pre=pick(self.f_pre), g_pre=pick(self.g_pre),
-            backend=self.backend, precision=self.precision)
+            backend=self.backend, precision=self.precision,
+            marginal_error_history=list(self.marginal_error_history), threshold=self.threshold,
+            status=self.status)
 
     def __repr__(self) -> str:
         shape = f"batch={self.x.shape[0]}, " if self.batched else ""
         n, m = self.x.shape[-2], self.y.shape[-2]
-        err = f"{self.marginal_error[-1]:.2e}" if self.marginal_error else "n/a"
+        status = f", status={self.status!r}" if self.status else ""
         return (f"SinkhornResult({shape}n={n}, m={m}, method={self.method!r}, eps={self.eps:.4g}, "
-                f"n_iter={self.n_iter}, converged={self.converged}, marginal_error={err}, "
-                f"reach_x={self.reach_x}, reach_y={self.reach_y}, cost_scale={self.cost_scale})")
+                f"n_iter={self.n_iter}, converged={self.converged}, marginal_error={self.marginal_error:.2e}, "
+                f"reach_x={self.reach_x}, reach_y={self.reach_y}, cost_scale={self.cost_scale}{status})")
 
 
 def _side_value(w, h, eps: float, rho) -> torch.Tensor:

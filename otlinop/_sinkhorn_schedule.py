@@ -11,16 +11,22 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 
 from ._checks import Inputs, fraction, positive_scalar
 
-__all__ = ["DEFAULT_BLUR", "diameter", "epsilon_schedule", "resolve_eps"]
+__all__ = ["DEFAULT_BLUR", "LONG_SCHEDULE", "diameter", "epsilon_schedule", "resolve_eps"]
 
 #: Default blur when neither ``blur`` nor ``eps`` is given (GeomLoss' default).
 DEFAULT_BLUR = 0.05
+
+#: A schedule longer than this warns: GeomLoss' scaling=0.5 gives ~10-30 steps and
+#: 0.9 ~100-200; thousands come from a scaling such as 0.9999 (50k steps, each a
+#: pass over the cost), more likely a slip than a wish.
+LONG_SCHEDULE = 2000
 
 
 def diameter(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -78,6 +84,7 @@ def resolve_eps(owner: str, method: str, blur, eps, scaling, diam, inp: Inputs):
     ``blur``/``eps``: at most one (default ``blur = DEFAULT_BLUR``);
     ``method="alternating"`` runs at one eps, ``"symmetric"`` on the schedule
     from ``diam`` (default :func:`diameter` of the points) down to ``blur``.
+    A schedule of more than ``LONG_SCHEDULE`` steps warns (UserWarning).
     """
     if blur is not None and eps is not None:
         raise ValueError(f"{owner}: give blur or eps, not both (eps = blur**2); got blur={blur!r}, eps={eps!r}")
@@ -99,4 +106,10 @@ def resolve_eps(owner: str, method: str, blur, eps, scaling, diam, inp: Inputs):
     # The last eps is blur**2 exactly (not the schedule's rounding of it).
     schedule = epsilon_schedule(diam, blur, scaling)
     schedule[-1] = eps
+    if len(schedule) > LONG_SCHEDULE:
+        usual = len(epsilon_schedule(diam, blur, 0.5))
+        warnings.warn(f"{owner}: scaling={scaling} gives an eps schedule of {len(schedule)} steps (diameter "
+                      f"{diam:.3g} down to blur {blur:.3g}), one pass over the cost each; scaling=0.5 gives "
+                      f"{usual}. Pass a smaller scaling (0.5 to 0.95 is usual), or a diameter closer to blur",
+                      UserWarning, stacklevel=3)
     return eps, schedule, blur

@@ -34,7 +34,7 @@ import torch
 from solvers import cg
 
 from ._base import LinearOperator
-from ._checks import (directions, fraction, nonnegative_scalar, points, positive_int, positive_scalar,
+from ._checks import (directions, finite, fraction, nonnegative_scalar, points, positive_int, positive_scalar,
                       preconditioner, solver_function, vector)
 from ._operators.plan_product import transport_gradient_for
 from .hessian import DualHessianOperator, hessian_options
@@ -224,6 +224,8 @@ def _checked_dual(owner, x, y, f, g, A, B, *, eps, a, b, cost_scale, reach_x, re
         truncate = fraction(owner, "truncate", truncate)
     P = plan_operator_for(owner, x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
                           precision=precision)
+    # The directions enter the plan kernels, which would name themselves ("plan_apply: V ...").
+    finite(owner, {"A": A, "B": B}, hint="the directions must be finite")
     if truncate is not None:
         P = P.truncated(truncate)
     K = DualHessianOperator(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)

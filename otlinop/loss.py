@@ -136,7 +136,7 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
     a = _squeeze_weights(a, x)
     b = _squeeze_weights(b, y)
     rho = None if reach is None else reach * reach
-    inp = measures(owner, x, y, a, b, balanced=rho is None)
+    inp = measures(owner, x, y, a, b, balanced=rho is None, cost_scale=cost_scale)
     check_backend(owner, backend, x)
     eps, schedule, _ = resolve_eps(owner, "symmetric", blur, None, scaling, diameter, inp)
     spec = Spec(eps_list=tuple(schedule), eps=eps, rho_x=rho, rho_y=rho, debias=debias,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._base import LinearOperator
-from ._checks import Geometry, fmt_shape, vector
+from ._checks import Geometry, finite, fmt_shape, vector
 from ._operators.concrete import Diag
 
 __all__ = ["plan_marginals", "marginal_error"]
@@ -94,7 +94,8 @@ def marginal_error(P: LinearOperator, a: torch.Tensor | None, b: torch.Tensor | 
     TypeError
         If P is not a LinearOperator, or a, b are not tensors of P's dtype.
     ValueError
-        If a, b have the wrong shape or device.
+        If a, b have the wrong shape or device, or NaN or inf entries (one
+        synchronisation, skipped with ``config.check_finite`` off).
 
     Notes
     -----
@@ -114,6 +115,8 @@ def marginal_error(P: LinearOperator, a: torch.Tensor | None, b: torch.Tensor | 
     geo = Geometry("marginal_error", False, 1, n, m, 0, P.dtype, P.device, ref="P")
     for name, t, size, side in (("a", a, n, "rows"), ("b", b, m, "columns")):
         vector(geo, name, t, size, optional=True, what=f"P has shape {fmt_shape(P.shape)}, {size} {side}")
+    # A NaN target would make the error NaN, which no threshold test ever passes or fails clearly.
+    finite("marginal_error", {"a": a, "b": b}, hint="the target marginals must be finite")
     err_a = None if a is None else (_row_sums(P) - a).abs().sum()
     err_b = None if b is None else (_col_sums(P) - b).abs().sum()
     return err_a, err_b

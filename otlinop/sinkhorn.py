@@ -11,7 +11,9 @@ Two methods (docs/math.md section 3):
 
 - ``"symmetric"``: GeomLoss' algorithm. An eps-scaling schedule from the
   diameter of the data down to ``blur^2``, one averaged (Jacobi) update of both
-  potentials per value of eps, then a final unaveraged "extrapolation" step.
+  potentials per value of eps, then (unlike GeomLoss, whose count is fixed)
+  more averaged updates at ``blur^2`` until the marginal error falls below
+  ``threshold``, then a final unaveraged "extrapolation" step.
 - ``"alternating"``: OTT-JAX's algorithm. Fixed eps, Gauss-Seidel updates (g
   then f), stopped when the L1 marginal error falls below ``threshold``.
 
@@ -33,16 +35,20 @@ import torch
 from solvers import config
 from solvers.graphs import CUDA_GRAPHS
 
-from ._checks import (backend_name, function, measures, nonnegative_scalar, positive_int, positive_scalar, potential,
-                      precision_name, reach_or_none)
+from ._checks import (backend_name, flag, function, measures, nonnegative_scalar, positive_int, positive_scalar,
+                      potential, precision_name, reach_or_none)
 from ._sinkhorn_loops import GRAPH_MIN_RUN, Monitor, alternating_loop, symmetric_loop
-from ._sinkhorn_result import SinkhornResult
+from ._sinkhorn_result import ConvergenceWarning, SinkhornResult, convergence_status
 from ._sinkhorn_schedule import epsilon_schedule, resolve_eps
 from .kernels._dispatch import check_backend, resolve_backend
 
-__all__ = ["sinkhorn", "SinkhornResult", "epsilon_schedule"]
+__all__ = ["sinkhorn", "SinkhornResult", "ConvergenceWarning", "epsilon_schedule", "DEFAULT_MAX_ITER"]
 
 _METHODS = ("symmetric", "alternating")
+
+#: Default ``max_iter``: "alternating" iterations in all; "symmetric" steps at the
+#: final eps after its schedule.
+DEFAULT_MAX_ITER = 2000
 
 
 # --------------------------------------------------------------------------
@@ -125,21 +131,32 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
         both sides (``reach``) or on one side (``reach_x`` on ``P 1``,
         ``reach_y`` on ``P^T 1``); None keeps that side a hard constraint.
     method : {"symmetric", "alternating"}
-        "symmetric": GeomLoss' eps-scaling with averaged updates and a final
-        extrapolation; its iteration count is fixed by the schedule.
-        "alternating": OTT-JAX's fixed-eps Gauss-Seidel updates (g then f)
-        until the marginal error is <= ``threshold``.
+        "symmetric": GeomLoss' eps-scaling with averaged updates, continued at
+        the final eps until the marginal error is <= ``threshold``, and a
+        final extrapolation. "alternating": OTT-JAX's fixed-eps Gauss-Seidel
+        updates (g then f) until the marginal error is <= ``threshold``.
     max_iter : int, optional
-        "alternating": the most iterations (default 2000). "symmetric": None
-        (default) runs the schedule only; an int, at least the schedule's
-        length, continues the averaged steps at the final eps until a check
-        finds the marginal error <= ``threshold``, ``max_iter`` steps in all
-        (runs of one eps replay a CUDA graph between checks on a GPU).
+        The most iterations. "alternating": default 2000. "symmetric": the
+        whole schedule runs, then averaged steps at the final eps until a
+        check (the first one at the end of the schedule) finds the marginal
+        error <= ``threshold``; an int (at least the schedule's length) is the
+        most steps in all, default the schedule's length + 2000. On a GPU,
+        runs of one eps replay a CUDA graph between checks.
     threshold : float, optional
-        Convergence threshold on the L1 marginal error, default 1e-3 (OTT's).
+        Convergence threshold on the marginal error ``||P 1 - a||_1 / sum(a)``
+        (the L1 error for probability weights; relative, so that it means the
+        same for weights of any mass), default 1e-3 (OTT's).
+        ``float("inf")`` asks for no convergence: "symmetric" then runs its
+        schedule alone, GeomLoss' fixed count and values (``SamplesLoss``
+        does so always).
     check_every : int, default 10
-        Iterations between two checks of the marginal error. "alternating"
-        synchronises with the host only at checks.
+        Iterations between two checks of the marginal error. The loops
+        synchronise with the host only at checks. A loop also stops when its
+        error stalls at the final eps: it has not dropped by 0.1% over the
+        last max(100, 10 * check_every) iterations and is within 100 times
+        the arithmetic's resolution ``u (max|f| + max|g|) / eps`` (u: the
+        unit roundoff of the potentials' dtype), the level where rounding,
+        not the iteration, sets the error.
     f0, g0 : Tensor, optional
         Warm start (GeomLoss convention, shapes of a and b). "symmetric":
         replace the initialisation (pass ``diameter=blur`` to skip the
@@ -160,25 +177,34 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
     Returns
     -------
     SinkhornResult
-        ``f``, ``g``, ``eps``, ``n_iter``, ``converged``, ``marginal_error``,
-        ``plan`` (a PlanOperator), ``cost`` and the data.
+        ``f``, ``g``, ``eps``, ``n_iter``, ``converged``, ``status``,
+        ``marginal_error`` (the final one; ``marginal_error_history``: every
+        check), ``plan`` (a PlanOperator), ``cost`` (GeomLoss' value,
+        ``<a, f> + <b, g>`` balanced), ``transport_cost()`` (``<P, C>``) and
+        the data.
 
     Raises
     ------
     TypeError
         Non-tensor inputs, non-floating or mismatched dtypes.
     ValueError
-        Mismatched shapes or devices, empty clouds, non-finite points, negative
-        weights or zero mass, unequal masses in a balanced problem,
+        Mismatched shapes or devices, empty clouds, non-finite points, points
+        whose costs overflow the compute dtype, negative weights, zero mass or
+        masses whose product overflows, unequal masses in a balanced problem,
         non-positive blur/eps/reach/cost_scale, scaling outside (0, 1), an
         unknown method or backend.
 
     Warns
     -----
+    ConvergenceWarning
+        When the returned result is not converged (its ``status``: the
+        budget ran out, the error stalled at the dtype's resolution, or the
+        potentials diverged).
     UserWarning
         If an input requires grad: the results are not differentiable (the
         loops run without autograd); ``SamplesLoss`` and ``sinkhorn_loss`` are
-        the differentiable entry points.
+        the differentiable entry points. If the eps schedule has more than
+        2000 steps (a ``scaling`` very close to 1).
 
     Notes
     -----
@@ -199,16 +225,22 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
       damps ``eps log b``, which solves a different (``-eps H(P)``) problem.
 
     The result's ``cost`` is ``<a, f> + <b, g>`` (balanced) or GeomLoss'
-    unbalanced value (see ``SinkhornResult.cost``).
+    unbalanced value; with weights of total mass ``m`` it is the primal
+    ``<P, C> + eps KL(P | a⊗b)`` minus ``eps (m^2 - m)`` (see
+    ``SinkhornResult.cost``). POT's ``sinkhorn2`` returns ``<P, C>``:
+    ``res.transport_cost()``.
 
     Examples
     --------
     >>> import torch
     >>> from otlinop.sinkhorn import sinkhorn
     >>> x = torch.randn(100, 2, dtype=torch.float64); y = torch.randn(80, 2, dtype=torch.float64) + 1
-    >>> res = sinkhorn(x, y, blur=0.1)
-    >>> res.f.shape, res.g.shape, round(res.eps, 6)
-    (torch.Size([100]), torch.Size([80]), 0.01)
+    >>> res = sinkhorn(x, y, blur=0.3)
+    >>> res.f.shape, res.g.shape, round(res.eps, 6), res.converged
+    (torch.Size([100]), torch.Size([80]), 0.09, True)
+    >>> geomloss_like = sinkhorn(x, y, blur=0.3, threshold=float("inf"))   # the schedule alone
+    >>> geomloss_like.n_iter == len(geomloss_like.eps_schedule)
+    True
     >>> res = sinkhorn(x, y, eps=0.5, method="alternating", threshold=1e-9)
     >>> bool(res.converged), torch.allclose(res.plan.row_sums(), res.a)
     (True, True)
@@ -225,31 +257,33 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
     threshold = 1e-3 if threshold is None else nonnegative_scalar(owner, "threshold", threshold, allow_inf=True)
     if callback is not None:
         function(owner, "callback", callback, "callable or None")
+    flag(owner, "verbose", verbose)
     if method == "alternating":
-        max_iter = 2000 if max_iter is None else positive_int(owner, "max_iter", max_iter)
+        max_iter = DEFAULT_MAX_ITER if max_iter is None else positive_int(owner, "max_iter", max_iter)
         if diameter is not None:
             warnings.warn(f"{owner}: diameter is ignored by method='alternating' (fixed eps)", stacklevel=2)
     elif max_iter is not None:
         max_iter = positive_int(owner, "max_iter", max_iter)
 
-    inp = measures(owner, x, y, a, b, balanced=(rho_x is None and rho_y is None))
+    inp = measures(owner, x, y, a, b, balanced=(rho_x is None and rho_y is None), cost_scale=cost_scale)
     _warn_not_differentiable(owner, x=x, y=y, a=a, b=b, f0=f0, g0=g0)
     check_backend(owner, backend, x)
     f0 = potential(owner, "f0", f0, inp.a, batched=inp.batched, dtype=inp.pot_dtype)
     g0 = potential(owner, "g0", g0, inp.b, batched=inp.batched, dtype=inp.pot_dtype)
     eps, schedule, _ = resolve_eps(owner, method, blur, eps, scaling, diameter, inp)
-    refine = 0
-    if method == "symmetric" and max_iter is not None:
-        if max_iter < len(schedule):
+    if method == "symmetric":
+        if max_iter is None:
+            max_iter = len(schedule) + DEFAULT_MAX_ITER
+        elif max_iter < len(schedule):
             raise ValueError(f"{owner}: max_iter={max_iter} is shorter than the eps schedule ({len(schedule)} "
                              "steps); method='symmetric' runs the whole schedule, then up to max_iter steps "
                              "in all at the final eps")
-        refine = max_iter - len(schedule)
+    refine = max_iter - len(schedule) if method == "symmetric" else 0
 
     bar = None
     if verbose:
         from tqdm.auto import tqdm
-        total = len(schedule) + refine if method == "symmetric" else max_iter
+        total = max_iter
         bar = tqdm(total=total, desc=f"sinkhorn ({method})", leave=False)
     monitor = Monitor(check_every=check_every, callback=callback, bar=bar, method=method, inp=inp)
     # _graphs: the tests' stand-in for the CUDA-graph machinery (conftest's FakeGraphs), used as given.
@@ -269,13 +303,20 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
             f, g, n_iter, _ = alternating_loop(inp, eps, rho_x, rho_y, f0=f0, g0=g0, max_iter=max_iter,
                                                threshold=threshold, monitor=monitor, **opts)
     errors = monitor.finish()
-    converged = bool(errors) and errors[-1] <= threshold
+    error = errors[-1] if errors else math.nan
+    converged = error <= threshold
+    status = convergence_status(method=method, converged=converged, error=error, threshold=threshold, n_iter=n_iter,
+                                max_iter=max_iter, stalled=monitor.stalled, stall_span=monitor.stall_span,
+                                floor=monitor.floor, dtype=inp.pot_dtype)
+    if not converged:
+        warnings.warn(f"{owner}: {status}", ConvergenceWarning, stacklevel=2)
 
     u = inp.unbatch
     return SinkhornResult(
-        f=u(f), g=u(g), eps=eps, n_iter=n_iter, converged=converged, marginal_error=errors,
+        f=u(f), g=u(g), eps=eps, n_iter=n_iter, converged=converged, marginal_error=error,
         a=u(inp.a) if a is None else a, b=u(inp.b) if b is None else b, x=x, y=y, cost_scale=cost_scale,
         reach_x=None if rho_x is None else math.sqrt(rho_x),
         reach_y=None if rho_y is None else math.sqrt(rho_y),
         method=method, eps_schedule=schedule, f_pre=u(f_pre), g_pre=u(g_pre),
-        backend=backend, precision=precision)
+        backend=backend, precision=precision, marginal_error_history=errors, threshold=threshold,
+        status=status)

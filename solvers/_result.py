@@ -132,7 +132,8 @@ def default_describe(method: str, hint: str) -> Callable[[int, dict], str]:
                     "try gmres")
         if code == NONFINITE:
             return (f"stopped after {it} iterations: NaN or inf appeared; check A, M, b and x0 for non-finite "
-                    "values, or overflow in float16/float32; with finite inputs this is a breakdown: the system is "
+                    "values, or overflow (of A's or M's products, or of squared norms); with finite inputs this is "
+                    "a breakdown: the system is "
                     "singular or inconsistent (b not in A's range), or too ill-conditioned. Where x was not "
                     "finite it is returned as 0; for a least-squares solution use lsmr")
         if code == SINGULAR:
@@ -186,8 +187,11 @@ def verify(X: torch.Tensor, codes: torch.Tensor, rnorm: torch.Tensor, tol: torch
     diverged = check_fail & ((true > _DIVERGED * bnorm) | ((true > 10 * rnorm) & (true > 1e-2 * bnorm)))
     codes = torch.where(missed, RESOLUTION, codes)
     codes = torch.where(diverged, SINGULAR, codes)
-    codes = torch.where(~finite | (need & ~torch.isfinite(true)), NONFINITE, codes)
-    honest = check_conv | (check_fail & ((true > 10 * rnorm) | ~finite | diverged))
+    # A failed column whose tracked residual is NaN or inf broke down (an operator's product
+    # overflowed, say), whatever its code; its x is finite, and its true residual is reported.
+    lost = check_fail & ~torch.isfinite(rnorm)
+    codes = torch.where(~finite | lost | (need & ~torch.isfinite(true)), NONFINITE, codes)
+    honest = check_conv | (check_fail & ((true > 10 * rnorm) | ~finite | diverged | lost))
     rnorm = torch.where(honest, true, rnorm)
     return Xo, codes, rnorm
 
@@ -206,6 +210,8 @@ def finish(*, X: torch.Tensor, vector: bool, codes: torch.Tensor, iters: torch.T
     ``X -> ||B - A X||`` per column, for :func:`verify`.
     """
     codes = torch.where(codes == RUNNING, torch.full_like(codes, MAXITER), codes)
+    # A column stopped without a reason but with a NaN residual broke down: NONFINITE, not MAXITER.
+    codes = torch.where((codes == MAXITER) & torch.isnan(rnorm), torch.full_like(codes, NONFINITE), codes)
     out_dtype = X.dtype if out_dtype is None else out_dtype
     if residual is not None:
         X, codes, rnorm = verify(X, codes, rnorm, tol, bnorm, residual, out_dtype)

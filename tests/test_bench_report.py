@@ -95,7 +95,8 @@ def test_solvers_suite_tables(capsys):
     assert len(vector) == 2
     for line in vector:
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert len(cells) == 6 and all(float(c) > 0 for c in cells[1:])
+        # A busy CPU can make a tiny size's difference of two timings negative: said, never printed.
+        assert len(cells) == 6 and all(c == "below noise" or float(c) > 0 for c in cells[1:5])
     assert (config.cg_fused, config.cg_fused_max_n) == saved
 
 
@@ -202,14 +203,16 @@ def _sinkhorn_reference(method, x, y, a, b, eps, k):
 @pytest.mark.parametrize("method", ["symmetric", "alternating"])
 @pytest.mark.parametrize("k", [2, 3, 7])
 def test_ours_runner_runs_k_iterations_at_the_protocol_eps(method, k):
-    """The bench times the public sinkhorn call doing exactly k steps at eps = EPS (one eps, no check)."""
+    """The bench times the public sinkhorn call doing exactly k steps at eps = EPS (one eps)."""
     from otlinop.bench import sinkhorn_bench
 
     x, y, a, b = (t.double() for t in sinkhorn_bench.inputs(24, 3, "cpu"))
     res = sinkhorn_bench.ours_runner(method, x, y, a, b, None, "torch")(k)
     assert res.n_iter == k and res.method == method
     assert set(res.eps_schedule) == {res.eps} and res.eps == pytest.approx(sinkhorn_bench.EPS, rel=1e-15)
-    assert len(res.marginal_error) == 1     # no check inside the run, one at its end
+    # No check inside the run but one at its end, and (symmetric, refining past its 2-step
+    # schedule) one at the end of the schedule.
+    assert len(res.marginal_error_history) == (2 if method == "symmetric" and k > 2 else 1)
     for steps in (k - 1, k, k + 1):
         f, g = _sinkhorn_reference(method, x, y, a, b, res.eps, steps)
         same = torch.allclose(res.f, f, rtol=0, atol=1e-12) and torch.allclose(res.g, g, rtol=0, atol=1e-12)

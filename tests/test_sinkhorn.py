@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from otlinop import config  # noqa: E402
+from otlinop import ConvergenceWarning, config  # noqa: E402
 from otlinop.sinkhorn import SinkhornResult, epsilon_schedule, sinkhorn  # noqa: E402
 
 
@@ -45,6 +45,8 @@ from conftest import FakeGraphs, requires_cuda  # noqa: E402
 RTOL64 = 1e-6
 #: float32 against a float64 reference.
 RTOL32 = 2e-4
+#: No convergence target: "symmetric" runs its schedule alone, GeomLoss' fixed count.
+GEOMLOSS = dict(threshold=math.inf)
 
 
 
@@ -93,7 +95,7 @@ def geomloss_value(x, y, a, b, *, blur, reach=None, scaling=0.5, cost_scale=0.5)
 @pytest.mark.parametrize("scaling", [0.5, 0.8])
 def test_symmetric_matches_geomloss(cost_scale, reach, scaling):
     x, y, a, b = clouds(mass_b=1.0 if reach is None else 1.4)
-    res = sinkhorn(x, y, a, b, blur=0.07, scaling=scaling, cost_scale=cost_scale, reach=reach)
+    res = sinkhorn(x, y, a, b, blur=0.07, scaling=scaling, cost_scale=cost_scale, reach=reach, **GEOMLOSS)
     F, G = geomloss_potentials(x, y, a, b, blur=0.07, reach=reach, scaling=scaling, cost_scale=cost_scale)
     value = geomloss_value(x, y, a, b, blur=0.07, reach=reach, scaling=scaling, cost_scale=cost_scale)
     assert rel(res.f, F) < RTOL64 and rel(res.g, G) < RTOL64
@@ -104,11 +106,11 @@ def test_symmetric_matches_geomloss(cost_scale, reach, scaling):
 
 def test_symmetric_default_weights_and_eps_argument():
     x, y, _, _ = clouds(weights=False)
-    res = sinkhorn(x, y, eps=0.01)                 # blur = sqrt(eps) = 0.1
+    res = sinkhorn(x, y, eps=0.01, **GEOMLOSS)     # blur = sqrt(eps) = 0.1
     F, G = geomloss_potentials(x, y, torch.full((60,), 1 / 60, dtype=F64), torch.full((50,), 1 / 50, dtype=F64),
                                blur=0.1)
     assert res.cost_scale == 1.0
-    res_half = sinkhorn(x, y, eps=0.01, cost_scale=0.5)
+    res_half = sinkhorn(x, y, eps=0.01, cost_scale=0.5, **GEOMLOSS)
     assert rel(res_half.f, F) < RTOL64 and rel(res_half.g, G) < RTOL64
     assert torch.allclose(res.a, torch.full((60,), 1 / 60, dtype=F64))
     assert res.f.shape == (60,) and res.g.shape == (50,)
@@ -127,16 +129,25 @@ def test_epsilon_schedule_matches_geomloss():
 def test_symmetric_records_errors_and_calls_back():
     x, y, a, b = clouds()
     seen = []
-    res = sinkhorn(x, y, a, b, blur=0.05, check_every=2, callback=seen.append, verbose=True)
-    assert len(res.marginal_error) == len(seen) == res.n_iter // 2 + 1
-    assert all(isinstance(e, float) for e in res.marginal_error)
+    res = sinkhorn(x, y, a, b, blur=0.05, check_every=2, callback=seen.append, verbose=True, **GEOMLOSS)
+    n = len(res.eps_schedule)
+    assert res.n_iter == n
+    # Every second step, then the end of the schedule (a refining call checks there), whose
+    # record is the final one (the loop stopped there: threshold=inf).
+    assert [s["iteration"] for s in seen] == list(range(2, n, 2)) + [n]
+    assert len(res.marginal_error_history) == len(seen)
+    assert all(isinstance(e, float) for e in res.marginal_error_history)
+    assert res.marginal_error_history == [s["marginal_error"] for s in seen]
+    assert isinstance(res.marginal_error, float) and res.marginal_error == res.marginal_error_history[-1]
     assert set(seen[0]) == {"method", "iteration", "eps", "marginal_error", "f", "g"}
     assert seen[-1]["eps"] == res.eps
     assert res.f_pre is not None and res.g_pre is not None
-    # The last error is that of the pre-extrapolation state; slow annealing lowers it.
-    assert not res.converged and res.marginal_error[-1] > 1e-2
-    slow = sinkhorn(x, y, a, b, blur=0.5, scaling=0.95, threshold=1e-2)
-    assert slow.converged and slow.marginal_error[-1] < 1e-2
+    # The last error is that of the pre-extrapolation state: far from converged after the
+    # schedule alone, which threshold=inf accepts.
+    assert res.converged and res.marginal_error > 1e-2 and res.status.startswith("converged")
+    slow = sinkhorn(x, y, a, b, blur=0.5, scaling=0.95, threshold=1e-2, max_iter=len(
+        sinkhorn(x, y, a, b, blur=0.5, scaling=0.95, **GEOMLOSS).eps_schedule))
+    assert slow.converged and slow.marginal_error < 1e-2
     assert "SinkhornResult(" in repr(slow)
 
 
@@ -160,7 +171,7 @@ def test_alternating_matches_pot_balanced(cost_scale):
     eps = 0.02
     res = sinkhorn(x, y, a, b, eps=eps, method="alternating", threshold=1e-12, cost_scale=cost_scale,
                    max_iter=20000)
-    assert res.converged and res.marginal_error[-1] <= 1e-12
+    assert res.converged and res.marginal_error <= 1e-12
     M = (cost_scale * sqdist(x, y)).numpy()
     P_pot, log = ot.bregman.sinkhorn_log(a.numpy(), b.numpy(), M, eps, numItermax=20000, stopThr=1e-13,
                                          log=True)
@@ -230,8 +241,11 @@ def test_alternating_warm_start_and_callback():
                    check_every=5, verbose=True)
     assert res.converged and res.n_iter == 5 and len(seen) == 1
     assert seen[0]["iteration"] == 5 and seen[0]["marginal_error"] <= 1e-9
-    capped = sinkhorn(x, y, a, b, eps=0.001, method="alternating", max_iter=7, check_every=5)
-    assert not capped.converged and capped.n_iter == 7 and len(capped.marginal_error) == 2
+    with pytest.warns(ConvergenceWarning, match=r"sinkhorn: not converged: marginal error .* > threshold "
+                                                r"1.00e-03 after 7 iterations \(max_iter=7\); raise max_iter"):
+        capped = sinkhorn(x, y, a, b, eps=0.001, method="alternating", max_iter=7, check_every=5)
+    assert not capped.converged and capped.n_iter == 7 and len(capped.marginal_error_history) == 2
+    assert capped.status.startswith("not converged") and "not converged" in repr(capped)
 
 
 def test_zero_weights_are_ignored():
@@ -255,7 +269,9 @@ def test_zero_weights_are_ignored():
 @pytest.mark.parametrize("method", ["symmetric", "alternating"])
 def test_batched_equals_per_item(method):
     x, y, a, b = clouds(40, 30, batch=3)
-    opts = dict(blur=0.1, reach=0.5 if method == "symmetric" else None, method=method, diameter=2.0)
+    # threshold=inf: a batch refines until its worst problem converges, one problem alone
+    # until it does; the schedule alone is the same count for both.
+    opts = dict(blur=0.1, reach=0.5 if method == "symmetric" else None, method=method, diameter=2.0, **GEOMLOSS)
     if method == "alternating":
         opts.pop("diameter")
         opts["threshold"] = 1e-11
@@ -273,7 +289,7 @@ def test_batched_equals_per_item(method):
 
 def test_batched_matches_geomloss():
     x, y, a, b = clouds(40, 30, batch=2)
-    res = sinkhorn(x, y, a, b, blur=0.1, cost_scale=0.5)
+    res = sinkhorn(x, y, a, b, blur=0.1, cost_scale=0.5, **GEOMLOSS)
     F, G = geomloss_potentials(x, y, a, b, blur=0.1)
     assert rel(res.f, F) < RTOL64 and rel(res.g, G) < RTOL64
 
@@ -281,7 +297,8 @@ def test_batched_matches_geomloss():
 @pytest.mark.parametrize("method", ["symmetric", "alternating"])
 def test_float32_against_float64(method):
     x, y, a, b = clouds(80, 70)
-    opts = dict(blur=0.2, method=method)
+    # The same count of steps in both dtypes (a threshold could stop them at different ones).
+    opts = dict(blur=0.2, method=method, **(GEOMLOSS if method == "symmetric" else {}))
     ref = sinkhorn(x, y, a, b, **opts)
     res = sinkhorn(x.float(), y.float(), a.float(), b.float(), **opts)
     assert res.f.dtype == torch.float32
@@ -303,7 +320,8 @@ def test_triton_interpreter_matches_torch(method):
     # Few eps steps: a large blur. float32 (the Triton kernels' dtype). On a GPU
     # machine the same small problem runs compiled.
     x, y, a, b = (t.to(DEVICE) for t in clouds(24, 20, d=3, batch=2, dtype=torch.float32))
-    opts = dict(blur=0.5, method=method, reach=0.7 if method == "symmetric" else None, threshold=1e-4,
+    opts = dict(blur=0.5, method=method, reach=0.7 if method == "symmetric" else None,
+                threshold=1e-4 if method == "alternating" else math.inf,
                 max_iter=40 if method == "alternating" else None)
     res_t = sinkhorn(x, y, a, b, backend="triton", **opts)
     res_c = sinkhorn(x, y, a, b, backend="torch", **opts)
@@ -320,7 +338,7 @@ def test_gpu_triton_matches_torch_large(method):
     y = torch.randn(n, d, device="cuda", generator=gen) + 0.5
     opts = dict(method=method)
     if method == "symmetric":
-        opts.update(blur=1.0, scaling=0.5)
+        opts.update(blur=1.0, scaling=0.5, **GEOMLOSS)
     else:
         opts.update(eps=5.0, max_iter=20, threshold=0.0)
     res_t = sinkhorn(x, y, backend="triton", **opts)
@@ -334,21 +352,23 @@ def test_gpu_triton_matches_torch_large(method):
 def test_symmetric_refinement_reaches_the_threshold():
     """max_iter continues the averaged steps at the final eps until the marginal error <= threshold."""
     x, y, a, b = clouds(40, 30)
-    plain = sinkhorn(x, y, a, b, blur=0.3, backend="torch")
+    plain = sinkhorn(x, y, a, b, blur=0.3, backend="torch", **GEOMLOSS)
     res = sinkhorn(x, y, a, b, blur=0.3, max_iter=400, threshold=1e-9, check_every=5, backend="torch")
     n_schedule = len(plain.eps_schedule)
-    assert plain.n_iter == n_schedule and not plain.converged
+    assert plain.n_iter == n_schedule and plain.marginal_error > 1e-3
     assert n_schedule < res.n_iter < 400 and res.n_iter % 5 == 0 and res.converged
-    assert res.marginal_error[-1] <= 1e-9
+    assert res.marginal_error <= 1e-9
     # Its fixed point is that of the alternating updates at the same eps.
     alt = sinkhorn(x, y, a, b, eps=res.eps, method="alternating", threshold=1e-12, backend="torch")
     shift = (res.f - alt.f).mean()
     assert rel(res.f - shift, alt.f) < 1e-6 and rel(res.g + shift, alt.g) < 1e-6
     # A budget the threshold does not reach: max_iter steps in all, not converged.
-    short = sinkhorn(x, y, a, b, blur=0.3, max_iter=n_schedule + 3, threshold=0.0, backend="torch")
+    with pytest.warns(ConvergenceWarning, match=r"sinkhorn: not converged: .* after \d+ iterations"):
+        short = sinkhorn(x, y, a, b, blur=0.3, max_iter=n_schedule + 3, threshold=0.0, backend="torch")
     assert short.n_iter == n_schedule + 3 and not short.converged
 
 
+@pytest.mark.filterwarnings("ignore::otlinop.ConvergenceWarning")   # budgets below the thresholds, on purpose
 @pytest.mark.parametrize("check_every", [1, 7, 1000])
 @pytest.mark.parametrize("options", [
     dict(blur=0.3, max_iter=60, threshold=1e-7),
@@ -363,17 +383,21 @@ def test_graph_runs_match_the_eager_loop(options, check_every):
     seen = []
     graphed = sinkhorn(x, y, a, b, callback=lambda info: seen.append(info["iteration"]), _graphs=fake, **opts)
     assert torch.equal(graphed.f, eager.f) and torch.equal(graphed.g, eager.g)
-    assert graphed.marginal_error == eager.marginal_error and graphed.n_iter == eager.n_iter
+    assert graphed.marginal_error_history == eager.marginal_error_history and graphed.n_iter == eager.n_iter
     assert graphed.converged == eager.converged
-    # The checks, then the last iteration (symmetric: the record of the final extrapolation).
-    checks = list(range(check_every, graphed.n_iter + 1, check_every))
+    # The checks, then the last iteration (symmetric: a check at the end of the schedule, which
+    # a refining call makes, and the record of the final state, unless a check stopped there).
+    checks = set(range(check_every, graphed.n_iter + 1, check_every))
+    if "method" not in options:
+        checks = {k for k in checks | {len(graphed.eps_schedule)} if k < graphed.n_iter}
     last = [graphed.n_iter] if "method" not in options else [graphed.n_iter][:graphed.n_iter % check_every != 0]
-    assert seen == checks + last
+    assert seen == sorted(checks) + last
     # Replays between checks (none when every step is a check).
     assert (fake.replays > 0) == (check_every > 1)
 
 
 @requires_cuda
+@pytest.mark.filterwarnings("ignore::otlinop.ConvergenceWarning")   # threshold=0.0: a fixed count
 def test_gpu_graph_loops_are_bitwise_the_eager_loops():
     """On a GPU the captured step replays the eager step's kernels: bitwise the same potentials."""
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -386,7 +410,7 @@ def test_gpu_graph_loops_are_bitwise_the_eager_loops():
         with config.override(sinkhorn_graphs=False):
             eager = sinkhorn(x, y, **opts)
         assert torch.equal(graphed.f, eager.f) and torch.equal(graphed.g, eager.g)
-        assert graphed.marginal_error == eager.marginal_error
+        assert graphed.marginal_error_history == eager.marginal_error_history
 
 
 # --------------------------------------------------------------------------
@@ -436,14 +460,14 @@ def test_hessian_methods_build_the_operators(options):
 
 def test_hessian_methods_on_batches_and_half_precision():
     x, y, a, b = clouds(12, 10, batch=2)
-    res = sinkhorn(x, y, a, b, blur=0.5)
+    res = sinkhorn(x, y, a, b, blur=0.5, **GEOMLOSS)   # the same count for the batch and one problem
     for call, what in ((lambda r: r.hessian(), "hessian"), (lambda r: r.dual_hessian(), "dual_hessian"),
                        (lambda r: r.loss_hessian(), "loss_hessian")):
         with pytest.raises(ValueError, match=rf"SinkhornResult.{what}\(\): this result holds a batch of 2 "
                                              rf"problems.*use result.select\(i\).{what}\(\)"):
             call(res)
         one = call(res.select(1))
-        solo = call(sinkhorn(x[1], y[1], a[1], b[1], blur=0.5, diameter=res.eps_schedule[0] ** 0.5))
+        solo = call(sinkhorn(x[1], y[1], a[1], b[1], blur=0.5, diameter=res.eps_schedule[0] ** 0.5, **GEOMLOSS))
         w = torch.randn(one.shape[1], dtype=F64)
         torch.testing.assert_close(one @ w, solo @ w, rtol=1e-10, atol=1e-14)
     # Half-precision points: the operators work in the potentials' dtype (float32).

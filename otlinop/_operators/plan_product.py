@@ -39,9 +39,10 @@ def validated_plan_data(owner: str, x, y, f, g, V, a, b, eps, cost_scale, backen
 
     x (n, d), y (m, d), f and a (n,), g and b (m,), V (m,) or (m, k); with
     ``batched`` a common leading batch dimension B on every tensor. Then, with
-    ``values``, the values (:func:`plan_values`); a caller that computes a
-    product passes ``values=False`` and calls :func:`plan_values` with its
-    result, so that one read-back checks both.
+    ``values``, the values (:func:`plan_values`): finite data and weights
+    ``>= 0``, costs ``cost_scale |x_i - y_j|^2`` finite in the compute dtype;
+    a caller that computes a product passes ``values=False`` and calls
+    :func:`plan_values` with its result, so that one read-back checks both.
     """
     eps = positive_scalar(owner, "eps", eps)
     cost_scale = positive_scalar(owner, "cost_scale", cost_scale)
@@ -55,18 +56,20 @@ def validated_plan_data(owner: str, x, y, f, g, V, a, b, eps, cost_scale, backen
     operand(geo, "V", V, geo.m, what=f"y has {geo.m} points", transpose=f"{owner}(y, x, g, f, V, a=b, b=a, ...)")
     check_backend(owner, backend, x)
     if values:
-        plan_values(owner, x, y, f, g, V, a, b, finite_potentials=finite_potentials)
+        plan_values(owner, x, y, f, g, V, a, b, finite_potentials=finite_potentials, cost_scale=cost_scale)
     return eps, cost_scale, backend, precision
 
 
-def plan_values(owner: str, x, y, f, g, V, a, b, *, finite_potentials: bool, results: dict | None = None) -> None:
+def plan_values(owner: str, x, y, f, g, V, a, b, *, finite_potentials: bool, results: dict | None = None,
+                cost_scale: float | None = None) -> None:
     """The values of a plan's data, read back in one synchronisation (none when
     ``config.check_finite`` is off): finite data and weights ``>= 0``; the
-    potentials may hold -inf (a zero row or column) unless ``finite_potentials``.
-    ``results``: what was computed from them, refused if it overflowed."""
+    potentials may hold -inf (a zero row or column) unless ``finite_potentials``;
+    with ``cost_scale``, costs ``cost_scale |x_i - y_j|^2`` finite in the compute
+    dtype. ``results``: what was computed from them, refused if it overflowed."""
     finite(owner, {"x": x, "y": y, "f": f, "g": g, "V": V, "a": a, "b": b},
            allow_neg_inf=() if finite_potentials else ("f", "g"), nonnegative=("a", "b"), hint=_UNDEFINED,
-           results=results, result_hint=OVERFLOW_HINT)
+           results=results, result_hint=OVERFLOW_HINT, cost_scale=cost_scale)
 
 
 # --------------------------------------------------------------------------
@@ -220,7 +223,8 @@ def plan_matmul(x, y, f, g, V=None, *, eps, a=None, b=None, cost_scale=1.0, back
     opts = validated_plan_data("plan_matmul", x, y, f, g, V, a, b, eps, cost_scale, backend, precision,
                                batched=True, finite_potentials=False, values=False)
     out = _checked_product(x, y, f, g, V, a, b, *opts)
-    plan_values("plan_matmul", x, y, f, g, V, a, b, finite_potentials=False, results={"P @ V": out})
+    plan_values("plan_matmul", x, y, f, g, V, a, b, finite_potentials=False, results={"P @ V": out},
+                cost_scale=opts[1])
     return out
 
 
@@ -276,7 +280,8 @@ def transport_gradient_for(owner: str, x, y, f, g, *, eps, a=None, b=None, cost_
     V = torch.cat([yz, yz.new_ones(yz.shape[:-1] + (1,))], dim=-1)
     PV = _checked_product(x, y, f, g, V, a, b, eps, cost_scale, backend, precision)
     out = (2.0 * cost_scale) * (PV[..., d:] * xz - PV[..., :d])
-    plan_values(owner, *data, finite_potentials=False, results={"the transport gradient": out})
+    plan_values(owner, *data, finite_potentials=False, results={"the transport gradient": out},
+                cost_scale=cost_scale)
     return out
 
 

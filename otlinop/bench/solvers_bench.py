@@ -104,8 +104,15 @@ def _vector_table(ns, dtype, device, n1: int, n2: int, cg) -> None:
               flush=True)
 
 
-def _per_iteration(fn_of_iters, n1: int, n2: int) -> float:
-    return (timing.bench(lambda: fn_of_iters(n2)) - timing.bench(lambda: fn_of_iters(n1))) / (n2 - n1)
+#: What a cell says when T(n2) - T(n1) is not positive: the iterations cost less than the
+#: timing noise of a call (tiny sizes, a busy CPU); a negative time would mean nothing.
+BELOW_NOISE = "below noise"
+
+
+def _per_iteration(fn_of_iters, n1: int, n2: int):
+    """ms per iteration as ``(T(n2) - T(n1)) / (n2 - n1)``, or :data:`BELOW_NOISE` when not positive."""
+    ms = (timing.bench(lambda: fn_of_iters(n2)) - timing.bench(lambda: fn_of_iters(n1))) / (n2 - n1)
+    return ms if ms > 0 else BELOW_NOISE
 
 
 def run(args, *, cg=None) -> int:
@@ -145,8 +152,9 @@ def run(args, *, cg=None) -> int:
                   "the per-iteration time below is not meaningful")
         t_cg = _per_iteration(solve, n1, n2)
         t_cg1 = _per_iteration(lambda it: solve(it, 1), n1, n2)
-        print(f"| {n} | {k} | {t_mv:.4f} | {t_step:.4f} | {t_cg:.4f} | {t_cg1:.4f} | {t_cg / t_step:.2f} |",
-              flush=True)
+        cells = [c if isinstance(c, str) else f"{c:.4f}" for c in (t_cg, t_cg1)]
+        ratio = f"{t_cg / t_step:.2f}" if isinstance(t_cg, float) else "-"
+        print(f"| {n} | {k} | {t_mv:.4f} | {t_step:.4f} | {cells[0]} | {cells[1]} | {ratio} |", flush=True)
         del A, B, b, P
     _vector_table(args.vector_ns or ([1024, 8192, 32768, 131072] if cuda else [256, 2048]), dtype, device, n1, n2,
                   cg)
