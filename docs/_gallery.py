@@ -1,0 +1,27 @@
+"""The arguments the documentation build passes to each example of the gallery.
+
+sphinx-gallery runs every script in ``examples/`` while the site builds; these
+arguments keep each one small (the whole gallery in well under a minute on a
+CPU; ``docs/index.md`` says how long it took here) and send its figures to
+``docs/_build/example-figures`` instead of the default ``figures/``.
+sphinx-gallery shows the figures that are still open when a script ends.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+FIGURES = pathlib.Path(__file__).resolve().parent / "_build" / "example-figures"
+
+#: Per example: the command-line arguments of the gallery run (small sizes).
+SMALL = {
+    "gradient_flow.py": ["--n", "200", "--steps", "12"],
+    "newton_registration.py": ["--n", "40"],
+    "sparse_hessian.py": ["--n", "150"],
+}
+
+
+def reset_argv(gallery_conf, script_vars) -> list[str]:
+    """``sys.argv[1:]`` for one example: its small size and the figures folder."""
+    name = pathlib.Path(script_vars["src_file"]).name
+    return [*SMALL.get(name, []), "--figures", str(FIGURES)]
