@@ -25,13 +25,10 @@ import math
 import pathlib
 import time
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-import otlinop  # noqa: E402
+import otlinop
 
 parser = argparse.ArgumentParser(description="Wasserstein gradient flow of a 2-D point cloud onto another.")
 parser.add_argument("--figures", default="figures", help="folder for the figure (default: %(default)s)")

@@ -41,16 +41,13 @@ import math
 import pathlib
 import time
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import scipy.sparse.linalg as sla
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import scipy.sparse.linalg as sla  # noqa: E402
-import torch  # noqa: E402
-
-import otlinop  # noqa: E402
-from otlinop.solvers import jacobi, minres  # noqa: E402
+import otlinop
+from otlinop.solvers import jacobi, minres
 
 parser = argparse.ArgumentParser(description="Damped Newton registration of two point clouds with MINRES.")
 parser.add_argument("--figures", default="figures", help="folder for the figure (default: %(default)s)")

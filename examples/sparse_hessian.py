@@ -34,14 +34,11 @@ import argparse
 import pathlib
 import time
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-import otlinop  # noqa: E402
-from otlinop.solvers import jacobi  # noqa: E402
+import otlinop
+from otlinop.solvers import jacobi
 
 parser = argparse.ArgumentParser(description="Exact against truncated-plan Hessian-vector products.")
 parser.add_argument("--figures", default="figures", help="folder for the figure (default: %(default)s)")
