@@ -133,5 +133,13 @@ def _check_api_page(app) -> None:
         raise RuntimeError("docs/api.rst does not list these public names (__all__): " + ", ".join(missing))
 
 
+def _hide_private_keywords(app, what, name, obj, options, signature, return_annotation):
+    """Drop ``_name=...`` keywords (the tests' hooks, e.g. ``sinkhorn(..., _graphs=None)``) from signatures."""
+    if signature:
+        signature = re.sub(r",\s*_[A-Za-z0-9_]*=[^,)]*", "", signature)
+    return signature, return_annotation
+
+
 def setup(app):
     app.connect("builder-inited", _check_api_page)
+    app.connect("autodoc-process-signature", _hide_private_keywords)

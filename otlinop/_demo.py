@@ -136,8 +136,8 @@ def main(argv=None) -> int:
           f"{'converged' if res.converged else 'NOT converged'}, in {_seconds(clock.ms)}")
     print(f"   marginal errors of the plan P: |P 1 - a|_1 = {err_a:.1e}, |P.T 1 - b|_1 = {err_b:.1e} "
           f"(threshold {args.threshold:g})")
-    print(f"   OT(x, y) = <a, f> + <b, g> = {ot_value:.6f}: the entropic transport value (res.cost, the dual "
-          "objective; GeomLoss' and OTT's value)")
+    print(f"   OT(x, y) = <a, f> + <b, g> = {ot_value:.6f}: the entropic transport value (res.cost; GeomLoss' "
+          "value without debias, OTT's reg_ot_cost)")
     print(f"            = <P, C> {transport.item():.6f} (the transport cost alone, POT's sinkhorn2) "
           f"+ eps KL(P | a x b) {ot_value - transport.item():.6f}")
     print(f"   It is larger than the loss in 1.: the loss subtracts OT(x, x)/2 + OT(y, y)/2, the blur's "
