@@ -24,8 +24,15 @@ sys.path[:0] = [str(ROOT), str(DOCS)]
 # a kernel is asked for by name. Set before anything imports triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import torch  # noqa: E402
+
 import otlinop  # noqa: E402
 import solvers  # noqa: E402
+
+# The gallery's examples are small: one thread. With torch's default (a thread per
+# core) on a 2-core CI machine busy with other jobs, sparse_hessian.py took 329 s
+# instead of 11 s (README, "On a CPU").
+torch.set_num_threads(1)
 
 project = "otlinop"
 author = "the otlinop authors"

@@ -99,6 +99,9 @@ def main(argv=None) -> int:
     eps = args.blur ** 2
     print(f"otlinop {otlinop.__version__}, torch {torch.__version__}")
     print(f"device:  {where}")
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        print(f"         (on a machine shared with other jobs, OMP_NUM_THREADS=1 python -m otlinop is often several "
+              f"times faster than {torch.get_num_threads()} threads)")
     print(f"kernels: {kernels}; data in float32")
     print(f"data:    x = {n} points on a noisy circle, y = {n} points in two blobs, in 2-D, weights 1/{n} each")
     print(f"cost:    C(x, y) = |x - y|^2 / 2 (GeomLoss' p = 2 convention), entropic blur {args.blur}: "
