@@ -14,10 +14,11 @@ Run::
 
     python examples/gradient_flow.py [--figures DIR] [--n N] [--steps K] [--device cuda]
 
-Default size: ``--n 400 --steps 30``. Measured on a 2-core CPU shared with
-other jobs, ``OMP_NUM_THREADS=1``, torch 2.13: 8 s for the whole script, of
-which 4 s for the flow. The documentation runs it with ``--n 200 --steps 12``.
-The figure goes to ``DIR/gradient_flow.png`` (default ``figures/``).
+Default size: ``--n 400 --steps 30``. Measured on a 2-core CPU,
+``OMP_NUM_THREADS=1``, torch 2.13: 5 s for the whole script with the machine
+otherwise idle, 8 s while other jobs shared it. The documentation runs it with
+``--n 200 --steps 12`` (3 s). The figure goes to ``DIR/gradient_flow.png``
+(default ``figures/``).
 """
 
 import argparse

@@ -29,11 +29,12 @@ Run::
 
     python examples/newton_registration.py [--figures DIR] [--n N]
 
-Default size: ``--n 60 --steps 12``. Measured on a 2-core CPU shared with
-other jobs, ``OMP_NUM_THREADS=1``, torch 2.13, float64: 26 s (half of it in
-``eigsh``; the time hardly depends on n at this size, where every product is a
-few small torch calls). The documentation runs it with ``--n 40``. The figure
-goes to ``DIR/newton_registration.png`` (default ``figures/``).
+Default size: ``--n 60 --steps 12``. Measured on a 2-core CPU,
+``OMP_NUM_THREADS=1``, torch 2.13, float64: 18 s with the machine otherwise
+idle, 26 s while other jobs shared it; half of it in ``eigsh``, and the time
+hardly depends on n at this size, where every product is a few small torch
+calls. The documentation runs it with ``--n 40`` (18 s). The figure goes to
+``DIR/newton_registration.png`` (default ``figures/``).
 """
 
 import argparse

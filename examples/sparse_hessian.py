@@ -23,11 +23,11 @@ Run::
 
     python examples/sparse_hessian.py [--figures DIR] [--n N] [--device cuda]
 
-Default size: ``--n 300 --d 64``. Measured on a 2-core CPU shared with other
-jobs, ``OMP_NUM_THREADS=1``, torch 2.13, float64: 29 s, most of it in the
-6,500 Sinkhorn iterations (float32 on a GPU). The documentation runs it with
-``--n 150``. The figure goes to ``DIR/sparse_hessian.png`` (default
-``figures/``).
+Default size: ``--n 300 --d 64``. Measured on a 2-core CPU,
+``OMP_NUM_THREADS=1``, torch 2.13, float64: 12 s with the machine otherwise
+idle, 29 s while other jobs shared it, most of it in the 6,500 Sinkhorn
+iterations (float32 on a GPU). The documentation runs it with ``--n 100`` (7
+s). The figure goes to ``DIR/sparse_hessian.png`` (default ``figures/``).
 """
 
 import argparse

@@ -9,6 +9,7 @@ and run each example at a small size with its figure written where asked.
 
 import ast
 import importlib.util
+import os
 import pathlib
 import re
 import runpy
@@ -71,25 +72,32 @@ def test_example_defaults_are_the_stated_size(path):
 def test_gallery_runs_each_example_no_larger_than_its_default(path):
     small = _gallery_sizes()[path.name]
     stated, _ = _stated(path)
+    doc = " ".join((ast.get_docstring(ast.parse(path.read_text())) or "").split())
+    assert f"The documentation runs it with ``{' '.join(small)}``" in doc, "the docstring names the gallery's size"
     given = {small[i]: int(small[i + 1]) for i in range(0, len(small), 2)}
     assert given and set(given) <= set(stated)
     assert all(given[name] <= stated[name] for name in given), (given, stated)
 
 
 def _run_example(name, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", [name, *args])
-    runpy.run_path(str(ROOT / "examples" / name), run_name="__main__")
-
-
-@pytest.fixture
-def close_figures():
-    yield
-    import matplotlib.pyplot as plt
-    plt.close("all")
-
-
-def test_gradient_flow_example_saves_a_figure(tmp_path, monkeypatch, capsys, close_figures):
+    """Run ``examples/<name>`` with ``args``; check that every axis of its figures is labelled."""
     pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    try:
+        runpy.run_path(str(ROOT / "examples" / name), run_name="__main__")
+        figures = [plt.figure(k) for k in plt.get_fignums()]
+        assert figures, f"{name} drew no figure"
+        for fig in figures:
+            for ax in fig.axes:
+                assert ax.get_xlabel() and ax.get_ylabel(), f"{name}: an axis without a label ({ax.get_title()!r})"
+    finally:
+        plt.close("all")
+
+
+def test_gradient_flow_example_saves_a_figure(tmp_path, monkeypatch, capsys):
     _run_example("gradient_flow.py", monkeypatch, "--n", "60", "--steps", "4", "--device", "cpu",
                  "--figures", str(tmp_path / "figs"))
     out = tmp_path / "figs" / "gradient_flow.png"
@@ -97,42 +105,24 @@ def test_gradient_flow_example_saves_a_figure(tmp_path, monkeypatch, capsys, clo
     assert "figure saved to" in capsys.readouterr().out
 
 
-def test_sparse_hessian_example_runs(tmp_path, monkeypatch, capsys, close_figures):
-    pytest.importorskip("matplotlib")
+def test_sparse_hessian_example_runs(tmp_path, monkeypatch, capsys):
     _run_example("sparse_hessian.py", monkeypatch, "--n", "120", "--figures", str(tmp_path))
     out = capsys.readouterr().out
     assert "| 1e-08 |" in out and out.rstrip().endswith("ok"), out
     assert (tmp_path / "sparse_hessian.png").stat().st_size > 10_000
 
 
-def test_newton_registration_example_runs(tmp_path, monkeypatch, capsys, close_figures):
-    pytest.importorskip("matplotlib")
+def test_newton_registration_example_runs(tmp_path, monkeypatch, capsys):
     _run_example("newton_registration.py", monkeypatch, "--n", "20", "--steps", "2", "--figures", str(tmp_path))
     out = capsys.readouterr().out
     assert "OT Hessian eigenvalues" in out and "figure saved to" in out, out
     assert (tmp_path / "newton_registration.png").stat().st_size > 10_000
 
 
-def test_examples_label_every_axis(tmp_path, monkeypatch, close_figures):
-    """Every axis of every figure the examples draw has a label."""
-    pytest.importorskip("matplotlib")
-    import matplotlib.pyplot as plt
-    runs = {"gradient_flow.py": ["--n", "40", "--steps", "2", "--device", "cpu"],
-            "sparse_hessian.py": ["--n", "80"],
-            "newton_registration.py": ["--n", "16", "--steps", "1"]}
-    for name, args in runs.items():
-        plt.close("all")
-        _run_example(name, monkeypatch, *args, "--figures", str(tmp_path))
-        figures = [plt.figure(k) for k in plt.get_fignums()]
-        assert figures, name
-        for fig in figures:
-            for ax in fig.axes:
-                assert ax.get_xlabel() and ax.get_ylabel(), (name, ax.get_title())
-
-
 def test_main_job_runs_on_cpu_and_says_what_it_computed():
+    # One thread, as the test session has (conftest): the job itself runs with what it is given.
     proc = subprocess.run([sys.executable, "-m", "otlinop", "--device", "cpu", "-n", "200"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     for needle in ("device:  CPU", "kernels: torch reference kernels", "C(x, y) = |x - y|^2 / 2",
