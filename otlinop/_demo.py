@@ -1,9 +1,19 @@
 """The main job run by ``python -m otlinop``.
 
-Sinkhorn between two built-in point clouds (generated, no downloads): the
-GeomLoss-style loss, its gradient, the final marginal error, and a
-Hessian-vector product through ``cg(HessianOperator, rhs, M=neumann(3))``, on
-the GPU when present, else the CPU.
+Entropic optimal transport between two built-in 2-D point clouds (generated,
+no downloads), on the GPU when present, else the CPU, in three parts:
+
+1. the loss, GeomLoss' debiased Sinkhorn divergence (``SamplesLoss``), and its
+   gradient with respect to the points;
+2. the transport problem OT(x, y) solved to convergence (``sinkhorn``): its
+   value, split into the transport cost <P, C> and the entropic term, and
+   the marginal errors of the plan P;
+3. second order: a solve with the Hessian of the dual problem
+   (``cg(S, r, M=neumann(3))``) and a Hessian-vector product of OT(x, y)
+   with respect to the points (``hvp_x``).
+
+Every line says what was computed, on which device, with which kernels and
+in how long; the last line gives the total time.
 """
 
 from __future__ import annotations
@@ -30,74 +40,143 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def main(argv=None) -> int:
+class _Clock:
+    """Wall-clock time of a block, with the GPU's queued work included."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        _sync(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        self.ms = 1e3 * (time.perf_counter() - self.start)
+
+
+def _seconds(ms: float) -> str:
+    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1e3:.1f} s"
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m otlinop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("-n", type=int, default=None, help="points per cloud (default 20000 on a GPU, 500 on CPU)")
-    parser.add_argument("--blur", type=float, default=0.1)
-    parser.add_argument("--threshold", type=float, default=1e-4, help="marginal error at which Sinkhorn stops")
-    args = parser.parse_args(argv)
+    parser.add_argument("-n", type=int, default=None,
+                        help="points per cloud (default: 20000 on a GPU, 500 on a CPU)")
+    parser.add_argument("--blur", type=float, default=0.1,
+                        help="length scale of the entropic blur, eps = blur^2 (default: %(default)s)")
+    parser.add_argument("--threshold", type=float, default=1e-4,
+                        help="L1 marginal error at which Sinkhorn stops (default: %(default)s)")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the main job; return the exit status (0 when every step converged)."""
+    args = _parser().parse_args(argv)
+    started = time.perf_counter()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n = args.n or (20_000 if device.type == "cuda" else 500)
     dtype = torch.float32
 
     import otlinop
-    from solvers import cg, neumann
+    from otlinop.kernels import DEFAULT_PRECISION
+    from otlinop.solvers import cg, neumann
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"otlinop {otlinop.__version__}: two built-in clouds of {n} points in 2-D on {name}")
+    from .kernels._dispatch import resolve_backend
+
     x, y = _clouds(n, device, dtype)
+    backend = resolve_backend("python -m otlinop", None, x)
+    if device.type == "cuda":
+        where = f"GPU {torch.cuda.get_device_name(device)}"
+        kernels = (f"Triton kernels, precision {DEFAULT_PRECISION!r} (the default: dot products as accurate as "
+                   "float32)" if backend == "triton" else "torch reference kernels (Triton is not installed)")
+    else:
+        where = f"CPU, {torch.get_num_threads()} torch thread(s)"
+        kernels = "torch reference kernels, blockwise (Triton's kernels need a CUDA GPU)"
+    eps = args.blur ** 2
+    print(f"otlinop {otlinop.__version__}, torch {torch.__version__}")
+    print(f"device:  {where}")
+    if device.type == "cpu" and torch.get_num_threads() > 1:
+        print(f"         (on a machine shared with other jobs, OMP_NUM_THREADS=1 python -m otlinop is often several "
+              f"times faster than {torch.get_num_threads()} threads)")
+    print(f"kernels: {kernels}; data in float32")
+    print(f"data:    x = {n} points on a noisy circle, y = {n} points in two blobs, in 2-D, weights 1/{n} each")
+    print(f"cost:    C(x, y) = |x - y|^2 / 2 (GeomLoss' p = 2 convention), entropic blur {args.blur}: "
+          f"eps = blur^2 = {eps:g}")
     x.requires_grad_(True)
 
-    # 1. The loss and its gradient (GeomLoss' SamplesLoss convention: cost |x-y|^2 / 2).
+    print("\n1. The loss and its gradient (otlinop.SamplesLoss, a drop-in for geomloss.SamplesLoss)")
     loss_fn = otlinop.SamplesLoss("sinkhorn", p=2, blur=args.blur, debias=True)
-    _sync(device)
-    t0 = time.perf_counter()
-    value = loss_fn(x, y)
-    (grad,) = torch.autograd.grad(value, x)
-    _sync(device)
-    t_loss = time.perf_counter() - t0
-    print(f"SamplesLoss(blur={args.blur}, debias=True) = {value.item():.6f}; "
-          f"|grad_x| = {grad.norm().item():.4e}; {1e3 * t_loss:.1f} ms (loss + gradient)")
+    with _Clock(device) as clock:
+        value = loss_fn(x, y)
+        (grad,) = torch.autograd.grad(value, x)
+    print(f"   loss S(x, y) = {value.item():.6f}: the debiased Sinkhorn divergence "
+          "S = OT(x, y) - OT(x, x)/2 - OT(y, y)/2,")
+    print("   which is >= 0 and 0 when the two clouds coincide (what you minimise to fit one cloud to another)")
+    print(f"   gradient with respect to the points of x: norm {grad.norm().item():.4e}")
+    print(f"   {_seconds(clock.ms)} for the loss and its gradient (GeomLoss' eps-scaling schedule: a fixed number "
+          "of steps, no convergence check)")
 
-    # 2. Converged potentials for the same eps: GeomLoss' eps-scaling schedule
-    #    (a fixed number of steps: threshold=inf), then OTT-style alternating updates warm-started
-    #    from it until the marginal error is below the threshold.
-    _sync(device)
-    t0 = time.perf_counter()
-    warm = otlinop.sinkhorn(x.detach(), y, blur=args.blur, cost_scale=0.5, threshold=math.inf)
-    res = otlinop.sinkhorn(x.detach(), y, eps=warm.eps, cost_scale=0.5, method="alternating",
-                           f0=warm.f, g0=warm.g, threshold=args.threshold, max_iter=20_000)
-    P = res.plan
-    err_a = (P.row_sums() - res.a).abs().sum().item()
-    err_b = (P.col_sums() - res.b).abs().sum().item()
-    _sync(device)
-    print(f"sinkhorn: {warm.n_iter} eps-scaling steps, then {res.n_iter} alternating iterations at "
-          f"eps={res.eps:.2e} (converged: {res.converged}); cost {res.cost.item():.6f}; final marginal errors "
-          f"|P1-a|_1 = {err_a:.2e}, |P.T 1-b|_1 = {err_b:.2e}; {1e3 * (time.perf_counter() - t0):.1f} ms")
+    print("\n2. The transport problem OT(x, y) solved to convergence (otlinop.sinkhorn)")
+    xd = x.detach()
+    with _Clock(device) as clock:
+        # GeomLoss' eps-scaling schedule (a fixed number of steps), then OTT-style
+        # alternating updates warm-started from it until the marginal error is small.
+        warm = otlinop.sinkhorn(xd, y, blur=args.blur, cost_scale=0.5, threshold=math.inf)
+        res = otlinop.sinkhorn(xd, y, eps=warm.eps, cost_scale=0.5, method="alternating",
+                               f0=warm.f, g0=warm.g, threshold=args.threshold, max_iter=20_000)
+        P = res.plan
+        ah, bh = P.row_sums(), P.col_sums()
+        err_a = (ah - res.a).abs().sum().item()
+        err_b = (bh - res.b).abs().sum().item()
+        transport = res.transport_cost()   # <P, C>: one streaming pass, no n x m matrix
+    ot_value = res.cost.item()
+    print(f"   {warm.n_iter} eps-scaling steps, then {res.n_iter} alternating iterations at eps = {res.eps:g}: "
+          f"{'converged' if res.converged else 'NOT converged'}, in {_seconds(clock.ms)}")
+    print(f"   marginal errors of the plan P: |P 1 - a|_1 = {err_a:.1e}, |P.T 1 - b|_1 = {err_b:.1e} "
+          f"(threshold {args.threshold:g})")
+    print(f"   OT(x, y) = <a, f> + <b, g> = {ot_value:.6f}: the entropic transport value (res.cost; GeomLoss' "
+          "value without debias, OTT's reg_ot_cost)")
+    print(f"            = <P, C> {transport.item():.6f} (the transport cost alone, POT's sinkhorn2) "
+          f"+ eps KL(P | a x b) {ot_value - transport.item():.6f}")
+    print(f"   It is larger than the loss in 1.: the loss subtracts OT(x, x)/2 + OT(y, y)/2, the blur's "
+          "bias, from OT(x, y).")
 
-    # 3. A Hessian-vector product: the Schur complement S of the dual Hessian,
-    #    solved by CG with a Neumann(3) preconditioner, then the HVP of the loss.
+    print("\n3. Second order")
     S = res.hessian()  # HessianOperator: k_y Diag(P.T 1) - P.T Diag(1/(k_x P 1)) P
     rhs = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, S.dtype)
     rhs = rhs - rhs.mean()  # balanced S has the constants as null space: a consistent right-hand side
-    _sync(device)
-    t0 = time.perf_counter()
-    sol = cg(S, rhs, rtol=1e-5, M=neumann(3))
-    _sync(device)
-    print(f"cg(S, rhs, M=neumann(3)) on S = {S.shape[0]}x{S.shape[1]}: {sol.status} "
-          f"({sol.n_iter} iterations, {1e3 * (time.perf_counter() - t0):.1f} ms)")
+    with _Clock(device) as clock:
+        sol = cg(S, rhs, rtol=1e-5, M=neumann(3))
+    print(f"   S = the Schur complement of the dual problem's Hessian, {S.shape[0]} x {S.shape[1]}, never stored "
+          "(each product streams the plan twice)")
+    print(f"   cg(S, r, M=neumann(3)) solves S z = r: {sol.status}; {_seconds(clock.ms)}")
     direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     direction = direction.to(device, dtype)
-    _sync(device)
-    t0 = time.perf_counter()
-    Hv, info = otlinop.hvp_x(x.detach(), y, res.f, res.g, direction, eps=res.eps, a=res.a, b=res.b,
-                             cost_scale=res.cost_scale, solver=cg, M=neumann(3))
-    _sync(device)
-    print(f"HVP of the OT loss w.r.t. x (cg + neumann(3), {info.n_iter} iterations): "
-          f"|H v| = {Hv.norm().item():.4e}, <v, H v> = {(direction * Hv).sum().item():.4e}; "
-          f"{1e3 * (time.perf_counter() - t0):.1f} ms")
-    ok = bool(torch.isfinite(value)) and bool(torch.isfinite(grad).all()) and sol.converged and info.converged and res.converged
+    with _Clock(device) as clock:
+        Hv, info = otlinop.hvp_x(xd, y, res.f, res.g, direction, eps=res.eps, a=res.a, b=res.b,
+                                 cost_scale=res.cost_scale, solver=cg, M=neumann(3))
+    curvature = (direction * Hv).sum().item()
+    print(f"   Hessian-vector product H v of OT(x, y) with respect to the points of x, v a random direction: "
+          f"|H v| = {Hv.norm().item():.4e};")
+    print(f"   one Schur solve inside ({info.n_iter} CG iterations, {'converged' if info.converged else 'NOT '}"
+          f"{'' if info.converged else 'converged'}); {_seconds(clock.ms)}")
+    print(f"   <v, H v> = {curvature:.4e}", end="")
+    if curvature < 0:
+        print(": negative, as it may be. OT(x, y) is not convex in the points: its Hessian has a negative")
+        print("   semi-definite part, -(1/eps) sum_j P_ij (x_i - y_j)(x_i - y_j)^T for point i (this cost), which wins")
+        print("   along some directions (with two points, x1 - x2 is one; docs/math.md section 7). Not an error, but")
+        print("   Newton steps with this Hessian need a solver for indefinite systems (minres), not cg.")
+    else:
+        print(": positive along this direction; OT(x, y) is not convex in the points, and other directions")
+        print("   have negative curvature (docs/math.md section 7)")
+
+    ok = (bool(torch.isfinite(value)) and bool(torch.isfinite(grad).all()) and sol.converged and info.converged
+          and res.converged)
+    total = 1e3 * (time.perf_counter() - started)
+    print(f"\ntotal time {_seconds(total)} on {where}" + ("" if ok else "; a step did not converge, see above"))
     print("ok" if ok else "FAILED: see above")
     return 0 if ok else 1

@@ -108,6 +108,30 @@ def split_results(argv: list[str], *, now: datetime | None = None) -> tuple[list
     return rest, results
 
 
+def usage_text() -> str:
+    """The one-paragraph usage: the command line, the suites and where the options are listed."""
+    return ("usage: python -m otlinop.bench {" + ",".join(SUITES) + ",all} [--results DIR | --no-results] "
+            "[suite options]\n(python -m otlinop.bench --help lists every option)")
+
+
+def help_text() -> str:
+    """``--help``: what the benchmarks do, the results options, and every suite's options with their help."""
+    parts = [usage_text().splitlines()[0], "", __doc__.strip().split("\n\n", 1)[1], "",
+             "options of every command:",
+             "  -h, --help      show this help and exit (after a suite name: that suite's help alone)",
+             "  --results DIR   also write each suite's Markdown, the sinkhorn rows (JSON) and figure, and",
+             "                  DIR/README.md (command, date, device, versions, ceilings)",
+             "  --no-results    write no files (the default of a single suite; 'all' writes to",
+             f"                  {DEFAULT_RESULTS_ROOT}/<UTC timestamp>/ unless given this)"]
+    for suite, module_name in SUITES.items():
+        parser = importlib.import_module(module_name).build_parser()
+        options = parser.format_help().split("options:", 1)[-1]
+        parts += ["", f"options of the {suite} suite (python -m otlinop.bench {suite} ...):" + options.rstrip()]
+    parts += ["", "'all' runs the four suites in turn with the same options: give only options every suite "
+                  "accepts, or none."]
+    return "\n".join(parts)
+
+
 def main(argv=None) -> int:
     """Run the suite(s) named in ``argv``; see the module docstring. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -118,9 +142,12 @@ def main(argv=None) -> int:
         print(f"otlinop.bench: {exc}", file=sys.stderr)
         return 2
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in (*SUITES, "all"):
-        print(__doc__.strip())
-        print("suites: " + ", ".join(SUITES) + ", all")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        if not asked:
+            print(f"otlinop.bench: name a suite ({', '.join(SUITES)}) or all"
+                  + (f"; got {argv[0]!r}" if argv else ""), file=sys.stderr)
+        print(help_text() if asked else usage_text())
+        return 0 if asked else 2
     name, rest = argv[0], argv[1:]
     names = list(SUITES) if name == "all" else [name]
     if results is not None:

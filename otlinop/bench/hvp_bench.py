@@ -160,35 +160,47 @@ def _rel(u, ref):
     return float((u.double() - ref).norm() / ref.norm())
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The suite's command-line options (``python -m otlinop.bench hvp --help``)."""
+    parser = argparse.ArgumentParser(prog="python -m otlinop.bench hvp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=None, help="n = m (default 10000 on a GPU, 300 on a CPU)")
+    parser.add_argument("--d", type=int, nargs="+", default=None,
+                        help="dimensions, one table each (default 64 3 on a GPU, 8 3 on a CPU)")
+    parser.add_argument("--eps", type=float, default=0.5,
+                        help="entropic regularisation of the problem (default: %(default)s)")
+    parser.add_argument("--k", type=int, default=16,
+                        help="directions of the batched rows (1: no batched rows; default: %(default)s)")
+    parser.add_argument("--rtol", type=float, default=1e-5,
+                        help="inner CG tolerance of the float32 HVPs (default: %(default)s)")
+    parser.add_argument("--precision", default=None, help="kernel precision (default: the kernels' default)")
+    parser.add_argument("--maxiter", type=int, default=2000, help="inner CG iteration limit (default: %(default)s)")
+    parser.add_argument("--fd", action="store_true",
+                        help="check the float64 reference against central finite differences (2 more solves)")
+    parser.add_argument("--fd-step", type=float, default=1e-4,
+                        help="relative step of the finite differences (default: %(default)s)")
+    parser.add_argument("--cache", default=None,
+                        help="file to keep the float64 references in between runs (one per case)")
+    parser.add_argument("--no-peer", action="store_true", help="skip flash-sinkhorn")
+    parser.add_argument("--peer-path", nargs="*", default=None,
+                        help="folders holding flash-sinkhorn (pip --target), put first on its sys.path")
+    parser.add_argument("--peer-timeout", type=float, default=240.0,
+                        help="seconds for the flash-sinkhorn process (default: %(default)s)")
+    parser.add_argument("--weights", choices=("random", "lognormal"), default="random",
+                        help="random: uniform in [0.5, 1.5); lognormal: about 3 decades (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the problem (default: %(default)s)")
+    parser.add_argument("--truncate", type=float, nargs="*", default=[1e-8],
+                        help="tolerances of the truncated-plan rows (none: skip them; default: 1e-8)")
+    return parser
+
+
 def main(argv=None, *, cg=None) -> int:
     """Run the suite (options: ``--help``); returns the exit status.
 
     ``cg`` is the CG solver of every otlinop row (default ``solvers.cg``); a
     test passes one that fails.
     """
-    parser = argparse.ArgumentParser(prog="python -m otlinop.bench hvp", description=__doc__)
-    parser.add_argument("--n", type=int, default=None, help="n = m (default 10000 on a GPU, 300 on a CPU)")
-    parser.add_argument("--d", type=int, nargs="+", default=None,
-                        help="dimensions, one table each (default 64 3 on a GPU, 8 3 on a CPU)")
-    parser.add_argument("--eps", type=float, default=0.5)
-    parser.add_argument("--k", type=int, default=16, help="directions of the batched rows (1: no batched rows)")
-    parser.add_argument("--rtol", type=float, default=1e-5, help="inner CG tolerance of the float32 HVPs")
-    parser.add_argument("--precision", default=None, help="kernel precision (default: the kernels' default)")
-    parser.add_argument("--maxiter", type=int, default=2000, help="inner CG iteration limit")
-    parser.add_argument("--fd", action="store_true",
-                        help="check the float64 reference against central finite differences (2 more solves)")
-    parser.add_argument("--fd-step", type=float, default=1e-4, help="relative step of the finite differences")
-    parser.add_argument("--cache", default=None,
-                        help="file to keep the float64 references in between runs (one per case)")
-    parser.add_argument("--no-peer", action="store_true", help="skip flash-sinkhorn")
-    parser.add_argument("--peer-path", nargs="*", default=None,
-                        help="folders holding flash-sinkhorn (pip --target), put first on its sys.path")
-    parser.add_argument("--peer-timeout", type=float, default=240.0, help="seconds for the flash-sinkhorn process")
-    parser.add_argument("--weights", choices=("random", "lognormal"), default="random",
-                        help="random: uniform in [0.5, 1.5); lognormal: about 3 decades")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--truncate", type=float, nargs="*", default=[1e-8],
-                        help="tolerances of the truncated-plan rows (none: skip them)")
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from solvers import cg as default_cg

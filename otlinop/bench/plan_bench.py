@@ -26,15 +26,25 @@ def _inputs(n, m, d, k, device, gen):
     return x, y, f, g, V, U
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m otlinop.bench plan", description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="*", default=None)
-    parser.add_argument("--dims", type=int, nargs="*", default=[3, 64])
-    parser.add_argument("--ks", type=int, nargs="*", default=[1, 64])
-    parser.add_argument("--precisions", nargs="*", default=["tf32", "tf32x3", "ieee"])
-    parser.add_argument("--eps", type=float, default=0.5)
+def build_parser() -> argparse.ArgumentParser:
+    """The suite's command-line options (``python -m otlinop.bench plan --help``)."""
+    parser = argparse.ArgumentParser(prog="python -m otlinop.bench plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="*", default=None,
+                        help="n = m (default 10000 50000 on a GPU, 300 on a CPU)")
+    parser.add_argument("--dims", type=int, nargs="*", default=[3, 64], help="dimensions d (default: 3 64)")
+    parser.add_argument("--ks", type=int, nargs="*", default=[1, 64],
+                        help="columns k of the operand V in P @ V (default: 1 64)")
+    parser.add_argument("--precisions", nargs="*", default=["tf32", "tf32x3", "ieee"],
+                        help="kernel precisions (default: tf32 tf32x3 ieee)")
+    parser.add_argument("--eps", type=float, default=0.5, help="entropic regularisation (default: %(default)s)")
     parser.add_argument("--fma-max-d", type=int, default=None,
                         help="override config.fma_max_d (0: tensor cores at every d) to compare the dot paths")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from otlinop import config

@@ -393,6 +393,35 @@ def _row(r) -> str:
     return (f"| {r['library']} | {r['method']} | {r['precision']} | {r['n']} | {r['d']} | {r['ms']:.4f} | {mem} |")
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The suite's command-line options (``python -m otlinop.bench sinkhorn --help``)."""
+    parser = argparse.ArgumentParser(prog="python -m otlinop.bench sinkhorn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="*", default=None,
+                        help="n = m (default 10000 50000 on a GPU, 200 on a CPU)")
+    parser.add_argument("--dims", type=int, nargs="*", default=[3, 64], help="dimensions d (default: 3 64)")
+    parser.add_argument("--precisions", nargs="*", default=["tf32", "default"],
+                        help="otlinop kernel precisions; 'default' is the strict default (tf32x3)")
+    parser.add_argument("--backend", default=None, help="otlinop backend: None (auto), 'triton' or 'torch'")
+    parser.add_argument("--libraries", nargs="*", default=["otlinop", "flash", "ott"],
+                        choices=["otlinop", "flash", "ott"], help="what to run (default: all three)")
+    parser.add_argument("--no-peers", action="store_true", help="skip flash-sinkhorn and OTT-JAX")
+    parser.add_argument("--peer-path", nargs="*", default=None, help="folders holding the peers (pip --target)")
+    parser.add_argument("--ott-batch-size", type=int, default=4096,
+                        help="OTT PointCloud batch_size (online mode; default: %(default)s)")
+    parser.add_argument("--no-default-call", action="store_true", help="skip the SamplesLoss(blur=0.05) table")
+    parser.add_argument("--peer-timeout", type=float, default=1200.0,
+                        help="seconds for each peer's process; the rows it finished are kept (default: %(default)s)")
+    parser.add_argument("--iters", type=int, nargs=2, default=[LO, HI], metavar=("LO", "HI"),
+                        help=f"per iteration = (T(HI) - T(LO)) / (HI - LO) (default {LO} {HI}; "
+                             "fewer for n = 1M; LO >= 2, the symmetric schedule's length)")
+    parser.add_argument("--repeats", type=int, default=REPEATS,
+                        help="median of this many measurements (default: %(default)s)")
+    parser.add_argument("--memory-iters", type=int, default=MEMORY_ITERS,
+                        help="iterations of the peak-memory run (default: %(default)s)")
+    return parser
+
+
 def collect(argv=None) -> dict:
     """Run the suite, print its Markdown tables and return what it measured.
 
@@ -409,26 +438,7 @@ def collect(argv=None) -> dict:
         ``default_call``: the rows of the default-call table (empty with
         ``--no-default-call``).
     """
-    parser = argparse.ArgumentParser(prog="python -m otlinop.bench sinkhorn", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="*", default=None, help="n = m (default 10000 50000 on a GPU)")
-    parser.add_argument("--dims", type=int, nargs="*", default=[3, 64])
-    parser.add_argument("--precisions", nargs="*", default=["tf32", "default"],
-                        help="otlinop kernel precisions; 'default' is the strict default (tf32x3)")
-    parser.add_argument("--backend", default=None, help="otlinop backend: None (auto), 'triton' or 'torch'")
-    parser.add_argument("--libraries", nargs="*", default=["otlinop", "flash", "ott"],
-                        choices=["otlinop", "flash", "ott"], help="what to run (default: all three)")
-    parser.add_argument("--no-peers", action="store_true", help="skip flash-sinkhorn and OTT-JAX")
-    parser.add_argument("--peer-path", nargs="*", default=None, help="folders holding the peers (pip --target)")
-    parser.add_argument("--ott-batch-size", type=int, default=4096, help="OTT PointCloud batch_size (online mode)")
-    parser.add_argument("--no-default-call", action="store_true", help="skip the SamplesLoss(blur=0.05) table")
-    parser.add_argument("--peer-timeout", type=float, default=1200.0)
-    parser.add_argument("--iters", type=int, nargs=2, default=[LO, HI], metavar=("LO", "HI"),
-                        help=f"per iteration = (T(HI) - T(LO)) / (HI - LO) (default {LO} {HI}; "
-                             "fewer for n = 1M; LO >= 2, the symmetric schedule's length)")
-    parser.add_argument("--repeats", type=int, default=REPEATS, help="median of this many measurements")
-    parser.add_argument("--memory-iters", type=int, default=MEMORY_ITERS,
-                        help="iterations of the peak-memory run")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 2 <= args.iters[0] < args.iters[1]:
         parser.error(f"--iters LO HI needs 2 <= LO < HI, got {args.iters[0]} {args.iters[1]}")

@@ -161,20 +161,28 @@ def run(args, *, cg=None) -> int:
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The suite's command-line options (``python -m otlinop.bench solvers --help``)."""
+    parser = argparse.ArgumentParser(prog="python -m otlinop.bench solvers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=None, help="system size (default 4096 on a GPU, 1024 on CPU)")
+    parser.add_argument("--ks", type=int, nargs="*", default=[1, 8],
+                        help="numbers of right-hand sides (default: 1 8)")
+    parser.add_argument("--vector-ns", type=int, nargs="*", default=None,
+                        help="sizes of the vector-work table (default 1k to 128k on a GPU)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                        help="dtype of the systems (default: %(default)s)")
+    parser.add_argument("--iters", type=int, nargs=2, default=[10, 60], metavar=("N1", "N2"),
+                        help="iteration counts whose time difference gives the per-iteration time (default: 10 60)")
+    return parser
+
+
 def main(argv=None, *, cg=None) -> int:
     """Run the suite (options: ``--help``); returns the exit status.
 
     ``cg`` is the solver timed (default ``solvers.cg``); a test passes one that fails.
     """
-    parser = argparse.ArgumentParser(prog="python -m otlinop.bench solvers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=None, help="system size (default 4096 on a GPU, 1024 on CPU)")
-    parser.add_argument("--ks", type=int, nargs="*", default=[1, 8], help="numbers of right-hand sides")
-    parser.add_argument("--vector-ns", type=int, nargs="*", default=None,
-                        help="sizes of the vector-work table (default 1k to 128k on a GPU)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--iters", type=int, nargs=2, default=[10, 60], metavar=("N1", "N2"),
-                        help="iteration counts whose time difference gives the per-iteration time")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.iters[1] <= args.iters[0] or args.iters[0] < 1:
         parser.error("--iters N1 N2 needs 1 <= N1 < N2")
