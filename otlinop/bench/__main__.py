@@ -1,4 +1,4 @@
-"""``python -m otlinop.bench {solvers,plan,sinkhorn,hvp,train,all} [--results DIR | --no-results] [options]``.
+"""``python -m otlinop.bench {solvers,plan,sinkhorn,hvp,train,sparse,all} [--results DIR | --no-results] [options]``.
 
 Benchmarks measure on the GPU (CUDA events, medians) and print Markdown
 tables; on a CPU-only machine they run tiny sizes and say so.

@@ -316,8 +316,8 @@ def poisson_table(g: int, device) -> None:
           f"finite: {row['grad_finite']}")
 
 
-def main(argv=None) -> int:
-    """Run the suite (options: ``--help``); returns the exit status."""
+def build_parser() -> argparse.ArgumentParser:
+    """The suite's command-line options (``python -m otlinop.bench sparse --help``)."""
     parser = argparse.ArgumentParser(prog="python -m otlinop.bench sparse", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", type=int, default=None, help="grid side of the product table (default 2000 "
@@ -328,7 +328,12 @@ def main(argv=None) -> int:
     parser.add_argument("--poisson-grid", type=int, default=None,
                         help="grid side of the Poisson run (default 1000 on a GPU, 100 on the CPU; 1000 is the "
                              "acceptance run); 0 skips it")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the suite (options: ``--help``); returns the exit status."""
+    args = build_parser().parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     print(f"device: {timing.device_name()}")

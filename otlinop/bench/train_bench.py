@@ -260,9 +260,11 @@ def plot(rows: list[dict], path: str) -> bool:
     return True
 
 
-def main(argv=None, *, results: str | None = None) -> int:
-    """Run the suite and print its tables; see the module docstring. ``results``: folder for train.json/png."""
-    cuda = torch.cuda.is_available()
+CHOICES = ["otlinop", "otlinop-tf32", "flash-sinkhorn", "geomloss-tensorized", "geomloss-online"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The suite's command-line options (``python -m otlinop.bench train --help``)."""
     parser = argparse.ArgumentParser(prog="python -m otlinop.bench train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=None,
@@ -271,16 +273,21 @@ def main(argv=None, *, results: str | None = None) -> int:
     parser.add_argument("--dims", type=int, nargs="*", default=[3, 64], help="dimensions d (default 3 64)")
     parser.add_argument("--debias", choices=["on", "off", "both"], default="both",
                         help="debiased loss, plain OT(a, b), or both rows (default both)")
-    choices = ["otlinop", "otlinop-tf32", "flash-sinkhorn", "geomloss-tensorized", "geomloss-online"]
-    parser.add_argument("--libraries", nargs="*", choices=choices, default=None,
+    parser.add_argument("--libraries", nargs="*", choices=CHOICES, default=None,
                         help="what to run (default: all on a GPU; otlinop and geomloss-tensorized on the CPU)")
     parser.add_argument("--peer-path", nargs="*", default=None, help="folders holding the peers (pip --target)")
     parser.add_argument("--peer-timeout", type=float, default=900.0, help="seconds allowed to each library")
     parser.add_argument("--warmup", type=int, default=3, help="calls before timing (compile, autotune, capture)")
     parser.add_argument("--repeats", type=int, default=10, help="median of this many calls")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None, *, results: str | None = None) -> int:
+    """Run the suite and print its tables; see the module docstring. ``results``: folder for train.json/png."""
+    cuda = torch.cuda.is_available()
+    args = build_parser().parse_args(argv)
     sizes = args.sizes or list(SIZES_GPU if cuda else SIZES_CPU)
-    libraries = args.libraries or (choices if cuda else ["otlinop", "geomloss-tensorized"])
+    libraries = args.libraries or (CHOICES if cuda else ["otlinop", "geomloss-tensorized"])
     if not cuda:
         skipped = [lib for lib in libraries if lib in ("flash-sinkhorn", "otlinop-tf32")]
         libraries = [lib for lib in libraries if lib not in skipped]
