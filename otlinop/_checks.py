@@ -394,12 +394,18 @@ def vector(geo: Geometry, name: str, t, length: int, *, what: str = "", optional
     float32 beside half points.
     """
     expected = geo.shape(length)
-    want = fmt_shape(expected) + (f" or ({length},)" if shared and geo.batched else "")
+
+    def want():
+        # Formatted only for a message: under torch.compile the sizes may be symbolic.
+        return fmt_shape(expected) + (f" or ({length},)" if shared and geo.batched else "")
+
     if t is None and optional:
         return None
-    _tensor(geo, name, t, want, optional=optional)
+    if not isinstance(t, torch.Tensor):
+        _tensor(geo, name, t, want(), optional=optional)
     shape = tuple(t.shape)
     if not (shape == expected or (shared and shape == (length,))):
+        want = want()
         hint = ""
         if geo.batched and not shared and shape == (length,):
             hint = f"; a batched call needs a batched {name}, e.g. {name}.expand({geo.B}, {length})"

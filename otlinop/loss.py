@@ -56,6 +56,7 @@ from ._checks import (Inputs, backend_name, choice, flag, fraction, measures_and
                       positive_scalar, precision_name, preconditioner, reach_or_none, solver_function)
 from ._loss_derivatives import CONVERGE, SecondOrder, Spec, converged, solve
 from ._loss_functions import SinkhornLoss
+from ._loss_ops import loss_op
 from ._sinkhorn_schedule import diameter_tensor, resolve_eps
 from .kernels._dispatch import check_backend
 
@@ -141,6 +142,10 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
     a = _squeeze_weights(a, x)
     b = _squeeze_weights(b, y)
     rho = None if reach is None else reach * reach
+    if torch.compiler.is_compiling():
+        return _compiled_loss(owner, a, x, b, y, shape_a, shape_b, blur=blur, rho=rho, diameter=diameter,
+                              scaling=scaling, cost_scale=cost_scale, debias=debias, potentials=potentials,
+                              backend=backend, precision=precision, verbose=verbose, second=second)
     # The value checks and the default diameter share one host synchronisation;
     # with check_finite off and a diameter given there is none (CUDA-graph capturable).
     inp, diam = measures_and_read(owner, x, y, a, b, balanced=rho is None, check=config.check_finite,
@@ -163,6 +168,27 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
         return F.reshape(shape_a or F.shape), G.reshape(shape_b or G.shape)
     value = SinkhornLoss.apply(inp.x, inp.y, inp.a, inp.b, spec, second, verbose)
     return value if inp.batched else value[0]
+
+
+def _compiled_loss(owner: str, a, x, b, y, shape_a, shape_b, *, blur, rho, diameter, scaling, cost_scale, debias,
+                   potentials, backend, precision, verbose, second: SecondOrder):
+    """:func:`_samples_loss` under ``torch.compile``: the solve and its gradients are the
+    opaque ops of ``otlinop._loss_ops`` (dynamo sees no Python of the loss); the shapes
+    are checked here, the values and the default diameter inside the forward op."""
+    inp, _ = measures_and_read(owner, x, y, a, b, balanced=rho is None, check=False)
+    check_backend(owner, backend, x)
+    options = dict(blur=blur, scaling=scaling, diameter=diameter, rho=rho, debias=debias, cost_scale=cost_scale,
+                   backend=backend, precision=precision, check=config.check_finite, converge=second.converge,
+                   rtol=second.rtol, verbose=verbose)
+    if not potentials:
+        value, _ = loss_op(owner, inp.x, inp.y, inp.a, inp.b, **options)
+        return value if inp.batched else value[0]
+    data = [t.detach() for t in (inp.x, inp.y, inp.a, inp.b)]
+    _, sol = loss_op(owner, *data, **options)
+    F = sol["f"] - sol["f_aa"] if debias else sol["f"]
+    G = sol["g"] - sol["g_bb"] if debias else sol["g"]
+    F, G = inp.unbatch(F).to(x.dtype), inp.unbatch(G).to(x.dtype)
+    return F.reshape(shape_a or F.shape), G.reshape(shape_b or G.shape)
 
 
 # --------------------------------------------------------------------------
