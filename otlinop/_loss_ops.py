@@ -16,8 +16,9 @@ Only plain values can be op arguments: the Python objects of the double
 backward (``hvp_solver``, ``hvp_preconditioner``, the ``hvp_log`` and
 ``last_hvp_solve`` / ``last_refinement`` recorders) cannot. AOTAutograd does
 not differentiate a compiled backward again (double backward through
-``torch.compile`` raises there), so the gradient op has no autograd formula of
-its own and those objects are not needed under compile; eager calls keep the
+``torch.compile`` raises there), so the gradient op's autograd formula raises
+NotImplementedError (reached with dynamo's "eager" backend) and those objects
+are not needed under compile; eager calls keep the
 autograd Functions of ``otlinop._loss_functions`` (second order included).
 Under compile, ``converge="always"`` converges in the forward op without a
 ``last_refinement`` report.
@@ -101,6 +102,17 @@ def _(x, y, a, b, potentials, eps, rho, debias, cost_scale, backend, precision, 
     dt = potentials[0].dtype
     like = (x, y, a, b)
     return [t.new_empty(t.shape, dtype=dt) if need else t.new_empty((0,), dtype=dt) for t, need in zip(like, needs)]
+
+
+def _no_second_order(ctx, grad_outputs):
+    raise NotImplementedError(
+        "SamplesLoss: second derivatives of the Sinkhorn loss (double backward, Hessian-vector products) are "
+        "not implemented under torch.compile (AOTAutograd does not differentiate a compiled backward again, and "
+        "the inner solves' options are Python objects); compute them outside the compiled function (eager "
+        "calls support them)")
+
+
+_loss_grad.register_autograd(_no_second_order, setup_context=lambda ctx, inputs, output: None)
 
 
 def _setup(ctx, inputs, output):

@@ -40,7 +40,8 @@ then: ``_NotImplementedDerivative`` nodes carry those dependencies.
 
 This module holds the public classes and their options; the solution, its
 value and derivatives are in ``otlinop._loss_derivatives``, the autograd
-Functions in ``otlinop._loss_functions``.
+Functions in ``otlinop._loss_functions``, and the custom ops that stand for
+the loss under ``torch.compile`` in ``otlinop._loss_ops``.
 """
 
 from __future__ import annotations
@@ -352,6 +353,20 @@ class SamplesLoss(torch.nn.Module):
     weights require grad or not. The HVP is linear in its direction and can
     be differentiated w.r.t. it (``torch.autograd.functional.hvp`` and
     ``hessian`` work), but not w.r.t. the points: third derivatives raise.
+
+    **Host synchronisations, CUDA graphs, torch.compile.** A call reads one
+    value back to the host: the input checks (finite values, non-negative
+    weights, positive and, when balanced, equal masses) and the default
+    ``diameter`` share one reduction. With ``diameter`` given and
+    ``config.check_finite`` off it reads nothing (the masses are then not
+    checked either), and the backward never reads: such a call can be
+    captured in a CUDA graph, where a call that needs the default diameter
+    raises RuntimeError (pass ``diameter=``). Under ``torch.compile`` the
+    loss is two opaque custom ops (``otlinop::sinkhorn_loss`` and
+    ``otlinop::sinkhorn_loss_grad``): ``fullgraph=True`` works, values and
+    gradients equal eager ones; second derivatives are not available there
+    (NotImplementedError or AOTAutograd's refusal of a double backward), and
+    ``last_refinement`` is not updated by a compiled call.
 
     Examples
     --------

@@ -122,6 +122,11 @@ def test_double_backward_through_compile_is_refused():
     with pytest.raises(RuntimeError, match="create_graph|double backward"):
         (g,) = torch.autograd.grad(value, x, create_graph=True)
         torch.autograd.grad(g.sum(), x)
+    # Dynamo alone (no AOTAutograd) records the ops' autograd: the gradient op's derivative raises.
+    value = torch.compile(SamplesLoss(blur=0.3), fullgraph=True, backend="eager")(x, y)
+    (g,) = torch.autograd.grad(value, x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="not implemented under torch.compile"):
+        torch.autograd.grad(g.sum(), x)
 
 
 @requires_cuda
