@@ -124,3 +124,25 @@ def test_gpu_call_synchronises_nothing(override):
             SamplesLoss(blur=0.05)(x, y)     # the default diameter is read back
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@requires_cuda
+def test_gpu_capture_needs_the_diameter(override):
+    """GPU: inside a CUDA graph capture the default diameter cannot be read back: the call
+    raises RuntimeError naming diameter= (rather than a capture error from a sync)."""
+    x = torch.randn(256, 3, device="cuda")
+    y = torch.randn(256, 3, device="cuda") + 0.5
+    loss = SamplesLoss(blur=0.1)
+    loss(x, y)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), pytest.raises(RuntimeError, match="diameter="):
+        graph.capture_begin()
+        try:
+            loss(x, y)
+        finally:
+            try:
+                graph.capture_end()
+            except RuntimeError:
+                pass    # the aborted capture's own error: the loss's message is the one checked
