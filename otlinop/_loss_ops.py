@@ -35,7 +35,7 @@ from ._checks import measures_and_read
 from ._loss_derivatives import SecondOrder, Solution, Spec, converged, loss_value, sinkhorn_grad, solve
 from ._sinkhorn_schedule import diameter_tensor, resolve_eps
 
-__all__ = ["POTENTIALS", "loss_op"]
+__all__ = ["POTENTIALS", "checked_schedule", "loss_op"]
 
 #: The potentials the forward op returns after the value, in order (empty
 #: tensors for the debiasing ones without ``debias``).
@@ -51,17 +51,26 @@ def _box_diameter(inp) -> torch.Tensor:
     return diameter_tensor(inp.x, inp.y)
 
 
+def checked_schedule(owner: str, x, y, a, b, *, blur: float, scaling: float, diameter, rho, check: bool):
+    """``(Inputs, eps, schedule)`` of one loss call: the value checks (when ``check``) and
+    the default diameter share one host synchronisation; with ``check`` False and
+    ``diameter`` given there is none (a CUDA graph can capture the call)."""
+    inp, diam = measures_and_read(owner, x, y, a, b, balanced=rho is None, check=check,
+                                  read=_box_diameter if diameter is None else None)
+    if diameter is None:
+        diameter = blur if diam <= 0 else diam    # every point at one place: any positive scale works
+    eps, schedule, _ = resolve_eps(owner, "symmetric", blur, None, scaling, diameter, inp)
+    return inp, eps, schedule
+
+
 @custom_op("otlinop::sinkhorn_loss", mutates_args=())
 def _loss_forward(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, owner: str, blur: float,
                   scaling: float, diameter: Optional[float], rho: Optional[float], debias: bool,
                   cost_scale: float, backend: Optional[str], precision: Optional[str], check: bool,
                   converge: str, rtol: Optional[float], verbose: bool) -> list[torch.Tensor]:
     """[value (B,), *POTENTIALS] of batched data; the eager loss's forward, as one op."""
-    inp, diam = measures_and_read(owner, x, y, a, b, balanced=rho is None, check=check,
-                                  read=_box_diameter if diameter is None else None)
-    if diameter is None:
-        diameter = blur if diam <= 0 else diam    # every point at one place: any positive scale works
-    eps, schedule, _ = resolve_eps(owner, "symmetric", blur, None, scaling, diameter, inp)
+    inp, eps, schedule = checked_schedule(owner, x, y, a, b, blur=blur, scaling=scaling, diameter=diameter, rho=rho,
+                                          check=check)
     spec = _spec(schedule, eps, rho, debias, cost_scale, backend, precision)
     sol = solve(inp, spec, verbose)
     if converge == "always":

@@ -57,8 +57,7 @@ from ._checks import (Inputs, backend_name, choice, flag, fraction, measures_and
                       positive_scalar, precision_name, preconditioner, reach_or_none, solver_function)
 from ._loss_derivatives import CONVERGE, SecondOrder, Spec, converged, solve
 from ._loss_functions import SinkhornLoss
-from ._loss_ops import loss_op
-from ._sinkhorn_schedule import diameter_tensor, resolve_eps
+from ._loss_ops import checked_schedule, loss_op
 from .kernels._dispatch import check_backend
 
 __all__ = ["SamplesLoss", "sinkhorn_loss"]
@@ -132,10 +131,6 @@ def _check_second_order(owner: str, solver, M, rtol, maxiter, converge) -> dict:
     return dict(owner=owner, solver=solver, M=M, rtol=rtol, maxiter=maxiter, converge=converge)
 
 
-def _box_diameter(inp: Inputs) -> torch.Tensor:
-    return diameter_tensor(inp.x, inp.y)
-
-
 def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cost_scale, debias,
                   potentials, backend, precision, verbose, second: SecondOrder):
     shape_a = a.shape if isinstance(a, torch.Tensor) else None
@@ -147,14 +142,9 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
         return _compiled_loss(owner, a, x, b, y, shape_a, shape_b, blur=blur, rho=rho, diameter=diameter,
                               scaling=scaling, cost_scale=cost_scale, debias=debias, potentials=potentials,
                               backend=backend, precision=precision, verbose=verbose, second=second)
-    # The value checks and the default diameter share one host synchronisation;
-    # with check_finite off and a diameter given there is none (CUDA-graph capturable).
-    inp, diam = measures_and_read(owner, x, y, a, b, balanced=rho is None, check=config.check_finite,
-                                  read=_box_diameter if diameter is None else None)
+    inp, eps, schedule = checked_schedule(owner, x, y, a, b, blur=blur, scaling=scaling, diameter=diameter,
+                                          rho=rho, check=config.check_finite)
     check_backend(owner, backend, x)
-    if diameter is None:
-        diameter = blur if diam <= 0 else diam    # every point at one place: any positive scale works
-    eps, schedule, _ = resolve_eps(owner, "symmetric", blur, None, scaling, diameter, inp)
     spec = Spec(eps_list=tuple(schedule), eps=eps, rho_x=rho, rho_y=rho, debias=debias,
                 cost_scale=cost_scale, backend=backend, precision=precision)
     if potentials:
