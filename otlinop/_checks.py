@@ -50,7 +50,7 @@ __all__ = [
     "function", "solver_function", "preconditioner", "reach_or_none",
     "backend_name", "precision_name", "triton_ready",
     "Geometry", "points", "vector", "weights", "potential", "matrix", "directions", "operand", "finite", "choice",
-    "compute_dtype",
+    "compute_dtype", "measures_and_read",
     "COMPLEX_DTYPES", "OPERATOR_DTYPES", "operator_dtype", "real_operator_dtype", "operator_tensor",
     "operator_operand_shape",
     "operator_operand", "operator_shape", "operator_scalar", "operator_output", "same_space", "composable",
@@ -394,12 +394,18 @@ def vector(geo: Geometry, name: str, t, length: int, *, what: str = "", optional
     float32 beside half points.
     """
     expected = geo.shape(length)
-    want = fmt_shape(expected) + (f" or ({length},)" if shared and geo.batched else "")
+
+    def want():
+        # Formatted only for a message: under torch.compile the sizes may be symbolic.
+        return fmt_shape(expected) + (f" or ({length},)" if shared and geo.batched else "")
+
     if t is None and optional:
         return None
-    _tensor(geo, name, t, want, optional=optional)
+    if not isinstance(t, torch.Tensor):
+        _tensor(geo, name, t, want(), optional=optional)
     shape = tuple(t.shape)
     if not (shape == expected or (shared and shape == (length,))):
+        want = want()
         hint = ""
         if geo.batched and not shared and shape == (length,):
             hint = f"; a batched call needs a batched {name}, e.g. {name}.expand({geo.B}, {length})"
@@ -834,9 +840,48 @@ def measures(owner: str, x, y, a, b, *, balanced: bool, cost_scale: float = 1.0)
     are checked whatever ``config.check_finite``: they are preconditions of
     the iterations.
     """
+    inp, _ = measures_and_read(owner, x, y, a, b, balanced=balanced, check=True, cost_scale=cost_scale)
+    return inp
+
+
+def measures_and_read(owner: str, x, y, a, b, *, balanced: bool, check: bool, read=None,
+                      cost_scale: float = 1.0):
+    """:func:`measures`, whose value checks (when ``check``) and the read-back of
+    ``read(inp)`` (a 0-d tensor computed from the batched inputs, when given) share
+    one host synchronisation; returns ``(Inputs, float or None)``.
+
+    With ``check`` False and no ``read``, nothing is read back (the caller
+    vouches for the values: masses are then not checked either). Inside a
+    CUDA graph capture no synchronisation is allowed: the value checks stand
+    aside there, and a ``read`` raises (the caller names the option that
+    avoids it).
+    """
     geo = points(owner, x, y, batch="same", allow_empty=False)
     a = weights(geo, "a", a, "x")
     b = weights(geo, "b", b, "y")
+    inp = Inputs(x, y, a, b, True) if geo.batched else \
+        Inputs(x.unsqueeze(0), y.unsqueeze(0), a.unsqueeze(0), b.unsqueeze(0), False)
+    flags = _mass_flags(x, y, a, b, balanced, cost_scale) if check and not _capturing() else []
+    if read is None:
+        _raise_first(owner, flags)
+        return inp, None
+    if _capturing():
+        raise RuntimeError(f"{owner}: a CUDA graph is being captured, where no value can be read back to "
+                           "the host; pass the option that provides it (e.g. diameter=...) to capture this call")
+    with torch.no_grad():
+        extra = read(inp).to(torch.float64).reshape(1)
+        values = torch.cat([torch.stack([f for f, _ in flags]).to(torch.float64), extra]) if flags else extra
+        values = values.tolist()
+    for ok, (_, message) in zip(values, flags):
+        if not ok:
+            raise ValueError(f"{owner}: {message}")
+    return inp, values[-1]
+
+
+def _mass_flags(x, y, a, b, balanced: bool, cost_scale: float) -> list:
+    """The value flags of :func:`measures` (finite points whose costs stay finite,
+    finite weights >= 0, positive masses whose product is finite, equal ones when
+    ``balanced``), still on the device."""
     flags = _value_flags({"x": x, "y": y, "a": a, "b": b}, nonnegative=("a", "b"))
     flags += _extent_flag(x, y, cost_scale)
     with torch.no_grad():
@@ -856,7 +901,4 @@ def measures(owner: str, x, y, a, b, *, balanced: bool, cost_scale: float = 1.0)
                           "balanced OT needs equal total masses, but sum(a) != sum(b) (relative difference "
                           "above 1e-3, or 8 ulps for half precision); normalise the weights, or pass reach=... "
                           "for unbalanced OT"))
-    _raise_first(owner, flags)
-    if not geo.batched:
-        x, y, a, b = x.unsqueeze(0), y.unsqueeze(0), a.unsqueeze(0), b.unsqueeze(0)
-    return Inputs(x, y, a, b, geo.batched)
+    return flags

@@ -155,7 +155,9 @@ def solve(inp: Inputs, spec: Spec, verbose: bool = False) -> Solution:
         # Eager steps (no graphs): a schedule without refinement has no run of GRAPH_MIN_RUN steps at one eps.
         pots, pre, _ = symmetric_loop(inp, list(spec.eps_list), spec.rho_x, spec.rho_y, debias=spec.debias,
                                       f0=None, g0=None, monitor=monitor, **spec.kernel_options)
-    monitor.finish()
+    if bar is not None:
+        # Not monitor.finish(): it reads the recorded errors back, which nothing here uses.
+        bar.close()
     sol = Solution(pots[0], pots[1], pre[0], pre[1])
     if spec.debias:
         sol.f_aa, sol.g_bb, sol.f_aa_pre, sol.g_bb_pre = pots[2], pots[3], pre[2], pre[3]

@@ -18,7 +18,7 @@ import torch
 
 from ._checks import Inputs, fraction, positive_scalar
 
-__all__ = ["DEFAULT_BLUR", "LONG_SCHEDULE", "diameter", "epsilon_schedule", "resolve_eps"]
+__all__ = ["DEFAULT_BLUR", "LONG_SCHEDULE", "diameter", "diameter_tensor", "epsilon_schedule", "resolve_eps"]
 
 #: Default blur when neither ``blur`` nor ``eps`` is given (GeomLoss' default).
 DEFAULT_BLUR = 0.05
@@ -31,12 +31,19 @@ LONG_SCHEDULE = 2000
 
 def diameter(x: torch.Tensor, y: torch.Tensor) -> float:
     """Diagonal of the joint bounding box of all the points (all batch entries)."""
+    return float(diameter_tensor(x, y).item())
+
+
+def diameter_tensor(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:func:`diameter` as a 0-d float64 tensor on the points' device (nothing read back)."""
     d = x.shape[-1]
     with torch.no_grad():
         pts = (x.reshape(-1, d), y.reshape(-1, d))
         lo = torch.minimum(pts[0].min(0).values, pts[1].min(0).values)
         hi = torch.maximum(pts[0].max(0).values, pts[1].max(0).values)
-        return float((hi - lo).to(torch.float64).norm().item())
+        # In float64: the difference of two half-precision extremes can round to a
+        # different schedule than the same points in float32.
+        return (hi.double() - lo.double()).norm()
 
 
 def epsilon_schedule(diameter: float, blur: float, scaling: float) -> list[float]:

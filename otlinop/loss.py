@@ -40,7 +40,8 @@ then: ``_NotImplementedDerivative`` nodes carry those dependencies.
 
 This module holds the public classes and their options; the solution, its
 value and derivatives are in ``otlinop._loss_derivatives``, the autograd
-Functions in ``otlinop._loss_functions``.
+Functions in ``otlinop._loss_functions``, and the custom ops that stand for
+the loss under ``torch.compile`` in ``otlinop._loss_ops``.
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ import warnings
 import torch
 
 import solvers
+from solvers import config
 
-from ._checks import (Inputs, backend_name, choice, flag, fraction, measures, positive_int, positive_scalar,
-                      precision_name, preconditioner, reach_or_none, solver_function)
+from ._checks import (Inputs, backend_name, choice, flag, fraction, measures_and_read, positive_int,
+                      positive_scalar, precision_name, preconditioner, reach_or_none, solver_function)
 from ._loss_derivatives import CONVERGE, SecondOrder, Spec, converged, solve
 from ._loss_functions import SinkhornLoss
-from ._sinkhorn_schedule import resolve_eps
+from ._loss_ops import checked_schedule, loss_op
 from .kernels._dispatch import check_backend
 
 __all__ = ["SamplesLoss", "sinkhorn_loss"]
@@ -136,9 +138,13 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
     a = _squeeze_weights(a, x)
     b = _squeeze_weights(b, y)
     rho = None if reach is None else reach * reach
-    inp = measures(owner, x, y, a, b, balanced=rho is None, cost_scale=cost_scale)
+    if torch.compiler.is_compiling():
+        return _compiled_loss(owner, a, x, b, y, shape_a, shape_b, blur=blur, rho=rho, diameter=diameter,
+                              scaling=scaling, cost_scale=cost_scale, debias=debias, potentials=potentials,
+                              backend=backend, precision=precision, verbose=verbose, second=second)
+    inp, eps, schedule = checked_schedule(owner, x, y, a, b, blur=blur, scaling=scaling, diameter=diameter,
+                                          rho=rho, check=config.check_finite, cost_scale=cost_scale)
     check_backend(owner, backend, x)
-    eps, schedule, _ = resolve_eps(owner, "symmetric", blur, None, scaling, diameter, inp)
     spec = Spec(eps_list=tuple(schedule), eps=eps, rho_x=rho, rho_y=rho, debias=debias,
                 cost_scale=cost_scale, backend=backend, precision=precision)
     if potentials:
@@ -153,6 +159,27 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
         return F.reshape(shape_a or F.shape), G.reshape(shape_b or G.shape)
     value = SinkhornLoss.apply(inp.x, inp.y, inp.a, inp.b, spec, second, verbose)
     return value if inp.batched else value[0]
+
+
+def _compiled_loss(owner: str, a, x, b, y, shape_a, shape_b, *, blur, rho, diameter, scaling, cost_scale, debias,
+                   potentials, backend, precision, verbose, second: SecondOrder):
+    """:func:`_samples_loss` under ``torch.compile``: the solve and its gradients are the
+    opaque ops of ``otlinop._loss_ops`` (dynamo sees no Python of the loss); the shapes
+    are checked here, the values and the default diameter inside the forward op."""
+    inp, _ = measures_and_read(owner, x, y, a, b, balanced=rho is None, check=False)
+    check_backend(owner, backend, x)
+    options = dict(blur=blur, scaling=scaling, diameter=diameter, rho=rho, debias=debias, cost_scale=cost_scale,
+                   backend=backend, precision=precision, check=config.check_finite, converge=second.converge,
+                   rtol=second.rtol, verbose=verbose)
+    if not potentials:
+        value, _ = loss_op(owner, inp.x, inp.y, inp.a, inp.b, **options)
+        return value if inp.batched else value[0]
+    data = [t.detach() for t in (inp.x, inp.y, inp.a, inp.b)]
+    _, sol = loss_op(owner, *data, **options)
+    F = sol["f"] - sol["f_aa"] if debias else sol["f"]
+    G = sol["g"] - sol["g_bb"] if debias else sol["g"]
+    F, G = inp.unbatch(F).to(x.dtype), inp.unbatch(G).to(x.dtype)
+    return F.reshape(shape_a or F.shape), G.reshape(shape_b or G.shape)
 
 
 # --------------------------------------------------------------------------
@@ -316,6 +343,20 @@ class SamplesLoss(torch.nn.Module):
     weights require grad or not. The HVP is linear in its direction and can
     be differentiated w.r.t. it (``torch.autograd.functional.hvp`` and
     ``hessian`` work), but not w.r.t. the points: third derivatives raise.
+
+    **Host synchronisations, CUDA graphs, torch.compile.** A call reads one
+    value back to the host: the input checks (finite values, non-negative
+    weights, positive and, when balanced, equal masses) and the default
+    ``diameter`` share one reduction. With ``diameter`` given and
+    ``config.check_finite`` off it reads nothing (the masses are then not
+    checked either), and the backward never reads: such a call can be
+    captured in a CUDA graph, where a call that needs the default diameter
+    raises RuntimeError (pass ``diameter=``). Under ``torch.compile`` the
+    loss is two opaque custom ops (``otlinop::sinkhorn_loss`` and
+    ``otlinop::sinkhorn_loss_grad``): ``fullgraph=True`` works, values and
+    gradients equal eager ones; second derivatives are not available there
+    (NotImplementedError or AOTAutograd's refusal of a double backward), and
+    ``last_refinement`` is not updated by a compiled call.
 
     Examples
     --------
