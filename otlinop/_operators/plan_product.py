@@ -92,19 +92,26 @@ class PlanMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, y, f, g, V, a, b, eps, cost_scale, backend, precision):
+    def forward(x, y, f, g, V, a, b, eps, cost_scale, backend, precision):
         log_a = None if a is None else torch.log(a)
         log_b = None if b is None else torch.log(b)
-        opts = dict(eps=eps, cost_scale=cost_scale, backend=backend, precision=precision)
-        out = plan_apply(x, y, f, g, V, log_a=log_a, log_b=log_b, **opts)
-        ctx.opts = opts
-        ctx.save_for_backward(x, y, f, g, V, log_a, log_b, out)
-        return out
+        return plan_apply(x, y, f, g, V, log_a=log_a, log_b=log_b, eps=eps, cost_scale=cost_scale,
+                          backend=backend, precision=precision)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        # forward without ctx (and this hook) is what torch.func asks of a Function.
+        x, y, f, g, V, a, b, eps, cost_scale, backend, precision = inputs
+        ctx.opts = dict(eps=eps, cost_scale=cost_scale, backend=backend, precision=precision)
+        ctx.save_for_backward(x, y, f, g, V, a, b, output)
+        ctx.save_for_forward(x, y, f, g, V, a, b, output)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, W):
-        x, y, f, g, V, log_a, log_b, PV = ctx.saved_tensors
+        x, y, f, g, V, a, b, PV = ctx.saved_tensors
+        log_a = None if a is None else torch.log(a)
+        log_b = None if b is None else torch.log(b)
         nx, ny, nf, ng, nV, na, nb = ctx.needs_input_grad[:7]
         opts = ctx.opts
         eps, c2 = opts["eps"], 2.0 * opts["cost_scale"]
@@ -146,6 +153,98 @@ class PlanMatmul(torch.autograd.Function):
         if nb:
             grad_b = _rowdot(Vm, col(plan_apply(y, x, g, f, W, log_a=None, log_b=log_a, **opts)))
         return grad_x, grad_y, grad_f, grad_g, grad_V, grad_a, grad_b, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, y, f, g, V, a, b, eps, cost_scale, backend, precision):
+        """One batched product for a vmapped call: the mapped dimension becomes the
+        kernels' leading batch dimension (merged with the plan's own batch, if any)."""
+        B = info.batch_size
+        batched = (x.ndim - (in_dims[0] is not None)) == 3   # the plan's own batch B0
+        B0 = None
+        if batched:
+            B0 = (x if in_dims[0] is None else x.movedim(in_dims[0], 0)).shape[-3]
+
+        def lead(t, dim, core):
+            # core: ndim of the tensor in an unbatched plan; returns (B * B0 or B, ...).
+            if t is None:
+                return None
+            t = t.movedim(dim, 0) if dim is not None else t.unsqueeze(0)
+            if batched and t.ndim - 1 == core:                   # shared by the plan's batch
+                t = t.unsqueeze(1).expand(t.shape[0], B0, *t.shape[1:])
+            t = t.expand(B, *t.shape[1:])
+            return t.flatten(0, 1) if batched else t
+
+        v_core = None if V is None else (V.ndim - (in_dims[4] is not None) - batched)
+        xs, ys = lead(x, in_dims[0], 2), lead(y, in_dims[1], 2)
+        fs, gs = lead(f, in_dims[2], 1), lead(g, in_dims[3], 1)
+        Vs = None if V is None else lead(V, in_dims[4], v_core)
+        a_s, b_s = lead(a, in_dims[5], 1), lead(b, in_dims[6], 1)
+        if Vs is None:
+            Vs = xs.new_ones(ys.shape[:-1])
+        out = PlanMatmul.apply(xs.contiguous(), ys.contiguous(), fs.contiguous(), gs.contiguous(),
+                               Vs.contiguous(), None if a_s is None else a_s.contiguous(),
+                               None if b_s is None else b_s.contiguous(), eps, cost_scale, backend, precision)
+        if batched:
+            out = out.unflatten(0, (B, B0))
+        return out, 0
+
+    @staticmethod
+    def jvp(ctx, dx, dy, df, dg, dV, da, db, *_):
+        """Tangent of ``P V``: ``dP_ij = P_ij (df_i + dg_j - dC_ij) / eps + (da_i / a_i + db_j / b_j) P_ij``,
+        ``dC_ij = 2c (x_i - y_j).(dx_i - dy_j)``. With xz, yz the clouds shifted by a common centre
+        (``(x_i - y_j)`` is unchanged) and ``r = P V``::
+
+            d(P V) = P U + (df / eps - (2c/eps) xz.dx) r + (2c/eps) [sum_l xz_l P(dy_l V) + sum_l dx_l P(yz_l V)]
+                     + da P_{a=1} V + P_{b=1}(db V),
+            U = dV + (dg / eps - (2c/eps) yz.dy) V,
+
+        one plan pass on ``[U | dy_l V | yz_l V]`` (the columns needed) plus one per weight
+        tangent. The passes go through ``PlanMatmul`` itself, so that vmap and nested
+        transforms see them."""
+        x, y, f, g, V, a, b, PV = ctx.saved_tensors
+        opts = ctx.opts
+        eps, c2 = opts["eps"], 2.0 * opts["cost_scale"]
+        args = (opts["eps"], opts["cost_scale"], opts["backend"], opts["precision"])
+        vector = PV.ndim == x.ndim - 1
+        col = (lambda t: t.unsqueeze(-1)) if vector else (lambda t: t)
+        Vm = x.new_ones(y.shape[:-1] + (1,)) if V is None else col(V)
+        r = col(PV)
+        n_k = Vm.shape[-1]
+        d = x.shape[-1]
+        z = (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True)) / 2
+        xz, yz = x - z, y - z
+
+        out = torch.zeros_like(r)
+        U = None if dV is None else col(dV)
+        if dg is not None:
+            U = (dg / eps).unsqueeze(-1) * Vm if U is None else U + (dg / eps).unsqueeze(-1) * Vm
+        if dy is not None:
+            t = (-c2 / eps) * _rowdot(yz, dy).unsqueeze(-1) * Vm
+            U = t if U is None else U + t
+        parts = [] if U is None else [U]
+        if dy is not None:
+            parts.append((dy.unsqueeze(-1) * Vm.unsqueeze(-2)).flatten(-2))      # (m, d k): dy_l V
+        if dx is not None:
+            parts.append((yz.unsqueeze(-1) * Vm.unsqueeze(-2)).flatten(-2))      # (m, d k): yz_l V
+        if parts:
+            S = PlanMatmul.apply(x, y, f, g, torch.cat(parts, -1), a, b, *args)
+            if U is not None:
+                out = out + S[..., :n_k]
+                S = S[..., n_k:]
+            if dy is not None:
+                Pdy = S[..., :d * n_k].unflatten(-1, (d, n_k))
+                out = out + (c2 / eps) * (xz.unsqueeze(-1) * Pdy).sum(-2)
+                S = S[..., d * n_k:]
+            if dx is not None:
+                Pyz = S.unflatten(-1, (d, n_k))
+                out = out + (c2 / eps) * (dx.unsqueeze(-1) * Pyz).sum(-2) - (c2 / eps) * _rowdot(xz, dx).unsqueeze(-1) * r
+        if df is not None:
+            out = out + (df / eps).unsqueeze(-1) * r
+        if da is not None:
+            out = out + da.unsqueeze(-1) * PlanMatmul.apply(x, y, f, g, Vm, None, b, *args)
+        if db is not None:
+            out = out + PlanMatmul.apply(x, y, f, g, db.unsqueeze(-1) * Vm, a, None, *args)
+        return out.squeeze(-1) if vector else out
 
 
 def plan_matmul(x, y, f, g, V=None, *, eps, a=None, b=None, cost_scale=1.0, backend=None, precision=None):
@@ -222,10 +321,19 @@ def plan_matmul(x, y, f, g, V=None, *, eps, a=None, b=None, cost_scale=1.0, back
     """
     opts = validated_plan_data("plan_matmul", x, y, f, g, V, a, b, eps, cost_scale, backend, precision,
                                batched=True, finite_potentials=False, values=False)
+    if _vmapped(x, y, f, g, V, a, b):
+        # Values cannot be read back from torch.func.vmap's batched tensors: the kernels
+        # check them (and the product) inside PlanMatmul.vmap, on the whole batch at once.
+        return PlanMatmul.apply(x, y, f, g, V, a, b, *opts)
     out = _checked_product(x, y, f, g, V, a, b, *opts)
     plan_values("plan_matmul", x, y, f, g, V, a, b, finite_potentials=False, results={"P @ V": out},
                 cost_scale=opts[1])
     return out
+
+
+def _vmapped(*tensors) -> bool:
+    """Whether a tensor is one of torch.func.vmap's batched tensors (no public test exists)."""
+    return any(t is not None and torch._C._functorch.is_batchedtensor(t) for t in tensors)
 
 
 def _checked_product(x, y, f, g, V, a, b, eps, cost_scale, backend, precision):
