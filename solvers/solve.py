@@ -6,6 +6,7 @@ import dataclasses
 import warnings
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ._operator import COMPLEX_DTYPES, REAL_DTYPES, adjoint, as_operator, complex_of, is_operator, promote
 from .bicgstab import bicgstab
@@ -99,6 +100,11 @@ class _Solve(torch.autograd.Function):
         return x
 
     @staticmethod
+    def jvp(ctx, *_):
+        # solve() passes b's primal here and supplies the whole tangent in _Tangent.
+        return torch.zeros_like(ctx.spec.result.x)
+
+    @staticmethod
     def backward(ctx, grad_x):
         spec = ctx.spec
         (x,) = ctx.saved_tensors
@@ -156,6 +162,40 @@ class _ParamGrad(torch.autograd.Function):
             s = torch.stack(terms).sum()
             out = torch.autograd.grad(s, (lam_l, x_l) + tuple(params), allow_unused=True, retain_graph=True)
         return (None,) + tuple(out)
+
+
+class _Tangent(torch.autograd.Function):
+    """``x`` unchanged; its tangent ``A^-1 dr`` for ``r = b - A x`` (``dr = db - dA x``): one
+    forward solve. Reverse mode passes through to x."""
+
+    @staticmethod
+    def forward(ctx, spec: _Spec, x, r):
+        ctx.spec = spec
+        return x.view_as(x)
+
+    @staticmethod
+    def jvp(ctx, _, dx, dr):
+        spec = ctx.spec
+        options = {key: value for key, value in spec.options.items() if key not in ("x0", "callback")}
+        tangent = _METHODS[spec.method](spec.op, dr, **options)
+        if not tangent.converged:
+            warnings.warn(f"solve: the tangent solve of forward mode did not converge, so the derivative "
+                          f"is inaccurate: {tangent.status}", RuntimeWarning, stacklevel=2)
+        return tangent.x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad, None
+
+
+def _forward_tangents(op, b) -> bool:
+    """Whether forward mode (torch.autograd.forward_ad) sees a tangent on b or in A's matvec."""
+    if getattr(fwAD, "_current_level", -1) < 0:  # no dual level open (torch keeps it in a private name)
+        return False
+    if isinstance(b, torch.Tensor) and fwAD.unpack_dual(b).tangent is not None:
+        return True
+    probe = op @ torch.ones(int(op.shape[1]), dtype=op.dtype, device=op.device)
+    return isinstance(probe, torch.Tensor) and fwAD.unpack_dual(probe).tangent is not None
 
 
 def solve(A, b, method="cg", *, params=None, **options):
@@ -235,9 +275,12 @@ def solve(A, b, method="cg", *, params=None, **options):
         # A complex b with a real A: the solve, and the VJP's product A x, run in complex.
         op = promote(op, b.dtype)
     found = operator_params(op, params)
+    forward = _forward_tangents(op, b)
+    if forward:
+        b_dual, b = b, fwAD.unpack_dual(b).primal
     needs_grad = torch.is_grad_enabled() and (
         (isinstance(b, torch.Tensor) and b.requires_grad) or any(p.requires_grad for p in found))
-    if not needs_grad:
+    if not needs_grad and not forward:
         return _METHODS[method](op, b, **options)
     # cg and minres assume a Hermitian A; a symmetric complex A is not its own adjoint.
     symmetric = method in _SYMMETRIC_METHODS or (
@@ -255,5 +298,10 @@ def solve(A, b, method="cg", *, params=None, **options):
     adjoint_options["M"] = _adjoint_preconditioner(options.get("M"), symmetric)
     spec = _Spec(op=op, adjoint=adj, method=method, options=dict(options), adjoint_options=adjoint_options,
                  params=found)
+    # A Function's forward runs with forward mode off, so the Krylov loop sees A's primal.
     x = _Solve.apply(spec, b, *found)
+    if forward:
+        # Outside any Function, forward mode sees A's own tangents: r's is db - dA x.
+        r = b_dual - op @ fwAD.unpack_dual(x).primal
+        x = _Tangent.apply(spec, x, r)
     return dataclasses.replace(spec.result, x=x)

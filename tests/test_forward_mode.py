@@ -191,3 +191,64 @@ def test_vmap_still_checks_values():
     Vs[1, 2] = float("nan")
     with pytest.raises(ValueError, match="V"):
         torch.func.vmap(lambda V: _fast(x, y, f, g, V, a, b))(Vs)
+
+
+# --------------------------------------------------------------------------
+# solvers.solve under torch.autograd.forward_ad
+# --------------------------------------------------------------------------
+def _system(n=7, k=None, symmetric=True, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    R = torch.randn(n, n, generator=gen, dtype=F64)
+    A = R @ R.T + n * torch.eye(n, dtype=F64) if symmetric else R + 2 * n ** 0.5 * torch.eye(n, dtype=F64)
+    dA = torch.randn(n, n, generator=gen, dtype=F64)
+    if symmetric:
+        dA = dA + dA.T
+    shape = (n,) if k is None else (n, k)
+    return A, torch.randn(shape, generator=gen, dtype=F64), dA, torch.randn(shape, generator=gen, dtype=F64)
+
+
+@pytest.mark.parametrize("method,symmetric", [("cg", True), ("minres", True), ("gmres", False),
+                                              ("bicgstab", False)])
+@pytest.mark.parametrize("k", [None, 2])
+def test_solve_forward_ad_matches_linalg_solve(method, symmetric, k):
+    from solvers import solve
+
+    A, b, dA, db = _system(k=k, symmetric=symmetric)
+    expected = torch.func.jvp(torch.linalg.solve, (A, b), (dA, db))[1]
+    with fwAD.dual_level():
+        for dual_A, dual_b, want in ((fwAD.make_dual(A, dA), fwAD.make_dual(b, db), expected),
+                                     (A, fwAD.make_dual(b, db), torch.linalg.solve(A, db)),
+                                     (fwAD.make_dual(A, dA), b, expected - torch.linalg.solve(A, db))):
+            x = solve(dual_A, dual_b, method, rtol=1e-13, maxiter=200).x
+            primal, tangent = fwAD.unpack_dual(x)
+            _close(primal, torch.linalg.solve(A, b), f"{method}: x", tol=1e-10)
+            _close(tangent, want, f"{method}: dx", tol=1e-10)
+
+
+class _ShiftedPlan:
+    """``I + P(x, x)`` with the symmetric Gaussian-kernel plan: SPD, matrix-free."""
+
+    def __init__(self, x, f):
+        self.P = PlanOperator(x, x, f, f, eps=EPS, cost_scale=C)
+        self.shape, self.dtype, self.device = self.P.shape, x.dtype, x.device
+
+    def __matmul__(self, v):
+        return v + self.P @ v
+
+
+def test_solve_forward_ad_through_a_plan_operator():
+    """The operator's own tangent (points and potentials) enters through PlanMatmul's jvp."""
+    from solvers import solve
+
+    x, _, f, _, _, _, _ = _data(n=8)
+    b = torch.randn(8, dtype=F64)
+    tx, tf = _tangents((x, f))
+
+    def dense(x, f):
+        P = _dense(x, x, f, f, torch.eye(8, dtype=F64), torch.ones(8, dtype=F64), torch.ones(8, dtype=F64))
+        return torch.linalg.solve(torch.eye(8, dtype=F64) + P, b)
+
+    expected = torch.func.jvp(dense, (x, f), (tx, tf))[1]
+    with fwAD.dual_level():
+        out = solve(_ShiftedPlan(fwAD.make_dual(x, tx), fwAD.make_dual(f, tf)), b, "cg", rtol=1e-13).x
+        _close(fwAD.unpack_dual(out).tangent, expected, "dx through I + P", tol=1e-10)
