@@ -91,13 +91,16 @@ class _Solve(torch.autograd.Function):
     """x = A(params)^-1 b; backward: one adjoint solve, then the parameter VJP."""
 
     @staticmethod
-    def forward(ctx, spec: _Spec, b, *params):
+    def forward(spec: _Spec, b, *params):
         result = _METHODS[spec.method](spec.op, b, **spec.options)
         spec.result = result
-        x = result.x
-        ctx.spec = spec
-        ctx.save_for_backward(x)
-        return x
+        return result.x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        # forward without ctx (and this hook) is what torch.func asks of a Function.
+        ctx.spec = inputs[0]
+        ctx.save_for_backward(output)
 
     @staticmethod
     def jvp(ctx, *_):
@@ -169,9 +172,12 @@ class _Tangent(torch.autograd.Function):
     forward solve. Reverse mode passes through to x."""
 
     @staticmethod
-    def forward(ctx, spec: _Spec, x, r):
-        ctx.spec = spec
+    def forward(spec: _Spec, x, r):
         return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.spec = inputs[0]
 
     @staticmethod
     def jvp(ctx, _, dx, dr):

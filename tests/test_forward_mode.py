@@ -252,3 +252,14 @@ def test_solve_forward_ad_through_a_plan_operator():
     with fwAD.dual_level():
         out = solve(_ShiftedPlan(fwAD.make_dual(x, tx), fwAD.make_dual(f, tf)), b, "cg", rtol=1e-13).x
         _close(fwAD.unpack_dual(out).tangent, expected, "dx through I + P", tol=1e-10)
+
+
+@pytest.mark.parametrize("method,symmetric", [("cg", True), ("gmres", False)])
+def test_solve_torch_func_jvp(method, symmetric):
+    from solvers import solve
+
+    A, b, dA, db = _system(symmetric=symmetric)
+    got = torch.func.jvp(lambda A, b: solve(A, b, method, rtol=1e-13).x, (A, b), (dA, db))
+    expected = torch.func.jvp(torch.linalg.solve, (A, b), (dA, db))
+    _close(got[0], expected[0], f"{method}: x", tol=1e-10)
+    _close(got[1], expected[1], f"{method}: dx", tol=1e-10)
