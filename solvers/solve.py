@@ -167,6 +167,18 @@ class _ParamGrad(torch.autograd.Function):
         return (None,) + tuple(out)
 
 
+def _nested_forward_mode() -> bool:
+    """Whether an outer torch.func.jvp (or jacfwd) transform encloses this jvp rule: torch
+    then drops the rule's own dependence on the primals, so a second forward derivative
+    would come out silently wrong. torch exposes this only through private names."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    # The rule runs under the jvp interpreter that calls it; another one below it is an outer jvp.
+    jvps = [i for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Jvp]
+    return len(jvps) > 1
+
+
 class _Tangent(torch.autograd.Function):
     """``x`` unchanged; its tangent ``A^-1 dr`` for ``r = b - A x`` (``dr = db - dA x``): one
     forward solve. Reverse mode passes through to x."""
@@ -181,6 +193,10 @@ class _Tangent(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _, dx, dr):
+        if _nested_forward_mode():
+            raise NotImplementedError("solve: forward mode over forward mode (torch.func.jvp of a jvp, "
+                                      "jacfwd of jacfwd) is not supported: torch would drop the second-order "
+                                      "terms; differentiate the outer level in reverse mode instead")
         spec = ctx.spec
         options = {key: value for key, value in spec.options.items() if key not in ("x0", "callback")}
         tangent = _METHODS[spec.method](spec.op, dr, **options)

@@ -263,3 +263,41 @@ def test_solve_torch_func_jvp(method, symmetric):
     expected = torch.func.jvp(torch.linalg.solve, (A, b), (dA, db))
     _close(got[0], expected[0], f"{method}: x", tol=1e-10)
     _close(got[1], expected[1], f"{method}: dx", tol=1e-10)
+
+
+# --------------------------------------------------------------------------
+# Second order: mixed modes work, forward over forward refuses
+# --------------------------------------------------------------------------
+def test_forward_over_reverse_and_reverse_over_forward():
+    primals = _data()
+    w = torch.randn(primals[0].shape[0], primals[4].shape[-1], dtype=F64)
+    tx, tf = _tangents((primals[0], primals[2]))
+
+    def loss(fn):
+        return lambda x, f: (fn(x, primals[1], f, *primals[3:]) * w).sum()
+
+    fwd_rev = [torch.func.jvp(torch.func.grad(loss(fn), argnums=(0, 1)), (primals[0], primals[2]), (tx, tf))[1]
+               for fn in (_fast, _dense)]
+    for got, expected, name in zip(fwd_rev[0], fwd_rev[1], ("x", "f")):
+        _close(got, expected, f"jvp(grad) in {name}")
+
+    def rev_fwd(fn):
+        def directional(x, f):
+            return torch.func.jvp(loss(fn), (x, f), (tx, tf))[1]
+        return torch.func.grad(directional, argnums=(0, 1))(primals[0], primals[2])
+
+    for got, expected, name in zip(rev_fwd(_fast), rev_fwd(_dense), ("x", "f")):
+        _close(got, expected, f"grad(jvp) in {name}")
+
+
+def test_forward_over_forward_refuses():
+    """torch drops a jvp rule's own dependence on the primals under an outer jvp: refused."""
+    from solvers import solve
+
+    primals = _data()
+    tangents = _tangents(primals)
+    with pytest.raises(NotImplementedError, match="plan_matmul: forward mode over forward mode"):
+        torch.func.jvp(lambda *p: torch.func.jvp(_fast, p, tangents)[1], primals, tangents)
+    A, b, dA, db = _system()
+    with pytest.raises(NotImplementedError, match="solve: forward mode over forward mode"):
+        torch.func.jvp(lambda b: torch.func.jvp(lambda b: solve(A, b, "cg").x, (b,), (db,))[1], (b,), (db,))

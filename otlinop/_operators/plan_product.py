@@ -80,6 +80,18 @@ def _rowdot(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return (U * V).sum(-1)
 
 
+def _nested_forward_mode() -> bool:
+    """Whether an outer torch.func.jvp (or jacfwd) transform encloses this jvp rule: torch
+    then drops the rule's own dependence on the primals, so a second forward derivative
+    would come out silently wrong. torch exposes this only through private names."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    # The rule runs under the jvp interpreter that calls it; another one below it is an outer jvp.
+    jvps = [i for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Jvp]
+    return len(jvps) > 1
+
+
 class PlanMatmul(torch.autograd.Function):
     """``P @ V`` for the plan of (x, y, f, g, a, b); V=None means ``P 1``.
 
@@ -201,6 +213,11 @@ class PlanMatmul(torch.autograd.Function):
         one plan pass on ``[U | dy_l V | yz_l V]`` (the columns needed) plus one per weight
         tangent. The passes go through ``PlanMatmul`` itself, so that vmap and nested
         transforms see them."""
+        if _nested_forward_mode():
+            raise NotImplementedError("plan_matmul: forward mode over forward mode (torch.func.jvp of a jvp, "
+                                      "jacfwd of jacfwd) is not supported: torch would drop the "
+                                      "second-order terms; use forward over reverse, jvp(grad(...)), or "
+                                      "reverse over forward, grad of a jvp, instead")
         x, y, f, g, V, a, b, PV = ctx.saved_tensors
         opts = ctx.opts
         eps, c2 = opts["eps"], 2.0 * opts["cost_scale"]
