@@ -273,6 +273,11 @@ def solve(A, b, method="cg", *, params=None, **options):
     the solver's tolerance; a backward solve that does not converge emits a
     RuntimeWarning. ``x0`` receives no gradient.
 
+    Forward mode (``torch.autograd.forward_ad``, ``torch.func.jvp``) solves
+    ``A dx = db - dA x`` once more, with the same method and options, where
+    ``dA x`` is the tangent of one matvec ``A @ x`` (A's tensors carry their
+    own tangents). Forward over forward and vmap are not supported.
+
     Examples
     --------
     >>> import torch

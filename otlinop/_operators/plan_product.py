@@ -326,6 +326,12 @@ def plan_matmul(x, y, f, g, V=None, *, eps, a=None, b=None, cost_scale=1.0, back
     analytic Hessian-vector products of ``otlinop.hvp`` instead.
     Gradients w.r.t. ``eps`` and ``cost_scale`` are not provided.
 
+    Forward mode (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``)
+    and ``torch.func.vmap`` go through it too: the tangent costs one more plan
+    pass (plus one per weight tangent), a vmapped call is one batched call.
+    Forward over forward raises ``NotImplementedError`` (see
+    docs/second-order.md, "Forward mode").
+
     Examples
     --------
     >>> import torch
