@@ -185,6 +185,19 @@ def test_triton_jvp_matches_torch():
         _close(got, expected, f"triton {name}", tol=2e-4)
 
 
+def test_triton_vmap_and_jacfwd_match_torch():
+    x, y, f, g, V, a, b = (t.to(DEVICE) for t in _data(n=9, m=7, d=3, k=2, dtype=torch.float32))
+    Vs = torch.randn(3, *V.shape).to(DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        def fn(x, V, backend=backend):
+            return plan_matmul(x, y, f, g, V, a=a, b=b, eps=EPS, cost_scale=C, backend=backend)
+
+        results[backend] = (torch.func.vmap(fn, in_dims=(None, 0))(x, Vs), torch.func.jacfwd(fn)(x, V))
+    for got, expected, name in zip(results["triton"], results["torch"], ("vmap", "jacfwd")):
+        _close(got, expected, f"triton {name}", tol=2e-4)
+
+
 def test_vmap_still_checks_values():
     x, y, f, g, _, a, b = _data()
     Vs = torch.randn(3, y.shape[0], dtype=F64)
