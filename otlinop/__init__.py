@@ -33,6 +33,7 @@ from .loss import SamplesLoss, sinkhorn_loss
 from .hessian import DualHessianOperator, HessianOperator, dual_hessian
 from .hvp import (LossHessianOperator, grad_x, grad_y, hvp, hvp_self, hvp_x, hvp_y,
                   loss_hessian_operator)
+from . import distributed
 from solvers import (GraphCache, SolveResult, bicgstab, cg, config, gmres, jacobi, lsmr, minres, neumann,
                      solve)
 
@@ -50,6 +51,8 @@ __all__ = [
     # solvers
     "cg", "minres", "gmres", "bicgstab", "lsmr", "solve", "SolveResult", "jacobi", "neumann",
     "GraphCache",
+    # operators sharded over a process group (torch.distributed)
+    "distributed",
     # process-wide switches
     "config",
 ]
