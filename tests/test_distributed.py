@@ -3,7 +3,8 @@
 Each world size is one spawned run of gloo processes on the CPU (starting a
 process group costs seconds): every rank runs all the cases below and checks its
 results against ``PlanOperator`` on the whole cloud in float64 to 1e-12, and
-rank 0 writes the names of the checks done, which the test then requires.
+rank 0 writes the names of the checks done, which the test then requires. One
+float32 case runs the Triton kernels (the interpreter here) on every rank.
 """
 
 from __future__ import annotations
@@ -106,6 +107,21 @@ def _worker(rank, world, store, report):
         for i, sizes in enumerate(SHARDS[world]):
             for weighted in (False, True):
                 _check_case(rank, world, sizes, weighted, eps=0.7, seed=10 * i + weighted, done=done)
+        # The local work is the Triton kernel (the interpreter here, compiled on a GPU): float32.
+        sizes = SHARDS[world][1]
+        x, y, f, g, a, b, V, U = (t.float() for t in _problem(sum(sizes), True, 5))
+        o = sum(sizes[:rank])
+        blk = slice(o, o + sizes[rank])
+        opts = dict(eps=0.7, a=a, cost_scale=0.5, backend="triton")
+        P = PlanOperator(x, y, f, g, b=b, **opts)
+        S = ShardedPlanOperator(x, y[blk], f, g[blk], b=b[blk], **opts)
+        close32 = dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(S @ V[blk], P @ V, **close32)
+        torch.testing.assert_close(S.T @ U, (P.T @ U)[blk], **close32)
+        h = torch.log(b) + g / 0.7
+        torch.testing.assert_close(S.row_softmin(), softmin(x, y, h, eps=0.7, cost_scale=0.5, backend="triton"),
+                                   **close32)
+        done.add("triton backend")
         # A row with no term anywhere: every column weight is zero.
         x, y, f, g, *_ = _problem(sum(SHARDS[world][0]), False, 0)
         sizes = SHARDS[world][0]
@@ -146,7 +162,7 @@ def test_sharded_plan_matches_single_process(world, tmp_path):
     done = set(json.loads(report.read_text()))
     assert done == {"P @ V", "P @ v", "P.T @ U", "P.T @ u", "row sums", "col sums", "adjoint identity",
                     "row soft-min", "row lse", "same on every rank", "empty shard", "unequal shards",
-                    "all weights zero", "n mismatch refused"}
+                    "all weights zero", "n mismatch refused", "triton backend"}
 
 
 def test_merge_lse_is_the_lse_of_the_union():
