@@ -187,9 +187,9 @@ def test_refused_without_a_process_group():
 
 
 def _nccl_worker(rank, store):
+    torch.cuda.set_device(0)        # before the group: NCCL binds the current device
     dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
     try:
-        torch.cuda.set_device(0)
         gen = torch.Generator(device="cuda").manual_seed(0)
         kw = dict(device="cuda", dtype=torch.float32, generator=gen)
         x, y = torch.randn(300, 16, **kw), torch.randn(200, 16, **kw)
