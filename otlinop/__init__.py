@@ -33,6 +33,8 @@ from .loss import SamplesLoss, sinkhorn_loss
 from .hessian import DualHessianOperator, HessianOperator, dual_hessian
 from .hvp import (LossHessianOperator, grad_x, grad_y, hvp, hvp_self, hvp_x, hvp_y,
                   loss_hessian_operator)
+# The subpackage, reached as otlinop.distributed (its names are not re-exported here).
+from . import distributed
 from solvers import (GraphCache, SolveResult, bicgstab, cg, config, gmres, jacobi, lsmr, minres, neumann,
                      solve)
 

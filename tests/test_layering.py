@@ -43,6 +43,7 @@ LAYERS = {
     "otlinop.loss": 3,
     "otlinop._loss": 3,
     "otlinop.hvp": 3,
+    "otlinop.distributed": 3,  # composes operators over a process group
     "otlinop._demo": 4,
     "otlinop.__main__": 4,
     "otlinop.bench": 4,
