@@ -34,12 +34,9 @@ size runs, on the CPU: not a GPU figure.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
-import subprocess
-import sys
 import time
 import warnings
 
@@ -363,18 +360,12 @@ for n in args["sizes"]:
 def _run_child(code: str, payload: dict, timeout: float):
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(payload)], capture_output=True, text=True,
-                              timeout=timeout, env=env)
-    except subprocess.TimeoutExpired as exc:
-        # Keep the rows printed before the limit.
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        rows = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
-        return rows + [dict(library="peer", error=f"timed out after {timeout:.0f} s (rows above were completed)")]
-    rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
-    if proc.returncode != 0 and not rows:
-        tail = (proc.stderr or "").strip().splitlines()[-3:]
-        rows.append(dict(library="peer", error=f"exit {proc.returncode}: " + " | ".join(tail)))
+    rows, exit_code, err = timing.child_rows(code, payload, timeout, env=env)
+    if exit_code is None:
+        rows.append(dict(library="peer", error=f"timed out after {timeout:.0f} s (rows above were completed)"))
+    elif exit_code != 0 and not rows:
+        tail = err.strip().splitlines()[-3:]
+        rows.append(dict(library="peer", error=f"exit {exit_code}: " + " | ".join(tail)))
     return rows
 
 

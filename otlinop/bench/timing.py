@@ -8,7 +8,10 @@ The ceilings are measured in the same run as the figures they scale.
 from __future__ import annotations
 
 import functools
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -54,6 +57,24 @@ def graph_replay_ms(fn, reps: int = 20) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def child_rows(code: str, payload: dict, timeout: float, *, env: dict | None = None):
+    """Run ``python -c code json(payload)`` and collect the rows it prints as ``ROW <json>`` lines.
+
+    Returns ``(rows, exit_code, stderr)``: ``exit_code`` is None when the child ran
+    past ``timeout`` seconds (the rows printed before then are kept). Each suite
+    turns a failure into its own error row.
+    """
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(payload)], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+        out, err, exit_code = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        err, exit_code = "", None
+    rows = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
+    return rows, exit_code, err or ""
 
 
 def peak_memory(fn) -> int:

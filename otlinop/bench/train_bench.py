@@ -34,8 +34,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
-import sys
 
 import torch
 
@@ -150,19 +148,12 @@ def run_library(library: str, payload: dict, timeout: float) -> list[dict]:
     # The child imports otlinop from where this process found it.
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(payload)], capture_output=True, text=True,
-                              timeout=timeout, env=env)
-        out, err, code = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        err, code = f"timed out after {timeout:.0f} s (rows above were completed)", None
-    rows = [json.loads(line[4:]) for line in out.splitlines() if line.startswith("ROW ")]
-    if code is None:
-        rows.append(dict(library=library, error=err))
-    elif code != 0:
-        tail = " | ".join((err or "").strip().splitlines()[-3:])
-        rows.append(dict(library=library, error=f"exit {code}: {tail}"))
+    rows, exit_code, err = timing.child_rows(_CHILD, payload, timeout, env=env)
+    if exit_code is None:
+        rows.append(dict(library=library, error=f"timed out after {timeout:.0f} s (rows above were completed)"))
+    elif exit_code != 0:
+        tail = " | ".join(err.strip().splitlines()[-3:])
+        rows.append(dict(library=library, error=f"exit {exit_code}: {tail}"))
     return rows
 
 
