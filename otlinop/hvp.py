@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from solvers import cg
+from solvers import cg, config
 
 from ._base import LinearOperator
 from ._checks import (directions, finite, fraction, nonnegative_scalar, points, positive_int, positive_scalar,
@@ -181,7 +181,7 @@ def _hvp(K, x, y, A, B, *, cost_scale, solve, sides):
     Y = _Side(K.P.T, y, x, B, A, c2=c2, wanted="y" in sides)
     rhs = torch.cat([X.r, Y.r])
     # One direction goes to the solver as a vector (what a user's solver or M expects).
-    dphi, result = K.solve(rhs[:, 0] if single else rhs, **solve)
+    dphi, result = K.solve(rhs[:, 0] if single else rhs, **dict(solve, solver=_without_value_checks(solve["solver"])))
     dphi = dphi.reshape(rhs.shape)
     df, dg = dphi[:x.shape[0]], dphi[x.shape[0]:]
     dx = X.gradient_derivative(df, dg, eps=K.eps) if "x" in sides else None
@@ -189,6 +189,24 @@ def _hvp(K, x, y, A, B, *, cost_scale, solve, sides):
     if single:
         dx, dy = (None if H is None else H[:, :, 0] for H in (dx, dy))
     return dx, dy, result
+
+
+def _without_value_checks(solver):
+    """``solver`` run with the plan products' value checks off (``config.check_finite``).
+
+    Each checked product reads its operand and result back to the host: two
+    synchronisations per CG iteration, which stall a GPU's launch queue and
+    keep ``cg(graph=True)`` from capturing the iteration (its probe finds
+    them). Inside the solve they check nothing of the caller's: the plan's
+    data and the right-hand side were checked by the passes that built them,
+    and a value that stops being finite inside the solve (an overflowing
+    product) stops its column with a non-finite status in the ``SolveResult``
+    (its x is returned as 0 there), which the products after the solve see.
+    """
+    def run(S, rhs, **options):
+        with config.override(check_finite=False):
+            return solver(S, rhs, **options)
+    return run
 
 
 # ------------------------------------------------------------------ validation
@@ -261,7 +279,12 @@ def hvp(x, y, f, g, A=None, B=None, *, eps, a=None, b=None, cost_scale=1.0, reac
         Unbalanced relaxation of each side (None: hard marginal).
     solver : callable, default ``solvers.cg``
         Solves the Schur system: ``solver(S, rhs, M=M, rtol=, atol=, maxiter=)``
-        returning a ``SolveResult`` (``solvers.minres`` works too).
+        returning a ``SolveResult`` (``solvers.minres`` works too). It runs
+        with the plan products' value checks off (``config.check_finite``):
+        the inner solve reads nothing back to the host but ``cg``'s stopping
+        flag, every ``check_every`` iterations (4 on a GPU, 1 on the CPU;
+        ``functools.partial(solvers.cg, check_every=8)`` changes it,
+        ``graph=True`` replays the iterations as a CUDA graph).
     M : operator or preconditioner factory, optional
         For S: ``solvers.jacobi()``, ``solvers.neumann(3)``, or any operator.
     rtol, atol, maxiter : optional

@@ -159,7 +159,8 @@ if HAS_TRITON:
             idx = start + offs
             ok = idx < n
             p = tl.load(Z + idx, mask=ok, other=0.0) + beta * tl.load(P + idx, mask=ok, other=0.0)
-            tl.store(P + idx, p, mask=ok)
+            # A frozen column steps along p = 0: its x stays put even where z is not finite.
+            tl.store(P + idx, tl.where(act, p, 0.0), mask=ok)
         tl.store(RHO, rho_new)
 
 
@@ -270,7 +271,8 @@ def cg_direction(R, Z, P, rho, rho_new, active, failed_rho, *, precond: bool, ba
     ----------
     R, Z, P : Tensor, shape (n,) or (n, k)
         The residual, ``Z = M R`` (``R`` itself without a preconditioner)
-        and the direction (updated).
+        and the direction (updated; 0 in the columns no longer active, so
+        that a masked step leaves their x as it is).
     rho : Tensor, shape () or (k,)
         ``<R, M R>`` of the previous residual; receives ``rho_new``.
     rho_new : Tensor
@@ -295,4 +297,8 @@ def cg_direction(R, Z, P, rho, rho_new, active, failed_rho, *, precond: bool, ba
         active.copy_(still)
     beta = torch.where(active, rho_new / rho, 0.0)
     torch.addcmul(Z, P, beta, out=P)
+    # A frozen column steps along p = 0 in the (masked) iterations that follow: its x
+    # stays put bitwise, even where r, and so z, is no longer finite (alpha = 0 alone
+    # would give x + 0 * nan). Active columns are untouched.
+    P.masked_fill_(active.logical_not(), 0.0)
     rho.copy_(rho_new)

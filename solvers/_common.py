@@ -174,9 +174,10 @@ def check_maxiter(caller: str, maxiter, default: int) -> int:
     return int(maxiter)
 
 
-def check_every_for(caller: str, check_every, device) -> int:
+def check_every_for(caller: str, check_every, device, *, accelerator: int = _CHECK_EVERY_ACCELERATOR) -> int:
+    """``check_every`` checked; None gives 1 on the CPU and ``accelerator`` elsewhere."""
     if check_every is None:
-        return 1 if torch.device(device).type == "cpu" else _CHECK_EVERY_ACCELERATOR
+        return 1 if torch.device(device).type == "cpu" else accelerator
     if isinstance(check_every, bool) or not isinstance(check_every, numbers.Integral) or check_every < 1:
         raise ValueError(f"{caller}: check_every must be a positive int or None, got {check_every!r}")
     return int(check_every)

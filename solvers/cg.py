@@ -31,6 +31,14 @@ class _State(NamedTuple):
 
 __all__ = ["cg"]
 
+# How often the host reads the stopping flag on an accelerator. A read costs the GPU an
+# idle gap s (the copy's round trip and the host's way to the next launch, tens of us);
+# a masked iteration costs a whole iteration t. Checking every c iterations costs about
+# s N / c + t (c - 1) / 2 over N iterations, least at c = sqrt(2 N s / t): 2 to 4 for
+# the 5 to 20 iterations of an HVP's inner solve with s / t ~ 0.1-0.3, and 8 or 16
+# would waste more than they save there (docs/solvers.md, "Host synchronisation").
+_CHECK_EVERY_ACCELERATOR = 4
+
 
 @torch.no_grad()
 def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=None, check_every=None,
@@ -64,13 +72,20 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         ``r -> M r`` receiving tensors shaped like b. Factories are bound to A.
     callback : callable, optional
         Called as ``callback(xk)`` after each iteration, xk shaped like b.
-        Reading its values forces a host synchronisation each iteration.
+        It is a host call per iteration, so it forces ``check_every=1``:
+        it sees exactly the iterates of the solve, one per iteration.
     check_every : int, optional
-        The loop synchronises with the host only to test whether every
-        column has stopped, every ``check_every`` iterations (default 1 on
-        the CPU, 10 on accelerators). Columns freeze on the device at their
-        own convergence, so the result does not depend on it; up to
-        ``check_every - 1`` extra matvecs may run.
+        The stopping test runs on the device at every iteration (a column
+        freezes at its own convergence: x, r and its iteration count stop
+        changing); the host reads whether every column has stopped only
+        every ``check_every`` iterations, and that read is the loop's one
+        host synchronisation. Default: 1 on the CPU (a read is free there),
+        4 on accelerators (docs/solvers.md, "Host synchronisation", gives
+        the cost model). The result (x, ``n_iter``, the residuals, the
+        status) does not depend on it; up to ``check_every - 1`` masked
+        iterations (an operator product each, which changes nothing) may
+        run after the last column stopped. Must be 1 or None with a
+        ``callback``.
     graph : bool or GraphCache, default False
         On a CUDA device, run the loop as a CUDA graph: one iteration
         eagerly (it compiles and tunes the operator's kernels), then one
@@ -135,7 +150,14 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     atol = check_tolerance("cg", "atol", atol)
     maxiter = check_maxiter("cg", maxiter, 10 * pb.n)
     check_callback("cg", callback)
-    every = check_every_for("cg", check_every, pb.op.device)
+    every = check_every_for("cg", check_every, pb.op.device, accelerator=_CHECK_EVERY_ACCELERATOR)
+    if callback is not None:
+        # The callback is a host call per iteration: it would see the masked iterations
+        # between two reads (the iterate unchanged) as iterations of their own.
+        if every > 1 and check_every is not None:
+            raise ValueError(f"cg: a callback is called after each iteration, which needs check_every=1, got "
+                             f"check_every={check_every}; drop one of them")
+        every = 1
     if not isinstance(graph, (bool, GraphCache)):
         raise TypeError(f"cg: graph must be a bool or a solvers.GraphCache, got {type(graph).__name__}")
     Mop = bind_preconditioner("cg", M, pb.op, pb.vector, spd=True)
