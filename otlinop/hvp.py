@@ -181,7 +181,8 @@ def _hvp(K, x, y, A, B, *, cost_scale, solve, sides):
     Y = _Side(K.P.T, y, x, B, A, c2=c2, wanted="y" in sides)
     rhs = torch.cat([X.r, Y.r])
     # One direction goes to the solver as a vector (what a user's solver or M expects).
-    dphi, result = K.solve(rhs[:, 0] if single else rhs, **dict(solve, solver=_without_value_checks(solve["solver"])))
+    unchecked = dict(solve, solver=_without_value_checks(solve["solver"]))
+    dphi, result = K.solve(rhs[:, 0] if single else rhs, **unchecked)
     dphi = dphi.reshape(rhs.shape)
     df, dg = dphi[:x.shape[0]], dphi[x.shape[0]:]
     dx = X.gradient_derivative(df, dg, eps=K.eps) if "x" in sides else None

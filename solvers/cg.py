@@ -115,8 +115,9 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     ValueError
         If A is not square, b or x0 has the wrong shape or non-finite
         entries, maxiter < 1, a tolerance is negative, NaN, None or a
-        string, or M is one of this
-        package's preconditioners and known not to be positive definite.
+        string, M is one of this
+        package's preconditioners and known not to be positive definite,
+        or a callback comes with ``check_every > 1``.
     TypeError
         If b, x0 or M have the wrong type, or a dtype of another precision
         than A's.
