@@ -421,7 +421,8 @@ def test_gpu_hvp_reads_and_time_by_check_every():
     read-backs of one call with check_every = 1 and the default (4), and prints the wall
     time of each (best of 5, after a warm-up) with 2, 8 and 16 beside them, for tuning the
     default. Asserts the reads (ceil(n_iter / c) plus the same constant) and that the
-    products agree; speed is printed, not asserted. About 10 s on an H100."""
+    products agree; speed is printed, not asserted. About 10 s on an H100 after the
+    kernels' compilation and autotuning (up to a minute on a fresh machine)."""
     from otlinop.hvp import hvp_x
     from otlinop.sinkhorn import sinkhorn
 
@@ -478,7 +479,8 @@ def test_gpu_hvp_inner_solve_is_captured():
     """GPU: the HVP's Schur solve on the exact (streaming) plan, with its value checks on
     outside the solve, is captured as a CUDA graph (its products no longer read back):
     a loss Hessian operator with a GraphCache captures once for two products, and the
-    products match the eager ones (float32, n = 2000, d = 3). A few seconds."""
+    products match the eager ones (float32, n = 2000, d = 3). A few seconds after
+    compilation."""
     from conftest import counting_graphs
     from otlinop.hvp import loss_hessian_operator
     from otlinop.sinkhorn import sinkhorn
