@@ -154,7 +154,7 @@ def _problem(m, d, weighted, reach, seed):
     return x, y, res, A, B
 
 
-def _hvp_cases(rank, world, sizes, done, memo):
+def _hvp_cases(rank, world, sizes, done, memo, *, problems, full):
     """``memo`` keeps the single-process results between block layouts of one
     whole problem (every layout of a world size splits the same m)."""
     m = sum(sizes)
@@ -165,7 +165,7 @@ def _hvp_cases(rank, world, sizes, done, memo):
             memo[key] = compute()
         return memo[key]
 
-    for d, weighted, reach, seed in ((2, False, None, 1), (9, True, None, 2), (2, True, 1.5, 3)):
+    for d, weighted, reach, seed in problems:
         x, y, res, A, B = ref((m, seed), lambda: _problem(m, d, weighted, reach, seed))
         b_r = None if res.b is None else res.b[blk]
         tag = f"world {world} shards {sizes} d {d} weighted {weighted} reach {reach}"
@@ -192,8 +192,8 @@ def _hvp_cases(rank, world, sizes, done, memo):
         done.update({"S @ V", "diag(S)", "K @ Z", "S symmetric"})
 
         # hvp_x, hvp_y, hvp: one direction and three, with and without M, cg and minres.
-        # (Every combination on the first problem; one on the others, whose passes cost more.)
-        first = seed == 1
+        # (Every combination on the first problem of the first layout; one elsewhere.)
+        first = seed == 1 and full
         combos = ((solvers.cg, None), (solvers.cg, solvers.jacobi()), (solvers.minres, solvers.neumann(2)))
         for solver, M in combos if first else combos[1:2]:
             opts = dict(common, solver=solver, M=M, rtol=1e-14)
@@ -257,9 +257,13 @@ def _worker(rank, world, store, report):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         done, memo = set(), {}
-        for sizes in SHARDS[world]:
+        # (d, weighted, reach, seed): the first problem on every block layout (every solver, M
+        # and k, and an outer MINRES, on the first layout only); the others on one layout each.
+        plain, wide, relaxed = (2, False, None, 1), (9, True, None, 2), (2, True, 1.5, 3)
+        for i, sizes in enumerate(SHARDS[world]):
             _solver_cases(rank, world, sizes, done)
-            _hvp_cases(rank, world, sizes, done, memo)
+            problems = [plain] + [[wide], [relaxed], []][i]
+            _hvp_cases(rank, world, sizes, done, memo, problems=problems, full=i == 0)
         if rank == 0:
             with open(report, "w") as fh:
                 json.dump(sorted(done), fh)
