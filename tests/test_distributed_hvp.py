@@ -137,6 +137,28 @@ def _solver_cases(rank, world, sizes, done):
     done.add("replicated rows")
 
 
+def _error_cases(rank, done):
+    """Refusals raise on every rank (the same arguments everywhere, or a check after a gather)."""
+    with pytest.raises(ValueError, match="ShardedInnerProduct: need 0 <= replicated <= rows"):
+        ShardedInnerProduct(2, replicated=3)
+    with pytest.raises(ValueError, match="ShardedInnerProduct: replicated must be the same on every rank"):
+        ShardedInnerProduct(5, replicated=rank)
+    x, y = torch.randn(4, 2, **F64), torch.randn(3, 2, **F64)
+    f, g = torch.zeros(4, **F64), torch.zeros(3, **F64)
+    with pytest.raises(ValueError, match="hvp: give a direction A"):
+        hvp(x, y, f, g, eps=1.0)
+    with pytest.raises(ValueError, match="hvp_x: the direction A is required"):
+        hvp_x(x, y, f, g, None, eps=1.0)
+    with pytest.raises(ValueError, match="loss_hessian_operator: wrt must be"):
+        loss_hessian_operator(x, y, f, g, wrt="z", eps=1.0)
+    with pytest.raises(TypeError, match="ShardedHessianOperator: P must be a ShardedPlanOperator"):
+        ShardedHessianOperator(otlinop.PlanOperator(x, y, f, g, eps=1.0), eps=1.0)
+    with pytest.raises(ValueError, match="ShardedDualHessianOperator.solve: r must have shape"):
+        K = ShardedDualHessianOperator(ShardedPlanOperator(x, y, f, g, eps=1.0), eps=1.0)
+        K.solve(torch.zeros(2, **F64))
+    done.add("refusals")
+
+
 def _problem(m, d, weighted, reach, seed):
     """A converged problem, the same on every rank (a fixed seed, float64 on the CPU)."""
     gen = torch.Generator().manual_seed(seed)
@@ -257,6 +279,7 @@ def _worker(rank, world, store, report):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         done, memo = set(), {}
+        _error_cases(rank, done)
         # (d, weighted, reach, seed): the first problem on every block layout (every solver, M
         # and k, and an outer MINRES, on the first layout only); the others on one layout each.
         plain, wide, relaxed = (2, False, None, 1), (9, True, None, 2), (2, True, 1.5, 3)
@@ -275,7 +298,7 @@ EXPECTED = {"solver cg", "solver minres", "solver gmres", "solver bicgstab", "so
             "gmres restarts with an empty block", "replicated rows", "S @ V", "diag(S)", "K @ Z", "S symmetric",
             "hvp_x", "hvp_y", "hvp", "hvp_x same on every rank", "minres inner solve", "jacobi", "neumann",
             "k directions", "loss Hessian x", "loss Hessian y", "loss Hessian xy", "minres on the loss Hessian",
-            "empty shard", "unequal shards", "zero weight", "unbalanced", "bilinear pass"}
+            "empty shard", "unequal shards", "zero weight", "unbalanced", "bilinear pass", "refusals"}
 
 
 @pytest.mark.parametrize("world", [2, 3])
