@@ -15,6 +15,7 @@ which of the packages called ``solvers`` is meant.
 """
 
 from ._config import Config, config
+from ._inner_products import ShardedInnerProduct
 from ._operator import register_conversion
 from ._result import SolveResult
 from .bicgstab import bicgstab
@@ -48,4 +49,5 @@ __all__ = [
     "config",
     "Config",
     "register_conversion",
+    "ShardedInnerProduct",
 ]

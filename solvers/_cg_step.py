@@ -209,7 +209,7 @@ def check_state(fn: str, vectors: dict, scalars: dict, backend: str) -> None:
 
 
 def cg_update(P, Q, X, R, rho, rnorm, active, iters, failed_pq, rho_new, tol, *, precond: bool,
-              backend: str = "torch") -> None:
+              backend: str = "torch", space=None) -> None:
     """One CG step along the direction ``P``, given ``Q = A P``; in place.
 
     Parameters
@@ -239,6 +239,10 @@ def cg_update(P, Q, X, R, rho, rnorm, active, iters, failed_pq, rho_new, tol, *,
         "triton": the fused single-program kernel (one right-hand side,
         float32 or float64, on CUDA or under the interpreter), where Triton
         is installed.
+    space : ShardedInnerProduct, optional
+        The inner product of vectors split over a process group (the
+        operator's ``inner_products``): the dots and the norm are its
+        reduced ones (torch backend only). None: the local ones.
 
     Notes
     -----
@@ -249,22 +253,26 @@ def cg_update(P, Q, X, R, rho, rnorm, active, iters, failed_pq, rho_new, tol, *,
         _update_kernel[(1,)](P, Q, X, R, rho, rnorm, active, iters, failed_pq, rho_new, tol, P.shape[0],
                              PRECOND=precond, F64=P.dtype == torch.float64, BLOCK=_BLOCK, num_warps=_NUM_WARPS)
         return
-    pq = real_inner(P, Q)
+    inner = real_inner if space is None else space.real_inner
+    pq = inner(P, Q)
     step = active & (pq > 0)
     torch.where(active ^ step, pq, failed_pq, out=failed_pq)
     alpha = torch.where(step, rho / pq, 0.0)
     X.addcmul_(P, alpha)
     R.addcmul_(Q, alpha, value=-1)
-    if precond:
+    if precond and space is not None:
+        rnorm.copy_(space.norm(R))
+    elif precond:
         torch.linalg.vector_norm(R, dim=0, out=rnorm)
     else:
-        real_inner(R, R, rho_new)
+        inner(R, R, rho_new)
         torch.sqrt(rho_new, out=rnorm)
     iters.add_(step)
     torch.logical_and(step, rnorm > tol, out=active)
 
 
-def cg_direction(R, Z, P, rho, rho_new, active, failed_rho, *, precond: bool, backend: str = "torch") -> None:
+def cg_direction(R, Z, P, rho, rho_new, active, failed_rho, *, precond: bool, backend: str = "torch",
+                 space=None) -> None:
     """The next CG direction ``P = Z + beta P``; in place.
 
     Parameters
@@ -283,7 +291,7 @@ def cg_direction(R, Z, P, rho, rho_new, active, failed_rho, *, precond: bool, ba
         positive definite, or NaN) stop here.
     failed_rho : Tensor
         Receives the ``<R, Z>`` that stopped a column.
-    precond, backend
+    precond, backend, space
         As :func:`cg_update`.
     """
     if backend == "triton":
@@ -291,7 +299,7 @@ def cg_direction(R, Z, P, rho, rho_new, active, failed_rho, *, precond: bool, ba
                                 BLOCK=_BLOCK, num_warps=_NUM_WARPS)
         return
     if precond:
-        real_inner(R, Z, rho_new)
+        (real_inner if space is None else space.real_inner)(R, Z, rho_new)
         still = active & (rho_new > 0)
         torch.where(active ^ still, rho_new, failed_rho, out=failed_rho)
         active.copy_(still)

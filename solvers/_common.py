@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._inner_products import EUCLIDEAN, inner_products_of
 from ._operator import (COMPLEX_DTYPES, DTYPES, HALF_DTYPES, REAL_DTYPES, CallableOperator, ComplexifiedOperator,
                         DenseOperator, WidenedOperator, as_operator, complex_of, fmt_shape, is_operator, promote)
 
@@ -31,6 +32,10 @@ class Problem:
     ``out_dtype`` is the dtype of the returned x: ``dtype``, except for
     float16 and bfloat16 inputs, whose solve runs in float32 (``op`` then
     applies A in its own dtype to float32 vectors).
+    ``space`` and ``space_out`` are the inner products of A's input and output
+    vectors (``EUCLIDEAN``, or a ``ShardedInnerProduct`` the operator declares:
+    the solvers take every dot and norm from them); ``n_total``, ``m_total``
+    the rows and columns of the whole A (``n``, ``m`` are this process's).
     """
 
     op: object
@@ -44,6 +49,10 @@ class Problem:
     real_dtype: torch.dtype
     base_op: object
     out_dtype: torch.dtype = None
+    space: object = EUCLIDEAN
+    space_out: object = EUCLIDEAN
+    n_total: int = None
+    m_total: int = None
 
 
 def _same_device(t: torch.device, dev: torch.device) -> bool:
@@ -85,6 +94,7 @@ def setup(caller: str, A, b, x0, *, square: bool, scalar_b: bool = False) -> Pro
     """
     op = as_operator(A, caller=caller)
     n, m = (int(s) for s in op.shape)
+    space_out, space = inner_products_of(op)
     if square and n != m:
         raise ValueError(f"{caller}: A must be square, got shape {fmt_shape(op.shape)}; "
                          "use lsmr for rectangular least-squares problems")
@@ -131,7 +141,10 @@ def setup(caller: str, A, b, x0, *, square: bool, scalar_b: bool = False) -> Pro
         # A copy, so that a result returned without iterating never aliases the caller's x0.
         X0 = (x0.unsqueeze(1) if vector else x0).to(dtype, copy=True)
         # scipy returns x = 0 for b = 0 whatever x0: such columns start (and stop) at 0.
-        X0 = torch.where((B != 0).any(dim=0), X0, torch.zeros((), dtype=dtype, device=X0.device))
+        nonzero = (B != 0).any(dim=0)
+        if space_out.sharded:   # a column of b is zero only if it is on every rank
+            nonzero = space_out.reduce(nonzero.to(torch.int64)) > 0
+        X0 = torch.where(nonzero, X0, torch.zeros((), dtype=dtype, device=X0.device))
     # Half precision cannot carry a Krylov recurrence (its scalars underflow and its
     # residuals stall at ~1e-3): the vectors and scalars run in float32, A in its own dtype.
     out_dtype = dtype
@@ -143,7 +156,8 @@ def setup(caller: str, A, b, x0, *, square: bool, scalar_b: bool = False) -> Pro
     base = op
     op = promote(op, dtype)
     return Problem(op=op, B=B, X0=X0, vector=vector, n=n, m=m, k=k, dtype=dtype, real_dtype=dtype.to_real(),
-                   base_op=base, out_dtype=out_dtype)
+                   base_op=base, out_dtype=out_dtype, space=space, space_out=space_out,
+                   n_total=space_out.total(n), m_total=space.total(m))
 
 
 def check_tolerance(caller: str, name: str, value) -> float:
@@ -264,9 +278,9 @@ def stop_tolerance(bnorm: torch.Tensor, rtol: float, atol: float) -> torch.Tenso
     return torch.clamp(rel, min=atol)
 
 
-def tolerance(caller: str, B: torch.Tensor, rtol: float, atol: float):
-    """(||b_j||, max(rtol ||b_j||, atol)) per column."""
-    bnorm = col_norm(B)
+def tolerance(caller: str, B: torch.Tensor, rtol: float, atol: float, norm=col_norm):
+    """(||b_j||, max(rtol ||b_j||, atol)) per column; ``norm``: the problem's (``Problem.space``)."""
+    bnorm = norm(B)
     return bnorm, stop_tolerance(bnorm, rtol, atol)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._common import (apply, as_output, bind_preconditioner, check_callback, check_every_for, check_maxiter,
-                      check_tolerance, col_dot, col_norm, setup, tolerance)
+                      check_tolerance, setup, tolerance)
 from ._result import BREAKDOWN, CONVERGED, NONFINITE, RUNNING, default_describe, finish
 
 __all__ = ["bicgstab"]
@@ -76,7 +76,7 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
     pb = setup("bicgstab", A, b, x0, square=True)
     rtol = check_tolerance("bicgstab", "rtol", rtol)
     atol = check_tolerance("bicgstab", "atol", atol)
-    maxiter = check_maxiter("bicgstab", maxiter, 10 * pb.n)
+    maxiter = check_maxiter("bicgstab", maxiter, 10 * pb.n_total)
     check_callback("bicgstab", callback)
     every = check_every_for("bicgstab", check_every, pb.op.device)
     Mop = bind_preconditioner("bicgstab", M, pb.op, pb.vector, spd=False)
@@ -88,12 +88,12 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
     def apply_M(V):
         return V if Mop is None else apply(Mop, V, pb.vector)
 
-    bnorm, tol = tolerance("bicgstab", B, rtol, atol)
+    bnorm, tol = tolerance("bicgstab", B, rtol, atol, norm=pb.space.norm)
     X = torch.zeros_like(B) if pb.X0 is None else pb.X0
     R = B if pb.X0 is None else B - apply(op, X, pb.vector)
     Rt = R
-    rtnorm = col_norm(Rt)
-    rnorm = col_norm(R)
+    rtnorm = pb.space.norm(Rt)
+    rnorm = pb.space.norm(R)
     codes = torch.zeros(k, dtype=torch.int64, device=device)
     codes = torch.where(rnorm <= tol, CONVERGED, codes)
     codes = torch.where(~torch.isfinite(rnorm), NONFINITE, codes)
@@ -107,7 +107,7 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
 
     if bool(active.any()):
         for it in range(maxiter):
-            rho = col_dot(Rt, R)
+            rho = pb.space.dot(Rt, R)
             # Scipy tests |rho| < eps^2 in absolute terms; scaling by the norms makes it unit-free.
             dead = (rho.abs() <= tiny * rtnorm * rnorm) | (omega == 0)
             codes = torch.where(active & dead, BREAKDOWN, codes)
@@ -119,23 +119,23 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
                 P = R + beta * torch.addcmul(P, V, omega, value=-1)
             Phat = apply_M(P)
             V = apply(op, Phat, pb.vector)
-            rv = col_dot(Rt, V)
+            rv = pb.space.dot(Rt, V)
             codes = torch.where(active & (rv == 0), BREAKDOWN, codes)
             active = codes == RUNNING
             alpha = torch.where(active, rho / torch.where(active, rv, 1), zero)
             S = torch.addcmul(R, V, alpha, value=-1)
             X = torch.addcmul(X, Phat, alpha)
-            half = active & (col_norm(S) <= tol)
+            half = active & (pb.space.norm(S) <= tol)
             Shat = apply_M(S)
             T = apply(op, Shat, pb.vector)
-            tt = col_dot(T, T).real
+            tt = pb.space.dot(T, T).real
             full = active & ~half & (tt > 0)
-            omega = torch.where(full, col_dot(T, S) / torch.where(full, tt, 1), zero)
+            omega = torch.where(full, pb.space.dot(T, S) / torch.where(full, tt, 1), zero)
             X = torch.addcmul(X, Shat, omega)
             R = torch.addcmul(S, T, omega, value=-1)
             rho_prev = torch.where(active, rho, rho_prev)
             iters = iters + active
-            rnorm = col_norm(R)
+            rnorm = pb.space.norm(R)
             codes = torch.where(active & (rnorm <= tol), CONVERGED, codes)
             codes = torch.where(active & ~(torch.isfinite(rnorm) & torch.isfinite(rho)), NONFINITE, codes)
             active = codes == RUNNING
@@ -148,4 +148,4 @@ def bicgstab(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callba
                   rtol=rtol, atol=atol, maxiter=maxiter,
                   describe=default_describe("bicgstab", "try gmres, a preconditioner M=jacobi() or "
                                                "M=neumann(3), or a larger maxiter"),
-                  residual=lambda X: col_norm(B - apply(op, X, pb.vector)), out_dtype=pb.out_dtype)
+                  residual=lambda X: pb.space.norm(B - apply(op, X, pb.vector)), out_dtype=pb.out_dtype)

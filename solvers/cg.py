@@ -8,7 +8,7 @@ import torch
 
 from ._cg_step import cg_direction, cg_update, check_state, fused_backend, real_inner
 from ._common import (apply, bind_preconditioner, check_callback, check_every_for, check_maxiter,
-                      check_tolerance, col_norm, setup, tolerance)
+                      check_tolerance, setup, tolerance)
 from ._loop import run_loop
 from ._result import CONVERGED, INDEFINITE_A, INDEFINITE_M, NONFINITE, default_describe, finish
 from .graphs import CUDA_GRAPHS, GraphCache
@@ -101,8 +101,8 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         True keeps the captured iteration for the next solve with the same
         ``A`` and ``M`` objects and right-hand-side shape, which then
         replays at once (repeated solves on one operator); the cache's
-        ``graphs`` does the capture. Ignored on the CPU and with a
-        ``callback``.
+        ``graphs`` does the capture. Ignored on the CPU, with a
+        ``callback`` and for an A sharded over a process group.
 
     Returns
     -------
@@ -149,7 +149,7 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     pb = setup("cg", A, b, x0, square=True)
     rtol = check_tolerance("cg", "rtol", rtol)
     atol = check_tolerance("cg", "atol", atol)
-    maxiter = check_maxiter("cg", maxiter, 10 * pb.n)
+    maxiter = check_maxiter("cg", maxiter, 10 * pb.n_total)
     check_callback("cg", callback)
     every = check_every_for("cg", check_every, pb.op.device, accelerator=_CHECK_EVERY_ACCELERATOR)
     if callback is not None:
@@ -164,7 +164,7 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     Mop = bind_preconditioner("cg", M, pb.op, pb.vector, spd=True)
     op, B = pb.op, pb.B
 
-    bnorm, tol = tolerance("cg", B, rtol, atol)
+    bnorm, tol = tolerance("cg", B, rtol, atol, norm=pb.space.norm)
     # One right-hand side runs on 1-D tensors with 0-d scalars: every view or reshape is a
     # dispatcher call, and on a GPU this loop is bound by such host-side overheads.
     flat = pb.k == 1
@@ -180,8 +180,10 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     # The scalars are real for complex systems too (A and M Hermitian): real_inner.
     one = torch.ones(() if flat else pb.k, dtype=pb.real_dtype, device=B.device)
     Z = R if Mop is None else Mop @ R
-    rho = real_inner(R, Z)
-    rnorm = col_norm(R)
+    # A sharded A (its inner_products over a process group): every dot and norm is reduced.
+    sharded = pb.space if pb.space.sharded else None
+    rho = real_inner(R, Z) if sharded is None else sharded.real_inner(R, Z)
+    rnorm = pb.space.norm(R)
     # The loop keeps few per-column flags: the status codes are derived afterwards. A column
     # has converged iff rnorm <= tol (it froze there); failed_pq / failed_rho hold the
     # p^T A p or r^T M r that stopped a column (positive while none did).
@@ -194,7 +196,7 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     # for one short right-hand side on a GPU, torch operations otherwise (_cg_step).
     # _backend ("torch" or "triton") overrides that choice: a test's way to run the fused
     # kernels under the Triton interpreter on the CPU.
-    backend = fused_backend(B) if _backend is None else _backend
+    backend = (fused_backend(B) if sharded is None else "torch") if _backend is None else _backend
     precond = Mop is not None
     check_state("cg", dict(X=state.X, R=state.R, P=state.P),
                 dict(rho=rho, rnorm=rnorm, active=active, iters=iters, failed_pq=failed_pq,
@@ -212,7 +214,7 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         """x, r and the flags after one step along st.P (the matvec), in place."""
         Q = product(op, st.P, st.P)
         cg_update(st.P, Q, st.X, st.R, st.rho, st.rnorm, st.active, st.iters, st.failed_pq, st.rho_new, st.tol,
-                  precond=precond, backend=backend)
+                  precond=precond, backend=backend, space=sharded)
         return st
 
     def direction(st):
@@ -220,7 +222,7 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
         # Without M, z = r: r^T r > 0 unless NaN, which reaches p^T A p at the next step.
         Z = product(Mop, st.R, st.R) if precond else st.R
         cg_direction(st.R, Z, st.P, st.rho, st.rho_new, st.active, st.failed_rho, precond=precond,
-                     backend=backend)
+                     backend=backend, space=sharded)
         return st
 
     def report(st):
@@ -230,7 +232,7 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
 
     if bool(active.any()):
         cache = graph if isinstance(graph, GraphCache) else None
-        if graph is False or callback is not None:
+        if graph is False or callback is not None or sharded is not None:
             graphs = None
         else:
             graphs = CUDA_GRAPHS if cache is None else cache.graphs
@@ -260,4 +262,4 @@ def cg(A, b, x0=None, *, rtol=1e-5, atol=0.0, maxiter=None, M=None, callback=Non
     return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=rnorm, tol=tol, bnorm=bnorm,
                   rtol=rtol, atol=atol, maxiter=maxiter,
                   describe=default_describe("cg", "try M=jacobi() or M=neumann(3), or a larger maxiter"),
-                  residual=lambda X: col_norm(pb.B - apply(op, X, pb.vector)), out_dtype=pb.out_dtype)
+                  residual=lambda X: pb.space.norm(pb.B - apply(op, X, pb.vector)), out_dtype=pb.out_dtype)

@@ -7,7 +7,7 @@ import numbers
 import torch
 
 from ._common import (apply, as_output, bind_preconditioner, check_callback, check_every_for, check_maxiter,
-                      check_tolerance, col_norm, safe_div, setup, tolerance)
+                      check_tolerance, safe_div, setup, tolerance)
 from ._result import CONVERGED, NONFINITE, RUNNING, default_describe, finish
 
 __all__ = ["gmres"]
@@ -129,22 +129,22 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
     atol = check_tolerance("gmres", "atol", atol)
     if isinstance(restart, bool) or not isinstance(restart, numbers.Integral) or restart < 1:
         raise ValueError(f"gmres: restart must be a positive int, got {restart!r}")
-    maxiter = check_maxiter("gmres", maxiter, 10 * pb.n)
+    maxiter = check_maxiter("gmres", maxiter, 10 * pb.n_total)
     check_callback("gmres", callback)
     every = check_every_for("gmres", check_every, pb.op.device)
     Mop = bind_preconditioner("gmres", M, pb.op, pb.vector, spd=False)
-    op, B = pb.op, pb.B
+    op, B, space = pb.op, pb.B, pb.space
     n, k, dtype, device = pb.n, pb.k, B.dtype, B.device
-    m = max(min(int(restart), n), 1)
+    m = max(min(int(restart), pb.n_total), 1)
     eps = torch.finfo(dtype).eps
 
     def apply_M(V):
         return V if Mop is None else apply(Mop, V, pb.vector)
 
-    bnorm, tol = tolerance("gmres", B, rtol, atol)
+    bnorm, tol = tolerance("gmres", B, rtol, atol, norm=pb.space.norm)
     X = torch.zeros_like(B) if pb.X0 is None else pb.X0
     Rv = B if pb.X0 is None else B - apply(op, X, pb.vector)
-    rnorm = col_norm(Rv)
+    rnorm = space.norm(Rv)
     codes = torch.zeros(k, dtype=torch.int64, device=device)
     codes = torch.where(rnorm <= tol, CONVERGED, codes)
     codes = torch.where(~torch.isfinite(rnorm), NONFINITE, codes)
@@ -165,15 +165,16 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
         size = 0
         for i in range(min(m, maxiter - total)):
             W = apply(op, apply_M(Vb[i]), pb.vector)
-            h0 = col_norm(W)
-            basis = Vb[: i + 1]
-            # The projections are basis^H W (conj() is a no-op on real tensors).
-            h = torch.einsum("jnk,nk->jk", basis.conj(), W)
+            h0 = space.norm(W)
+            basis, own = Vb[: i + 1], space.rows
+            # The projections are basis^H W (conj() is a no-op on real tensors), summed over the
+            # ranks for a sharded A (space.rows: the rows this rank counts).
+            h = space.reduce(torch.einsum("jnk,nk->jk", basis[:, own].conj(), W[own]))
             W = W - torch.einsum("jnk,jk->nk", basis, h)
-            h2 = torch.einsum("jnk,nk->jk", basis.conj(), W)
+            h2 = space.reduce(torch.einsum("jnk,nk->jk", basis[:, own].conj(), W[own]))
             W = W - torch.einsum("jnk,jk->nk", basis, h2)
             h = h + h2
-            hn = col_norm(W)
+            hn = space.norm(W)
             # Happy breakdown (scipy's test): the Krylov space is invariant, the estimate is exact.
             hn = torch.where(hn <= eps * h0, torch.zeros_like(hn), hn)
             Vb[i + 1] = W * safe_div(torch.ones_like(hn), hn)
@@ -207,7 +208,7 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
         X = X + apply_M(_combine(Vb, H, beta * Q[:, 0], used, size))
         # Restart from the explicit residual: it also confirms the Arnoldi estimate.
         Rv = B - apply(op, X, pb.vector)
-        true_rnorm = col_norm(Rv)
+        true_rnorm = space.norm(Rv)
         cycled = used > 0
         rnorm = torch.where(cycled, true_rnorm, rnorm)
         ok = rnorm <= tol
@@ -220,4 +221,4 @@ def gmres(A, b, x0=None, *, rtol=1e-5, atol=0.0, restart=20, maxiter=None, M=Non
     hint = f"try a larger restart (now {m}), M=jacobi() or M=neumann(3), or a larger maxiter"
     return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=rnorm, tol=tol, bnorm=bnorm,
                   rtol=rtol, atol=atol, maxiter=maxiter, describe=default_describe("gmres", hint),
-                  residual=lambda X: col_norm(B - apply(op, X, pb.vector)), out_dtype=pb.out_dtype)
+                  residual=lambda X: space.norm(B - apply(op, X, pb.vector)), out_dtype=pb.out_dtype)

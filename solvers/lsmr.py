@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from ._common import (apply, as_output, check_callback, check_every_for, check_maxiter, check_tolerance, col_norm,
+from ._common import (apply, as_output, check_callback, check_every_for, check_maxiter, check_tolerance,
                       safe_div, setup)
 from ._operator import adjoint
 from ._result import CONVERGED, CONVERGED_LSQ, ILL_CONDITIONED, MAXITER, NONFINITE, RUNNING, finish
@@ -129,7 +129,7 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
     damp, conlim = float(damp), float(conlim)
     atol = check_tolerance("lsmr", "atol", atol)
     btol = check_tolerance("lsmr", "btol", btol)
-    maxiter = check_maxiter("lsmr", maxiter, min(pb.n, pb.m))
+    maxiter = check_maxiter("lsmr", maxiter, min(pb.n_total, pb.m_total))
     check_callback("lsmr", callback)
     every = check_every_for("lsmr", check_every, pb.op.device)
     op, B = pb.op, pb.B
@@ -145,17 +145,17 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
     damp_t = torch.full((k,), damp, dtype=dtype, device=device)
     ctol = 1.0 / conlim if conlim > 0 else 0.0
 
-    normb = col_norm(B)
+    normb = pb.space_out.norm(B)
     if pb.X0 is None:
         X = torch.zeros((pb.m, k), dtype=pb.dtype, device=device)
         U = B
     else:
         X = pb.X0
         U = B - apply(op, X, pb.vector)
-    beta = col_norm(U)
+    beta = pb.space_out.norm(U)
     U = U * safe_div(ones, beta)
     V = apply(AT, U, pb.vector)
-    alpha = col_norm(V)
+    alpha = pb.space.norm(V)
     V = V * safe_div(ones, alpha)
 
     zetabar = alpha * beta
@@ -184,11 +184,11 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
         for it in range(maxiter):
             # Golub-Kahan step: beta u = A v - alpha u, alpha v = A^T u - beta v.
             U = torch.addcmul(apply(op, V, pb.vector), U, alpha, value=-1)
-            beta = col_norm(U)
+            beta = pb.space_out.norm(U)
             U = U * safe_div(ones, beta)
             moved = beta > 0  # scipy keeps v and alpha when beta vanishes
             Vn = torch.addcmul(apply(AT, U, pb.vector), V, beta, value=-1)
-            alpha_n = col_norm(Vn)
+            alpha_n = pb.space.norm(Vn)
             V = torch.where(moved, Vn * safe_div(ones, alpha_n), V)
             alpha = torch.where(moved, alpha_n, alpha)
 
@@ -235,7 +235,7 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
             condA = safe_div(torch.maximum(maxrbar, rhotemp), torch.minimum(minrbar, rhotemp))
 
             normar_n = zetabar.abs()
-            normx = col_norm(X)
+            normx = pb.space.norm(X)
             normr = torch.where(active, normr_n, normr)
             normar = torch.where(active, normar_n, normar)
             normA_out = torch.where(active, normA, normA_out)
@@ -264,7 +264,7 @@ def lsmr(A, b, x0=None, *, damp=0.0, atol=1e-6, btol=1e-6, conlim=1e8, maxiter=N
             if (it + 1) % every == 0 and not bool(active.any()):
                 break
 
-    extras = dict(normr=normr, normar=normar, normA=normA_out, condA=condA_out, normx=col_norm(X))
+    extras = dict(normr=normr, normar=normar, normA=normA_out, condA=condA_out, normx=pb.space.norm(X))
     return finish(X=X, vector=pb.vector, codes=codes, iters=iters, rnorm=normr,
                   tol=torch.full((k,), float("nan"), dtype=dtype, device=device), bnorm=normb,
                   rtol=btol, atol=atol, maxiter=maxiter, describe=_lsmr_describe(damp, atol, btol, conlim),

@@ -7,7 +7,7 @@ import numbers
 import torch
 
 from ._common import (apply, as_output, bind_preconditioner, check_callback, check_every_for, check_maxiter,
-                      check_tolerance, col_dot_real, col_norm, safe_div, setup, stop_tolerance)
+                      check_tolerance, safe_div, setup, stop_tolerance)
 from ._result import CONVERGED, INDEFINITE_M, LEAST_SQUARES, NONFINITE, RUNNING, default_describe, finish
 
 __all__ = ["minres"]
@@ -89,7 +89,7 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
     if isinstance(shift, bool) or not isinstance(shift, numbers.Real):
         raise TypeError(f"minres: shift must be a real number, got {type(shift).__name__}")
     shift = float(shift)
-    maxiter = check_maxiter("minres", maxiter, 5 * pb.n)
+    maxiter = check_maxiter("minres", maxiter, 5 * pb.n_total)
     check_callback("minres", callback)
     every = check_every_for("minres", check_every, pb.op.device)
     Mop = bind_preconditioner("minres", M, pb.op, pb.vector, spd=True)
@@ -112,11 +112,11 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
         X = pb.X0
         R1 = B - apply_A(X)
     Y = apply_M(R1)
-    beta1sq = col_dot_real(R1, Y)
+    beta1sq = pb.space.dot_real(R1, Y)
     if pb.X0 is None:
         bnormsq = beta1sq
     else:
-        bnormsq = col_dot_real(B, apply_M(B)) if Mop is not None else col_dot_real(B, B)
+        bnormsq = pb.space.dot_real(B, apply_M(B)) if Mop is not None else pb.space.dot_real(B, B)
     bnorm = torch.sqrt(torch.clamp(bnormsq, min=0))
     tol = stop_tolerance(bnorm, rtol, atol)
     beta1 = torch.sqrt(torch.clamp(beta1sq, min=0))
@@ -147,12 +147,12 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
             Yn = apply_A(V)
             if it > 0:
                 Yn = torch.addcmul(Yn, R1, safe_div(beta, oldb), value=-1)
-            alfa = col_dot_real(V, Yn)
+            alfa = pb.space.dot_real(V, Yn)
             Yn = torch.addcmul(Yn, R2, safe_div(alfa, beta), value=-1)
             R1, R2 = R2, Yn
             Y = apply_M(R2)
             oldb = beta
-            beta2 = col_dot_real(R2, Y)
+            beta2 = pb.space.dot_real(R2, Y)
             beta = torch.sqrt(torch.clamp(beta2, min=0))
             tnorm2 = tnorm2 + alfa * alfa + oldb * oldb + beta * beta
 
@@ -201,5 +201,5 @@ def minres(A, b, x0=None, *, shift=0.0, rtol=1e-5, atol=0.0, maxiter=None, M=Non
                   rtol=rtol, atol=atol, maxiter=maxiter,
                   describe=default_describe("minres", "try M=jacobi() or M=neumann(3), or a larger maxiter"),
                   # With M, the tolerance is on the M-norm: the 2-norm residual is no check of it.
-                  residual=None if Mop is not None else lambda X: col_norm(B - apply_A(X)),
+                  residual=None if Mop is not None else lambda X: pb.space.norm(B - apply_A(X)),
                   out_dtype=pb.out_dtype)

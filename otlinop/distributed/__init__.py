@@ -7,6 +7,12 @@
   combine the partial results with collectives.
 - :func:`merge_lse`: the fixed-order merge of per-rank log-sum-exps, so that
   every rank gets bitwise the same row soft-min.
+- :class:`ShardedHessianOperator`, :class:`ShardedDualHessianOperator`: the
+  dual Hessian and its Schur complement on the sharded plan, whose vectors
+  declare their inner product over the group (``solvers.ShardedInnerProduct``):
+  the Krylov solvers of ``solvers`` run on them unchanged.
+- :func:`hvp`, :func:`hvp_x`, :func:`hvp_y`, :func:`loss_hessian_operator`:
+  ``otlinop.hvp``'s functions with ``y`` sharded (``group=``).
 
 Any backend of ``torch.distributed`` works: gloo on the CPU (the tests),
 NCCL on GPUs.
@@ -14,4 +20,10 @@ NCCL on GPUs.
 
 from .plan import ShardedPlanOperator, merge_lse
 
+# Second order over the group (the Schur complement, HVPs, the loss Hessian).
+from .hessian import ColumnShardedPlan, ShardedDualHessianOperator, ShardedHessianOperator  # noqa: E402
+from .hvp import ShardedLossHessianOperator, hvp, hvp_x, hvp_y, loss_hessian_operator  # noqa: E402
+
 __all__ = ["ShardedPlanOperator", "merge_lse"]
+__all__ += ["ColumnShardedPlan", "ShardedHessianOperator", "ShardedDualHessianOperator", "hvp", "hvp_x", "hvp_y",
+            "loss_hessian_operator", "ShardedLossHessianOperator"]
