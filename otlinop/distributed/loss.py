@@ -22,9 +22,9 @@ from .._sinkhorn_schedule import resolve_eps
 from ..kernels import plan_apply_scaled
 from ..kernels._dispatch import check_backend
 from .plan import Ring, ordered_sum
-from .sinkhorn import ShardedOps, dtensor_shards, global_diameter, sharded_measures
+from .sinkhorn import ShardedOps, dtensor_shards, is_dtensor, global_diameter, sharded_measures
 
-__all__ = ["sinkhorn_loss", "sinkhorn_loss_dtensor", "ring_point_grad"]
+__all__ = ["sinkhorn_loss", "sinkhorn_loss_dtensor", "ring_point_grad", "is_dtensor"]
 
 
 def ring_point_grad(x, y, g, w, ring: Ring, *, eps: float, b=None, cost_scale: float, backend, precision):

@@ -16,6 +16,7 @@ DTensors sharded on the point dimension routes them to :func:`sinkhorn_dtensor`.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -431,6 +432,8 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
 # --------------------------------------------------------------------------
 def is_dtensor(t) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (False where this torch has none)."""
+    if "torch.distributed.tensor" not in sys.modules:    # never imported: no DTensor exists (and no import cost)
+        return False
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:         # a torch without DTensor: nothing can be one
