@@ -236,7 +236,6 @@ def _check_dtensor(rank, world, done):
 # --------------------------------------------------------------------------
 def _check_triton(rank, world, rows, cols, done):
     from otlinop.distributed import sinkhorn as sharded_sinkhorn
-    from otlinop.distributed import sinkhorn_loss as sharded_loss
     n, m = sum(rows), sum(cols)
     R, C = _blocks(rank, rows, cols)
     x, y, a, b = _problem(n, m, 9, torch.float32)
@@ -247,12 +246,6 @@ def _check_triton(rank, world, rows, cols, done):
     close32 = dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(res.f, ref.f[R], **close32)
     torch.testing.assert_close(res.g, ref.g[C], **close32)
-    xf = x.clone().requires_grad_()
-    loss_opts = dict(blur=0.7, diameter=1.0, debias=False, backend="triton")
-    (want,) = torch.autograd.grad(otlinop.sinkhorn_loss(xf, y, a, b, **loss_opts), xf)
-    xr = x[R].clone().requires_grad_()
-    (got,) = torch.autograd.grad(sharded_loss(xr, y[C], a[R], b[C], **loss_opts), xr)
-    torch.testing.assert_close(got, want[R], **close32)
     done.add("triton backend")
 
 
@@ -273,6 +266,11 @@ def _check_refusals(rank, world, done):
         sharded_sinkhorn(x, x[:0], blur=0.5)
     with pytest.raises(ValueError, match="sinkhorn: x has shape"):
         sharded_sinkhorn(x[None], x[None], blur=0.5)
+    # A bad shape on one rank only: that rank raises its error, the others one that names it.
+    b1 = torch.ones(3 + (rank == 1), dtype=torch.float64) / 3
+    match = "sinkhorn: b has shape" if rank == 1 else "sinkhorn: the inputs of rank 1 were refused .*b has shape"
+    with pytest.raises(ValueError, match=match):
+        sharded_sinkhorn(x, x, torch.ones(3, dtype=torch.float64) / 3, b1, blur=0.5)
     done.add("refusals")
 
 

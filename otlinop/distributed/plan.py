@@ -322,8 +322,8 @@ class Ring:
         every rank). Each rank computes on its own block first, then on the
         block of rank ``r - 1``, ``r - 2``, ...: at step k it sends the block it
         holds to rank ``r + 1`` and receives the next one from ``r - 1``
-        (``isend`` / ``irecv``, posted before ``compute`` runs, so the
-        transfer overlaps the kernel). An empty block is neither sent nor
+        (``isend`` / ``irecv`` in one ``batch_isend_irecv``, posted before
+        ``compute`` runs, so the transfer overlaps the kernel). An empty block is neither sent nor
         received: both ends know its size. ``compute`` is not called on it.
         """
         W, r = self.world_size, self.rank
@@ -331,13 +331,16 @@ class Ring:
         cur = block.contiguous()
         for k in range(W):
             src, nxt = (r - k) % W, (r - k - 1) % W
-            reqs, recv = [], None
+            ops, recv = [], None
             if k < W - 1:
                 recv = block.new_empty((self.sizes[nxt],) + tuple(block.shape[1:]))
                 if self.sizes[src]:
-                    reqs.append(dist.isend(cur, self._global((r + 1) % W), group=self.group))
+                    ops.append(dist.P2POp(dist.isend, cur, self._global((r + 1) % W), group=self.group))
                 if self.sizes[nxt]:
-                    reqs.append(dist.irecv(recv, self._global((r - 1) % W), group=self.group))
+                    ops.append(dist.P2POp(dist.irecv, recv, self._global((r - 1) % W), group=self.group))
+            # One batch for the send and the receive: NCCL then posts both in one group call,
+            # so that a ring of sends cannot wait on receives not yet posted.
+            reqs = dist.batch_isend_irecv(ops) if ops else []
             if self.sizes[src]:
                 out[src] = compute(src, cur)
             for q in reqs:

@@ -30,7 +30,7 @@ from .._sinkhorn_result import ConvergenceWarning, convergence_status
 from .._sinkhorn_schedule import DEFAULT_BLUR, resolve_eps
 from ..kernels import lse_cost
 from ..kernels._dispatch import check_backend
-from .plan import Ring, RingPlanOperator, gather_sizes, merge_lse, ordered_max, ordered_sum, require_group, ring_lse
+from .plan import Ring, RingPlanOperator, merge_lse, ordered_max, ordered_sum, require_group, ring_lse
 
 __all__ = ["sinkhorn", "sinkhorn_dtensor", "ShardedSinkhornResult", "ShardedOps", "sharded_measures",
            "global_diameter", "is_dtensor", "dtensor_shards", "as_dtensor"]
@@ -131,26 +131,49 @@ def _raise_collective(owner: str, flags: list, group) -> None:
 def sharded_measures(owner: str, x, y, a, b, *, balanced: bool, group=None) -> tuple[Inputs, Ring, Ring]:
     """This rank's blocks of two weighted clouds, checked over the group; ``(Inputs (B = 1), rows, cols)``.
 
-    Shapes, dtypes and devices locally (``otlinop._checks``); then, with one
-    all-gather of the sizes and one all-reduce of the flags, on every rank:
+    Shapes, dtypes and devices locally (``otlinop._checks``), then an
+    all-gather of their outcome and the sizes (a refusal on one rank raises on
+    every rank: the refused rank its own error, the others one that names it);
+    then, with one all-reduce of the flags, on every rank:
     the same d, non-empty clouds, finite points, finite weights >= 0, positive
     total masses, equal ones when ``balanced``. Default weights are uniform
     over the whole cloud (``1 / n``, n the total number of points).
     """
     require_group(owner)
-    geo = points(owner, x, y, batch="none", hint="sharded inputs are one problem: shard each problem of a batch "
-                                                 "in its own call")
-    rows, cols = gather_sizes(owner, x, y, group)
-    rows, cols = Ring(rows, group), Ring(cols, group)
+    try:
+        geo = points(owner, x, y, batch="none", hint="sharded inputs are one problem: shard each problem of a "
+                                                     "batch in its own call")
+        if a is not None:
+            a = vector(geo, "a", a, geo.n, what="one weight per point of this rank's block of x")
+        if b is not None:
+            b = vector(geo, "b", b, geo.m, what="one weight per point of this rank's block of y")
+        refused = None
+    except (TypeError, ValueError) as err:
+        geo, refused = None, err
+    # One all-gather: every rank's sizes, and whether its blocks passed the local checks,
+    # so that a refusal on one rank stops every rank (rather than leave them in a collective).
+    mine = (None, geo.n, geo.m, geo.d) if refused is None else (f"{type(refused).__name__}: {refused}", 0, 0, 0)
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    if refused is not None:
+        raise refused
+    bad = [r for r, info in enumerate(everyone) if info[0] is not None]
+    if bad:
+        raise ValueError(f"{owner}: the inputs of rank {bad[0]} were refused ({everyone[bad[0]][0]}); every rank "
+                         "of the group stops")
+    dims = [info[3] for info in everyone]
+    if len(set(dims)) > 1:
+        raise ValueError(f"{owner}: the points must have the same dimension d on every rank, got "
+                         + ", ".join(f"d={d} on rank {r}" for r, d in enumerate(dims)))
+    rows = Ring([info[1] for info in everyone], group)
+    cols = Ring([info[2] for info in everyone], group)
     n, m = sum(rows.sizes), sum(cols.sizes)
     if n == 0 or m == 0:
         raise ValueError(f"{owner}: the point clouds must not be empty over the group, got n={n} points of x and "
                          f"m={m} of y over {rows.world_size} ranks")
     wdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    a = torch.full((geo.n,), 1.0 / n, dtype=wdt, device=x.device) if a is None else \
-        vector(geo, "a", a, geo.n, what="one weight per point of this rank's block of x")
-    b = torch.full((geo.m,), 1.0 / m, dtype=wdt, device=x.device) if b is None else \
-        vector(geo, "b", b, geo.m, what="one weight per point of this rank's block of y")
+    a = torch.full((geo.n,), 1.0 / n, dtype=wdt, device=x.device) if a is None else a
+    b = torch.full((geo.m,), 1.0 / m, dtype=wdt, device=x.device) if b is None else b
     with torch.no_grad():
         finite = torch.isfinite(x).all() & torch.isfinite(y).all()
         wok = torch.isfinite(a).all() & torch.isfinite(b).all() & (a >= 0).all() & (b >= 0).all()
