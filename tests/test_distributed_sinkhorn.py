@@ -338,3 +338,39 @@ def test_refused_without_a_process_group():
         sharded_sinkhorn(x, x)
     with pytest.raises(RuntimeError, match="sinkhorn_loss: torch.distributed is not initialised"):
         sinkhorn_loss(x, x)
+
+
+def _nccl_worker(rank, store):
+    torch.cuda.set_device(0)        # before the group: NCCL binds the current device
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        from otlinop.distributed import RingPlanOperator, sinkhorn as sharded_sinkhorn, sinkhorn_loss
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        kw = dict(device="cuda", dtype=torch.float32, generator=gen)
+        x, y = torch.randn(3000, 16, **kw), torch.randn(2000, 16, **kw)
+        f, g, V = torch.zeros(3000, **kw), torch.zeros(2000, **kw), torch.randn(2000, 4, **kw)
+        S = RingPlanOperator(x, y, f, g, eps=2.0)
+        P = PlanOperator(x, y, f, g, eps=2.0)
+        torch.testing.assert_close(S @ V, P @ V, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(S.T @ torch.ones(3000, 2, device="cuda"), P.T @ torch.ones(3000, 2, device="cuda"),
+                                   rtol=1e-5, atol=1e-5)
+        # The schedule alone (no stopping test that float32 rounding could move by a check).
+        opts = dict(blur=1.0, threshold=float("inf"))
+        res, ref = sharded_sinkhorn(x, y, **opts), otlinop.sinkhorn(x, y, **opts)
+        assert res.n_iter == ref.n_iter
+        torch.testing.assert_close(res.f, ref.f, rtol=1e-4, atol=1e-4)
+        xr = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(sinkhorn_loss(xr, y, blur=1.0), xr)
+        xf = x.clone().requires_grad_()
+        (want,) = torch.autograd.grad(otlinop.sinkhorn_loss(xf, y, blur=1.0), xf)
+        torch.testing.assert_close(gx, want, rtol=1e-4, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the NCCL path needs a CUDA GPU")
+@pytest.mark.skipif(not (dist.is_available() and dist.is_nccl_available()), reason="NCCL is not available")
+def test_nccl_world_size_one_smoke(tmp_path):
+    """The NCCL path on one GPU (world size 1; a ring of one rank sends nothing): RingPlanOperator's
+    products, sharded sinkhorn and the loss gradient match the single-process Triton results in float32."""
+    mp.spawn(_nccl_worker, args=(str(tmp_path / "store"),), nprocs=1, join=True)

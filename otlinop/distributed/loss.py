@@ -101,7 +101,8 @@ class _ShardedLoss(torch.autograd.Function):
                                       "implemented; call backward without create_graph=True")
         # The gradients are collectives (rings): every rank must compute the same ones,
         # whichever of its blocks require grad.
-        needs = torch.tensor([float(v) for v in ctx.needs_input_grad[:4]], dtype=torch.float64)
+        needs = torch.tensor([float(v) for v in ctx.needs_input_grad[:4]], dtype=torch.float64,
+                             device=state.inp.x.device)
         dist.all_reduce(needs, op=dist.ReduceOp.MAX, group=state.group)
         needs = tuple(bool(v) for v in needs.tolist())
         inp, sol, spec = state.inp, state.sol, state.spec

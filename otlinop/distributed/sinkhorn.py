@@ -116,12 +116,13 @@ def merged(n: int, parts, like: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------
 # Checked inputs over the ranks
 # --------------------------------------------------------------------------
-def _raise_collective(owner: str, flags: list, group) -> None:
+def _raise_collective(owner: str, flags: list, group, device) -> None:
     """Raise the first failed check on every rank (one all-reduce of the flags, so that
     no rank goes on to a collective that the others left)."""
     if not flags:
         return
-    ok = torch.stack([torch.as_tensor(bool(f), dtype=torch.float64) for f, _ in flags])
+    # On the points' device: NCCL reduces CUDA tensors only.
+    ok = torch.tensor([float(bool(f)) for f, _ in flags], dtype=torch.float64, device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
     for value, (_, message) in zip(ok.tolist(), flags):
         if not value:
@@ -188,7 +189,7 @@ def sharded_measures(owner: str, x, y, a, b, *, balanced: bool, group=None) -> t
         flags.append((abs(ma - mb) <= tol * max(ma, mb),
                       "balanced OT needs equal total masses, but sum(a) != sum(b) over the ranks (relative "
                       "difference above 1e-3); normalise the weights, or pass reach=... for unbalanced OT"))
-    _raise_collective(owner, flags, group)
+    _raise_collective(owner, flags, group, x.device)
     return Inputs(x.unsqueeze(0), y.unsqueeze(0), a.unsqueeze(0), b.unsqueeze(0), False), rows, cols
 
 
