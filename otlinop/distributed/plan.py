@@ -20,7 +20,7 @@ from ..kernels import lse_cost, plan_apply
 from ..plan import plan_operator_for
 
 __all__ = ["ShardedPlanOperator", "RingPlanOperator", "Ring", "merge_lse", "ordered_sum", "ordered_max",
-           "ring_lse", "gather_sizes", "require_group"]
+           "ring_lse", "merge_lse_or_empty", "gather_sizes", "require_group"]
 
 
 def merge_lse(parts) -> torch.Tensor:
@@ -378,7 +378,9 @@ def _sum_in_order(parts, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if out is None else out
 
 
-def _merge_lse_or_empty(parts, n: int, like: torch.Tensor) -> torch.Tensor:
+def merge_lse_or_empty(parts, n: int, like: torch.Tensor) -> torch.Tensor:
+    """:func:`merge_lse` of the parts that exist (None: an empty block), in the order given;
+    ``-inf`` (n,) like ``like`` where there is none."""
     parts = [p for p in parts if p is not None]
     if not parts:
         return like.new_full((n,), float("-inf"))
@@ -639,4 +641,4 @@ def ring_lse(x, y, h, ring: Ring, *, eps, cost_scale=1.0, backend=None, precisio
                         precision=precision)
 
     with torch.no_grad():
-        return _merge_lse_or_empty(ring.map(payload, compute), n, h)
+        return merge_lse_or_empty(ring.map(payload, compute), n, h)

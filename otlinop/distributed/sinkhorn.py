@@ -30,7 +30,7 @@ from .._sinkhorn_result import ConvergenceWarning, convergence_status
 from .._sinkhorn_schedule import DEFAULT_BLUR, resolve_eps
 from ..kernels import lse_cost
 from ..kernels._dispatch import check_backend
-from .plan import Ring, RingPlanOperator, merge_lse, ordered_max, ordered_sum, require_group, ring_lse
+from .plan import Ring, RingPlanOperator, merge_lse_or_empty, ordered_max, ordered_sum, require_group, ring_lse
 
 __all__ = ["sinkhorn", "sinkhorn_dtensor", "ShardedSinkhornResult", "ShardedOps", "sharded_measures",
            "global_diameter", "is_dtensor", "dtensor_shards", "as_dtensor"]
@@ -77,8 +77,8 @@ class ShardedOps(LocalOps):
             return row, col
 
         parts = [p if p is not None else (None, None) for p in self.pair_ring.map(payload, compute)]
-        sf = -eps * merged(x0.shape[0], [p[0] for p in parts], ha)
-        sg = -eps * merged(y0.shape[0], [p[1] for p in parts], hb)
+        sf = -eps * merge_lse_or_empty([p[0] for p in parts], x0.shape[0], ha)
+        sg = -eps * merge_lse_or_empty([p[1] for p in parts], y0.shape[0], hb)
         return torch.cat([sf, sg]).unsqueeze(0)
 
     def rows(self, x, y, h, *, eps, **opts):
@@ -103,14 +103,6 @@ class ShardedOps(LocalOps):
 def lse_part(x, y, h, eps: float, opts: dict) -> torch.Tensor:
     """One block's log-sum-exp ``log sum_j exp(h_j - C_ij / eps)`` (the kernel's ``lse_cost``)."""
     return lse_cost(x, y, h, eps=eps, **opts)
-
-
-def merged(n: int, parts, like: torch.Tensor) -> torch.Tensor:
-    """:func:`merge_lse` of the parts that exist (in rank order); ``-inf`` where there are none."""
-    parts = [p for p in parts if p is not None]
-    if not parts:
-        return like.new_full((n,), float("-inf"))
-    return merge_lse(parts)
 
 
 # --------------------------------------------------------------------------
