@@ -35,7 +35,49 @@ from .kernels.softmin import softmin
 from .kernels.softmin_pair import softmin_pair_unchecked, softmin_self_unchecked
 
 __all__ = ["GRAPH_MIN_RUN", "STALL_DROP", "STALL_ITERATIONS", "STALL_CHECKS", "STALL_FLOOR", "damping", "row_error",
-           "resolution", "Monitor", "SelfBank", "StepGraph", "symmetric_loop", "alternating_loop"]
+           "resolution", "Monitor", "SelfBank", "StepGraph", "LocalOps", "LOCAL", "symmetric_loop", "alternating_loop"]
+
+
+# --------------------------------------------------------------------------
+# The soft-mins and sums of the loops (one process, or a hook for sharded data)
+# --------------------------------------------------------------------------
+class LocalOps:
+    """What the loops compute over the points, on one process: the default ``ops`` of the loops.
+
+    ``otlinop.distributed.sinkhorn`` passes an object with the same methods
+    whose soft-mins run over the blocks of every rank and whose sums and
+    maxima are reduced over the ranks; the loops are otherwise unchanged.
+    """
+
+    #: Whether the debiasing bank may stack the two clouds along the batch (n = m).
+    stack_self = True
+
+    def pair(self, x, y, f, g, log_a, log_b, *, eps, **opts):
+        """``[smin_C(log b + g/eps) | smin_C^T(log a + f/eps)]``, (B, n + m), undamped."""
+        return softmin_pair_unchecked(x, y, f, g, log_a, log_b, eps=eps, **opts)
+
+    def rows(self, x, y, h, *, eps, **opts):
+        """The update of f from the column log-weights h (B, m): (B, n)."""
+        return softmin(x, y, h, eps=eps, **opts)
+
+    def cols(self, x, y, h, *, eps, **opts):
+        """The update of g from the row log-weights h (B, n): (B, m)."""
+        return softmin(y, x, h, eps=eps, **opts)
+
+    def self_smin(self, side: int, c, f, log_w, *, eps, **opts):
+        """The update of a debiasing potential of the cloud ``c`` (side 0: x, 1: y, or both stacked)."""
+        return softmin_self_unchecked(c, f, log_w, eps=eps, **opts)
+
+    def total(self, t: torch.Tensor) -> torch.Tensor:
+        """Sums over the points (..., B) completed over every part of the clouds: here, already whole."""
+        return t
+
+    def extent(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``max|f| + max|g|`` over the whole potentials, a 0-d tensor."""
+        return f.abs().amax() + g.abs().amax()
+
+
+LOCAL = LocalOps()
 
 
 # --------------------------------------------------------------------------
@@ -46,7 +88,7 @@ def damping(eps: float, rho) -> float:
     return 1.0 if rho is None else 1.0 / (1.0 + eps / rho)
 
 
-def row_error(f, s, a, eps: float, rho) -> torch.Tensor:
+def row_error(f, s, a, eps: float, rho, ops: LocalOps = LOCAL) -> torch.Tensor:
     """L1 row-marginal error of the plan P(f, g) relative to the mass of ``a``, per batch entry (B,).
 
     ``s = smin(log b + g / eps)`` (undamped), so ``(P 1)_i = a_i exp((f_i - s_i) / eps)``;
@@ -58,7 +100,9 @@ def row_error(f, s, a, eps: float, rho) -> torch.Tensor:
     """
     target = 0.0 if rho is None else -f / rho
     ratio = torch.exp((f - s) / eps) - torch.exp(torch.as_tensor(target, dtype=f.dtype, device=f.device))
-    return torch.where(a > 0, a * ratio.abs(), torch.zeros_like(ratio)).sum(-1) / a.sum(-1)
+    num = torch.where(a > 0, a * ratio.abs(), torch.zeros_like(ratio)).sum(-1)
+    sums = ops.total(torch.stack([num, a.sum(-1).to(num.dtype)]))     # one reduction for both when sharded
+    return sums[0] / sums[1]
 
 
 # --------------------------------------------------------------------------
@@ -82,11 +126,11 @@ STALL_CHECKS = 10
 STALL_FLOOR = 100.0
 
 
-def resolution(f: torch.Tensor, g: torch.Tensor, eps: float, precision) -> float:
+def resolution(f: torch.Tensor, g: torch.Tensor, eps: float, precision, ops: LocalOps = LOCAL) -> float:
     """``u (max|f| + max|g|) / eps``: the marginal error that rounding alone leaves (one sync).
     ``precision="tf32"`` rounds the points' dot products to 11 bits, so its u is 2^-11."""
     u = 2.0 ** -11 if precision == "tf32" else torch.finfo(f.dtype).eps
-    scale = (f.abs().amax() + g.abs().amax()).item()
+    scale = ops.extent(f, g).item()
     return u * scale / eps
 
 
@@ -175,12 +219,13 @@ class SelfBank:
     the first eps from zero potentials.
     """
 
-    def __init__(self, x, y, log_a, log_b, eps0: float, rho_x, rho_y, opts, pot_dtype):
+    def __init__(self, x, y, log_a, log_b, eps0: float, rho_x, rho_y, opts, pot_dtype, ops: LocalOps = LOCAL):
         self._opts = opts
+        self._ops = ops
         self._pot_dtype = pot_dtype
         self._rhos = [rho_x, rho_y]
         self._B = x.shape[0]
-        self._stacked = config.stack_self_problems and x.shape[1] == y.shape[1]
+        self._stacked = config.stack_self_problems and ops.stack_self and x.shape[1] == y.shape[1]
         if self._stacked:
             self._clouds, self._logs = [torch.cat([x, y])], [torch.cat([log_a, log_b])]
         else:
@@ -188,8 +233,8 @@ class SelfBank:
         self._pots = self._smins([torch.zeros_like(lw) for lw in self._logs], eps0)
 
     def _smins(self, pots, eps: float) -> list:
-        out = [softmin_self_unchecked(c, p, lw, eps=eps, **self._opts).to(self._pot_dtype)
-               for c, p, lw in zip(self._clouds, pots, self._logs)]
+        out = [self._ops.self_smin(side, c, p, lw, eps=eps, **self._opts).to(self._pot_dtype)
+               for side, (c, p, lw) in enumerate(zip(self._clouds, pots, self._logs))]
         sides = [out[0][:self._B], out[0][self._B:]] if self._stacked else out
         for side, rho in zip(sides, self._rhos):
             lam = damping(eps, rho)
@@ -252,7 +297,8 @@ class StepGraph:
 # The two loops
 # --------------------------------------------------------------------------
 def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0, monitor: Monitor,
-                   cost_scale: float, backend, precision, refine: int = 0, threshold: float = 0.0, graphs=None):
+                   cost_scale: float, backend, precision, refine: int = 0, threshold: float = 0.0, graphs=None,
+                   ops: LocalOps = LOCAL):
     """GeomLoss' symmetric Sinkhorn loop (docs/math.md section 3).
 
     Returns ``(pots, pre, steps)``: the final (extrapolated) potentials and
@@ -269,6 +315,7 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
     the schedule) finds the marginal error <= ``threshold``, a non-finite
     error, or a stall (``Monitor.stagnant``). With ``graphs`` (None: every
     step eager), runs of equal eps replay a captured step (GRAPH_MIN_RUN).
+    ``ops`` computes the soft-mins and the sums over the points (:class:`LocalOps`).
     """
     x, y = inp.x, inp.y
     log_a, log_b = inp.log_a, inp.log_b
@@ -277,7 +324,7 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
 
     def smins(FG, eps):
         """Damped soft-min updates [T_f(g) | T_g(f)] of FG = [f | g]."""
-        S = softmin_pair_unchecked(x, y, FG[:, :n], FG[:, n:], log_a, log_b, eps=eps, **opts).to(inp.pot_dtype)
+        S = ops.pair(x, y, FG[:, :n], FG[:, n:], log_a, log_b, eps=eps, **opts).to(inp.pot_dtype)
         lam_x, lam_y = damping(eps, rho_x), damping(eps, rho_y)
         if lam_x != 1.0:
             S[:, :n].mul_(lam_x)
@@ -301,7 +348,7 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
         FG[:, :n] = smins(FG, eps0)[:, :n]
     else:
         FG = smins(FG, eps0)
-    selves = SelfBank(x, y, log_a, log_b, eps0, rho_x, rho_y, opts, inp.pot_dtype) if debias else None
+    selves = SelfBank(x, y, log_a, log_b, eps0, rho_x, rho_y, opts, inp.pot_dtype, ops) if debias else None
 
     total = len(eps_list) + refine
 
@@ -337,11 +384,11 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
         warm = True
         if checks(i):
             lam_x = damping(eps, rho_x)
-            err = row_error(FG[:, :n], S[:, :n] / lam_x, inp.a, eps, rho_x)
+            err = row_error(FG[:, :n], S[:, :n] / lam_x, inp.a, eps, rho_x, ops)
             refining = refine > 0 and i >= len(eps_list)
             value = monitor.record(i, eps, err, FG[:, :n], FG[:, n:], read=refining)
             if refining and (value <= threshold or not math.isfinite(value) or monitor.stagnant(
-                    i, value, lambda: resolution(FG[:, :n], FG[:, n:], eps, precision))):
+                    i, value, lambda: resolution(FG[:, :n], FG[:, n:], eps, precision, ops))):
                 # Stop before this step's averaging: the state whose error was read is the one
                 # returned, and its soft-mins S are the final extrapolation.
                 break
@@ -366,29 +413,29 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
         pre += selves.potentials()
         pots += selves.smins(eps)
     if not stopped:     # (a stopping check recorded this very error)
-        monitor.record(i, eps, row_error(pre[0], pots[0] / damping(eps, rho_x), inp.a, eps, rho_x),
+        monitor.record(i, eps, row_error(pre[0], pots[0] / damping(eps, rho_x), inp.a, eps, rho_x, ops),
                        pots[0], pots[1])
     return pots, pre, i
 
 
 def alternating_loop(inp: Inputs, eps: float, rho_x, rho_y, *, f0, g0, max_iter: int, threshold: float,
-                     monitor: Monitor, cost_scale: float, backend, precision, graphs=None):
+                     monitor: Monitor, cost_scale: float, backend, precision, graphs=None, ops: LocalOps = LOCAL):
     """OTT-JAX's alternating loop: g then f, checks every ``check_every`` iterations.
 
     Returns ``(f, g, n_iter, converged)``; it stops at ``max_iter``, at a
     check whose error is <= ``threshold`` or not finite, or at a stall
     (``Monitor.stagnant``). With ``graphs`` (None: every iteration eager),
-    the iterations between two checks replay a captured one.
+    the iterations between two checks replay a captured one. ``ops``: as in :func:`symmetric_loop`.
     """
     x, y = inp.x, inp.y
     log_a, log_b = inp.log_a, inp.log_b
     opts = dict(cost_scale=cost_scale, backend=backend, precision=precision)
 
     def rows(h, eps):          # update of f from the column log-weights h = log b + g / eps
-        return softmin(x, y, h, eps=eps, **opts).to(inp.pot_dtype)
+        return ops.rows(x, y, h, eps=eps, **opts).to(inp.pot_dtype)
 
     def cols(h, eps):          # update of g from h = log a + f / eps
-        return softmin(y, x, h, eps=eps, **opts).to(inp.pot_dtype)
+        return ops.cols(x, y, h, eps=eps, **opts).to(inp.pot_dtype)
     lam_x, lam_y = damping(eps, rho_x), damping(eps, rho_y)
 
     if f0 is not None:
@@ -436,7 +483,7 @@ def alternating_loop(inp: Inputs, eps: float, rho_x, rho_y, *, f0, g0, max_iter:
         if checks(n_iter):
             # Row error of P(f_prev, g): free, from the update just made. The
             # returned (f, g) has exact row marginals (balanced side).
-            err = row_error(f_prev, s, inp.a, eps, rho_x)
+            err = row_error(f_prev, s, inp.a, eps, rho_x, ops)
             value = monitor.record(n_iter, eps, err, f, g, read=True)
             monitor.advance_to(n_iter)
             if value <= threshold:
@@ -444,7 +491,7 @@ def alternating_loop(inp: Inputs, eps: float, rho_x, rho_y, *, f0, g0, max_iter:
                 break
             if not math.isfinite(value):   # diverged (as OTT, stop rather than iterate on NaNs)
                 break
-            if monitor.stagnant(n_iter, value, lambda: resolution(f, g, eps, precision)):
+            if monitor.stagnant(n_iter, value, lambda: resolution(f, g, eps, precision, ops)):
                 break
     return f, g, n_iter, converged
 

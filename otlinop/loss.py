@@ -138,6 +138,16 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
     a = _squeeze_weights(a, x)
     b = _squeeze_weights(b, y)
     rho = None if reach is None else reach * reach
+    # Imported here: otlinop.distributed builds on this layer's private modules.
+    from .distributed.loss import is_dtensor, sinkhorn_loss_dtensor
+    if is_dtensor(x) or is_dtensor(y):
+        # Sharded on the point dimension: the same loop and gradients over the mesh's process group.
+        if potentials:
+            raise NotImplementedError(f"{owner}: potentials=True is not implemented for DTensor inputs; call "
+                                      "otlinop.sinkhorn on them for the potentials")
+        return sinkhorn_loss_dtensor(x, y, a, b, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
+                                     debias=debias, cost_scale=cost_scale, backend=backend, precision=precision,
+                                     _owner=owner)
     if torch.compiler.is_compiling():
         return _compiled_loss(owner, a, x, b, y, shape_a, shape_b, blur=blur, rho=rho, diameter=diameter,
                               scaling=scaling, cost_scale=cost_scale, debias=debias, potentials=potentials,

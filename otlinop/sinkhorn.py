@@ -246,6 +246,14 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
     (True, True)
     """
     owner = "sinkhorn"
+    # Imported here: otlinop.distributed builds on this layer's private modules.
+    from .distributed.sinkhorn import is_dtensor, sinkhorn_dtensor
+    if is_dtensor(x) or is_dtensor(y):
+        # Sharded on the point dimension: the same loops over the mesh's process group.
+        return sinkhorn_dtensor(x, y, a, b, blur=blur, eps=eps, scaling=scaling, diameter=diameter,
+                                cost_scale=cost_scale, reach=reach, reach_x=reach_x, reach_y=reach_y, method=method,
+                                max_iter=max_iter, threshold=threshold, check_every=check_every, f0=f0, g0=g0,
+                                callback=callback, verbose=verbose, backend=backend, precision=precision)
     if method not in _METHODS:
         raise ValueError(f"{owner}: method must be 'symmetric' (GeomLoss) or 'alternating' (OTT-JAX), "
                          f"got {method!r}")

@@ -16,10 +16,11 @@ import torch
 import torch.distributed as dist
 
 from .._base import LinearOperator
-from ..kernels import lse_cost
+from ..kernels import lse_cost, plan_apply
 from ..plan import plan_operator_for
 
-__all__ = ["ShardedPlanOperator", "merge_lse"]
+__all__ = ["ShardedPlanOperator", "RingPlanOperator", "Ring", "merge_lse", "ordered_sum", "ordered_max",
+           "ring_lse", "merge_lse_or_empty", "gather_sizes", "require_group"]
 
 
 def merge_lse(parts) -> torch.Tensor:
@@ -292,3 +293,352 @@ class ShardedPlanOperator(LinearOperator):
         ``S.row_softmin()`` equals ``otlinop.kernels.softmin(x, y, g / eps, eps=eps)``.
         """
         return -self.eps * self.row_lse(h)
+
+
+# --------------------------------------------------------------------------
+# Both clouds sharded: a ring over the other cloud's blocks
+# --------------------------------------------------------------------------
+class Ring:
+    """The ranks of a process group as a ring, and the block size each rank holds.
+
+    ``sizes[r]``: the number of points (rows of a payload) rank ``r`` holds;
+    every rank passes the same list. Built once per operator (one all-gather).
+    """
+
+    def __init__(self, sizes, group=None):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.sizes = tuple(int(s) for s in sizes)
+        self.offset = sum(self.sizes[:self.rank])
+
+    def _global(self, r: int) -> int:
+        return r if self.group is None else dist.get_global_rank(self.group, r)
+
+    def map(self, block: torch.Tensor, compute) -> list:
+        """``[compute(s, block_s) for s in ranks]``, the list indexed by the rank ``s`` whose block it is.
+
+        ``block``: this rank's payload, shape (sizes[rank], w) (the same w on
+        every rank). Each rank computes on its own block first, then on the
+        block of rank ``r - 1``, ``r - 2``, ...: at step k it sends the block it
+        holds to rank ``r + 1`` and receives the next one from ``r - 1``
+        (``isend`` / ``irecv`` in one ``batch_isend_irecv``, posted before
+        ``compute`` runs, so the transfer overlaps the kernel). An empty block is neither sent nor
+        received: both ends know its size. ``compute`` is not called on it.
+        """
+        W, r = self.world_size, self.rank
+        out = [None] * W
+        cur = block.contiguous()
+        for k in range(W):
+            src, nxt = (r - k) % W, (r - k - 1) % W
+            ops, recv = [], None
+            if k < W - 1:
+                recv = block.new_empty((self.sizes[nxt],) + tuple(block.shape[1:]))
+                if self.sizes[src]:
+                    ops.append(dist.P2POp(dist.isend, cur, self._global((r + 1) % W), group=self.group))
+                if self.sizes[nxt]:
+                    ops.append(dist.P2POp(dist.irecv, recv, self._global((r - 1) % W), group=self.group))
+            # One batch for the send and the receive: NCCL then posts both in one group call,
+            # so that a ring of sends cannot wait on receives not yet posted.
+            reqs = dist.batch_isend_irecv(ops) if ops else []
+            if self.sizes[src]:
+                out[src] = compute(src, cur)
+            for q in reqs:
+                q.wait()
+            cur = recv
+        return out
+
+
+def ordered_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """``sum_r t_r`` over the ranks of ``group``, added in rank order: bitwise the same on every rank.
+
+    One all-gather; ``t`` is small (scalars, per-batch values). The backend's
+    all-reduce may add in an order that depends on the algorithm it picks.
+    """
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out
+
+
+def ordered_max(t: torch.Tensor, group=None) -> torch.Tensor:
+    """The elementwise maximum of ``t`` over the ranks (exact, so any order gives the same)."""
+    t = t.clone().contiguous()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+def _sum_in_order(parts, like: torch.Tensor) -> torch.Tensor:
+    out = None
+    for p in parts:
+        if p is not None:
+            out = p if out is None else out + p
+    return torch.zeros_like(like) if out is None else out
+
+
+def merge_lse_or_empty(parts, n: int, like: torch.Tensor) -> torch.Tensor:
+    """:func:`merge_lse` of the parts that exist (None: an empty block), in the order given;
+    ``-inf`` (n,) like ``like`` where there is none."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return like.new_full((n,), float("-inf"))
+    return merge_lse(parts)
+
+
+def gather_sizes(owner: str, x: torch.Tensor, y: torch.Tensor, group) -> tuple[tuple, tuple]:
+    """``(row sizes, column sizes)`` of every rank (one all-gather); refuses a ``d`` that differs."""
+    mine = torch.tensor([x.shape[0], y.shape[0], x.shape[-1]], dtype=torch.int64, device=x.device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    dims = [int(t[2]) for t in everyone]
+    if len(set(dims)) > 1:
+        raise ValueError(f"{owner}: the points must have the same dimension d on every rank, got "
+                         + ", ".join(f"d={d} on rank {r}" for r, d in enumerate(dims)))
+    return tuple(int(t[0]) for t in everyone), tuple(int(t[1]) for t in everyone)
+
+
+def require_group(owner: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{owner}: torch.distributed is not initialised; call "
+                           "torch.distributed.init_process_group first (or pass a group)")
+
+
+class RingPlanOperator(LinearOperator):
+    """The entropic plan ``P`` with both clouds sharded over a process group.
+
+    Rank ``r`` holds a block of rows (``x, f, a``) and a block of columns
+    (``y, g, b``); the blocks, in rank order, make up the two clouds (sizes
+    may differ, and a block may be empty). Seen from one rank, it is the
+    (n_local, m_local) operator whose product with the local block ``V_r`` of
+    ``V`` gives this rank's block of rows of ``P V``.
+
+    Parameters
+    ----------
+    x : Tensor, shape (n_local, d)
+        This rank's block of the source points (n_local may be 0).
+    y : Tensor, shape (m_local, d)
+        This rank's block of the target points (m_local may be 0).
+    f : Tensor, shape (n_local,)
+        This rank's block of the source potential.
+    g : Tensor, shape (m_local,)
+        This rank's block of the target potential.
+    eps : float
+        Entropic regularisation, > 0, the same on every rank.
+    a, b : Tensor, shapes (n_local,) and (m_local,), optional
+        This rank's blocks of the weights (not logs), >= 0; None means ones.
+    cost_scale : float, default 1.0
+        ``c`` in ``C_ij = c |x_i - y_j|^2``.
+    backend, precision : optional
+        Passed to the kernels, as for ``PlanOperator``.
+    group : ProcessGroup, optional
+        The process group; None means the default group.
+
+    Raises
+    ------
+    RuntimeError
+        When ``torch.distributed`` is not initialised.
+    ValueError
+        When ``d`` differs between ranks, and for the checks of ``PlanOperator``
+        on the local data.
+    TypeError
+        As ``PlanOperator``.
+
+    Notes
+    -----
+    ``P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)``; the block ``P_rs`` (rows
+    of rank r, columns of rank s) is a ``PlanOperator`` on the pair
+    ``(x_r, y_s)``. Every operation is a ring (:class:`Ring`): each rank
+    computes on its own block of the other cloud, then on the blocks of ranks
+    ``r - 1, r - 2, ...``, which arrive from rank ``r - 1`` while the kernel
+    runs on the previous one (``isend`` / ``irecv``); the partial results are
+    combined in rank order of the blocks, not in the order they arrived, so
+    results are deterministic and bitwise the same wherever they are
+    replicated.
+
+    - ``P @ V``: ``(P V)_r = sum_s P_rs V_s``, the blocks ``[y_s | g_s | log b_s | V_s]``
+      passed around; (n_local, k).
+    - ``P.T @ U``: ``(P.T U)_r = sum_s P_sr.T U_s``, the blocks ``[x_s | f_s | log a_s | U_s]``
+      passed around; (m_local, k).
+    - :meth:`row_lse` / :meth:`col_lse` (and the soft-mins): partial
+      log-sum-exps per block merged by :func:`merge_lse` in rank order.
+
+    Per operation and rank: W - 1 messages of the other cloud's blocks
+    (about ``m (d + 2 + k) / W`` values each for ``P @ V``) and kernels
+    over ``n_local x m`` entries in all. The products carry no autograd
+    graph. The transpose is available (``P.T``: the column side's products);
+    not symmetric.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch, torch.distributed as dist
+    >>> from otlinop import PlanOperator
+    >>> from otlinop.distributed import RingPlanOperator
+    >>> store = os.path.join(tempfile.mkdtemp(), "store")
+    >>> dist.init_process_group("gloo", init_method="file://" + store, rank=0, world_size=1)
+    >>> x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    >>> f, g = torch.zeros(5, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    >>> S = RingPlanOperator(x, y, f, g, eps=1.0)
+    >>> u = torch.randn(5, dtype=torch.float64)
+    >>> torch.allclose(S.T @ u, PlanOperator(x, y, f, g, eps=1.0).T @ u), S.global_shape
+    (True, (5, 4))
+    >>> dist.destroy_process_group()
+    """
+
+    def __init__(self, x, y, f, g, *, eps, a=None, b=None, cost_scale=1.0, backend=None, precision=None,
+                 group=None):
+        owner = "RingPlanOperator"
+        require_group(owner)
+        local = plan_operator_for(owner, x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale,
+                                  backend=backend, precision=precision)
+        rows, cols = gather_sizes(owner, x, y, group)
+        self.group = group
+        self.rows, self.cols = Ring(rows, group), Ring(cols, group)
+        self.rank, self.world_size = self.rows.rank, self.rows.world_size
+        self.global_shape = (sum(rows), sum(cols))
+        self.local = local
+        self.x, self.y, self.f, self.g = x, y, f, g
+        self.eps, self.cost_scale = local.eps, local.cost_scale
+        self.backend, self.precision = local.backend, local.precision
+        super().__init__(local.shape, local.dtype, local.device)
+
+    # ------------------------------------------------------------ attributes
+    @property
+    def row_sizes(self) -> tuple:
+        """The number of rows each rank holds, in rank order."""
+        return self.rows.sizes
+
+    @property
+    def col_sizes(self) -> tuple:
+        """The number of columns each rank holds, in rank order."""
+        return self.cols.sizes
+
+    @property
+    def row_offset(self) -> int:
+        """The index of this rank's first row in the whole plan."""
+        return self.rows.offset
+
+    @property
+    def col_offset(self) -> int:
+        """The index of this rank's first column in the whole plan."""
+        return self.cols.offset
+
+    def _opts(self) -> dict:
+        return dict(eps=self.eps, cost_scale=self.cost_scale, backend=self.backend, precision=self.precision)
+
+    # ----------------------------------------------------------------- hooks
+    def _product(self, here, there, ring: Ring, V):
+        """Rows of ``here = (x, f, log_a)`` times the plan columns ``there`` (this rank's block) and ``V``."""
+        (x, f, log_a), (y, g, log_b) = here, there
+        d, n = x.shape[-1], x.shape[0]
+        squeeze = V.ndim == 1
+        V2 = V.unsqueeze(-1) if squeeze else V
+        k = V2.shape[-1]
+        payload = torch.cat([y.to(V2.dtype), g.unsqueeze(-1).to(V2.dtype), log_b.unsqueeze(-1).to(V2.dtype), V2], -1)
+
+        def compute(s, blk):
+            ys, gs, lbs, Vs = blk[:, :d].to(y.dtype), blk[:, d].to(g.dtype), blk[:, d + 1], blk[:, d + 2:]
+            if n == 0:
+                return None
+            return plan_apply(x, ys, f, gs, Vs, log_a=log_a, log_b=lbs, **self._opts())
+
+        with torch.no_grad():
+            out = _sum_in_order(ring.map(payload, compute), V2.new_zeros((n, k)))
+        return out.squeeze(-1) if squeeze else out
+
+    def _row_side(self):
+        return (self.x, self.f, self.local.log_a)
+
+    def _col_side(self):
+        return (self.y, self.g, self.local.log_b)
+
+    def _matvec(self, v):
+        return self._product(self._row_side(), self._col_side(), self.cols, v)
+
+    def _matmat(self, V):
+        return self._product(self._row_side(), self._col_side(), self.cols, V)
+
+    def _rmatvec(self, u):
+        return self._product(self._col_side(), self._row_side(), self.rows, u)
+
+    def _rmatmat(self, U):
+        return self._product(self._col_side(), self._row_side(), self.rows, U)
+
+    # ---------------------------------------------------------------- public
+    def row_sums(self) -> torch.Tensor:
+        """This rank's block of ``P 1``, shape (n_local,) (a ring over the column blocks)."""
+        return self._matvec(self.y.new_ones(self.shape[1]))
+
+    def col_sums(self) -> torch.Tensor:
+        """This rank's block of ``P.T 1``, shape (m_local,) (a ring over the row blocks)."""
+        return self._rmatvec(self.x.new_ones(self.shape[0]))
+
+    def _lse(self, x, y, h, ring: Ring, name: str, owner: str) -> torch.Tensor:
+        if not (isinstance(h, torch.Tensor) and h.shape == (y.shape[0],)):
+            got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+            raise ValueError(f"RingPlanOperator.{owner}: h must be a tensor of shape ({y.shape[0]},) (this rank's "
+                             f"block of the {name}), got {got}")
+        return ring_lse(x, y, h, ring, **self._opts())
+
+    def row_lse(self, h: torch.Tensor | None = None) -> torch.Tensor:
+        r"""``log sum_j exp(h_j - C_ij / eps)`` over all columns, for this rank's rows, shape (n_local,).
+
+        Parameters
+        ----------
+        h : Tensor, shape (m_local,), optional
+            This rank's block of the column log-weights (``-inf`` for a zero
+            weight); None means ``log b + g / eps``, the Sinkhorn update's.
+
+        Returns
+        -------
+        Tensor, shape (n_local,)
+            ``-inf`` for a row with no term.
+
+        Notes
+        -----
+        A ring over the blocks ``[y_s | h_s]``: one ``lse_cost`` pass per block,
+        the parts merged in rank order (:func:`merge_lse`).
+        """
+        h = self.local.log_b + self.g / self.eps if h is None else h
+        return self._lse(self.x, self.y, h, self.cols, "columns", "row_lse")
+
+    def col_lse(self, h: torch.Tensor | None = None) -> torch.Tensor:
+        r"""``log sum_i exp(h_i - C_ij / eps)`` over all rows, for this rank's columns, shape (m_local,).
+
+        Parameters
+        ----------
+        h : Tensor, shape (n_local,), optional
+            This rank's block of the row log-weights; None means ``log a + f / eps``.
+
+        Returns
+        -------
+        Tensor, shape (m_local,)
+            ``-inf`` for a column with no term.
+        """
+        h = self.local.log_a + self.f / self.eps if h is None else h
+        return self._lse(self.y, self.x, h, self.rows, "rows", "col_lse")
+
+    def row_softmin(self, h: torch.Tensor | None = None) -> torch.Tensor:
+        """``-eps * row_lse(h)``: the Sinkhorn update of this rank's block of ``f``."""
+        return -self.eps * self.row_lse(h)
+
+    def col_softmin(self, h: torch.Tensor | None = None) -> torch.Tensor:
+        """``-eps * col_lse(h)``: the Sinkhorn update of this rank's block of ``g``."""
+        return -self.eps * self.col_lse(h)
+
+
+def ring_lse(x, y, h, ring: Ring, *, eps, cost_scale=1.0, backend=None, precision=None) -> torch.Tensor:
+    """``log sum_j exp(h_j - C_ij / eps)`` for the local rows ``x`` (n, d) over the columns of every
+    rank (``y`` (m_local, d) and ``h`` (m_local,) this rank's block; ``ring`` their sizes), merged in rank order."""
+    d, n = x.shape[-1], x.shape[0]
+    payload = torch.cat([y.to(h.dtype), h.unsqueeze(-1)], -1)
+
+    def compute(s, blk):
+        if n == 0:
+            return None
+        return lse_cost(x, blk[:, :d].to(y.dtype), blk[:, d], eps=eps, cost_scale=cost_scale, backend=backend,
+                        precision=precision)
+
+    with torch.no_grad():
+        return merge_lse_or_empty(ring.map(payload, compute), n, h)
