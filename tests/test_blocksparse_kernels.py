@@ -288,3 +288,229 @@ def test_transpose_pattern_checks():
         transpose_pattern(ptr.float(), idx, 2)
     with pytest.raises(ValueError, match="^transpose_pattern: num_col_clusters"):
         transpose_pattern(ptr, idx, -1)
+
+
+# --------------------------------------------------------------------------
+# Triton against the references (interpreter on CPU, compiled on CUDA)
+# --------------------------------------------------------------------------
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+#: Triton (fp32 accumulation) against the float64 reference, relative to the
+#: natural scale of each output; the one place for these tolerances.
+TOL_TRITON = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+#: tf32 on the tensor-core path (d > LOCAL_MAX_D on a GPU): 11-bit products.
+TOL_TF32 = 3e-2
+
+# Row clusters longer than the interpreter's 32-row tile (several tiles per
+# cluster, a partial last one), empty clusters, a row cluster keeping nothing,
+# runs of consecutive column ids (streamed as one range) beside isolated ones.
+TRITON_CASE = ([40, 0, 7, 33, 3], [20, 5, 0, 18, 9], [[0, 1, 2, 4], [3], [], [1, 3], [0, 2, 3, 4]])
+
+
+def _scale_err(got, want):
+    """max |got - want| over the finite entries, relative to max(1, max |want|); -inf / +inf must match."""
+    want = want.double()
+    got = got.double().cpu()
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(got[torch.isinf(got)],
+                                                                             want[torch.isinf(want)])
+    fin = torch.isfinite(want)
+    if not fin.any():
+        return 0.0
+    return ((got[fin] - want[fin]).abs().max() / max(1.0, want[fin].abs().max())).item()
+
+
+def _on(t, dtype):
+    return None if t is None else t.to(device=DEVICE, dtype=dtype)
+
+
+def _layout_on(xs, ys, ptr, idx):
+    return [t.to(DEVICE) for t in (xs, ys, ptr, idx)]
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+@pytest.mark.parametrize("d", [1, 3, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_lse_matches_reference(d, dtype):
+    x, y, xs, ys, ptr, idx = clustered_problem(*TRITON_CASE, d=d, seed=6)
+    x, y = x.to(dtype).double(), y.to(dtype).double()  # points exactly representable in dtype
+    h = 0.5 * torch.randn(y.shape[0], generator=_gen(8), dtype=F64)
+    h[4] = -math.inf
+    eps = 0.2
+    want = blocksparse_lse_torch(x, y, h, xs, ys, ptr, idx, eps=eps, cost_scale=0.5)
+    lay = _layout_on(xs, ys, ptr, idx)
+    hh = _on(h, torch.float32 if dtype != torch.float32 else dtype)
+    got = blocksparse_lse(_on(x, dtype), _on(y, dtype), hh, *lay, eps=eps, cost_scale=0.5, backend="triton")
+    assert got.dtype == torch.float32 and got.device.type == DEVICE
+    assert _scale_err(got, want) < TOL_TRITON[dtype]
+    sm = blocksparse_softmin(_on(x, dtype), _on(y, dtype), hh, *lay, eps=eps, cost_scale=0.5, backend="triton")
+    assert _scale_err(sm, -eps * want) < TOL_TRITON[dtype]
+    # Fixed order, no atomics: bitwise the same on a second call.
+    again = blocksparse_lse(_on(x, dtype), _on(y, dtype), hh, *lay, eps=eps, cost_scale=0.5, backend="triton")
+    assert torch.equal(again, got)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+@pytest.mark.parametrize("d", [3, 6])
+@pytest.mark.parametrize("operand", ["none", "vector", "matrix", "wide"])
+def test_triton_apply_matches_reference(d, operand):
+    x, y, xs, ys, ptr, idx = clustered_problem(*TRITON_CASE, d=d, seed=9)
+    n, m = x.shape[0], y.shape[0]
+    gen = _gen(10)
+    f = 0.2 * torch.randn(n, generator=gen, dtype=F64)
+    g = 0.2 * torch.randn(m, generator=gen, dtype=F64)
+    g[2] = -math.inf
+    log_a = torch.log(torch.rand(n, generator=gen, dtype=F64) + 0.1)
+    log_b = torch.log(torch.rand(m, generator=gen, dtype=F64) + 0.1)
+    V = {"none": None, "vector": torch.randn(m, generator=gen, dtype=F64),
+         "matrix": torch.randn(m, 5, generator=gen, dtype=F64),
+         "wide": torch.randn(m, 70, generator=gen, dtype=F64)}[operand]  # two chunks of V's columns
+    want = blocksparse_apply_torch(x, y, f, g, V, xs, ys, ptr, idx, eps=0.3, log_a=log_a, log_b=log_b)
+    f32 = torch.float32
+    got = blocksparse_apply(_on(x, f32), _on(y, f32), _on(f, f32), _on(g, f32), _on(V, f32),
+                            *_layout_on(xs, ys, ptr, idx), eps=0.3, log_a=_on(log_a, f32), log_b=_on(log_b, f32),
+                            backend="triton")
+    assert got.shape == want.shape and got.dtype == f32
+    scale = want.abs().max().item()
+    assert (got.double().cpu() - want).abs().max().item() <= TOL_TRITON[f32] * scale
+    rows_without = dense_mask(xs, ys, ptr, idx).sum(1) == 0
+    assert (got.cpu()[rows_without] == 0).all()
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+def test_triton_empty_pattern_and_grid_past_last_tile():
+    # Many empty row clusters: the grid (cdiv(n, BLOCK_M) + Kx programs) runs past the last tile.
+    x, y, xs, ys, ptr, idx = clustered_problem([0, 5, 0, 0, 3, 0], [4, 4], [[], [1], [], [], [], []], d=2)
+    h = torch.zeros(8, dtype=F64)
+    lay = _layout_on(xs, ys, ptr, idx)
+    got = blocksparse_lse(_on(x, torch.float32), _on(y, torch.float32), _on(h, torch.float32), *lay, eps=0.5,
+                          backend="triton")
+    want = blocksparse_lse_torch(x, y, h, xs, ys, ptr, idx, eps=0.5)
+    assert _scale_err(got, want) < TOL_TRITON[torch.float32]
+    assert torch.isneginf(got[5:]).all()
+
+
+# --------------------------------------------------------------------------
+# GPU at realistic sizes (the multiscale solver's regime)
+# --------------------------------------------------------------------------
+
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: compiled Triton kernels at realistic "
+                                                    "sizes (n = 50k-200k; the interpreter would take hours)")
+
+
+def grid_clusters(x, cells):
+    """Points of the unit cube sorted by grid cell (``cells`` per axis): ``(x sorted, starts, cell coords)``."""
+    d = x.shape[1]
+    coord = (x * cells).long().clamp_(0, cells - 1)
+    weights = cells ** torch.arange(d, device=x.device)
+    cid = (coord * weights).sum(1)
+    order = torch.argsort(cid, stable=True)
+    counts = torch.bincount(cid, minlength=cells ** d)
+    starts = torch.zeros(cells ** d + 1, dtype=torch.int64, device=x.device)
+    torch.cumsum(counts, 0, out=starts[1:])
+    return x[order], starts
+
+
+def neighbour_pattern(cells, d, reach, device):
+    """Each cell keeps the cells within ``reach`` along every axis ((2 reach + 1)^d, fewer at the border)."""
+    K = cells ** d
+    ids = torch.arange(K, device=device)
+    coord = torch.stack([(ids // cells ** k) % cells for k in range(d)], 1)           # (K, d)
+    span = torch.arange(-reach, reach + 1, device=device)
+    offsets = torch.cartesian_prod(*([span] * d)).reshape(-1, d)                        # ((2r+1)^d, d)
+    nb = coord[:, None, :] + offsets[None]
+    ok = ((nb >= 0) & (nb < cells)).all(-1)
+    nid = (nb.clamp(0, cells - 1) * (cells ** torch.arange(d, device=device))).sum(-1)
+    nid = torch.where(ok, nid, K).sort(dim=1).values
+    ptr = torch.zeros(K + 1, dtype=torch.int64, device=device)
+    torch.cumsum(ok.sum(1), 0, out=ptr[1:])
+    return ptr, nid[nid < K]
+
+
+@requires_cuda
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
+def test_gpu_realistic_d3(precision):
+    """n = m = 200k uniform in the unit cube, 16^3 cells (~49 points), 27 kept cells per row cluster."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n, cells, eps = 200_000, 16, 1e-3
+    x, xs = grid_clusters(torch.rand(n, 3, device="cuda", generator=gen), cells)
+    y, ys = grid_clusters(torch.rand(n, 3, device="cuda", generator=gen), cells)
+    ptr, idx = neighbour_pattern(cells, 3, 1, "cuda")
+    log_b = torch.full((n,), -math.log(n), device="cuda")
+    want = blocksparse_lse_torch(x.double(), y.double(), log_b.double(), xs, ys, ptr, idx, eps=eps)
+    got = blocksparse_lse(x, y, log_b, xs, ys, ptr, idx, eps=eps, precision=precision)
+    assert _scale_err(got, want.cpu()) < TOL_TRITON[torch.float32]
+    # A plan with O(1) rows: f from one soft-min step, V with three columns.
+    f = blocksparse_softmin(x, y, log_b, xs, ys, ptr, idx, eps=eps)
+    ptr_t, idx_t = transpose_pattern(ptr, idx, cells ** 3)
+    V = torch.randn(n, 3, device="cuda", generator=gen)
+    for (a, b, fa, fb, sa, sb, pp, ii) in ((x, y, f, torch.zeros_like(f), xs, ys, ptr, idx),
+                                           (y, x, torch.zeros_like(f), f, ys, xs, ptr_t, idx_t)):
+        want = blocksparse_apply_torch(a.double(), b.double(), fa.double(), fb.double(), V.double(), sa, sb, pp,
+                                       ii, eps=eps, log_b=log_b.double())
+        got = blocksparse_apply(a, b, fa, fb, V, sa, sb, pp, ii, eps=eps, log_b=log_b, precision=precision)
+        assert (got.double() - want).abs().max().item() <= TOL_TRITON[torch.float32] * want.abs().max().item()
+
+
+@requires_cuda
+@pytest.mark.parametrize("precision", ["tf32x3", "tf32"])
+def test_gpu_realistic_tensor_core_path(precision):
+    """d = 8 (above LOCAL_MAX_D: the prepared pair and tensor-core dots), 64 slabs along x_0, 3 kept per slab."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    n, K, eps = 50_000, 64, 0.05
+    pts = []
+    for _ in range(2):
+        p = torch.rand(n, 8, device="cuda", generator=gen)
+        slab = (p[:, 0] * K).long().clamp_(0, K - 1)
+        order = torch.argsort(slab, stable=True)
+        starts = torch.zeros(K + 1, dtype=torch.int64, device="cuda")
+        torch.cumsum(torch.bincount(slab, minlength=K), 0, out=starts[1:])
+        pts.append((p[order], starts))
+    (x, xs), (y, ys) = pts
+    rows = [[J for J in (I - 1, I, I + 1) if 0 <= J < K] for I in range(K)]
+    ptr, idx = (t.cuda() for t in pattern_of(rows))
+    h = torch.randn(n, device="cuda", generator=gen)
+    want = blocksparse_lse_torch(x.double(), y.double(), h.double(), xs, ys, ptr, idx, eps=eps)
+    got = blocksparse_lse(x, y, h, xs, ys, ptr, idx, eps=eps, precision=precision)
+    tol = TOL_TF32 if precision == "tf32" else TOL_TRITON[torch.float32]
+    assert _scale_err(got, want.cpu()) < tol
+
+
+READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+def test_triton_launch_reads_nothing_back(monkeypatch, override):
+    """With check_finite off the Triton path reads no device value on the host: the tile map and
+    the grid come from the shapes (cdiv(n, BLOCK_M) + Kx programs), the tiles from device ops."""
+    x, y, xs, ys, ptr, idx = clustered_problem(*TRITON_CASE, d=3, seed=12)
+    args = [_on(x, torch.float32), _on(y, torch.float32)]
+    lay = _layout_on(xs, ys, ptr, idx)
+    h = torch.zeros(y.shape[0], device=DEVICE)
+    blocksparse_lse(*args, h, *lay, eps=0.5, backend="triton")  # warm: compile / tune outside the count
+    blocksparse_apply(*args, torch.zeros(x.shape[0], device=DEVICE), h, None, *lay, eps=0.5, backend="triton")
+    log = []
+    for name in READS:
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _real=real, _name=name: log.append(_name) or _real(self, *a))
+    override(check_finite=False)
+    blocksparse_lse(*args, h, *lay, eps=0.5, backend="triton")
+    blocksparse_apply(*args, torch.zeros(x.shape[0], device=DEVICE), h, None, *lay, eps=0.5, backend="triton")
+    monkeypatch.undo()
+    assert log == []
+
+
+@requires_cuda
+def test_gpu_call_synchronises_nothing(override):
+    x, y, xs, ys, ptr, idx = clustered_problem(*TRITON_CASE, d=3, seed=13)
+    args = [_on(x, torch.float32), _on(y, torch.float32), torch.zeros(y.shape[0], device="cuda")]
+    lay = _layout_on(xs, ys, ptr, idx)
+    blocksparse_lse(*args, *lay, eps=0.5)  # compile outside the check
+    override(check_finite=False)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        blocksparse_lse(*args, *lay, eps=0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
