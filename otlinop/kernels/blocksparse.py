@@ -403,9 +403,11 @@ def _fits(cfg, args):
 
 @triton.jit
 def _tile_of(TILE_CL, TILE_PTR, XS, num_clusters, BLOCK_M: tl.constexpr):
-    """This program's row cluster, its rows and the pattern range: ``(c, r0, r1, rows, ok)``.
+    """This program's row cluster and rows: ``(c, live, r0, end, rows, row_ok)``.
 
-    A program past the last tile gets an empty row range (``r0 = r1 = 0``).
+    ``c`` the cluster (0 when not ``live``: a program past the last tile),
+    ``rows = r0 + arange(BLOCK_M)``, ``end`` the cluster's last row + 1 and
+    ``row_ok = rows < end``; a program past the last tile gets no rows.
     """
     pid = tl.program_id(0)
     c = tl.load(TILE_CL + pid)
