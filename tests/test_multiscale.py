@@ -406,17 +406,28 @@ def test_triton_interpreter_matches_torch():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the issue's 200k-point target needs a GPU (minutes on "
                                                           "CPU); run by scripts/gpu_check.sh")
 def test_gpu_200k_cube_loss_and_gradient_match_dense():
+    """Issue 21's accuracy target: n = m = 200k uniform in the unit cube, d = 3, blur 0.01, float32,
+    GeomLoss' schedule (scaling 0.5), default cluster_scale and truncate: the multiscale loss and its
+    gradients within 1e-4 (relative) of the dense loss's."""
     g = torch.Generator(device="cuda").manual_seed(0)
     n = 200_000
-    x = torch.rand(n, 3, device="cuda", generator=g, requires_grad=True)
-    y = torch.rand(n, 3, device="cuda", generator=g, requires_grad=True)
-    t0 = time.perf_counter()
-    value = SamplesLoss(blur=0.01, backend="multiscale")(x, y)
-    gx, gy = torch.autograd.grad(value, (x, y))
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    value_d = SamplesLoss(blur=0.01)(x, y)
-    gxd, gyd = torch.autograd.grad(value_d, (x, y))
-    assert abs(float(value - value_d)) <= 1e-4 * abs(float(value_d))
-    assert _rel(gx, gxd) <= 1e-4 and _rel(gy, gyd) <= 1e-4
-    warnings.warn(f"multiscale SamplesLoss, n = m = 200k, d = 3, blur 0.01: {elapsed:.2f} s (value and gradient)")
+    x = torch.rand(n, 3, device="cuda", generator=g)
+    y = torch.rand(n, 3, device="cuda", generator=g)
+
+    def run(L):
+        xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        value = L(xr, yr)
+        gx, gy = torch.autograd.grad(value, (xr, yr))
+        torch.cuda.synchronize()
+        return value.detach(), gx, gy, time.perf_counter() - t0
+
+    run(SamplesLoss(blur=0.01, backend="multiscale"))            # compile and tune the kernels
+    v, gx, gy, elapsed = run(SamplesLoss(blur=0.01, backend="multiscale"))
+    vd, gxd, gyd, elapsed_d = run(SamplesLoss(blur=0.01))
+    errors = (abs(float(v - vd)) / abs(float(vd)), _rel(gx, gxd), _rel(gy, gyd))
+    message = (f"multiscale {elapsed:.3f} s, dense {elapsed_d:.3f} s; relative errors value {errors[0]:.2e}, "
+               f"grad x {errors[1]:.2e}, grad y {errors[2]:.2e}")
+    warnings.warn(message)
+    assert max(errors) <= 1e-4, message
