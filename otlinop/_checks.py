@@ -576,7 +576,8 @@ def cluster_layout(geo: Geometry, x_starts, y_starts, ptr, idx) -> list:
     """
     owner = geo.owner
     flags = []
-    for name, t, rows, count in (("x_starts", x_starts, "(Kx + 1,)", geo.n), ("y_starts", y_starts, "(Ky + 1,)", geo.m)):
+    for name, t, rows, count in (("x_starts", x_starts, "(Kx + 1,)", geo.n),
+                                 ("y_starts", y_starts, "(Ky + 1,)", geo.m)):
         _index_vector(owner, name, t, rows, geo.device)
         if t.ndim != 1 or t.numel() < 1:
             raise ValueError(f"{owner}: {name} has shape {fmt_shape(t.shape)}, expected {rows} with K >= 0 "

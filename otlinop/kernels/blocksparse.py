@@ -44,8 +44,8 @@ import torch
 
 from solvers import config
 
-from .._checks import (block_pattern, cluster_layout, finite, nonnegative_int, operand, points, positive_scalar,
-                       vector)
+from .._checks import (Geometry, block_pattern, cluster_layout, finite, nonnegative_int, operand, points,
+                       positive_scalar, vector)
 from ._dispatch import interpreting, resolve_backend, resolve_precision
 from ._grid import device_guard, unit_last
 from ._layout import prepare_pair
@@ -57,10 +57,12 @@ from ._tuning import AUTOTUNE_DISK_CACHE, TunedLaunch, bucket, configs_or_interp
 __all__ = [
     "blocksparse_apply",
     "blocksparse_apply_torch",
+    "blocksparse_apply_unchecked",
     "blocksparse_lse",
     "blocksparse_lse_torch",
     "blocksparse_softmin",
     "blocksparse_softmin_torch",
+    "blocksparse_softmin_unchecked",
     "transpose_pattern",
 ]
 
@@ -943,3 +945,41 @@ def blocksparse_apply(x, y, f, g, V, x_starts, y_starts, ptr, idx, *, eps, log_a
                             precision)
     _check_apply(fn, x, y, f, g, V, log_a, log_b, flags, out)
     return out
+
+
+# --------------------------------------------------------------------------
+# Entry points for loops that checked their inputs once
+# --------------------------------------------------------------------------
+
+
+def _geometry_unchecked(fn, x, y):
+    return Geometry(fn, False, 1, x.shape[0], y.shape[0], x.shape[1], x.dtype, x.device)
+
+
+def blocksparse_softmin_unchecked(x, y, h, x_starts, y_starts, ptr, idx, *, eps: float, cost_scale: float,
+                                  backend, precision):
+    """:func:`blocksparse_softmin` without the input checks, for loops that ran them once.
+
+    The inputs must be valid (as :func:`blocksparse_softmin` checks them, the
+    layout's values included); ``eps`` and ``cost_scale`` positive floats. No
+    host synchronisation on the Triton path (the torch reference plans its
+    chunks on the host).
+    """
+    fn = "blocksparse_softmin"
+    backend, precision = _backend(fn, backend, precision, x)
+    if backend == "torch":
+        return -eps * blocksparse_lse_core(x, y, h, x_starts, y_starts, ptr, idx, eps, cost_scale)
+    return _lse_triton(_geometry_unchecked(fn, x, y), x, y, h, x_starts, y_starts, ptr, idx, eps, cost_scale,
+                       precision, -eps * LN2)
+
+
+def blocksparse_apply_unchecked(x, y, f, g, V, x_starts, y_starts, ptr, idx, *, eps: float, log_a, log_b,
+                                cost_scale: float, backend, precision):
+    """:func:`blocksparse_apply` without the input checks nor the overflow check of its result,
+    for loops and operators that ran them once; no host synchronisation on the Triton path."""
+    fn = "blocksparse_apply"
+    backend, precision = _backend(fn, backend, precision, x)
+    if backend == "torch":
+        return blocksparse_apply_core(x, y, f, g, V, x_starts, y_starts, ptr, idx, log_a, log_b, eps, cost_scale)
+    return _apply_triton(_geometry_unchecked(fn, x, y), x, y, f, g, V, x_starts, y_starts, ptr, idx, log_a, log_b,
+                         eps, cost_scale, precision)
