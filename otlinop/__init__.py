@@ -27,6 +27,7 @@ from ._operators.sparse import SparseOperator
 from ._interop import aslinearoperator
 from .plan import PlanOperator, plan_matmul
 from .truncated import TruncatedPlanOperator
+from .multiscale import BlockSparsePlanOperator, Multiscale
 from .marginals import marginal_error, plan_marginals
 from .sinkhorn import ConvergenceWarning, SinkhornResult, epsilon_schedule, sinkhorn
 from .loss import SamplesLoss, sinkhorn_loss
@@ -43,9 +44,9 @@ __version__ = "0.1.0"
 __all__ = [
     # operators
     "LinearOperator", "Dense", "Diag", "Identity", "Zero", "BlockOperator", "SparseOperator", "aslinearoperator",
-    "PlanOperator", "TruncatedPlanOperator", "plan_matmul", "plan_marginals", "marginal_error",
+    "PlanOperator", "TruncatedPlanOperator", "BlockSparsePlanOperator", "plan_matmul", "plan_marginals", "marginal_error",
     # Sinkhorn and the loss
-    "sinkhorn", "SinkhornResult", "ConvergenceWarning", "epsilon_schedule", "SamplesLoss", "sinkhorn_loss",
+    "sinkhorn", "Multiscale", "SinkhornResult", "ConvergenceWarning", "epsilon_schedule", "SamplesLoss", "sinkhorn_loss",
     # second order
     "HessianOperator", "DualHessianOperator", "dual_hessian", "hvp", "hvp_x", "hvp_y", "hvp_self",
     "grad_x", "grad_y", "loss_hessian_operator", "LossHessianOperator",
