@@ -564,3 +564,15 @@ def test_unchecked_entry_points_match_and_read_nothing_on_triton(backend, monkey
     monkeypatch.undo()
     assert log == []
     assert torch.equal(got_s, want_s) and torch.equal(got_a, want_a)
+
+
+def test_layout_values_are_checked_with_the_finite_check_only(override):
+    """The layout's values join the finiteness read-back; with config.check_finite off the shapes and
+    dtypes are still checked."""
+    x, y, h, xs, ys, ptr, idx = _args()
+    bad = torch.tensor([0, 3, 2, 5])  # decreasing
+    with pytest.raises(ValueError, match="y_starts must start at 0"):
+        blocksparse_lse(x, y, h, xs, bad, ptr, idx, eps=1.0)
+    override(check_finite=False)
+    with pytest.raises(TypeError, match="y_starts has dtype torch.int32"):
+        blocksparse_lse(x, y, h, xs, ys.int(), ptr, idx, eps=1.0)

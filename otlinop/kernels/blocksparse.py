@@ -79,7 +79,8 @@ OVERFLOW_HINT = (
 
 def _geometry(fn, x, y, x_starts, y_starts, ptr, idx, eps, cost_scale):
     geo = points(fn, x, y, batch="none", hint="block-sparse kernels take one clustered pair of clouds per call")
-    flags = cluster_layout(geo, x_starts, y_starts, ptr, idx)
+    # The layout's values are read back with the finiteness check: not computed when that is off.
+    flags = cluster_layout(geo, x_starts, y_starts, ptr, idx, values=config.check_finite)
     return geo, flags, positive_scalar(fn, "eps", eps), positive_scalar(fn, "cost_scale", cost_scale)
 
 
@@ -159,7 +160,7 @@ def transpose_pattern(ptr, idx, num_col_clusters):
     ky = nonnegative_int(fn, "num_col_clusters", num_col_clusters)
     if not isinstance(ptr, torch.Tensor):
         raise TypeError(f"{fn}: ptr must be a torch.Tensor of dtype int64, got {type(ptr).__name__}")
-    finite(fn, {}, flags=block_pattern(fn, ptr, idx, ptr.numel() - 1, ky, ptr.device))
+    finite(fn, {}, flags=block_pattern(fn, ptr, idx, ptr.numel() - 1, ky, ptr.device, values=config.check_finite))
     return transpose_pattern_torch(ptr, idx, ky)
 
 
