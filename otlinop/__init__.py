@@ -33,7 +33,7 @@ from .sinkhorn import ConvergenceWarning, SinkhornResult, epsilon_schedule, sink
 from .loss import SamplesLoss, sinkhorn_loss
 from .hessian import DualHessianOperator, HessianOperator, dual_hessian
 from .hvp import (LossHessianOperator, grad_x, grad_y, hvp, hvp_self, hvp_x, hvp_y,
-                  loss_hessian_operator)
+                  loss_hessian_operator, plan_hvp)
 # The subpackage, reached as otlinop.distributed (its names are not re-exported here).
 from . import distributed
 from solvers import (GraphCache, SolveResult, bicgstab, cg, config, gmres, jacobi, lsmr, minres, neumann,
@@ -48,7 +48,7 @@ __all__ = [
     # Sinkhorn and the loss
     "sinkhorn", "Multiscale", "SinkhornResult", "ConvergenceWarning", "epsilon_schedule", "SamplesLoss", "sinkhorn_loss",
     # second order
-    "HessianOperator", "DualHessianOperator", "dual_hessian", "hvp", "hvp_x", "hvp_y", "hvp_self",
+    "HessianOperator", "DualHessianOperator", "dual_hessian", "hvp", "plan_hvp", "hvp_x", "hvp_y", "hvp_self",
     "grad_x", "grad_y", "loss_hessian_operator", "LossHessianOperator",
     # solvers
     "cg", "minres", "gmres", "bicgstab", "lsmr", "solve", "SolveResult", "jacobi", "neumann",

@@ -10,12 +10,15 @@ docstring) with the block-sparse plans of the final extrapolation step:
     grad_x OT = c2 a (x - ybar),   ybar = P y / P 1,   P = P(f, g_pre) on the kept pairs,
 
 minus the same on (x, x) with debiasing; ``grad_a = f - f_aa``. Balanced
-problems, unbatched, d <= 3; first derivatives only.
+problems, unbatched, d <= 3; first derivatives only. With ``converge="always"``
+each run continues at the final eps until its marginal error is below the
+converging solves' tolerance, as the dense loss does.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -44,16 +47,26 @@ def refuse_for_multiscale(owner: str, x, *, reach, potentials: bool = False) -> 
 
 def _solve(owner, x, y, a, b, setup):
     """Clusterings and the multiscale solutions of OT(a, b) [, OT(a, a), OT(b, b)], detached."""
-    ms, schedule, cost_scale, debias, backend, precision = setup
+    ms, schedule, cost_scale, debias, backend, precision, converge = setup
     dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     with torch.no_grad(), config.override(check_finite=False):
         clouds = cluster_clouds(owner, x, y, a, b, options=ms, diameter=math.sqrt(schedule[0]))
         run = dict(truncate=ms.truncate, cluster_scale=clouds.scale, cost_scale=cost_scale, backend=backend,
                    precision=precision, pot_dtype=dt)
+        if converge is not None:
+            # converge="always": averaged steps at the final eps until the marginal error is below
+            # the tolerance (converge[0]), at most converge[1] of them.
+            run.update(threshold=converge[0], refine=converge[1])
         sols = [multiscale_loop(clouds.cx, clouds.cy, schedule, **run)]
         if debias:
             sols += [multiscale_loop(clouds.cx, clouds.cx, schedule, **run),
                      multiscale_loop(clouds.cy, clouds.cy, schedule, **run)]
+    if converge is not None:
+        worst = max((sol.errors[-1] if sol.errors else math.nan) for sol in sols)
+        if not worst <= converge[0]:
+            warnings.warn(f"{owner}: the converging multiscale solve stopped after {converge[1]} steps at the final "
+                          f"eps with marginal error {worst:.2e} > {converge[0]:.2e}; the value and gradients are "
+                          "those of these potentials", RuntimeWarning, stacklevel=5)
     return clouds, sols
 
 
@@ -90,7 +103,7 @@ class MultiscaleLoss(torch.autograd.Function):
                                       "backward / create_graph=True); use backend='auto' for Hessian-vector "
                                       "products, or otlinop.hvp.plan_hvp on sinkhorn(..., multiscale=...).plan")
         clouds, sols, setup = ctx.state
-        _, schedule, cost_scale, debias, backend, precision = setup
+        _, schedule, cost_scale, debias, backend, precision, _ = setup
         eps = schedule[-1]
         cx, cy = clouds.cx, clouds.cy
         need_x, need_y, need_a, need_b = ctx.needs_input_grad[:4]

@@ -435,7 +435,10 @@ class SinkhornResult:
         (torch.Size([60]), True)
         """
         self._unbatched("loss_hessian()", "a LossHessianOperator is the Hessian of one problem")
-        from .hvp import loss_hessian_operator
+        from .hvp import LossHessianOperator, loss_hessian_operator
+        if self.multiscale_layout is not None:
+            return LossHessianOperator.from_plan(self.plan, wrt=wrt, eps=self.eps, cost_scale=self.cost_scale,
+                                                 reach_x=self.reach_x, reach_y=self.reach_y, **solver_options)
         data, kw = self._operator_arguments()
         return loss_hessian_operator(*data, **kw, reach_x=self.reach_x, reach_y=self.reach_y, wrt=wrt,
                                      **solver_options)

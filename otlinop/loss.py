@@ -152,7 +152,7 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
     if multiscale is not None:
         return _multiscale_loss(owner, a, x, b, y, shape_a, shape_b, blur=blur, reach=reach, diameter=diameter,
                                 scaling=scaling, cost_scale=cost_scale, debias=debias, potentials=potentials,
-                                backend=backend, precision=precision, multiscale=multiscale)
+                                backend=backend, precision=precision, multiscale=multiscale, second=second)
     if torch.compiler.is_compiling():
         return _compiled_loss(owner, a, x, b, y, shape_a, shape_b, blur=blur, rho=rho, diameter=diameter,
                               scaling=scaling, cost_scale=cost_scale, debias=debias, potentials=potentials,
@@ -177,13 +177,17 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
 
 
 def _multiscale_loss(owner: str, a, x, b, y, shape_a, shape_b, *, blur, reach, diameter, scaling, cost_scale,
-                     debias, potentials, backend, precision, multiscale: Multiscale):
-    """:func:`_samples_loss` with ``backend="multiscale"`` (``otlinop._loss_multiscale``)."""
+                     debias, potentials, backend, precision, multiscale: Multiscale, second: SecondOrder):
+    """:func:`_samples_loss` with ``backend="multiscale"`` (``otlinop._loss_multiscale``). Without a
+    double backward, ``converge`` is "always" (converged potentials) or not (GeomLoss' schedule)."""
     refuse_for_multiscale(owner, x, reach=reach)
     inp, eps, schedule = checked_schedule(owner, x, y, a, b, blur=blur, scaling=scaling, diameter=diameter,
                                           rho=None, check=True, cost_scale=cost_scale)
     check_backend(owner, backend, x)
-    setup = (multiscale, list(schedule), cost_scale, debias, backend, precision)
+    converge = None
+    if second.converge == "always":
+        converge = (second.tolerance(inp.pot_dtype), second.refine_max_iter)
+    setup = (multiscale, list(schedule), cost_scale, debias, backend, precision, converge)
     x, y, a, b = inp.x[0], inp.y[0], inp.a[0], inp.b[0]
     if potentials:
         F, G = multiscale_potentials(owner, x, y, a, b, setup)
