@@ -533,7 +533,7 @@ def _index_vector(owner: str, name: str, t, expected: str, device) -> None:
                          f"move it with {name}.to('{device}')")
 
 
-def block_pattern(owner: str, ptr, idx, num_rows: int, num_cols: int, device) -> list:
+def block_pattern(owner: str, ptr, idx, num_rows: int, num_cols: int, device, *, values: bool = True) -> list:
     """A CSR pattern of kept (row cluster, column cluster) pairs; returns value flags.
 
     ``ptr`` (num_rows + 1,) and ``idx`` (nnz,), int64 on ``device``: row
@@ -541,7 +541,8 @@ def block_pattern(owner: str, ptr, idx, num_rows: int, num_cols: int, device) ->
     dtypes and devices raise here; the values (``ptr`` from 0 to nnz,
     non-decreasing; ids in ``[0, num_cols)``, strictly ascending per row) come
     back as ``(flag, message)`` pairs of 0-d device tensors for :func:`finite`'s
-    ``flags``: one read-back with the other checks of the call.
+    ``flags``: one read-back with the other checks of the call. ``values=False``
+    (``config.check_finite`` off) returns no flags and launches nothing.
     """
     _index_vector(owner, "ptr", ptr, f"({num_rows + 1},)", device)
     if tuple(ptr.shape) != (num_rows + 1,):
@@ -552,6 +553,8 @@ def block_pattern(owner: str, ptr, idx, num_rows: int, num_cols: int, device) ->
         raise ValueError(f"{owner}: idx has shape {fmt_shape(idx.shape)}, expected (nnz,): the kept column "
                          "cluster ids, row cluster after row cluster")
     nnz = idx.numel()
+    if not values:
+        return []
     with torch.no_grad():
         flags = [((ptr[0] == 0) & (ptr[-1] == nnz) & (ptr[1:] >= ptr[:-1]).all(),
                   f"ptr must start at 0, end at idx.numel() = {nnz} and never decrease")]
@@ -564,7 +567,7 @@ def block_pattern(owner: str, ptr, idx, num_rows: int, num_cols: int, device) ->
     return flags
 
 
-def cluster_layout(geo: Geometry, x_starts, y_starts, ptr, idx) -> list:
+def cluster_layout(geo: Geometry, x_starts, y_starts, ptr, idx, *, values: bool = True) -> list:
     """Clustered clouds and a block pattern of an unbatched call; returns value flags.
 
     ``x_starts`` (Kx + 1,) and ``y_starts`` (Ky + 1,): cluster I of x holds the
@@ -572,20 +575,24 @@ def cluster_layout(geo: Geometry, x_starts, y_starts, ptr, idx) -> list:
     :func:`block_pattern` over Kx row and Ky column clusters. All int64 on the
     device of x. Shapes, dtypes and devices raise here; the values (starts
     from 0 to n, non-decreasing, and the pattern's) come back as flags for
-    :func:`finite`'s ``flags``.
+    :func:`finite`'s ``flags`` (none with ``values=False``).
     """
     owner = geo.owner
     flags = []
-    for name, t, rows, count in (("x_starts", x_starts, "(Kx + 1,)", geo.n), ("y_starts", y_starts, "(Ky + 1,)", geo.m)):
+    for name, t, rows, count in (("x_starts", x_starts, "(Kx + 1,)", geo.n),
+                                 ("y_starts", y_starts, "(Ky + 1,)", geo.m)):
         _index_vector(owner, name, t, rows, geo.device)
         if t.ndim != 1 or t.numel() < 1:
             raise ValueError(f"{owner}: {name} has shape {fmt_shape(t.shape)}, expected {rows} with K >= 0 "
                              "(the first row of each cluster, then the number of points)")
+        if not values:
+            continue
         with torch.no_grad():
             ok = (t[0] == 0) & (t[-1] == count) & (t[1:] >= t[:-1]).all()
         flags.append((ok, f"{name} must start at 0, end at the number of points ({count}) and never "
                           "decrease (an empty cluster repeats a value)"))
-    return flags + block_pattern(owner, ptr, idx, x_starts.numel() - 1, y_starts.numel() - 1, geo.device)
+    return flags + block_pattern(owner, ptr, idx, x_starts.numel() - 1, y_starts.numel() - 1, geo.device,
+                                 values=values)
 
 
 # --------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from otlinop.kernels import (  # noqa: E402
     blocksparse_softmin_torch,
     transpose_pattern,
 )
+from otlinop.kernels.blocksparse import blocksparse_apply_unchecked, blocksparse_softmin_unchecked  # noqa: E402
 
 F64 = torch.float64
 #: Float64 references against the dense formulas: reassociation only.
@@ -514,3 +515,64 @@ def test_gpu_call_synchronises_nothing(override):
         blocksparse_lse(*args, *lay, eps=0.5)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "tf32x3"])
+def test_triton_precisions_above_local_max_d(precision):
+    """d = 6 takes the prepared pair: the tensor-core path, or FMAs for "ieee" (exact fp32 dots in the interpreter)."""
+    x, y, xs, ys, ptr, idx = clustered_problem(*TRITON_CASE, d=6, seed=14)
+    h = 0.3 * torch.randn(y.shape[0], generator=_gen(15), dtype=F64)
+    want = blocksparse_lse_torch(x, y, h, xs, ys, ptr, idx, eps=0.25)
+    got = blocksparse_lse(_on(x, torch.float32), _on(y, torch.float32), _on(h, torch.float32),
+                          *_layout_on(xs, ys, ptr, idx), eps=0.25, backend="triton", precision=precision)
+    tol = TOL_TF32 if (CUDA and precision == "tf32") else TOL_TRITON[torch.float32]
+    assert _scale_err(got, want) < tol
+
+
+def test_backend_choice():
+    x, y, h, xs, ys, ptr, idx = _args()
+    ref = blocksparse_lse_torch(x, y, h, xs, ys, ptr, idx, eps=0.5)
+    assert torch.equal(blocksparse_lse(x, y, h, xs, ys, ptr, idx, eps=0.5, backend="torch"), ref)
+    assert torch.equal(blocksparse_lse(x, y, h, xs, ys, ptr, idx, eps=0.5, backend="auto"), ref)
+    with pytest.raises(TypeError, match="^blocksparse_lse: backend='triton' supports float32, float16 and "
+                                        "bfloat16 points; x has dtype torch.float64"):
+        blocksparse_lse(x, y, h, xs, ys, ptr, idx, eps=0.5, backend="triton")
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log2:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unchecked_entry_points_match_and_read_nothing_on_triton(backend, monkeypatch):
+    x, y, xs, ys, ptr, idx = clustered_problem(*TRITON_CASE, d=3, seed=16)
+    dtype = torch.float32
+    args = (_on(x, dtype), _on(y, dtype))
+    lay = _layout_on(xs, ys, ptr, idx)
+    h = _on(0.2 * torch.randn(y.shape[0], generator=_gen(17), dtype=F64), dtype)
+    f = torch.zeros(x.shape[0], device=DEVICE)
+    V = _on(torch.randn(y.shape[0], 2, generator=_gen(18), dtype=F64), dtype)
+    want_s = blocksparse_softmin(*args, h, *lay, eps=0.4, backend=backend)
+    want_a = blocksparse_apply(*args, f, h, V, *lay, eps=0.4, backend=backend)
+    log = []
+    if backend == "triton":
+        for name in READS:
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name,
+                                lambda self, *a, _real=real, _name=name: log.append(_name) or _real(self, *a))
+    got_s = blocksparse_softmin_unchecked(*args, h, *lay, eps=0.4, cost_scale=1.0, backend=backend, precision=None)
+    got_a = blocksparse_apply_unchecked(*args, f, h, V, *lay, eps=0.4, log_a=None, log_b=None, cost_scale=1.0,
+                                        backend=backend, precision=None)
+    monkeypatch.undo()
+    assert log == []
+    assert torch.equal(got_s, want_s) and torch.equal(got_a, want_a)
+
+
+def test_layout_values_are_checked_with_the_finite_check_only(override):
+    """The layout's values join the finiteness read-back; with config.check_finite off the shapes and
+    dtypes are still checked."""
+    x, y, h, xs, ys, ptr, idx = _args()
+    bad = torch.tensor([0, 3, 2, 5])  # decreasing
+    with pytest.raises(ValueError, match="y_starts must start at 0"):
+        blocksparse_lse(x, y, h, xs, bad, ptr, idx, eps=1.0)
+    override(check_finite=False)
+    with pytest.raises(TypeError, match="y_starts has dtype torch.int32"):
+        blocksparse_lse(x, y, h, xs, ys.int(), ptr, idx, eps=1.0)

@@ -24,7 +24,8 @@ GeomLoss's loss ``SamplesLoss("sinkhorn", p=2, blur=--blur, scaling=0.5)``
    otherwise a row says why it is absent.
 2. **The kernel.** One ``blocksparse_softmin`` (one half Sinkhorn update) on
    a grid clustering made here (cells of width ``--cell``, by default about
-   128 points per cell of the unit cube, each keeping its 3^3 neighbouring cells), against the dense ``softmin`` where it fits:
+   128 points per cell of the unit cube, each keeping its 3^3 neighbouring
+   cells), against the dense ``softmin`` where it fits:
    kept entries, time, and the kept entries per second against the measured
    exp2 rate (the floor of any streaming kernel: one exp2 per entry).
 
@@ -352,8 +353,8 @@ def kernel_table(rows) -> str:
              "G entries/s | fraction of exp2 floor |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        head = (f"| {r['data']} | {r['n']} | {r['kernel']} | {r['cell']:.3g} | {r['clusters']} | {r['pairs']} | {r['kept']} | "
-                f"{r['kept_fraction']:.2e} |")
+        head = (f"| {r['data']} | {r['n']} | {r['kernel']} | {r['cell']:.3g} | {r['clusters']} | {r['pairs']} | "
+                f"{r['kept']} | {r['kept_fraction']:.2e} |")
         if "error" in r:
             lines.append(head + f" {r['error']} | | | |")
         else:

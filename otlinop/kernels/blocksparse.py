@@ -44,8 +44,8 @@ import torch
 
 from solvers import config
 
-from .._checks import (block_pattern, cluster_layout, finite, nonnegative_int, operand, points, positive_scalar,
-                       vector)
+from .._checks import (Geometry, block_pattern, cluster_layout, finite, nonnegative_int, operand, points,
+                       positive_scalar, vector)
 from ._dispatch import interpreting, resolve_backend, resolve_precision
 from ._grid import device_guard, unit_last
 from ._layout import prepare_pair
@@ -57,10 +57,12 @@ from ._tuning import AUTOTUNE_DISK_CACHE, TunedLaunch, bucket, configs_or_interp
 __all__ = [
     "blocksparse_apply",
     "blocksparse_apply_torch",
+    "blocksparse_apply_unchecked",
     "blocksparse_lse",
     "blocksparse_lse_torch",
     "blocksparse_softmin",
     "blocksparse_softmin_torch",
+    "blocksparse_softmin_unchecked",
     "transpose_pattern",
 ]
 
@@ -77,7 +79,8 @@ OVERFLOW_HINT = (
 
 def _geometry(fn, x, y, x_starts, y_starts, ptr, idx, eps, cost_scale):
     geo = points(fn, x, y, batch="none", hint="block-sparse kernels take one clustered pair of clouds per call")
-    flags = cluster_layout(geo, x_starts, y_starts, ptr, idx)
+    # The layout's values are read back with the finiteness check: not computed when that is off.
+    flags = cluster_layout(geo, x_starts, y_starts, ptr, idx, values=config.check_finite)
     return geo, flags, positive_scalar(fn, "eps", eps), positive_scalar(fn, "cost_scale", cost_scale)
 
 
@@ -157,7 +160,7 @@ def transpose_pattern(ptr, idx, num_col_clusters):
     ky = nonnegative_int(fn, "num_col_clusters", num_col_clusters)
     if not isinstance(ptr, torch.Tensor):
         raise TypeError(f"{fn}: ptr must be a torch.Tensor of dtype int64, got {type(ptr).__name__}")
-    finite(fn, {}, flags=block_pattern(fn, ptr, idx, ptr.numel() - 1, ky, ptr.device))
+    finite(fn, {}, flags=block_pattern(fn, ptr, idx, ptr.numel() - 1, ky, ptr.device, values=config.check_finite))
     return transpose_pattern_torch(ptr, idx, ky)
 
 
@@ -943,3 +946,41 @@ def blocksparse_apply(x, y, f, g, V, x_starts, y_starts, ptr, idx, *, eps, log_a
                             precision)
     _check_apply(fn, x, y, f, g, V, log_a, log_b, flags, out)
     return out
+
+
+# --------------------------------------------------------------------------
+# Entry points for loops that checked their inputs once
+# --------------------------------------------------------------------------
+
+
+def _geometry_unchecked(fn, x, y):
+    return Geometry(fn, False, 1, x.shape[0], y.shape[0], x.shape[1], x.dtype, x.device)
+
+
+def blocksparse_softmin_unchecked(x, y, h, x_starts, y_starts, ptr, idx, *, eps: float, cost_scale: float,
+                                  backend, precision):
+    """:func:`blocksparse_softmin` without the input checks, for loops that ran them once.
+
+    The inputs must be valid (as :func:`blocksparse_softmin` checks them, the
+    layout's values included); ``eps`` and ``cost_scale`` positive floats. No
+    host synchronisation on the Triton path (the torch reference plans its
+    chunks on the host).
+    """
+    fn = "blocksparse_softmin"
+    backend, precision = _backend(fn, backend, precision, x)
+    if backend == "torch":
+        return -eps * blocksparse_lse_core(x, y, h, x_starts, y_starts, ptr, idx, eps, cost_scale)
+    return _lse_triton(_geometry_unchecked(fn, x, y), x, y, h, x_starts, y_starts, ptr, idx, eps, cost_scale,
+                       precision, -eps * LN2)
+
+
+def blocksparse_apply_unchecked(x, y, f, g, V, x_starts, y_starts, ptr, idx, *, eps: float, log_a, log_b,
+                                cost_scale: float, backend, precision):
+    """:func:`blocksparse_apply` without the input checks nor the overflow check of its result,
+    for loops and operators that ran them once; no host synchronisation on the Triton path."""
+    fn = "blocksparse_apply"
+    backend, precision = _backend(fn, backend, precision, x)
+    if backend == "torch":
+        return blocksparse_apply_core(x, y, f, g, V, x_starts, y_starts, ptr, idx, log_a, log_b, eps, cost_scale)
+    return _apply_triton(_geometry_unchecked(fn, x, y), x, y, f, g, V, x_starts, y_starts, ptr, idx, log_a, log_b,
+                         eps, cost_scale, precision)
