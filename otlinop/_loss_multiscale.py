@@ -25,7 +25,7 @@ import torch
 from solvers import config
 
 from ._sinkhorn_multiscale import check_dimension, cluster_clouds, multiscale_loop
-from .kernels.blocksparse import blocksparse_apply
+from .kernels.blocksparse import blocksparse_apply_unchecked
 
 __all__ = ["refuse_for_multiscale", "MultiscaleLoss", "multiscale_potentials"]
 
@@ -75,9 +75,9 @@ def _point_grad(cx, cy, pattern, f, g_pre, eps, cost_scale, backend, precision):
     x, y = cx.points.to(f.dtype), cy.points.to(f.dtype)
     V = torch.cat([torch.ones_like(y[:, :1]), y], dim=1)
     log = lambda w: torch.log(w.to(f.dtype))  # noqa: E731
-    PV = blocksparse_apply(x, y, f, g_pre, V, cx.starts, cy.starts, pattern.ptr, pattern.idx, eps=eps,
-                           log_a=log(cx.weights), log_b=log(cy.weights), cost_scale=cost_scale, backend=backend,
-                           precision=precision)
+    PV = blocksparse_apply_unchecked(x, y, f, g_pre, V, cx.starts, cy.starts, pattern.ptr, pattern.idx, eps=eps,
+                                     log_a=log(cx.weights), log_b=log(cy.weights), cost_scale=cost_scale,
+                                     backend=backend, precision=precision)
     rows = PV[:, :1]
     ybar = PV[:, 1:] / torch.where(rows > 0, rows, torch.ones_like(rows))
     a = cx.weights.to(f.dtype)[:, None]
