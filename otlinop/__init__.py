@@ -27,12 +27,13 @@ from ._operators.sparse import SparseOperator
 from ._interop import aslinearoperator
 from .plan import PlanOperator, plan_matmul
 from .truncated import TruncatedPlanOperator
+from .multiscale import BlockSparsePlanOperator, Multiscale
 from .marginals import marginal_error, plan_marginals
 from .sinkhorn import ConvergenceWarning, SinkhornResult, epsilon_schedule, sinkhorn
 from .loss import SamplesLoss, sinkhorn_loss
 from .hessian import DualHessianOperator, HessianOperator, dual_hessian
 from .hvp import (LossHessianOperator, grad_x, grad_y, hvp, hvp_self, hvp_x, hvp_y,
-                  loss_hessian_operator)
+                  loss_hessian_operator, plan_hvp)
 # The subpackage, reached as otlinop.distributed (its names are not re-exported here).
 from . import distributed
 from solvers import (GraphCache, SolveResult, bicgstab, cg, config, gmres, jacobi, lsmr, minres, neumann,
@@ -43,11 +44,11 @@ __version__ = "0.1.0"
 __all__ = [
     # operators
     "LinearOperator", "Dense", "Diag", "Identity", "Zero", "BlockOperator", "SparseOperator", "aslinearoperator",
-    "PlanOperator", "TruncatedPlanOperator", "plan_matmul", "plan_marginals", "marginal_error",
+    "PlanOperator", "TruncatedPlanOperator", "BlockSparsePlanOperator", "plan_matmul", "plan_marginals", "marginal_error",
     # Sinkhorn and the loss
-    "sinkhorn", "SinkhornResult", "ConvergenceWarning", "epsilon_schedule", "SamplesLoss", "sinkhorn_loss",
+    "sinkhorn", "Multiscale", "SinkhornResult", "ConvergenceWarning", "epsilon_schedule", "SamplesLoss", "sinkhorn_loss",
     # second order
-    "HessianOperator", "DualHessianOperator", "dual_hessian", "hvp", "hvp_x", "hvp_y", "hvp_self",
+    "HessianOperator", "DualHessianOperator", "dual_hessian", "hvp", "plan_hvp", "hvp_x", "hvp_y", "hvp_self",
     "grad_x", "grad_y", "loss_hessian_operator", "LossHessianOperator",
     # solvers
     "cg", "minres", "gmres", "bicgstab", "lsmr", "solve", "SolveResult", "jacobi", "neumann",

@@ -50,6 +50,7 @@ __all__ = [
     "function", "solver_function", "preconditioner", "reach_or_none",
     "backend_name", "precision_name", "triton_ready",
     "Geometry", "points", "vector", "weights", "potential", "matrix", "directions", "operand", "finite", "choice",
+    "block_pattern", "cluster_layout",
     "compute_dtype", "measures_and_read",
     "COMPLEX_DTYPES", "OPERATOR_DTYPES", "operator_dtype", "real_operator_dtype", "operator_tensor",
     "operator_operand_shape",
@@ -519,6 +520,81 @@ def operand(geo: Geometry, name: str, V, rows: int, *, what: str = "", transpose
     return V
 
 
+def _index_vector(owner: str, name: str, t, expected: str, device) -> None:
+    """An int64 vector of shape ``expected`` (formatted) on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{owner}: {name} must be a torch.Tensor of dtype int64 and shape {expected}, got "
+                        f"{_describe(t)}; convert with torch.as_tensor(..., dtype=torch.int64)")
+    if t.dtype != torch.int64:
+        raise TypeError(f"{owner}: {name} has dtype {t.dtype}, expected torch.int64; convert with "
+                        f"{name}.to(torch.int64)")
+    if t.device != device:
+        raise ValueError(f"{owner}: {name} is on device {t.device}, but x is on {device}; "
+                         f"move it with {name}.to('{device}')")
+
+
+def block_pattern(owner: str, ptr, idx, num_rows: int, num_cols: int, device, *, values: bool = True) -> list:
+    """A CSR pattern of kept (row cluster, column cluster) pairs; returns value flags.
+
+    ``ptr`` (num_rows + 1,) and ``idx`` (nnz,), int64 on ``device``: row
+    cluster I keeps the column clusters ``idx[ptr[I]:ptr[I + 1]]``. Shapes,
+    dtypes and devices raise here; the values (``ptr`` from 0 to nnz,
+    non-decreasing; ids in ``[0, num_cols)``, strictly ascending per row) come
+    back as ``(flag, message)`` pairs of 0-d device tensors for :func:`finite`'s
+    ``flags``: one read-back with the other checks of the call. ``values=False``
+    (``config.check_finite`` off) returns no flags and launches nothing.
+    """
+    _index_vector(owner, "ptr", ptr, f"({num_rows + 1},)", device)
+    if tuple(ptr.shape) != (num_rows + 1,):
+        raise ValueError(f"{owner}: ptr has shape {fmt_shape(ptr.shape)}, expected ({num_rows + 1},): one entry "
+                         f"per row cluster ({num_rows}) plus one")
+    _index_vector(owner, "idx", idx, "(nnz,)", device)
+    if idx.ndim != 1:
+        raise ValueError(f"{owner}: idx has shape {fmt_shape(idx.shape)}, expected (nnz,): the kept column "
+                         "cluster ids, row cluster after row cluster")
+    nnz = idx.numel()
+    if not values:
+        return []
+    with torch.no_grad():
+        flags = [((ptr[0] == 0) & (ptr[-1] == nnz) & (ptr[1:] >= ptr[:-1]).all(),
+                  f"ptr must start at 0, end at idx.numel() = {nnz} and never decrease")]
+        if nnz:
+            row = torch.searchsorted(ptr, torch.arange(nnz, device=ptr.device), right=True) - 1
+            ascending = ((idx[1:] > idx[:-1]) | (row[1:] != row[:-1])).all()
+            flags.append((ascending & (idx.amin() >= 0) & (idx.amax() < num_cols),
+                          f"idx must hold column cluster ids in [0, {num_cols}), strictly ascending inside each "
+                          "row cluster (sort them, drop repeats)"))
+    return flags
+
+
+def cluster_layout(geo: Geometry, x_starts, y_starts, ptr, idx, *, values: bool = True) -> list:
+    """Clustered clouds and a block pattern of an unbatched call; returns value flags.
+
+    ``x_starts`` (Kx + 1,) and ``y_starts`` (Ky + 1,): cluster I of x holds the
+    rows ``x_starts[I]:x_starts[I + 1]``; ``ptr`` and ``idx``: the pattern of
+    :func:`block_pattern` over Kx row and Ky column clusters. All int64 on the
+    device of x. Shapes, dtypes and devices raise here; the values (starts
+    from 0 to n, non-decreasing, and the pattern's) come back as flags for
+    :func:`finite`'s ``flags`` (none with ``values=False``).
+    """
+    owner = geo.owner
+    flags = []
+    for name, t, rows, count in (("x_starts", x_starts, "(Kx + 1,)", geo.n),
+                                 ("y_starts", y_starts, "(Ky + 1,)", geo.m)):
+        _index_vector(owner, name, t, rows, geo.device)
+        if t.ndim != 1 or t.numel() < 1:
+            raise ValueError(f"{owner}: {name} has shape {fmt_shape(t.shape)}, expected {rows} with K >= 0 "
+                             "(the first row of each cluster, then the number of points)")
+        if not values:
+            continue
+        with torch.no_grad():
+            ok = (t[0] == 0) & (t[-1] == count) & (t[1:] >= t[:-1]).all()
+        flags.append((ok, f"{name} must start at 0, end at the number of points ({count}) and never "
+                          "decrease (an empty cluster repeats a value)"))
+    return flags + block_pattern(owner, ptr, idx, x_starts.numel() - 1, y_starts.numel() - 1, geo.device,
+                                 values=values)
+
+
 # --------------------------------------------------------------------------
 # Operators: their data, their operands, their algebra
 # --------------------------------------------------------------------------
@@ -766,7 +842,7 @@ def _result_flags(results: dict, allow_neg_inf, hint: str) -> list:
 
 def finite(owner: str, tensors: dict, *, allow_neg_inf=(), allow_pos_inf=(), nonnegative=(),
            hint: str = "", results: dict | None = None, result_hint: str = "",
-           cost_scale: float | None = None) -> None:
+           cost_scale: float | None = None, flags: list | None = None) -> None:
     """ValueError if a tensor of ``tensors`` (name -> tensor or None) holds NaN or inf.
 
     ``allow_neg_inf`` / ``allow_pos_inf``: names that may hold -inf (a zero
@@ -778,7 +854,9 @@ def finite(owner: str, tensors: dict, *, allow_neg_inf=(), allow_pos_inf=(), non
     of travelling on as inf; a name in ``allow_neg_inf`` may hold -inf there
     too. With ``cost_scale``, the points ``tensors["x"]`` and ``tensors["y"]``
     must also keep their costs ``cost_scale |x_i - y_j|^2`` finite in the
-    compute dtype. One device-to-host synchronisation, none when
+    compute dtype. ``flags``: more ``(flag, message)`` pairs of 0-d device
+    tensors (e.g. :func:`cluster_layout`'s), read back first, with the
+    others. One device-to-host synchronisation, none when
     ``config.check_finite`` is False or a CUDA graph is being captured.
     """
     if not config.check_finite or _capturing():
@@ -787,8 +865,8 @@ def finite(owner: str, tensors: dict, *, allow_neg_inf=(), allow_pos_inf=(), non
         # needs ran it. (solvers.cg(graph=True) does not capture an operator that
         # checks: its dry product under sync debug mode finds the synchronisation.)
         return
-    flags = _value_flags(tensors, allow_neg_inf=allow_neg_inf, allow_pos_inf=allow_pos_inf,
-                         nonnegative=nonnegative, hint=hint)
+    flags = list(flags or []) + _value_flags(tensors, allow_neg_inf=allow_neg_inf, allow_pos_inf=allow_pos_inf,
+                                             nonnegative=nonnegative, hint=hint)
     if cost_scale is not None:
         flags += _extent_flag(tensors["x"], tensors["y"], cost_scale)
     if results:

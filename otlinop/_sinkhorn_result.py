@@ -105,6 +105,16 @@ class SinkhornResult:
         resolution) or "diverged: ..." (non-finite potentials), with what to
         try next. ``sinkhorn`` warns it (``ConvergenceWarning``) for every
         result that is not converged, and ``repr`` shows it.
+    truncation_bound : tuple of float or None
+        Multiscale results only (``sinkhorn(..., multiscale=...)``): certified
+        bounds ``(rows, cols)`` on the plan mass that the block-sparse pattern
+        drops, ``rows >= max_i sum_{j dropped} P_ij / a_i`` and likewise for
+        the columns, at the final potentials (docs/multiscale.md); None for
+        the dense solver, which drops nothing.
+    multiscale_layout : tuple or None
+        Multiscale results only: ``(cx, cy, pattern)``, the two clusterings and
+        the kept cluster pairs that ``plan`` is built on
+        (``otlinop.multiscale``).
 
     Notes
     -----
@@ -141,6 +151,8 @@ class SinkhornResult:
     marginal_error_history: list = field(default_factory=list)
     threshold: float = math.nan
     status: str = ""
+    truncation_bound: tuple | None = None
+    multiscale_layout: tuple | None = None
 
     @property
     def rho_x(self):
@@ -223,15 +235,18 @@ class SinkhornResult:
         >>> bool(torch.isclose(res.transport_cost(), dense))
         True
         """
-        from .plan import plan_matmul
         dt = self.f.dtype
         x, y = self.x.to(dt), self.y.to(dt)
         centre = torch.cat([x, y], dim=-2).mean(-2, keepdim=True)
         x, y = x - centre, y - centre
         y2 = (y * y).sum(-1, keepdim=True)
         V = torch.cat([torch.ones_like(y2), y, y2], dim=-1)
-        PV = plan_matmul(x, y, self.f, self.g, V, eps=self.eps, a=self.a.to(dt), b=self.b.to(dt),
-                         cost_scale=self.cost_scale, backend=self.backend, precision=self.precision)
+        if self.multiscale_layout is not None:
+            PV = self.plan @ V
+        else:
+            from .plan import plan_matmul
+            PV = plan_matmul(x, y, self.f, self.g, V, eps=self.eps, a=self.a.to(dt), b=self.b.to(dt),
+                             cost_scale=self.cost_scale, backend=self.backend, precision=self.precision)
         rows, Py, Py2 = PV[..., 0], PV[..., 1:-1], PV[..., -1]
         value = (rows * (x * x).sum(-1) - 2 * (x * Py).sum(-1) + Py2).sum(-1)
         return self.cost_scale * value
@@ -254,6 +269,9 @@ class SinkhornResult:
     def plan(self):
         """The plan as a ``PlanOperator`` (n, m) built from (x, y, f, g, a, b).
 
+        A multiscale result returns the block-sparse plan, a
+        ``otlinop.multiscale.BlockSparsePlanOperator`` on its kept cluster pairs.
+
         Raises
         ------
         ValueError
@@ -263,6 +281,14 @@ class SinkhornResult:
             raise ValueError(f"SinkhornResult.plan: this result holds a batch of {self.x.shape[0]} problems, "
                              "but a PlanOperator is one (n, m) plan; use result.select(i).plan, or "
                              "otlinop.plan.plan_matmul(x, y, f, g, V, eps=..., a=..., b=...) for a batch")
+        if self.multiscale_layout is not None:
+            from .multiscale import BlockSparsePlanOperator
+            cx, cy, pattern = self.multiscale_layout
+            dt = self.f.dtype
+            return BlockSparsePlanOperator(cx, cy, pattern, self.f[cx.perm], self.g[cy.perm], eps=self.eps,
+                                           a_s=self.a.to(dt)[cx.perm], b_s=self.b.to(dt)[cy.perm],
+                                           cost_scale=self.cost_scale, backend=self.backend,
+                                           precision=self.precision)
         from .plan import PlanOperator
         data, kw = self._operator_arguments()
         return PlanOperator(*data, **kw)
@@ -309,6 +335,9 @@ class SinkhornResult:
         """
         self._unbatched("hessian()", "a HessianOperator is the (m, m) Schur complement of one problem")
         from .hessian import HessianOperator
+        if self.multiscale_layout is not None:
+            return HessianOperator.from_plan(self.plan, eps=self.eps, reach_x=self.reach_x, reach_y=self.reach_y,
+                                             ridge=ridge)
         data, kw = self._operator_arguments()
         return HessianOperator(*data, **kw, reach_x=self.reach_x, reach_y=self.reach_y, ridge=ridge)
 
@@ -352,7 +381,10 @@ class SinkhornResult:
         """
         self._unbatched("dual_hessian()", "a DualHessianOperator is the (n + m, n + m) dual Hessian of "
                         "one problem")
-        from .hessian import dual_hessian
+        from .hessian import DualHessianOperator, dual_hessian
+        if self.multiscale_layout is not None:
+            return DualHessianOperator(self.plan, eps=self.eps, reach_x=self.reach_x, reach_y=self.reach_y,
+                                       ridge=ridge)
         data, kw = self._operator_arguments()
         return dual_hessian(*data, **kw, reach_x=self.reach_x, reach_y=self.reach_y, ridge=ridge)
 
@@ -403,7 +435,10 @@ class SinkhornResult:
         (torch.Size([60]), True)
         """
         self._unbatched("loss_hessian()", "a LossHessianOperator is the Hessian of one problem")
-        from .hvp import loss_hessian_operator
+        from .hvp import LossHessianOperator, loss_hessian_operator
+        if self.multiscale_layout is not None:
+            return LossHessianOperator.from_plan(self.plan, wrt=wrt, eps=self.eps, cost_scale=self.cost_scale,
+                                                 reach_x=self.reach_x, reach_y=self.reach_y, **solver_options)
         data, kw = self._operator_arguments()
         return loss_hessian_operator(*data, **kw, reach_x=self.reach_x, reach_y=self.reach_y, wrt=wrt,
                                      **solver_options)

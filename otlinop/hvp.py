@@ -40,7 +40,7 @@ from ._operators.plan_product import transport_gradient_for
 from .hessian import DualHessianOperator, hessian_options
 from .plan import plan_operator_for
 
-__all__ = ["hvp", "hvp_x", "hvp_y", "hvp_self", "grad_x", "grad_y", "loss_hessian_operator",
+__all__ = ["hvp", "plan_hvp", "hvp_x", "hvp_y", "hvp_self", "grad_x", "grad_y", "loss_hessian_operator",
            "LossHessianOperator", "inner_rtol"]
 
 # Inner-solve tolerances that the float64 tests and the float32 benchmark need
@@ -364,6 +364,94 @@ def hvp(x, y, f, g, A=None, B=None, *, eps, a=None, b=None, cost_scale=1.0, reac
                         backend=backend, precision=precision, truncate=truncate)
 
 
+def _plan_points(owner: str, P):
+    """``(x, y)`` of a plan operator given to ``owner`` (a ``PlanOperator``, ``BlockSparsePlanOperator``, ...)."""
+    if not isinstance(P, LinearOperator) or not all(hasattr(P, name) for name in ("x", "y", "row_sums", "col_sums")):
+        raise TypeError(f"{owner}: P must be a plan operator with points x, y and row_sums()/col_sums() (a "
+                        "PlanOperator, or the plan of a sinkhorn result such as a BlockSparsePlanOperator), got "
+                        f"{type(P).__name__}")
+    return P.x, P.y
+
+
+def _plan_dual(owner, P, *, eps, cost_scale, reach_x, reach_y, solver, M, rtol, atol, maxiter, ridge):
+    """``(K, x, y, cost_scale, solve options)`` for an HVP on the given plan ``P``."""
+    x, y = _plan_points(owner, P)
+    eps, _, _, _ = hessian_options(owner, eps, reach_x, reach_y, ridge)
+    cost_scale = positive_scalar(owner, "cost_scale", cost_scale)
+    solve = _solve_options(owner, P.dtype, solver, M, rtol, atol, maxiter)
+    K = DualHessianOperator(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
+    return K, x, y, cost_scale, solve
+
+
+def plan_hvp(P, A=None, B=None, *, eps, cost_scale=1.0, reach_x=None, reach_y=None, solver=cg, M=None, rtol=None,
+             atol=0.0, maxiter=None, ridge=None):
+    r"""The Hessian-vector product of the OT loss along ``(A, B)`` on a given plan operator.
+
+    :func:`hvp` builds the streaming ``PlanOperator`` from potentials; this
+    takes the plan itself, e.g. the block-sparse plan of
+    ``sinkhorn(..., multiscale=...)``, whose products skip the dropped
+    cluster pairs.
+
+    Parameters
+    ----------
+    P : PlanOperator or BlockSparsePlanOperator, shape (n, m)
+        The plan at converged potentials; it gives the points ``P.x`` (n, d)
+        and ``P.y`` (m, d).
+    A : Tensor, shape (n, d) or (n, d, k), optional
+    B : Tensor, shape (m, d) or (m, d, k), optional
+        The direction(s), as in :func:`hvp` (at least one).
+    eps : float
+    cost_scale, reach_x, reach_y, solver, M, rtol, atol, maxiter, ridge
+        As in :func:`hvp`.
+
+    Returns
+    -------
+    Hx : Tensor, shape of A's (n, d[, k])
+    Hy : Tensor, shape (m, d[, k])
+    result : SolveResult
+        The inner solve's.
+
+    Raises
+    ------
+    TypeError
+        If ``P`` is not a plan operator.
+    ValueError
+        For a missing direction or mismatched shapes.
+
+    Notes
+    -----
+    The formulas of :func:`hvp` with ``K = DualHessianOperator(P)``: every
+    plan pass is a product with ``P`` or ``P.T``. On a block-sparse plan the
+    result is the HVP of the loss restricted to the kept pairs; the dropped
+    mass (``SinkhornResult.truncation_bound``) bounds the difference.
+
+    Examples
+    --------
+    >>> import torch, solvers, otlinop
+    >>> from otlinop.hvp import plan_hvp
+    >>> _ = torch.manual_seed(0)
+    >>> x, y = torch.rand(60, 2, dtype=torch.float64), torch.rand(50, 2, dtype=torch.float64)
+    >>> res = otlinop.sinkhorn(x, y, blur=0.2, threshold=1e-10, multiscale=otlinop.Multiscale(cluster_scale=0.3))
+    >>> Hx, Hy, info = plan_hvp(res.plan, torch.randn_like(x), eps=res.eps, M=solvers.jacobi())
+    >>> Hx.shape, info.converged
+    (torch.Size([60, 2]), True)
+    """
+    owner = "plan_hvp"
+    if A is None and B is None:
+        raise ValueError(f"{owner}: give a direction A (for x), B (for y) or both; got neither")
+    K, x, y, cost_scale, solve = _plan_dual(owner, P, eps=eps, cost_scale=cost_scale, reach_x=reach_x,
+                                            reach_y=reach_y, solver=solver, M=M, rtol=rtol, atol=atol,
+                                            maxiter=maxiter, ridge=ridge)
+    geo = points(owner, x, y, batch="none")
+    if A is not None:
+        A = directions(geo, "A", A, geo.n, what="one direction for x, or k of them")
+    if B is not None:
+        k = None if A is None else (0 if A.ndim == 2 else A.shape[2])
+        B = directions(geo, "B", B, geo.m, k=k, what="shaped like A, one row per point of y")
+    finite(owner, {"A": A, "B": B}, hint="the directions must be finite")
+    return _hvp(K, x, y, A, B, cost_scale=cost_scale, solve=solve, sides="xy")
+
+
 def _checked_hvp(owner, x, y, f, g, A, B, sides, **options):
     """Validate, build the dual Hessian and run ``_hvp`` on the requested ``sides``."""
     K, A, B, cost_scale, solve = _checked_dual(owner, x, y, f, g, A, B, **options)
@@ -488,6 +576,20 @@ class LossHessianOperator(LinearOperator):
       also keeps the inner CG's captured iteration from one matvec to the
       next (``cg(graph=True)`` captures it again at every matvec).
     """
+
+    @classmethod
+    def from_plan(cls, P, *, wrt="x", eps, cost_scale=1.0, reach_x=None, reach_y=None, solver=cg, M=None,
+                  rtol=None, atol=0.0, maxiter=None, ridge=None) -> "LossHessianOperator":
+        """The loss Hessian on a given plan operator (e.g. the block-sparse plan of a multiscale
+        ``sinkhorn`` result); arguments as in :func:`plan_hvp`, ``wrt`` as in
+        :func:`loss_hessian_operator`."""
+        owner = "LossHessianOperator.from_plan"
+        if not (isinstance(wrt, str) and wrt in ("x", "y", "xy")):
+            raise ValueError(f"{owner}: wrt must be 'x', 'y' or 'xy', got {wrt!r}")
+        K, x, y, cost_scale, solve = _plan_dual(owner, P, eps=eps, cost_scale=cost_scale, reach_x=reach_x,
+                                                reach_y=reach_y, solver=solver, M=M, rtol=rtol, atol=atol,
+                                                maxiter=maxiter, ridge=ridge)
+        return cls(K, x, y, wrt=wrt, cost_scale=cost_scale, solve=solve)
 
     def __init__(self, K, x, y, *, wrt, cost_scale, solve):
         n, m, d = x.shape[0], y.shape[0], x.shape[1]

@@ -57,8 +57,10 @@ from ._checks import (Inputs, backend_name, choice, flag, fraction, measures_and
                       positive_scalar, precision_name, preconditioner, reach_or_none, solver_function)
 from ._loss_derivatives import CONVERGE, SecondOrder, Spec, converged, solve
 from ._loss_functions import SinkhornLoss
+from ._loss_multiscale import MultiscaleLoss, multiscale_potentials, refuse_for_multiscale
 from ._loss_ops import checked_schedule, loss_op
 from .kernels._dispatch import check_backend
+from .multiscale import Multiscale
 
 __all__ = ["SamplesLoss", "sinkhorn_loss"]
 
@@ -79,15 +81,24 @@ def _resolve_backend(owner: str, backend):
         # implementation serves both (Triton on CUDA, torch otherwise).
         return None
     if isinstance(backend, str) and backend == "multiscale":
-        warnings.warn(f"{owner}: backend='multiscale' (GeomLoss' kernel truncation) is not implemented; "
-                      "computing the exact loss with backend='auto' instead", stacklevel=3)
+        # The block-sparse kernels pick Triton or torch as the dense ones do.
         return None
     # GeomLoss' three names are mapped above; the rest are the package's.
     return backend_name(owner, backend)
 
 
+def _multiscale_options(owner: str, backend, cluster_scale, truncate) -> Multiscale | None:
+    """``Multiscale(cluster_scale, truncate)`` for ``backend="multiscale"``, checked for ``owner``; else None."""
+    if not (isinstance(backend, str) and backend == "multiscale"):
+        return None
+    if cluster_scale is not None:
+        cluster_scale = positive_scalar(owner, "cluster_scale", cluster_scale)
+    truncate = positive_scalar(owner, "truncate", truncate, "GeomLoss' default is 5")
+    return Multiscale(cluster_scale=cluster_scale, truncate=truncate)
+
+
 def _check_options(owner: str, loss, p, blur, reach, diameter, scaling, cost, kernel, cluster_scale,
-                   cost_scale, debias, potentials, precision):
+                   cost_scale, debias, potentials, precision, multiscale: bool = False):
     if loss != "sinkhorn":
         raise NotImplementedError(
             f"{owner}: only loss='sinkhorn' is implemented, got loss={loss!r}; for 'hausdorff', "
@@ -102,8 +113,8 @@ def _check_options(owner: str, loss, p, blur, reach, diameter, scaling, cost, ke
     if kernel is not None:
         raise NotImplementedError(f"{owner}: kernel= is only used by GeomLoss' kernel losses, which are not "
                                   "implemented here")
-    if cluster_scale is not None:
-        warnings.warn(f"{owner}: cluster_scale is ignored (no multiscale backend: the loss is exact)",
+    if cluster_scale is not None and not multiscale:
+        warnings.warn(f"{owner}: cluster_scale is ignored without backend='multiscale' (the loss is exact)",
                       stacklevel=3)
     blur = positive_scalar(owner, "blur", blur)
     reach = reach_or_none(owner, "reach", reach)
@@ -132,7 +143,7 @@ def _check_second_order(owner: str, solver, M, rtol, maxiter, converge) -> dict:
 
 
 def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cost_scale, debias,
-                  potentials, backend, precision, verbose, second: SecondOrder):
+                  potentials, backend, precision, verbose, second: SecondOrder, multiscale=None):
     shape_a = a.shape if isinstance(a, torch.Tensor) else None
     shape_b = b.shape if isinstance(b, torch.Tensor) else None
     a = _squeeze_weights(a, x)
@@ -142,12 +153,18 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
     from .distributed.loss import is_dtensor, sinkhorn_loss_dtensor
     if is_dtensor(x) or is_dtensor(y):
         # Sharded on the point dimension: the same loop and gradients over the mesh's process group.
+        if multiscale is not None:
+            raise NotImplementedError(f"{owner}: backend='multiscale' is not implemented for DTensor inputs")
         if potentials:
             raise NotImplementedError(f"{owner}: potentials=True is not implemented for DTensor inputs; call "
                                       "otlinop.sinkhorn on them for the potentials")
         return sinkhorn_loss_dtensor(x, y, a, b, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
                                      debias=debias, cost_scale=cost_scale, backend=backend, precision=precision,
                                      _owner=owner)
+    if multiscale is not None:
+        return _multiscale_loss(owner, a, x, b, y, shape_a, shape_b, blur=blur, reach=reach, diameter=diameter,
+                                scaling=scaling, cost_scale=cost_scale, debias=debias, potentials=potentials,
+                                backend=backend, precision=precision, multiscale=multiscale, second=second)
     if torch.compiler.is_compiling():
         return _compiled_loss(owner, a, x, b, y, shape_a, shape_b, blur=blur, rho=rho, diameter=diameter,
                               scaling=scaling, cost_scale=cost_scale, debias=debias, potentials=potentials,
@@ -169,6 +186,26 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
         return F.reshape(shape_a or F.shape), G.reshape(shape_b or G.shape)
     value = SinkhornLoss.apply(inp.x, inp.y, inp.a, inp.b, spec, second, verbose)
     return value if inp.batched else value[0]
+
+
+def _multiscale_loss(owner: str, a, x, b, y, shape_a, shape_b, *, blur, reach, diameter, scaling, cost_scale,
+                     debias, potentials, backend, precision, multiscale: Multiscale, second: SecondOrder):
+    """:func:`_samples_loss` with ``backend="multiscale"`` (``otlinop._loss_multiscale``). Without a
+    double backward, ``converge`` is "always" (converged potentials) or not (GeomLoss' schedule)."""
+    refuse_for_multiscale(owner, x, reach=reach)
+    inp, eps, schedule = checked_schedule(owner, x, y, a, b, blur=blur, scaling=scaling, diameter=diameter,
+                                          rho=None, check=True, cost_scale=cost_scale)
+    check_backend(owner, backend, x)
+    converge = None
+    if second.converge == "always":
+        converge = (second.tolerance(inp.pot_dtype), second.refine_max_iter)
+    setup = (multiscale, list(schedule), cost_scale, debias, backend, precision, converge)
+    x, y, a, b = inp.x[0], inp.y[0], inp.a[0], inp.b[0]
+    if potentials:
+        F, G = multiscale_potentials(owner, x, y, a, b, setup)
+        F, G = F.to(x.dtype), G.to(x.dtype)
+        return F.reshape(shape_a or F.shape), G.reshape(shape_b or G.shape)
+    return MultiscaleLoss.apply(x, y, a, b, owner, setup)
 
 
 def _compiled_loss(owner: str, a, x, b, y, shape_a, shape_b, *, blur, rho, diameter, scaling, cost_scale, debias,
@@ -214,11 +251,19 @@ class SamplesLoss(torch.nn.Module):
     scaling : float, default 0.5
         Ratio of consecutive blur scales in the schedule, in (0, 1).
     truncate : float, default 5
-        Accepted for compatibility; only GeomLoss' multiscale backend uses it.
+        ``backend="multiscale"``: GeomLoss' kernel truncation, a pair of
+        clusters (I, J) is kept iff ``F_I + G_J > C(X_I, Y_J) - truncate *
+        eps`` at the coarse potentials and centroids of the jump to the
+        points (larger: more pairs kept, more accurate, slower). The other
+        backends compute the exact loss and ignore it.
     cost : None
         Custom costs are not supported (NotImplementedError); use ``cost_scale``.
-    kernel, cluster_scale : None
-        Accepted for compatibility (kernel losses and multiscale only).
+    kernel : None
+        Accepted for compatibility (GeomLoss' kernel losses only).
+    cluster_scale : float, optional
+        ``backend="multiscale"``: the width of the grid cells that cluster
+        the points; default GeomLoss' ``diameter / (sqrt(D) 2000^(1/D))``.
+        Ignored, with a warning, by the other backends.
     debias : bool, default True
         Return the Sinkhorn divergence ``S = OT(a,b) - OT(a,a)/2 - OT(b,b)/2``
         rather than ``OT(a,b)``.
@@ -229,10 +274,13 @@ class SamplesLoss(torch.nn.Module):
         returns (1, N) for unbatched inputs), detached from autograd.
     verbose : bool, default False
         Show a progress bar over the eps schedule.
-    backend : {"auto", None, "torch", "triton"}, default "auto"
+    backend : {"auto", None, "torch", "triton", "multiscale"}, default "auto"
         "auto" (or None): Triton for CUDA float32/16/bf16 inputs, torch otherwise.
-        GeomLoss' "tensorized" and "online" map to "auto" (both exact);
-        "multiscale" too, with a warning (no kernel truncation here).
+        GeomLoss' "tensorized" and "online" map to "auto" (both exact).
+        "multiscale": GeomLoss' coarse-to-fine solver on block-sparse plans
+        (``cluster_scale``, ``truncate``; docs/multiscale.md): one balanced
+        problem (no batch, no reach) in dimension D <= 3, value and first
+        derivatives (no double backward).
     cost_scale : float, optional
         ``c`` in ``C = c |x - y|^2``; default 0.5 (GeomLoss' ``p = 2``).
     precision : {None, "ieee", "tf32", "tf32x3"}
@@ -406,7 +454,7 @@ class SamplesLoss(torch.nn.Module):
         owner = "SamplesLoss"
         blur, reach, diameter, scaling, cost_scale = _check_options(
             owner, loss, p, blur, reach, diameter, scaling, cost, kernel, cluster_scale, cost_scale,
-            debias, potentials, precision)
+            debias, potentials, precision, multiscale=isinstance(backend, str) and backend == "multiscale")
         second = _check_second_order(owner, hvp_solver, hvp_preconditioner, hvp_rtol, hvp_maxiter, converge)
         self.hvp_solver, self.hvp_preconditioner = second["solver"], second["M"]
         self.hvp_rtol, self.hvp_maxiter = second["rtol"], second["maxiter"]
@@ -419,6 +467,7 @@ class SamplesLoss(torch.nn.Module):
         self.debias, self.potentials, self.verbose = debias, potentials, bool(verbose)
         self.backend = backend
         self._backend = _resolve_backend(owner, backend)
+        self._multiscale = _multiscale_options(owner, backend, cluster_scale, truncate)
         self.cost_scale, self.precision = cost_scale, precision
 
     def forward(self, *args):
@@ -441,7 +490,7 @@ class SamplesLoss(torch.nn.Module):
         return _samples_loss(owner, a, x, b, y, blur=self.blur, reach=self.reach, diameter=self.diameter,
                              scaling=self.scaling, cost_scale=self.cost_scale, debias=self.debias,
                              potentials=self.potentials, backend=self._backend, precision=self.precision,
-                             verbose=self.verbose, second=second)
+                             verbose=self.verbose, second=second, multiscale=self._multiscale)
 
     def _record_hvp_solve(self, result) -> None:
         self.last_hvp_solve = result
@@ -459,7 +508,7 @@ class SamplesLoss(torch.nn.Module):
 def sinkhorn_loss(x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=None, scaling=0.5,
                   debias=True, potentials=False, cost_scale=None, backend="auto", precision=None,
                   verbose=False, hvp_solver=solvers.cg, hvp_preconditioner=None, hvp_rtol=None,
-                  hvp_maxiter=None, hvp_log=None, converge="create_graph"):
+                  hvp_maxiter=None, hvp_log=None, converge="create_graph", cluster_scale=None, truncate=5):
     """Functional form of :class:`SamplesLoss` (loss="sinkhorn").
 
     Parameters
@@ -482,6 +531,8 @@ def sinkhorn_loss(x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=
     converge : {"create_graph", "always", "never"}, default "create_graph"
         Which potentials the value and derivatives come from, as in
         :class:`SamplesLoss` (a converging solve that stops short warns).
+    cluster_scale, truncate
+        ``backend="multiscale"`` only, as in :class:`SamplesLoss`.
 
     Returns
     -------
@@ -517,9 +568,10 @@ def sinkhorn_loss(x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=
     (2, True)
     """
     owner = "sinkhorn_loss"
+    multiscale = _multiscale_options(owner, backend, cluster_scale, truncate)
     blur, reach, diameter, scaling, cost_scale = _check_options(
-        owner, "sinkhorn", p, blur, reach, diameter, scaling, None, None, None, cost_scale, debias, potentials,
-        precision)
+        owner, "sinkhorn", p, blur, reach, diameter, scaling, None, None, cluster_scale, cost_scale, debias,
+        potentials, precision, multiscale=multiscale is not None)
     if hvp_log is not None and not isinstance(hvp_log, list):
         raise TypeError(f"{owner}: hvp_log must be a list (it receives the SolveResult of every inner solve "
                         f"of a double backward) or None, got {type(hvp_log).__name__}")
@@ -529,4 +581,4 @@ def sinkhorn_loss(x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=
     return _samples_loss(owner, a, x, b, y, blur=blur, reach=reach, diameter=diameter, scaling=scaling,
                          cost_scale=cost_scale, debias=debias, potentials=potentials,
                          backend=_resolve_backend(owner, backend), precision=precision, verbose=verbose,
-                         second=second)
+                         second=second, multiscale=multiscale)

@@ -38,6 +38,7 @@ from solvers.graphs import CUDA_GRAPHS
 from ._checks import (backend_name, flag, function, measures, nonnegative_scalar, positive_int, positive_scalar,
                       potential, precision_name, reach_or_none)
 from ._sinkhorn_loops import GRAPH_MIN_RUN, Monitor, alternating_loop, symmetric_loop
+from ._sinkhorn_multiscale import check_dimension, cluster_clouds, multiscale_loop, multiscale_options
 from ._sinkhorn_result import ConvergenceWarning, SinkhornResult, convergence_status
 from ._sinkhorn_schedule import epsilon_schedule, resolve_eps
 from .kernels._dispatch import check_backend, resolve_backend
@@ -98,7 +99,7 @@ def _default_graphs(x: torch.Tensor, backend):
 def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter=None, cost_scale=1.0,
              reach=None, reach_x=None, reach_y=None, method="symmetric", max_iter=None, threshold=None,
              check_every=10, f0=None, g0=None, callback=None, verbose=False, backend=None,
-             precision=None, _graphs=None) -> SinkhornResult:
+             precision=None, multiscale=None, _graphs=None) -> SinkhornResult:
     r"""Entropic OT potentials between two weighted point clouds (squared Euclidean cost).
 
     Parameters
@@ -173,6 +174,14 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
     precision : {None, "ieee", "tf32", "tf32x3"}
         Precision of the Triton dot products (None: the kernels' default,
         accurate to fp32).
+    multiscale : bool or Multiscale, optional
+        Solve coarse-to-fine on a block-sparse plan (GeomLoss' multiscale
+        backend; docs/multiscale.md): True for the defaults, or
+        ``otlinop.Multiscale(cluster_scale=..., truncate=...)``. Points of
+        dimension d <= 3, one balanced problem (no batch, no reach), method
+        "symmetric", no warm start. The result's ``plan`` is then a
+        ``BlockSparsePlanOperator`` and ``truncation_bound`` certifies the
+        plan mass its pattern drops.
 
     Returns
     -------
@@ -192,7 +201,8 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
         whose costs overflow the compute dtype, negative weights, zero mass or
         masses whose product overflows, unequal masses in a balanced problem,
         non-positive blur/eps/reach/cost_scale, scaling outside (0, 1), an
-        unknown method or backend.
+        unknown method or backend; with ``multiscale``: d > 3, a batch, a
+        reach, method "alternating" or a warm start.
 
     Warns
     -----
@@ -250,6 +260,8 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
     from .distributed.sinkhorn import is_dtensor, sinkhorn_dtensor
     if is_dtensor(x) or is_dtensor(y):
         # Sharded on the point dimension: the same loops over the mesh's process group.
+        if multiscale is not None and multiscale is not False:
+            raise NotImplementedError(f"{owner}: multiscale is not implemented for DTensor inputs")
         return sinkhorn_dtensor(x, y, a, b, blur=blur, eps=eps, scaling=scaling, diameter=diameter,
                                 cost_scale=cost_scale, reach=reach, reach_x=reach_x, reach_y=reach_y, method=method,
                                 max_iter=max_iter, threshold=threshold, check_every=check_every, f0=f0, g0=g0,
@@ -273,6 +285,9 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
     elif max_iter is not None:
         max_iter = positive_int(owner, "max_iter", max_iter)
 
+    ms = multiscale_options(owner, multiscale)
+    if ms is not None:
+        _refuse_for_multiscale(owner, x, method=method, rho=(rho_x, rho_y), warm=(f0, g0))
     inp = measures(owner, x, y, a, b, balanced=(rho_x is None and rho_y is None), cost_scale=cost_scale)
     _warn_not_differentiable(owner, x=x, y=y, a=a, b=b, f0=f0, g0=g0)
     check_backend(owner, backend, x)
@@ -287,6 +302,11 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
                              "steps); method='symmetric' runs the whole schedule, then up to max_iter steps "
                              "in all at the final eps")
     refine = max_iter - len(schedule) if method == "symmetric" else 0
+
+    if ms is not None:
+        return _multiscale(owner, inp, ms, schedule, eps, a=a, b=b, max_iter=max_iter, refine=refine,
+                           threshold=threshold, check_every=check_every, callback=callback, verbose=verbose,
+                           cost_scale=cost_scale, backend=backend, precision=precision)
 
     bar = None
     if verbose:
@@ -328,3 +348,55 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
         method=method, eps_schedule=schedule, f_pre=u(f_pre), g_pre=u(g_pre),
         backend=backend, precision=precision, marginal_error_history=errors, threshold=threshold,
         status=status)
+
+
+# --------------------------------------------------------------------------
+# The multiscale solver (otlinop._sinkhorn_multiscale)
+# --------------------------------------------------------------------------
+def _refuse_for_multiscale(owner: str, x, *, method, rho, warm) -> None:
+    """What the multiscale solver does not serve, refused before any work."""
+    if method != "symmetric":
+        raise ValueError(f"{owner}: multiscale runs GeomLoss' symmetric eps-scaling loop; method={method!r} is "
+                         "not available with it (pass method='symmetric' or no multiscale)")
+    if any(r is not None for r in rho):
+        raise NotImplementedError(f"{owner}: multiscale solves balanced problems only; pass reach=None, or no "
+                                  "multiscale for unbalanced OT")
+    if any(w is not None for w in warm):
+        raise NotImplementedError(f"{owner}: multiscale takes no warm start (f0, g0): it starts from its coarse "
+                                  "solve; pass f0=g0=None")
+    if isinstance(x, torch.Tensor) and x.ndim == 3:
+        raise NotImplementedError(f"{owner}: multiscale solves one problem, not a batch (x has shape "
+                                  f"{tuple(x.shape)}); loop over the batch or drop multiscale")
+    if isinstance(x, torch.Tensor) and x.ndim == 2:
+        check_dimension(owner, x.shape[1])
+
+
+def _multiscale(owner, inp, ms, schedule, eps, *, a, b, max_iter, refine, threshold, check_every, callback,
+                verbose, cost_scale, backend, precision) -> SinkhornResult:
+    bar = None
+    if verbose:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=max_iter, desc="sinkhorn (multiscale)", leave=False)
+    monitor = Monitor(check_every=check_every, callback=callback, bar=bar, method="symmetric", inp=inp)
+    x, y = inp.x[0], inp.y[0]
+    with torch.no_grad(), config.override(check_finite=False):
+        clouds = cluster_clouds(owner, x, y, inp.a[0], inp.b[0], options=ms, diameter=math.sqrt(schedule[0]))
+        sol = multiscale_loop(clouds.cx, clouds.cy, schedule, truncate=ms.truncate, cluster_scale=clouds.scale,
+                              cost_scale=cost_scale, backend=backend, precision=precision, pot_dtype=inp.pot_dtype,
+                              refine=refine, threshold=threshold, monitor=monitor, check_every=check_every)
+    errors = monitor.finish()
+    error = errors[-1] if errors else math.nan
+    converged = error <= threshold
+    status = convergence_status(method="symmetric", converged=converged, error=error, threshold=threshold,
+                                n_iter=sol.n_iter, max_iter=max_iter, stalled=monitor.stalled,
+                                stall_span=monitor.stall_span, floor=monitor.floor, dtype=inp.pot_dtype)
+    if not converged:
+        warnings.warn(f"{owner}: {status}", ConvergenceWarning, stacklevel=3)
+    cx, cy = clouds.cx, clouds.cy
+    return SinkhornResult(
+        f=sol.f[cx.inverse], g=sol.g[cy.inverse], eps=eps, n_iter=sol.n_iter, converged=converged,
+        marginal_error=error, a=inp.a[0] if a is None else a, b=inp.b[0] if b is None else b, x=x, y=y,
+        cost_scale=cost_scale, reach_x=None, reach_y=None, method="symmetric", eps_schedule=schedule,
+        f_pre=sol.f_pre[cx.inverse], g_pre=sol.g_pre[cy.inverse], backend=backend, precision=precision,
+        marginal_error_history=errors, threshold=threshold, status=status, truncation_bound=sol.bound,
+        multiscale_layout=(cx, cy, sol.pattern))

@@ -38,6 +38,7 @@ LAYERS = {
     "otlinop.marginals": 2,
     "otlinop.truncated": 2,
     "otlinop.hessian": 2,
+    "otlinop.multiscale": 2,
     "otlinop.sinkhorn": 3,
     "otlinop._sinkhorn": 3,
     "otlinop.loss": 3,

@@ -305,9 +305,8 @@ def test_errors():
         SamplesLoss(backend="keops")
     with pytest.raises(TypeError, match="debias must be True or False"):
         SamplesLoss(debias="yes")
-    with pytest.warns(UserWarning, match="multiscale"):
-        L = SamplesLoss(backend="multiscale", blur=0.3)
-    assert rel(L(x, y), SamplesLoss(backend="tensorized", blur=0.3)(x, y)) == 0
+    with pytest.warns(UserWarning, match="cluster_scale is ignored without backend='multiscale'"):
+        SamplesLoss(blur=0.3, cluster_scale=0.1)
     L = SamplesLoss(blur=0.3)
     with pytest.raises(NotImplementedError, match="cluster labels"):
         L(None, a, x, None, b, y)

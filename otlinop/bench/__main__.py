@@ -1,4 +1,4 @@
-"""``python -m otlinop.bench {solvers,plan,sinkhorn,hvp,train,sparse,all} [--results DIR | --no-results] [options]``.
+"""``python -m otlinop.bench {solvers,plan,sinkhorn,hvp,train,sparse,multiscale,all} [--results DIR | --no-results] [options]``.
 
 Benchmarks measure on the GPU (CUDA events, medians) and print Markdown
 tables; on a CPU-only machine they run tiny sizes and say so.
@@ -29,6 +29,7 @@ SUITES = {
     "hvp": "otlinop.bench.hvp_bench",
     "train": "otlinop.bench.train_bench",
     "sparse": "otlinop.bench.sparse_bench",
+    "multiscale": "otlinop.bench.multiscale_bench",
 }
 
 #: Parent of the default results folder of ``all`` (relative to the working directory).
@@ -167,10 +168,10 @@ def main(argv=None) -> int:
                     if suite == "sinkhorn":
                         sinkhorn = module.collect(rest)
                         code = 0
-                    elif suite == "train":
+                    elif suite in ("train", "multiscale"):
                         code = int(module.main(rest, results=results) or 0)
                         if results is not None:
-                            files += [f for f in ("train.json", "train.png")
+                            files += [f for f in (f"{suite}.json", f"{suite}.png")
                                       if os.path.exists(os.path.join(results, f))]
                     else:
                         code = int(module.main(rest) or 0)

@@ -11,6 +11,10 @@ One file per primitive; each computes on the squared Euclidean cost
   each row's factor kept in log scale (``P V = exp(L) S``), for products
   beyond the dtype's range and for row-normalised sums.
 - :func:`plan_bilinear` (``plan_bilinear.py``): ``sum_j P_ij <W_i, V_j> Y_j``.
+- :func:`blocksparse_lse`, :func:`blocksparse_softmin`, :func:`blocksparse_apply`
+  (``blocksparse.py``): the same soft-min and plan product restricted to the
+  kept (row cluster, column cluster) pairs of clustered clouds (the
+  multiscale solver's kernels); :func:`transpose_pattern` transposes a pattern.
 - :func:`plan_truncate` (``plan_truncate.py``): the entries of P above a
   threshold, in a padded sparse layout; :func:`ell_matmat` /
   :func:`ell_bilinear` (``ell.py``): the products with that layout.
@@ -39,6 +43,15 @@ What the kernel files share lives in private modules, one idea each:
 """
 
 from ._dispatch import BACKENDS, DEFAULT_PRECISION, PRECISIONS
+from .blocksparse import (
+    blocksparse_apply,
+    blocksparse_apply_torch,
+    blocksparse_lse,
+    blocksparse_lse_torch,
+    blocksparse_softmin,
+    blocksparse_softmin_torch,
+    transpose_pattern,
+)
 from .ell import ell_bilinear, ell_matmat, ell_matmat_torch
 from .plan_apply import plan_apply, plan_apply_scaled, plan_apply_torch
 from .plan_bilinear import plan_bilinear, plan_bilinear_torch
@@ -48,6 +61,12 @@ from .softmin_pair import softmin_pair, softmin_pair_torch, softmin_self
 
 __all__ = [
     "BACKENDS",
+    "blocksparse_apply",
+    "blocksparse_apply_torch",
+    "blocksparse_lse",
+    "blocksparse_lse_torch",
+    "blocksparse_softmin",
+    "blocksparse_softmin_torch",
     "DEFAULT_PRECISION",
     "ell_bilinear",
     "ell_matmat",
@@ -67,4 +86,5 @@ __all__ = [
     "softmin_pair_torch",
     "softmin_self",
     "softmin_torch",
+    "transpose_pattern",
 ]
