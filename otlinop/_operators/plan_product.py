@@ -122,8 +122,6 @@ class PlanMatmul(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, W):
         x, y, f, g, V, a, b, PV = ctx.saved_tensors
-        log_a = None if a is None else torch.log(a)
-        log_b = None if b is None else torch.log(b)
         nx, ny, nf, ng, nV, na, nb = ctx.needs_input_grad[:7]
         opts = ctx.opts
         eps, c2 = opts["eps"], 2.0 * opts["cost_scale"]
@@ -141,16 +139,39 @@ class PlanMatmul(torch.autograd.Function):
             z = (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True)) / 2
             xz, yz = x - z, y - z
 
+        if _transformed(x, y, f, g, V, a, b, PV, W):
+            # Under torch.func (jacrev, hessian, vmap of a vjp) the kernels cannot take the
+            # transforms' wrapped tensors: the passes go through PlanMatmul itself, whose vmap
+            # and jvp rules see them. The bilinear sums become plain products:
+            # sum_j P_ij <W_i, V_j> Y_j = sum_l W_il (P (V_l Y))_i, so that a batch of
+            # cotangents W (jacrev) shares one pass of the plan with the unbatched V Y.
+            def matmul(x, y, f, g, V, a, b):
+                return PlanMatmul.apply(x, y, f, g, V, a, b, eps, opts["cost_scale"], opts["backend"],
+                                        opts["precision"])
+
+            def bilinear(x, y, f, g, W, V, Y, a, b):
+                k, e = V.shape[-1], Y.shape[-1]
+                S = matmul(x, y, f, g, (V.unsqueeze(-1) * Y.unsqueeze(-2)).flatten(-2), a, b)
+                return (W.unsqueeze(-1) * S.unflatten(-1, (k, e))).sum(-2)
+        else:
+            def matmul(x, y, f, g, V, a, b):
+                return plan_apply(x, y, f, g, V, log_a=None if a is None else torch.log(a),
+                                  log_b=None if b is None else torch.log(b), **opts)
+
+            def bilinear(x, y, f, g, W, V, Y, a, b):
+                return plan_bilinear(x, y, f, g, W, V, Y, log_a=None if a is None else torch.log(a),
+                                     log_b=None if b is None else torch.log(b), **opts)
+
         grad_x = grad_y = grad_f = grad_g = grad_V = grad_a = grad_b = None
         if nf or nx:
             rw = _rowdot(Wm, col(PV))                      # sum_j P_ij s_ij
             if nf:
                 grad_f = rw / eps
             if nx:
-                Py_s = plan_bilinear(x, y, f, g, Wm, Vm, yz, log_a=log_a, log_b=log_b, **opts)
+                Py_s = bilinear(x, y, f, g, Wm, Vm, yz, a, b)
                 grad_x = (-c2 / eps) * (xz * rw.unsqueeze(-1) - Py_s)
         if nV or ng or ny:
-            PTW = plan_apply(y, x, g, f, W, log_a=log_b, log_b=log_a, **opts)
+            PTW = matmul(y, x, g, f, W, b, a)
             if nV:
                 grad_V = PTW
             if ng or ny:
@@ -158,12 +179,12 @@ class PlanMatmul(torch.autograd.Function):
                 if ng:
                     grad_g = rv / eps
                 if ny:
-                    PTx_s = plan_bilinear(y, x, g, f, Vm, Wm, xz, log_a=log_b, log_b=log_a, **opts)
+                    PTx_s = bilinear(y, x, g, f, Vm, Wm, xz, b, a)
                     grad_y = (-c2 / eps) * (yz * rv.unsqueeze(-1) - PTx_s)
         if na:
-            grad_a = _rowdot(Wm, col(plan_apply(x, y, f, g, V, log_a=None, log_b=log_b, **opts)))
+            grad_a = _rowdot(Wm, col(matmul(x, y, f, g, V, None, b)))
         if nb:
-            grad_b = _rowdot(Vm, col(plan_apply(y, x, g, f, W, log_a=None, log_b=log_a, **opts)))
+            grad_b = _rowdot(Vm, col(matmul(y, x, g, f, W, None, a)))
         return grad_x, grad_y, grad_f, grad_g, grad_V, grad_a, grad_b, None, None, None, None
 
     @staticmethod
@@ -172,6 +193,16 @@ class PlanMatmul(torch.autograd.Function):
         kernels' leading batch dimension (merged with the plan's own batch, if any)."""
         B = info.batch_size
         batched = (x.ndim - (in_dims[0] is not None)) == 3   # the plan's own batch B0
+        if V is not None and in_dims[4] is not None and all(d is None for i, d in enumerate(in_dims[:7]) if i != 4):
+            # Only the operand is mapped (jacrev's cotangents, a batch of directions): its
+            # batch becomes more columns of one product, one pass over the plan for all.
+            Vc = V.movedim(in_dims[4], -1)                # (..., m, B) or (..., m, k, B)
+            k = None if V.ndim - 1 == x.ndim - 1 else Vc.shape[-2]
+            out = PlanMatmul.apply(x, y, f, g, (Vc if k is None else Vc.flatten(-2)).contiguous(), a, b, eps,
+                                   cost_scale, backend, precision)
+            if k is not None:
+                out = out.unflatten(-1, (k, B))
+            return out.movedim(-1, 0), 0
         B0 = None
         if batched:
             B0 = (x if in_dims[0] is None else x.movedim(in_dims[0], 0)).shape[-3]
@@ -357,6 +388,11 @@ def plan_matmul(x, y, f, g, V=None, *, eps, a=None, b=None, cost_scale=1.0, back
 def _vmapped(*tensors) -> bool:
     """Whether a tensor is one of torch.func.vmap's batched tensors (no public test exists)."""
     return any(t is not None and torch._C._functorch.is_batchedtensor(t) for t in tensors)
+
+
+def _transformed(*tensors) -> bool:
+    """Whether a tensor is wrapped by a torch.func transform (vmap, grad, jvp; no public test exists)."""
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def _checked_product(x, y, f, g, V, a, b, eps, cost_scale, backend, precision):
