@@ -26,13 +26,18 @@ needs them, and only then.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ._checks import Inputs
-from ._loss_derivatives import Solution, converged, loss_value, sinkhorn_grad, sinkhorn_hvp, solve, weight_grad
+from solvers import config
 
-__all__ = ["SinkhornLoss"]
+from ._checks import Inputs, measures_and_read
+from ._loss_derivatives import Solution, converged, loss_value, sinkhorn_grad, sinkhorn_hvp, solve, weight_grad
+from ._sinkhorn_schedule import diameter_tensor
+
+__all__ = ["SinkhornLoss", "over_vmap"]
 
 _WEIGHT_SECOND_ORDER_MESSAGE = (
     "{owner}: second derivatives of the Sinkhorn loss that involve the weights (d^2 S / da^2, d^2 S / da dx, "
@@ -446,3 +451,92 @@ class SinkhornLoss:
     @staticmethod
     def apply(x, y, a, b, spec, second, verbose):
         return _Loss.apply(x, y, a, b, spec, second, verbose)[0]
+
+
+# --------------------------------------------------------------------------
+# torch.func.vmap over the loss's inputs
+# --------------------------------------------------------------------------
+def _mapped(t) -> bool:
+    """Whether torch.func.vmap maps the tensor ``t`` at some level."""
+    while isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            return True
+        t = torch._C._functorch.get_unwrapped(t)
+    return False
+
+
+def _peeled(t) -> tuple:
+    """``(plain tensor, levels)``: ``t``'s values with the batch dimension of every vmap
+    level that maps it in front (lowest level first), and those levels."""
+    levels = []
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            levels.insert(0, torch._C._functorch.maybe_get_level(t))
+            t = torch._C._functorch.get_unwrapped(t).movedim(torch._C._functorch.maybe_get_bdim(t), 0)
+        else:
+            t = torch._C._functorch.get_unwrapped(t)
+    return t, levels
+
+
+def _all_entries(tensors, core_ndims) -> list:
+    """The plain values of the mapped tensors (None passes), every vmap level's dimension
+    in front, expanded to common sizes and merged with the loss's own batch: what the
+    batched path would see for the whole batch at once."""
+    peeled = [None if t is None else _peeled(t) for t in tensors]
+    levels = sorted({lvl for p in peeled if p is not None for lvl in p[1]})
+    sizes = {}
+    for p in peeled:
+        if p is not None:
+            sizes.update(zip(p[1], p[0].shape))
+    out = []
+    for p, core in zip(peeled, core_ndims):
+        if p is None:
+            out.append(None)
+            continue
+        t, own = p
+        for i, lvl in enumerate(levels):
+            if lvl not in own:
+                t = t.unsqueeze(i)
+        t = t.expand(*(sizes[lvl] for lvl in levels), *t.shape[len(levels):])
+        t = t.reshape(-1, *t.shape[len(levels):])
+        # The loss's own batch (B0, ...), if any, joins the vmap levels'.
+        out.append(t.flatten(0, 1) if t.ndim - 1 > core else t)
+    return out
+
+
+def over_vmap(fn):
+    """The loss function ``fn(owner, a, x, b, y, **options)`` (``otlinop.loss``) made to
+    run under torch.func.vmap (per-sample gradients ``vmap(grad(loss))`` included).
+
+    Mapped inputs cannot be read back, but the call reads values (their checks and
+    the default diameter): both are computed here from all the mapped entries at
+    once, the batch the mapped dimensions form (the diameter is that of all the
+    points, as for a (B, n, d) batch), then ``fn`` runs with them; the loss's
+    Functions map the batch onto the batched path (``_Loss.vmap``), one call.
+    """
+    @functools.wraps(fn)
+    def call(owner, a, x, b, y, **options):
+        if not any(_mapped(t) for t in (x, y, a, b)):
+            return fn(owner, a, x, b, y, **options)
+        if options.get("potentials"):
+            raise NotImplementedError(f"{owner}: potentials=True under torch.func.vmap is not supported; "
+                                      "call it on the batch (B, N, D) instead")
+
+        def squeezed(w, pts):
+            # GeomLoss' (N, 1) and (B, N, 1) weights.
+            return w.squeeze(-1) if isinstance(w, torch.Tensor) and w.ndim == pts.ndim and w.shape[-1] == 1 else w
+
+        a, b = squeezed(a, x), squeezed(b, y)
+        core = x.ndim                         # 2 per entry, 3 with the loss's own batch
+        xs, ys, as_, bs = _all_entries((x, y, a, b), (core, core, core - 1, core - 1))
+        diameter = options.get("diameter")
+        read = None if diameter is not None else (lambda inp: diameter_tensor(inp.x, inp.y))
+        cost_scale = 1.0 if options.get("cost_scale") is None else options["cost_scale"]
+        _, diam = measures_and_read(owner, xs, ys, as_, bs, balanced=options.get("reach") is None,
+                                    check=config.check_finite, read=read, cost_scale=cost_scale)
+        if diameter is None:
+            options["diameter"] = options["blur"] if diam <= 0 else diam
+        with config.override(check_finite=False):
+            return fn(owner, a, x, b, y, **options)
+
+    return call
