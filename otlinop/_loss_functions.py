@@ -87,12 +87,23 @@ def _nested_forward_mode() -> bool:
 
 
 def _has_tangent(t) -> bool:
-    """Whether forward mode sees a tangent on ``t`` (through vmap's batching, if any)."""
-    if t is None or getattr(fwAD, "_current_level", -1) < 0:
+    """Whether forward mode may carry a tangent on ``t``: a torch.autograd.forward_ad dual
+    tensor, or one that a torch.func.jvp level wraps (also under grad or vmap levels, where
+    the tangent itself cannot be read: a jvp primal counts, even with a zero tangent)."""
+    if t is None:
         return False
-    while torch._C._functorch.is_batchedtensor(t):
+    if getattr(fwAD, "_current_level", -1) >= 0 and not torch._C._functorch.is_functorch_wrapped_tensor(t) \
+            and fwAD.unpack_dual(t).tangent is not None:
+        return True
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    jvp_levels = {i.level() for i in retrieve_all_functorch_interpreters() if i.key() == TransformType.Jvp}
+    while jvp_levels and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if not torch._C._functorch.is_batchedtensor(t) and torch._C._functorch.maybe_get_level(t) in jvp_levels:
+            return True
         t = torch._C._functorch.get_unwrapped(t)
-    return fwAD.unpack_dual(t).tangent is not None
+    return False
 
 
 def _merged(B: int, tensors, in_dims) -> list:
@@ -141,7 +152,9 @@ class _NotImplementedDerivative(torch.autograd.Function):
         raise NotImplementedError(ctx.message)
 
     @staticmethod
-    def jvp(ctx, *tangents):
+    def jvp(ctx, _message, dlike, *ddeps):
+        if all(t is None for t in ddeps):
+            return None                          # only the result carries a tangent: no derivative needed
         raise NotImplementedError(ctx.message)
 
 
@@ -284,7 +297,8 @@ class _SinkhornGrad(torch.autograd.Function):
         owner = ctx.second.owner
         if _nested_forward_mode():
             raise NotImplementedError(_FORWARD_OVER_FORWARD_MESSAGE.format(owner=owner))
-        if da is not None or db is not None or any(_has_tangent(w) for w in ctx.weights):
+        if da is not None or db is not None:
+            # The weights come in detached (their tangents are caught by _gradients' guards).
             why = "a forward-mode tangent on the weights reaches the point gradients"
             raise NotImplementedError(_WEIGHT_SECOND_ORDER_MESSAGE.format(owner=owner, why=why))
         x, y, a, b, *pots = ctx.saved_tensors
@@ -478,7 +492,7 @@ def _peeled(t) -> tuple:
     return t, levels
 
 
-def _all_entries(tensors, core_ndims) -> list:
+def _all_entries(tensors, own_batch: bool) -> list:
     """The plain values of the mapped tensors (None passes), every vmap level's dimension
     in front, expanded to common sizes and merged with the loss's own batch: what the
     batched path would see for the whole batch at once."""
@@ -489,7 +503,7 @@ def _all_entries(tensors, core_ndims) -> list:
         if p is not None:
             sizes.update(zip(p[1], p[0].shape))
     out = []
-    for p, core in zip(peeled, core_ndims):
+    for p in peeled:
         if p is None:
             out.append(None)
             continue
@@ -500,7 +514,7 @@ def _all_entries(tensors, core_ndims) -> list:
         t = t.expand(*(sizes[lvl] for lvl in levels), *t.shape[len(levels):])
         t = t.reshape(-1, *t.shape[len(levels):])
         # The loss's own batch (B0, ...), if any, joins the vmap levels'.
-        out.append(t.flatten(0, 1) if t.ndim - 1 > core else t)
+        out.append(t.flatten(0, 1) if own_batch else t)
     return out
 
 
@@ -527,8 +541,7 @@ def over_vmap(fn):
             return w.squeeze(-1) if isinstance(w, torch.Tensor) and w.ndim == pts.ndim and w.shape[-1] == 1 else w
 
         a, b = squeezed(a, x), squeezed(b, y)
-        core = x.ndim                         # 2 per entry, 3 with the loss's own batch
-        xs, ys, as_, bs = _all_entries((x, y, a, b), (core, core, core - 1, core - 1))
+        xs, ys, as_, bs = _all_entries((x, y, a, b), own_batch=x.ndim == 3)
         diameter = options.get("diameter")
         read = None if diameter is not None else (lambda inp: diameter_tensor(inp.x, inp.y))
         cost_scale = 1.0 if options.get("cost_scale") is None else options["cost_scale"]
