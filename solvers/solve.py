@@ -8,7 +8,7 @@ import warnings
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ._operator import COMPLEX_DTYPES, REAL_DTYPES, adjoint, as_operator, complex_of, is_operator, promote
+from ._operator import COMPLEX_DTYPES, REAL_DTYPES, DenseOperator, adjoint, as_operator, complex_of, is_operator, promote
 from .bicgstab import bicgstab
 from .cg import cg
 from .gmres import gmres
@@ -74,6 +74,28 @@ def _adjoint_preconditioner(M, symmetric: bool):
     except (AttributeError, NotImplementedError):
         # A plain callable has no adjoint; reusing it still gives a valid (if weaker) preconditioner.
         return M
+
+
+class _DenseAdjoint:
+    """``M^T`` of a real dense operator, transposed at each product: a transpose made
+    ahead (``DenseOperator.T``) belongs to the torch.func level it was made at, which a
+    forward-mode rule running at a lower level cannot use."""
+
+    def __init__(self, op: DenseOperator):
+        self.op, self.shape, self.dtype, self.device = op, (op.shape[1], op.shape[0]), op.dtype, op.device
+
+    def __matmul__(self, v):
+        return self.op.M.mT @ v
+
+    @property
+    def T(self):
+        return self.op
+
+    def diagonal(self) -> torch.Tensor:
+        return self.op.M.diagonal()
+
+    def _differentiable_tensors(self) -> tuple:
+        return self.op._differentiable_tensors()
 
 
 @dataclasses.dataclass
@@ -393,7 +415,7 @@ def solve(A, b, method="cg", *, params=None, **options):
         adj = op
     else:
         try:
-            adj = adjoint(op)
+            adj = _DenseAdjoint(op) if type(op) is DenseOperator and op.dtype in REAL_DTYPES else adjoint(op)
         except (AttributeError, NotImplementedError) as err:
             raise TypeError(f"solve: method={method!r} needs A.T for the backward pass, but A "
                             f"({type(op).__name__}) has none ({err}); give the operator an adjoint, declare "

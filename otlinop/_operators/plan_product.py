@@ -119,8 +119,15 @@ class PlanMatmul(torch.autograd.Function):
         ctx.save_for_forward(x, y, f, g, V, a, b, output)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, W):
+        if _transformed(*ctx.saved_tensors, W):
+            # Under torch.func the backward is made of PlanMatmul products and torch ops:
+            # differentiable again (jacrev of jacrev, vmap of a double backward).
+            return PlanMatmul._gradients(ctx, W)
+        return PlanMatmul._gradients_once(ctx, W)
+
+    @staticmethod
+    def _gradients(ctx, W):
         x, y, f, g, V, a, b, PV = ctx.saved_tensors
         nx, ny, nf, ng, nV, na, nb = ctx.needs_input_grad[:7]
         opts = ctx.opts
@@ -186,6 +193,9 @@ class PlanMatmul(torch.autograd.Function):
         if nb:
             grad_b = _rowdot(Vm, col(matmul(y, x, g, f, W, None, a)))
         return grad_x, grad_y, grad_f, grad_g, grad_V, grad_a, grad_b, None, None, None, None
+
+    # Outside torch.func: the streaming kernels, and a double backward raises.
+    _gradients_once = staticmethod(once_differentiable(_gradients.__func__))
 
     @staticmethod
     def vmap(info, in_dims, x, y, f, g, V, a, b, eps, cost_scale, backend, precision):
@@ -386,8 +396,14 @@ def plan_matmul(x, y, f, g, V=None, *, eps, a=None, b=None, cost_scale=1.0, back
 
 
 def _vmapped(*tensors) -> bool:
-    """Whether a tensor is one of torch.func.vmap's batched tensors (no public test exists)."""
-    return any(t is not None and torch._C._functorch.is_batchedtensor(t) for t in tensors)
+    """Whether torch.func.vmap maps a tensor at some level, under grad or jvp levels too
+    (no public test exists)."""
+    for t in tensors:
+        while t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
+            if torch._C._functorch.is_batchedtensor(t):
+                return True
+            t = torch._C._functorch.get_unwrapped(t)
+    return False
 
 
 def _transformed(*tensors) -> bool:
