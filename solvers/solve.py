@@ -365,7 +365,12 @@ def solve(A, b, method="cg", *, params=None, **options):
     Forward mode (``torch.autograd.forward_ad``, ``torch.func.jvp``) solves
     ``A dx = db - dA x`` once more, with the same method and options, where
     ``dA x`` is the tangent of one matvec ``A @ x`` (A's tensors carry their
-    own tangents). Forward over forward and vmap are not supported.
+    own tangents; a tangent on b alone is one solve ``A dx = db``).
+    ``torch.func.vmap`` over b is one solve with the batch as more columns,
+    so ``jacrev``, ``jacfwd``, ``hessian`` and ``jvp(grad(...))`` in b are
+    a few solves with many columns. Forward over forward, vmap over A and
+    reverse mode under torch.func w.r.t. A's tensors raise
+    NotImplementedError (docs/forward-mode.md).
 
     Examples
     --------

@@ -362,16 +362,19 @@ def plan_matmul(x, y, f, g, V=None, *, eps, a=None, b=None, cost_scale=1.0, back
         dy_j = -(2c/eps) (y_j rowdot(V, P.T W)_j - sum_i P_ij s_ij x_i),
         da_i = sum_j P_ij s_ij / a_i (computed without dividing by a_i).
 
-    The backward is ``once_differentiable``: double backward through this
-    function raises. Second-order derivatives of the OT loss go through the
-    analytic Hessian-vector products of ``otlinop.hvp`` instead.
-    Gradients w.r.t. ``eps`` and ``cost_scale`` are not provided.
+    With plain autograd the backward is ``once_differentiable``: double
+    backward through this function raises. Second-order derivatives of the
+    OT loss go through the analytic Hessian-vector products of
+    ``otlinop.hvp`` instead. Gradients w.r.t. ``eps`` and ``cost_scale`` are
+    not provided.
 
-    Forward mode (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``)
-    and ``torch.func.vmap`` go through it too: the tangent costs one more plan
-    pass (plus one per weight tangent), a vmapped call is one batched call.
-    Forward over forward raises ``NotImplementedError`` (see
-    docs/second-order.md, "Forward mode").
+    torch.func (``grad``, ``jacrev``, ``jacfwd``, ``hessian``, ``jvp``,
+    ``vmap``) and ``torch.autograd.forward_ad`` go through it: the tangent
+    costs one more plan pass (plus one per weight tangent); a vmapped call is
+    one batched call, a mapped operand alone more columns of one pass; under
+    torch.func the backward is made of such products, and is differentiable
+    again. Forward over forward raises ``NotImplementedError``
+    (docs/forward-mode.md: what each transform costs).
 
     Examples
     --------
