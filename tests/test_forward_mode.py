@@ -436,15 +436,33 @@ def test_hessian_operator_transforms(reach_x):
            "vmap over v")
 
 
-def test_hessian_operator_triton_jacrev_matches_torch():
+def test_hessian_operator_and_solve_triton_match_torch():
+    """HessianOperator @ v (jacrev, jvp, vmap) and a solve with a plan operator (vmap over b,
+    jacfwd) through the Triton kernels (the interpreter without a GPU), float32."""
     from otlinop.hessian import HessianOperator
+    from solvers import solve
 
     x, y, f, g, _, a, b = (t.to(DEVICE) for t in _data(n=7, m=6, d=3, dtype=torch.float32))
     v = torch.randn(y.shape[0]).to(DEVICE)
-    results = {backend: torch.func.jacrev(
-        lambda x, backend=backend: HessianOperator(x, y, f, g, eps=EPS, a=a, b=b, cost_scale=C,
-                                                   backend=backend) @ v)(x) for backend in ("torch", "triton")}
-    _close(results["triton"], results["torch"], "triton jacrev of S @ v", tol=2e-4)
+    Vs = torch.randn(3, y.shape[0]).to(DEVICE)
+    rhs = torch.randn(3, x.shape[0]).to(DEVICE)
+    results = {}
+    for backend in ("torch", "triton"):
+        def S_v(x, v, backend=backend):
+            return HessianOperator(x, y, f, g, eps=EPS, a=a, b=b, cost_scale=C, backend=backend) @ v
+
+        def shifted(r, backend=backend):
+            P = PlanOperator(x, x, f, f, eps=EPS, cost_scale=C, backend=backend)
+            op = type("Shifted", (), {"shape": P.shape, "dtype": P.dtype, "device": P.device,
+                                      "__matmul__": lambda self, u: u + P @ u})()
+            return solve(op, r, "cg", rtol=1e-6).x
+
+        results[backend] = [torch.func.jacrev(S_v)(x, v), torch.func.jvp(S_v, (x, v), (x, v))[1],
+                            torch.func.vmap(lambda v: S_v(x, v))(Vs), torch.func.vmap(shifted)(rhs),
+                            torch.func.jacfwd(shifted)(rhs[0])]
+    for name, got, expected in zip(("jacrev S v", "jvp S v", "vmap S v", "vmap solve", "jacfwd solve"),
+                                   results["triton"], results["torch"]):
+        _close(got, expected, f"triton {name}", tol=2e-4)
 
 
 # --------------------------------------------------------------------------
