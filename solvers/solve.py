@@ -77,9 +77,9 @@ def _adjoint_preconditioner(M, symmetric: bool):
 
 
 class _DenseAdjoint:
-    """``M^T`` of a real dense operator, transposed at each product: a transpose made
-    ahead (``DenseOperator.T``) belongs to the torch.func level it was made at, which a
-    forward-mode rule running at a lower level cannot use."""
+    """``M^T`` of a real dense operator, transposed at each product (under torch.func): a
+    transpose made ahead (``DenseOperator.T``) belongs to the torch.func level it was made
+    at, which a forward-mode rule running at a lower level cannot use."""
 
     def __init__(self, op: DenseOperator):
         self.op, self.shape, self.dtype, self.device = op, (op.shape[1], op.shape[0]), op.dtype, op.device
@@ -93,6 +93,9 @@ class _DenseAdjoint:
 
     def diagonal(self) -> torch.Tensor:
         return self.op.M.diagonal()
+
+    def to_sparse_csr(self) -> torch.Tensor:
+        return self.op.M.mT.to_sparse_csr()
 
     def _differentiable_tensors(self) -> tuple:
         return self.op._differentiable_tensors()
@@ -420,7 +423,9 @@ def solve(A, b, method="cg", *, params=None, **options):
         adj = op
     else:
         try:
-            adj = _DenseAdjoint(op) if type(op) is DenseOperator and op.dtype in REAL_DTYPES else adjoint(op)
+            transformed = torch._C._functorch.maybe_current_level() is not None   # under torch.func
+            adj = _DenseAdjoint(op) if (transformed and type(op) is DenseOperator and op.dtype in REAL_DTYPES) \
+                else adjoint(op)
         except (AttributeError, NotImplementedError) as err:
             raise TypeError(f"solve: method={method!r} needs A.T for the backward pass, but A "
                             f"({type(op).__name__}) has none ({err}); give the operator an adjoint, declare "
