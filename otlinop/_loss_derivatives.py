@@ -38,7 +38,7 @@ from .hvp import hvp, hvp_self, hvp_x, hvp_y, inner_rtol
 from .kernels.softmin_pair import softmin_self_unchecked
 
 __all__ = ["CONVERGE", "REFINE_MAX_ITER", "Spec", "SecondOrder", "Solution", "Refinement", "solve", "refine",
-           "converged", "loss_value", "point_grad", "sinkhorn_grad", "sinkhorn_hvp"]
+           "converged", "loss_value", "weight_grad", "point_grad", "sinkhorn_grad", "sinkhorn_hvp"]
 
 #: The values of ``converge`` (``SamplesLoss``, ``sinkhorn_loss``): when the
 #: potentials are iterated to convergence at the final eps (docs/second-order.md).
@@ -352,7 +352,7 @@ def loss_value(a, b, sol: Solution, spec: Spec) -> torch.Tensor:
             + _side(b, sol.g, sol.g_bb, spec.eps, spec.rho_y))
 
 
-def _weight_grad(h, h_self, eps: float, rho, relaxed: bool) -> torch.Tensor:
+def weight_grad(h, h_self, eps: float, rho, relaxed: bool) -> torch.Tensor:
     """d loss / d weights on one side (B, n): the derivative of the returned value.
 
     Balanced: ``h - h_self`` (GeomLoss' gauge). Relaxed:
@@ -402,9 +402,9 @@ def sinkhorn_grad(x, y, a, b, sol: Solution, spec: Spec, needs, *, point_grad=po
         if spec.debias:
             gy = gy - point_grad(y, y, sol.g_bb, sol.g_bb_pre, b, b, spec, rho=spec.rho_y)
     if need_a:
-        ga = _weight_grad(sol.f, sol.f_aa, spec.eps, spec.rho_x, spec.relaxed)
+        ga = weight_grad(sol.f, sol.f_aa, spec.eps, spec.rho_x, spec.relaxed)
     if need_b:
-        gb = _weight_grad(sol.g, sol.g_bb, spec.eps, spec.rho_y, spec.relaxed)
+        gb = weight_grad(sol.g, sol.g_bb, spec.eps, spec.rho_y, spec.relaxed)
     return gx, gy, ga, gb
 
 
@@ -421,7 +421,8 @@ def _direction(D, i):
 
 def sinkhorn_hvp(x, y, a, b, A, B, sol: Solution, spec: Spec, second: SecondOrder, needs) -> tuple:
     """``(H_x, H_y) = H [A; B]`` for the Hessian H of the per-entry loss in (x, y), batched
-    (None where ``needs`` is False).
+    (None where ``needs`` is False). A (B, n, d) and B (B, m, d), or with a trailing k
+    for k directions per entry (the products then have it too); None for a zero part.
 
     A loop over the batch: every entry with a direction is one ``otlinop.hvp``
     call (one Schur solve) at the final potentials, plus one ``hvp_self`` per
@@ -429,8 +430,10 @@ def sinkhorn_hvp(x, y, a, b, A, B, sol: Solution, spec: Spec, second: SecondOrde
     ``second.record``.
     """
     need_x, need_y = needs
-    Hx = torch.zeros_like(x) if need_x else None
-    Hy = torch.zeros_like(y) if need_y else None
+    # k directions per entry (A (B, n, d, k)): one solve with k right-hand sides each.
+    cols = (A if A is not None else B).shape[x.ndim:]
+    Hx = x.new_zeros(x.shape + cols) if need_x else None
+    Hy = y.new_zeros(y.shape + cols) if need_y else None
     common = dict(eps=spec.eps, cost_scale=spec.cost_scale, backend=spec.backend, precision=spec.precision,
                   **second.solve_options)
 

@@ -56,7 +56,7 @@ from solvers import config
 from ._checks import (Inputs, backend_name, choice, flag, fraction, measures_and_read, positive_int,
                       positive_scalar, precision_name, preconditioner, reach_or_none, solver_function)
 from ._loss_derivatives import CONVERGE, SecondOrder, Spec, converged, solve
-from ._loss_functions import SinkhornLoss
+from ._loss_functions import SinkhornLoss, over_vmap
 from ._loss_multiscale import MultiscaleLoss, multiscale_potentials, refuse_for_multiscale
 from ._loss_ops import checked_schedule, loss_op
 from .kernels._dispatch import check_backend
@@ -142,6 +142,7 @@ def _check_second_order(owner: str, solver, M, rtol, maxiter, converge) -> dict:
     return dict(owner=owner, solver=solver, M=M, rtol=rtol, maxiter=maxiter, converge=converge)
 
 
+@over_vmap
 def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cost_scale, debias,
                   potentials, backend, precision, verbose, second: SecondOrder, multiscale=None):
     shape_a = a.shape if isinstance(a, torch.Tensor) else None

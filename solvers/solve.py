@@ -8,7 +8,7 @@ import warnings
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ._operator import COMPLEX_DTYPES, REAL_DTYPES, adjoint, as_operator, complex_of, is_operator, promote
+from ._operator import COMPLEX_DTYPES, REAL_DTYPES, DenseOperator, adjoint, as_operator, complex_of, is_operator, promote
 from .bicgstab import bicgstab
 from .cg import cg
 from .gmres import gmres
@@ -76,6 +76,31 @@ def _adjoint_preconditioner(M, symmetric: bool):
         return M
 
 
+class _DenseAdjoint:
+    """``M^T`` of a real dense operator, transposed at each product (under torch.func): a
+    transpose made ahead (``DenseOperator.T``) belongs to the torch.func level it was made
+    at, which a forward-mode rule running at a lower level cannot use."""
+
+    def __init__(self, op: DenseOperator):
+        self.op, self.shape, self.dtype, self.device = op, (op.shape[1], op.shape[0]), op.dtype, op.device
+
+    def __matmul__(self, v):
+        return self.op.M.mT @ v
+
+    @property
+    def T(self):
+        return self.op
+
+    def diagonal(self) -> torch.Tensor:
+        return self.op.M.diagonal()
+
+    def to_sparse_csr(self) -> torch.Tensor:
+        return self.op.M.mT.to_sparse_csr()
+
+    def _differentiable_tensors(self) -> tuple:
+        return self.op._differentiable_tensors()
+
+
 @dataclasses.dataclass
 class _Spec:
     op: object
@@ -103,9 +128,38 @@ class _Solve(torch.autograd.Function):
         ctx.save_for_backward(output)
 
     @staticmethod
-    def jvp(ctx, *_):
-        # solve() passes b's primal here and supplies the whole tangent in _Tangent.
-        return torch.zeros_like(ctx.spec.result.x)
+    def jvp(ctx, _, db, *__):
+        """``A dx = db``: one more solve. A tangent in A's matvec goes through _Tangent instead
+        (solve() then passes b's primal here and supplies the whole tangent there)."""
+        if db is None:
+            return torch.zeros_like(ctx.spec.result.x)
+        return _tangent_solve(ctx.spec, db)
+
+    @staticmethod
+    def vmap(info, in_dims, spec, b, *params):
+        """A batch of right-hand sides (torch.func.vmap, jacrev's cotangents, jacfwd's tangents)
+        becomes more columns of one solve: the mapped dimension goes last, next to b's own k.
+        The columns go through :func:`solve` again, for the transforms below this one."""
+        if any(d is not None for d in in_dims[2:]):
+            raise NotImplementedError(
+                "solve: torch.func.vmap over the operator's tensors is not supported (one Krylov solve "
+                "serves one operator); map over the right-hand side only, or loop over the operators")
+        if in_dims[1] is None:
+            result = solve(spec.op, b, spec.method, params=params, **spec.options)
+            spec.result = result
+            return result.x, None
+        B = info.batch_size
+        columns = b.movedim(in_dims[1], -1)                          # (n, B) or (n, k, B)
+        k = None if columns.ndim == 2 else columns.shape[-2]
+        flat = columns if k is None else columns.flatten(-2)
+        options = dict(spec.options)
+        if options.get("x0") is not None:
+            x0 = options["x0"]
+            options["x0"] = x0.unsqueeze(-1).expand(*x0.shape, B).reshape(flat.shape)   # one start per column
+        result = solve(spec.op, flat.contiguous(), spec.method, params=params, **options)
+        spec.result = result
+        x = result.x if k is None else result.x.unflatten(-1, (k, B))
+        return x.movedim(-1, 0), 0
 
     @staticmethod
     def backward(ctx, grad_x):
@@ -120,6 +174,14 @@ class _Solve(torch.autograd.Function):
                           f"is inaccurate: {adj.status}", RuntimeWarning, stacklevel=2)
         lam = adj.x
         grads = (None,) * nparams
+        if nparams and any(ctx.needs_input_grad[2:]) and _wrapped(grad_x):
+            # A torch.func transform runs a Function's forward on its own unwrapped tensors,
+            # while A's matvec holds the transform's: the product could not be differentiated.
+            raise NotImplementedError(
+                "solve: reverse mode under torch.func (grad, jacrev, vjp, hessian) w.r.t. the operator's "
+                "tensors is not supported; torch.func transforms w.r.t. b work, and so do forward mode "
+                "(torch.func.jvp, jacfwd, torch.autograd.forward_ad) w.r.t. the operator and "
+                "torch.autograd.grad / .backward() w.r.t. it")
         if nparams and any(ctx.needs_input_grad[2:]):
             grads = _ParamGrad.apply(spec, lam, x, *spec.params)
         return (None, lam if ctx.needs_input_grad[1] else None) + tuple(grads)
@@ -179,6 +241,21 @@ def _nested_forward_mode() -> bool:
     return len(jvps) > 1
 
 
+def _tangent_solve(spec: _Spec, dr):
+    """``A^-1 dr``, the tangent of forward mode: the method and options of the primal solve."""
+    if _nested_forward_mode():
+        raise NotImplementedError("solve: forward mode over forward mode (torch.func.jvp of a jvp, "
+                                  "jacfwd of jacfwd) is not supported: torch would drop the second-order "
+                                  "terms; differentiate the outer level in reverse mode instead")
+    options = {key: value for key, value in spec.options.items() if key not in ("x0", "callback")}
+    # Through solve(), so that a batch of tangents (jacfwd) is one solve with more columns.
+    tangent = solve(spec.op, dr, spec.method, params=(), **options)
+    if not _mapped(dr) and not tangent.converged:
+        warnings.warn(f"solve: the tangent solve of forward mode did not converge, so the derivative "
+                      f"is inaccurate: {tangent.status}", RuntimeWarning, stacklevel=2)
+    return tangent.x
+
+
 class _Tangent(torch.autograd.Function):
     """``x`` unchanged; its tangent ``A^-1 dr`` for ``r = b - A x`` (``dr = db - dA x``): one
     forward solve. Reverse mode passes through to x."""
@@ -193,31 +270,46 @@ class _Tangent(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _, dx, dr):
-        if _nested_forward_mode():
-            raise NotImplementedError("solve: forward mode over forward mode (torch.func.jvp of a jvp, "
-                                      "jacfwd of jacfwd) is not supported: torch would drop the second-order "
-                                      "terms; differentiate the outer level in reverse mode instead")
-        spec = ctx.spec
-        options = {key: value for key, value in spec.options.items() if key not in ("x0", "callback")}
-        tangent = _METHODS[spec.method](spec.op, dr, **options)
-        if not tangent.converged:
-            warnings.warn(f"solve: the tangent solve of forward mode did not converge, so the derivative "
-                          f"is inaccurate: {tangent.status}", RuntimeWarning, stacklevel=2)
-        return tangent.x
+        return _tangent_solve(ctx.spec, dr)
+
+    @staticmethod
+    def vmap(info, in_dims, spec, x, r):
+        return x, in_dims[1]
 
     @staticmethod
     def backward(ctx, grad):
         return None, grad, None
 
 
-def _forward_tangents(op, b) -> bool:
-    """Whether forward mode (torch.autograd.forward_ad) sees a tangent on b or in A's matvec."""
-    if getattr(fwAD, "_current_level", -1) < 0:  # no dual level open (torch keeps it in a private name)
+def _wrapped(t) -> bool:
+    """Whether ``t`` is a torch.func transform's tensor (no public test exists)."""
+    return isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _mapped(t) -> bool:
+    """Whether torch.func.vmap maps ``t`` at some level (under a jvp or grad wrapper too)."""
+    while _wrapped(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            return True
+        t = torch._C._functorch.get_unwrapped(t)
+    return False
+
+
+def _dual_level() -> bool:
+    """Whether a forward-mode dual level is open (torch keeps it in a private name)."""
+    return getattr(fwAD, "_current_level", -1) >= 0
+
+
+def _has_tangent(t) -> bool:
+    """Whether forward mode sees a tangent on the tensor ``t``."""
+    return _dual_level() and isinstance(t, torch.Tensor) and fwAD.unpack_dual(t).tangent is not None
+
+
+def _operator_tangent(op) -> bool:
+    """Whether A's matvec carries a forward-mode tangent (one probe matvec, only under a dual level)."""
+    if not _dual_level():
         return False
-    if isinstance(b, torch.Tensor) and fwAD.unpack_dual(b).tangent is not None:
-        return True
-    probe = op @ torch.ones(int(op.shape[1]), dtype=op.dtype, device=op.device)
-    return isinstance(probe, torch.Tensor) and fwAD.unpack_dual(probe).tangent is not None
+    return _has_tangent(op @ torch.ones(int(op.shape[1]), dtype=op.dtype, device=op.device))
 
 
 def solve(A, b, method="cg", *, params=None, **options):
@@ -276,7 +368,12 @@ def solve(A, b, method="cg", *, params=None, **options):
     Forward mode (``torch.autograd.forward_ad``, ``torch.func.jvp``) solves
     ``A dx = db - dA x`` once more, with the same method and options, where
     ``dA x`` is the tangent of one matvec ``A @ x`` (A's tensors carry their
-    own tangents). Forward over forward and vmap are not supported.
+    own tangents; a tangent on b alone is one solve ``A dx = db``).
+    ``torch.func.vmap`` over b is one solve with the batch as more columns,
+    so ``jacrev``, ``jacfwd``, ``hessian`` and ``jvp(grad(...))`` in b are
+    a few solves with many columns. Forward over forward, vmap over A and
+    reverse mode under torch.func w.r.t. A's tensors raise
+    NotImplementedError (docs/forward-mode.md).
 
     Examples
     --------
@@ -296,18 +393,28 @@ def solve(A, b, method="cg", *, params=None, **options):
                              "differentiates it")
         raise ValueError(f"solve: unknown method {method!r}; expected one of 'cg', 'minres', 'gmres', "
                          "'bicgstab'")
+    if isinstance(A, torch.Tensor) and _mapped(A):
+        raise NotImplementedError("solve: torch.func.vmap over the operator A is not supported (one Krylov solve "
+                                  "serves one operator); map over the right-hand side b only (a batch of b is "
+                                  "one solve with more columns), or loop over the operators")
     op = as_operator(A, caller="solve")
     if (isinstance(b, torch.Tensor) and b.dtype in COMPLEX_DTYPES and op.dtype in REAL_DTYPES
             and b.dtype == complex_of(op.dtype)):
         # A complex b with a real A: the solve, and the VJP's product A x, run in complex.
         op = promote(op, b.dtype)
     found = operator_params(op, params)
-    forward = _forward_tangents(op, b)
+    # A b mapped by torch.func.vmap (or jacrev, jacfwd) goes through _Solve, whose vmap rule
+    # solves the whole batch as columns (the Krylov loop's stopping tests read values back,
+    # which vmap refuses) and sees forward tangents below the mapped level.
+    mapped = isinstance(b, torch.Tensor) and _mapped(b)
+    # A tangent on b alone is _Solve's jvp rule (whatever the transforms above or below it);
+    # one in A's matvec is seen outside any Function only, by _Tangent.
+    forward = not mapped and _operator_tangent(op)
     if forward:
         b_dual, b = b, fwAD.unpack_dual(b).primal
     needs_grad = torch.is_grad_enabled() and (
         (isinstance(b, torch.Tensor) and b.requires_grad) or any(p.requires_grad for p in found))
-    if not needs_grad and not forward:
+    if not needs_grad and not forward and not mapped and not _has_tangent(b):
         return _METHODS[method](op, b, **options)
     # cg and minres assume a Hermitian A; a symmetric complex A is not its own adjoint.
     symmetric = method in _SYMMETRIC_METHODS or (
@@ -316,7 +423,9 @@ def solve(A, b, method="cg", *, params=None, **options):
         adj = op
     else:
         try:
-            adj = adjoint(op)
+            transformed = torch._C._functorch.maybe_current_level() is not None   # under torch.func
+            adj = _DenseAdjoint(op) if (transformed and type(op) is DenseOperator and op.dtype in REAL_DTYPES) \
+                else adjoint(op)
         except (AttributeError, NotImplementedError) as err:
             raise TypeError(f"solve: method={method!r} needs A.T for the backward pass, but A "
                             f"({type(op).__name__}) has none ({err}); give the operator an adjoint, declare "

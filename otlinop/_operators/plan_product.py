@@ -119,11 +119,16 @@ class PlanMatmul(torch.autograd.Function):
         ctx.save_for_forward(x, y, f, g, V, a, b, output)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, W):
+        if _transformed(*ctx.saved_tensors, W):
+            # Under torch.func the backward is made of PlanMatmul products and torch ops:
+            # differentiable again (jacrev of jacrev, vmap of a double backward).
+            return PlanMatmul._gradients(ctx, W)
+        return PlanMatmul._gradients_once(ctx, W)
+
+    @staticmethod
+    def _gradients(ctx, W):
         x, y, f, g, V, a, b, PV = ctx.saved_tensors
-        log_a = None if a is None else torch.log(a)
-        log_b = None if b is None else torch.log(b)
         nx, ny, nf, ng, nV, na, nb = ctx.needs_input_grad[:7]
         opts = ctx.opts
         eps, c2 = opts["eps"], 2.0 * opts["cost_scale"]
@@ -141,16 +146,39 @@ class PlanMatmul(torch.autograd.Function):
             z = (x.mean(-2, keepdim=True) + y.mean(-2, keepdim=True)) / 2
             xz, yz = x - z, y - z
 
+        if _transformed(x, y, f, g, V, a, b, PV, W):
+            # Under torch.func (jacrev, hessian, vmap of a vjp) the kernels cannot take the
+            # transforms' wrapped tensors: the passes go through PlanMatmul itself, whose vmap
+            # and jvp rules see them. The bilinear sums become plain products:
+            # sum_j P_ij <W_i, V_j> Y_j = sum_l W_il (P (V_l Y))_i, so that a batch of
+            # cotangents W (jacrev) shares one pass of the plan with the unbatched V Y.
+            def matmul(x, y, f, g, V, a, b):
+                return PlanMatmul.apply(x, y, f, g, V, a, b, eps, opts["cost_scale"], opts["backend"],
+                                        opts["precision"])
+
+            def bilinear(x, y, f, g, W, V, Y, a, b):
+                k, e = V.shape[-1], Y.shape[-1]
+                S = matmul(x, y, f, g, (V.unsqueeze(-1) * Y.unsqueeze(-2)).flatten(-2), a, b)
+                return (W.unsqueeze(-1) * S.unflatten(-1, (k, e))).sum(-2)
+        else:
+            def matmul(x, y, f, g, V, a, b):
+                return plan_apply(x, y, f, g, V, log_a=None if a is None else torch.log(a),
+                                  log_b=None if b is None else torch.log(b), **opts)
+
+            def bilinear(x, y, f, g, W, V, Y, a, b):
+                return plan_bilinear(x, y, f, g, W, V, Y, log_a=None if a is None else torch.log(a),
+                                     log_b=None if b is None else torch.log(b), **opts)
+
         grad_x = grad_y = grad_f = grad_g = grad_V = grad_a = grad_b = None
         if nf or nx:
             rw = _rowdot(Wm, col(PV))                      # sum_j P_ij s_ij
             if nf:
                 grad_f = rw / eps
             if nx:
-                Py_s = plan_bilinear(x, y, f, g, Wm, Vm, yz, log_a=log_a, log_b=log_b, **opts)
+                Py_s = bilinear(x, y, f, g, Wm, Vm, yz, a, b)
                 grad_x = (-c2 / eps) * (xz * rw.unsqueeze(-1) - Py_s)
         if nV or ng or ny:
-            PTW = plan_apply(y, x, g, f, W, log_a=log_b, log_b=log_a, **opts)
+            PTW = matmul(y, x, g, f, W, b, a)
             if nV:
                 grad_V = PTW
             if ng or ny:
@@ -158,13 +186,16 @@ class PlanMatmul(torch.autograd.Function):
                 if ng:
                     grad_g = rv / eps
                 if ny:
-                    PTx_s = plan_bilinear(y, x, g, f, Vm, Wm, xz, log_a=log_b, log_b=log_a, **opts)
+                    PTx_s = bilinear(y, x, g, f, Vm, Wm, xz, b, a)
                     grad_y = (-c2 / eps) * (yz * rv.unsqueeze(-1) - PTx_s)
         if na:
-            grad_a = _rowdot(Wm, col(plan_apply(x, y, f, g, V, log_a=None, log_b=log_b, **opts)))
+            grad_a = _rowdot(Wm, col(matmul(x, y, f, g, V, None, b)))
         if nb:
-            grad_b = _rowdot(Vm, col(plan_apply(y, x, g, f, W, log_a=None, log_b=log_a, **opts)))
+            grad_b = _rowdot(Vm, col(matmul(y, x, g, f, W, None, a)))
         return grad_x, grad_y, grad_f, grad_g, grad_V, grad_a, grad_b, None, None, None, None
+
+    # Outside torch.func: the streaming kernels, and a double backward raises.
+    _gradients_once = staticmethod(once_differentiable(_gradients.__func__))
 
     @staticmethod
     def vmap(info, in_dims, x, y, f, g, V, a, b, eps, cost_scale, backend, precision):
@@ -172,6 +203,16 @@ class PlanMatmul(torch.autograd.Function):
         kernels' leading batch dimension (merged with the plan's own batch, if any)."""
         B = info.batch_size
         batched = (x.ndim - (in_dims[0] is not None)) == 3   # the plan's own batch B0
+        if V is not None and in_dims[4] is not None and all(d is None for i, d in enumerate(in_dims[:7]) if i != 4):
+            # Only the operand is mapped (jacrev's cotangents, a batch of directions): its
+            # batch becomes more columns of one product, one pass over the plan for all.
+            Vc = V.movedim(in_dims[4], -1)                # (..., m, B) or (..., m, k, B)
+            k = None if V.ndim - 1 == x.ndim - 1 else Vc.shape[-2]
+            out = PlanMatmul.apply(x, y, f, g, (Vc if k is None else Vc.flatten(-2)).contiguous(), a, b, eps,
+                                   cost_scale, backend, precision)
+            if k is not None:
+                out = out.unflatten(-1, (k, B))
+            return out.movedim(-1, 0), 0
         B0 = None
         if batched:
             B0 = (x if in_dims[0] is None else x.movedim(in_dims[0], 0)).shape[-3]
@@ -321,16 +362,19 @@ def plan_matmul(x, y, f, g, V=None, *, eps, a=None, b=None, cost_scale=1.0, back
         dy_j = -(2c/eps) (y_j rowdot(V, P.T W)_j - sum_i P_ij s_ij x_i),
         da_i = sum_j P_ij s_ij / a_i (computed without dividing by a_i).
 
-    The backward is ``once_differentiable``: double backward through this
-    function raises. Second-order derivatives of the OT loss go through the
-    analytic Hessian-vector products of ``otlinop.hvp`` instead.
-    Gradients w.r.t. ``eps`` and ``cost_scale`` are not provided.
+    With plain autograd the backward is ``once_differentiable``: double
+    backward through this function raises. Second-order derivatives of the
+    OT loss go through the analytic Hessian-vector products of
+    ``otlinop.hvp`` instead. Gradients w.r.t. ``eps`` and ``cost_scale`` are
+    not provided.
 
-    Forward mode (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``)
-    and ``torch.func.vmap`` go through it too: the tangent costs one more plan
-    pass (plus one per weight tangent), a vmapped call is one batched call.
-    Forward over forward raises ``NotImplementedError`` (see
-    docs/second-order.md, "Forward mode").
+    torch.func (``grad``, ``jacrev``, ``jacfwd``, ``hessian``, ``jvp``,
+    ``vmap``) and ``torch.autograd.forward_ad`` go through it: the tangent
+    costs one more plan pass (plus one per weight tangent); a vmapped call is
+    one batched call, a mapped operand alone more columns of one pass; under
+    torch.func the backward is made of such products, and is differentiable
+    again. Forward over forward raises ``NotImplementedError``
+    (docs/forward-mode.md: what each transform costs).
 
     Examples
     --------
@@ -355,8 +399,19 @@ def plan_matmul(x, y, f, g, V=None, *, eps, a=None, b=None, cost_scale=1.0, back
 
 
 def _vmapped(*tensors) -> bool:
-    """Whether a tensor is one of torch.func.vmap's batched tensors (no public test exists)."""
-    return any(t is not None and torch._C._functorch.is_batchedtensor(t) for t in tensors)
+    """Whether torch.func.vmap maps a tensor at some level, under grad or jvp levels too
+    (no public test exists)."""
+    for t in tensors:
+        while t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
+            if torch._C._functorch.is_batchedtensor(t):
+                return True
+            t = torch._C._functorch.get_unwrapped(t)
+    return False
+
+
+def _transformed(*tensors) -> bool:
+    """Whether a tensor is wrapped by a torch.func transform (vmap, grad, jvp; no public test exists)."""
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def _checked_product(x, y, f, g, V, a, b, eps, cost_scale, backend, precision):

@@ -335,14 +335,30 @@ def _plan_bilinear_torch(x, y, f, g, W, V, Y, log_a, log_b, eps, cost_scale):
     out = torch.zeros((B, n, e), device=x.device, dtype=dtype)
     if m == 0:
         return (out if batched else out[0]).to(x.dtype)
+    # Under torch.func (vmap, jacrev: a backward applied to a batch of cotangents) an operand
+    # may carry a batch that the temporaries lack: in-place updates of them and the row-block
+    # writes into out would be refused, so those calls build each block out of place.
+    functional = any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t)
+                     for t in (x, y, f, g, W, V, Y, log_a, log_b))
+    blocks = []
     for rows in row_blocks(n, m, B, out.element_size(), temporaries=3):
-        logits = cost_block(xc, yc, xn, yn, rows, cost_scale).div_(-eps).add_(col[:, None, :])
+        WV = torch.matmul(W3[:, rows], V3.transpose(-1, -2))
+        logits = cost_block(xc, yc, xn, yn, rows, cost_scale)
+        if functional:
+            logits = logits / -eps + col[:, None, :]
+        else:
+            logits = logits.div_(-eps).add_(col[:, None, :])
         M = logits.amax(dim=-1, keepdim=True)
         M = torch.where(torch.isfinite(M), M, torch.zeros_like(M))
-        q = logits.sub_(M).exp_().mul_(torch.matmul(W3[:, rows], V3.transpose(-1, -2)))
+        q = (logits - M).exp() * WV if functional else logits.sub_(M).exp_().mul_(WV)
         # The row factor in two halves, as the kernel (_tiles.scale_rows): no intermediate inf or 0.
         half = torch.exp(0.5 * (row[:, rows, None] + M))
-        out[:, rows] = torch.matmul(q, Y3).mul_(half).mul_(half)
+        if functional:
+            blocks.append(torch.matmul(q, Y3) * half * half)
+        else:
+            out[:, rows] = torch.matmul(q, Y3).mul_(half).mul_(half)
+    if functional:
+        out = torch.cat(blocks, dim=1)
     out = out if batched else out[0]
     return out.to(x.dtype)
 
