@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from ._checks import Inputs, fraction, positive_scalar
+from ._checks import (Inputs, backend_name, flag, fraction, function, nonnegative_scalar, positive_int,
+                      positive_scalar, precision_name, reach_or_none)
 
-__all__ = ["DEFAULT_BLUR", "LONG_SCHEDULE", "diameter", "diameter_tensor", "epsilon_schedule", "resolve_eps"]
+__all__ = ["DEFAULT_BLUR", "DEFAULT_MAX_ITER", "LONG_SCHEDULE", "METHODS", "LoopOptions", "diameter", "diameter_tensor",
+           "epsilon_schedule", "loop_options", "resolve_eps", "resolve_reach"]
 
 #: Default blur when neither ``blur`` nor ``eps`` is given (GeomLoss' default).
 DEFAULT_BLUR = 0.05
@@ -120,3 +123,61 @@ def resolve_eps(owner: str, method: str, blur, eps, scaling, diam, inp: Inputs):
                       f"{usual}. Pass a smaller scaling (0.5 to 0.95 is usual), or a diameter closer to blur",
                       UserWarning, stacklevel=3)
     return eps, schedule, blur
+
+
+# --------------------------------------------------------------------------
+# The options of the Sinkhorn loops, checked once for every entry point
+# (otlinop.sinkhorn and otlinop.distributed.sinkhorn)
+# --------------------------------------------------------------------------
+METHODS = ("symmetric", "alternating")
+
+#: Default ``max_iter``: "alternating" iterations in all; "symmetric" steps at the
+#: final eps after its schedule.
+DEFAULT_MAX_ITER = 2000
+
+
+def resolve_reach(owner: str, reach, reach_x, reach_y):
+    """Return (rho_x, rho_y): ``reach**2`` per side, None for a balanced side."""
+    if reach is not None and (reach_x is not None or reach_y is not None):
+        raise ValueError(f"{owner}: give either reach (both sides) or reach_x / reach_y (one side each), "
+                         f"not both; got reach={reach!r}, reach_x={reach_x!r}, reach_y={reach_y!r}")
+    if reach is not None:
+        r = reach_or_none(owner, "reach", reach)
+        return (None, None) if r is None else (r * r, r * r)
+    rx, ry = reach_or_none(owner, "reach_x", reach_x), reach_or_none(owner, "reach_y", reach_y)
+    return (None if rx is None else rx * rx), (None if ry is None else ry * ry)
+
+
+class LoopOptions(NamedTuple):
+    """The checked scalar options of a Sinkhorn call (``max_iter`` is None for a
+    symmetric call without one: its default depends on the schedule's length)."""
+    cost_scale: float
+    rho_x: float | None
+    rho_y: float | None
+    backend: str | None
+    precision: str | None
+    check_every: int
+    threshold: float
+    max_iter: int | None
+
+
+def loop_options(owner: str, *, method, cost_scale, reach, reach_x, reach_y, backend, precision, check_every,
+                 threshold, callback, verbose, max_iter) -> LoopOptions:
+    """Check the options every Sinkhorn entry point shares; errors name ``owner``."""
+    if method not in METHODS:
+        raise ValueError(f"{owner}: method must be 'symmetric' (GeomLoss) or 'alternating' (OTT-JAX), "
+                         f"got {method!r}")
+    cost_scale = positive_scalar(owner, "cost_scale", cost_scale)
+    rho_x, rho_y = resolve_reach(owner, reach, reach_x, reach_y)
+    backend = backend_name(owner, backend)
+    precision = precision_name(owner, precision)
+    check_every = positive_int(owner, "check_every", check_every)
+    threshold = 1e-3 if threshold is None else nonnegative_scalar(owner, "threshold", threshold, allow_inf=True)
+    if callback is not None:
+        function(owner, "callback", callback, "callable or None")
+    flag(owner, "verbose", verbose)
+    if method == "alternating":
+        max_iter = DEFAULT_MAX_ITER if max_iter is None else positive_int(owner, "max_iter", max_iter)
+    elif max_iter is not None:
+        max_iter = positive_int(owner, "max_iter", max_iter)
+    return LoopOptions(cost_scale, rho_x, rho_y, backend, precision, check_every, threshold, max_iter)

@@ -35,21 +35,14 @@ import torch
 from solvers import config
 from solvers.graphs import CUDA_GRAPHS
 
-from ._checks import (backend_name, flag, function, measures, nonnegative_scalar, positive_int, positive_scalar,
-                      potential, precision_name, reach_or_none)
+from ._checks import measures, potential
 from ._sinkhorn_loops import GRAPH_MIN_RUN, Monitor, alternating_loop, symmetric_loop
 from ._sinkhorn_multiscale import check_dimension, cluster_clouds, multiscale_loop, multiscale_options
 from ._sinkhorn_result import ConvergenceWarning, SinkhornResult, convergence_status
-from ._sinkhorn_schedule import epsilon_schedule, resolve_eps
+from ._sinkhorn_schedule import DEFAULT_MAX_ITER, epsilon_schedule, loop_options, resolve_eps
 from .kernels._dispatch import check_backend, resolve_backend
 
 __all__ = ["sinkhorn", "SinkhornResult", "ConvergenceWarning", "epsilon_schedule", "DEFAULT_MAX_ITER"]
-
-_METHODS = ("symmetric", "alternating")
-
-#: Default ``max_iter``: "alternating" iterations in all; "symmetric" steps at the
-#: final eps after its schedule.
-DEFAULT_MAX_ITER = 2000
 
 
 # --------------------------------------------------------------------------
@@ -66,18 +59,6 @@ def _warn_not_differentiable(owner: str, **tensors) -> None:
                       f"{owner} (potentials, cost, plan) are computed without autograd and are not "
                       "differentiable; for a differentiable loss use otlinop.SamplesLoss or otlinop.sinkhorn_loss "
                       f"(pass {names[0]}.detach() to silence this warning)", UserWarning, stacklevel=3)
-
-
-def _resolve_reach(owner: str, reach, reach_x, reach_y):
-    """Return (rho_x, rho_y): ``reach**2`` per side, None for a balanced side."""
-    if reach is not None and (reach_x is not None or reach_y is not None):
-        raise ValueError(f"{owner}: give either reach (both sides) or reach_x / reach_y (one side each), "
-                         f"not both; got reach={reach!r}, reach_x={reach_x!r}, reach_y={reach_y!r}")
-    if reach is not None:
-        r = reach_or_none(owner, "reach", reach)
-        return (None, None) if r is None else (r * r, r * r)
-    rx, ry = reach_or_none(owner, "reach_x", reach_x), reach_or_none(owner, "reach_y", reach_y)
-    return (None if rx is None else rx * rx), (None if ry is None else ry * ry)
 
 
 config.declare("sinkhorn_graphs", True, owner="otlinop.sinkhorn", doc=(
@@ -266,24 +247,12 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
                                 cost_scale=cost_scale, reach=reach, reach_x=reach_x, reach_y=reach_y, method=method,
                                 max_iter=max_iter, threshold=threshold, check_every=check_every, f0=f0, g0=g0,
                                 callback=callback, verbose=verbose, backend=backend, precision=precision)
-    if method not in _METHODS:
-        raise ValueError(f"{owner}: method must be 'symmetric' (GeomLoss) or 'alternating' (OTT-JAX), "
-                         f"got {method!r}")
-    cost_scale = positive_scalar(owner, "cost_scale", cost_scale)
-    rho_x, rho_y = _resolve_reach(owner, reach, reach_x, reach_y)
-    backend = backend_name(owner, backend)
-    precision = precision_name(owner, precision)
-    check_every = positive_int(owner, "check_every", check_every)
-    threshold = 1e-3 if threshold is None else nonnegative_scalar(owner, "threshold", threshold, allow_inf=True)
-    if callback is not None:
-        function(owner, "callback", callback, "callable or None")
-    flag(owner, "verbose", verbose)
-    if method == "alternating":
-        max_iter = DEFAULT_MAX_ITER if max_iter is None else positive_int(owner, "max_iter", max_iter)
-        if diameter is not None:
-            warnings.warn(f"{owner}: diameter is ignored by method='alternating' (fixed eps)", stacklevel=2)
-    elif max_iter is not None:
-        max_iter = positive_int(owner, "max_iter", max_iter)
+    cost_scale, rho_x, rho_y, backend, precision, check_every, threshold, max_iter = loop_options(
+        owner, method=method, cost_scale=cost_scale, reach=reach, reach_x=reach_x, reach_y=reach_y, backend=backend,
+        precision=precision, check_every=check_every, threshold=threshold, callback=callback, verbose=verbose,
+        max_iter=max_iter)
+    if method == "alternating" and diameter is not None:
+        warnings.warn(f"{owner}: diameter is ignored by method='alternating' (fixed eps)", stacklevel=2)
 
     ms = multiscale_options(owner, multiscale)
     if ms is not None:

@@ -23,20 +23,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from .._checks import (Inputs, backend_name, flag, function, nonnegative_scalar, points, positive_int,
-                       positive_scalar, potential, precision_name, reach_or_none, vector)
+from .._checks import Inputs, points, potential, vector
 from .._sinkhorn_loops import LocalOps, Monitor, alternating_loop, symmetric_loop
 from .._sinkhorn_result import ConvergenceWarning, convergence_status
-from .._sinkhorn_schedule import DEFAULT_BLUR, resolve_eps
+from .._sinkhorn_schedule import DEFAULT_BLUR, DEFAULT_MAX_ITER, loop_options, resolve_eps
 from ..kernels import lse_cost
 from ..kernels._dispatch import check_backend
 from .plan import Ring, RingPlanOperator, merge_lse_or_empty, ordered_max, ordered_sum, require_group, ring_lse
 
 __all__ = ["sinkhorn", "sinkhorn_dtensor", "ShardedSinkhornResult", "ShardedOps", "sharded_measures",
            "global_diameter", "is_dtensor", "dtensor_shards", "as_dtensor"]
-
-_METHODS = ("symmetric", "alternating")
-DEFAULT_MAX_ITER = 2000
 
 
 # --------------------------------------------------------------------------
@@ -195,17 +191,6 @@ def global_diameter(x: torch.Tensor, y: torch.Tensor, group=None) -> float:
         corners = torch.cat([-lo, hi])
         dist.all_reduce(corners, op=dist.ReduceOp.MAX, group=group)
         return float((corners[d:] + corners[:d]).norm())
-
-
-def _resolve_reach(owner: str, reach, reach_x, reach_y):
-    if reach is not None and (reach_x is not None or reach_y is not None):
-        raise ValueError(f"{owner}: give either reach (both sides) or reach_x / reach_y (one side each), "
-                         f"not both; got reach={reach!r}, reach_x={reach_x!r}, reach_y={reach_y!r}")
-    if reach is not None:
-        r = reach_or_none(owner, "reach", reach)
-        return (None, None) if r is None else (r * r, r * r)
-    rx, ry = reach_or_none(owner, "reach_x", reach_x), reach_or_none(owner, "reach_y", reach_y)
-    return (None if rx is None else rx * rx), (None if ry is None else ry * ry)
 
 
 # --------------------------------------------------------------------------
@@ -371,22 +356,10 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
     >>> dist.destroy_process_group()
     """
     owner = _owner
-    if method not in _METHODS:
-        raise ValueError(f"{owner}: method must be 'symmetric' (GeomLoss) or 'alternating' (OTT-JAX), "
-                         f"got {method!r}")
-    cost_scale = positive_scalar(owner, "cost_scale", cost_scale)
-    rho_x, rho_y = _resolve_reach(owner, reach, reach_x, reach_y)
-    backend = backend_name(owner, backend)
-    precision = precision_name(owner, precision)
-    check_every = positive_int(owner, "check_every", check_every)
-    threshold = 1e-3 if threshold is None else nonnegative_scalar(owner, "threshold", threshold, allow_inf=True)
-    if callback is not None:
-        function(owner, "callback", callback, "callable or None")
-    flag(owner, "verbose", verbose)
-    if method == "alternating":
-        max_iter = DEFAULT_MAX_ITER if max_iter is None else positive_int(owner, "max_iter", max_iter)
-    elif max_iter is not None:
-        max_iter = positive_int(owner, "max_iter", max_iter)
+    cost_scale, rho_x, rho_y, backend, precision, check_every, threshold, max_iter = loop_options(
+        owner, method=method, cost_scale=cost_scale, reach=reach, reach_x=reach_x, reach_y=reach_y, backend=backend,
+        precision=precision, check_every=check_every, threshold=threshold, callback=callback, verbose=verbose,
+        max_iter=max_iter)
 
     inp, rows, cols = sharded_measures(owner, x, y, a, b, balanced=(rho_x is None and rho_y is None), group=group)
     check_backend(owner, backend, x)
