@@ -347,11 +347,14 @@ def test_gpu_triton_vs_torch_at_10k():
     assert ref.rel(_flat(*tor[:2]).double(), ref64) < 1e-4
 
 
-def test_newton_registration_example(capsys):
+def test_newton_registration_example(capsys, monkeypatch):
     """examples/newton_registration.py runs, converges and reports an indefinite OT Hessian."""
     import pathlib
     import runpy
+    import sys
 
+    # The example parses sys.argv: give it its own, not pytest's command line.
+    monkeypatch.setattr(sys, "argv", ["newton_registration.py"])
     threads = torch.get_num_threads()
     try:
         path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "newton_registration.py"
