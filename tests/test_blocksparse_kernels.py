@@ -27,6 +27,7 @@ from otlinop.kernels import (  # noqa: E402
     blocksparse_softmin_torch,
     transpose_pattern,
 )
+from otlinop.kernels import blocksparse as blocksparse_module  # noqa: E402
 from otlinop.kernels.blocksparse import blocksparse_apply_unchecked, blocksparse_softmin_unchecked  # noqa: E402
 
 F64 = torch.float64
@@ -102,9 +103,34 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["auto", "gathered"])
+def form(request, monkeypatch):
+    """The references' form: as chosen (masked dense on these small, dense patterns), or gathered."""
+    if request.param == "gathered":
+        monkeypatch.setattr(blocksparse_module, "_MASKED_LOGIT_ERROR", -1.0)
+    return request.param
+
+
+def test_form_choice():
+    """Masked dense where a quarter of n m or more is kept and the rounding allows it; gathered otherwise."""
+    x, y, xs, ys, ptr, idx = clustered_problem(*CASES["full"])
+    choose = blocksparse_module._masked_dense
+    assert choose(x, y, xs, ys, ptr, idx, 0.1, 1.0, F64) is not None
+    # float32: the expansion's logit error u c max(|x'|^2 + |y'|^2) / eps is above the bound at eps = 0.1.
+    assert choose(x.float(), y.float(), xs, ys, ptr, idx, 0.1, 1.0, torch.float32) is None
+    assert choose(x.float(), y.float(), xs, ys, ptr, idx, 1e3, 1.0, torch.float32) is not None
+    # 16 clusters of 4 points each side, each row cluster keeping 3 of 16: 3/16 of n m.
+    sizes = [4] * 16
+    x, y, xs, ys, ptr, idx = clustered_problem(sizes, sizes, [[i, (i + 1) % 16, (i + 5) % 16] for i in range(16)])
+    assert choose(x, y, xs, ys, ptr, idx, 0.1, 1.0, F64) is None
+    x, y, xs, ys, ptr, idx = clustered_problem(sizes, sizes, [[i, (i + 1) % 16, (i + 5) % 16, (i + 9) % 16]
+                                                              for i in range(16)])
+    assert choose(x, y, xs, ys, ptr, idx, 0.1, 1.0, F64) is not None
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("eps,c", [(0.1, 1.0), (1.0, 0.5)])
-def test_lse_and_softmin_torch_match_dense(case, eps, c):
+def test_lse_and_softmin_torch_match_dense(case, eps, c, form):
     x, y, xs, ys, ptr, idx = clustered_problem(*CASES[case])
     h = 0.3 * torch.randn(y.shape[0], generator=_gen(5), dtype=F64)
     if h.numel() > 2:
@@ -138,7 +164,7 @@ def test_lse_row_with_only_zero_weights_is_minus_inf():
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("operand", ["none", "vector", "matrix"])
 @pytest.mark.parametrize("weights", [False, True])
-def test_apply_torch_matches_dense(case, operand, weights):
+def test_apply_torch_matches_dense(case, operand, weights, form):
     eps, c = 0.2, 1.0
     x, y, xs, ys, ptr, idx = clustered_problem(*CASES[case], seed=1)
     n, m = x.shape[0], y.shape[0]
@@ -195,7 +221,7 @@ def test_transpose_pattern_is_an_involution_on_a_random_pattern():
     assert torch.equal(ptr_t, want_t[0]) and torch.equal(idx_t, want_t[1])
 
 
-def test_chunking_does_not_change_the_result(override):
+def test_chunking_does_not_change_the_result(override, form):
     """Tiny row chunks (a budget of a few entries, clusters split across chunks) give bitwise the same values."""
     x, y, xs, ys, ptr, idx = clustered_problem([7, 0, 9, 4], [5, 8, 0, 3], [[0, 1], [], [1, 3], [0, 2, 3]],
                                                seed=4)

@@ -32,7 +32,10 @@ kernel's, unless ``config.check_finite`` is off).
 
 Cost: time O(sum over kept pairs of |I| |J| d), memory O((n + m) d + nnz + Kx)
 (never a kept block: the plan is streamed); the torch references process the
-rows in chunks whose temporaries stay under ``config.torch_block_bytes``.
+rows in chunks whose temporaries stay under ``config.torch_block_bytes``, in
+one of two forms: the kept columns of each row gathered (padded lists), or,
+where the kept entries are a quarter of n m or more and the rounding allows it,
+dense row blocks with the dropped cluster pairs masked (``_masked_dense``).
 Each row's sum runs over its kept column clusters in ``idx`` order, in a fixed
 order without atomics: the results are deterministic (the torch reference's
 do not depend on its chunking either).
@@ -49,7 +52,7 @@ from .._checks import (Geometry, block_pattern, cluster_layout, finite, nonnegat
 from ._dispatch import interpreting, resolve_backend, resolve_precision
 from ._grid import device_guard, unit_last
 from ._layout import prepare_pair
-from ._reference import compute_dtype
+from ._reference import centred_points, compute_dtype, row_blocks
 from ._tiles import LN2, LOG2E, TL_LOG2E, mma, online_step, row_setup, scale_rows, tile_logits
 from ._triton import cdiv, tl, triton
 from ._tuning import AUTOTUNE_DISK_CACHE, TunedLaunch, bucket, configs_or_interpreter, pick_block, pruner, tile_config
@@ -239,14 +242,79 @@ def _costs(x, y, rows, cols, cost_scale, dtype):
     return diff.square_().sum(-1).mul_(cost_scale)
 
 
+#: The masked dense form's bound on the absolute error of a logit, u c (max|x'|^2 + max|y'|^2) / eps
+#: (u the unit roundoff, x', y' the centred clouds): above it the references take the gathered form,
+#: whose differences x_i - y_j keep the error near u C_ij / eps.
+_MASKED_LOGIT_ERROR = 1e-6
+
+
+def _masked_dense(x, y, x_starts, y_starts, ptr, idx, eps, cost_scale, dtype):
+    """The masked dense form of the references, or None where the gathered form is the better one.
+
+    Where the kept entries are at least a quarter of ``n m`` (early eps steps, large truncation
+    radii, few clusters), the gathered form spends most of its time locating columns (a search
+    per kept entry) and forming differences; a dense row block ``|x'|^2 + |y'|^2 - 2 x'.y'`` (on the
+    centred points, a multiply-add per coordinate) with the dropped blocks masked to ``-inf``
+    costs ``n m`` and is several times faster there. Its rounding differs (the expansion on
+    centred points), so it is taken only where its logit error bound stays under
+    ``_MASKED_LOGIT_ERROR`` and the cluster-pair mask (Kx, Ky) fits ``config.torch_block_bytes``.
+    Returns ``(cx, cy, mask, points)``: the cluster of each row and column, the (Kx, Ky) kept
+    pairs, and :func:`~otlinop.kernels._reference.centred_points`' tuple. One host read (the
+    kept count and the norms together).
+    """
+    n, m = x.shape[0], y.shape[0]
+    kx, ky = x_starts.numel() - 1, y_starts.numel() - 1
+    if n == 0 or m == 0 or idx.numel() == 0 or kx * ky > config.torch_block_bytes:
+        return None
+    rows = x_starts[1:] - x_starts[:-1]
+    cols = y_starts[1:] - y_starts[:-1]
+    pair_row = torch.repeat_interleave(torch.arange(kx, device=idx.device), ptr[1:] - ptr[:-1],
+                                       output_size=idx.numel())
+    kept = (rows[pair_row] * cols[idx]).sum()
+    points = centred_points(x, y, dtype)
+    radius = points[2].amax() + points[3].amax()
+    kept, radius = torch.stack([kept.to(dtype), radius]).tolist()
+    if 4 * kept < n * m or torch.finfo(dtype).eps / 2 * cost_scale * radius / eps > _MASKED_LOGIT_ERROR:
+        return None
+    mask = torch.zeros((kx, ky), dtype=torch.bool, device=idx.device)
+    mask[pair_row, idx] = True
+    cx = torch.repeat_interleave(torch.arange(kx, device=idx.device), rows, output_size=n)
+    cy = torch.repeat_interleave(torch.arange(ky, device=idx.device), cols, output_size=m)
+    return cx, cy, mask, points
+
+
+def _kept_blocks(x, y, x_starts, y_starts, ptr, idx, eps, cost_scale, dtype, width):
+    """The kept entries of the references, by row blocks.
+
+    Yields ``(lo, hi, C, cols, valid)``: the costs ``C`` (hi - lo, L) of rows ``lo:hi``
+    against their columns ``cols`` (hi - lo, L), or against all m columns in order when
+    ``cols`` is None (the masked dense form), with ``valid`` marking the kept ones.
+    """
+    n, m = x.shape[0], y.shape[0]
+    dense = _masked_dense(x, y, x_starts, y_starts, ptr, idx, eps, cost_scale, dtype)
+    if dense is not None:
+        cx, cy, mask, (xc, yc, xn, yn) = dense
+        xc, yc, xn, yn = xc[0], yc[0], xn[0], yn[0]
+        for block in row_blocks(n, m, 1, torch.finfo(dtype).bits // 8, width):
+            # |x'|^2 + |y'|^2 - 2 x'.y' one coordinate at a time: each entry's rounding is its own,
+            # whatever the block (a matrix product's depends on the block's shape).
+            C = xn[block, None] + yn
+            for k in range(xc.shape[1]):
+                C.addcmul_(xc[block, k, None], yc[:, k], value=-2.0)
+            yield block.start, block.stop, C.clamp_min_(0.0).mul_(cost_scale), None, mask[cx[block]][:, cy]
+        return
+    for lo, hi, cols, valid in _row_chunks(x_starts, y_starts, ptr, idx, n, width):
+        yield lo, hi, _costs(x, y, slice(lo, hi), cols, cost_scale, dtype), cols, valid
+
+
 def blocksparse_lse_core(x, y, h, x_starts, y_starts, ptr, idx, eps, cost_scale):
     """:func:`blocksparse_lse_torch` without the checks: (n,) in ``compute_dtype(x.dtype)``."""
     dtype = compute_dtype(x.dtype)
     n, d = x.shape
     out = torch.full((n,), float("-inf"), device=x.device, dtype=dtype)
     h = h.to(dtype)
-    for lo, hi, cols, valid in _row_chunks(x_starts, y_starts, ptr, idx, n, d + 3):
-        logits = _costs(x, y, slice(lo, hi), cols, cost_scale, dtype).div_(-eps).add_(h[cols])
+    for lo, hi, C, cols, valid in _kept_blocks(x, y, x_starts, y_starts, ptr, idx, eps, cost_scale, dtype, d + 3):
+        logits = C.div_(-eps).add_(h if cols is None else h[cols])
         out[lo:hi] = torch.logsumexp(logits.masked_fill_(~valid, float("-inf")), dim=-1)
     return out
 
@@ -266,8 +334,9 @@ def blocksparse_apply_core(x, y, f, g, V, x_starts, y_starts, ptr, idx, log_a, l
     if V is not None:
         V2 = (V[:, None] if vector_out else V).to(dtype)
     out = torch.zeros((n, k), device=x.device, dtype=dtype)
-    for lo, hi, cols, valid in _row_chunks(x_starts, y_starts, ptr, idx, n, d + k + 3):
-        logits = _costs(x, y, slice(lo, hi), cols, cost_scale, dtype).div_(-eps).add_(col[cols])
+    for lo, hi, C, cols, valid in _kept_blocks(x, y, x_starts, y_starts, ptr, idx, eps, cost_scale, dtype,
+                                               d + k + 3):
+        logits = C.div_(-eps).add_(col if cols is None else col[cols])
         logits.masked_fill_(~valid, float("-inf"))
         # The row's largest logit comes out of the exponential and back as exp(row + M), in
         # two halves as the dense kernels do: no intermediate overflow or underflow.
@@ -275,7 +344,12 @@ def blocksparse_apply_core(x, y, f, g, V, x_starts, y_starts, ptr, idx, log_a, l
         has = torch.isfinite(M)
         M = torch.where(has, M, torch.zeros_like(M))
         p = logits.sub_(M).exp_()
-        S = p.sum(-1, keepdim=True) if V is None else torch.einsum("rl,rlk->rk", p, V2[cols])
+        if V is None:
+            S = p.sum(-1, keepdim=True)
+        elif cols is None:
+            S = p @ V2
+        else:
+            S = torch.einsum("rl,rlk->rk", p, V2[cols])
         L = torch.where(has[:, 0], row[lo:hi] + M[:, 0], float("-inf"))
         half = torch.exp(0.5 * L)[:, None]
         out[lo:hi] = S.mul_(half).mul_(half)
