@@ -36,6 +36,7 @@ from solvers import config
 from ._checks import Inputs, measures_and_read
 from ._loss_derivatives import Solution, converged, loss_value, sinkhorn_grad, sinkhorn_hvp, solve, weight_grad
 from ._sinkhorn_schedule import diameter_tensor
+from .kernels._reference import compute_dtype
 
 __all__ = ["SinkhornLoss", "over_vmap"]
 
@@ -398,7 +399,7 @@ class _Loss(torch.autograd.Function):
             sol = converged(inp, sol, spec, second)
         dt = inp.pot_dtype
         value = loss_value(inp.a.to(dt), inp.b.to(dt), sol, spec)
-        return (value.to(x.dtype), *_potentials(sol, spec.debias))
+        return (value.to(compute_dtype(x.dtype)), *_potentials(sol, spec.debias))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -445,7 +446,7 @@ class _Loss(torch.autograd.Function):
         for gt, t in zip(grads, tangents):
             if gt is not None:
                 dvalue = dvalue + (gt * t.to(gt.dtype)).flatten(1).sum(-1)
-        return (dvalue.to(x.dtype),) + (None,) * len(pots)
+        return (dvalue.to(compute_dtype(x.dtype)),) + (None,) * len(pots)
 
     @staticmethod
     def vmap(info, in_dims, x, y, a, b, spec, second, verbose):

@@ -26,6 +26,7 @@ from solvers import config
 
 from ._sinkhorn_multiscale import check_dimension, cluster_clouds, multiscale_loop
 from .kernels.blocksparse import blocksparse_apply_unchecked
+from .kernels._reference import compute_dtype
 
 __all__ = ["refuse_for_multiscale", "MultiscaleLoss", "multiscale_potentials"]
 
@@ -94,7 +95,7 @@ class MultiscaleLoss(torch.autograd.Function):
         ctx.state = (clouds, sols, setup)
         ctx.dtypes = (x.dtype, y.dtype, a.dtype, b.dtype)
         value = (clouds.cx.weights.to(F.dtype) * F).sum() + (clouds.cy.weights.to(G.dtype) * G).sum()
-        return value.to(x.dtype)
+        return value.to(compute_dtype(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_value):

@@ -34,6 +34,8 @@ from torch.library import custom_op
 from ._checks import measures_and_read
 from ._loss_derivatives import SecondOrder, Solution, Spec, converged, loss_value, sinkhorn_grad, solve
 from ._sinkhorn_schedule import diameter_tensor, resolve_eps
+from .kernels._layout import scoped_cache
+from .kernels._reference import compute_dtype
 
 __all__ = ["POTENTIALS", "checked_schedule", "loss_op"]
 
@@ -70,6 +72,13 @@ def _loss_forward(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Te
                   cost_scale: float, backend: Optional[str], precision: Optional[str], check: bool,
                   converge: str, rtol: Optional[float], verbose: bool) -> list[torch.Tensor]:
     """[value (B,), *POTENTIALS] of batched data; the eager loss's forward, as one op."""
+    with scoped_cache():     # nothing prepared here outlives the op (CUDA-graph pools under compile)
+        return _forward(x, y, a, b, owner, blur, scaling, diameter, rho, debias, cost_scale, backend, precision,
+                        check, converge, rtol, verbose)
+
+
+def _forward(x, y, a, b, owner, blur, scaling, diameter, rho, debias, cost_scale, backend, precision, check,
+             converge, rtol, verbose):
     inp, eps, schedule = checked_schedule(owner, x, y, a, b, blur=blur, scaling=scaling, diameter=diameter, rho=rho,
                                           check=check, cost_scale=cost_scale)
     spec = _spec(schedule, eps, rho, debias, cost_scale, backend, precision)
@@ -77,7 +86,7 @@ def _loss_forward(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Te
     if converge == "always":
         sol = converged(inp, sol, spec, SecondOrder(owner=owner, rtol=rtol, converge=converge))
     dt = inp.pot_dtype
-    value = loss_value(inp.a.to(dt), inp.b.to(dt), sol, spec).to(x.dtype)
+    value = loss_value(inp.a.to(dt), inp.b.to(dt), sol, spec).to(compute_dtype(x.dtype))
     # An op's outputs may not share storage (the loops' potentials are views of one
     # buffer, refine's f_pre is f): copies, (B, n) each.
     return [value] + [x.new_empty((0,), dtype=dt) if getattr(sol, name) is None else getattr(sol, name).clone()
@@ -91,7 +100,7 @@ def _(x, y, a, b, owner, blur, scaling, diameter, rho, debias, cost_scale, backe
     B, n, m = x.shape[0], x.shape[1], y.shape[1]
     pots = [x.new_empty((B, n), dtype=dt), x.new_empty((B, m), dtype=dt)] * 2
     debiased = pots if debias else [x.new_empty((0,), dtype=dt)] * 4
-    return [x.new_empty((B,))] + [t.new_empty(t.shape) for t in pots + debiased]
+    return [x.new_empty((B,), dtype=compute_dtype(x.dtype))] + [t.new_empty(t.shape) for t in pots + debiased]
 
 
 @custom_op("otlinop::sinkhorn_loss_grad", mutates_args=())
@@ -100,6 +109,11 @@ def _loss_grad(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tenso
                precision: Optional[str], needs: list[bool]) -> list[torch.Tensor]:
     """[grad_x, grad_y, grad_a, grad_b] (batched, in the potentials' dtype; empty where
     ``needs`` is False) of the per-entry loss at ``potentials``."""
+    with scoped_cache():
+        return _grad(x, y, a, b, potentials, eps, rho, debias, cost_scale, backend, precision, needs)
+
+
+def _grad(x, y, a, b, potentials, eps, rho, debias, cost_scale, backend, precision, needs):
     sol = Solution(*potentials[:4], *(potentials[4:] if debias else [None] * 4))
     dt = sol.f.dtype
     spec = _spec((eps,), eps, rho, debias, cost_scale, backend, precision)

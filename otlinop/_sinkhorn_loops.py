@@ -98,8 +98,10 @@ def row_error(f, s, a, eps: float, rho, ops: LocalOps = LOCAL) -> torch.Tensor:
     by weights of mass 1e10); for probability weights it is the L1 error. Costs no
     extra pass over the data.
     """
-    target = 0.0 if rho is None else -f / rho
-    ratio = torch.exp((f - s) / eps) - torch.exp(torch.as_tensor(target, dtype=f.dtype, device=f.device))
+    # A balanced side's target is the constant exp(0) = 1: a Python number (a tensor made from it on
+    # the device would be a host-to-device copy, and a synchronisation, at every check).
+    target = 1.0 if rho is None else torch.exp(-f / rho)
+    ratio = torch.exp((f - s) / eps) - target
     num = torch.where(a > 0, a * ratio.abs(), torch.zeros_like(ratio)).sum(-1)
     sums = ops.total(torch.stack([num, a.sum(-1).to(num.dtype)]))     # one reduction for both when sharded
     return sums[0] / sums[1]

@@ -61,6 +61,7 @@ from ._loss_multiscale import MultiscaleLoss, multiscale_potentials, refuse_for_
 from ._loss_ops import checked_schedule, loss_op
 from .kernels._dispatch import check_backend
 from .multiscale import Multiscale
+from .kernels._reference import compute_dtype
 
 __all__ = ["SamplesLoss", "sinkhorn_loss"]
 
@@ -182,7 +183,7 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
             sol = converged(data, sol, spec, second)
         F = sol.f if sol.f_aa is None else sol.f - sol.f_aa
         G = sol.g if sol.g_bb is None else sol.g - sol.g_bb
-        F, G = inp.unbatch(F).to(x.dtype), inp.unbatch(G).to(x.dtype)
+        F, G = inp.unbatch(F).to(compute_dtype(x.dtype)), inp.unbatch(G).to(compute_dtype(x.dtype))
         # Shaped like the weights, as GeomLoss (view_as).
         return F.reshape(shape_a or F.shape), G.reshape(shape_b or G.shape)
     value = SinkhornLoss.apply(inp.x, inp.y, inp.a, inp.b, spec, second, verbose)
@@ -204,7 +205,7 @@ def _multiscale_loss(owner: str, a, x, b, y, shape_a, shape_b, *, blur, reach, d
     x, y, a, b = inp.x[0], inp.y[0], inp.a[0], inp.b[0]
     if potentials:
         F, G = multiscale_potentials(owner, x, y, a, b, setup)
-        F, G = F.to(x.dtype), G.to(x.dtype)
+        F, G = F.to(compute_dtype(x.dtype)), G.to(compute_dtype(x.dtype))
         return F.reshape(shape_a or F.shape), G.reshape(shape_b or G.shape)
     return MultiscaleLoss.apply(x, y, a, b, owner, setup)
 
@@ -226,7 +227,7 @@ def _compiled_loss(owner: str, a, x, b, y, shape_a, shape_b, *, blur, rho, diame
     _, sol = loss_op(owner, *data, **options)
     F = sol["f"] - sol["f_aa"] if debias else sol["f"]
     G = sol["g"] - sol["g_bb"] if debias else sol["g"]
-    F, G = inp.unbatch(F).to(x.dtype), inp.unbatch(G).to(x.dtype)
+    F, G = inp.unbatch(F).to(compute_dtype(x.dtype)), inp.unbatch(G).to(compute_dtype(x.dtype))
     return F.reshape(shape_a or F.shape), G.reshape(shape_b or G.shape)
 
 
@@ -350,7 +351,9 @@ class SamplesLoss(torch.nn.Module):
     -----
     Call as ``loss(x, y)`` (uniform weights) or ``loss(a, x, b, y)``; x is
     (N, D) or (B, N, D), a is (N,), (N, 1), (B, N) or (B, N, 1). Returns a
-    scalar, or a (B,) vector for a batch (solved in one launch per step). As
+    scalar, or a (B,) vector for a batch (solved in one launch per step), in
+    the points' dtype, float32 for float16/bfloat16 points (as the returned
+    potentials: a half loss overflows past 65504; docs/numerics-range.md). As
     in GeomLoss, the default ``diameter`` of a batch is that of all its
     entries together, so one entry may differ slightly from the same problem
     solved alone; pass ``diameter`` to make them identical.

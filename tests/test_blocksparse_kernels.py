@@ -329,6 +329,9 @@ DEVICE = "cuda" if CUDA else "cpu"
 TOL_TRITON = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
 #: tf32 on the tensor-core path (d > LOCAL_MAX_D on a GPU): 11-bit products.
 TOL_TF32 = 3e-2
+#: tf32 in the plan product's P V (any d): both operands of each product rounded to 11 bits, a
+#: relative error up to 2 * 2^-11 per term of a row's positive sum (measured on an H100: 6.8e-4).
+TOL_TF32_PRODUCT = 2e-3
 
 # Row clusters longer than the interpreter's 32-row tile (several tiles per
 # cluster, a partial last one), empty clusters, a row cluster keeping nothing,
@@ -477,7 +480,8 @@ def test_gpu_realistic_d3(precision):
         want = blocksparse_apply_torch(a.double(), b.double(), fa.double(), fb.double(), V.double(), sa, sb, pp,
                                        ii, eps=eps, log_b=log_b.double())
         got = blocksparse_apply(a, b, fa, fb, V, sa, sb, pp, ii, eps=eps, log_b=log_b, precision=precision)
-        assert (got.double() - want).abs().max().item() <= TOL_TRITON[torch.float32] * want.abs().max().item()
+        tol = TOL_TF32_PRODUCT if precision == "tf32" else TOL_TRITON[torch.float32]
+        assert (got.double() - want).abs().max().item() <= tol * want.abs().max().item()
 
 
 @requires_cuda

@@ -193,7 +193,8 @@ def _nccl_worker(rank, store):
         gen = torch.Generator(device="cuda").manual_seed(0)
         kw = dict(device="cuda", dtype=torch.float32, generator=gen)
         x, y = torch.randn(300, 16, **kw), torch.randn(200, 16, **kw)
-        f, g, V = torch.zeros(300, **kw), torch.zeros(200, **kw), torch.randn(200, 4, **kw)
+        zeros = dict(device="cuda", dtype=torch.float32)          # torch.zeros takes no generator
+        f, g, V = torch.zeros(300, **zeros), torch.zeros(200, **zeros), torch.randn(200, 4, **kw)
         S = ShardedPlanOperator(x, y, f, g, eps=2.0)
         P = PlanOperator(x, y, f, g, eps=2.0)
         # The same Triton kernels on one rank: equal up to the all-reduce (a copy for one rank).

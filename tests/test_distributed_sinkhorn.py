@@ -350,7 +350,8 @@ def _nccl_worker(rank, store):
         gen = torch.Generator(device="cuda").manual_seed(0)
         kw = dict(device="cuda", dtype=torch.float32, generator=gen)
         x, y = torch.randn(3000, 16, **kw), torch.randn(2000, 16, **kw)
-        f, g, V = torch.zeros(3000, **kw), torch.zeros(2000, **kw), torch.randn(2000, 4, **kw)
+        zeros = dict(device="cuda", dtype=torch.float32)          # torch.zeros takes no generator
+        f, g, V = torch.zeros(3000, **zeros), torch.zeros(2000, **zeros), torch.randn(2000, 4, **kw)
         S = RingPlanOperator(x, y, f, g, eps=2.0)
         P = PlanOperator(x, y, f, g, eps=2.0)
         torch.testing.assert_close(S @ V, P @ V, rtol=1e-5, atol=1e-5)

@@ -39,7 +39,8 @@ from otlinop.kernels import (  # noqa: E402
 from otlinop import config  # noqa: E402
 from otlinop.kernels._dispatch import resolve_backend  # noqa: E402
 from otlinop.kernels._grid import SPLIT_ALIGN, column_splits, sm_count, split_plan  # noqa: E402
-from otlinop.kernels._layout import CACHE_SIZE, cached_pairs, clear_cache, dot_mode, prepare_pair  # noqa: E402
+from otlinop.kernels._layout import (  # noqa: E402
+    CACHE_SIZE, cached_pairs, clear_cache, dot_mode, prepare_pair, scoped_cache)
 from otlinop.kernels._reference import row_blocks  # noqa: E402
 from otlinop.kernels._tiles import LOG2E  # noqa: E402
 from otlinop.kernels._tuning import AUTOTUNE_DISK_CACHE  # noqa: E402
@@ -552,6 +553,29 @@ def test_prepared_pair_cache_reuse_and_invalidation():
     for _ in range(2 * CACHE_SIZE):                                # the cache is bounded
         prepare_pair(torch.randn(5, 3, device=DEVICE), y, "tf32x3")
     assert cached_pairs() <= CACHE_SIZE
+
+
+def test_scoped_cache_keeps_nothing_past_its_block():
+    """Inside scoped_cache pairs are reused, the process-wide cache is untouched, and on exit nothing is
+    kept (the compiled loss ops run in one: a pair kept past a CUDA-graph op is refused by inductor)."""
+    import weakref
+
+    x, y = (to(t, torch.float32) for t in make_points(20, 30, 3))
+    clear_cache()
+    outside = prepare_pair(x, y, "tf32x3")
+    with scoped_cache():
+        inner = prepare_pair(x, y, "tf32x3")
+        assert inner is not outside and prepare_pair(x, y, "tf32x3") is inner
+        with scoped_cache():
+            assert prepare_pair(x, y, "tf32x3") is not inner          # nested: its own
+        assert prepare_pair(x, y, "tf32x3") is inner
+        assert cached_pairs() == 1                                     # the process-wide one only
+        ref = weakref.ref(inner.x)
+        del inner
+    import gc
+    gc.collect()
+    assert ref() is None                                               # freed on exit
+    assert prepare_pair(x, y, "tf32x3") is outside and cached_pairs() == 1
 
 
 def test_inference_mode_inputs():

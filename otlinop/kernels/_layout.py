@@ -15,7 +15,9 @@ both clouds are alive and unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -210,6 +212,33 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, layout) -> PreparedPair:
 # change never hits), and is dropped when either input is freed.
 CACHE_SIZE = 4
 _cache: dict = {}
+# Scopes of scoped_cache, per thread (innermost last).
+_scopes = threading.local()
+
+
+@contextlib.contextmanager
+def scoped_cache():
+    """Prepared pairs made inside the block are kept only until it exits.
+
+    Calls inside the block still reuse each other's pairs (a Sinkhorn loop
+    prepares its clouds once), but nothing prepared there outlives it, and
+    the process-wide cache is neither read nor changed. The custom ops that
+    ``torch.compile`` calls run in one: under ``mode="reduce-overhead"`` their
+    allocations come from a CUDA-graph pool, and a pair kept past the op
+    would be a live allocation the graph does not own (inductor refuses the
+    graph).
+    """
+    stack = _scopes.__dict__.setdefault("stack", [])
+    stack.append({})
+    try:
+        yield
+    finally:
+        stack.pop().clear()
+
+
+def _current_cache() -> dict:
+    stack = getattr(_scopes, "stack", None)
+    return stack[-1] if stack else _cache
 
 
 def prepare_pair(x: torch.Tensor, y: torch.Tensor, precision: str) -> PreparedPair:
@@ -230,17 +259,18 @@ def prepare_pair(x: torch.Tensor, y: torch.Tensor, precision: str) -> PreparedPa
         # Inference tensors carry no version counter: an in-place change could
         # not be detected, so they are prepared afresh at every call.
         return _prepare(x, y, layout)
+    cache = _current_cache()
     key = (id(x), id(y), layout)
     for lookup, swap in ((key, False), ((id(y), id(x), layout), True)):
-        entry = _cache.get(lookup)
+        entry = cache.get(lookup)
         if entry is None:
             continue
         rx, ry, vx, vy, pair = entry
         a, b = (y, x) if swap else (x, y)
         if rx() is a and ry() is b and a._version == vx and b._version == vy:
-            _cache[lookup] = _cache.pop(lookup)    # most recently used last
+            cache[lookup] = cache.pop(lookup)    # most recently used last
             return pair.swapped() if swap else pair
-        _cache.pop(lookup, None)
+        cache.pop(lookup, None)
     pair = _prepare(x, y, layout)
     if layout[-1] and pair.x.dtype != torch.float16:
         # Prepared inside a CUDA-graph capture without config.half_tf32's scale (no
@@ -250,11 +280,11 @@ def prepare_pair(x: torch.Tensor, y: torch.Tensor, precision: str) -> PreparedPa
         rx, ry = weakref.ref(x), weakref.ref(y)
     except TypeError:  # pragma: no cover - tensors support weak references
         return pair
-    _cache[key] = (rx, ry, x._version, y._version, pair)
+    cache[key] = (rx, ry, x._version, y._version, pair)
     for t in (x, y):
-        weakref.finalize(t, _cache.pop, key, None)
-    while len(_cache) > CACHE_SIZE:
-        _cache.pop(next(iter(_cache)))
+        weakref.finalize(t, cache.pop, key, None)
+    while len(cache) > CACHE_SIZE:
+        cache.pop(next(iter(cache)))
     return pair
 
 
