@@ -25,8 +25,8 @@ import torch
 from solvers import config
 
 from ._sinkhorn_multiscale import check_dimension, cluster_clouds, multiscale_loop
-from .kernels.blocksparse import blocksparse_apply_unchecked
 from .kernels._reference import compute_dtype
+from .kernels.blocksparse import blocksparse_apply_unchecked
 
 __all__ = ["refuse_for_multiscale", "MultiscaleLoss", "multiscale_potentials"]
 

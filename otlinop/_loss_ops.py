@@ -96,11 +96,11 @@ def _forward(x, y, a, b, owner, blur, scaling, diameter, rho, debias, cost_scale
 @_loss_forward.register_fake
 def _(x, y, a, b, owner, blur, scaling, diameter, rho, debias, cost_scale, backend, precision, check, converge,
       rtol, verbose):
-    dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    dt = compute_dtype(x.dtype)
     B, n, m = x.shape[0], x.shape[1], y.shape[1]
     pots = [x.new_empty((B, n), dtype=dt), x.new_empty((B, m), dtype=dt)] * 2
     debiased = pots if debias else [x.new_empty((0,), dtype=dt)] * 4
-    return [x.new_empty((B,), dtype=compute_dtype(x.dtype))] + [t.new_empty(t.shape) for t in pots + debiased]
+    return [x.new_empty((B,), dtype=dt)] + [t.new_empty(t.shape) for t in pots + debiased]
 
 
 @custom_op("otlinop::sinkhorn_loss_grad", mutates_args=())

@@ -60,8 +60,8 @@ from ._loss_functions import SinkhornLoss, over_vmap
 from ._loss_multiscale import MultiscaleLoss, multiscale_potentials, refuse_for_multiscale
 from ._loss_ops import checked_schedule, loss_op
 from .kernels._dispatch import check_backend
-from .multiscale import Multiscale
 from .kernels._reference import compute_dtype
+from .multiscale import Multiscale
 
 __all__ = ["SamplesLoss", "sinkhorn_loss"]
 
