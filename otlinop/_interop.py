@@ -157,6 +157,10 @@ def aslinearoperator(obj, *, dtype: torch.dtype | None = None, device=None) -> L
     if isinstance(obj, ScipyView) and dtype is None and device is None:
         return obj.operator
     if sp.issparse(obj) or isinstance(obj, sla.LinearOperator):
+        if len(obj.shape) != 2:
+            raise ValueError(f"aslinearoperator: expected 2-D {type(obj).__name__}, got shape {fmt_shape(obj.shape)}; "
+                             "a batch of operators (scipy >= 1.18 has them) is not an otlinop operator: convert "
+                             "each matrix of the batch")
         tdtype = _torch_dtype_for(obj.dtype if obj.dtype is not None else np.float64, dtype)
         return _ScipyOperator(obj, tdtype, device or "cpu")
     try:

@@ -73,6 +73,17 @@ class ScipyView(sla.LinearOperator):
     def matvec(self, x):
         return super().matvec(self._check("matvec", x, "vector", "columns"))
 
+    def dot(self, x):
+        # scipy >= 1.18 checks an array's shape in dot (so in A @ x) before matvec / matmat
+        # see it: send 1-D and 2-D arrays to them here, so that the check is this view's.
+        if not (isinstance(x, sla.LinearOperator) or np.isscalar(x) or hasattr(x, "tocsr")):
+            arr = np.asanyarray(x)
+            if arr.ndim == 1:
+                return self.matvec(arr)
+            if arr.ndim == 2:
+                return self.matmat(arr)
+        return super().dot(x)
+
     def rmatvec(self, x):
         return super().rmatvec(self._check("rmatvec", x, "vector", "rows"))
 

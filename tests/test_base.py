@@ -518,6 +518,22 @@ def test_aslinearoperator_rejects_unknown_types():
         aslinearoperator(np.zeros(3))
 
 
+def test_aslinearoperator_refuses_a_batch_of_scipy_operators():
+    """scipy >= 1.18 has batched LinearOperators (shape (..., n, m)): refused with scipy's own words,
+    "expected 2-D" (its solvers' tests check them), not taken for an (n, m) operator."""
+    import scipy.sparse.linalg as sla
+
+    class Batched(sla.LinearOperator):  # built by hand: scipy < 1.18 refuses such a shape itself
+        def __init__(self):
+            self.shape, self.dtype = (2, 2, 2), np.dtype(np.float64)
+
+        def _matvec(self, x):
+            return x
+
+    with pytest.raises(ValueError, match=r"expected 2-D Batched, got shape \(2, 2, 2\)"):
+        aslinearoperator(Batched())
+
+
 def test_block_operator_errors():
     A = Dense(rand(2, 2))
     with pytest.raises(ValueError, match="same, non-zero number of blocks"):

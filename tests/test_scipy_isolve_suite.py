@@ -406,6 +406,13 @@ ITERATIVE_PARAMS = _function_params(iterative, ITERATIVE_NS, "test_iterative.py"
                                     {"case": iterative.cases, "solver": iterative._SOLVERS})
 
 
+@pytest.fixture
+def xp():
+    """scipy's ``xp`` fixture (scipy >= 1.18 passes the array namespace to its tests) as scipy's
+    own conftest sets it when SCIPY_ARRAY_API is unset: NumPy, the namespace the wrappers convert."""
+    return np
+
+
 @pytest.mark.parametrize("name, kwargs", ITERATIVE_PARAMS)
 def test_iterative(name, kwargs, request):
     """One of scipy's test_iterative.py functions, with otlinop's solvers."""
