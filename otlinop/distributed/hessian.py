@@ -28,7 +28,7 @@ from solvers import ShardedInnerProduct, cg
 
 from .._base import LinearOperator
 from .._operators.concrete import Diag
-from ..hessian import hessian_options, row_weight
+from ..hessian import hessian_options, row_weight, schur_diagonal
 from .plan import ShardedPlanOperator
 
 __all__ = ["ColumnShardedPlan", "ShardedHessianOperator", "ShardedDualHessianOperator"]
@@ -204,7 +204,7 @@ class ShardedHessianOperator(LinearOperator):
         return self._S._matmat(V)
 
     def _diagonal(self):
-        return self.D - self.P.local.squared().T @ self._row_weight
+        return schur_diagonal(self.D, self.P.local.squared().T @ self._row_weight)
 
     def splitting(self):
         return self.D, self.N
