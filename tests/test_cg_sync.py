@@ -236,7 +236,8 @@ def test_masked_iterations_leave_x_alone_after_a_non_finite_step(every, backend)
     """A column stopped by a non-finite product keeps its last x through the masked
     iterations that follow (it steps along p = 0, not alpha = 0 times a NaN direction),
     in the torch iteration and in the fused kernels (Triton's interpreter on the CPU)."""
-    A, b = _spd(30, 1e2), _rhs(30)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    A, b = _spd(30, 1e2).to(device), _rhs(30).to(device)
     one = cg(_Overflowing(A, after=4), b, rtol=1e-12, check_every=1, _backend=backend)
     many = cg(_Overflowing(A, after=4), b, rtol=1e-12, check_every=every, _backend=backend)
     _same(many, one)
@@ -246,7 +247,8 @@ def test_masked_iterations_leave_x_alone_after_a_non_finite_step(every, backend)
 @pytest.mark.parametrize("every", EVERY[1:])
 def test_fused_kernels_check_every(every):
     """The fused Triton iteration (interpreter on the CPU) with device-side stopping."""
-    A, b = _distinct(40, 7)[0], _rhs(40)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    A, b = _distinct(40, 7)[0].to(device), _rhs(40).to(device)
     for M in (None, jacobi()):
         _same(cg(A, b, M=M, rtol=1e-10, check_every=every, _backend="triton"),
               cg(A, b, M=M, rtol=1e-10, check_every=1, _backend="triton"))

@@ -312,7 +312,8 @@ def test_both_clouds_sharded_match_single_process(world, tmp_path):
     unbalanced) equal the single-process ones to 1e-12 on every rank with unequal
     and empty blocks; replicated scalars are bitwise the same on every rank."""
     report = tmp_path / "done.json"
-    env = {"OMP_NUM_THREADS": "1"}
+    # CPU processes: their Triton part runs in the interpreter, also where a GPU is present.
+    env = {"OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

@@ -52,7 +52,7 @@ def _fast(x, y, f, g, V, a, b):
 
 def _tangents(primals, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(p.shape, generator=gen, dtype=F64).to(p.dtype) for p in primals)
+    return tuple(torch.randn(p.shape, generator=gen, dtype=F64).to(p.device, p.dtype) for p in primals)
 
 
 def _close(actual, expected, name, tol=1e-10):

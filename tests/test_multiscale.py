@@ -394,13 +394,14 @@ def test_triton_interpreter_matches_torch():
         pytest.skip("Triton is not installed")
     x, y = _clouds(24, 20)
     x, y = x.float(), y.float()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter without a GPU
     opts = dict(blur=0.3, threshold=float("inf"), multiscale=Multiscale(cluster_scale=0.4))
-    t = sinkhorn(x, y, backend="triton", **opts)
+    t = sinkhorn(x.to(device), y.to(device), backend="triton", **opts)
     r = sinkhorn(x, y, backend="torch", **opts)
-    torch.testing.assert_close(t.f, r.f, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(t.g, r.g, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(t.f.cpu(), r.f, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(t.g.cpu(), r.g, rtol=1e-4, atol=1e-5)
     v = torch.randn(20)
-    torch.testing.assert_close(t.plan @ v, r.plan @ v, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close((t.plan @ v.to(device)).cpu(), r.plan @ v, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the issue's 200k-point target needs a GPU (minutes on "
@@ -428,8 +429,7 @@ def test_gpu_200k_cube_converged_matches_dense():
         torch.cuda.synchronize()
         return res, grad, time.perf_counter() - t0
 
-    run(multiscale=True)                            # compile and tune the kernels
-    ms, gms, elapsed = run(multiscale=True)
+    ms, gms, elapsed = run(multiscale=True)         # the times are reported, not asserted: no warm-up
     de, gde, elapsed_d = run()
     errors = (abs(float(ms.cost - de.cost)) / abs(float(de.cost)), _rel(gms, gde))
     message = (f"multiscale {elapsed:.3f} s ({ms.n_iter} steps), dense {elapsed_d:.3f} s ({de.n_iter} steps); "
