@@ -108,8 +108,27 @@ def _handed(part, op):
     return op.to_scipy() if part == "to_scipy" else op
 
 
-def _from_matrix(part, M):
+_BATCHED = ("a batch of operators (scipy >= 1.18: shape (..., m, n)); otlinop operators are 2-D, and "
+            "otlinop.aslinearoperator refuses a batched scipy operator with scipy's 'expected 2-D' "
+            "(tests/test_base.py)")
+
+
+def _not_batched(shape):
+    if len(shape) != 2:
+        pytest.skip(f"not applicable: {_BATCHED}")
+
+
+def _namespace(xp):
+    """scipy >= 1.18 passes its array namespace; the stand-in speaks NumPy only."""
+    if xp is not None and xp is not np:   # pragma: no cover - only with SCIPY_ARRAY_API and another backend
+        pytest.skip(f"not applicable: the {xp.__name__} namespace (the stand-in builds operators from NumPy)")
+
+
+def _from_matrix(part, M, xp=None):
     """``interface.aslinearoperator(M)`` and ``MatrixLinearOperator(M)``."""
+    _namespace(xp)
+    if isinstance(M, np.ndarray):
+        _not_batched(M.shape)
     if isinstance(getattr(M, "operator", None), otlinop.LinearOperator):   # a to_scipy() view
         return _handed(part, M.operator)
     if isinstance(M, otlinop.LinearOperator):
@@ -117,8 +136,10 @@ def _from_matrix(part, M):
     return _handed(part, otlinop.aslinearoperator(M))
 
 
-def _from_callables(part, shape, matvec, rmatvec=None, matmat=None, dtype=None, rmatmat=None):
+def _from_callables(part, shape, matvec, rmatvec=None, matmat=None, dtype=None, rmatmat=None, xp=None):
     """``interface.LinearOperator(shape, matvec, ...)``: the matrix is read with ``matvec``."""
+    _namespace(xp)
+    _not_batched(shape)
     rows, cols = (int(s) for s in shape)
     if dtype is None:   # scipy's rule: the dtype of a product with an int8 zero vector
         dtype = np.asarray(matvec(np.zeros(cols, dtype=np.int8))).dtype
@@ -130,7 +151,9 @@ def _from_callables(part, shape, matvec, rmatvec=None, matmat=None, dtype=None, 
     return _handed(part, otlinop.aslinearoperator(M))
 
 
-def _identity(part, shape, dtype=None):
+def _identity(part, shape, dtype=None, xp=None):
+    _namespace(xp)
+    _not_batched(shape)
     n = int(shape[0])
     tdtype = None if dtype is None else {"float32": torch.float32, "float64": torch.float64,
                                          "complex64": torch.complex64,
@@ -159,9 +182,9 @@ def stand_in(part):
             return super().__new__(cls, *args, **kwargs)
 
     module.LinearOperator = LinearOperator
-    module.aslinearoperator = lambda A: _from_matrix(part, A)
-    module.MatrixLinearOperator = lambda A: _from_matrix(part, A)
-    module.IdentityOperator = lambda shape, dtype=None: _identity(part, shape, dtype)
+    module.aslinearoperator = lambda A, xp=None: _from_matrix(part, A, xp)
+    module.MatrixLinearOperator = lambda A, xp=None: _from_matrix(part, A, xp)
+    module.IdentityOperator = lambda shape, dtype=None, xp=None: _identity(part, shape, dtype, xp)
     if part == "direct":
         for name, cls in _algebra_classes().items():
             setattr(module, name, cls)
@@ -186,6 +209,13 @@ def _reason(key):
         if fnmatch.fnmatchcase(key, pattern.replace("[", "[[]")):   # "[" is literal in ids
             return reason
     return None
+
+
+@pytest.fixture
+def xp():
+    """scipy's ``xp`` fixture (scipy >= 1.18 passes the array namespace to its tests) as scipy's
+    own conftest sets it when SCIPY_ARRAY_API is unset: NumPy."""
+    return np
 
 
 @pytest.fixture
