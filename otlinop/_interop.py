@@ -57,13 +57,21 @@ class _ScipyOperator(LinearOperator):
         return torch.as_tensor(np.ascontiguousarray(arr), dtype=self.dtype, device=self.device)
 
     def _matmat(self, V):
-        return self._back(self.A @ self._host(V))
+        return self._back(self._columns(self.A @ self._host(V), self.shape[0], V.shape[1]))
 
     def _rmatmat(self, U):
         if self._AH is None:
             import scipy.sparse as sp
             self._AH = self.A.conj().T if sp.issparse(self.A) else self.A.H
-        return self._back(self._AH @ self._host(U))
+        return self._back(self._columns(self._AH @ self._host(U), self.shape[1], U.shape[1]))
+
+    @staticmethod
+    def _columns(out, rows: int, k: int):
+        """scipy's product as (rows, k). scipy <= 1.17 reshapes what a user's matvec returns, (n,) or
+        (n, 1), itself; 1.18 hands back (n, k, 1) for a matvec written for its batches, returning
+        ``A @ x[..., None]``. Anything else keeps its shape (and the operator check names it)."""
+        out = np.asarray(out)
+        return out.reshape(rows, k) if out.ndim != 2 and out.size == rows * k else out
 
     def _diagonal(self):
         import scipy.sparse as sp

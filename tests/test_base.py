@@ -518,6 +518,29 @@ def test_aslinearoperator_rejects_unknown_types():
         aslinearoperator(np.zeros(3))
 
 
+def test_scipy_operator_products_come_back_as_columns():
+    """scipy 1.18 returns (n, k, 1) from a LinearOperator whose matvec is written for its batches
+    (``A @ x[..., None]``, as its own test_precond_inverse does): otlinop takes it as (n, k)."""
+    import scipy.sparse.linalg as sla
+    M = np.arange(12.0).reshape(4, 3)
+
+    class Batched(sla.LinearOperator):
+        def __init__(self):
+            super().__init__(np.dtype(np.float64), M.shape)
+
+        def _matmat(self, X):
+            return (M @ X)[..., None]
+
+        def _rmatmat(self, X):
+            return (M.T @ X)[..., None]
+
+    A = aslinearoperator(Batched())
+    v, V, u = torch.arange(3.0, dtype=F64), torch.ones(3, 2, dtype=F64), torch.ones(4, dtype=F64)
+    torch.testing.assert_close(A @ v, torch.as_tensor(M) @ v)
+    torch.testing.assert_close(A @ V, torch.as_tensor(M) @ V)
+    torch.testing.assert_close(A.T @ u, torch.as_tensor(M).T @ u)
+
+
 def test_aslinearoperator_refuses_a_batch_of_scipy_operators():
     """scipy >= 1.18 has batched LinearOperators (shape (..., n, m)): refused with scipy's own words,
     "expected 2-D" (its solvers' tests check them), not taken for an (n, m) operator."""

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 import scipy
 import scipy.sparse.linalg as sla
+from scipy._lib._array_api import array_namespace, is_numpy
 import torch
 
 import otlinop
@@ -120,7 +121,7 @@ def _not_batched(shape):
 
 def _namespace(xp):
     """scipy >= 1.18 passes its array namespace; the stand-in speaks NumPy only."""
-    if xp is not None and xp is not np:   # pragma: no cover - only with SCIPY_ARRAY_API and another backend
+    if xp is not None and not is_numpy(xp):   # pragma: no cover - only with SCIPY_ARRAY_API and another backend
         pytest.skip(f"not applicable: the {xp.__name__} namespace (the stand-in builds operators from NumPy)")
 
 
@@ -213,9 +214,10 @@ def _reason(key):
 
 @pytest.fixture
 def xp():
-    """scipy's ``xp`` fixture (scipy >= 1.18 passes the array namespace to its tests) as scipy's
-    own conftest sets it when SCIPY_ARRAY_API is unset: NumPy."""
-    return np
+    """scipy's ``xp`` fixture (scipy >= 1.18 passes the array namespace to its tests) as scipy's own
+    conftest makes it when SCIPY_ARRAY_API is unset: NumPy, through scipy's ``array_namespace``
+    (the array_api_compat wrapper scipy's operators compare namespaces with)."""
+    return array_namespace(np.empty(0))
 
 
 @pytest.fixture

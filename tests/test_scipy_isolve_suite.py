@@ -55,6 +55,7 @@ import pytest
 import scipy
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
+from scipy._lib._array_api import array_namespace
 import torch
 
 import otlinop  # noqa: F401  (registers the converter the solvers use for scipy objects)
@@ -408,9 +409,10 @@ ITERATIVE_PARAMS = _function_params(iterative, ITERATIVE_NS, "test_iterative.py"
 
 @pytest.fixture
 def xp():
-    """scipy's ``xp`` fixture (scipy >= 1.18 passes the array namespace to its tests) as scipy's
-    own conftest sets it when SCIPY_ARRAY_API is unset: NumPy, the namespace the wrappers convert."""
-    return np
+    """scipy's ``xp`` fixture (scipy >= 1.18 passes the array namespace to its tests) as scipy's own
+    conftest makes it when SCIPY_ARRAY_API is unset: NumPy, through scipy's ``array_namespace``
+    (the array_api_compat wrapper scipy's operators compare namespaces with)."""
+    return array_namespace(np.empty(0))
 
 
 @pytest.mark.parametrize("name, kwargs", ITERATIVE_PARAMS)
