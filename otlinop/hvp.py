@@ -38,6 +38,7 @@ from ._checks import (directions, finite, fraction, nonnegative_scalar, points, 
                       preconditioner, solver_function, vector)
 from ._operators.plan_product import transport_gradient_for
 from .hessian import DualHessianOperator, hessian_options
+from .kernels.plan_apply import OVERFLOW_HINT
 from .plan import plan_operator_for
 
 __all__ = ["hvp", "plan_hvp", "hvp_x", "hvp_y", "hvp_self", "grad_x", "grad_y", "loss_hessian_operator",
@@ -165,49 +166,46 @@ class _Side:
         return c2 * (transport + replan / eps)
 
 
-def _hvp(K, x, y, A, B, *, cost_scale, solve, sides):
+def _hvp(K, x, y, A, B, *, cost_scale, solve, sides, owner="hvp"):
     """``(H_x [A; B], H_y [A; B], SolveResult)`` for the dual Hessian K of the
     problem (its plan ``K.P``); ``sides`` in {"x", "y", "xy"} picks the parts computed.
 
     A, B: (n, d), (m, d) for one direction, or (n, d, k), (m, d, k) for k of
     them (one solve with k right-hand sides); None for a zero part. The
     products have the directions' shape.
+
+    Two host reads for the values: the plan passes before and after the solve
+    run with their value checks off (each read its operand and result back:
+    seven reads per call), and their results are checked for an overflow
+    twice, the solve's right-hand side and the products at the end. Their
+    inputs were checked before (the plan's data when it was built, the
+    directions by the caller); every operand of a pass is computed from them,
+    so a non-finite product can only come from an overflow.
     """
     c2 = 2.0 * cost_scale
     single = (A if A is not None else B).ndim == 2
     if single:
         A, B = (None if D is None else D[:, :, None] for D in (A, B))
-    X = _Side(K.P, x, y, A, B, c2=c2, wanted="x" in sides)
-    Y = _Side(K.P.T, y, x, B, A, c2=c2, wanted="y" in sides)
-    rhs = torch.cat([X.r, Y.r])
-    # One direction goes to the solver as a vector (what a user's solver or M expects).
-    unchecked = dict(solve, solver=_without_value_checks(solve["solver"]))
-    dphi, result = K.solve(rhs[:, 0] if single else rhs, **unchecked)
-    dphi = dphi.reshape(rhs.shape)
-    df, dg = dphi[:x.shape[0]], dphi[x.shape[0]:]
-    dx = X.gradient_derivative(df, dg, eps=K.eps) if "x" in sides else None
-    dy = Y.gradient_derivative(dg, df, eps=K.eps) if "y" in sides else None
+    with config.override(check_finite=False):
+        X = _Side(K.P, x, y, A, B, c2=c2, wanted="x" in sides)
+        Y = _Side(K.P.T, y, x, B, A, c2=c2, wanted="y" in sides)
+        rhs = torch.cat([X.r, Y.r])
+    # The passes that built it overflow for directions near the dtype's range: say so here (the solver
+    # would only see a non-finite b).
+    finite(owner, {}, results={"the Schur solve's right-hand side": rhs},
+           result_hint="the directions A, B, times the points, are too large for the dtype (scale them down: "
+                       "the HVP is linear in them), or " + OVERFLOW_HINT)
+    with config.override(check_finite=False):
+        # One direction goes to the solver as a vector (what a user's solver or M expects).
+        dphi, result = K.solve(rhs[:, 0] if single else rhs, **solve)
+        dphi = dphi.reshape(rhs.shape)
+        df, dg = dphi[:x.shape[0]], dphi[x.shape[0]:]
+        dx = X.gradient_derivative(df, dg, eps=K.eps) if "x" in sides else None
+        dy = Y.gradient_derivative(dg, df, eps=K.eps) if "y" in sides else None
+    finite(owner, {}, results={"H_x A": dx, "H_y B": dy}, result_hint=OVERFLOW_HINT)
     if single:
         dx, dy = (None if H is None else H[:, :, 0] for H in (dx, dy))
     return dx, dy, result
-
-
-def _without_value_checks(solver):
-    """``solver`` run with the plan products' value checks off (``config.check_finite``).
-
-    Each checked product reads its operand and result back to the host: two
-    synchronisations per CG iteration, which stall a GPU's launch queue and
-    keep ``cg(graph=True)`` from capturing the iteration (its probe finds
-    them). Inside the solve they check nothing of the caller's: the plan's
-    data and the right-hand side were checked by the passes that built them,
-    and a value that stops being finite inside the solve (an overflowing
-    product) stops its column with a non-finite status in the ``SolveResult``
-    (its x is returned as 0 there), which the products after the solve see.
-    """
-    def run(S, rhs, **options):
-        with config.override(check_finite=False):
-            return solver(S, rhs, **options)
-    return run
 
 
 # ------------------------------------------------------------------ validation
@@ -243,11 +241,14 @@ def _checked_dual(owner, x, y, f, g, A, B, *, eps, a, b, cost_scale, reach_x, re
         truncate = fraction(owner, "truncate", truncate)
     P = plan_operator_for(owner, x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
                           precision=precision)
-    # The directions enter the plan kernels, which would name themselves ("plan_apply: V ...").
-    finite(owner, {"A": A, "B": B}, hint="the directions must be finite")
     if truncate is not None:
         P = P.truncated(truncate)
-    K = DualHessianOperator(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
+    with config.override(check_finite=False):
+        K = DualHessianOperator(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
+    # One read for the directions (which enter the plan kernels: they would name themselves,
+    # "plan_apply: V ...") and the marginals that K was built on (an overflow).
+    finite(owner, {"A": A, "B": B}, hint="the directions must be finite",
+           results={"P 1": K.P.row_sums(), "P.T 1": K.P.col_sums()}, result_hint=OVERFLOW_HINT)
     return K, A, B, cost_scale, solve
 
 
@@ -449,13 +450,13 @@ def plan_hvp(P, A=None, B=None, *, eps, cost_scale=1.0, reach_x=None, reach_y=No
         k = None if A is None else (0 if A.ndim == 2 else A.shape[2])
         B = directions(geo, "B", B, geo.m, k=k, what="shaped like A, one row per point of y")
     finite(owner, {"A": A, "B": B}, hint="the directions must be finite")
-    return _hvp(K, x, y, A, B, cost_scale=cost_scale, solve=solve, sides="xy")
+    return _hvp(K, x, y, A, B, cost_scale=cost_scale, solve=solve, sides="xy", owner=owner)
 
 
 def _checked_hvp(owner, x, y, f, g, A, B, sides, **options):
     """Validate, build the dual Hessian and run ``_hvp`` on the requested ``sides``."""
     K, A, B, cost_scale, solve = _checked_dual(owner, x, y, f, g, A, B, **options)
-    return _hvp(K, x, y, A, B, cost_scale=cost_scale, solve=solve, sides=sides)
+    return _hvp(K, x, y, A, B, cost_scale=cost_scale, solve=solve, sides=sides, owner=owner)
 
 
 def hvp_x(x, y, f, g, A, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, reach_y=None,
@@ -536,7 +537,7 @@ def hvp_self(x, f, A, *, eps, a=None, cost_scale=1.0, reach=None, solver=cg, M=N
         "hvp_self", x, x, f, f, A, None, need="A", eps=eps, a=a, b=a, cost_scale=cost_scale, reach_x=reach,
         reach_y=reach, solver=solver, M=M, rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge, backend=backend,
         precision=precision, truncate=truncate, reach_names=("reach", "reach"))
-    dx, dy, result = _hvp(K, x, x, A, A, cost_scale=cost_scale, solve=solve, sides="xy")
+    dx, dy, result = _hvp(K, x, x, A, A, cost_scale=cost_scale, solve=solve, sides="xy", owner="hvp_self")
     return (dx + dy) / 2, result
 
 
@@ -609,7 +610,7 @@ class LossHessianOperator(LinearOperator):
         A = V[:x.numel()].reshape(x.shape + cols) if "x" in self.wrt else None
         B = V[V.shape[0] - y.numel():].reshape(y.shape + cols) if "y" in self.wrt else None
         dx, dy, self.last_solve = _hvp(self.K, x, y, A, B, cost_scale=self._cost_scale, solve=self._solve,
-                                       sides=self.wrt)
+                                       sides=self.wrt, owner=type(self).__name__)
         return torch.cat([t.reshape((-1,) + cols) for t in (dx, dy) if t is not None])
 
     def _matvec(self, v):

@@ -9,6 +9,7 @@ the default) bitwise, and ``check_every=1`` with a plain host loop written here 
 read of the residual at every iteration, scipy's way). Host synchronisations are
 counted as tests/test_syncs.py counts them (tensor read-backs on the CPU).
 """
+import dataclasses
 import functools
 import math
 import time
@@ -354,6 +355,50 @@ def test_hvp_inner_solve_reads_once_per_check(reads, M):
             assert torch.equal(H, out[0]) and info.n_iter == out[1].n_iter
     # The constant does not grow with the iterations: fewer than the per-iteration loop's.
     assert extra < out[1].n_iter
+
+
+def test_hvp_reads_its_values_four_times_around_the_solve(reads):
+    """Around the solve, an HVP reads values back four times: the plan's data when it is built, the
+    directions with the marginals K is built on, the solve's right-hand side, the products at the end
+    (it was nine: every plan pass checked its operand and result). Then jacobi's diagonal check and
+    the solver's own reads: setup, flag, verify, finish."""
+    from otlinop.hvp import hvp_x
+
+    x, y, res, A = _ot_problem()
+    reads.clear()
+    H, info = hvp_x(x, y, res.f, res.g, A, eps=res.eps, a=res.a, b=res.b, M=jacobi(),
+                    solver=functools.partial(cg, check_every=10_000))
+    assert info.converged and len(reads) == 4 + 1 + 4, reads
+
+
+def _inflating(factor):
+    """cg, whose solution comes back multiplied by ``factor`` (a solve gone wrong)."""
+    def solve(S, b, **options):
+        res = cg(S, b, **options)
+        return dataclasses.replace(res, x=res.x * factor)
+    return solve
+
+
+@pytest.mark.parametrize("where", ["marginals", "right-hand side", "products"])
+def test_hvp_overflow_is_caught_by_its_checks(where):
+    """A plan or products that overflow float32 raise a ValueError that names the HVP and what
+    overflowed, not inf or NaN: the marginals K is built on (potentials far too large), the solve's
+    right-hand side (directions near float32's range), the products after the solve (a solution
+    of 1e38, from a solver of the user's)."""
+    from otlinop.hvp import hvp_x
+
+    x, y, res, A = _ot_problem()
+    x, y, f, g, A = (t.float() for t in (x, y, res.f, res.g, A))
+    kw = dict(eps=res.eps, a=res.a.float(), b=res.b.float())
+    if where == "marginals":
+        with pytest.raises(ValueError, match=r"hvp_x: P 1 overflowed float32"):
+            hvp_x(x, y, f + 100 * res.eps, g, A, **kw)   # P 1 = e^100 a: past float32's 3.4e38
+    elif where == "right-hand side":
+        with pytest.raises(ValueError, match=r"hvp_x: the Schur solve's right-hand side overflowed float32"):
+            hvp_x(x, y, f, g, A / A.abs().max() * 3e38, **kw)
+    else:
+        with pytest.raises(ValueError, match=r"hvp_x: H_x A overflowed float32"):
+            hvp_x(x, y, f, g, A, solver=_inflating(1e38), **kw)
 
 
 class _ReadDetectingGraphs(FakeGraphs):
