@@ -5,6 +5,7 @@ variable must be set before ``triton`` is first imported, hence here.
 """
 
 import contextlib
+import json
 import os
 
 import pytest
@@ -14,6 +15,29 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+#: The gloo test processes: CPU only, one thread, their Triton parts in the interpreter (also where a GPU is).
+GLOO_ENV = {"OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _gloo_process(rank, worker, *args):
+    worker(rank, *args)
+    # Every check passed: end without the interpreter's teardown, where a thread of gloo's can abort the
+    # process (SIGABRT, "terminate called without an active exception", no Python frame) about one run
+    # in twelve, which mp.spawn reports as a failure. A failing check raised before this line.
+    os._exit(0)
+
+
+def spawn_gloo(worker, world: int, tmp_path, monkeypatch) -> set:
+    """Run ``worker(rank, world, store, report)`` in ``world`` spawned gloo processes with ``GLOO_ENV``;
+    the names of the checks done, as rank 0 wrote them to ``report`` (JSON)."""
+    import torch.multiprocessing as mp
+
+    for name, value in GLOO_ENV.items():
+        monkeypatch.setenv(name, value)
+    report = tmp_path / "done.json"
+    mp.spawn(_gloo_process, args=(worker, world, str(tmp_path / "store"), str(report)), nprocs=world, join=True)
+    return set(json.loads(report.read_text()))
 
 
 def _replaying_capture(step, state, copy, replayed):

@@ -10,13 +10,13 @@ float32 case runs the Triton kernels (the interpreter here) on every rank.
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import spawn_gloo
 from otlinop import PlanOperator
 from otlinop.distributed import ShardedPlanOperator, merge_lse
 from otlinop.kernels import softmin
@@ -140,31 +140,14 @@ def _worker(rank, world, store, report):
                 json.dump(sorted(done), fh)
     finally:
         dist.destroy_process_group()
-    # Every check passed: end without the interpreter's teardown, where a thread of gloo's can abort the
-    # process (SIGABRT, "terminate called without an active exception", no Python frame) about one run
-    # in twelve, which mp.spawn reports as a failure.
-    os._exit(0)
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharded_plan_matches_single_process(world, tmp_path):
+def test_sharded_plan_matches_single_process(world, tmp_path, monkeypatch):
     """P @ V, P.T @ U, row sums, column sums, the adjoint identity and the row
     soft-min equal the single-process ones to 1e-12 on every rank, with unequal
     and empty shards; the row soft-min and P @ V are bitwise the same on every rank."""
-    report = tmp_path / "done.json"
-    # CPU processes: their Triton part runs in the interpreter, also where a GPU is present.
-    env = {"OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(report)), nprocs=world, join=True)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    done = set(json.loads(report.read_text()))
+    done = spawn_gloo(_worker, world, tmp_path, monkeypatch)
     assert done == {"P @ V", "P @ v", "P.T @ U", "P.T @ u", "row sums", "col sums", "adjoint identity",
                     "row soft-min", "row lse", "same on every rank", "empty shard", "unequal shards",
                     "all weights zero", "n mismatch refused", "triton backend"}
