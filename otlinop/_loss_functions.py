@@ -33,6 +33,7 @@ import torch.autograd.forward_ad as fwAD
 
 from solvers import config
 
+from ._call_graphs import LOSS_GRAPHS
 from ._checks import Inputs, measures_and_read
 from ._loss_derivatives import Solution, converged, loss_value, sinkhorn_grad, sinkhorn_hvp, solve, weight_grad
 from ._sinkhorn_schedule import diameter_tensor
@@ -253,6 +254,25 @@ class _SinkhornHvp(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------
+# The work of a call, as pure tensor functions (cached as CUDA graphs)
+# --------------------------------------------------------------------------
+def _scheduled(spec, x, y, a, b, *, verbose: bool = False) -> tuple:
+    """(value (B,), *potentials) on ``spec``'s schedule: the eager solve and loss value."""
+    inp = Inputs(x, y, a, b, True)
+    sol = solve(inp, spec, verbose)
+    dt = inp.pot_dtype
+    value = loss_value(inp.a.to(dt), inp.b.to(dt), sol, spec)
+    return (value.to(compute_dtype(x.dtype)), *_potentials(sol, spec.debias))
+
+
+def _point_gradients(options, x, y, a, b, *pots) -> tuple:
+    """(grad_x, grad_y) at the potentials (zeros where not needed); ``options = (spec, needs)``."""
+    spec, needs = options
+    gx, gy, _, _ = sinkhorn_grad(x, y, a, b, _solution(pots), spec, tuple(needs) + (False, False))
+    return torch.zeros_like(x) if gx is None else gx, torch.zeros_like(y) if gy is None else gy
+
+
+# --------------------------------------------------------------------------
 # The gradient map
 # --------------------------------------------------------------------------
 class _SinkhornGrad(torch.autograd.Function):
@@ -269,8 +289,9 @@ class _SinkhornGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, second, needs, weights, x, y, a, b, *pots):
-        gx, gy, _, _ = sinkhorn_grad(x, y, a, b, _solution(pots), spec, tuple(needs) + (False, False))
-        return torch.zeros_like(x) if gx is None else gx, torch.zeros_like(y) if gy is None else gy
+        # Repeated calls replay one CUDA graph of the gradient passes (as the loss's solve).
+        gx, gy = LOSS_GRAPHS(_point_gradients, (spec, tuple(needs)), (x, y, a, b, *pots))
+        return gx, gy
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -393,13 +414,18 @@ class _Loss(torch.autograd.Function):
 
     @staticmethod
     def forward(x, y, a, b, spec, second, verbose):
-        inp = Inputs(x, y, a, b, True)
-        sol = solve(inp, spec, verbose)
+        if verbose:     # a progress bar per step: eager
+            value, *pots = _scheduled(spec, x, y, a, b, verbose=True)
+        else:
+            # Repeated calls (same shapes, options and schedule) replay one CUDA graph.
+            value, *pots = LOSS_GRAPHS(_scheduled, spec, (x, y, a, b))
         if second.converge == "always":
-            sol = converged(inp, sol, spec, second)
-        dt = inp.pot_dtype
-        value = loss_value(inp.a.to(dt), inp.b.to(dt), sol, spec)
-        return (value.to(compute_dtype(x.dtype)), *_potentials(sol, spec.debias))
+            inp = Inputs(x, y, a, b, True)
+            sol = converged(inp, _solution(pots), spec, second)
+            dt = inp.pot_dtype
+            value = loss_value(inp.a.to(dt), inp.b.to(dt), sol, spec).to(compute_dtype(x.dtype))
+            pots = _potentials(sol, spec.debias)
+        return (value, *pots)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

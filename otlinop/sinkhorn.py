@@ -62,8 +62,9 @@ def _warn_not_differentiable(owner: str, **tensors) -> None:
 
 
 config.declare("sinkhorn_graphs", True, owner="otlinop.sinkhorn", doc=(
-    f"runs of at least GRAPH_MIN_RUN ({GRAPH_MIN_RUN}) Sinkhorn steps at one eps on CUDA replay one captured "
-    "step as a CUDA graph; False runs every step eagerly"))
+    f"CUDA graphs: runs of at least GRAPH_MIN_RUN ({GRAPH_MIN_RUN}) Sinkhorn steps at one eps replay one "
+    "captured step, and a SamplesLoss call whose shapes, options and eps schedule were seen before replays "
+    "its whole solve and gradient passes (otlinop._call_graphs); False runs everything eagerly"))
 
 
 def _default_graphs(x: torch.Tensor, backend):

@@ -112,6 +112,15 @@ class Config:
             for name, value in saved.items():
                 object.__setattr__(self, name, value)
 
+    def state(self) -> tuple:
+        """Every switch's current value, as a hashable ``((name, value), ...)`` sorted by name.
+
+        What a cache of work that depends on the switches (the loss's cached CUDA
+        graphs) keys its entries on, so that an ``override`` never replays work
+        recorded under other values.
+        """
+        return tuple((name, getattr(self, name)) for name in sorted(self._switches))
+
     def describe(self) -> str:
         """One line per switch: name, value, default, owner and meaning."""
         lines = []

@@ -43,6 +43,7 @@ LAYERS = {
     "otlinop._sinkhorn": 3,
     "otlinop.loss": 3,
     "otlinop._loss": 3,
+    "otlinop._call_graphs": 3,   # whole loss calls as CUDA graphs
     "otlinop.hvp": 3,
     "otlinop.distributed": 3,  # composes operators over a process group
     "otlinop._demo": 4,

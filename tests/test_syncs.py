@@ -104,20 +104,24 @@ def test_gpu_call_synchronises_nothing(override):
     """GPU: with check_finite off and diameter given, a forward and a backward raise no
     synchronisation under torch.cuda.set_sync_debug_mode("error"); the default call does
     exactly its one read-back (the debug mode then raises)."""
+    from otlinop import config
     override(check_finite=False)
     x = torch.randn(2048, 3, device="cuda", requires_grad=True)
     y = torch.randn(2048, 3, device="cuda") + 0.5
     loss = SamplesLoss(blur=0.05, diameter=8.0)
-    loss(x, y).backward()   # warm-up: autotuning and compilation may synchronise
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        value = loss(x, y)
-        value.backward()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
-    assert torch.isfinite(value) and torch.isfinite(x.grad).all()
+    for graphs in (False, True):    # eager calls, then replays of the call's cached graphs
+        with config.override(sinkhorn_graphs=graphs):
+            for _ in range(2):      # warm-up: autotuning, compilation and the capture may synchronise
+                loss(x, y).backward()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                value = loss(x, y)
+                value.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()
+            assert torch.isfinite(value) and torch.isfinite(x.grad).all()
     torch.cuda.set_sync_debug_mode("error")
     try:
         with pytest.raises(RuntimeError):

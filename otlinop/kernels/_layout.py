@@ -180,8 +180,10 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, layout) -> PreparedPair:
         x3, y3 = as_batched(x.detach(), 2), as_batched(y.detach(), 2)
         z = centre(x3, y3, torch.float32).unsqueeze(-2)          # (B or 1, 1, d)
         centred = [t.float() - z for t in (x3, y3)]              # (batch, rows, d) each
-        # The scale needs the largest coordinate on the host: not inside a capture.
-        half = half and not (x3.is_cuda and torch.cuda.is_current_stream_capturing())
+        # The scale needs the largest coordinate on the host: not inside a capture, nor where
+        # synchronisations raise (the dry run before one, otlinop._call_graphs).
+        half = half and not (x3.is_cuda and (torch.cuda.is_current_stream_capturing()
+                                             or torch.cuda.get_sync_debug_mode() == 2))
         scale = _half_scale(*centred) if half else 1.0
         out, norms = [], []
         for side, t in enumerate((x3, y3)):

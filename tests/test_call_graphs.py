@@ -1,0 +1,251 @@
+"""Whole SamplesLoss calls as cached CUDA graphs (issue 17, items 2 and 3).
+
+On the CPU the cache runs with the test suite's stand-in graph machinery
+(``FakeGraphs``: a "replay" runs the captured function on the graph's own
+buffers), which checks the cache's logic: when it captures, what it keys
+on, that replays give the eager values and that a later replay overwrites
+nothing a caller holds. The GPU tests check real graphs against eager calls
+bitwise, and a user's own ``torch.cuda.graph`` capture of a whole training
+step (forward, backward, optimizer step).
+"""
+import pytest
+import torch
+
+import otlinop._loss_functions as loss_functions
+from conftest import FakeGraphs, requires_cuda
+from otlinop import SamplesLoss, config
+from otlinop._call_graphs import LOSS_GRAPHS, CallGraphCache
+
+F64 = torch.float64
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """The loss's cache on the CPU stand-in graphs; returns the cache (``.graphs`` counts)."""
+    cache = CallGraphCache(graphs=FakeGraphs())
+    monkeypatch.setattr(loss_functions, "LOSS_GRAPHS", cache)
+    return cache
+
+
+def _data(n=30, m=25, d=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, dtype=F64, generator=gen)
+    y = torch.randn(m, d, dtype=F64, generator=gen) + 0.5
+    return x.requires_grad_(), y.requires_grad_()
+
+
+def _value_and_grads(loss, x, y, **kw):
+    value = loss(x, y)
+    gx, gy = torch.autograd.grad(value, (x, y), **kw)
+    return value.detach(), gx, gy
+
+
+CASES = {
+    "debiased": dict(blur=0.3, diameter=6.0),
+    "no debias": dict(blur=0.3, diameter=6.0, debias=False),
+    "unbalanced": dict(blur=0.3, diameter=6.0, reach=1.0),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_repeated_calls_capture_once_and_replay_the_eager_values(fake, case):
+    """First call eager, second captures (solve and gradients), later ones replay; every
+    call's value and gradients are bitwise the eager ones."""
+    loss = SamplesLoss(**CASES[case])
+    x, y = _data()
+    with config.override(sinkhorn_graphs=False):
+        eager = _value_and_grads(loss, x, y)
+    counts = []
+    for _ in range(4):
+        got = _value_and_grads(loss, x, y)
+        for g, e in zip(got, eager):
+            assert torch.equal(g, e)
+        counts.append((fake.captures, fake.replays))
+    assert counts == [(0, 0), (2, 2), (2, 4), (2, 6)]
+
+
+def test_a_replay_overwrites_nothing_a_caller_holds(fake):
+    """Two calls of one shape before one backward: each keeps its own potentials."""
+    loss = SamplesLoss(blur=0.3, diameter=6.0)
+    x1, y = _data(seed=1)
+    x2, _ = _data(seed=2)
+    for _ in range(2):          # the key seen, then captured
+        loss(x1, y)
+    v1, v2 = loss(x1, y), loss(x2, y)       # both replays of one graph
+    g1, g2 = torch.autograd.grad(v1 + 2 * v2, (x1, x2))
+    with config.override(sinkhorn_graphs=False):
+        e1, e2 = loss(x1, y), loss(x2, y)
+        h1, h2 = torch.autograd.grad(e1 + 2 * e2, (x1, x2))
+    assert fake.replays >= 3
+    assert torch.equal(v1, e1) and torch.equal(v2, e2)
+    assert torch.equal(g1, h1) and torch.equal(g2, h2)
+
+
+def test_the_key_holds_the_schedule_shapes_and_switches(fake):
+    """Another schedule (diameter), shape or switch value is another key: seen first, eager."""
+    x, y = _data()
+    for _ in range(2):
+        SamplesLoss(blur=0.3, diameter=6.0)(x, y)
+    assert fake.captures == 1           # the forward (no gradient asked)
+    SamplesLoss(blur=0.3, diameter=7.0)(x, y)        # another eps schedule
+    SamplesLoss(blur=0.3, diameter=6.0)(*_data(n=31))  # another shape
+    with config.override(check_finite=False):         # another switch value
+        SamplesLoss(blur=0.3, diameter=6.0)(x, y)
+    assert fake.captures == 1 and fake.replays == 1
+    with config.override(sinkhorn_graphs=False):       # graphs off: nothing seen, nothing replayed
+        for _ in range(3):
+            SamplesLoss(blur=0.3, diameter=6.0)(x, y)
+    assert fake.captures == 1 and fake.replays == 1
+
+
+def test_default_diameter_of_moving_points_never_captures(fake):
+    """A training loop whose points move: the default diameter (hence the schedule) changes
+    at every call, and no call captures (the first sighting of a key never does)."""
+    loss = SamplesLoss(blur=0.3)
+    x, y = _data()
+    for _ in range(4):
+        (g,) = torch.autograd.grad(loss(x, y), x)
+        with torch.no_grad():
+            x -= 0.5 * g
+    assert fake.graphs.captures == 0 and fake.replays == 0
+
+
+def test_capacity_evicts_the_least_recently_used_and_clear_frees_all():
+    cache = CallGraphCache(graphs=FakeGraphs(), capacity=2)
+
+    def double(options, t):
+        return (options * t,)
+
+    ts = [torch.ones(k) for k in (1, 2, 3)]
+    for t in ts:
+        for _ in range(2):
+            assert torch.equal(cache(double, 2.0, (t,))[0], 2 * t)
+    assert len(cache) == 2 and cache.captures == 3
+    assert cache.nbytes() == 4 * (2 + 3) * 2       # float32 inputs and outputs of the last two
+    assert "2 graphs" in repr(cache)
+    cache(double, 2.0, (ts[0],))     # evicted: seen again, eager
+    assert cache.captures == 3
+    cache.clear()
+    assert len(cache) == 0 and cache.nbytes() == 0
+
+
+def test_a_function_that_synchronises_is_never_captured():
+    """The dry run before a capture finds a synchronisation: the key runs eagerly from then on."""
+    class Syncing(FakeGraphs):
+        def synchronises(self, probe, state):
+            return True
+
+    cache = CallGraphCache(graphs=Syncing())
+    calls = []
+
+    def fn(options, t):
+        calls.append(1)
+        return (t + options,)
+
+    for _ in range(4):
+        assert torch.equal(cache(fn, 1.0, (torch.zeros(3),))[0], torch.ones(3))
+    assert cache.captures == 0 and cache.graphs.replays == 0 and len(cache) == 0
+
+
+def test_large_calls_and_wrapped_tensors_run_eagerly():
+    cache = CallGraphCache(graphs=FakeGraphs(), max_elements=10)
+
+    def fn(options, t):
+        return (t * options,)
+
+    for _ in range(3):
+        cache(fn, 1.0, (torch.zeros(11),))
+    assert cache.captures == 0
+    # Under torch.func the tensors are wrapped: eager (the transform sees every operation).
+    out = torch.func.vmap(lambda t: cache(fn, 3.0, (t,))[0])(torch.ones(2, 3))
+    assert torch.equal(out, 3 * torch.ones(2, 3)) and cache.captures == 0
+
+
+def test_double_backward_and_forward_mode_after_replays(fake):
+    """Second-order and forward-mode derivatives still work on a replayed forward (the
+    graphs hold first-order work only; the HVPs run eagerly)."""
+    loss = SamplesLoss(blur=0.3, diameter=6.0)
+    x, y = _data()
+    v = torch.randn_like(x)
+    results = []
+    for graphs in (False, True, True, True):
+        with config.override(sinkhorn_graphs=graphs):
+            (g,) = torch.autograd.grad(loss(x, y), x, create_graph=True)
+            (h,) = torch.autograd.grad((g * v).sum(), x)
+            _, t = torch.func.jvp(lambda p: loss(p, y.detach()), (x.detach(),), (v,))
+        results.append((g.detach(), h, t))
+    assert fake.replays > 0
+    for r in results[1:]:
+        for a, b in zip(r, results[0]):
+            assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------
+# GPU
+# --------------------------------------------------------------------------
+@requires_cuda
+@pytest.mark.parametrize("d, precision", [(3, None), (64, None), (64, "tf32")])
+def test_gpu_replays_are_bitwise_the_eager_calls(d, precision):
+    """Real graphs: the loss's values and gradients equal the eager call's bitwise, n = 2048
+    (with "tf32" at d = 64 to 2% in norm: the eager call multiplies fp16 copies of the
+    points, scaled by a factor read back from the device, which a capture cannot read)."""
+    LOSS_GRAPHS.clear()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2048, d, device="cuda", generator=gen).requires_grad_()
+    y = torch.randn(2048, d, device="cuda", generator=gen) + 0.5
+    # TF32's two roundings differ by ~1e-3 of a cost: compare them at a blur where that is small.
+    loss = SamplesLoss(blur=0.05 if precision is None else 1.0, diameter=20.0, precision=precision)
+    with config.override(sinkhorn_graphs=False):
+        eager = _value_and_grads(loss, x, y.requires_grad_())
+    before = LOSS_GRAPHS.replays
+    for _ in range(4):
+        got = _value_and_grads(loss, x, y)
+        for g, e in zip(got, eager):
+            if precision is None:
+                assert torch.equal(g, e)
+            else:
+                assert (g - e).norm() <= 2e-2 * e.norm()
+    assert LOSS_GRAPHS.replays - before == 6 and len(LOSS_GRAPHS) == 2
+    LOSS_GRAPHS.clear()
+
+
+@requires_cuda
+def test_gpu_user_captures_a_whole_training_step():
+    """A user's torch.cuda.graph of forward, backward and an SGD step replays the eager
+    steps bitwise (diameter given: nothing is read back inside the capture)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.nn.Parameter(torch.randn(2048, 3, device="cuda", generator=gen))
+    y = torch.randn(2048, 3, device="cuda", generator=gen) + 0.5
+    opt = torch.optim.SGD([x], lr=50.0)
+    loss = SamplesLoss(blur=0.05, diameter=8.0)
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        value = loss(x, y)
+        value.backward()
+        opt.step()
+        return value.detach()
+
+    x0 = x.detach().clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):       # warm-up (compile, autotune) on a side stream
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_value = step()
+    with torch.no_grad():
+        x.copy_(x0)
+    replayed = []
+    for _ in range(3):
+        graph.replay()
+        replayed.append((static_value.clone(), x.detach().clone()))
+    with torch.no_grad():
+        x.copy_(x0)
+    with config.override(sinkhorn_graphs=False):
+        eager = [(step(), x.detach().clone()) for _ in range(3)]
+    for (rv, rx), (ev, ex) in zip(replayed, eager):
+        assert torch.equal(rv, ev) and torch.equal(rx, ex)
+    assert not torch.equal(eager[0][1], eager[2][1])      # the points moved
