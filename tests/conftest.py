@@ -14,6 +14,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# JAX (OTT-JAX, in the conventions tests) takes 75% of a GPU's memory when it is first
+# imported, which left the other test workers out of memory on the GPU machine (56 failures
+# in one run): its comparisons run on the CPU, and it allocates as it goes.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 #: The gloo test processes: CPU only, one thread, their Triton parts in the interpreter (also where a GPU is).
