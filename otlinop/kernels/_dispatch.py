@@ -20,6 +20,7 @@ __all__ = [
     "PRECISIONS",
     "TRITON_DTYPES",
     "check_backend",
+    "interpreter_defect",
     "interpreting",
     "resolve_backend",
     "resolve_precision",
@@ -52,6 +53,29 @@ def interpreting() -> bool:
     return _INTERPRETED
 
 
+def interpreter_defect() -> str | None:
+    """Why the installed Triton's interpreter cannot run these kernels, or None.
+
+    Before Triton 3.7 the interpreter holds scalars as one-element arrays and
+    converts a loop bound with ``int()`` of one, which numpy 2.4 made an error:
+    every kernel with a ``range`` over a runtime bound raises TypeError (found
+    on the GPU machine: Triton 3.6.0, numpy 2.5.2).
+    """
+    if not HAS_TRITON:
+        return None
+    import numpy
+    import triton
+
+    def version(module):
+        return tuple(int(p) for p in module.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+
+    if version(triton) < (3, 7) and version(numpy) >= (2, 4):
+        return (f"the Triton interpreter of triton {triton.__version__} cannot run with numpy {numpy.__version__} "
+                "(it converts loop bounds held as one-element arrays with int(), an error since numpy 2.4); "
+                "install triton>=3.7 or numpy<2.4, or use backend='torch' on CPU tensors")
+    return None
+
+
 def resolve_precision(owner: str, precision) -> str:
     """The dot precision to use: ``precision``, or ``DEFAULT_PRECISION`` for None."""
     return precision_name(owner, precision) or DEFAULT_PRECISION
@@ -66,6 +90,8 @@ def check_backend(owner: str, backend, x: torch.Tensor) -> str | None:
     backend = backend_name(owner, backend)
     if backend == "triton":
         triton_ready(owner, x, installed=HAS_TRITON, interpreted=_INTERPRETED, dtypes=TRITON_DTYPES)
+        if not x.is_cuda and interpreter_defect():
+            raise ValueError(f"{owner}: backend='triton' on CPU tensors: {interpreter_defect()}")
     return backend
 
 
