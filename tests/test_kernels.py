@@ -998,3 +998,26 @@ print("ok")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+def test_interpreter_defect_is_named(monkeypatch):
+    """Triton < 3.7 with numpy >= 2.4: the interpreter cannot run the kernels; a CPU call
+    with backend="triton" says so instead of failing inside a kernel."""
+    import numpy
+    import triton
+
+    from otlinop import PlanOperator
+    from otlinop.kernels import _dispatch
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.0")
+    assert "triton>=3.7" in _dispatch.interpreter_defect()
+    if _dispatch.interpreting():
+        x = torch.randn(5, 2)
+        with pytest.raises(ValueError, match="interpreter of triton 3.6.0 cannot run with numpy 2.4.0"):
+            PlanOperator(x, x, torch.zeros(5), torch.zeros(5), eps=1.0, backend="triton") @ torch.ones(5)
+    monkeypatch.setattr(numpy, "__version__", "2.3.5")
+    assert _dispatch.interpreter_defect() is None
+    monkeypatch.setattr(triton, "__version__", "3.7.0")
+    monkeypatch.setattr(numpy, "__version__", "2.5.2")
+    assert _dispatch.interpreter_defect() is None
