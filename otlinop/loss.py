@@ -53,6 +53,7 @@ import torch
 import solvers
 from solvers import config
 
+from ._call_graphs import LOSS_GRAPHS
 from ._checks import (Inputs, backend_name, choice, flag, fraction, measures_and_read, positive_int,
                       positive_scalar, precision_name, preconditioner, reach_or_none, solver_function)
 from ._loss_derivatives import CONVERGE, SecondOrder, Spec, converged, solve
@@ -63,7 +64,7 @@ from .kernels._dispatch import check_backend
 from .kernels._reference import compute_dtype
 from .multiscale import Multiscale
 
-__all__ = ["SamplesLoss", "sinkhorn_loss"]
+__all__ = ["LOSS_GRAPHS", "SamplesLoss", "sinkhorn_loss"]
 
 
 # --------------------------------------------------------------------------
@@ -249,7 +250,9 @@ class SamplesLoss(torch.nn.Module):
         Unbalanced OT with marginal penalties ``rho = reach**2``; None: balanced
         (equal total masses required).
     diameter : float, optional
-        First scale of the eps schedule; default the bounding-box diagonal.
+        First scale of the eps schedule; default the bounding-box diagonal,
+        measured at every call. Given, it fixes the schedule, so that repeated
+        calls on moving points replay their cached CUDA graphs.
     scaling : float, default 0.5
         Ratio of consecutive blur scales in the schedule, in (0, 1).
     truncate : float, default 5
@@ -413,7 +416,11 @@ class SamplesLoss(torch.nn.Module):
     ``config.check_finite`` off it reads nothing (the masses are then not
     checked either), and the backward never reads: such a call can be
     captured in a CUDA graph, where a call that needs the default diameter
-    raises RuntimeError (pass ``diameter=``). Under ``torch.compile`` the
+    raises RuntimeError (pass ``diameter=``). On CUDA, repeated calls with
+    the same shapes, options and eps schedule replay cached CUDA graphs of
+    their solve and gradient passes (:data:`LOSS_GRAPHS`; the default
+    diameter moves with the points, so pass ``diameter=`` in a training
+    loop; docs/sinkhorn-and-loss.md). Under ``torch.compile`` the
     loss is two opaque custom ops (``otlinop::sinkhorn_loss`` and
     ``otlinop::sinkhorn_loss_grad``): ``fullgraph=True`` works, values and
     gradients equal eager ones; second derivatives are not available there
