@@ -35,6 +35,10 @@ used evicted), and calls whose inputs hold more than ``max_elements``
 elements run eagerly (their device time dwarfs the host's). ``clear()``
 releases everything.
 
+Threads and streams: a cache's captures and replays run under one lock, and
+a replay on one stream waits (a CUDA event) for the previous replay of its
+entry, on whatever stream, to have copied its outputs out.
+
 Graphs are used only where they are exact and safe: CUDA (or the graph
 machinery a test passes), ``config.sinkhorn_graphs`` on, no capture or
 ``torch.compile`` tracing in progress, plain tensors (no torch.func wrappers,
@@ -71,6 +75,9 @@ class _Entry:
 
     def __init__(self, graph, inputs, outputs):
         self.graph, self.inputs, self.static_outputs = graph, inputs, outputs
+        # Recorded after each replay's outputs are copied out: a call on another stream waits
+        # for it before overwriting the inputs (calls on one stream are ordered anyway).
+        self.done = torch.cuda.Event() if inputs[0].is_cuda else None
 
     def outputs(self) -> tuple:
         # Fresh copies (a later replay overwrites the buffers), made by one fused kernel
@@ -103,7 +110,7 @@ class CallGraphCache:
         self.capacity, self.max_elements = capacity, max_elements
         self._entries: OrderedDict = OrderedDict()   # key -> _Entry, or None: never capture
         self._seen: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self.captures = self.replays = 0
 
     def __call__(self, fn, options, tensors: tuple) -> tuple:
@@ -131,9 +138,10 @@ class CallGraphCache:
                 entry = self._capture(fn, options, tensors)
                 self._entries[key] = entry
                 self._trim()
-        if entry is None:
-            return tuple(fn(options, *tensors))
-        return self._replay(entry, tensors)
+            if entry is not None:
+                # Under the lock: another thread's call of this key waits for the copy-out.
+                return self._replay(entry, tensors)
+        return tuple(fn(options, *tensors))
 
     def _eligible(self, tensors) -> bool:
         if not config.sinkhorn_graphs or not tensors or not all(_plain(t) for t in tensors):
@@ -170,10 +178,15 @@ class CallGraphCache:
 
     def _replay(self, entry: _Entry, tensors) -> tuple:
         with torch.no_grad():
+            if entry.done is not None:
+                torch.cuda.current_stream(entry.inputs[0].device).wait_event(entry.done)
             torch._foreach_copy_(list(entry.inputs), [t.detach() for t in tensors])
             entry.graph.replay()
             self.replays += 1
-            return entry.outputs()
+            out = entry.outputs()
+            if entry.done is not None:
+                entry.done.record(torch.cuda.current_stream(entry.inputs[0].device))
+            return out
 
     def _trim(self) -> None:
         while len(self._entries) > self.capacity:
