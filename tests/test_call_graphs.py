@@ -249,3 +249,31 @@ def test_gpu_user_captures_a_whole_training_step():
     for (rv, rx), (ev, ex) in zip(replayed, eager):
         assert torch.equal(rv, ev) and torch.equal(rx, ex)
     assert not torch.equal(eager[0][1], eager[2][1])      # the points moved
+
+
+def test_threads_sharing_a_key_get_their_own_results():
+    """Calls of one key from several threads: each gets the result of its own inputs."""
+    import threading
+
+    cache = CallGraphCache(graphs=FakeGraphs())
+
+    def fn(options, t):
+        return (t * options + t.sum(),)
+
+    data = [torch.full((50,), float(i)) for i in range(8)]
+    cache(fn, 2.0, (data[0],))
+    cache(fn, 2.0, (data[0],))          # captured
+    got = {}
+
+    def worker(i):
+        for _ in range(20):
+            got[i] = cache(fn, 2.0, (data[i],))[0]
+            assert torch.equal(got[i], fn(2.0, data[i])[0])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and all(torch.equal(got[i], fn(2.0, data[i])[0]) for i in range(8))
+    assert cache.graphs.replays >= 160
