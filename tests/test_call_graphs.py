@@ -263,17 +263,18 @@ def test_threads_sharing_a_key_get_their_own_results():
     data = [torch.full((50,), float(i)) for i in range(8)]
     cache(fn, 2.0, (data[0],))
     cache(fn, 2.0, (data[0],))          # captured
-    got = {}
+    got, wrong = {}, []
 
     def worker(i):
         for _ in range(20):
             got[i] = cache(fn, 2.0, (data[i],))[0]
-            assert torch.equal(got[i], fn(2.0, data[i])[0])
+            if not torch.equal(got[i], fn(2.0, data[i])[0]):
+                wrong.append(i)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(got) == 8 and all(torch.equal(got[i], fn(2.0, data[i])[0]) for i in range(8))
+    assert not wrong and len(got) == 8
     assert cache.graphs.replays >= 160
