@@ -52,6 +52,7 @@ a captured pair keeps fp32 TF32 operands, see ``otlinop.kernels._layout``).
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -170,9 +171,16 @@ class CallGraphCache:
                     probe = list(fn(options, *inputs))
             outputs = tuple(torch.empty_like(o) for o in probe)
             del probe
-            with scoped_cache():
-                graph, _ = self.graphs.capture(lambda s: (*s[:k], *fn(options, *s[:k])), (*inputs, *outputs),
-                                               device, copy=False)
+            try:
+                with scoped_cache():
+                    graph, _ = self.graphs.capture(lambda s: (*s[:k], *fn(options, *s[:k])),
+                                                   (*inputs, *outputs), device, copy=False)
+            except RuntimeError as exc:
+                # Not expected after a clean dry run; the call (and its key, from now on) runs eagerly.
+                warnings.warn(f"{getattr(fn, '__name__', 'a call')}: capturing it as a CUDA graph failed "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); this call and "
+                              "later ones like it run eagerly", RuntimeWarning, stacklevel=4)
+                return None
         self.captures += 1
         return _Entry(graph, inputs, outputs)
 

@@ -278,3 +278,20 @@ def test_threads_sharing_a_key_get_their_own_results():
         t.join()
     assert not wrong and len(got) == 8
     assert cache.graphs.replays >= 160
+
+
+def test_a_failed_capture_warns_and_runs_eagerly():
+    class Failing(FakeGraphs):
+        def capture(self, step, state, device, *, copy=True):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    cache = CallGraphCache(graphs=Failing())
+
+    def fn(options, t):
+        return (t + options,)
+
+    cache(fn, 1.0, (torch.zeros(2),))
+    with pytest.warns(RuntimeWarning, match="capturing it as a CUDA graph failed"):
+        assert torch.equal(cache(fn, 1.0, (torch.zeros(2),))[0], torch.ones(2))
+    assert torch.equal(cache(fn, 1.0, (torch.zeros(2),))[0], torch.ones(2))    # eager, no second warning
+    assert len(cache) == 0
