@@ -51,7 +51,7 @@ __all__ = [
     "backend_name", "precision_name", "triton_ready",
     "Geometry", "points", "vector", "weights", "potential", "matrix", "directions", "operand", "finite", "choice",
     "block_pattern", "cluster_layout",
-    "compute_dtype", "measures_and_read",
+    "compute_dtype", "measures_and_read", "measures_ok",
     "COMPLEX_DTYPES", "OPERATOR_DTYPES", "operator_dtype", "real_operator_dtype", "operator_tensor",
     "operator_operand_shape",
     "operator_operand", "operator_shape", "operator_scalar", "operator_output", "same_space", "composable",
@@ -954,6 +954,15 @@ def measures_and_read(owner: str, x, y, a, b, *, balanced: bool, check: bool, re
         if not ok:
             raise ValueError(f"{owner}: {message}")
     return inp, values[-1]
+
+
+def measures_ok(x, y, a, b, *, balanced: bool, cost_scale: float = 1.0) -> torch.Tensor:
+    """All of :func:`measures_and_read`'s value checks as one 0-d bool tensor, still on the
+    device (no synchronisation: a CUDA graph can compute it). Where it is False,
+    ``measures_and_read(..., check=True)`` on the same data raises the ValueError
+    that names the first failing check."""
+    with torch.no_grad():
+        return torch.stack([f for f, _ in _mass_flags(x, y, a, b, balanced, cost_scale)]).all()
 
 
 def _mass_flags(x, y, a, b, balanced: bool, cost_scale: float) -> list:

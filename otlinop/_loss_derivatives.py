@@ -79,6 +79,10 @@ class Spec:
     cost_scale: float
     backend: str | None
     precision: str | None
+    #: Whether the solve also computes the input value checks (``measures_ok``), which
+    #: the loss reads back after it: a call with ``diameter`` given reads the flags once,
+    #: and a cached CUDA graph of the solve holds their kernels.
+    check: bool = False
 
     @property
     def relaxed(self) -> bool:

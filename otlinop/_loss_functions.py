@@ -34,7 +34,7 @@ import torch.autograd.forward_ad as fwAD
 from solvers import config
 
 from ._call_graphs import LOSS_GRAPHS
-from ._checks import Inputs, measures_and_read
+from ._checks import Inputs, measures_and_read, measures_ok
 from ._loss_derivatives import Solution, converged, loss_value, sinkhorn_grad, sinkhorn_hvp, solve, weight_grad
 from ._sinkhorn_schedule import diameter_tensor
 from .kernels._reference import compute_dtype
@@ -257,12 +257,26 @@ class _SinkhornHvp(torch.autograd.Function):
 # The work of a call, as pure tensor functions (cached as CUDA graphs)
 # --------------------------------------------------------------------------
 def _scheduled(spec, x, y, a, b, *, verbose: bool = False) -> tuple:
-    """(value (B,), *potentials) on ``spec``'s schedule: the eager solve and loss value."""
+    """(value (B,), *potentials) on ``spec``'s schedule: the eager solve and loss value;
+    with ``spec.check``, then the inputs' value checks as one 0-d bool (``measures_ok``)."""
     inp = Inputs(x, y, a, b, True)
     sol = solve(inp, spec, verbose)
     dt = inp.pot_dtype
     value = loss_value(inp.a.to(dt), inp.b.to(dt), sol, spec)
-    return (value.to(compute_dtype(x.dtype)), *_potentials(sol, spec.debias))
+    out = (value.to(compute_dtype(x.dtype)), *_potentials(sol, spec.debias))
+    if spec.check:
+        out += (measures_ok(x, y, a, b, balanced=spec.rho_x is None and spec.rho_y is None,
+                            cost_scale=spec.cost_scale),)
+    return out
+
+
+def _raise_unless(ok, owner: str, spec, x, y, a, b) -> None:
+    """The one host read of a call whose solve checked its inputs: the ValueError of the
+    first failing check (``measures_and_read`` names it), if any."""
+    if not bool(ok):
+        measures_and_read(owner, x, y, a, b, balanced=spec.rho_x is None and spec.rho_y is None, check=True,
+                          cost_scale=spec.cost_scale)
+        raise ValueError(f"{owner}: the inputs failed a value check")   # not reached: the read above raises
 
 
 def _point_gradients(options, x, y, a, b, *pots) -> tuple:
@@ -419,6 +433,9 @@ class _Loss(torch.autograd.Function):
         else:
             # Repeated calls (same shapes, options and schedule) replay one CUDA graph.
             value, *pots = LOSS_GRAPHS(_scheduled, spec, (x, y, a, b))
+        if spec.check:
+            *pots, ok = pots
+            _raise_unless(ok, second.owner, spec, x, y, a, b)
         if second.converge == "always":
             inp = Inputs(x, y, a, b, True)
             sol = converged(inp, _solution(pots), spec, second)

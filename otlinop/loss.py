@@ -172,11 +172,15 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
         return _compiled_loss(owner, a, x, b, y, shape_a, shape_b, blur=blur, rho=rho, diameter=diameter,
                               scaling=scaling, cost_scale=cost_scale, debias=debias, potentials=potentials,
                               backend=backend, precision=precision, verbose=verbose, second=second)
+    check = config.check_finite and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    # With diameter given nothing is needed before the solve: the value checks run inside it
+    # (in its cached CUDA graph) and are read back once after it (Spec.check).
+    late = check and diameter is not None and not potentials
     inp, eps, schedule = checked_schedule(owner, x, y, a, b, blur=blur, scaling=scaling, diameter=diameter,
-                                          rho=rho, check=config.check_finite, cost_scale=cost_scale)
+                                          rho=rho, check=check and not late, cost_scale=cost_scale)
     check_backend(owner, backend, x)
     spec = Spec(eps_list=tuple(schedule), eps=eps, rho_x=rho, rho_y=rho, debias=debias,
-                cost_scale=cost_scale, backend=backend, precision=precision)
+                cost_scale=cost_scale, backend=backend, precision=precision, check=late)
     if potentials:
         data = Inputs(inp.x.detach(), inp.y.detach(), inp.a.detach(), inp.b.detach(), True)
         sol = solve(data, spec, verbose)
@@ -412,7 +416,9 @@ class SamplesLoss(torch.nn.Module):
     **Host synchronisations, CUDA graphs, torch.compile.** A call reads one
     value back to the host: the input checks (finite values, non-negative
     weights, positive and, when balanced, equal masses) and the default
-    ``diameter`` share one reduction. With ``diameter`` given and
+    ``diameter`` share one reduction (with ``diameter`` given, the checks
+    are computed with the solve, in its CUDA graph when it has one, and read
+    after it: a bad input then raises once the solve has run). With ``diameter`` given and
     ``config.check_finite`` off it reads nothing (the masses are then not
     checked either), and the backward never reads: such a call can be
     captured in a CUDA graph, where a call that needs the default diameter

@@ -295,3 +295,28 @@ def test_a_failed_capture_warns_and_runs_eagerly():
         assert torch.equal(cache(fn, 1.0, (torch.zeros(2),))[0], torch.ones(2))
     assert torch.equal(cache(fn, 1.0, (torch.zeros(2),))[0], torch.ones(2))    # eager, no second warning
     assert len(cache) == 0
+
+
+def test_value_checks_run_in_the_graph_and_raise_after_it(fake):
+    """With diameter given the input checks are computed inside the solve (its graph) and
+    read once after it: a bad input of a captured shape raises the eager call's ValueError."""
+    loss = SamplesLoss(blur=0.3, diameter=6.0)
+    x, y = _data()
+    for _ in range(3):
+        loss(x, y)
+    assert fake.replays == 2
+    bad = x.detach().clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        loss(bad, y)
+    assert fake.replays == 3        # the replay computed the flags
+    a = torch.full((30,), 1 / 30, dtype=F64)
+    b = torch.full((25,), 1 / 25, dtype=F64)
+    for _ in range(2):
+        loss(a, x, b, y)
+    a_bad = a.clone()
+    a_bad[0] = -a_bad[0]
+    with pytest.raises(ValueError, match="the weights a have negative entries"):
+        loss(a_bad, x, b, y)
+    with pytest.raises(ValueError, match="equal total masses"):
+        loss(a, x, 2 * b, y)
