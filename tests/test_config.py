@@ -59,3 +59,15 @@ def test_declare_once():
     with pytest.raises(TypeError, match="bool or a non-negative int"):
         c.declare("ratio", 0.5, "a float", owner="here")
     assert repr(c) == "Config(flag=True)" and "flag" in dir(c)
+
+
+def test_state_is_every_switch_and_follows_overrides():
+    config = otlinop.config
+    """config.state(): (name, value) of every switch, sorted, hashable; an override changes it
+    (what the loss's graph cache keys on)."""
+    before = config.state()
+    assert [name for name, _ in before] == sorted(config._switches) and hash(before) is not None
+    with config.override(check_finite=not config.check_finite):
+        during = config.state()
+    assert during != before and config.state() == before
+    assert dict(during)["check_finite"] is not dict(before)["check_finite"]
