@@ -99,14 +99,19 @@ class CallGraphCache:
         a CPU stand-in whose "graphs" replay the captured function.
     capacity : int, default 8
         Captured entries kept (least recently used evicted).
-    max_elements : int, default 2**24
-        Calls whose input tensors hold more elements run eagerly.
+    max_elements : int, default 2**22
+        Calls whose input tensors hold more elements run eagerly: an entry's
+        memory is a small multiple of its inputs' (the prepared clouds are
+        padded to the tensor-core width, 16 columns at d = 3: about 100 MiB
+        for an entry at the bound), and calls that large spend their time on
+        the device anyway. The loss's solve at n = m = 16384, d = 64 holds
+        about 2^21 input elements; at d = 3 the bound is n = m = 2^19.
     """
 
     #: Keys remembered as seen once (a key is captured at its second sighting).
     SEEN = 64
 
-    def __init__(self, graphs=None, *, capacity: int = 8, max_elements: int = 1 << 24):
+    def __init__(self, graphs=None, *, capacity: int = 8, max_elements: int = 1 << 22):
         self.graphs = CUDA_GRAPHS if graphs is None else graphs
         self.capacity, self.max_elements = capacity, max_elements
         self._entries: OrderedDict = OrderedDict()   # key -> _Entry, or None: never capture
