@@ -320,3 +320,8 @@ def test_value_checks_run_in_the_graph_and_raise_after_it(fake):
         loss(a_bad, x, b, y)
     with pytest.raises(ValueError, match="equal total masses"):
         loss(a, x, 2 * b, y)
+    with config.override(sinkhorn_graphs=False), pytest.raises(ValueError, match="x contains NaN or inf"):
+        loss(bad, y)                # the eager call: the same check, read after its solve
+    batched = torch.stack([x.detach(), bad])
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        loss(batched, torch.stack([y.detach()] * 2))
