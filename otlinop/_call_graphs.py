@@ -23,10 +23,12 @@ fused kernel per dtype), so nothing a caller holds is overwritten by a later rep
 
 What invalidates an entry: any change of the key. With the default
 ``diameter`` the schedule comes from the data's bounding box, so a loop
-whose points move gets a new schedule, hence a new key, at every call, and
-runs eagerly (the first sighting of a key never captures, so such a loop
-captures nothing). Passing ``diameter=`` fixes the schedule; the graphs then
-replay from the third call on.
+whose points move gets a new schedule, hence a new key for its solve, at
+every call: the solve runs eagerly (the first sighting of a key never
+captures, so nothing accumulates). The gradient passes depend on the final
+eps only, so their key leaves the schedule out and they replay anyway.
+Passing ``diameter=`` fixes the schedule; both graphs then replay from the
+third call on.
 
 Memory: an entry holds a copy of its inputs and outputs and the private
 memory pool of the captured work (the intermediates of one call, a few times

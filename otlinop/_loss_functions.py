@@ -26,6 +26,7 @@ needs them, and only then.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -303,8 +304,10 @@ class _SinkhornGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(spec, second, needs, weights, x, y, a, b, *pots):
-        # Repeated calls replay one CUDA graph of the gradient passes (as the loss's solve).
-        gx, gy = LOSS_GRAPHS(_point_gradients, (spec, tuple(needs)), (x, y, a, b, *pots))
+        # Repeated calls replay one CUDA graph of the gradient passes. They depend on the final
+        # eps only, not on the schedule: keyed without it, they replay for moving points too.
+        options = (dataclasses.replace(spec, eps_list=(), check=False), tuple(needs))
+        gx, gy = LOSS_GRAPHS(_point_gradients, options, (x, y, a, b, *pots))
         return gx, gy
 
     @staticmethod

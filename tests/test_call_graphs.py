@@ -98,16 +98,23 @@ def test_the_key_holds_the_schedule_shapes_and_switches(fake):
     assert fake.captures == 1 and fake.replays == 1
 
 
-def test_default_diameter_of_moving_points_never_captures(fake):
+def test_moving_points_replay_their_gradient_passes_only(fake):
     """A training loop whose points move: the default diameter (hence the schedule) changes
-    at every call, and no call captures (the first sighting of a key never does)."""
+    at every call, so the solve never captures (the first sighting of a key never does);
+    the gradient passes do not depend on the schedule and replay from the second step.
+    Every step equals the eager one."""
     loss = SamplesLoss(blur=0.3)
     x, y = _data()
+    x_eager = x.detach().clone().requires_grad_()
     for _ in range(4):
         (g,) = torch.autograd.grad(loss(x, y), x)
+        with config.override(sinkhorn_graphs=False):
+            (e,) = torch.autograd.grad(loss(x_eager, y), x_eager)
+        assert torch.equal(g, e)
         with torch.no_grad():
             x -= 0.5 * g
-    assert fake.graphs.captures == 0 and fake.replays == 0
+            x_eager -= 0.5 * e
+    assert fake.graphs.captures == 1 and fake.replays == 3
 
 
 def test_capacity_evicts_the_least_recently_used_and_clear_frees_all():
