@@ -21,8 +21,9 @@ subprocess on the same data (same generator and seed).
 Rows: otlinop at its default precision and at "tf32", otlinop with
 ``diameter=`` given once (1.1 times the first data's bounding-box diagonal:
 a fixed eps schedule, so repeated calls replay their cached CUDA graphs,
-``otlinop._call_graphs``; the default diameter changes with the points, and
-those calls run eagerly), flash-sinkhorn's
+``otlinop._call_graphs``; the default diameter changes with the points, so
+that their solves run eagerly and only their gradient passes replay),
+flash-sinkhorn's
 ``SamplesLoss`` (CUDA only), GeomLoss's tensorized backend, and GeomLoss's
 online backend where KeOps is importable (an error row says why not).
 The "floor" column is the exponentials alone: (schedule steps) x (pairs
