@@ -332,3 +332,26 @@ def test_value_checks_run_in_the_graph_and_raise_after_it(fake):
     batched = torch.stack([x.detach(), bad])
     with pytest.raises(ValueError, match="x contains NaN or inf"):
         loss(batched, torch.stack([y.detach()] * 2))
+
+
+def test_batched_and_weighted_calls_replay_the_eager_values(fake):
+    """A batch (B, n, d) with given weights, gradients w.r.t. points and weights."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 20, 2, dtype=F64, generator=gen).requires_grad_()
+    y = (torch.randn(2, 15, 2, dtype=F64, generator=gen) + 0.5).requires_grad_()
+    a = torch.rand(2, 20, dtype=F64, generator=gen) + 0.1
+    b = torch.rand(2, 15, dtype=F64, generator=gen) + 0.1
+    a = (a / a.sum(-1, keepdim=True)).requires_grad_()
+    b = (b / b.sum(-1, keepdim=True)).requires_grad_()
+    loss = SamplesLoss(blur=0.4, diameter=5.0)
+
+    def run():
+        value = loss(a, x, b, y)
+        return (value.detach(), *torch.autograd.grad(value.sum(), (x, y, a, b)))
+
+    with config.override(sinkhorn_graphs=False):
+        eager = run()
+    for _ in range(3):
+        for got, want in zip(run(), eager):
+            assert torch.equal(got, want)
+    assert fake.replays == 4
