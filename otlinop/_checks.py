@@ -51,7 +51,7 @@ __all__ = [
     "backend_name", "precision_name", "triton_ready",
     "Geometry", "points", "vector", "weights", "potential", "matrix", "directions", "operand", "finite", "choice",
     "block_pattern", "cluster_layout",
-    "compute_dtype", "measures_and_read", "measures_ok",
+    "capturing", "compute_dtype", "measures_and_read", "measures_ok",
     "COMPLEX_DTYPES", "OPERATOR_DTYPES", "operator_dtype", "real_operator_dtype", "operator_tensor",
     "operator_operand_shape",
     "operator_operand", "operator_shape", "operator_scalar", "operator_output", "same_space", "composable",
@@ -759,7 +759,8 @@ def composable(A, B) -> None:
 # --------------------------------------------------------------------------
 # Values: one synchronisation per call
 # --------------------------------------------------------------------------
-def _capturing() -> bool:
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (no value may be read back)."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
@@ -859,7 +860,7 @@ def finite(owner: str, tensors: dict, *, allow_neg_inf=(), allow_pos_inf=(), non
     others. One device-to-host synchronisation, none when
     ``config.check_finite`` is False or a CUDA graph is being captured.
     """
-    if not config.check_finite or _capturing():
+    if not config.check_finite or capturing():
         # Inside a CUDA graph capture (a user's torch.cuda.graph) no synchronisation is
         # allowed: the check stands aside there; the warm-up call that every capture
         # needs ran it. (solvers.cg(graph=True) does not capture an operator that
@@ -939,11 +940,11 @@ def measures_and_read(owner: str, x, y, a, b, *, balanced: bool, check: bool, re
     b = weights(geo, "b", b, "y")
     inp = Inputs(x, y, a, b, True) if geo.batched else \
         Inputs(x.unsqueeze(0), y.unsqueeze(0), a.unsqueeze(0), b.unsqueeze(0), False)
-    flags = _mass_flags(x, y, a, b, balanced, cost_scale) if check and not _capturing() else []
+    flags = _mass_flags(x, y, a, b, balanced, cost_scale) if check and not capturing() else []
     if read is None:
         _raise_first(owner, flags)
         return inp, None
-    if _capturing():
+    if capturing():
         raise RuntimeError(f"{owner}: a CUDA graph is being captured, where no value can be read back to "
                            "the host; pass the option that provides it (e.g. diameter=...) to capture this call")
     with torch.no_grad():

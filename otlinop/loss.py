@@ -54,8 +54,9 @@ import solvers
 from solvers import config
 
 from ._call_graphs import LOSS_GRAPHS
-from ._checks import (Inputs, backend_name, choice, flag, fraction, measures_and_read, positive_int,
-                      positive_scalar, precision_name, preconditioner, reach_or_none, solver_function)
+from ._checks import (Inputs, backend_name, capturing, choice, flag, fraction, measures_and_read,
+                      positive_int, positive_scalar, precision_name, preconditioner, reach_or_none,
+                      solver_function)
 from ._loss_derivatives import CONVERGE, SecondOrder, Spec, converged, solve
 from ._loss_functions import SinkhornLoss, over_vmap
 from ._loss_multiscale import MultiscaleLoss, multiscale_potentials, refuse_for_multiscale
@@ -172,7 +173,7 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
         return _compiled_loss(owner, a, x, b, y, shape_a, shape_b, blur=blur, rho=rho, diameter=diameter,
                               scaling=scaling, cost_scale=cost_scale, debias=debias, potentials=potentials,
                               backend=backend, precision=precision, verbose=verbose, second=second)
-    check = config.check_finite and not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    check = config.check_finite and not capturing()
     # With diameter given nothing is needed before the solve: the value checks run inside it
     # (in its cached CUDA graph) and are read back once after it (Spec.check).
     late = check and diameter is not None and not potentials
