@@ -68,9 +68,7 @@ __all__ = ["CallGraphCache", "LOSS_GRAPHS"]
 
 
 def _plain(t) -> bool:
-    if not isinstance(t, torch.Tensor) or type(t) not in (torch.Tensor, torch.nn.Parameter):
-        return False
-    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 class _Entry:
@@ -152,10 +150,11 @@ class CallGraphCache:
         return tuple(fn(options, *tensors))
 
     def _eligible(self, tensors) -> bool:
-        if not config.sinkhorn_graphs or not tensors or not all(_plain(t) for t in tensors):
+        # The cheap test first: on the CPU (no graphs) nothing else is looked at.
+        if not config.sinkhorn_graphs or not tensors or not self.graphs.available(tensors[0].device):
             return False
         device = tensors[0].device
-        if any(t.device != device for t in tensors) or not self.graphs.available(device):
+        if not all(_plain(t) and t.device == device for t in tensors):
             return False
         if sum(t.numel() for t in tensors) > self.max_elements or torch.compiler.is_compiling():
             return False
