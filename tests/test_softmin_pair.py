@@ -192,6 +192,30 @@ def test_underflowing_columns_are_recomputed_exactly():
     assert not torch.isfinite(sg_off[7]) and not torch.isfinite(sg_off[11])
 
 
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+def test_eps_read_from_memory_gives_the_same_bits(precision):
+    """eps as a 0-d float64 tensor (the loss's cached solve: the kernels read it from
+    memory) against the same eps as a float: bitwise the same soft-mins, pair and self,
+    the exact recomputation of underflowing columns included."""
+    x, y, f, g, la, lb = make_case(150, 140, 3, seed=4)
+    y[7] += 10.0
+    lb[11] = -math.inf
+    args = [t.to(DEVICE, torch.float32) for t in (x, y, f, g, la, lb)]
+    opts = dict(cost_scale=0.5, backend="triton", precision=precision)
+    for eps in (0.05, 0.3, 1e-3):
+        e = torch.tensor(eps, dtype=torch.float64, device=DEVICE)
+        pair = sp.softmin_pair_unchecked(*args, eps=eps, **opts)
+        assert torch.equal(sp.softmin_pair_unchecked(*args, eps=e, **opts), pair)
+        # A float eps that rounds to another float32 gives other bits: the value is read.
+        assert not torch.equal(sp.softmin_pair_unchecked(*args, eps=eps * 1.001, **opts), pair)
+        self_ = sp.softmin_self_unchecked(args[0], args[2], args[4], eps=eps, **opts)
+        assert torch.equal(sp.softmin_self_unchecked(args[0], args[2], args[4], eps=e, **opts), self_)
+    # And both are the soft-mins (the float path is tested against float64 above).
+    ref_f, ref_g = dense_pair(x, y, f, g, la, lb, 0.05, 0.5)
+    out = sp.softmin_pair_unchecked(*args, eps=torch.tensor(0.05, dtype=torch.float64, device=DEVICE), **opts)
+    assert rel_err(out[:150], ref_f) < 3e-5 and rel_err(out[150:], ref_g) < 3e-5
+
+
 def test_typical_data_flags_no_column():
     """On well-spread data no column is flagged: switching the exact
     recomputation off changes no bit."""

@@ -114,12 +114,17 @@ def _pair_kernel(
     n, m, rows_per_range, cols_per_range,
     stride_xb, stride_yb, stride_xnb, stride_ynb, stride_fb, stride_gb, stride_lab, stride_lbb,
     stride_rp, stride_rb, stride_cp, stride_cb,
-    k2,          # cost_scale * log2(e) / eps
-    inv_eps2,    # log2(e) / eps
+    k2,          # numerator of cost_scale * log2(e) / eps (over the stored points' scale^2)
+    inv_eps2,    # numerator of log2(e) / eps: log2(e)
+    eps,         # eps (float), or EPS_IN_MEMORY: read from the 0-d tensor EPS (any tensor otherwise)
+    EPS,
     N_BUCKET, M_BUCKET,  # autotuning keys only
     D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     DOT: tl.constexpr, CPREC: tl.constexpr,
     HAS_LOG_A: tl.constexpr, HAS_LOG_B: tl.constexpr,
+    # eps from device memory: one compiled launch serves every eps of a schedule
+    # (a captured CUDA graph replays with new values copied into EPS).
+    EPS_IN_MEMORY: tl.constexpr,
     # SELF: the problem (x, x) of softmin_self; program i takes the block
     # BLOCKS[i] = (r, s), r <= s, of the upper triangle.
     SELF: tl.constexpr,
@@ -153,6 +158,7 @@ def _pair_kernel(
     CM += b * stride_cb + pid_r * stride_cp
     CS += b * stride_cb + pid_r * stride_cp
 
+    k2, inv_eps2, _ = _over_eps(k2, inv_eps2, eps, EPS, EPS_IN_MEMORY)
     two_k2 = 2.0 * k2
     row_lo = pid_r * rows_per_range
     row_hi = tl.minimum(row_lo + rows_per_range, n)
@@ -248,10 +254,10 @@ def _pair_merge_kernel(
     n_rows, n, m, row_parts, col_parts,
     stride_rp, stride_rb, stride_cp, stride_cb,
     stride_xb, stride_yb, stride_xnb, stride_ynb, stride_fb, stride_lab, stride_ob,
-    k2, inv_eps2, out_scale, max_loss,
+    k2, inv_eps2, out_scale, max_loss, eps, EPS,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     DOT: tl.constexpr, CPREC: tl.constexpr, HAS_LOG_A: tl.constexpr,
-    FIXUP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    FIXUP: tl.constexpr, EPS_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Merge the partial (max, sum) pairs, in a fixed order, into OUT = [sf | sg].
 
@@ -261,6 +267,9 @@ def _pair_merge_kernel(
     of the soft-min kernel swapped). A block of columns without such a
     column skips that loop.
     """
+    # As in _pair_kernel; out_scale arrives as -ln 2.
+    k2, inv_eps2, eps = _over_eps(k2, inv_eps2, eps, EPS, EPS_IN_MEMORY)
+    out_scale = out_scale * eps
     b = tl.program_id(1).to(tl.int64)
     pid = tl.program_id(0)
     # OUT = [rows (n_rows: n, or 0 for softmin_self) | columns (m)].
@@ -307,6 +316,19 @@ def _pair_merge_kernel(
     # No finite term: lse = -inf, out = +inf (soft-min), never NaN.
     out = out_scale * (lse - k2 * norm)
     tl.store(dst, out.to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _over_eps(k2_num, log2e, eps_value, EPS, EPS_IN_MEMORY: tl.constexpr):
+    """(k2, inv_eps2, eps) from the numerators and eps, the float argument or (EPS_IN_MEMORY)
+    the value in ``EPS``: the same fp32 eps either way, and correctly rounded divisions,
+    so that both ways give the same scalars, hence the same soft-mins bitwise (a cached
+    CUDA graph of a schedule in memory replays what an eager call computes)."""
+    if EPS_IN_MEMORY:
+        eps = tl.load(EPS).to(tl.float32)
+    else:
+        eps = eps_value
+    return tl.math.div_rn(k2_num, eps), tl.math.div_rn(log2e, eps), eps
 
 
 @triton.jit
@@ -475,7 +497,11 @@ def _launch(geo, pair, f, g, la, lb, has_log_a, has_log_b, eps, cost_scale, out,
     P = PreparedPair
     bs = batch_stride
     n_b, m_b = bucket(geo.n), bucket(geo.m)
-    k2 = pair.k2(cost_scale, eps)
+    # The kernels divide by eps (_over_eps): its numerators go in, and eps as a float or,
+    # for a tensor eps (a schedule on the device), as a pointer.
+    in_memory = isinstance(eps, torch.Tensor)
+    k2 = pair.k2(cost_scale, 1.0)
+    eps_args = (1.0, eps) if in_memory else (eps, out)
     layout = dict(D=pair.D, DP=pair.DP, BLOCK_D=pair.BLOCK_D, D_CHUNKS=pair.D_CHUNKS, DOT=pair.DOT,
                   CPREC=pair.PREC)
     prepared_strides = (P.bstride(pair.x), P.bstride(pair.y), P.bstride(pair.xn), P.bstride(pair.yn))
@@ -490,9 +516,9 @@ def _launch(geo, pair, f, g, la, lb, has_log_a, has_log_b, eps, cost_scale, out,
             *prepared_strides,
             bs(f, 1), bs(g, 1), bs(la, 1), bs(lb, 1),
             *strides,
-            k2, LOG2E / eps,
+            k2, LOG2E, *eps_args,
             n_b, m_b,
-            **layout, HAS_LOG_A=has_log_a, HAS_LOG_B=has_log_b, SELF=self_,
+            **layout, HAS_LOG_A=has_log_a, HAS_LOG_B=has_log_b, SELF=self_, EPS_IN_MEMORY=in_memory,
         )
         # 64 columns per merge program: the width of an exact recomputation.
         block, block_n = (32, 16) if interpreting() else (64, 64)
@@ -503,9 +529,9 @@ def _launch(geo, pair, f, g, la, lb, has_log_a, has_log_b, eps, cost_scale, out,
             *strides,
             *prepared_strides,
             bs(f, 1), bs(la, 1), bs(out, 1),
-            k2, LOG2E / eps, -eps * LN2, math.log2(geo.n) - 126.0 + LOSS_BITS,
+            k2, LOG2E, -LN2, math.log2(geo.n) - 126.0 + LOSS_BITS, *eps_args,
             **layout, HAS_LOG_A=has_log_a,
-            FIXUP=fixup, BLOCK=block, BLOCK_N=block_n, num_warps=4,
+            FIXUP=fixup, EPS_IN_MEMORY=in_memory, BLOCK=block, BLOCK_N=block_n, num_warps=4,
         )
 
 
