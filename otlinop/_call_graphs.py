@@ -7,8 +7,8 @@ passes replay those kernels with one host call each. :class:`CallGraphCache`
 keeps such graphs, keyed on everything that decides which kernels run:
 
 - the function and its options (for the loss: the :class:`Spec`, i.e. the
-  eps schedule, reach, debias, cost scale, backend and precision; for the
-  gradients also which ones are needed),
+  final eps, reach, debias, cost scale, backend and precision, and the
+  length of the eps schedule; for the gradients also which ones are needed),
 - the shape, dtype and device of every input tensor (not its strides: a
   call's inputs are copied into the graph's own buffers),
 - every ``config`` switch (``config.state()``).
@@ -22,13 +22,14 @@ graph's buffers (one foreach copy), replay, and copy the outputs out (one
 fused kernel per dtype), so nothing a caller holds is overwritten by a later replay.
 
 What invalidates an entry: any change of the key. With the default
-``diameter`` the schedule comes from the data's bounding box, so a loop
-whose points move gets a new schedule, hence a new key for its solve, at
-every call: the solve runs eagerly (the first sighting of a key never
-captures, so nothing accumulates). The gradient passes depend on the final
-eps only, so their key leaves the schedule out and they replay anyway.
-Passing ``diameter=`` fixes the schedule; both graphs then replay from the
-third call on.
+``diameter`` the schedule comes from the data's bounding box, which moves
+with the points of a training loop. So the loss passes its schedule (but
+the final eps) as an input tensor, whose kernels read eps from device
+memory: the key holds the schedule's length, not its values, and a loop
+whose points move replays the same graph until the diameter changes by a
+factor that adds or removes a step (a factor 1/scaling). The gradient
+passes depend on the final eps only; their key leaves the schedule out.
+Both graphs replay from the third call of a key on.
 
 Memory: an entry holds a copy of its inputs and outputs and the private
 memory pool of the captured work (the intermediates of one call, a few times
@@ -126,7 +127,7 @@ class CallGraphCache:
         (hashable, part of the key) holds everything besides the tensors that
         decides what it computes.
         """
-        if not self._eligible(tensors):
+        if not self.eligible(tensors):
             return tuple(fn(options, *tensors))
         key = (fn, options, config.state(),
                tuple((tuple(t.shape), t.dtype, t.device) for t in tensors))
@@ -149,7 +150,10 @@ class CallGraphCache:
                 return self._replay(entry, tensors)
         return tuple(fn(options, *tensors))
 
-    def _eligible(self, tensors) -> bool:
+    def eligible(self, tensors) -> bool:
+        """Whether a call on ``tensors`` (a sequence) may use a graph now: the conditions of
+        the module docstring. A caller may ask first, to pass values that a graph would
+        otherwise bake in (the loss's eps schedule) as tensors."""
         # The cheap test first: on the CPU (no graphs) nothing else is looked at.
         if not config.sinkhorn_graphs or not tensors or not self.graphs.available(tensors[0].device):
             return False

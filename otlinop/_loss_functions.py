@@ -271,6 +271,24 @@ def _scheduled(spec, x, y, a, b, *, verbose: bool = False) -> tuple:
     return out
 
 
+def _scheduled_in_memory(spec, x, y, a, b, E) -> tuple:
+    """:func:`_scheduled` with the schedule but its last eps read from the 1-D tensor ``E``
+    (float64, on the points' device): ``spec.eps_list`` is ignored, and the kernels of
+    the solve read eps from memory, so that one cached graph (keyed on ``E``'s length)
+    serves every schedule of that length: the default diameter moves with the points."""
+    steps = tuple(E[k] for k in range(E.shape[0])) + (spec.eps,)
+    return _scheduled(dataclasses.replace(spec, eps_list=steps), x, y, a, b)
+
+
+def _schedule_tensor(spec, device) -> torch.Tensor:
+    """The schedule's eps but the last (float64), on ``device``, copied without a host
+    synchronisation (from pinned memory on CUDA)."""
+    E = torch.tensor(spec.eps_list[:-1], dtype=torch.float64)
+    if device.type == "cuda":
+        return E.pin_memory().to(device, non_blocking=True)
+    return E.to(device)
+
+
 def _raise_unless(ok, owner: str, spec, x, y, a, b) -> None:
     """The one host read of a call whose solve checked its inputs: the ValueError of the
     first failing check (``measures_and_read`` names it), if any."""
@@ -433,9 +451,15 @@ class _Loss(torch.autograd.Function):
     def forward(x, y, a, b, spec, second, verbose):
         if verbose:     # a progress bar per step: eager
             value, *pots = _scheduled(spec, x, y, a, b, verbose=True)
+        elif LOSS_GRAPHS.eligible((x, y, a, b)):
+            # Repeated calls with the same shapes, options and schedule length replay one
+            # CUDA graph: the schedule is data (its kernels read eps from memory), so that
+            # the default diameter, which moves with the points, changes no key.
+            E = _schedule_tensor(spec, x.device)
+            key = dataclasses.replace(spec, eps_list=())
+            value, *pots = LOSS_GRAPHS(_scheduled_in_memory, key, (x, y, a, b, E))
         else:
-            # Repeated calls (same shapes, options and schedule) replay one CUDA graph.
-            value, *pots = LOSS_GRAPHS(_scheduled, spec, (x, y, a, b))
+            value, *pots = _scheduled(spec, x, y, a, b)
         if spec.check:
             *pots, ok = pots
             _raise_unless(ok, second.owner, spec, x, y, a, b)

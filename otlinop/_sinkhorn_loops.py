@@ -83,8 +83,9 @@ LOCAL = LocalOps()
 # --------------------------------------------------------------------------
 # Damping and the marginal error of an update
 # --------------------------------------------------------------------------
-def damping(eps: float, rho) -> float:
-    """GeomLoss' dampening ``lam = rho / (rho + eps)`` (1 on a balanced side)."""
+def damping(eps, rho):
+    """GeomLoss' dampening ``lam = rho / (rho + eps)`` (1 on a balanced side); a 0-d
+    tensor for a tensor ``eps`` (an eps schedule on the device)."""
     return 1.0 if rho is None else 1.0 / (1.0 + eps / rho)
 
 
@@ -239,9 +240,8 @@ class SelfBank:
                for side, (c, p, lw) in enumerate(zip(self._clouds, pots, self._logs))]
         sides = [out[0][:self._B], out[0][self._B:]] if self._stacked else out
         for side, rho in zip(sides, self._rhos):
-            lam = damping(eps, rho)
-            if lam != 1.0:
-                side.mul_(lam)
+            if rho is not None:     # (not lam != 1: eps may be a device tensor, never read back)
+                side.mul_(damping(eps, rho))
         return out
 
     def smins(self, eps: float) -> list:
@@ -318,6 +318,9 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
     error, or a stall (``Monitor.stagnant``). With ``graphs`` (None: every
     step eager), runs of equal eps replay a captured step (GRAPH_MIN_RUN).
     ``ops`` computes the soft-mins and the sums over the points (:class:`LocalOps`).
+    The schedule's entries before the last may be 0-d tensors on the points'
+    device (without ``graphs``, checks or refinement: the loss's cached solve,
+    whose kernels then read eps from memory); the last is a float.
     """
     x, y = inp.x, inp.y
     log_a, log_b = inp.log_a, inp.log_b
@@ -327,11 +330,11 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
     def smins(FG, eps):
         """Damped soft-min updates [T_f(g) | T_g(f)] of FG = [f | g]."""
         S = ops.pair(x, y, FG[:, :n], FG[:, n:], log_a, log_b, eps=eps, **opts).to(inp.pot_dtype)
-        lam_x, lam_y = damping(eps, rho_x), damping(eps, rho_y)
-        if lam_x != 1.0:
-            S[:, :n].mul_(lam_x)
-        if lam_y != 1.0:
-            S[:, n:].mul_(lam_y)
+        # Tested on rho, not on lam != 1: eps may be a 0-d device tensor (never read back).
+        if rho_x is not None:
+            S[:, :n].mul_(damping(eps, rho_x))
+        if rho_y is not None:
+            S[:, n:].mul_(damping(eps, rho_y))
         return S
 
     # Initialisation at the first (largest) eps, the other potential being 0:

@@ -424,10 +424,12 @@ class SamplesLoss(torch.nn.Module):
     checked either), and the backward never reads: such a call can be
     captured in a CUDA graph, where a call that needs the default diameter
     raises RuntimeError (pass ``diameter=``). On CUDA, repeated calls with
-    the same shapes, options and eps schedule replay cached CUDA graphs of
-    their solve and gradient passes (:data:`LOSS_GRAPHS`; the default
-    diameter moves with the points, so pass ``diameter=`` in a training
-    loop; docs/sinkhorn-and-loss.md). Under ``torch.compile`` the
+    the same shapes and options and an eps schedule of the same length
+    replay cached CUDA graphs of their solve and gradient passes
+    (:data:`LOSS_GRAPHS`): the schedule's values are data, read by the
+    kernels from device memory, so the default diameter, which moves with
+    the points of a training loop, changes no key unless the schedule's
+    length changes (docs/sinkhorn-and-loss.md). Under ``torch.compile`` the
     loss is two opaque custom ops (``otlinop::sinkhorn_loss`` and
     ``otlinop::sinkhorn_loss_grad``): ``fullgraph=True`` works, values and
     gradients equal eager ones; second derivatives are not available there

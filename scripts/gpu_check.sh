@@ -7,7 +7,11 @@
 #   train: python -m otlinop.bench train with the peers (carry: [".whl"]), one size per
 #          piece so that a cut-off run keeps the finished rows: n = 2048 and 8192, d = 3 and 64,
 #          debiased (about 3 minutes on an H100 with flash-sinkhorn's autotuning)
+#          (TRAIN_SIZES="2048" and TRAIN_LIMIT=150 in the environment: fewer sizes, another limit)
 #   sparse: python -m otlinop.bench sparse, beside torchsparsegradutils (its wheel in .whl)
+#   profile: scripts/profile_calls.py --only train (torch.profiler tables of whole training steps)
+# TESTS_LIMIT (seconds, default 480) bounds the tests mode, so that one call can run two modes:
+#   TESTS_LIMIT=300 bash scripts/gpu_check.sh tests; TRAIN_SIZES=2048 bash scripts/gpu_check.sh train
 # Lessons from the first full run (2026-11-23): the whole suite takes over 8 minutes on an
 # H100 because every kernel configuration compiles and autotunes; run it with xdist, give
 # each test its own time limit, and keep the logs, so that a cut-off run still names failures.
@@ -41,14 +45,15 @@ pytest_args=(-p no:cacheprovider -n 16 --timeout 240 -rf --tb=short)
 rc=0
 case "$what" in
     train)
-        for n in 2048 8192; do
-            timeout 200 python3 -m otlinop.bench train --peer-path /tmp/site --sizes "$n" --dims 3 64 --debias on \
+        for n in ${TRAIN_SIZES:-2048 8192}; do
+            timeout "${TRAIN_LIMIT:-200}" python3 -m otlinop.bench train --peer-path /tmp/site --sizes "$n" --dims 3 64 --debias on \
                 --peer-timeout 90 --libraries otlinop otlinop-diameter flash-sinkhorn geomloss-tensorized \
                 2>&1 | tee "$OUT/train_$n.md" | tail -16
         done ;;
     sparse) timeout 200 python3 -m otlinop.bench sparse 2>&1 | tee "$OUT/sparse.md" | tail -40 ;;
     gpu) timeout 420 python3 -m pytest "${pytest_args[@]}" -k "gpu or cuda" tests > "$OUT/pytest.txt" 2>&1; rc=$? ;;
-    tests|all) timeout 480 python3 -m pytest "${pytest_args[@]}" tests > "$OUT/pytest.txt" 2>&1; rc=$? ;;
+    profile) timeout 240 python3 scripts/profile_calls.py --only train --out "$OUT/profile" 2>&1 | tail -12 ;;
+    tests|all) timeout "${TESTS_LIMIT:-480}" python3 -m pytest "${pytest_args[@]}" tests > "$OUT/pytest.txt" 2>&1; rc=$? ;;
 esac
 if [ -f "$OUT/pytest.txt" ]; then
     grep -E "^(FAILED|ERROR)|err [0-9]|passed|failed" "$OUT/pytest.txt" | tail -60

@@ -81,32 +81,43 @@ def test_a_replay_overwrites_nothing_a_caller_holds(fake):
     assert torch.equal(g1, h1) and torch.equal(g2, h2)
 
 
-def test_the_key_holds_the_schedule_shapes_and_switches(fake):
-    """Another schedule (diameter), shape or switch value is another key: seen first, eager."""
+def test_the_key_holds_the_schedule_length_shapes_and_switches(fake):
+    """Another schedule length, shape or switch value is another key: seen first, eager.
+    A schedule of the same length with other values replays (its eps are data)."""
     x, y = _data()
     for _ in range(2):
         SamplesLoss(blur=0.3, diameter=6.0)(x, y)
     assert fake.captures == 1           # the forward (no gradient asked)
-    SamplesLoss(blur=0.3, diameter=7.0)(x, y)        # another eps schedule
+    # 7 and 6 both give 7 eps steps down to blur 0.3 at scaling 0.5: a replay, with 7's values.
+    got = SamplesLoss(blur=0.3, diameter=7.0)(x, y)
+    assert fake.replays == 2
+    with config.override(sinkhorn_graphs=False):
+        assert torch.equal(got, SamplesLoss(blur=0.3, diameter=7.0)(x, y))
+        assert not torch.equal(got, SamplesLoss(blur=0.3, diameter=6.0)(x, y))
+    SamplesLoss(blur=0.3, diameter=13.0)(x, y)        # 8 steps: another schedule length
     SamplesLoss(blur=0.3, diameter=6.0)(*_data(n=31))  # another shape
     with config.override(check_finite=False):         # another switch value
         SamplesLoss(blur=0.3, diameter=6.0)(x, y)
-    assert fake.captures == 1 and fake.replays == 1
+    assert fake.captures == 1 and fake.replays == 2
     with config.override(sinkhorn_graphs=False):       # graphs off: nothing seen, nothing replayed
         for _ in range(3):
             SamplesLoss(blur=0.3, diameter=6.0)(x, y)
-    assert fake.captures == 1 and fake.replays == 1
+    assert fake.captures == 1 and fake.replays == 2
 
 
-def test_moving_points_replay_their_gradient_passes_only(fake):
-    """A training loop whose points move: the default diameter (hence the schedule) changes
-    at every call, so the solve never captures (the first sighting of a key never does);
-    the gradient passes do not depend on the schedule and replay from the second step.
-    Every step equals the eager one."""
+def test_moving_points_replay_solve_and_gradients(fake):
+    """A training loop whose points move: the default diameter (hence the schedule's
+    values) changes at every call, but not the schedule's length, so the solve and the
+    gradient passes both capture at the second step and replay after it. Every step
+    equals the eager one (whose kernels take eps as an argument)."""
+    from otlinop.sinkhorn import epsilon_schedule
+    from otlinop._sinkhorn_schedule import diameter
     loss = SamplesLoss(blur=0.3)
     x, y = _data()
     x_eager = x.detach().clone().requires_grad_()
+    diameters = []
     for _ in range(4):
+        diameters.append(diameter(x.detach(), y.detach()))
         (g,) = torch.autograd.grad(loss(x, y), x)
         with config.override(sinkhorn_graphs=False):
             (e,) = torch.autograd.grad(loss(x_eager, y), x_eager)
@@ -114,7 +125,28 @@ def test_moving_points_replay_their_gradient_passes_only(fake):
         with torch.no_grad():
             x -= 0.5 * g
             x_eager -= 0.5 * e
-    assert fake.graphs.captures == 1 and fake.replays == 3
+    assert len(set(diameters)) == 4 and len({len(epsilon_schedule(d, 0.3, 0.5)) for d in diameters}) == 1
+    assert fake.graphs.captures == 2 and fake.replays == 6
+
+
+@pytest.mark.parametrize("reach", [None, 1.0])
+def test_moving_points_with_the_triton_kernels(fake, reach):
+    """As above through the Triton kernels (the interpreter on the CPU), float32, debiased
+    and unbalanced: the cached solve's kernels read eps from memory, the eager call's take
+    it as an argument; every step is bitwise the eager one."""
+    loss = SamplesLoss(blur=0.3, reach=reach, backend="triton")
+    x, y = (t.detach().float() for t in _data())
+    x.requires_grad_()
+    x_eager = x.detach().clone().requires_grad_()
+    for _ in range(3):
+        (g,) = torch.autograd.grad(loss(x, y), x)
+        with config.override(sinkhorn_graphs=False):
+            (e,) = torch.autograd.grad(loss(x_eager, y), x_eager)
+        assert torch.equal(g, e)
+        with torch.no_grad():
+            x -= 0.5 * g
+            x_eager -= 0.5 * e
+    assert fake.graphs.captures == 2 and fake.replays == 4
 
 
 def test_capacity_evicts_the_least_recently_used_and_clear_frees_all():

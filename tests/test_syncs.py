@@ -131,6 +131,44 @@ def test_gpu_call_synchronises_nothing(override):
 
 
 @requires_cuda
+def test_gpu_default_diameter_replays_with_one_read(override):
+    """GPU: a training loop with the default diameter (points moving between calls) reads
+    back one value per step (the checks and the diameter, one reduction) and replays the
+    cached graphs of its solve and gradients from the third step on: the schedule's values
+    are data. Each step equals the eager one bitwise."""
+    import warnings
+    from otlinop import config
+    from otlinop.loss import LOSS_GRAPHS
+    LOSS_GRAPHS.clear()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2048, 3, device="cuda", generator=gen).requires_grad_()
+    y = torch.randn(2048, 3, device="cuda", generator=gen) + 0.5
+    x_eager = x.detach().clone().requires_grad_()
+    loss = SamplesLoss(blur=0.05)
+    reads = []
+    for step in range(5):
+        before = LOSS_GRAPHS.replays
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                (g,) = torch.autograd.grad(loss(x, y), x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        reads.append(sum("synchroniz" in str(w.message) for w in caught))
+        with config.override(sinkhorn_graphs=False):
+            (e,) = torch.autograd.grad(loss(x_eager, y), x_eager)
+        assert torch.equal(g, e), step
+        if step >= 2:
+            assert LOSS_GRAPHS.replays == before + 2, step       # the solve and the gradients
+        with torch.no_grad():
+            x -= 0.1 * g
+            x_eager -= 0.1 * e
+    assert reads[2:] == [1, 1, 1], reads
+
+
+@requires_cuda
 def test_gpu_capture_needs_the_diameter(override):
     """GPU: inside a CUDA graph capture the default diameter cannot be read back: the call
     raises RuntimeError naming diameter= (rather than a capture error from a sync)."""

@@ -20,9 +20,9 @@ subprocess on the same data (same generator and seed).
 
 Rows: otlinop at its default precision and at "tf32", otlinop with
 ``diameter=`` given once (1.1 times the first data's bounding-box diagonal:
-a fixed eps schedule, so repeated calls replay their cached CUDA graphs,
-``otlinop._call_graphs``; the default diameter changes with the points, so
-that their solves run eagerly and only their gradient passes replay),
+a fixed eps schedule and no value read back but the checks; the default
+diameter changes with the points, but not the schedule's length, so both
+rows replay their cached CUDA graphs, ``otlinop._call_graphs``),
 flash-sinkhorn's
 ``SamplesLoss`` (CUDA only), GeomLoss's tensorized backend, and GeomLoss's
 online backend where KeOps is importable (an error row says why not).
@@ -266,7 +266,7 @@ def plot(rows: list[dict], path: str) -> bool:
 CHOICES = ["otlinop", "otlinop-tf32", "otlinop-diameter", "flash-sinkhorn", "geomloss-tensorized",
            "geomloss-online"]
 #: The train step's SGD step size (x -= LR * grad): small, but it moves the points, hence
-#: the default diameter (the bounding box) and the eps schedule, at every call.
+#: the default diameter (the bounding box) and the eps schedule's values, at every call.
 LR = 0.1
 
 
