@@ -3,8 +3,8 @@
 python scripts/profile_calls.py [--out DIR]  -- torch.profiler over
 
 * a SamplesLoss training step (forward + backward of the default debiased
-  loss, blur = 0.05, scaling = 0.5; x ~ N(0, I), y ~ N(0.5, I), random
-  weights) at n in {2048, 8192}, d in {3, 64};
+  loss, blur = 0.05, scaling = 0.5, then an SGD step of the points; x ~ N(0, I),
+  y ~ N(0.5, I), random weights) at n in {2048, 8192}, d in {3, 64};
 * one ``hvp_x`` on a dense plan (n = 10k, d = 3, eps = 0.5; float32
   potentials from a float32 ``sinkhorn``) with M = jacobi().
 
@@ -47,9 +47,13 @@ def summarise(name, fn, out):
                                                         "cudaLaunchKernelExC"))
     syncs = sum(e.count for e in events if "Synchronize" in e.key)
     memcpy = sum(e.count for e in events if e.key.startswith("cudaMemcpy"))
-    device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    line = (f"{name}: wall {ms:.2f} ms, device {device_us / 1e3:.2f} ms, launches {launches}, "
-            f"syncs {syncs}, memcpy calls {memcpy}")
+    on_device = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_us = sum(e.self_device_time_total for e in on_device)
+    # Kernels run, graph replays included (a replay is one cudaGraphLaunch, not a launch each).
+    kernels = sum(e.count for e in on_device if not e.key.startswith("Memcpy") and not e.key.startswith("Memset"))
+    graphs = sum(e.count for e in events if e.key == "cudaGraphLaunch")
+    line = (f"{name}: wall {ms:.2f} ms, device {device_us / 1e3:.2f} ms, kernels {kernels}, launches {launches}, "
+            f"graph replays {graphs}, syncs {syncs}, memcpy calls {memcpy}")
     print(line, flush=True)
     table = events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60)
     cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
@@ -69,6 +73,8 @@ def train_step(n, d, precision=None):
     def step():
         loss = loss_fn(a, x, b, y)
         (gx,) = torch.autograd.grad(loss, [x])
+        with torch.no_grad():       # the points move, as in training (the default diameter too)
+            x.sub_(0.1 * gx)
         return gx
     return step
 
