@@ -37,7 +37,7 @@ from solvers import config
 from ._call_graphs import LOSS_GRAPHS
 from ._checks import Inputs, measures_and_read, measures_ok
 from ._loss_derivatives import Solution, converged, loss_value, sinkhorn_grad, sinkhorn_hvp, solve, weight_grad
-from ._sinkhorn_schedule import diameter_tensor
+from ._sinkhorn_schedule import diameter_tensor, schedule_tensor
 from .kernels._reference import compute_dtype
 
 __all__ = ["SinkhornLoss", "over_vmap"]
@@ -280,15 +280,6 @@ def _scheduled_in_memory(spec, x, y, a, b, E) -> tuple:
     return _scheduled(dataclasses.replace(spec, eps_list=steps), x, y, a, b)
 
 
-def _schedule_tensor(spec, device) -> torch.Tensor:
-    """The schedule's eps but the last (float64), on ``device``, copied without a host
-    synchronisation (from pinned memory on CUDA)."""
-    E = torch.tensor(spec.eps_list[:-1], dtype=torch.float64)
-    if device.type == "cuda":
-        return E.pin_memory().to(device, non_blocking=True)
-    return E.to(device)
-
-
 def _raise_unless(ok, owner: str, spec, x, y, a, b) -> None:
     """The one host read of a call whose solve checked its inputs: the ValueError of the
     first failing check (``measures_and_read`` names it), if any."""
@@ -455,7 +446,7 @@ class _Loss(torch.autograd.Function):
             # Repeated calls with the same shapes, options and schedule length replay one
             # CUDA graph: the schedule is data (its kernels read eps from memory), so that
             # the default diameter, which moves with the points, changes no key.
-            E = _schedule_tensor(spec, x.device)
+            E = schedule_tensor(spec.eps_list, x.device)
             key = dataclasses.replace(spec, eps_list=())
             value, *pots = LOSS_GRAPHS(_scheduled_in_memory, key, (x, y, a, b, E))
         else:

@@ -300,7 +300,7 @@ class StepGraph:
 # --------------------------------------------------------------------------
 def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0, monitor: Monitor,
                    cost_scale: float, backend, precision, refine: int = 0, threshold: float = 0.0, graphs=None,
-                   ops: LocalOps = LOCAL):
+                   ops: LocalOps = LOCAL, start: int = 0, extrapolate: bool = True):
     """GeomLoss' symmetric Sinkhorn loop (docs/math.md section 3).
 
     Returns ``(pots, pre, steps)``: the final (extrapolated) potentials and
@@ -319,9 +319,16 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
     step eager), runs of equal eps replay a captured step (GRAPH_MIN_RUN).
     ``ops`` computes the soft-mins and the sums over the points (:class:`LocalOps`).
     The schedule's entries before the last may be 0-d tensors on the points'
-    device (without ``graphs``, checks or refinement: the loss's cached solve,
-    whose kernels then read eps from memory); the last is a float.
+    device (without ``graphs`` or refinement: the cached solves of the loss and
+    of ``sinkhorn``, whose kernels then read eps from memory); the last is a float.
+
+    ``start > 0`` resumes a loop after ``start`` averaged steps, from the state
+    ``(f0, g0)`` (both given, no debiasing): ``sinkhorn`` runs the schedule as
+    one cached graph, then the rest from there. ``extrapolate=False`` stops
+    after the loop and returns ``(FG, steps)``, the state ``[f | g]`` (B, n + m).
     """
+    if start > 0 and (f0 is None or g0 is None or debias):
+        raise ValueError("symmetric_loop: a resumed loop (start > 0) takes both f0 and g0 and no debiasing")
     x, y = inp.x, inp.y
     log_a, log_b = inp.log_a, inp.log_b
     n = x.shape[1]
@@ -367,10 +374,11 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
         return i > 0 and (i % monitor.check_every == 0 or (refine > 0 and i == len(eps_list)))
 
     graphed = graphs is not None and selves is None
-    warm = f0 is None or g0 is None     # a soft-min ran already: kernels compiled and tuned
+    # A soft-min ran already (kernels compiled and tuned), here or before a resumed loop.
+    warm = f0 is None or g0 is None or start > 0
     replay = None       # the StepGraph of the current run of equal eps
     S = None            # the soft-mins of the current FG, when a check stopped the loop
-    i = 0
+    i = start
     while i < total:
         eps = eps_at(i)
         if graphed and warm and not checks(i):
@@ -405,6 +413,8 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
         monitor.advance()
         i += 1
     del replay
+    if not extrapolate:
+        return FG, i
 
     # Final extrapolation: one unaveraged step at the last eps from the
     # pre-last potentials. GeomLoss differentiates only this step.

@@ -21,7 +21,7 @@ from ._checks import (Inputs, backend_name, flag, fraction, function, nonnegativ
                       positive_scalar, precision_name, reach_or_none)
 
 __all__ = ["DEFAULT_BLUR", "DEFAULT_MAX_ITER", "LONG_SCHEDULE", "METHODS", "LoopOptions", "diameter", "diameter_tensor",
-           "epsilon_schedule", "loop_options", "resolve_eps", "resolve_reach"]
+           "epsilon_schedule", "loop_options", "resolve_eps", "resolve_reach", "schedule_tensor"]
 
 #: Default blur when neither ``blur`` nor ``eps`` is given (GeomLoss' default).
 DEFAULT_BLUR = 0.05
@@ -47,6 +47,16 @@ def diameter_tensor(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # In float64: the difference of two half-precision extremes can round to a
         # different schedule than the same points in float32.
         return (hi.double() - lo.double()).norm()
+
+
+def schedule_tensor(eps_list, device) -> torch.Tensor:
+    """``eps_list`` but its last entry as a float64 tensor on ``device``, copied without a
+    host synchronisation (from pinned memory on CUDA): the steps of a cached CUDA graph
+    whose kernels read eps from memory, so that one graph serves every schedule of a length."""
+    E = torch.tensor(list(eps_list[:-1]), dtype=torch.float64)
+    if device.type == "cuda":
+        return E.pin_memory().to(device, non_blocking=True)
+    return E.to(device)
 
 
 def epsilon_schedule(diameter: float, blur: float, scaling: float) -> list[float]:

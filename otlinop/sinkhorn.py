@@ -35,14 +35,16 @@ import torch
 from solvers import config
 from solvers.graphs import CUDA_GRAPHS
 
-from ._checks import measures, potential
+from ._call_graphs import CallGraphCache
+from ._checks import Inputs, measures, potential
 from ._sinkhorn_loops import GRAPH_MIN_RUN, Monitor, alternating_loop, symmetric_loop
 from ._sinkhorn_multiscale import check_dimension, cluster_clouds, multiscale_loop, multiscale_options
 from ._sinkhorn_result import ConvergenceWarning, SinkhornResult, convergence_status
-from ._sinkhorn_schedule import DEFAULT_MAX_ITER, epsilon_schedule, loop_options, resolve_eps
+from ._sinkhorn_schedule import DEFAULT_MAX_ITER, epsilon_schedule, loop_options, resolve_eps, schedule_tensor
 from .kernels._dispatch import check_backend, resolve_backend
 
-__all__ = ["sinkhorn", "SinkhornResult", "ConvergenceWarning", "epsilon_schedule", "DEFAULT_MAX_ITER"]
+__all__ = ["sinkhorn", "SinkhornResult", "ConvergenceWarning", "epsilon_schedule", "DEFAULT_MAX_ITER",
+           "SINKHORN_GRAPHS"]
 
 
 # --------------------------------------------------------------------------
@@ -78,6 +80,25 @@ def _default_graphs(x: torch.Tensor, backend):
 # --------------------------------------------------------------------------
 # Public entry point
 # --------------------------------------------------------------------------
+#: Cached CUDA graphs of ``sinkhorn``'s eps-scaling schedule (``otlinop._call_graphs``):
+#: ``SINKHORN_GRAPHS.clear()`` frees them.
+SINKHORN_GRAPHS = CallGraphCache()
+
+
+def _schedule_phase(options, x, y, a, b, E) -> tuple:
+    """The symmetric loop's cold start and its averaged steps over the schedule ``E`` (all
+    but the final eps, in memory), as a pure function for :data:`SINKHORN_GRAPHS`:
+    ``(FG, *errors)``, the state ``[f | g]`` after the schedule and the largest marginal
+    error of each check inside it (read later, with the others)."""
+    rho_x, rho_y, final, check_every, kernel_options = options
+    inp = Inputs(x, y, a, b, True)
+    monitor = Monitor(check_every=check_every, callback=None, bar=None, method="symmetric", inp=inp)
+    steps = [E[k] for k in range(E.shape[0])] + [final]
+    FG, _ = symmetric_loop(inp, steps, rho_x, rho_y, debias=False, f0=None, g0=None, monitor=monitor,
+                           extrapolate=False, **dict(kernel_options))
+    return (FG, *monitor.errors)
+
+
 def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter=None, cost_scale=1.0,
              reach=None, reach_x=None, reach_y=None, method="symmetric", max_iter=None, threshold=None,
              check_every=10, f0=None, g0=None, callback=None, verbose=False, backend=None,
@@ -292,9 +313,22 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
     # The kernels' per-call NaN checks (one host sync each) are off inside the loop:
     # the inputs were checked once on entry, and a sync per update would stall the GPU.
     with torch.no_grad(), config.override(check_finite=False):
+        start = 0
+        if method == "symmetric" and f0 is None and g0 is None and not monitor.syncs and \
+                SINKHORN_GRAPHS.eligible((inp.x, inp.y, inp.a, inp.b)):
+            # The schedule (from a cold start) as one cached graph, keyed on its length: its
+            # eps are data, read by the kernels from memory. Then the rest, eagerly or in runs.
+            options = (rho_x, rho_y, eps, check_every,
+                       tuple(sorted(dict(cost_scale=cost_scale, backend=backend, precision=precision).items())))
+            FG, *errors = SINKHORN_GRAPHS(_schedule_phase, options, (inp.x, inp.y, inp.a, inp.b,
+                                                                      schedule_tensor(schedule, inp.x.device)))
+            monitor.errors.extend(errors)
+            n = inp.x.shape[1]
+            f0, g0, start = FG[:, :n], FG[:, n:], len(schedule)
         if method == "symmetric":
             pots, pre, n_iter = symmetric_loop(inp, schedule, rho_x, rho_y, debias=False, f0=f0, g0=g0,
-                                               monitor=monitor, refine=refine, threshold=threshold, **opts)
+                                               monitor=monitor, refine=refine, threshold=threshold, start=start,
+                                               **opts)
             f, g = pots
             f_pre, g_pre = pre
         else:

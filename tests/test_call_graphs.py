@@ -387,3 +387,62 @@ def test_batched_and_weighted_calls_replay_the_eager_values(fake):
         for got, want in zip(run(), eager):
             assert torch.equal(got, want)
     assert fake.replays == 4
+
+
+# --------------------------------------------------------------------------
+# sinkhorn(): its eps-scaling schedule as one cached graph (issue 17, item 5)
+# --------------------------------------------------------------------------
+@pytest.fixture
+def fake_sinkhorn(monkeypatch):
+    """``sinkhorn``'s schedule cache on the CPU stand-in graphs."""
+    import importlib
+    sinkhorn_module = importlib.import_module("otlinop.sinkhorn")    # the package re-exports the function
+    cache = CallGraphCache(graphs=FakeGraphs())
+    monkeypatch.setattr(sinkhorn_module, "SINKHORN_GRAPHS", cache)
+    return cache
+
+
+def _result(res):
+    return (res.f, res.g, res.f_pre, res.g_pre, res.n_iter, res.marginal_error_history, res.status)
+
+
+SINKHORN_CASES = {
+    "refined": dict(blur=0.3),                                  # schedule, then checks to 1e-3
+    "schedule only": dict(blur=0.3, threshold=float("inf")),
+    "checks inside": dict(blur=0.2, check_every=3, threshold=1e-3),
+    "unbalanced": dict(blur=0.3, reach=1.0),
+    "triton": dict(blur=0.3, backend="triton", threshold=float("inf")),   # the interpreter: schedule only
+}
+
+
+@pytest.mark.parametrize("case", SINKHORN_CASES)
+def test_sinkhorn_schedule_replays_the_eager_values(fake_sinkhorn, case):
+    """Repeated sinkhorn calls with moving points (another diameter, the same schedule
+    length): the first runs its schedule eagerly, the second captures it, later ones
+    replay it; potentials, errors, steps and status are bitwise the eager ones."""
+    from otlinop import sinkhorn
+    options = SINKHORN_CASES[case]
+    x, y = (t.detach() for t in _data())
+    if options.get("backend") == "triton":
+        x, y = x.float(), y.float()
+    counts = []
+    for k in range(4):
+        xk = x * (1.0 + 0.01 * k)
+        got = _result(sinkhorn(xk, y, **options))
+        with config.override(sinkhorn_graphs=False):
+            expected = _result(sinkhorn(xk, y, **options))
+        for g, e in zip(got, expected):
+            assert torch.equal(g, e) if isinstance(g, torch.Tensor) else g == e
+        counts.append((fake_sinkhorn.captures, fake_sinkhorn.replays))
+    assert counts == [(0, 0), (1, 1), (1, 2), (1, 3)]
+
+
+def test_sinkhorn_schedule_not_cached_for_warm_starts_callbacks_and_alternating(fake_sinkhorn):
+    from otlinop import sinkhorn
+    x, y = (t.detach() for t in _data())
+    res = sinkhorn(x, y, blur=0.3)
+    for _ in range(2):
+        sinkhorn(x, y, blur=0.3, f0=res.f, g0=res.g)
+        sinkhorn(x, y, blur=0.3, callback=lambda state: None)
+        sinkhorn(x, y, eps=0.09, method="alternating")
+    assert fake_sinkhorn.captures == 0 and fake_sinkhorn.replays == 0
