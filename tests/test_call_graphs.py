@@ -446,3 +446,25 @@ def test_sinkhorn_schedule_not_cached_for_warm_starts_callbacks_and_alternating(
         sinkhorn(x, y, blur=0.3, callback=lambda state: None)
         sinkhorn(x, y, eps=0.09, method="alternating")
     assert fake_sinkhorn.captures == 0 and fake_sinkhorn.replays == 0
+
+
+@requires_cuda
+@pytest.mark.parametrize("d", [3, 64])
+def test_gpu_sinkhorn_schedule_replays_bitwise(d):
+    """GPU: repeated sinkhorn calls on moving points replay their schedule's graph, with
+    the eager results bitwise (potentials, errors, steps)."""
+    import importlib
+    from otlinop import sinkhorn
+    cache = importlib.import_module("otlinop.sinkhorn").SINKHORN_GRAPHS
+    cache.clear()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(3000, d, device="cuda", generator=gen)
+    y = torch.randn(2500, d, device="cuda", generator=gen) + 0.5
+    for k in range(4):
+        xk = x * (1.0 + 1e-3 * k)
+        got = _result(sinkhorn(xk, y, blur=0.1))
+        with config.override(sinkhorn_graphs=False):
+            expected = _result(sinkhorn(xk, y, blur=0.1))
+        for g, e in zip(got, expected):
+            assert torch.equal(g, e) if isinstance(g, torch.Tensor) else g == e, k
+    assert cache.captures == 1 and cache.replays == 3
