@@ -65,8 +65,9 @@ def _warn_not_differentiable(owner: str, **tensors) -> None:
 
 config.declare("sinkhorn_graphs", True, owner="otlinop.sinkhorn", doc=(
     f"CUDA graphs: runs of at least GRAPH_MIN_RUN ({GRAPH_MIN_RUN}) Sinkhorn steps at one eps replay one "
-    "captured step, and a SamplesLoss call whose shapes, options and eps schedule were seen before replays "
-    "its whole solve and gradient passes (otlinop._call_graphs); False runs everything eagerly"))
+    "captured step, a sinkhorn call whose shapes, options and schedule length were seen before replays its "
+    "whole eps schedule, and a SamplesLoss call its whole solve and gradient passes (otlinop._call_graphs); "
+    "False runs everything eagerly"))
 
 
 def _default_graphs(x: torch.Tensor, backend):
@@ -145,7 +146,11 @@ def sinkhorn(x, y, a=None, b=None, *, blur=None, eps=None, scaling=0.5, diameter
         check (the first one at the end of the schedule) finds the marginal
         error <= ``threshold``; an int (at least the schedule's length) is the
         most steps in all, default the schedule's length + 2000. On a GPU,
-        runs of one eps replay a CUDA graph between checks.
+        runs of one eps replay a CUDA graph between checks, and a call from a
+        cold start whose shapes, options and schedule length were seen before
+        replays its whole schedule from a cached graph (:data:`SINKHORN_GRAPHS`;
+        the eps are data, so a diameter that moves with the points changes
+        nothing but their values).
     threshold : float, optional
         Convergence threshold on the marginal error ``||P 1 - a||_1 / sum(a)``
         (the L1 error for probability weights; relative, so that it means the
