@@ -52,7 +52,8 @@ case "$what" in
         done ;;
     sparse) timeout 200 python3 -m otlinop.bench sparse 2>&1 | tee "$OUT/sparse.md" | tail -40 ;;
     gpu) timeout 420 python3 -m pytest "${pytest_args[@]}" -k "gpu or cuda" tests > "$OUT/pytest.txt" 2>&1; rc=$? ;;
-    profile) timeout 240 python3 scripts/profile_calls.py --only train --out "$OUT/profile" 2>&1 | tail -12 ;;
+    profile) timeout "${PROFILE_LIMIT:-240}" python3 scripts/profile_calls.py --only train --sizes ${PROFILE_SIZES:-2048 8192} \
+        --out "$OUT/profile" 2>&1 | tail -12 ;;
     tests|all) timeout "${TESTS_LIMIT:-480}" python3 -m pytest "${pytest_args[@]}" tests > "$OUT/pytest.txt" 2>&1; rc=$? ;;
 esac
 if [ -f "$OUT/pytest.txt" ]; then

@@ -101,13 +101,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="profile-calls", help="folder for the per-call profiler tables")
     parser.add_argument("--only", default="", help="comma-separated subset of: train, hvp")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192], help="n of the training steps")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     only = set(filter(None, args.only.split(","))) or {"train", "hvp"}
     lines = []
     if "train" in only:
-        for n in (2048, 8192):
+        for n in args.sizes:
             for d in (3, 64):
                 for precision in (None, "tf32"):
                     tag = f"train_n{n}_d{d}_{precision or 'default'}"
