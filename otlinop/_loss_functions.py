@@ -33,6 +33,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from solvers import config
+from solvers._function import Function
 
 from ._call_graphs import LOSS_GRAPHS
 from ._checks import Inputs, measures_and_read, measures_ok
@@ -130,7 +131,7 @@ def _split(B: int, t):
 # --------------------------------------------------------------------------
 # Guards for the derivatives that are not implemented
 # --------------------------------------------------------------------------
-class _NotImplementedDerivative(torch.autograd.Function):
+class _NotImplementedDerivative(Function):
     """Zeros that depend on some tensors, with a backward and a jvp that raise.
 
     Added to a result whose derivative w.r.t. those tensors is not
@@ -184,7 +185,7 @@ def _hessian_product(A, B, x, y, a, b, pots, spec, second, needs, weights) -> tu
     return _guard(Hx, message, x, y, *weights), _guard(Hy, message, x, y, *weights)
 
 
-class _SinkhornHvp(torch.autograd.Function):
+class _SinkhornHvp(Function):
     """``(A, B) -> H [A; B]`` with the data ``(x, y, a, b)`` and the potentials held fixed.
 
     A (B0, n, d), B (B0, m, d), or with a trailing k for k directions per
@@ -299,7 +300,7 @@ def _point_gradients(options, x, y, a, b, *pots) -> tuple:
 # --------------------------------------------------------------------------
 # The gradient map
 # --------------------------------------------------------------------------
-class _SinkhornGrad(torch.autograd.Function):
+class _SinkhornGrad(Function):
     """The point gradients (x, y) -> (grad_x, grad_y) at given potentials (zeros where
     ``needs`` is False).
 
@@ -396,7 +397,7 @@ def _gradients(x, y, a, b, pots, spec, second, needs) -> tuple:
 # --------------------------------------------------------------------------
 # The converging solve and the loss
 # --------------------------------------------------------------------------
-class _Converged(torch.autograd.Function):
+class _Converged(Function):
     """The potentials iterated to convergence at the final eps (``converged``), as a
     Function with a vmap rule (the iterations read errors back, which vmap refuses);
     non-differentiable outputs."""
@@ -426,7 +427,7 @@ class _Converged(torch.autograd.Function):
         return tuple(_split(info.batch_size, t) for t in out), (0,) * len(out)
 
 
-class _Loss(torch.autograd.Function):
+class _Loss(Function):
     """Per-entry Sinkhorn loss (B,) of batched (x, y, a, b), then its potentials
     (non-differentiable outputs: 4, or 8 with debiasing; :data:`_POTENTIALS`).
 

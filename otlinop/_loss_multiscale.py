@@ -23,6 +23,7 @@ import warnings
 import torch
 
 from solvers import config
+from solvers._function import Function
 
 from ._sinkhorn_multiscale import check_dimension, cluster_clouds, multiscale_loop
 from .kernels._reference import compute_dtype
@@ -85,7 +86,7 @@ def _point_grad(cx, cy, pattern, f, g_pre, eps, cost_scale, backend, precision):
     return 2.0 * cost_scale * torch.where(rows > 0, a * (x - ybar), torch.zeros_like(x))
 
 
-class MultiscaleLoss(torch.autograd.Function):
+class MultiscaleLoss(Function):
     """The (debiased) multiscale Sinkhorn loss of one balanced problem, a scalar; analytic first derivatives."""
 
     @staticmethod

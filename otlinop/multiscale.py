@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from solvers._function import Function
+
 from ._base import LinearOperator
 from ._checks import Geometry, matrix, positive_scalar
 from ._operators.concrete import Diag
@@ -347,7 +349,7 @@ def truncation_bound(cx: Clustering, cy: Clustering, pattern: Pattern, f, g, *, 
 # --------------------------------------------------------------------------
 # The block-sparse plan
 # --------------------------------------------------------------------------
-class _BlockProduct(torch.autograd.Function):
+class _BlockProduct(Function):
     """``P_s @ V_s`` on permuted data; the gradient flows to ``V_s`` (``P_s.T @ grad``)."""
 
     @staticmethod

@@ -28,6 +28,7 @@ import math
 import torch
 
 from solvers import config
+from solvers._function import Function
 
 from ._base import LinearOperator
 from ._checks import Geometry, fmt_shape, fraction, matrix, positive_int, real_operator_dtype
@@ -249,7 +250,7 @@ class TruncatedPlanOperator(LinearOperator):
                 f"tol={self.tol:g}, dtype={self.dtype}, device={self.device})")
 
 
-class _LayoutProduct(torch.autograd.Function):
+class _LayoutProduct(Function):
     """``P @ V`` for a padded layout whose values require grad.
 
     Forward: the operator's kernel (Triton on CUDA). Backward:

@@ -8,6 +8,7 @@ import warnings
 
 import torch
 
+from ._function import Function
 from ._operator import adjoint, as_operator
 from .cg import cg
 from .lsmr import lsmr
@@ -43,7 +44,7 @@ class _Spec:
     result: object = None
 
 
-class _Lstsq(torch.autograd.Function):
+class _Lstsq(Function):
     """x = argmin ||A x - b||^2 + damp^2 ||x||^2; backward: one solve with A^H A + damp^2 I."""
 
     @staticmethod

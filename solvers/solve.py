@@ -8,6 +8,7 @@ import warnings
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from ._function import Function
 from ._operator import COMPLEX_DTYPES, REAL_DTYPES, DenseOperator, adjoint, as_operator, complex_of, is_operator, promote
 from .bicgstab import bicgstab
 from .cg import cg
@@ -112,7 +113,7 @@ class _Spec:
     result: object = None
 
 
-class _Solve(torch.autograd.Function):
+class _Solve(Function):
     """x = A(params)^-1 b; backward: one adjoint solve, then the parameter VJP."""
 
     @staticmethod
@@ -187,7 +188,7 @@ class _Solve(torch.autograd.Function):
         return (None, lam if ctx.needs_input_grad[1] else None) + tuple(grads)
 
 
-class _ParamGrad(torch.autograd.Function):
+class _ParamGrad(Function):
     """g_i = -d<lam, A(params) x>/d params_i with x held fixed.
 
     A Function rather than inline autograd so that, under double backward,
@@ -256,7 +257,7 @@ def _tangent_solve(spec: _Spec, dr):
     return tangent.x
 
 
-class _Tangent(torch.autograd.Function):
+class _Tangent(Function):
     """``x`` unchanged; its tangent ``A^-1 dr`` for ``r = b - A x`` (``dr = db - dA x``): one
     forward solve. Reverse mode passes through to x."""
 

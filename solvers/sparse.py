@@ -31,6 +31,7 @@ import warnings
 
 import torch
 
+from ._function import Function
 from ._operator import fmt_shape
 
 __all__ = ["CSRPattern", "csr_matmul", "csr_sampled", "csr_parts", "SPARSE_DTYPES"]
@@ -164,7 +165,7 @@ def _product(P, values, X):
     return P.tensor(values) @ X
 
 
-class _CSRMatmul(torch.autograd.Function):
+class _CSRMatmul(Function):
     """Y = A X for A = (P, values); backward in ``csr_matmul`` and ``csr_sampled``."""
 
     @staticmethod
@@ -196,7 +197,7 @@ def _adjoint_matmul(P, values, G, adjoint):
     return csr_matmul(PT, vT, G)
 
 
-class _CSRSampled(torch.autograd.Function):
+class _CSRSampled(Function):
     """s[e] = sum_k G[i_e, k] conj(X[j_e, k]) on the pattern P."""
 
     @staticmethod

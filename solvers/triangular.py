@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ._function import Function
 from ._operator import fmt_shape
 from .sparse import CSRPattern, csr_parts, csr_sampled
 
@@ -253,7 +254,7 @@ class TriangularSolver:
         return out
 
 
-class _TriangularSolve(torch.autograd.Function):
+class _TriangularSolve(Function):
     """X = A^-1 B (A^-H B when ``adjoint``); its backward is the other direction's solve."""
 
     @staticmethod

@@ -15,6 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from solvers import config
+from solvers._function import Function
 
 from .._checks import backend_name, finite, operand, points, positive_scalar, precision_name, vector
 from ..kernels._dispatch import check_backend
@@ -92,7 +93,7 @@ def _nested_forward_mode() -> bool:
     return len(jvps) > 1
 
 
-class PlanMatmul(torch.autograd.Function):
+class PlanMatmul(Function):
     """``P @ V`` for the plan of (x, y, f, g, a, b); V=None means ``P 1``.
 
     Backward (W = grad_out, s_ij = <W_i, V_j>, L = sum_ij P_ij s_ij):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from solvers._function import Function
+
 from .._checks import backend_name, flag, fraction, positive_scalar, precision_name, reach_or_none
 from .._loss_derivatives import Solution, Spec, loss_value, sinkhorn_grad
 from .._sinkhorn_loops import Monitor, symmetric_loop
@@ -84,7 +86,7 @@ class _State:
                                **spec.kernel_options).unsqueeze(0)
 
 
-class _ShardedLoss(torch.autograd.Function):
+class _ShardedLoss(Function):
     """The loss (replicated) of this rank's blocks ``(x, y, a, b)``; backward: their gradients."""
 
     @staticmethod
