@@ -223,15 +223,17 @@ def test_double_backward_and_forward_mode_after_replays(fake):
 # GPU
 # --------------------------------------------------------------------------
 @requires_cuda
-@pytest.mark.parametrize("d, precision", [(3, None), (64, None), (64, "tf32")])
-def test_gpu_replays_are_bitwise_the_eager_calls(d, precision):
+@pytest.mark.parametrize("d, precision, dtype", [(3, None, torch.float32), (64, None, torch.float32),
+                                                 (64, "tf32", torch.float32), (3, None, torch.float64)])
+def test_gpu_replays_are_bitwise_the_eager_calls(d, precision, dtype):
     """Real graphs: the loss's values and gradients equal the eager call's bitwise, n = 2048
     (with "tf32" at d = 64 to 2% in norm: the eager call multiplies fp16 copies of the
-    points, scaled by a factor read back from the device, which a capture cannot read)."""
+    points, scaled by a factor read back from the device, which a capture cannot read);
+    float64 runs the torch references, whose eps comes from device memory in a replay."""
     LOSS_GRAPHS.clear()
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(2048, d, device="cuda", generator=gen).requires_grad_()
-    y = torch.randn(2048, d, device="cuda", generator=gen) + 0.5
+    x = torch.randn(2048, d, device="cuda", generator=gen).to(dtype).requires_grad_()
+    y = torch.randn(2048, d, device="cuda", generator=gen).to(dtype) + 0.5
     # TF32's two roundings differ by ~1e-3 of a cost: compare them at a blur where that is small.
     loss = SamplesLoss(blur=0.05 if precision is None else 1.0, diameter=20.0, precision=precision)
     with config.override(sinkhorn_graphs=False):

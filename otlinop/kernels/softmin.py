@@ -367,10 +367,21 @@ def softmin(x, y, h, *, eps, cost_scale=1.0, backend=None, precision=None, _spli
 # --------------------------------------------------------------------------
 
 
+def reciprocal(eps):
+    """``1 / eps`` in float64: a float for a float, a 0-d float64 tensor for a tensor. The torch
+    references multiply by it, so that an eps held on the device (a cached CUDA graph's
+    schedule) gives the numbers of the same eps passed as a float: CUDA divides by a host
+    scalar as a product with its reciprocal, and by a device tensor exactly."""
+    return 1.0 / eps if not isinstance(eps, torch.Tensor) else 1.0 / eps.to(torch.float64)
+
+
 def lse_torch(x, y, h, eps, cost_scale):
     """:func:`lse_cost_torch` without the checks: (n,) or (B, n) in ``compute_dtype(x.dtype)``
     (softmin_pair's reference too)."""
     dtype = compute_dtype(x.dtype)
+    # A product with 1 / eps (computed in float64): the same numbers whether eps is a float
+    # or a 0-d tensor (a schedule in device memory), on every device.
+    inv_eps = reciprocal(eps)
     xc, yc, xn, yn = centred_points(x, y, dtype)
     h3 = as_batched(h, 1).to(dtype)
     B = max(xc.shape[0], yc.shape[0], h3.shape[0])
@@ -380,7 +391,7 @@ def lse_torch(x, y, h, eps, cost_scale):
         out.fill_(float("-inf"))
     # logsumexp allocates about two more (B, rows, m) temporaries.
     for rows in row_blocks(n, m, B, out.element_size(), temporaries=3):
-        logits = cost_block(xc, yc, xn, yn, rows, cost_scale).div_(-eps).add_(h3[:, None, :])
+        logits = cost_block(xc, yc, xn, yn, rows, cost_scale).mul_(-inv_eps).add_(h3[:, None, :])
         out[:, rows] = torch.logsumexp(logits, dim=-1)
     if not (x.ndim == 3 or y.ndim == 3):
         out = out[0]

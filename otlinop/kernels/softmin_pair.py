@@ -55,7 +55,7 @@ from ._reference import compute_dtype
 from ._tiles import LN2, LOG2E, mma, online_step, plan_bias, row_setup, store_in_place, tile_logits
 from ._triton import cdiv, tl, triton
 from ._tuning import AUTOTUNE_DISK_CACHE, TunedLaunch, bucket, pruner
-from .softmin import LSE_CONFIGS, lse_fits, lse_torch
+from .softmin import LSE_CONFIGS, lse_fits, lse_torch, reciprocal
 
 __all__ = ["softmin_pair", "softmin_pair_cat", "softmin_pair_torch", "softmin_self"]
 
@@ -733,8 +733,9 @@ def softmin_self_unchecked(x, f, log_a, *, eps: float, cost_scale: float, backen
 def _pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale):
     # In the compute dtype: g / eps of half potentials would overflow.
     f, g, log_a, log_b = _promoted(x, f, g, log_a, log_b)
-    hb = g / eps if log_b is None else log_b + g / eps
-    ha = f / eps if log_a is None else log_a + f / eps
+    inv = reciprocal(eps)     # (a product: see lse_torch)
+    hb = g * inv if log_b is None else log_b + g * inv
+    ha = f * inv if log_a is None else log_a + f * inv
     sf = -eps * lse_torch(x, y, hb, eps, cost_scale)
     sg = -eps * lse_torch(y, x, ha, eps, cost_scale)
     # Both are (B, .) in a batched call (x or y batched), 1-D otherwise.
@@ -760,5 +761,6 @@ def _promoted(x, *ts):
 
 def _self_torch(x, f, log_a, eps, cost_scale):
     f, log_a = _promoted(x, f, log_a)
-    h = f / eps if log_a is None else log_a + f / eps
+    inv = reciprocal(eps)
+    h = f * inv if log_a is None else log_a + f * inv
     return -eps * lse_torch(x, x, h, eps, cost_scale)
