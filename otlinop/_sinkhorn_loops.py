@@ -31,7 +31,7 @@ import torch
 from solvers import config
 
 from ._checks import Inputs
-from .kernels.softmin import softmin
+from .kernels.softmin import reciprocal, softmin
 from .kernels.softmin_pair import softmin_pair_unchecked, softmin_self_unchecked
 
 __all__ = ["GRAPH_MIN_RUN", "STALL_DROP", "STALL_ITERATIONS", "STALL_CHECKS", "STALL_FLOOR", "damping", "row_error",
@@ -102,7 +102,8 @@ def row_error(f, s, a, eps: float, rho, ops: LocalOps = LOCAL) -> torch.Tensor:
     # A balanced side's target is the constant exp(0) = 1: a Python number (a tensor made from it on
     # the device would be a host-to-device copy, and a synchronisation, at every check).
     target = 1.0 if rho is None else torch.exp(-f / rho)
-    ratio = torch.exp((f - s) / eps) - target
+    # A product with 1 / eps: the same numbers for a float eps and a device one (see reciprocal).
+    ratio = torch.exp((f - s) * reciprocal(eps)) - target
     num = torch.where(a > 0, a * ratio.abs(), torch.zeros_like(ratio)).sum(-1)
     sums = ops.total(torch.stack([num, a.sum(-1).to(num.dtype)]))     # one reduction for both when sharded
     return sums[0] / sums[1]
@@ -396,8 +397,7 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
         S = smins(FG, eps)
         warm = True
         if checks(i):
-            lam_x = damping(eps, rho_x)
-            err = row_error(FG[:, :n], S[:, :n] / lam_x, inp.a, eps, rho_x, ops)
+            err = row_error(FG[:, :n], S[:, :n] * reciprocal(damping(eps, rho_x)), inp.a, eps, rho_x, ops)
             refining = refine > 0 and i >= len(eps_list)
             value = monitor.record(i, eps, err, FG[:, :n], FG[:, n:], read=refining)
             if refining and (value <= threshold or not math.isfinite(value) or monitor.stagnant(

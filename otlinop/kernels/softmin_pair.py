@@ -158,7 +158,7 @@ def _pair_kernel(
     CM += b * stride_cb + pid_r * stride_cp
     CS += b * stride_cb + pid_r * stride_cp
 
-    k2, inv_eps2, _ = _over_eps(k2, inv_eps2, eps, EPS, EPS_IN_MEMORY)
+    k2, inv_eps2, eps_used = _over_eps(k2, inv_eps2, eps, EPS, EPS_IN_MEMORY)
     two_k2 = 2.0 * k2
     row_lo = pid_r * rows_per_range
     row_hi = tl.minimum(row_lo + rows_per_range, n)
