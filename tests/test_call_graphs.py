@@ -105,18 +105,13 @@ def test_the_key_holds_the_schedule_length_shapes_and_switches(fake):
     assert fake.captures == 1 and fake.replays == 2
 
 
-def test_moving_points_replay_solve_and_gradients(fake):
-    """A training loop whose points move: the default diameter (hence the schedule's
-    values) changes at every call, but not the schedule's length, so the solve and the
-    gradient passes both capture at the second step and replay after it. Every step
-    equals the eager one (whose kernels take eps as an argument)."""
-    from otlinop.sinkhorn import epsilon_schedule
+def _train_like_eager(loss, x, y, *, steps):
+    """``steps`` gradient steps on x (graphs on) beside the same steps with graphs off, each
+    gradient bitwise the eager one; returns the diameter of the points at each step."""
     from otlinop._sinkhorn_schedule import diameter
-    loss = SamplesLoss(blur=0.3)
-    x, y = _data()
     x_eager = x.detach().clone().requires_grad_()
     diameters = []
-    for _ in range(4):
+    for _ in range(steps):
         diameters.append(diameter(x.detach(), y.detach()))
         (g,) = torch.autograd.grad(loss(x, y), x)
         with config.override(sinkhorn_graphs=False):
@@ -125,6 +120,17 @@ def test_moving_points_replay_solve_and_gradients(fake):
         with torch.no_grad():
             x -= 0.5 * g
             x_eager -= 0.5 * e
+    return diameters
+
+
+def test_moving_points_replay_solve_and_gradients(fake):
+    """A training loop whose points move: the default diameter (hence the schedule's
+    values) changes at every call, but not the schedule's length, so the solve and the
+    gradient passes both capture at the second step and replay after it. Every step
+    equals the eager one (whose kernels take eps as an argument)."""
+    from otlinop.sinkhorn import epsilon_schedule
+    x, y = _data()
+    diameters = _train_like_eager(SamplesLoss(blur=0.3), x, y, steps=4)
     assert len(set(diameters)) == 4 and len({len(epsilon_schedule(d, 0.3, 0.5)) for d in diameters}) == 1
     assert fake.graphs.captures == 2 and fake.replays == 6
 
@@ -136,18 +142,8 @@ def test_moving_points_with_the_triton_kernels(fake, reach):
     """As above through the Triton kernels (the interpreter on the CPU), float32, debiased
     and unbalanced: the cached solve's kernels read eps from memory, the eager call's take
     it as an argument; every step is bitwise the eager one."""
-    loss = SamplesLoss(blur=0.3, reach=reach, backend="triton")
     x, y = (t.detach().float() for t in _data())
-    x.requires_grad_()
-    x_eager = x.detach().clone().requires_grad_()
-    for _ in range(3):
-        (g,) = torch.autograd.grad(loss(x, y), x)
-        with config.override(sinkhorn_graphs=False):
-            (e,) = torch.autograd.grad(loss(x_eager, y), x_eager)
-        assert torch.equal(g, e)
-        with torch.no_grad():
-            x -= 0.5 * g
-            x_eager -= 0.5 * e
+    _train_like_eager(SamplesLoss(blur=0.3, reach=reach, backend="triton"), x.requires_grad_(), y, steps=3)
     assert fake.graphs.captures == 2 and fake.replays == 4
 
 
