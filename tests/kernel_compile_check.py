@@ -26,8 +26,9 @@ TYPES = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "b
 
 def _calls():
     """Representative public calls: the loss (forward, backward, debiased and unbalanced), both
-    Sinkhorn methods, plan products, an HVP through CG, a truncated plan, multiscale Sinkhorn;
-    d = 3 and 64 (other dot layouts), float32 and bfloat16 points."""
+    Sinkhorn methods, plan products, an HVP through CG, a truncated plan, multiscale Sinkhorn,
+    CG's fused iteration (float32 and float64); d = 3 and 64 (other dot layouts), float32 and
+    bfloat16 points."""
     import torch
 
     import otlinop
@@ -50,6 +51,11 @@ def _calls():
         hvp_x(xf, yf, res.f, res.g, torch.randn(40, d, generator=gen), eps=res.eps, M=jacobi(), solver=cg,
               maxiter=2, backend="triton")
         if d == 3:
+            for dt in (torch.float32, torch.float64):       # CG's fused vector kernels
+                Q = torch.randn(20, 20, generator=gen, dtype=dt)
+                for M, every in ((None, 1), (jacobi(), 3)):
+                    cg(Q @ Q.T + 20 * torch.eye(20, dtype=dt), torch.randn(20, generator=gen, dtype=dt), M=M,
+                       maxiter=4, check_every=every, _backend="triton")
             T = P.truncated(1e-6)
             T @ torch.randn(30, generator=gen)
             sinkhorn(xf, yf, blur=0.3, multiscale=True, backend="triton", threshold=float("inf"))
