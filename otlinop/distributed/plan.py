@@ -16,11 +16,12 @@ import torch
 import torch.distributed as dist
 
 from .._base import LinearOperator
-from ..kernels import lse_cost, plan_apply
+from ..kernels import lse_cost, plan_apply, plan_bilinear
 from ..plan import plan_operator_for
 
 __all__ = ["ShardedPlanOperator", "RingPlanOperator", "Ring", "merge_lse", "ordered_sum", "ordered_max",
-           "ring_lse", "merge_lse_or_empty", "gather_sizes", "require_group"]
+           "ring_lse", "merge_lse_or_empty", "gather_sizes", "require_group", "sharded_plan_on", "ring_plan_on",
+           "checked_over_group", "same_dimension"]
 
 
 def merge_lse(parts) -> torch.Tensor:
@@ -154,8 +155,6 @@ class ShardedPlanOperator(LinearOperator):
         local = plan_operator_for("ShardedPlanOperator", x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale,
                                   backend=backend, precision=precision)
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
         # One all-gather at construction: the block sizes (for offsets) and the check
         # that every rank holds the same n and d (a mismatch would hang or garble a collective).
         mine = torch.tensor([x.shape[0], x.shape[1], y.shape[0]], dtype=torch.int64, device=x.device)
@@ -164,9 +163,15 @@ class ShardedPlanOperator(LinearOperator):
         if len(n_d) > 1:
             raise ValueError("ShardedPlanOperator: x must have the same shape (n, d) on every rank, got "
                              + ", ".join(f"{tuple(t[:2].tolist())} on rank {r}" for r, t in enumerate(everyone)))
-        self.shard_sizes = tuple(int(t[2]) for t in everyone)
-        self.column_offset = sum(self.shard_sizes[:self.rank])
-        self.global_shape = (x.shape[0], sum(self.shard_sizes))
+        self._setup(local, tuple(int(t[2]) for t in everyone), group)
+
+    def _setup(self, local, shard_sizes: tuple, group):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.shard_sizes = shard_sizes
+        self.column_offset = sum(shard_sizes[:self.rank])
+        self.global_shape = (local.shape[0], sum(shard_sizes))
         self.local = local
         super().__init__(local.shape, local.dtype, local.device)
 
@@ -233,6 +238,11 @@ class ShardedPlanOperator(LinearOperator):
         """This rank's block of ``P.T 1``, shape (m_local,) (no communication)."""
         return self.local.col_sums()
 
+    def squared(self) -> "ShardedPlanOperator":
+        """``P∘P`` (entrywise square) sharded the same way, without communication
+        (``PlanOperator.squared`` on this rank's block)."""
+        return sharded_plan_on(self.local.squared(), self.shard_sizes, self.group)
+
     def row_lse(self, h: torch.Tensor | None = None) -> torch.Tensor:
         r"""``log sum_j exp(h_j - C_ij / eps)`` over all columns, shape (n,).
 
@@ -293,6 +303,15 @@ class ShardedPlanOperator(LinearOperator):
         ``S.row_softmin()`` equals ``otlinop.kernels.softmin(x, y, g / eps, eps=eps)``.
         """
         return -self.eps * self.row_lse(h)
+
+
+def sharded_plan_on(local, shard_sizes, group=None) -> ShardedPlanOperator:
+    """The ``ShardedPlanOperator`` of this rank's checked ``PlanOperator`` block ``local`` (the whole
+    rows, this rank's columns), given every rank's column count ``shard_sizes``: no communication, for
+    a caller that gathered the sizes and checked that n and d agree."""
+    P = ShardedPlanOperator.__new__(ShardedPlanOperator)
+    P._setup(local, tuple(int(s) for s in shard_sizes), group)
+    return P
 
 
 # --------------------------------------------------------------------------
@@ -392,17 +411,56 @@ def gather_sizes(owner: str, x: torch.Tensor, y: torch.Tensor, group) -> tuple[t
     mine = torch.tensor([x.shape[0], y.shape[0], x.shape[-1]], dtype=torch.int64, device=x.device)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(everyone, mine, group=group)
-    dims = [int(t[2]) for t in everyone]
+    same_dimension(owner, [int(t[2]) for t in everyone])
+    return tuple(int(t[0]) for t in everyone), tuple(int(t[1]) for t in everyone)
+
+
+def same_dimension(owner: str, dims) -> None:
+    """ValueError unless every rank's points have the same dimension (``dims``: d of each rank)."""
     if len(set(dims)) > 1:
         raise ValueError(f"{owner}: the points must have the same dimension d on every rank, got "
                          + ", ".join(f"d={d} on rank {r}" for r, d in enumerate(dims)))
-    return tuple(int(t[0]) for t in everyone), tuple(int(t[1]) for t in everyone)
 
 
 def require_group(owner: str) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{owner}: torch.distributed is not initialised; call "
                            "torch.distributed.init_process_group first (or pass a group)")
+
+
+def ring_plan_on(local, row_sizes, col_sizes, group=None) -> "RingPlanOperator":
+    """The ``RingPlanOperator`` of this rank's checked ``PlanOperator`` block ``local``, given every
+    rank's row and column counts: no communication, for a caller that gathered the sizes."""
+    P = RingPlanOperator.__new__(RingPlanOperator)
+    P._setup(local, Ring(row_sizes, group), Ring(col_sizes, group), group)
+    return P
+
+
+def checked_over_group(owner: str, check, group=None) -> tuple:
+    """Run this rank's checks ``check()`` and learn every rank's outcome: ``(value, summaries)``.
+
+    ``check()`` returns ``(value, summary)`` (``summary``: anything picklable that
+    describes this rank's inputs, e.g. their sizes) or raises TypeError or
+    ValueError. One ``all_gather_object`` of the outcomes: a refusal on one rank
+    raises on every rank (the refused rank its own error, the others one that
+    names it), so that no rank goes on to a collective that another left.
+    ``summaries``: every rank's, in rank order.
+    """
+    try:
+        value, summary = check()
+        refused = None
+    except (TypeError, ValueError) as err:
+        value, summary, refused = None, None, err
+    mine = (None if refused is None else f"{type(refused).__name__}: {refused}", summary)
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    if refused is not None:
+        raise refused
+    bad = [r for r, (message, _) in enumerate(everyone) if message is not None]
+    if bad:
+        raise ValueError(f"{owner}: the inputs of rank {bad[0]} were refused ({everyone[bad[0]][0]}); every rank "
+                         "of the group stops")
+    return value, [summary for _, summary in everyone]
 
 
 class RingPlanOperator(LinearOperator):
@@ -464,11 +522,15 @@ class RingPlanOperator(LinearOperator):
     - :meth:`row_lse` / :meth:`col_lse` (and the soft-mins): partial
       log-sum-exps per block merged by :func:`merge_lse` in rank order.
 
+    - :meth:`bilinear`: ``sum_j P_ij <W_i, V_j> Y_j``, a ring of
+      ``plan_bilinear`` passes; :meth:`squared`: ``P∘P`` on the same blocks.
+
     Per operation and rank: W - 1 messages of the other cloud's blocks
     (about ``m (d + 2 + k) / W`` values each for ``P @ V``) and kernels
     over ``n_local x m`` entries in all. The products carry no autograd
-    graph. The transpose is available (``P.T``: the column side's products);
-    not symmetric.
+    graph. ``P.T`` is the ring plan of the transpose (the same blocks, rows
+    and columns swapped; built once, no communication); ``row_sums()`` and
+    ``col_sums()`` are cached. Not symmetric.
 
     Examples
     --------
@@ -493,15 +555,19 @@ class RingPlanOperator(LinearOperator):
         local = plan_operator_for(owner, x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale,
                                   backend=backend, precision=precision)
         rows, cols = gather_sizes(owner, x, y, group)
+        self._setup(local, Ring(rows, group), Ring(cols, group), group)
+
+    def _setup(self, local, rows: Ring, cols: Ring, group, transpose_of=None):
         self.group = group
-        self.rows, self.cols = Ring(rows, group), Ring(cols, group)
-        self.rank, self.world_size = self.rows.rank, self.rows.world_size
-        self.global_shape = (sum(rows), sum(cols))
+        self.rows, self.cols = rows, cols
+        self.rank, self.world_size = rows.rank, rows.world_size
+        self.global_shape = (sum(rows.sizes), sum(cols.sizes))
         self.local = local
-        self.x, self.y, self.f, self.g = x, y, f, g
+        self.x, self.y, self.f, self.g = local.x, local.y, local.f, local.g
         self.eps, self.cost_scale = local.eps, local.cost_scale
         self.backend, self.precision = local.backend, local.precision
-        super().__init__(local.shape, local.dtype, local.device)
+        self._row_sums = None
+        super().__init__(local.shape, local.dtype, local.device, transpose_of=transpose_of)
 
     # ------------------------------------------------------------ attributes
     @property
@@ -528,51 +594,92 @@ class RingPlanOperator(LinearOperator):
         return dict(eps=self.eps, cost_scale=self.cost_scale, backend=self.backend, precision=self.precision)
 
     # ----------------------------------------------------------------- hooks
-    def _product(self, here, there, ring: Ring, V):
-        """Rows of ``here = (x, f, log_a)`` times the plan columns ``there`` (this rank's block) and ``V``."""
-        (x, f, log_a), (y, g, log_b) = here, there
-        d, n = x.shape[-1], x.shape[0]
-        squeeze = V.ndim == 1
-        V2 = V.unsqueeze(-1) if squeeze else V
-        k = V2.shape[-1]
-        payload = torch.cat([y.to(V2.dtype), g.unsqueeze(-1).to(V2.dtype), log_b.unsqueeze(-1).to(V2.dtype), V2], -1)
+    def _ring_columns(self, V, width: int, kernel):
+        """``sum_s kernel(y_s, g_s, log b_s, V_s)`` over every rank's block of columns, added in rank
+        order: the blocks ``[y_s | g_s | log b_s | V_s]`` pass around the ring; ``V`` (m_local, c) is
+        this rank's operand block, ``kernel`` returns (n_local, width) for this rank's rows."""
+        y, g, d, n = self.y, self.g, self.x.shape[-1], self.x.shape[0]
+        dt = V.dtype
+        payload = torch.cat([y.to(dt), g.unsqueeze(-1).to(dt), self.local.log_b.unsqueeze(-1).to(dt), V], -1)
 
         def compute(s, blk):
-            ys, gs, lbs, Vs = blk[:, :d].to(y.dtype), blk[:, d].to(g.dtype), blk[:, d + 1], blk[:, d + 2:]
             if n == 0:
                 return None
-            return plan_apply(x, ys, f, gs, Vs, log_a=log_a, log_b=lbs, **self._opts())
+            return kernel(blk[:, :d].to(y.dtype), blk[:, d].to(g.dtype), blk[:, d + 1], blk[:, d + 2:])
 
         with torch.no_grad():
-            out = _sum_in_order(ring.map(payload, compute), V2.new_zeros((n, k)))
-        return out.squeeze(-1) if squeeze else out
-
-    def _row_side(self):
-        return (self.x, self.f, self.local.log_a)
-
-    def _col_side(self):
-        return (self.y, self.g, self.local.log_b)
-
-    def _matvec(self, v):
-        return self._product(self._row_side(), self._col_side(), self.cols, v)
+            return _sum_in_order(self.cols.map(payload, compute), V.new_zeros((n, width)))
 
     def _matmat(self, V):
-        return self._product(self._row_side(), self._col_side(), self.cols, V)
+        def kernel(ys, gs, log_bs, Vs):
+            return plan_apply(self.x, ys, self.f, gs, Vs, log_a=self.local.log_a, log_b=log_bs, **self._opts())
+        return self._ring_columns(V, V.shape[1], kernel)
+
+    def _matvec(self, v):
+        return self._matmat(v.unsqueeze(-1)).squeeze(-1)
+
+    def _adjoint(self) -> "RingPlanOperator":
+        # P.T is the ring of the other cloud: the same blocks, the roles of rows and columns swapped.
+        T = RingPlanOperator.__new__(RingPlanOperator)
+        T._setup(self.local.T, self.cols, self.rows, self.group, transpose_of=self)
+        return T
 
     def _rmatvec(self, u):
-        return self._product(self._col_side(), self._row_side(), self.rows, u)
+        return self.adjoint()._matvec(u)
 
     def _rmatmat(self, U):
-        return self._product(self._col_side(), self._row_side(), self.rows, U)
+        return self.adjoint()._matmat(U)
 
     # ---------------------------------------------------------------- public
     def row_sums(self) -> torch.Tensor:
-        """This rank's block of ``P 1``, shape (n_local,) (a ring over the column blocks)."""
-        return self._matvec(self.y.new_ones(self.shape[1]))
+        """This rank's block of ``P 1``, shape (n_local,) (a ring over the column blocks; cached)."""
+        if self._row_sums is None:
+            self._row_sums = self._matvec(self.y.new_ones(self.shape[1]))
+        return self._row_sums
 
     def col_sums(self) -> torch.Tensor:
-        """This rank's block of ``P.T 1``, shape (m_local,) (a ring over the row blocks)."""
-        return self._rmatvec(self.x.new_ones(self.shape[0]))
+        """This rank's block of ``P.T 1``, shape (m_local,) (a ring over the row blocks; cached on ``P.T``)."""
+        return self.adjoint().row_sums()
+
+    def squared(self) -> "RingPlanOperator":
+        """``P∘P`` (entrywise square) on the same blocks, without communication: the plan of
+        ``PlanOperator.squared`` (``eps / 2``, squared weights) around the same rings."""
+        sq = RingPlanOperator.__new__(RingPlanOperator)
+        sq._setup(self.local.squared(), self.rows, self.cols, self.group)
+        return sq
+
+    def bilinear(self, W: torch.Tensor, V: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """``out_i = sum_j P_ij <W_i, V_j> Y_j`` over all columns, for this rank's rows.
+
+        Parameters
+        ----------
+        W : Tensor, shape (n_local, k)
+            This rank's rows of the row factors.
+        V : Tensor, shape (m_local, k)
+        Y : Tensor, shape (m_local, e)
+            This rank's blocks of the column factors and of the operand.
+
+        Returns
+        -------
+        Tensor, shape (n_local, e)
+            No autograd graph.
+
+        Notes
+        -----
+        A ring of ``plan_bilinear`` passes (``PlanOperator.bilinear``'s kernel)
+        over the blocks ``[y_s | g_s | log b_s | V_s | Y_s]``, added in rank order.
+        """
+        n, m = self.shape
+        if not (W.ndim == V.ndim == Y.ndim == 2 and W.shape[0] == n and tuple(V.shape) == (m, W.shape[1])
+                and Y.shape[0] == m):
+            raise ValueError(f"RingPlanOperator.bilinear: expected W ({n}, k), V ({m}, k) and Y ({m}, e) (this "
+                             f"rank's blocks), got W {tuple(W.shape)}, V {tuple(V.shape)}, Y {tuple(Y.shape)}")
+        k = W.shape[1]
+
+        def kernel(ys, gs, log_bs, VY):
+            return plan_bilinear(self.x, ys, self.f, gs, W, VY[:, :k], VY[:, k:], log_a=self.local.log_a,
+                                 log_b=log_bs, **self._opts())
+        return self._ring_columns(torch.cat([V, Y], 1), Y.shape[1], kernel)
 
     def _lse(self, x, y, h, ring: Ring, name: str, owner: str) -> torch.Tensor:
         if not (isinstance(h, torch.Tensor) and h.shape == (y.shape[0],)):

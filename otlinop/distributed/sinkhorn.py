@@ -29,7 +29,8 @@ from .._sinkhorn_result import ConvergenceWarning, convergence_status
 from .._sinkhorn_schedule import DEFAULT_BLUR, DEFAULT_MAX_ITER, loop_options, resolve_eps
 from ..kernels import lse_cost
 from ..kernels._dispatch import check_backend
-from .plan import Ring, RingPlanOperator, merge_lse_or_empty, ordered_max, ordered_sum, require_group, ring_lse
+from .plan import (Ring, RingPlanOperator, checked_over_group, merge_lse_or_empty, ordered_max, ordered_sum,
+                   require_group, ring_lse, same_dimension)
 
 __all__ = ["sinkhorn", "sinkhorn_dtensor", "ShardedSinkhornResult", "ShardedOps", "sharded_measures",
            "global_diameter", "is_dtensor", "dtensor_shards", "as_dtensor"]
@@ -129,33 +130,18 @@ def sharded_measures(owner: str, x, y, a, b, *, balanced: bool, group=None) -> t
     over the whole cloud (``1 / n``, n the total number of points).
     """
     require_group(owner)
-    try:
+
+    def check():
         geo = points(owner, x, y, batch="none", hint="sharded inputs are one problem: shard each problem of a "
                                                      "batch in its own call")
-        if a is not None:
-            a = vector(geo, "a", a, geo.n, what="one weight per point of this rank's block of x")
-        if b is not None:
-            b = vector(geo, "b", b, geo.m, what="one weight per point of this rank's block of y")
-        refused = None
-    except (TypeError, ValueError) as err:
-        geo, refused = None, err
-    # One all-gather: every rank's sizes, and whether its blocks passed the local checks,
-    # so that a refusal on one rank stops every rank (rather than leave them in a collective).
-    mine = (None, geo.n, geo.m, geo.d) if refused is None else (f"{type(refused).__name__}: {refused}", 0, 0, 0)
-    everyone = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, mine, group=group)
-    if refused is not None:
-        raise refused
-    bad = [r for r, info in enumerate(everyone) if info[0] is not None]
-    if bad:
-        raise ValueError(f"{owner}: the inputs of rank {bad[0]} were refused ({everyone[bad[0]][0]}); every rank "
-                         "of the group stops")
-    dims = [info[3] for info in everyone]
-    if len(set(dims)) > 1:
-        raise ValueError(f"{owner}: the points must have the same dimension d on every rank, got "
-                         + ", ".join(f"d={d} on rank {r}" for r, d in enumerate(dims)))
-    rows = Ring([info[1] for info in everyone], group)
-    cols = Ring([info[2] for info in everyone], group)
+        wa = None if a is None else vector(geo, "a", a, geo.n, what="one weight per point of this rank's block of x")
+        wb = None if b is None else vector(geo, "b", b, geo.m, what="one weight per point of this rank's block of y")
+        return (geo, wa, wb), (geo.n, geo.m, geo.d)
+
+    (geo, a, b), everyone = checked_over_group(owner, check, group)
+    same_dimension(owner, [info[2] for info in everyone])
+    rows = Ring([info[0] for info in everyone], group)
+    cols = Ring([info[1] for info in everyone], group)
     n, m = sum(rows.sizes), sum(cols.sizes)
     if n == 0 or m == 0:
         raise ValueError(f"{owner}: the point clouds must not be empty over the group, got n={n} points of x and "
