@@ -42,7 +42,7 @@ from .kernels.plan_apply import OVERFLOW_HINT
 from .plan import plan_operator_for
 
 __all__ = ["hvp", "plan_hvp", "hvp_x", "hvp_y", "hvp_self", "grad_x", "grad_y", "loss_hessian_operator",
-           "LossHessianOperator", "inner_rtol"]
+           "LossHessianOperator", "inner_rtol", "solve_options"]
 
 # Inner-solve tolerances that the float64 tests and the float32 benchmark need
 # (the CG residual, relative to the right-hand side, of the Schur system).
@@ -209,7 +209,9 @@ def _hvp(K, x, y, A, B, *, cost_scale, solve, sides, owner="hvp"):
 
 
 # ------------------------------------------------------------------ validation
-def _solve_options(owner, dtype, solver, M, rtol, atol, maxiter):
+def solve_options(owner, dtype, solver, M, rtol, atol, maxiter) -> dict:
+    """The inner solve's options of an HVP, checked for ``owner``: ``dict(solver, M, rtol, atol, maxiter)``
+    (``rtol`` None: :func:`inner_rtol` of ``dtype``)."""
     solver_function(owner, "solver", solver)
     preconditioner(owner, "M", M)
     rtol = inner_rtol(dtype) if rtol is None else nonnegative_scalar(owner, "rtol", rtol)
@@ -236,7 +238,7 @@ def _checked_dual(owner, x, y, f, g, A, B, *, eps, a, b, cost_scale, reach_x, re
         B = directions(geo, "B", B, geo.m, k=k, what="shaped like A, one row per point of y")
     eps, _, _, _ = hessian_options(owner, eps, reach_x, reach_y, ridge, reach_names=reach_names)
     cost_scale = positive_scalar(owner, "cost_scale", cost_scale)
-    solve = _solve_options(owner, x.dtype, solver, M, rtol, atol, maxiter)
+    solve = solve_options(owner, x.dtype, solver, M, rtol, atol, maxiter)
     if truncate is not None:
         truncate = fraction(owner, "truncate", truncate)
     P = plan_operator_for(owner, x, y, f, g, eps=eps, a=a, b=b, cost_scale=cost_scale, backend=backend,
@@ -379,7 +381,7 @@ def _plan_dual(owner, P, *, eps, cost_scale, reach_x, reach_y, solver, M, rtol, 
     x, y = _plan_points(owner, P)
     eps, _, _, _ = hessian_options(owner, eps, reach_x, reach_y, ridge)
     cost_scale = positive_scalar(owner, "cost_scale", cost_scale)
-    solve = _solve_options(owner, P.dtype, solver, M, rtol, atol, maxiter)
+    solve = solve_options(owner, P.dtype, solver, M, rtol, atol, maxiter)
     K = DualHessianOperator(P, eps=eps, reach_x=reach_x, reach_y=reach_y, ridge=ridge)
     return K, x, y, cost_scale, solve
 

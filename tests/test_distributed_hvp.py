@@ -2,7 +2,8 @@
 
 Each world size is one spawned run of gloo processes on the CPU (starting a
 process group costs seconds): every rank runs all the cases below on its
-block of the target side and checks its results against the single-process
+block of the target side (``sharded="y"``) or its blocks of both clouds
+(``sharded="xy"``) and checks its results against the single-process
 functions on the whole problem in float64 (1e-12 relative to the largest
 entry), and rank 0 writes the names of the checks done, which the test then
 requires.
@@ -21,8 +22,8 @@ from conftest import spawn_gloo
 import otlinop
 import solvers
 from otlinop import LinearOperator
-from otlinop.distributed import (ShardedDualHessianOperator, ShardedHessianOperator, ShardedPlanOperator, hvp,
-                                 hvp_x, hvp_y, loss_hessian_operator)
+from otlinop.distributed import (RingPlanOperator, ShardedDualHessianOperator, ShardedHessianOperator,
+                                 ShardedPlanOperator, hvp, hvp_x, hvp_y, loss_hessian_operator)
 from solvers import ShardedInnerProduct
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -36,6 +37,11 @@ SHARDS = {
     2: [(6, 5), (0, 11), (11, 0)],
     3: [(3, 0, 8), (4, 4, 3), (1, 7, 3)],
 }
+
+#: Both clouds sharded (n = 7, m = 11): (rows of x, columns of y) per rank. World 2: one rank holds
+#: only points of x, the other only points of y (every plan block is another rank's); world 3: unequal
+#: blocks and a rank that holds neither.
+RING_SHARDS = {2: ((7, 0), (0, 11)), 3: ((4, 0, 3), (5, 0, 6))}
 
 
 def _close(got, want, what, tol=TOL):
@@ -275,11 +281,123 @@ def _hvp_cases(rank, world, sizes, done, memo, *, problems, full):
             done.add("bilinear pass")
 
 
+def _ring_cases(rank, world, done, memo):
+    """``sharded="xy"``: the ring plan's new products, the Schur complement and dual Hessian on it, the
+    HVPs and the loss Hessian operator, each rank its blocks of both clouds (``memo``: as in
+    ``_hvp_cases``, whose keys it shares: the same whole problems)."""
+    rows, cols = RING_SHARDS[world]
+    R, C = _block(rows, rank), _block(cols, rank)
+    m, d, seed = sum(cols), 2, 1
+    x, y, res, A, B = memo.setdefault((m, seed), _problem(m, d, False, None, seed))
+    tag = f"world {world} rows {rows} cols {cols}"
+    common = dict(eps=res.eps, a=res.a[R], b=res.b[C], cost_scale=0.5, sharded="xy")
+    whole_opts = dict(eps=res.eps, a=res.a, b=res.b, cost_scale=0.5, reach_x=None, reach_y=None)
+    loc = (x[R], y[C], res.f[R], res.g[C])
+    whole = (x, y, res.f, res.g)
+
+    def ref(key, compute):
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
+
+    # The operators: the ring plan's transpose, squares and bilinear term, S and K on it.
+    P = RingPlanOperator(*loc, eps=res.eps, a=res.a[R], b=res.b[C], cost_scale=0.5)
+    Pw = otlinop.PlanOperator(*whole, eps=res.eps, a=res.a, b=res.b, cost_scale=0.5)
+    gen = torch.Generator().manual_seed(5)
+    W, V, Y = (torch.randn(k, c, generator=gen, **F64) for k, c in ((7, 3), (m, 3), (m, 2)))
+    _close(P.bilinear(W[R], V[C], Y[C]), Pw.bilinear(W, V, Y)[R], f"{tag}: bilinear")
+    _close(P.T.bilinear(V[C], W[R], W[R, :2]), Pw.T.bilinear(V, W, W[:, :2])[C], f"{tag}: P.T bilinear")
+    _close(P.squared().T @ W[R, 0], (Pw.squared().T @ W[:, 0])[C], f"{tag}: (P∘P).T w")
+    _close(P.col_sums(), Pw.col_sums()[C], f"{tag}: col_sums")
+    assert P.T.T is P and P.T.row_sums() is P.col_sums(), f"{tag}: P.T is cached with its sums"
+    S = ShardedHessianOperator(P, eps=res.eps)
+    Sw = otlinop.HessianOperator.from_plan(Pw, eps=res.eps)
+    _close(S @ V[C], (Sw @ V)[C], f"{tag}: S @ V")
+    _close(S.diagonal(), Sw.diagonal()[C], f"{tag}: diag(S)")
+    K = ShardedDualHessianOperator(P, eps=res.eps)
+    Kw = otlinop.DualHessianOperator(Pw, eps=res.eps)
+    Z = torch.randn(7 + m, 2, generator=gen, **F64)
+    both = torch.cat([torch.arange(R.start, R.stop), 7 + torch.arange(C.start, C.stop)])
+    _close(K @ Z[both], (Kw @ Z)[both], f"{tag}: K @ Z")
+    done.update({"ring bilinear", "ring squared", "ring S and K"})
+
+    # The HVPs: cg with jacobi (k = 3) for hvp_x and hvp, minres with neumann (k = 1) for hvp_y (keys
+    # of _hvp_cases: the single-process results are computed once).
+    cg3 = dict(solver=solvers.cg, M=solvers.jacobi(), rtol=1e-14)
+    minres1 = dict(solver=solvers.minres, M=solvers.neumann(2), rtol=1e-14)
+
+    def key(opts, k, side):
+        return (m, seed, opts["solver"].__name__, repr(opts["M"]), k, side)
+
+    got, info = hvp_x(*loc, A[R], **common, **cg3)
+    want, info1 = ref(key(cg3, 3, "x"), lambda: otlinop.hvp_x(*whole, A, **whole_opts, **cg3))
+    assert info.converged and abs(info.n_iter - info1.n_iter) <= 1, f"{tag}: hvp_x {info}, one process {info1}"
+    _same_on_every_rank(info.n_iter, f"{tag}: inner iterations")
+    _close(got, want[R], f"{tag}: hvp_x")
+    got, info = hvp_y(*loc, B[C, :, 0], **common, **minres1)
+    want, _ = ref(key(minres1, 1, "y"), lambda: otlinop.hvp_y(*whole, B[..., 0], **whole_opts, **minres1))
+    assert info.converged, f"{tag}: hvp_y with minres {info}"
+    _close(got, want[C], f"{tag}: hvp_y")
+    gx, gy, _ = hvp(*loc, A[R], B[C], **common, **cg3)
+    wx, wy, _ = ref(key(cg3, 3, "xy"), lambda: otlinop.hvp(*whole, A, B, **whole_opts, **cg3))
+    _close(gx, wx[R], f"{tag}: hvp x part")
+    _close(gy, wy[C], f"{tag}: hvp y part")
+    done.update({"ring hvp_x", "ring hvp_y", "ring hvp", "ring cg jacobi", "ring minres"})
+
+    # The loss Hessian operator on both blocks, and an outer MINRES on H_xx (the x blocks' inner products).
+    for wrt in ("x", "xy"):
+        H = loss_hessian_operator(*loc, wrt=wrt, rtol=1e-14, **common)
+        Hw = otlinop.loss_hessian_operator(*whole, wrt=wrt, rtol=1e-14, **whole_opts)
+        xs = torch.arange(R.start * d, R.stop * d) if "x" in wrt else torch.arange(0)
+        ys = (7 * d if "x" in wrt else 0) + torch.arange(C.start * d, C.stop * d) if "y" in wrt else torch.arange(0)
+        mine = torch.cat([xs, ys])
+        v = torch.randn(Hw.shape[0], generator=torch.Generator().manual_seed(seed + 2), **F64)
+        _close(H @ v[mine], ref((m, seed, wrt), lambda: Hw @ v)[mine], f"{tag}: loss Hessian {wrt} @ v")
+        if wrt == "x":
+            # Three iterations (three HVPs) run the reduced dots over the x blocks; to convergence took 3 s.
+            got = solvers.minres(H, v[mine], shift=-1.0, maxiter=3)
+            want = ref((m, seed, wrt, "minres 3"), lambda: solvers.minres(Hw, v, shift=-1.0, maxiter=3))
+            assert got.n_iter == want.n_iter == 3, f"{tag}: outer minres {got}, {want}"
+            _close(got.x, want.x[mine], f"{tag}: minres on the loss Hessian x, x sharded", tol=1e-10)
+    done.update({"ring loss Hessian", "ring minres on the loss Hessian"})
+    if 0 in rows and 0 in cols:
+        done.add("ring empty blocks")
+
+
+def _layout_errors(rank, world, done):
+    """Inconsistent layouts raise on every rank (no rank left in a collective)."""
+    n = 4
+    x, y = torch.randn(n, 2, **F64) + rank, torch.randn(3, 2, **F64)
+    f, g, A = torch.zeros(n, **F64), torch.zeros(3, **F64), torch.randn(n, 2, **F64)
+    with pytest.raises(ValueError, match=r"hvp_x: sharded must be the same on every rank, got 'y' on rank 0, 'xy' "
+                                         r"on rank 1"):
+        hvp_x(x, y, f, g, A, eps=1.0, sharded="y" if rank == 0 else "xy")
+    xn = torch.randn(n + (rank == 1), 2, **F64)
+    with pytest.raises(ValueError, match="hvp_x: with sharded='y' x is replicated .* n = 4 on rank 0, 5 on rank 1"):
+        hvp_x(xn, y, torch.zeros(xn.shape[0], **F64), g, torch.zeros_like(xn), eps=1.0)
+    # Equal block sizes, different blocks: the checksums tell the layout 'y' was wrong.
+    with pytest.raises(ValueError, match="hvp_x: with sharded='y' x, f, a and A must be the same on every rank, "
+                                         "but rank 1's differ"):
+        hvp_x(x, y, f, g, A, eps=1.0)
+    with pytest.raises(ValueError, match="hvp: sharded must be 'y' .* or 'xy' .*, got 'x'"):
+        hvp(x, y, f, g, A, eps=1.0, sharded="x")
+    # One rank's bad direction: its own error there, one that names it elsewhere.
+    bad = torch.randn(n + (rank == 1), 2, **F64)
+    match = "hvp_x: A has shape" if rank == 1 else "hvp_x: the inputs of rank 1 were refused .*A has shape"
+    with pytest.raises(ValueError, match=match):
+        hvp_x(x, y, f, g, bad, eps=1.0, sharded="xy")
+    with pytest.raises(ValueError, match="loss_hessian_operator: the options .* must be the same on every rank"):
+        loss_hessian_operator(x, y, f, g, eps=1.0 + rank, sharded="xy")
+    done.add("layout refusals")
+
+
 def _worker(rank, world, store, report):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         done, memo = set(), {}
         _error_cases(rank, done)
+        _layout_errors(rank, world, done)
+        _ring_cases(rank, world, done, memo)
         # (d, weighted, reach, seed): the first problem on every block layout (every solver, M
         # and k, and an outer MINRES, on the first layout only); the others on one layout each.
         plain, wide, relaxed = (2, False, None, 1), (9, True, None, 2), (2, True, 1.5, 3)
@@ -298,7 +416,9 @@ EXPECTED = {"solver cg", "solver minres", "solver gmres", "solver bicgstab", "so
             "gmres restarts with an empty block", "replicated rows", "S @ V", "diag(S)", "K @ Z", "S symmetric",
             "hvp_x", "hvp_y", "hvp", "hvp_x same on every rank", "minres inner solve", "jacobi", "neumann",
             "k directions", "loss Hessian x", "loss Hessian y", "loss Hessian xy", "minres on the loss Hessian",
-            "empty shard", "unequal shards", "zero weight", "unbalanced", "bilinear pass", "refusals"}
+            "empty shard", "unequal shards", "zero weight", "unbalanced", "bilinear pass", "refusals",
+            "layout refusals", "ring bilinear", "ring squared", "ring S and K", "ring hvp_x", "ring hvp_y", "ring hvp",
+            "ring cg jacobi", "ring minres", "ring loss Hessian", "ring minres on the loss Hessian", "ring empty blocks"}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -306,7 +426,9 @@ def test_solvers_and_hvps_match_single_process(world, tmp_path, monkeypatch):
     """The solvers on sharded operators (with M, several right-hand sides, lsmr's
     two spaces), the sharded Schur complement and dual Hessian, hvp_x, hvp_y, hvp
     and the loss Hessian operator equal the single-process results to 1e-12 on
-    every rank, with unequal and empty shards, with the same iteration counts."""
+    every rank, with unequal and empty shards, with the same iteration counts; so do the
+    HVPs and the loss Hessian with both clouds sharded (``sharded="xy"``); inconsistent
+    layouts raise on every rank."""
     assert spawn_gloo(_worker, world, tmp_path, monkeypatch) == EXPECTED
 
 

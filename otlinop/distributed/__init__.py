@@ -10,11 +10,14 @@ Columns sharded, x replicated:
 - :func:`merge_lse`: the fixed-order merge of per-rank log-sum-exps, so that
   every rank gets bitwise the same row soft-min.
 - :class:`ShardedHessianOperator`, :class:`ShardedDualHessianOperator`: the
-  dual Hessian and its Schur complement on the sharded plan, whose vectors
-  declare their inner product over the group (``solvers.ShardedInnerProduct``):
-  the Krylov solvers of ``solvers`` run on them unchanged.
+  dual Hessian and its Schur complement on a sharded plan (either layout),
+  whose vectors declare their inner product over the group
+  (``solvers.ShardedInnerProduct``): the Krylov solvers of ``solvers`` run on
+  them unchanged.
 - :func:`hvp`, :func:`hvp_x`, :func:`hvp_y`, :func:`loss_hessian_operator`:
-  ``otlinop.hvp``'s functions with ``y`` sharded (``group=``).
+  ``otlinop.hvp``'s functions over a group (``group=``), with ``y`` sharded
+  (``sharded="y"``, the default) or both clouds (``sharded="xy"``, on a
+  :class:`RingPlanOperator`).
 
 Both clouds sharded (each rank a block of rows and a block of columns):
 

@@ -1,22 +1,30 @@
-"""The Sinkhorn dual Hessian and its Schur complement with the target side
-sharded over a process group.
+"""The Sinkhorn dual Hessian and its Schur complement on a plan sharded over a process group.
 
-Rank ``r`` holds the columns ``P_r`` of the plan (a ``ShardedPlanOperator``:
-its block ``y_r, g_r, b_r`` of the target side, the whole source side). With
-``ah = P 1`` (all-reduced, the same on every rank) and ``bh_r = P_r.T 1``
-(local), the dual Hessian of ``otlinop.hessian``
+The dual Hessian of ``otlinop.hessian``
 
-    K = [[kx Diag(ah), P], [P.T, ky Diag(bh)]]
+    K = [[kx Diag(ah), P], [P.T, ky Diag(bh)]],   ah = P 1, bh = P.T 1,
 
-acts on ``(z1, z2)`` with ``z1`` (n) replicated and ``z2`` split like the
-columns, and its Schur complement on ``g``,
+acts on ``(z1, z2)`` (z1 over the sources, z2 over the targets), and its Schur
+complement on ``g`` is
 
-    S = ky Diag(bh) - P.T Diag(1 / (kx ah)) P + shift I,
+    S = ky Diag(bh) - P.T Diag(1 / (kx ah)) P + shift I.
 
-maps this rank's block ``v_r`` to ``ky bh_r v_r - P_r.T (w * sum_s P_s v_s)
-+ shift v_r``: one local pass, one all-reduce of n k values, one local pass.
-Both declare their vectors' inner product (``solvers.ShardedInnerProduct``),
-so the Krylov solvers run on them unchanged.
+Two layouts of the plan, one code:
+
+- the columns (a ``ShardedPlanOperator``, seen as a :class:`ColumnShardedPlan`):
+  rank ``r`` holds the columns ``P_r`` (its block ``y_r, g_r, b_r``, the whole
+  source side); ``ah`` and ``z1`` are replicated (the same on every rank),
+  ``bh`` and ``z2`` split like the columns. ``S v_r = ky bh_r v_r - P_r.T (w *
+  sum_s P_s v_s) + shift v_r``: one local pass, an all-reduce of n k values,
+  one local pass.
+- both clouds (a ``RingPlanOperator``): rank ``r`` holds a block of rows and one
+  of columns; ``ah``, ``z1`` are split like the rows and ``bh``, ``z2`` like the
+  columns. ``S v_r`` is two rings: ``P v`` (this rank's rows), then ``P.T``
+  of ``w * P v`` (this rank's columns).
+
+Both operators declare their vectors' inner product
+(``solvers.ShardedInnerProduct``: the replicated rows counted once), so the
+Krylov solvers run on them unchanged.
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ from solvers import ShardedInnerProduct, cg
 from .._base import LinearOperator
 from .._operators.concrete import Diag
 from ..hessian import hessian_options, row_weight, schur_diagonal
-from .plan import ShardedPlanOperator
+from .plan import RingPlanOperator, ShardedPlanOperator
 
-__all__ = ["ColumnShardedPlan", "ShardedHessianOperator", "ShardedDualHessianOperator"]
+__all__ = ["ColumnShardedPlan", "ShardedHessianOperator", "ShardedDualHessianOperator", "sharded_plan",
+           "replicated_rows"]
 
 
 class ColumnShardedPlan(LinearOperator):
@@ -95,26 +104,40 @@ class ColumnShardedPlan(LinearOperator):
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out
 
+    def squared(self) -> "ColumnShardedPlan":
+        """``P∘P`` in the same layout (no communication)."""
+        return ColumnShardedPlan(self.plan.squared())
 
-def _column_plan(owner: str, P) -> ColumnShardedPlan:
-    if isinstance(P, ColumnShardedPlan):
+
+def sharded_plan(owner: str, P):
+    """The plan of a sharded Hessian: a ``ColumnShardedPlan`` (a ``ShardedPlanOperator`` is wrapped in
+    one) or a ``RingPlanOperator``; TypeError for anything else."""
+    if isinstance(P, (ColumnShardedPlan, RingPlanOperator)):
         return P
     if isinstance(P, ShardedPlanOperator):
         return ColumnShardedPlan(P)
-    raise TypeError(f"{owner}: P must be a ShardedPlanOperator, got {type(P).__name__}")
+    raise TypeError(f"{owner}: P must be a ShardedPlanOperator (the columns sharded) or a RingPlanOperator (both "
+                    f"clouds sharded), got {type(P).__name__}")
+
+
+def replicated_rows(P) -> int:
+    """How many of this rank's rows of the plan every rank holds too: all n of a ``ColumnShardedPlan``
+    (the source side is replicated), none of a ``RingPlanOperator``."""
+    return P.shape[0] if isinstance(P, ColumnShardedPlan) else 0
 
 
 class ShardedHessianOperator(LinearOperator):
     r"""The Schur complement ``S`` of the dual Hessian, with ``g`` sharded over a process group.
 
-    Every rank builds it with its own ``ShardedPlanOperator`` and the same
-    options; seen from one rank it maps this rank's block of a vector over
-    the m targets to the same block of ``S v``.
+    Every rank builds it with its own sharded plan and the same options;
+    seen from one rank it maps this rank's block of a vector over the m
+    targets to the same block of ``S v``.
 
     Parameters
     ----------
-    P : ShardedPlanOperator
-        The plan, its columns split over the group.
+    P : ShardedPlanOperator or RingPlanOperator
+        The plan: its columns split over the group (the rows replicated), or
+        both clouds split (a block of rows and one of columns per rank).
     eps : float
         The entropic regularisation (the plan's).
     reach_x, reach_y : float, optional
@@ -126,7 +149,7 @@ class ShardedHessianOperator(LinearOperator):
     Raises
     ------
     TypeError
-        If ``P`` is not a ``ShardedPlanOperator``.
+        If ``P`` is neither a ``ShardedPlanOperator`` nor a ``RingPlanOperator``.
     ValueError
         For the checks of ``HessianOperator`` on eps, the reaches and ridge.
 
@@ -141,14 +164,19 @@ class ShardedHessianOperator(LinearOperator):
       as null space when both marginals are hard and ``ridge == 0``.
     * ``inner_products``: a ``solvers.ShardedInnerProduct`` over the group,
       so ``solvers.cg(S, rhs_r)`` solves the whole system, every dot reduced.
-    * One product: a local pass (``P_r v_r``), an all-reduce of n k values,
-      a local pass (``P_r.T``): O(n m_local (d + k)) time per rank.
-    * ``diagonal()`` is the exact diagonal of this rank's block (one local pass
-      over ``P_r∘P_r``), for ``solvers.jacobi``; ``splitting()`` gives
-      ``(D, N)`` for ``solvers.neumann``.
-    * The construction costs the marginals (a local pass and an all-reduce of
-      n values for ``ah``; a local pass for ``bh``) and one all-gather of the
-      column counts and of ``sum bh``.
+    * One product, columns sharded: a local pass (``P_r v_r``), an all-reduce
+      of n k values, a local pass (``P_r.T``): O(n m_local (d + k)) time per
+      rank. Both sharded: two rings (``P v`` for this rank's rows, ``P.T`` of
+      ``w * P v`` for its columns), each W - 1 messages of about
+      ``(m + n) / W (d + 2 + k)`` values and kernels over n_local x m and
+      m_local x n entries.
+    * ``diagonal()`` is the exact diagonal of this rank's block (one pass over
+      ``P∘P``: local for the columns layout, a ring over the row blocks for
+      both), for ``solvers.jacobi``; ``splitting()`` gives ``(D, N)`` for
+      ``solvers.neumann``.
+    * The construction costs the marginals (columns: a local pass and an
+      all-reduce of n values for ``ah``, a local pass for ``bh``; both: a
+      ring each) and one all-gather of the column counts and of ``sum bh``.
 
     Examples
     --------
@@ -174,15 +202,15 @@ class ShardedHessianOperator(LinearOperator):
 
     def __init__(self, P, *, eps, reach_x=None, reach_y=None, ridge=None):
         owner = "ShardedHessianOperator"
-        self._build(_column_plan(owner, P), hessian_options(owner, eps, reach_x, reach_y, ridge))
+        self._build(sharded_plan(owner, P), hessian_options(owner, eps, reach_x, reach_y, ridge))
 
     @classmethod
-    def _on_plan(cls, P: ColumnShardedPlan, options: tuple) -> "ShardedHessianOperator":
+    def _on_plan(cls, P, options: tuple) -> "ShardedHessianOperator":
         self = cls.__new__(cls)
         self._build(P, options)
         return self
 
-    def _build(self, P: ColumnShardedPlan, options: tuple):
+    def _build(self, P, options: tuple):
         eps, kx, ky, ridge = options
         self.P, self.eps, self.kx, self.ky, self.group = P, eps, kx, ky, P.group
         m_local = P.shape[1]
@@ -204,19 +232,19 @@ class ShardedHessianOperator(LinearOperator):
         return self._S._matmat(V)
 
     def _diagonal(self):
-        return schur_diagonal(self.D, self.P.local.squared().T @ self._row_weight)
+        return schur_diagonal(self.D, self.P.squared().T @ self._row_weight)
 
     def splitting(self):
         return self.D, self.N
 
 
 class ShardedDualHessianOperator(LinearOperator):
-    r"""``K = [[kx Diag(P 1), P], [P.T, ky Diag(P.T 1)]]`` with the target side sharded.
+    r"""``K = [[kx Diag(P 1), P], [P.T, ky Diag(P.T 1)]]`` on a plan sharded over a group.
 
     Parameters
     ----------
-    P : ShardedPlanOperator
-        The plan, its columns split over the group.
+    P : ShardedPlanOperator or RingPlanOperator
+        The plan, its columns split over the group, or both clouds.
     eps, reach_x, reach_y, ridge
         As :class:`ShardedHessianOperator` (the ridge is its Schur complement's).
 
@@ -227,28 +255,30 @@ class ShardedDualHessianOperator(LinearOperator):
 
     Notes
     -----
-    * Seen from one rank, shape (n + m_local, n + m_local): a vector is
-      ``(z1, z2_r)``, ``z1`` over the n sources (the same on every rank) and
-      ``z2_r`` this rank's block over the targets. Its ``inner_products``
-      count ``z1`` once (on rank 0) and every rank's ``z2_r``.
+    * Seen from one rank, shape (n + m_local, n + m_local) (columns layout)
+      or (n_local + m_local, n_local + m_local) (both): a vector is ``(z1,
+      z2_r)``, ``z1`` over the n sources (the same on every rank) or this
+      rank's block of them, and ``z2_r`` this rank's block over the targets.
+      Its ``inner_products`` count a replicated ``z1`` once (on rank 0), a
+      split one on every rank, and every rank's ``z2_r``.
     * The whole K is symmetric PSD; null space ``(1, -1)`` with hard marginals.
-    * One product: ``kx ah z1 + P z2`` (a local pass and an all-reduce) and
-      ``P_r.T z1 + ky bh_r z2_r`` (a local pass).
+    * One product: ``kx ah z1 + P z2`` and ``P.T z1 + ky bh z2``: a local
+      pass and an all-reduce, and a local pass (columns); two rings (both).
     * :meth:`solve` goes through the Schur complement ``schur`` (a
       :class:`ShardedHessianOperator`), as ``DualHessianOperator.solve``.
     """
 
     def __init__(self, P, *, eps, reach_x=None, reach_y=None, ridge=None):
         owner = "ShardedDualHessianOperator"
-        self._setup(_column_plan(owner, P), hessian_options(owner, eps, reach_x, reach_y, ridge))
+        self._setup(sharded_plan(owner, P), hessian_options(owner, eps, reach_x, reach_y, ridge))
 
     @classmethod
-    def _on_plan(cls, P: ColumnShardedPlan, options: tuple) -> "ShardedDualHessianOperator":
+    def _on_plan(cls, P, options: tuple) -> "ShardedDualHessianOperator":
         self = cls.__new__(cls)
         self._setup(P, options)
         return self
 
-    def _setup(self, P: ColumnShardedPlan, options: tuple):
+    def _setup(self, P, options: tuple):
         self.schur = ShardedHessianOperator._on_plan(P, options)
         self.P, self.eps, self.kx, self.ky, self.group = P, self.schur.eps, self.schur.kx, self.schur.ky, P.group
         n, m_local = P.shape
@@ -257,7 +287,8 @@ class ShardedDualHessianOperator(LinearOperator):
         # A row of zero mass (a_i = 0) gives z1_i = 0 (otlinop.hessian.row_weight says why).
         self._has_mass = (self._row_scale > 0).to(self._row_scale.dtype)
         self._safe_scale = torch.where(self._row_scale > 0, self._row_scale, torch.ones_like(self._row_scale))
-        self.inner_products = ShardedInnerProduct(n + m_local, group=P.group, replicated=n, device=P.device)
+        self.inner_products = ShardedInnerProduct(n + m_local, group=P.group, replicated=replicated_rows(P),
+                                                  device=P.device)
         super().__init__((n + m_local, n + m_local), P.dtype, P.device, is_symmetric=True, is_psd=True)
 
     def _matmat(self, Z):
@@ -271,9 +302,10 @@ class ShardedDualHessianOperator(LinearOperator):
 
         Parameters
         ----------
-        r : Tensor, shape (n + m_local,) or (n + m_local, k)
-            ``(r1, r2_r)``: ``r1`` the same on every rank, ``r2_r`` this
-            rank's block.
+        r : Tensor, shape (rows,) or (rows, k)
+            ``(r1, r2_r)``: ``r1`` over the sources (the same on every rank
+            with the columns sharded, this rank's block with both), ``r2_r``
+            this rank's block over the targets; ``rows = P.shape[0] + m_local``.
         solver : callable, default ``solvers.cg``
             ``solver(S, rhs, M=M, **options)`` returning a ``SolveResult``;
             it must take its inner products from the operator (every solver
@@ -286,25 +318,27 @@ class ShardedDualHessianOperator(LinearOperator):
         Returns
         -------
         z : Tensor, shape of r
-            ``(z1, z2_r)``, ``z1`` the same on every rank.
+            ``(z1, z2_r)``, laid out as ``r``.
         result : SolveResult
             Of the inner solve (the same status and iterations on every rank).
 
         Raises
         ------
         ValueError
-            If r does not have n + m_local rows.
+            If r does not have ``P.shape[0] + m_local`` rows.
 
         Notes
         -----
         ``S z2 = r2 - P.T (r1 / (kx ah))``, ``z1 = (r1 - P z2) / (kx ah)``:
-        one local pass, the solve, one pass and an all-reduce.
+        the products of ``P`` and ``P.T`` around the solve are local passes
+        and an all-reduce (columns) or rings (both).
         """
         n = self.P.shape[0]
         if not isinstance(r, torch.Tensor) or r.ndim not in (1, 2) or r.shape[0] != self.shape[0]:
             got = tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__
             raise ValueError(f"ShardedDualHessianOperator.solve: r must have shape ({self.shape[0]},) or "
-                             f"({self.shape[0]}, k) (n + m_local rows), got {got}")
+                             f"({self.shape[0]}, k) ({n} rows over the sources, then this rank's "
+                             f"{self.shape[0] - n} over the targets), got {got}")
         r1, r2 = r[:n], r[n:]
         scale, mass = self._safe_scale, self._has_mass
         if r.ndim == 2:
