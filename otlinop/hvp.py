@@ -322,6 +322,8 @@ def hvp(x, y, f, g, A=None, B=None, *, eps, a=None, b=None, cost_scale=1.0, reac
     ------
     ValueError, TypeError
         For a missing direction, or shapes, dtypes, devices that do not match.
+    NotImplementedError
+        For ``truncate`` with DTensor inputs.
 
     Notes
     -----
@@ -336,6 +338,15 @@ def hvp(x, y, f, g, A=None, B=None, *, eps, a=None, b=None, cost_scale=1.0, reac
     computed in the first pass (no pass of its own).
     For a double backward, ``(Hx, Hy)`` are the second-order contributions to
     ``x`` and ``y`` of grad-of-grad directions ``(A, B)`` (H is symmetric).
+
+    **DTensors.** Given points that are DTensors sharded on the point
+    dimension (``placements == (Shard(0),)`` on a 1-D mesh; then ``f``,
+    ``g``, ``a``, ``b``, ``A``, ``B`` must be so too), every rank of the mesh
+    calls it and it runs ``otlinop.distributed.hvp`` with ``sharded="xy"`` on
+    the local shards over the mesh's group: ``Hx`` and ``Hy`` come back as
+    DTensors sharded like x and y, ``result`` the same on every rank. So do
+    ``hvp_x``, ``hvp_y`` and ``loss_hessian_operator`` (``hvp_self`` raises
+    NotImplementedError).
 
     Examples
     --------
@@ -455,8 +466,20 @@ def plan_hvp(P, A=None, B=None, *, eps, cost_scale=1.0, reach_x=None, reach_y=No
     return _hvp(K, x, y, A, B, cost_scale=cost_scale, solve=solve, sides="xy", owner=owner)
 
 
+def _sharded_points(x, y) -> bool:
+    """Whether the points are DTensors (sharded on the point dimension): ``otlinop.distributed`` runs the call."""
+    # Imported here: otlinop.distributed builds on this layer's modules.
+    from .distributed.hvp import is_dtensor
+    return is_dtensor(x) or is_dtensor(y)
+
+
 def _checked_hvp(owner, x, y, f, g, A, B, sides, **options):
-    """Validate, build the dual Hessian and run ``_hvp`` on the requested ``sides``."""
+    """Validate, build the dual Hessian and run ``_hvp`` on the requested ``sides``
+    (DTensor points: ``otlinop.distributed.hvp.hvp_dtensor``, with the same result layout)."""
+    if _sharded_points(x, y):
+        from .distributed.hvp import hvp_dtensor
+        options.pop("need", None)
+        return hvp_dtensor(owner, x, y, f, g, A, B, **options)
     K, A, B, cost_scale, solve = _checked_dual(owner, x, y, f, g, A, B, **options)
     return _hvp(K, x, y, A, B, cost_scale=cost_scale, solve=solve, sides=sides, owner=owner)
 
@@ -467,7 +490,7 @@ def hvp_x(x, y, f, g, A, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, r
     """``H_xx A``, the HVP of ``L`` in ``x`` alone; returns ``(HA, SolveResult)``.
 
     A is (n, d), or (n, d, k) for k directions in one solve (HA then has
-    A's shape). Arguments as in ``hvp``. Cost: the Schur solve and 4 plan
+    A's shape). Arguments as in ``hvp``; DTensors as there (HA a DTensor). Cost: the Schur solve and 4 plan
     passes (``P @ y``, ``P.T @ [A | <x, A>]``, ``P @ [dg | y dg]``, one
     bilinear per direction), 3 when d^2 <= 64 k (the bilinear term from
     the moments ``P (y y^T)``, d^2 more columns of the first pass).
@@ -497,7 +520,7 @@ def hvp_y(x, y, f, g, B, *, eps, a=None, b=None, cost_scale=1.0, reach_x=None, r
           truncate=None):
     """``H_yy B``, the HVP of ``L`` in ``y`` alone; returns ``(HB, SolveResult)``.
 
-    B is (m, d) or (m, d, k). Arguments as in ``hvp``; the cost mirrors ``hvp_x``.
+    B is (m, d) or (m, d, k). Arguments as in ``hvp`` (DTensors too); the cost mirrors ``hvp_x``.
     """
     _, dy, result = _checked_hvp("hvp_y", x, y, f, g, None, B, "y", need="B", eps=eps, a=a, b=b,
                                  cost_scale=cost_scale, reach_x=reach_x, reach_y=reach_y, solver=solver, M=M,
@@ -535,6 +558,9 @@ def hvp_self(x, f, A, *, eps, a=None, cost_scale=1.0, reach=None, solver=cg, M=N
     ``H_xx = hvp_x(...) - hvp_self(x, f_aa, ...)`` (and no cross term from
     the self terms).
     """
+    if _sharded_points(x, x):
+        raise NotImplementedError("hvp_self: DTensor inputs are not implemented; otlinop.hvp(x, x, f, f, A, A, "
+                                  "a=a, b=a, reach_x=reach, reach_y=reach) gives (Hx + Hy) / 2 on them")
     K, A, _, cost_scale, solve = _checked_dual(
         "hvp_self", x, x, f, f, A, None, need="A", eps=eps, a=a, b=a, cost_scale=cost_scale, reach_x=reach,
         reach_y=reach, solver=solver, M=M, rtol=rtol, atol=atol, maxiter=maxiter, ridge=ridge, backend=backend,
@@ -641,12 +667,17 @@ def loss_hessian_operator(x, y, f, g, *, wrt="x", eps, a=None, b=None, cost_scal
     LossHessianOperator
         Its matvec reshapes the flat vector to ``(n, d)`` (and/or ``(m, d)``)
         and returns the flattened HVP; ``.last_solve`` is the last inner
-        ``SolveResult``.
+        ``SolveResult``. For DTensor points (``hvp``'s Notes) an
+        ``otlinop.distributed.ShardedLossHessianOperator`` with both clouds
+        sharded, acting on this rank's flattened blocks (``V.to_local()``;
+        x part first), its inner products reduced over the mesh's group.
 
     Raises
     ------
     ValueError
         If ``wrt`` is not one of "x", "y", "xy".
+    NotImplementedError
+        For ``truncate`` with DTensor inputs.
 
     Examples
     --------
@@ -666,6 +697,12 @@ def loss_hessian_operator(x, y, f, g, *, wrt="x", eps, a=None, b=None, cost_scal
     True
     """
     owner = "loss_hessian_operator"
+    if _sharded_points(x, y):
+        from .distributed.hvp import loss_hessian_operator_dtensor
+        return loss_hessian_operator_dtensor(x, y, f, g, wrt=wrt, eps=eps, a=a, b=b, cost_scale=cost_scale,
+                                             reach_x=reach_x, reach_y=reach_y, solver=solver, M=M, rtol=rtol,
+                                             atol=atol, maxiter=maxiter, ridge=ridge, backend=backend,
+                                             precision=precision, truncate=truncate)
     if not (isinstance(wrt, str) and wrt in ("x", "y", "xy")):
         raise ValueError(f"{owner}: wrt must be 'x', 'y' or 'xy', got {wrt!r}")
     K, _, _, cost_scale, solve = _checked_dual(

@@ -391,6 +391,45 @@ def _layout_errors(rank, world, done):
     done.add("layout refusals")
 
 
+def _dtensor_case(rank, world, done, memo):
+    """``otlinop.hvp_x``, ``hvp`` and ``loss_hessian_operator`` given DTensors return DTensors (world 2)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    m, seed = 11, 1
+    x, y, res, A, B = memo.setdefault((m, seed), _problem(m, 2, False, None, seed))
+    X, Y, F, G, Aw, Bw, AD, BD = (distribute_tensor(t, mesh, [Shard(0)]) for t in
+                                  (x, y, res.f, res.g, res.a, res.b, A, B))
+    opts = dict(eps=res.eps, cost_scale=0.5, M=solvers.jacobi(), rtol=1e-14)
+    HA, info = otlinop.hvp_x(X, Y, F, G, AD, a=Aw, b=Bw, **opts)
+    want, _ = otlinop.hvp_x(x, y, res.f, res.g, A, a=res.a, b=res.b, **opts)
+    assert isinstance(HA, DTensor) and HA.shape == A.shape and info.converged
+    _close(HA.full_tensor(), want, "DTensor hvp_x")
+    Hx, Hy, _ = otlinop.hvp(X, Y, F, G, AD, BD, a=Aw, b=Bw, **opts)
+    wx, wy, _ = otlinop.hvp(x, y, res.f, res.g, A, B, a=res.a, b=res.b, **opts)
+    _close(Hx.full_tensor(), wx, "DTensor hvp: x part")
+    _close(Hy.full_tensor(), wy, "DTensor hvp: y part")
+    H = otlinop.loss_hessian_operator(X, Y, F, G, wrt="y", a=Aw, b=Bw, **opts)
+    Hw = otlinop.loss_hessian_operator(x, y, res.f, res.g, wrt="y", a=res.a, b=res.b, **opts)
+    v = B[..., 0]
+    got = H @ distribute_tensor(v, mesh, [Shard(0)]).to_local().reshape(-1)
+    C = _block(_sizes(Y), rank)
+    _close(got, (Hw @ v.reshape(-1)).reshape(v.shape)[C].reshape(-1), "DTensor loss Hessian operator")
+    with pytest.raises(NotImplementedError, match="hvp_x: truncate is not implemented for DTensor inputs"):
+        otlinop.hvp_x(X, Y, F, G, AD, a=Aw, b=Bw, truncate=1e-8, **opts)
+    with pytest.raises(ValueError, match="hvp: a is a Tensor, but the points are DTensors"):
+        otlinop.hvp(X, Y, F, G, AD, a=res.a, b=Bw, **opts)
+    done.update({"DTensor hvp_x", "DTensor hvp", "DTensor loss Hessian operator"})
+
+
+def _sizes(D) -> list:
+    """Every rank's number of rows of the DTensor D's local shard (one all-gather)."""
+    mine = torch.tensor([D.to_local().shape[0]])
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, mine)
+    return [int(p) for p in parts]
+
+
 def _worker(rank, world, store, report):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
@@ -398,6 +437,8 @@ def _worker(rank, world, store, report):
         _error_cases(rank, done)
         _layout_errors(rank, world, done)
         _ring_cases(rank, world, done, memo)
+        if world == 2:      # DTensor's first use costs seconds per process: one world size
+            _dtensor_case(rank, world, done, memo)
         # (d, weighted, reach, seed): the first problem on every block layout (every solver, M
         # and k, and an outer MINRES, on the first layout only); the others on one layout each.
         plain, wide, relaxed = (2, False, None, 1), (9, True, None, 2), (2, True, 1.5, 3)
@@ -419,6 +460,7 @@ EXPECTED = {"solver cg", "solver minres", "solver gmres", "solver bicgstab", "so
             "empty shard", "unequal shards", "zero weight", "unbalanced", "bilinear pass", "refusals",
             "layout refusals", "ring bilinear", "ring squared", "ring S and K", "ring hvp_x", "ring hvp_y", "ring hvp",
             "ring cg jacobi", "ring minres", "ring loss Hessian", "ring minres on the loss Hessian", "ring empty blocks"}
+DTENSOR = {"DTensor hvp_x", "DTensor hvp", "DTensor loss Hessian operator"}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -427,9 +469,9 @@ def test_solvers_and_hvps_match_single_process(world, tmp_path, monkeypatch):
     two spaces), the sharded Schur complement and dual Hessian, hvp_x, hvp_y, hvp
     and the loss Hessian operator equal the single-process results to 1e-12 on
     every rank, with unequal and empty shards, with the same iteration counts; so do the
-    HVPs and the loss Hessian with both clouds sharded (``sharded="xy"``); inconsistent
-    layouts raise on every rank."""
-    assert spawn_gloo(_worker, world, tmp_path, monkeypatch) == EXPECTED
+    HVPs and the loss Hessian with both clouds sharded (``sharded="xy"``) and, on two ranks,
+    through otlinop's functions given DTensors; inconsistent layouts raise on every rank."""
+    assert spawn_gloo(_worker, world, tmp_path, monkeypatch) == (EXPECTED | DTENSOR if world == 2 else EXPECTED)
 
 
 def test_sharded_inner_product_refused_without_a_process_group():

@@ -17,7 +17,8 @@ Columns sharded, x replicated:
 - :func:`hvp`, :func:`hvp_x`, :func:`hvp_y`, :func:`loss_hessian_operator`:
   ``otlinop.hvp``'s functions over a group (``group=``), with ``y`` sharded
   (``sharded="y"``, the default) or both clouds (``sharded="xy"``, on a
-  :class:`RingPlanOperator`).
+  :class:`RingPlanOperator`); ``otlinop.hvp_x`` and the others route
+  DTensors sharded on the point dimension to the latter.
 
 Both clouds sharded (each rank a block of rows and a block of columns):
 

@@ -16,6 +16,8 @@ the same on every rank. Both sharded: every sum over the other cloud is a ring
 (``RingPlanOperator``), and each rank gets its block of both sides. In both,
 the dual solve is a Krylov solve on the sharded Schur complement whose inner
 products are reduced over the group (``otlinop.distributed.hessian``).
+``otlinop.hvp``, ``hvp_x``, ``hvp_y`` and ``loss_hessian_operator`` given
+DTensors sharded on the point dimension come here (:func:`hvp_dtensor`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from ..hvp import LossHessianOperator, solve_options
 from ..plan import plan_operator_for
 from .hessian import ColumnShardedPlan, ShardedDualHessianOperator, replicated_rows
 from .plan import checked_over_group, require_group, ring_plan_on, same_dimension, sharded_plan_on
+from .sinkhorn import as_dtensor, dtensor_shards, is_dtensor
 
-__all__ = ["hvp", "hvp_x", "hvp_y", "loss_hessian_operator", "ShardedLossHessianOperator", "LAYOUTS"]
+__all__ = ["hvp", "hvp_x", "hvp_y", "loss_hessian_operator", "ShardedLossHessianOperator", "hvp_dtensor",
+           "loss_hessian_operator_dtensor", "is_dtensor", "LAYOUTS"]
 
 #: The values of ``sharded``: the target cloud alone, or both clouds.
 LAYOUTS = ("y", "xy")
@@ -405,3 +409,48 @@ def loss_hessian_operator(x, y, f, g, *, wrt="x", eps, a=None, b=None, cost_scal
                        atol=atol, maxiter=maxiter, ridge=ridge, backend=backend, precision=precision,
                        sharded=sharded, group=group, wrt=wrt)
     return H
+
+
+# --------------------------------------------------------------------------
+# DTensors
+# --------------------------------------------------------------------------
+def _dtensor_arguments(owner, x, y, f, g, A, B, options):
+    """``(local shards of x, y, f, g, A, B, options with this rank's a, b and the mesh's group), mesh)``."""
+    truncate = options.pop("truncate", None)
+    if truncate is not None:
+        raise NotImplementedError(f"{owner}: truncate is not implemented for DTensor inputs (the sharded plans "
+                                  f"stream every entry), got truncate={truncate!r}; pass truncate=None")
+    shards, mesh = dtensor_shards(owner, dict(x=x, y=y, f=f, g=g, a=options.pop("a", None),
+                                              b=options.pop("b", None), A=A, B=B))
+    options = dict(options, a=shards["a"], b=shards["b"], sharded="xy", group=mesh.get_group())
+    return [shards[name] for name in ("x", "y", "f", "g", "A", "B")], options, mesh
+
+
+def hvp_dtensor(owner, x, y, f, g, A=None, B=None, **options):
+    """``otlinop.hvp`` (``owner`` "hvp"), ``hvp_x`` or ``hvp_y`` on DTensors sharded on the point dimension.
+
+    :func:`hvp`, :func:`hvp_x` or :func:`hvp_y` with ``sharded="xy"`` on the
+    local shards of ``x, y, f, g, a, b, A, B`` (every one a DTensor with
+    placements ``(Shard(0),)`` on one 1-D mesh; ``dtensor_shards`` refuses
+    others) over the mesh's group. Returns ``(Hx, Hy, SolveResult)``: the
+    products as DTensors sharded like x and y (None for a side that ``owner``
+    does not compute). ``truncate`` (not None) raises NotImplementedError.
+    """
+    (xs, ys, fs, gs, As, Bs), options, mesh = _dtensor_arguments(owner, x, y, f, g, A, B, options)
+    Hx = Hy = None
+    if owner == "hvp_x":
+        Hx, info = hvp_x(xs, ys, fs, gs, As, **options)
+    elif owner == "hvp_y":
+        Hy, info = hvp_y(xs, ys, fs, gs, Bs, **options)
+    else:
+        Hx, Hy, info = hvp(xs, ys, fs, gs, As, Bs, **options)
+    return as_dtensor(Hx, mesh, x.shape[0]), as_dtensor(Hy, mesh, y.shape[0]), info
+
+
+def loss_hessian_operator_dtensor(x, y, f, g, **options) -> ShardedLossHessianOperator:
+    """``otlinop.loss_hessian_operator`` on DTensors sharded on the point dimension: :func:`loss_hessian_operator`
+    with ``sharded="xy"`` on their local shards over the mesh's group. The operator acts on this rank's
+    flattened blocks (``V.to_local()`` of a DTensor direction, flattened; the x part first)."""
+    (xs, ys, fs, gs, _, _), options, _ = _dtensor_arguments("loss_hessian_operator", x, y, f, g, None, None,
+                                                            options)
+    return loss_hessian_operator(xs, ys, fs, gs, **options)
