@@ -30,6 +30,10 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with the gloo backend is not available")
 
 TOL = 1e-12
+#: Results through an inner solve at rtol 1e-14: each run is within about 1e-14 cond(S) of the exact
+#: solution, and cond(S) reaches ~2e4 here (d = 9, weighted, shards (3, 0, 8): 2e-11 apart on one CPU,
+#: bitwise on another), so a comparison of two runs sits above that, not at it.
+SOLVED_TOL = 1e-9
 F64 = dict(dtype=torch.float64)
 
 #: Block sizes of the target side per world size: unequal, and with empty blocks.
@@ -117,7 +121,7 @@ def _solver_cases(rank, world, sizes, done):
                 what = f"{tag}: {name} M={M} b {tuple(b.shape)}"
                 assert got.converged and want.converged, what
                 assert got.n_iter == want.n_iter, f"{what}: {got.n_iter} iterations, one process {want.n_iter}"
-                _close(got.x, want.x[blk], what)
+                _close(got.x, want.x[blk], what, tol=SOLVED_TOL)
                 _close(torch.as_tensor(got.residual_norm), torch.as_tensor(want.residual_norm),
                        f"{what}: residual norm", tol=1e-6)
                 _same_on_every_rank(torch.as_tensor(got.residual_norm), f"{what}: residual norm")
@@ -130,7 +134,7 @@ def _solver_cases(rank, world, sizes, done):
     want = solvers.lsmr(rect, b, atol=1e-12, btol=1e-12, maxiter=200)
     got = solvers.lsmr(A, b, atol=1e-12, btol=1e-12, maxiter=200)
     assert got.n_iter == want.n_iter and got.converged, f"{tag}: lsmr {got} {want}"
-    _close(got.x, want.x[blk], f"{tag}: lsmr")
+    _close(got.x, want.x[blk], f"{tag}: lsmr", tol=SOLVED_TOL)
     done.add("solver lsmr")
     # An inner product with a replicated block of rows (counted once) before the sharded rows.
     U = torch.randn(4 + m, 3, generator=gen, **F64)
@@ -235,18 +239,18 @@ def _hvp_cases(rank, world, sizes, done, memo, *, problems, full):
                 # (so both are within ~1e-14 cond(S) of the solution), in as many iterations give or take one.
                 assert info.converged and info1.converged and abs(info.n_iter - info1.n_iter) <= 1, \
                     f"{what}: hvp_x inner solve {info}, one process {info1}"
-                _close(got, want, f"{what}: hvp_x")
+                _close(got, want, f"{what}: hvp_x", tol=SOLVED_TOL)
                 _same_on_every_rank(got, f"{what}: hvp_x")
                 got, _ = hvp_y(*loc, Bk[blk], b=b_r, **opts)
                 want, _ = ref(key + ("y",), lambda: otlinop.hvp_y(*whole, Bk, b=res.b, **opts))
-                _close(got, want[blk], f"{what}: hvp_y")
+                _close(got, want[blk], f"{what}: hvp_y", tol=SOLVED_TOL)
                 gx, gy, _ = hvp(*loc, Ak, Bk[blk], b=b_r, **opts)
                 wx, wy, _ = ref(key + ("xy",), lambda: otlinop.hvp(*whole, Ak, Bk, b=res.b, **opts))
-                _close(gx, wx, f"{what}: hvp x part")
-                _close(gy, wy[blk], f"{what}: hvp y part")
+                _close(gx, wx, f"{what}: hvp x part", tol=SOLVED_TOL)
+                _close(gy, wy[blk], f"{what}: hvp y part", tol=SOLVED_TOL)
                 _, gy, _ = hvp(*loc, None, Bk[blk], b=b_r, **opts)
                 wy = ref(key + ("B",), lambda: otlinop.hvp(*whole, None, Bk, b=res.b, **opts)[1])
-                _close(gy, wy[blk], f"{what}: hvp, B alone")
+                _close(gy, wy[blk], f"{what}: hvp, B alone", tol=SOLVED_TOL)
         done.update({"hvp_x", "hvp_y", "hvp", "hvp_x same on every rank", "minres inner solve", "jacobi",
                      "neumann", "k directions"})
 
@@ -260,7 +264,8 @@ def _hvp_cases(rank, world, sizes, done, memo, *, problems, full):
                               if "y" in wrt else torch.arange(0)])
             size = (nd if "x" in wrt else 0) + (md if "y" in wrt else 0)
             v = torch.randn(size, generator=torch.Generator().manual_seed(seed + 2), **F64)
-            _close(H @ v[mine], ref((m, seed, wrt), lambda: Hw @ v)[mine], f"{tag}: loss Hessian {wrt} @ v")
+            _close(H @ v[mine], ref((m, seed, wrt), lambda: Hw @ v)[mine], f"{tag}: loss Hessian {wrt} @ v",
+                   tol=SOLVED_TOL)
             if not first or wrt == "x":    # (x: replicated vectors, the plain inner product)
                 continue
             got = solvers.minres(H, v[mine], shift=-1.0, rtol=1e-9)
@@ -333,15 +338,15 @@ def _ring_cases(rank, world, done, memo):
     want, info1 = ref(key(cg3, 3, "x"), lambda: otlinop.hvp_x(*whole, A, **whole_opts, **cg3))
     assert info.converged and abs(info.n_iter - info1.n_iter) <= 1, f"{tag}: hvp_x {info}, one process {info1}"
     _same_on_every_rank(info.n_iter, f"{tag}: inner iterations")
-    _close(got, want[R], f"{tag}: hvp_x")
+    _close(got, want[R], f"{tag}: hvp_x", tol=SOLVED_TOL)
     got, info = hvp_y(*loc, B[C, :, 0], **common, **minres1)
     want, _ = ref(key(minres1, 1, "y"), lambda: otlinop.hvp_y(*whole, B[..., 0], **whole_opts, **minres1))
     assert info.converged, f"{tag}: hvp_y with minres {info}"
-    _close(got, want[C], f"{tag}: hvp_y")
+    _close(got, want[C], f"{tag}: hvp_y", tol=SOLVED_TOL)
     gx, gy, _ = hvp(*loc, A[R], B[C], **common, **cg3)
     wx, wy, _ = ref(key(cg3, 3, "xy"), lambda: otlinop.hvp(*whole, A, B, **whole_opts, **cg3))
-    _close(gx, wx[R], f"{tag}: hvp x part")
-    _close(gy, wy[C], f"{tag}: hvp y part")
+    _close(gx, wx[R], f"{tag}: hvp x part", tol=SOLVED_TOL)
+    _close(gy, wy[C], f"{tag}: hvp y part", tol=SOLVED_TOL)
     done.update({"ring hvp_x", "ring hvp_y", "ring hvp", "ring cg jacobi", "ring minres"})
 
     # The loss Hessian operator on both blocks, and an outer MINRES on H_xx (the x blocks' inner products).
@@ -352,7 +357,7 @@ def _ring_cases(rank, world, done, memo):
         ys = (7 * d if "x" in wrt else 0) + torch.arange(C.start * d, C.stop * d) if "y" in wrt else torch.arange(0)
         mine = torch.cat([xs, ys])
         v = torch.randn(Hw.shape[0], generator=torch.Generator().manual_seed(seed + 2), **F64)
-        _close(H @ v[mine], ref((m, seed, wrt), lambda: Hw @ v)[mine], f"{tag}: loss Hessian {wrt} @ v")
+        _close(H @ v[mine], ref((m, seed, wrt), lambda: Hw @ v)[mine], f"{tag}: loss Hessian {wrt} @ v", tol=SOLVED_TOL)
         if wrt == "x":
             # Three iterations (three HVPs) run the reduced dots over the x blocks; to convergence took 3 s.
             got = solvers.minres(H, v[mine], shift=-1.0, maxiter=3)
@@ -404,17 +409,17 @@ def _dtensor_case(rank, world, done, memo):
     HA, info = otlinop.hvp_x(X, Y, F, G, AD, a=Aw, b=Bw, **opts)
     want, _ = otlinop.hvp_x(x, y, res.f, res.g, A, a=res.a, b=res.b, **opts)
     assert isinstance(HA, DTensor) and HA.shape == A.shape and info.converged
-    _close(HA.full_tensor(), want, "DTensor hvp_x")
+    _close(HA.full_tensor(), want, "DTensor hvp_x", tol=SOLVED_TOL)
     Hx, Hy, _ = otlinop.hvp(X, Y, F, G, AD, BD, a=Aw, b=Bw, **opts)
     wx, wy, _ = otlinop.hvp(x, y, res.f, res.g, A, B, a=res.a, b=res.b, **opts)
-    _close(Hx.full_tensor(), wx, "DTensor hvp: x part")
-    _close(Hy.full_tensor(), wy, "DTensor hvp: y part")
+    _close(Hx.full_tensor(), wx, "DTensor hvp: x part", tol=SOLVED_TOL)
+    _close(Hy.full_tensor(), wy, "DTensor hvp: y part", tol=SOLVED_TOL)
     H = otlinop.loss_hessian_operator(X, Y, F, G, wrt="y", a=Aw, b=Bw, **opts)
     Hw = otlinop.loss_hessian_operator(x, y, res.f, res.g, wrt="y", a=res.a, b=res.b, **opts)
     v = B[..., 0]
     got = H @ distribute_tensor(v, mesh, [Shard(0)]).to_local().reshape(-1)
     C = _block(_sizes(Y), rank)
-    _close(got, (Hw @ v.reshape(-1)).reshape(v.shape)[C].reshape(-1), "DTensor loss Hessian operator")
+    _close(got, (Hw @ v.reshape(-1)).reshape(v.shape)[C].reshape(-1), "DTensor loss Hessian operator", tol=SOLVED_TOL)
     with pytest.raises(NotImplementedError, match="hvp_x: truncate is not implemented for DTensor inputs"):
         otlinop.hvp_x(X, Y, F, G, AD, a=Aw, b=Bw, truncate=1e-8, **opts)
     with pytest.raises(ValueError, match="hvp: a is a Tensor, but the points are DTensors"):
