@@ -166,7 +166,13 @@ class _Side:
         return c2 * (transport + replan / eps)
 
 
-def _hvp(K, x, y, A, B, *, cost_scale, solve, sides, owner="hvp"):
+def check_results(owner: str, results: dict, hint: str) -> None:
+    """ValueError naming ``owner`` if a tensor of ``results`` (name -> tensor or None) holds NaN or inf
+    (one host read; ``hint`` says why it can overflow and what to do)."""
+    finite(owner, {}, results=results, result_hint=hint)
+
+
+def _hvp(K, x, y, A, B, *, cost_scale, solve, sides, owner="hvp", check=None):
     """``(H_x [A; B], H_y [A; B], SolveResult)`` for the dual Hessian K of the
     problem (its plan ``K.P``); ``sides`` in {"x", "y", "xy"} picks the parts computed.
 
@@ -180,8 +186,11 @@ def _hvp(K, x, y, A, B, *, cost_scale, solve, sides, owner="hvp"):
     twice, the solve's right-hand side and the products at the end. Their
     inputs were checked before (the plan's data when it was built, the
     directions by the caller); every operand of a pass is computed from them,
-    so a non-finite product can only come from an overflow.
+    so a non-finite product can only come from an overflow. ``check(owner,
+    results, hint)`` runs those two checks (default :func:`check_results`; a
+    sharded operator's raises on every rank of its group).
     """
+    check = check_results if check is None else check
     c2 = 2.0 * cost_scale
     single = (A if A is not None else B).ndim == 2
     if single:
@@ -192,9 +201,9 @@ def _hvp(K, x, y, A, B, *, cost_scale, solve, sides, owner="hvp"):
         rhs = torch.cat([X.r, Y.r])
     # The passes that built it overflow for directions near the dtype's range: say so here (the solver
     # would only see a non-finite b).
-    finite(owner, {}, results={"the Schur solve's right-hand side": rhs},
-           result_hint="the directions A, B, times the points, are too large for the dtype (scale them down: "
-                       "the HVP is linear in them), or " + OVERFLOW_HINT)
+    check(owner, {"the Schur solve's right-hand side": rhs},
+          "the directions A, B, times the points, are too large for the dtype (scale them down: the HVP is "
+          "linear in them), or " + OVERFLOW_HINT)
     with config.override(check_finite=False):
         # One direction goes to the solver as a vector (what a user's solver or M expects).
         dphi, result = K.solve(rhs[:, 0] if single else rhs, **solve)
@@ -202,7 +211,7 @@ def _hvp(K, x, y, A, B, *, cost_scale, solve, sides, owner="hvp"):
         df, dg = dphi[:x.shape[0]], dphi[x.shape[0]:]
         dx = X.gradient_derivative(df, dg, eps=K.eps) if "x" in sides else None
         dy = Y.gradient_derivative(dg, df, eps=K.eps) if "y" in sides else None
-    finite(owner, {}, results={"H_x A": dx, "H_y B": dy}, result_hint=OVERFLOW_HINT)
+    check(owner, {"H_x A": dx, "H_y B": dy}, OVERFLOW_HINT)
     if single:
         dx, dy = (None if H is None else H[:, :, 0] for H in (dx, dy))
     return dx, dy, result
@@ -638,8 +647,12 @@ class LossHessianOperator(LinearOperator):
         A = V[:x.numel()].reshape(x.shape + cols) if "x" in self.wrt else None
         B = V[V.shape[0] - y.numel():].reshape(y.shape + cols) if "y" in self.wrt else None
         dx, dy, self.last_solve = _hvp(self.K, x, y, A, B, cost_scale=self._cost_scale, solve=self._solve,
-                                       sides=self.wrt, owner=type(self).__name__)
+                                       sides=self.wrt, owner=type(self).__name__, check=self._check_results)
         return torch.cat([t.reshape((-1,) + cols) for t in (dx, dy) if t is not None])
+
+    def _check_results(self, owner: str, results: dict, hint: str) -> None:
+        """The overflow checks of one product (:func:`check_results`)."""
+        check_results(owner, results, hint)
 
     def _matvec(self, v):
         return self._apply(v)

@@ -394,6 +394,15 @@ def _layout_errors(rank, world, done):
     with pytest.raises(ValueError, match="loss_hessian_operator: the options .* must be the same on every rank"):
         loss_hessian_operator(x, y, f, g, eps=1.0 + rank, sharded="xy")
     done.add("layout refusals")
+    # The value checks of a product (the solve's right-hand side, the HVP) share their outcome: an
+    # overflow on one rank raises on every rank.
+    H = loss_hessian_operator(x, y, f, g, eps=1.0, sharded="xy")
+    H._check_results("hvp", {"H_x A": torch.ones(2, **F64)}, "")
+    overflowed = {"H_x A": torch.full((2,), float("inf") if rank == 1 else 1.0, **F64)}
+    match = "hvp: .*H_x A" if rank == 1 else r"hvp: the HVP values of rank 1 were refused \(ValueError: .*H_x A"
+    with pytest.raises(ValueError, match=match):
+        H._check_results("hvp", overflowed, "")
+    done.add("overflow on one rank")
 
 
 def _dtensor_case(rank, world, done, memo):
@@ -464,7 +473,8 @@ EXPECTED = {"solver cg", "solver minres", "solver gmres", "solver bicgstab", "so
             "k directions", "loss Hessian x", "loss Hessian y", "loss Hessian xy", "minres on the loss Hessian",
             "empty shard", "unequal shards", "zero weight", "unbalanced", "bilinear pass", "refusals",
             "layout refusals", "ring bilinear", "ring squared", "ring S and K", "ring hvp_x", "ring hvp_y", "ring hvp",
-            "ring cg jacobi", "ring minres", "ring loss Hessian", "ring minres on the loss Hessian", "ring empty blocks"}
+            "ring cg jacobi", "ring minres", "ring loss Hessian", "ring minres on the loss Hessian", "ring empty blocks",
+            "overflow on one rank"}
 DTENSOR = {"DTensor hvp_x", "DTensor hvp", "DTensor loss Hessian operator"}
 
 

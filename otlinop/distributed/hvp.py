@@ -28,7 +28,7 @@ from solvers import ShardedInnerProduct, cg
 
 from .._checks import directions, finite, points, positive_scalar, vector
 from ..hessian import hessian_options
-from ..hvp import LossHessianOperator, solve_options
+from ..hvp import LossHessianOperator, check_results, solve_options
 from ..plan import plan_operator_for
 from .hessian import ColumnShardedPlan, ShardedDualHessianOperator, replicated_rows
 from .plan import checked_over_group, require_group, ring_plan_on, same_dimension, sharded_plan_on
@@ -65,6 +65,10 @@ class ShardedLossHessianOperator(LossHessianOperator):
     * One product: one HVP (``hvp``'s cost per rank: its plan passes are
       local passes and all-reduces, or rings; each inner solve iteration
       reduces its dots over the group).
+    * Its two overflow checks (the solve's right-hand side, the products)
+      share their outcome over the group (one ``all_gather_object`` each):
+      an overflow on one rank raises on every rank, none waits in a
+      collective that another left.
     """
 
     def __init__(self, K, x, y, *, wrt, cost_scale, solve):
@@ -74,6 +78,14 @@ class ShardedLossHessianOperator(LossHessianOperator):
         if not (wrt == "x" and replicated):
             self.inner_products = ShardedInnerProduct(self.shape[0], group=K.group, replicated=replicated,
                                                       device=x.device)
+
+    def _check_results(self, owner: str, results: dict, hint: str) -> None:
+        """:func:`otlinop.hvp.check_results` on this rank, its outcome shared over the group."""
+        def check():
+            check_results(owner, results, hint)
+            return None, None
+
+        checked_over_group(owner, check, self.K.group, what="HVP values")
 
 
 def _checksum(tensors) -> list:

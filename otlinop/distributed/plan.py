@@ -436,7 +436,7 @@ def ring_plan_on(local, row_sizes, col_sizes, group=None) -> "RingPlanOperator":
     return P
 
 
-def checked_over_group(owner: str, check, group=None) -> tuple:
+def checked_over_group(owner: str, check, group=None, *, what: str = "inputs") -> tuple:
     """Run this rank's checks ``check()`` and learn every rank's outcome: ``(value, summaries)``.
 
     ``check()`` returns ``(value, summary)`` (``summary``: anything picklable that
@@ -444,7 +444,8 @@ def checked_over_group(owner: str, check, group=None) -> tuple:
     ValueError. One ``all_gather_object`` of the outcomes: a refusal on one rank
     raises on every rank (the refused rank its own error, the others one that
     names it), so that no rank goes on to a collective that another left.
-    ``summaries``: every rank's, in rank order.
+    ``summaries``: every rank's, in rank order; ``what`` names what was
+    checked in the others' message.
     """
     try:
         value, summary = check()
@@ -458,7 +459,7 @@ def checked_over_group(owner: str, check, group=None) -> tuple:
         raise refused
     bad = [r for r, (message, _) in enumerate(everyone) if message is not None]
     if bad:
-        raise ValueError(f"{owner}: the inputs of rank {bad[0]} were refused ({everyone[bad[0]][0]}); every rank "
+        raise ValueError(f"{owner}: the {what} of rank {bad[0]} were refused ({everyone[bad[0]][0]}); every rank "
                          "of the group stops")
     return value, [summary for _, summary in everyone]
 
