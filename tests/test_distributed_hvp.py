@@ -505,11 +505,15 @@ def _nccl_worker(rank, store):
         x, y = torch.randn(400, 8, **kw), torch.randn(300, 8, **kw)
         res = otlinop.sinkhorn(x, y, eps=0.5, method="alternating", threshold=1e-6)
         A = torch.randn(400, 8, 4, **kw)
-        got, info = hvp_x(x, y, res.f, res.g, A, eps=res.eps, a=res.a, b=res.b, M=solvers.jacobi())
         want, info1 = otlinop.hvp_x(x, y, res.f, res.g, A, eps=res.eps, a=res.a, b=res.b, M=solvers.jacobi())
-        assert info.converged and info1.converged
-        # float32 inner solves to rtol 1e-5 whose dots differ in rounding (reduced vs local): a smoke test.
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+        assert info1.converged
+        # Both layouts: x replicated (the columns plan) and both clouds sharded (the ring plan).
+        for sharded in ("y", "xy"):
+            got, info = hvp_x(x, y, res.f, res.g, A, eps=res.eps, a=res.a, b=res.b, M=solvers.jacobi(),
+                              sharded=sharded)
+            assert info.converged, sharded
+            # float32 inner solves to rtol 1e-5 whose dots differ in rounding (reduced vs local): a smoke test.
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
     finally:
         dist.destroy_process_group()
 
@@ -517,5 +521,6 @@ def _nccl_worker(rank, store):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the NCCL path needs a CUDA GPU")
 @pytest.mark.skipif(not (dist.is_available() and dist.is_nccl_available()), reason="NCCL is not available")
 def test_nccl_world_size_one_hvp_smoke(tmp_path):
-    """hvp_x over NCCL with one rank on one GPU (the Triton kernels, float32) matches otlinop.hvp_x."""
+    """hvp_x over NCCL with one rank on one GPU (the Triton kernels, float32), x replicated and both clouds
+    sharded, matches otlinop.hvp_x."""
     mp.spawn(_nccl_worker, args=(str(tmp_path / "store"),), nprocs=1, join=True)
