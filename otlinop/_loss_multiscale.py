@@ -53,8 +53,8 @@ def _solve(owner, x, y, a, b, setup):
     dt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     with torch.no_grad(), config.override(check_finite=False):
         clouds = cluster_clouds(owner, x, y, a, b, options=ms, diameter=math.sqrt(schedule[0]))
-        run = dict(truncate=ms.truncate, cluster_scale=clouds.scale, cost_scale=cost_scale, backend=backend,
-                   precision=precision, pot_dtype=dt)
+        run = dict(truncate=ms.truncate, prune_tol=ms.prune_tol, cluster_scale=clouds.scale, cost_scale=cost_scale,
+                   backend=backend, precision=precision, pot_dtype=dt)
         if converge is not None:
             # converge="always": averaged steps at the final eps until the marginal error is below
             # the tolerance (converge[0]), at most converge[1] of them.

@@ -36,7 +36,7 @@ from ._sinkhorn_loops import Monitor, resolution, row_error, symmetric_loop
 from .kernels.blocksparse import blocksparse_softmin_unchecked
 from .kernels.softmin import softmin
 from .multiscale import (MAX_DIMENSION, Clustering, Multiscale, Pattern, cluster_grid, coarse_pattern,
-                         default_cluster_scale, truncation_bound)
+                         default_cluster_scale, kept_entries, prune_pattern, truncation_bound)
 
 __all__ = ["multiscale_options", "check_dimension", "jump_index", "Clouds", "cluster_clouds", "MultiscaleSolution",
            "multiscale_loop"]
@@ -93,16 +93,21 @@ def cluster_clouds(owner: str, x, y, a, b, *, options: Multiscale, diameter: flo
 @dataclass
 class MultiscaleSolution:
     """Potentials on permuted points: final ``f``, ``g``; ``f_pre``, ``g_pre`` before the final
-    extrapolation; the pattern; the averaged steps; the errors read; the certificate."""
+    extrapolation; the final pattern and the jump's (``base``, the widest); the averaged steps; the
+    errors read; the certificate; the plan entries visited by the block-sparse steps (``work``, summed
+    over the steps, one soft-min's worth each); whether the re-pruned pattern was given up (``fallback``)."""
 
     f: torch.Tensor
     g: torch.Tensor
     f_pre: torch.Tensor
     g_pre: torch.Tensor
     pattern: Pattern
+    base: Pattern
     n_iter: int
     jump: int
     bound: tuple
+    work: int
+    fallback: bool = False
     errors: list = field(default_factory=list)
 
 
@@ -112,15 +117,26 @@ def _extrapolate(points, coarse, coarse_log_w, coarse_pot, eps, opts):
     return softmin(points[None], coarse[None], h[None], eps=eps, **opts)[0]
 
 
+def _rise(new, old, weights):
+    """The largest rise ``max_i (new_i - old_i)`` over the points of positive weight, at least 0: a 0-d tensor."""
+    rise = torch.where(weights > 0, new - old, torch.zeros_like(new))
+    return rise.max().clamp_min(0) if rise.numel() else rise.new_zeros(())
+
+
 def multiscale_loop(cx: Clustering, cy: Clustering, schedule: list, *, truncate: float, cluster_scale: float,
-                    cost_scale: float, backend, precision, pot_dtype, refine: int = 0, threshold: float = math.inf,
-                    monitor: Monitor | None = None, check_every: int = 10) -> MultiscaleSolution:
+                    cost_scale: float, backend, precision, pot_dtype, prune_tol: float | None = None,
+                    refine: int = 0, threshold: float = math.inf, monitor: Monitor | None = None,
+                    check_every: int = 10) -> MultiscaleSolution:
     """GeomLoss' multiscale symmetric loop on the clustered clouds ``cx``, ``cy`` (balanced).
 
-    ``refine``: the most averaged steps at the final eps after the schedule,
-    until a check finds the marginal error ``<= threshold`` (the first check at
-    the end of the schedule; ``threshold = inf`` runs the schedule alone);
-    ``monitor`` records each check (errors of the plan in the caller's order).
+    ``prune_tol``: re-prune the kept pairs after each fine step of the schedule
+    (``prune_pattern`` at that step's eps, potentials raised by their last
+    change) and fall back to the jump's pattern when the final certificate
+    exceeds the jump pattern's by more than ``prune_tol``; None keeps the jump's
+    pattern. ``refine``: the most averaged steps at the final eps after the
+    schedule, until a check finds the marginal error ``<= threshold`` (the first
+    check at the end of the schedule; ``threshold = inf`` runs the schedule
+    alone); ``monitor`` records each check (errors of the plan in the caller's order).
     """
     opts = dict(cost_scale=cost_scale, backend=backend, precision=precision)
     jump = jump_index(schedule, cluster_scale)
@@ -136,60 +152,91 @@ def multiscale_loop(cx: Clustering, cy: Clustering, schedule: list, *, truncate:
         F, G = pre[0][0], pre[1][0]
         eps = schedule[jump]
         x, y = cx.points.to(pot_dtype), cy.points.to(pot_dtype)
-        log_a, log_b = torch.log(cx.weights.to(pot_dtype)), torch.log(cy.weights.to(pot_dtype))
+        a, b = cx.weights.to(pot_dtype), cy.weights.to(pot_dtype)
+        log_a, log_b = torch.log(a), torch.log(b)
         f = _extrapolate(x, Yc, torch.log(B), G, eps, opts).to(pot_dtype)
         g = _extrapolate(y, Xc, torch.log(A), F, eps, opts).to(pot_dtype)
-        pattern = coarse_pattern(Xc, Yc, F, G, eps=eps, cost_scale=cost_scale, truncate=truncate)
-        rows, cols = pattern, pattern.T
+        base = coarse_pattern(Xc, Yc, F, G, eps=eps, cost_scale=cost_scale, truncate=truncate)
+        pattern = base
+        runs = []          # [pattern, soft-min passes on it]: the work, summed at the end
 
         # The points were checked on entry and the layout is built here: the unchecked kernels
         # spare a host synchronisation per update on the Triton path.
-        def smins(f, g, eps):
-            sf = blocksparse_softmin_unchecked(x, y, log_b + g / eps, cx.starts, cy.starts, rows.ptr, rows.idx,
+        def smins(f, g, eps, pattern):
+            if runs and runs[-1][0] is pattern:
+                runs[-1][1] += 1
+            else:
+                runs.append([pattern, 1])
+            cols = pattern.T
+            sf = blocksparse_softmin_unchecked(x, y, log_b + g / eps, cx.starts, cy.starts, pattern.ptr, pattern.idx,
                                                eps=eps, **opts)
             sg = blocksparse_softmin_unchecked(y, x, log_a + f / eps, cy.starts, cx.starts, cols.ptr, cols.idx,
                                                eps=eps, **opts)
             return sf.to(pot_dtype), sg.to(pot_dtype)
 
-        errors = []
-        for e in schedule[jump + 1:]:
-            sf, sg = smins(f, g, e)
-            f, g = 0.5 * (f + sf), 0.5 * (g + sg)
-        steps = len(schedule)
+        fine = schedule[jump + 1:]
+        for e, following in zip(fine, fine[1:] + fine[-1:]):
+            sf, sg = smins(f, g, e, pattern)
+            f_new, g_new = 0.5 * (f + sf), 0.5 * (g + sg)
+            if prune_tol is not None:
+                # The pattern serves the next step: bound the masses at its eps (the final eps after the
+                # schedule). The averaged (Jacobi) potentials lag behind the eps: allow them to rise again
+                # by as much as they just did (the half of the soft-min's step that averaging held back).
+                margin = _rise(f_new, f, a) + _rise(g_new, g, b)
+                pattern = prune_pattern(cx, cy, base, f_new, g_new, eps=following, cost_scale=cost_scale,
+                                        tol=prune_tol, margin=margin)
+            f, g = f_new, g_new
         eps = schedule[-1]
-        if math.isfinite(threshold) or refine > 0:
-            extra = 0
+        errors = []
+
+        def read_error(f, g, sf, step):
+            err = row_error(f, sf, a, eps, None)
+            if monitor is None:
+                return float(err)
+            return monitor.record(step, eps, err[None], f[cx.inverse][None], g[cy.inverse][None], read=True)
+
+        def finish(f, g, pattern, done, prune):
+            """From the averaged state (f, g) after ``done`` steps at the final eps: averaged steps until a
+            check passes or the budget ends, re-pruning at each check when ``prune``, then the final
+            extrapolation; ``(f_pre, g_pre, f, g, done, pattern)``."""
+            if not (math.isfinite(threshold) or refine > 0):
+                return (f, g, *smins(f, g, eps, pattern), done, pattern)
+            check, since = True, (f, g)
             while True:
-                sf, sg = smins(f, g, eps)
-                if extra % check_every == 0:
-                    err = row_error(f, sf, cx.weights.to(pot_dtype), eps, None)
-                    if monitor is not None:
-                        value = monitor.record(steps + extra, eps, err[None], f[cx.inverse][None],
-                                               g[cy.inverse][None], read=True)
-                    else:
-                        value = float(err)
+                sf, sg = smins(f, g, eps, pattern)
+                if check or done % check_every == 0:
+                    value = read_error(f, g, sf, len(schedule) + done)
                     errors.append(value)
-                    if not value > threshold or extra >= refine:
+                    if not value > threshold or done >= refine:
                         break
-                    if monitor is not None and monitor.stagnant(steps + extra, value,
+                    if monitor is not None and monitor.stagnant(len(schedule) + done, value,
                                                                 lambda: resolution(f, g, eps, precision)):
                         break
+                    if prune and done > 0:
+                        # The potentials still move at the final eps: re-prune at each check, allowing
+                        # for as much rise as since the previous re-pruning.
+                        margin = _rise(f, since[0], a) + _rise(g, since[1], b)
+                        pattern = prune_pattern(cx, cy, base, f, g, eps=eps, cost_scale=cost_scale, tol=prune_tol,
+                                                margin=margin)
+                        since = (f, g)
                 f, g = 0.5 * (f + sf), 0.5 * (g + sg)
-                extra += 1
-                if extra >= refine and extra % check_every != 0:
-                    # The budget ends between two checks: read the error of the last state once more.
-                    sf, sg = smins(f, g, eps)
-                    err = row_error(f, sf, cx.weights.to(pot_dtype), eps, None)
-                    value = (monitor.record(steps + extra, eps, err[None], f[cx.inverse][None], g[cy.inverse][None],
-                                            read=True) if monitor is not None else float(err))
-                    errors.append(value)
-                    break
-            steps += extra
-            f_pre, g_pre = f, g
-            f, g = sf, sg
-        else:
-            f_pre, g_pre = f, g
-            f, g = smins(f_pre, g_pre, eps)
+                done += 1
+                # The budget ends between two checks: read the error of the last state once more.
+                check = done >= refine
+            return f, g, sf, sg, done, pattern
+
+        f_pre, g_pre, f, g, extra, pattern = finish(f, g, pattern, 0, prune_tol is not None)
         bound = truncation_bound(cx, cy, pattern, f, g, eps=eps, cost_scale=cost_scale)
-    return MultiscaleSolution(f=f, g=g, f_pre=f_pre, g_pre=g_pre, pattern=pattern, n_iter=steps, jump=jump,
-                              bound=bound, errors=errors)
+        fallback = False
+        if pattern is not base:
+            # The certificate of the re-pruned pattern may exceed the jump pattern's at the same
+            # potentials by prune_tol (what the pruning dropped); beyond that, finish on the jump's.
+            widest = truncation_bound(cx, cy, base, f, g, eps=eps, cost_scale=cost_scale)
+            if any(not mine <= theirs + prune_tol for mine, theirs in zip(bound, widest)):
+                fallback, pattern = True, base
+                f_pre, g_pre, f, g, extra, _ = finish(f_pre, g_pre, base, extra, False)
+                bound = truncation_bound(cx, cy, base, f, g, eps=eps, cost_scale=cost_scale)
+        work = int(sum(kept_entries(cx, cy, p) * k for p, k in runs)) if runs else 0
+    return MultiscaleSolution(f=f, g=g, f_pre=f_pre, g_pre=g_pre, pattern=pattern, base=base,
+                              n_iter=len(schedule) + extra, jump=jump, bound=bound, work=work,
+                              fallback=fallback, errors=errors)

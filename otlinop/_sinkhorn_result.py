@@ -115,6 +115,11 @@ class SinkhornResult:
         Multiscale results only: ``(cx, cy, pattern)``, the two clusterings and
         the kept cluster pairs that ``plan`` is built on
         (``otlinop.multiscale``).
+    kept_entries : int or None
+        Multiscale results only: the plan entries that the block-sparse
+        soft-mins visited, one soft-min's worth per step (the g update visits
+        as many), summed over the steps on the points: the measure of their
+        work, which the re-pruning (``Multiscale.prune_tol``) shrinks.
 
     Notes
     -----
@@ -153,6 +158,7 @@ class SinkhornResult:
     status: str = ""
     truncation_bound: tuple | None = None
     multiscale_layout: tuple | None = None
+    kept_entries: int | None = None
 
     @property
     def rho_x(self):

@@ -36,12 +36,12 @@ import torch
 from solvers._function import Function
 
 from ._base import LinearOperator
-from ._checks import Geometry, matrix, positive_scalar
+from ._checks import Geometry, fraction, matrix, positive_scalar
 from ._operators.concrete import Diag
 from .kernels.blocksparse import blocksparse_apply, blocksparse_softmin, transpose_pattern
 
 __all__ = ["Multiscale", "MAX_DIMENSION", "Clustering", "Pattern", "cluster_grid", "default_cluster_scale",
-           "coarse_pattern", "truncation_bound", "BlockSparsePlanOperator"]
+           "coarse_pattern", "prune_pattern", "kept_entries", "truncation_bound", "BlockSparsePlanOperator"]
 
 #: The largest dimension multiscale serves: a cell has 3^d - 1 neighbours and the
 #: number of cells grows as (diameter / scale)^d, so the coarse problem and the pattern
@@ -70,11 +70,21 @@ class Multiscale:
         ``F_I + G_J > c |X_I - Y_J|^2 - truncate * eps`` at the coarse
         potentials, centroids and eps of the jump to the points; larger keeps
         more pairs (more accurate, slower).
+    prune_tol : float or None, default 1e-12
+        After each step of the schedule below the jump, the kept pairs are
+        re-pruned at that step's eps and potentials (``prune_pattern``): a
+        pair goes when its certified plan mass, with an allowance for the
+        potentials' last change, is below ``prune_tol`` of every row's and
+        column's weight. If the certificate at the final potentials then
+        exceeds the jump pattern's by more than ``prune_tol``, the solver
+        returns to the jump's pattern and finishes there. None keeps the
+        jump's pattern throughout.
 
     Raises
     ------
     TypeError, ValueError
-        For a ``cluster_scale`` or ``truncate`` that is not a positive number.
+        For a ``cluster_scale`` or ``truncate`` that is not a positive number,
+        or a ``prune_tol`` that is neither None nor in (0, 1).
 
     Notes
     -----
@@ -91,18 +101,22 @@ class Multiscale:
     (True, (300, 200), True, True)
     """
 
-    def __init__(self, cluster_scale=None, truncate=5.0):
+    def __init__(self, cluster_scale=None, truncate=5.0, prune_tol=1e-12):
         owner = "Multiscale"
         self.cluster_scale = None if cluster_scale is None else positive_scalar(owner, "cluster_scale",
                                                                                   cluster_scale)
         self.truncate = positive_scalar(owner, "truncate", truncate, "GeomLoss' default is 5")
+        self.prune_tol = None if prune_tol is None else fraction(
+            owner, "prune_tol", prune_tol, "the dropped plan mass allowed to the re-pruning, relative to the "
+            "weights; None keeps the jump's pattern")
 
     def __repr__(self) -> str:
-        return f"Multiscale(cluster_scale={self.cluster_scale}, truncate={self.truncate})"
+        return (f"Multiscale(cluster_scale={self.cluster_scale}, truncate={self.truncate}, "
+                f"prune_tol={self.prune_tol})")
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, Multiscale) and other.cluster_scale == self.cluster_scale
-                and other.truncate == self.truncate)
+                and other.truncate == self.truncate and other.prune_tol == self.prune_tol)
 
     __hash__ = None
 
@@ -145,7 +159,8 @@ class Clustering:
     def sorted_labels(self) -> torch.Tensor:
         """The cluster of each permuted point, (n,)."""
         counts = self.starts.diff()
-        return torch.repeat_interleave(torch.arange(self.size, device=counts.device), counts)
+        return torch.repeat_interleave(torch.arange(self.size, device=counts.device), counts,
+                                       output_size=self.points.shape[0])
 
 
 def _morton(cells: torch.Tensor) -> torch.Tensor:
@@ -230,7 +245,8 @@ class Pattern:
 
     def rows(self) -> torch.Tensor:
         """The row cluster of each kept pair, (nnz,)."""
-        return torch.repeat_interleave(torch.arange(self.num_rows, device=self.ptr.device), self.ptr.diff())
+        return torch.repeat_interleave(torch.arange(self.num_rows, device=self.ptr.device), self.ptr.diff(),
+                                       output_size=self.nnz)
 
     def mask(self) -> torch.Tensor:
         """The (Kx, Ky) boolean matrix of kept pairs (tests and small problems)."""
@@ -281,9 +297,16 @@ def coarse_pattern(X, Y, F, G, *, eps: float, cost_scale: float, truncate: float
 
 
 def _box_gap2(lo_x, hi_x, lo_y, hi_y) -> torch.Tensor:
-    """Squared distance between boxes (rows of ``lo_x, hi_x``) x (rows of ``lo_y, hi_y``): (Kx, Ky)."""
-    gap = torch.clamp_min(torch.maximum(lo_y[None] - hi_x[:, None], lo_x[:, None] - hi_y[None]), 0)
+    """Squared distance between the boxes ``[lo_x, hi_x]`` and ``[lo_y, hi_y]`` (last axis d, broadcast)."""
+    gap = torch.clamp_min(torch.maximum(lo_y - hi_x, lo_x - hi_y), 0)
     return gap.square().sum(-1)
+
+
+def _cluster_max(c: Clustering, pot: torch.Tensor) -> torch.Tensor:
+    """The largest potential of each cluster over its points of positive weight, (K,) (``-inf`` when none)."""
+    live = torch.where(c.weights > 0, pot, torch.full_like(pot, -math.inf))
+    return torch.full((c.size,), -math.inf, dtype=pot.dtype, device=pot.device).scatter_reduce(
+        0, c.sorted_labels(), live, reduce="amax")
 
 
 def _dropped_bound(cx: Clustering, cy: Clustering, pattern: Pattern, f, g, eps: float, cost_scale: float):
@@ -292,15 +315,13 @@ def _dropped_bound(cx: Clustering, cy: Clustering, pattern: Pattern, f, g, eps: 
     (``f``, ``g`` permuted like the clusterings). A float."""
     Kx, Ky = cx.size, cy.size
     dt = f.dtype
-    live_y = cy.weights > 0
-    gmax = torch.full((Ky,), -math.inf, dtype=dt, device=g.device).scatter_reduce(
-        0, cy.sorted_labels(), torch.where(live_y, g, torch.full_like(g, -math.inf)), reduce="amax")
     log_B = torch.log(cy.weight.to(dt))
-    col_term = gmax + eps * log_B          # eps log B_J + max_J g
+    col_term = _cluster_max(cy, g) + eps * log_B          # eps log B_J + max_J g
     mask = pattern.mask()
     log_U = torch.empty(Kx, dtype=dt, device=f.device)
     for r0, r1 in _row_chunks(Kx, Ky):
-        logit = (col_term[None] - cost_scale * _box_gap2(cx.lo[r0:r1], cx.hi[r0:r1], cy.lo, cy.hi).to(dt)) / eps
+        gap2 = _box_gap2(cx.lo[r0:r1, None], cx.hi[r0:r1, None], cy.lo[None], cy.hi[None])
+        logit = (col_term[None] - cost_scale * gap2.to(dt)) / eps
         logit = logit.masked_fill(mask[r0:r1], -math.inf)
         log_U[r0:r1] = torch.logsumexp(logit, dim=1)
     per_point = f / eps + log_U[cx.sorted_labels()]
@@ -344,6 +365,74 @@ def truncation_bound(cx: Clustering, cy: Clustering, pattern: Pattern, f, g, *, 
     rows = _dropped_bound(cx, cy, pattern, f, g, eps, cost_scale)
     cols = _dropped_bound(cy, cx, pattern.T, g, f, eps, cost_scale)
     return rows, cols
+
+
+def kept_entries(cx: Clustering, cy: Clustering, pattern: Pattern) -> torch.Tensor:
+    """Entries of the plan that the kept pairs cover, ``sum_(I, J) kept |I| |J|``: a 0-d int64 tensor
+    on the pattern's device (nothing read back)."""
+    return (cx.starts.diff()[pattern.rows()] * cy.starts.diff()[pattern.idx]).sum()
+
+
+def prune_pattern(cx: Clustering, cy: Clustering, base: Pattern, f, g, *, eps: float, cost_scale: float,
+                  tol: float, margin=0.0) -> Pattern:
+    r"""Re-prune a pattern at finer potentials: drop the pairs whose certified plan mass is below ``tol``.
+
+    Parameters
+    ----------
+    cx, cy : Clustering
+        The two clouds.
+    base : Pattern
+        The widest pattern (the jump's); the result is a subset of it, recomputed from it at each
+        call (so that every pair it drops is bounded at the same potentials).
+    f, g : Tensor, shapes (n,), (m,)
+        Potentials, permuted like the clusterings.
+    eps : float
+        The eps at which the masses are bounded.
+    cost_scale : float
+    tol : float
+        The largest plan mass, relative to the weights, that the dropped pairs may hold in a row or
+        a column at ``(f, g)`` raised by ``margin``.
+    margin : float or 0-d Tensor, default 0
+        An allowance for the potentials still rising: the bound holds for all potentials with
+        ``f'_i + g'_j <= f_i + g_j + margin``.
+
+    Returns
+    -------
+    Pattern
+        The kept pairs of ``base``.
+
+    Notes
+    -----
+    For the kept pair (I, J), ``s_IJ = max_I f + max_J g + margin - c D_IJ`` (maxima over the points
+    of positive weight, ``D_IJ`` the squared distance between the clusters' bounding boxes) bounds
+    ``f_i + g_j - c |x_i - y_j|^2`` on all its entries, so the pair holds at most
+    ``a_i B_J exp(s_IJ / eps)`` of row i and ``b_j A_I exp(s_IJ / eps)`` of column j. The pair is
+    dropped iff
+
+        s_IJ / eps + log B_J + log n_I < log tol   and   s_IJ / eps + log A_I + log m_J < log tol,
+
+    with ``n_I`` and ``m_J`` the pairs of row I and column J in ``base``: a row loses at most
+    ``n_I`` terms below ``tol / n_I``, at most ``tol`` of its mass, and likewise a column. Every
+    row and every column keeps its pair of largest ``s_IJ``. Costs O(nnz) on the device and one
+    host read (the number of kept pairs).
+    """
+    rows, cols = base.rows(), base.idx
+    dt = f.dtype
+    gap2 = _box_gap2(cx.lo[rows], cx.hi[rows], cy.lo[cols], cy.hi[cols]).to(dt)
+    s = _cluster_max(cx, f)[rows] + _cluster_max(cy, g)[cols] + margin - cost_scale * gap2
+    n_I = base.ptr.diff().to(dt)
+    m_J = torch.zeros(cy.size, dtype=dt, device=s.device).index_add_(0, cols, torch.ones_like(s))
+    log_tol = math.log(tol)
+    heavy = ((s / eps + torch.log(cy.weight.to(dt))[cols] + torch.log(n_I)[rows] >= log_tol)
+             | (s / eps + torch.log(cx.weight.to(dt))[rows] + torch.log(m_J)[cols] >= log_tol))
+    best_row = torch.full_like(n_I, -math.inf).scatter_reduce(0, rows, s, reduce="amax")[rows] == s
+    best_col = torch.full_like(m_J, -math.inf).scatter_reduce(0, cols, s, reduce="amax")[cols] == s
+    keep = heavy | best_row | best_col
+    count = int(keep.sum())
+    idx = base.idx[torch.nonzero_static(keep, size=count)[:, 0]]
+    kept_before = torch.zeros(keep.numel() + 1, dtype=torch.int64, device=keep.device)
+    torch.cumsum(keep, 0, out=kept_before[1:])
+    return Pattern(kept_before[base.ptr], idx, base.num_cols)
 
 
 # --------------------------------------------------------------------------
@@ -424,9 +513,7 @@ class BlockSparsePlanOperator(LinearOperator):
     @property
     def fill(self) -> float:
         """Fraction of the plan's entries that the kept pairs cover."""
-        sizes_x, sizes_y = self.cx.starts.diff(), self.cy.starts.diff()
-        covered = (sizes_x[self.pattern.rows()] * sizes_y[self.pattern.idx]).sum()
-        return float(covered) / max(1, self.shape[0] * self.shape[1])
+        return float(kept_entries(self.cx, self.cy, self.pattern)) / max(1, self.shape[0] * self.shape[1])
 
     def _kernel(self) -> dict:
         log = lambda w: None if w is None else torch.log(w.to(self.dtype))  # noqa: E731

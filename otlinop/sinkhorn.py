@@ -390,8 +390,8 @@ def _multiscale(owner, inp, ms, schedule, eps, *, a, b, max_iter, refine, thresh
     x, y = inp.x[0], inp.y[0]
     with torch.no_grad(), config.override(check_finite=False):
         clouds = cluster_clouds(owner, x, y, inp.a[0], inp.b[0], options=ms, diameter=math.sqrt(schedule[0]))
-        sol = multiscale_loop(clouds.cx, clouds.cy, schedule, truncate=ms.truncate, cluster_scale=clouds.scale,
-                              cost_scale=cost_scale, backend=backend, precision=precision, pot_dtype=inp.pot_dtype,
+        sol = multiscale_loop(clouds.cx, clouds.cy, schedule, truncate=ms.truncate, prune_tol=ms.prune_tol,
+                              cluster_scale=clouds.scale, cost_scale=cost_scale, backend=backend, precision=precision, pot_dtype=inp.pot_dtype,
                               refine=refine, threshold=threshold, monitor=monitor, check_every=check_every)
     errors = monitor.finish()
     error = errors[-1] if errors else math.nan
@@ -408,4 +408,4 @@ def _multiscale(owner, inp, ms, schedule, eps, *, a, b, max_iter, refine, thresh
         cost_scale=cost_scale, reach_x=None, reach_y=None, method="symmetric", eps_schedule=schedule,
         f_pre=sol.f_pre[cx.inverse], g_pre=sol.g_pre[cy.inverse], backend=backend, precision=precision,
         marginal_error_history=errors, threshold=threshold, status=status, truncation_bound=sol.bound,
-        multiscale_layout=(cx, cy, sol.pattern))
+        multiscale_layout=(cx, cy, sol.pattern), kept_entries=sol.work)

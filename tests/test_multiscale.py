@@ -14,7 +14,7 @@ import otlinop
 import solvers
 from otlinop import Multiscale, PlanOperator, SamplesLoss, plan_hvp, sinkhorn
 from otlinop.multiscale import (BlockSparsePlanOperator, Pattern, cluster_grid, coarse_pattern,
-                                default_cluster_scale, truncation_bound)
+                                default_cluster_scale, prune_pattern, truncation_bound)
 from operator_battery import OperatorBattery
 
 F64 = torch.float64
@@ -91,6 +91,31 @@ def test_coarse_pattern_is_geomloss_rule_plus_best_pairs():
         row = p.idx[p.ptr[I]:p.ptr[I + 1]]
         assert torch.equal(row, row.sort().values)
     assert torch.equal(p.T.mask(), expected.T) and p.T.T is p
+
+
+def test_prune_pattern_rule_subset_and_dropped_mass():
+    """The re-pruning keeps a subset of the base pattern, by the rule of its docstring (brute force), and
+    what it drops holds at most tol of every row's and column's weight in the dense plan (float64)."""
+    P, _, (x, y, f, g, a, b, _) = _random_plan(seed=7, n=90, m=80)
+    cx, cy, base = P.cx, P.cy, P.pattern
+    eps, tol, margin = 0.01, 1e-3, 0.005
+    pruned = prune_pattern(cx, cy, base, P.f_s, P.g_s, eps=eps, cost_scale=1.0, tol=tol, margin=margin)
+    kept, allowed = pruned.mask(), base.mask()
+    assert bool((kept <= allowed).all()) and 0 < pruned.nnz < base.nnz
+    # Brute force: s_IJ = max_I f + max_J g + margin - gap2(box_I, box_J) over the base's pairs.
+    fmax = torch.stack([P.f_s[cx.starts[I]:cx.starts[I + 1]].max() for I in range(cx.size)])
+    gmax = torch.stack([P.g_s[cy.starts[J]:cy.starts[J + 1]].max() for J in range(cy.size)])
+    gap = torch.clamp_min(torch.maximum(cy.lo[None] - cx.hi[:, None], cx.lo[:, None] - cy.hi[None]), 0)
+    s = fmax[:, None] + gmax[None] + margin - gap.square().sum(-1)
+    s = s.masked_fill(~allowed, -math.inf)
+    n_I, m_J = allowed.sum(1, keepdim=True), allowed.sum(0, keepdim=True)
+    heavy = ((s / eps + cy.weight.log()[None] + n_I.log() >= math.log(tol))
+             | (s / eps + cx.weight.log()[:, None] + m_J.log() >= math.log(tol)))
+    best = (s == s.max(1, keepdim=True).values) | (s == s.max(0, keepdim=True).values)
+    assert torch.equal(kept, allowed & (heavy | best))
+    full = PlanOperator(x, y, f, g, eps=eps, a=a, b=b).to_dense()
+    lost = full * (allowed & ~kept)[cx.labels[:, None], cy.labels[None, :]]
+    assert (lost.sum(1) / a).max() <= tol and (lost.sum(0) / b).max() <= tol
 
 
 # --------------------------------------------------------------------------
@@ -263,6 +288,66 @@ def test_multiscale_schedule_and_status():
 
 
 # --------------------------------------------------------------------------
+# Re-pruning the kept pairs below the jump (Multiscale.prune_tol)
+# --------------------------------------------------------------------------
+def _dropped_by_dense(res):
+    """The plan mass that ``res.plan`` misses per row and column (relative), from the dense plan."""
+    P = res.plan
+    full = PlanOperator(res.x, res.y, res.f, res.g, eps=res.eps, a=res.a, b=res.b).to_dense()
+    lost = full * ~P.pattern.mask()[P.cx.labels[:, None], P.cy.labels[None, :]]
+    return float((lost.sum(1) / res.a).max()), float((lost.sum(0) / res.b).max())
+
+
+def test_repruning_shrinks_the_work_at_the_schedule():
+    """GeomLoss' schedule alone at a blur well below the cells: the blocks of the fine steps shrink
+    several-fold, the potentials do not move, and the certificate (which holds against the dense plan)
+    exceeds the jump pattern's by at most prune_tol."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(400, 2, generator=g, dtype=F64), torch.rand(380, 2, generator=g, dtype=F64)
+    opts = dict(blur=0.02, threshold=float("inf"))
+    wide = sinkhorn(x, y, multiscale=Multiscale(cluster_scale=0.1, prune_tol=None), **opts)
+    res = sinkhorn(x, y, multiscale=Multiscale(cluster_scale=0.1), **opts)
+    assert wide.kept_entries >= 1.8 * res.kept_entries   # the first fine step runs on the jump's pattern
+    assert res.plan.fill <= wide.plan.fill / 3
+    torch.testing.assert_close(res.f, wide.f, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(res.g, wide.g, rtol=1e-12, atol=1e-14)
+    for bound, widest, true in zip(res.truncation_bound, wide.truncation_bound, _dropped_by_dense(res)):
+        assert true <= bound <= widest + 1e-12
+
+
+def test_repruning_converged_matches_the_wide_pattern_and_dense():
+    """Converged solves (re-pruned at each check of the refinement too) equal the un-re-pruned and the
+    dense ones; fewer entries visited."""
+    x, y = _clouds(200, 180, seed=0)
+    opts = dict(blur=0.1, threshold=1e-11, max_iter=3000)
+    wide = sinkhorn(x, y, multiscale=Multiscale(cluster_scale=0.2, prune_tol=None), **opts)
+    res = sinkhorn(x, y, multiscale=Multiscale(cluster_scale=0.2), **opts)
+    dense = sinkhorn(x, y, **opts)
+    assert res.converged and wide.converged and res.kept_entries < wide.kept_entries
+    assert res.multiscale_layout[2].nnz < wide.multiscale_layout[2].nnz
+    torch.testing.assert_close(res.cost, wide.cost, rtol=1e-12, atol=0)
+    torch.testing.assert_close(res.f, wide.f, rtol=0, atol=1e-10)
+    torch.testing.assert_close(res.cost, dense.cost, rtol=1e-10, atol=0)
+    assert max(_dropped_by_dense(res)) <= max(res.truncation_bound) <= 1e-12
+
+
+def test_repruning_falls_back_when_the_certificate_grows(monkeypatch):
+    """A re-pruning that drops what the final plan needs (here: a tolerance of 0.9, rows and columns
+    left with little more than their best pair) is caught by the final certificate: the solve returns
+    to the jump's pattern and ends as without re-pruning."""
+    import otlinop._sinkhorn_multiscale as loop
+    careless = lambda *args, **kw: prune_pattern(*args, **{**kw, "tol": 0.9})  # noqa: E731
+    monkeypatch.setattr(loop, "prune_pattern", careless)
+    x, y = _clouds(200, 180, seed=0)
+    opts = dict(blur=0.1, threshold=1e-11, max_iter=3000)
+    res = sinkhorn(x, y, multiscale=Multiscale(cluster_scale=0.2), **opts)
+    wide = sinkhorn(x, y, multiscale=Multiscale(cluster_scale=0.2, prune_tol=None), **opts)
+    assert res.converged and res.multiscale_layout[2].nnz == wide.multiscale_layout[2].nnz
+    torch.testing.assert_close(res.cost, wide.cost, rtol=1e-12, atol=0)
+    assert res.truncation_bound == pytest.approx(wide.truncation_bound, rel=1e-6, abs=1e-30)
+
+
+# --------------------------------------------------------------------------
 # Options
 # --------------------------------------------------------------------------
 def test_invalid_options_raise():
@@ -271,6 +356,9 @@ def test_invalid_options_raise():
         Multiscale(truncate=0)
     with pytest.raises(ValueError, match="Multiscale: cluster_scale must be positive"):
         Multiscale(cluster_scale=-1.0)
+    with pytest.raises(ValueError, match=r"Multiscale: prune_tol must be in \(0, 1\), got 0.0"):
+        Multiscale(prune_tol=0)
+    assert "prune_tol=None" in repr(Multiscale(prune_tol=None)) and Multiscale() != Multiscale(prune_tol=None)
     with pytest.raises(TypeError, match="sinkhorn: multiscale must be None, True or an otlinop.Multiscale"):
         sinkhorn(x, y, multiscale="yes")
     x4, y4 = torch.rand(10, 4, dtype=F64), torch.rand(10, 4, dtype=F64)
@@ -402,6 +490,26 @@ def test_triton_interpreter_matches_torch():
     torch.testing.assert_close(t.g.cpu(), r.g, rtol=1e-4, atol=1e-5)
     v = torch.randn(20)
     torch.testing.assert_close((t.plan @ v.to(device)).cpu(), r.plan @ v, rtol=1e-4, atol=1e-6)
+
+
+def test_triton_interpreter_repruned_matches_torch():
+    """The Triton path runs on the re-pruned patterns: the same pattern and potentials as the torch
+    reference (float32, Triton's interpreter on the CPU)."""
+    from otlinop.kernels._triton import HAS_TRITON
+    if not HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    x, y = _clouds(40, 36, seed=2)
+    x, y = x.float(), y.float()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter without a GPU
+    opts = dict(blur=0.05, threshold=float("inf"), multiscale=Multiscale(cluster_scale=0.25))
+    t = sinkhorn(x.to(device), y.to(device), backend="triton", **opts)
+    r = sinkhorn(x, y, backend="torch", **opts)
+    wide = sinkhorn(x, y, backend="torch", blur=0.05, threshold=float("inf"),
+                    multiscale=Multiscale(cluster_scale=0.25, prune_tol=None))
+    assert r.kept_entries < wide.kept_entries and t.kept_entries == r.kept_entries
+    assert torch.equal(t.multiscale_layout[2].idx.cpu(), r.multiscale_layout[2].idx)
+    torch.testing.assert_close(t.f.cpu(), r.f, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(t.g.cpu(), r.g, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the issue's 200k-point target needs a GPU (minutes on "

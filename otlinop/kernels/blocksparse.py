@@ -173,7 +173,8 @@ def transpose_pattern_torch(ptr, idx, ky):
     nnz = idx.numel()
     rows = torch.repeat_interleave(torch.arange(kx, device=ptr.device), ptr[1:] - ptr[:-1], output_size=nnz)
     order = torch.argsort(idx * max(kx, 1) + rows)
-    counts = torch.bincount(idx, minlength=ky)
+    # index_add_ rather than bincount, which reads the largest id back on CUDA.
+    counts = torch.zeros(ky, dtype=torch.int64, device=ptr.device).index_add_(0, idx, torch.ones_like(idx))
     ptr_t = torch.zeros(ky + 1, dtype=torch.int64, device=ptr.device)
     torch.cumsum(counts, 0, out=ptr_t[1:])
     return ptr_t, rows[order]
