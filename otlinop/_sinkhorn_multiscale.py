@@ -16,7 +16,11 @@ GeomLoss' ``sinkhorn_multiscale`` schedule, on otlinop's kernels:
    (averaged updates, as the dense loop), then, with a finite ``threshold``,
    averaged steps at the final eps until the marginal error is below it, then
    the final extrapolation; the certificate ``truncation_bound`` is evaluated
-   at the final potentials.
+   at the final potentials;
+5. with ``prune_tol``, the pattern is recomputed from the jump's after each
+   fine step and at each check of the refinement (``prune_pattern``), and the
+   solve returns to the jump's pattern when the final certificate exceeds
+   that pattern's by more than ``prune_tol``.
 
 Everything here is on permuted points (cluster-contiguous); callers map back
 with ``Clustering.inverse``.

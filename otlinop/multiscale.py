@@ -14,11 +14,14 @@ grid and keeps, for each pair of cells, either all of its entries or none:
   (I, J) is kept iff ``F_I + G_J > c |X_I - Y_J|^2 - truncate * eps`` for the
   coarse potentials ``(F, G)`` at the coarse ``eps``; and every row and column
   keeps at least its best pair.
+- :func:`prune_pattern`: the re-pruning as eps decreases: the pairs of the
+  jump's pattern whose box-gap bound on the plan mass, at finer potentials,
+  is not below a tolerance.
 - :func:`truncation_bound`: a certified bound on the plan mass that the pattern
   drops, at given potentials, from the clusters' bounding boxes.
 - :class:`BlockSparsePlanOperator`: the plan restricted to the pattern, an
   operator in the caller's point order with the interface of ``PlanOperator``.
-- :class:`Multiscale`: the public options (``cluster_scale``, ``truncate``).
+- :class:`Multiscale`: the public options (``cluster_scale``, ``truncate``, ``prune_tol``).
 
 Layout (shared with the kernels of ``otlinop.kernels.blocksparse``): the
 points of cluster I occupy rows ``starts[I]:starts[I + 1]`` of the permuted
