@@ -12,6 +12,7 @@ all of them.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.autograd.function import once_differentiable
 
 from solvers import config
@@ -408,6 +409,17 @@ def _vmapped(*tensors) -> bool:
                 return True
             t = torch._C._functorch.get_unwrapped(t)
     return False
+
+
+def recorded(*tensors) -> bool:
+    """Whether a product of these tensors must go through its autograd Function: grad
+    mode is on and one of them requires grad, a forward-mode AD level is open, or a
+    torch.func transform is running. Otherwise the Function (about 0.1 ms of host time
+    per call, where binding its arguments dominates) records nothing and the kernel is
+    called directly."""
+    if torch._C._functorch.maybe_current_level() is not None or getattr(fwAD, "_current_level", -1) >= 0:
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _transformed(*tensors) -> bool:
