@@ -26,6 +26,8 @@ from solvers import cg
 from ._base import LinearOperator
 from ._checks import nonnegative_scalar, positive_scalar, reach_or_none
 from ._operators.concrete import BlockOperator, Diag
+from ._operators.plan_product import recorded
+from .kernels.plan_apply import plan_apply
 from .plan import PlanOperator, plan_operator_for
 
 __all__ = ["HessianOperator", "DualHessianOperator", "dual_hessian", "DEFAULT_RIDGE"]
@@ -183,19 +185,20 @@ class HessianOperator(LinearOperator):
         self.N = P.T @ Diag(self._row_weight, psd=True) @ P
         self._S = Diag(self.D, psd=True) - self.N
         # A plan that offers the fused product (TruncatedPlanOperator) applies S in two
-        # launches instead of five; the composition above stays for splitting().
+        # launches instead of five; a streaming plan in two passes and one multiply-subtract
+        # (_DenseSchur). The composition above stays for splitting() and for autograd.
         self._fused = getattr(P, "schur_product", None)
+        if self._fused is None and type(P) is PlanOperator:
+            self._fused = _DenseSchur(P, self._row_weight)
         super().__init__((P.shape[1], P.shape[1]), P.dtype, P.device, is_symmetric=True, is_psd=True)
 
     def _matmat(self, V):
-        if self._fused is not None:
-            return self._fused(V, self._row_weight, self.D)
-        return self._S._matmat(V)
+        out = None if self._fused is None else self._fused(V, self._row_weight, self.D)
+        return self._S._matmat(V) if out is None else out
 
     def _matvec(self, v):
-        if self._fused is not None:
-            return self._fused(v, self._row_weight, self.D)
-        return self._S._matvec(v)
+        out = None if self._fused is None else self._fused(v, self._row_weight, self.D)
+        return self._S._matvec(v) if out is None else out
 
     def _diagonal(self):
         return schur_diagonal(self.D, self.P.squared().T @ self._row_weight)
@@ -209,6 +212,35 @@ class HessianOperator(LinearOperator):
 
     def _from_parts(self, parts, *, dtype, device):
         return HessianOperator._on_plan(parts[0], self._options)
+
+
+class _DenseSchur:
+    """``diag * V - P.T @ (w * (P @ V))`` on a streaming ``PlanOperator``: two plan passes
+    and one multiply-subtract, where the composition ``Diag(D) - P.T @ Diag(w) @ P``
+    launches the two passes, two logarithms of the weights per pass and three elementwise
+    products. The row weights ``w`` join the first pass's log-weights (``log a + log w``:
+    ``w_i (P V)_i`` is the product of the plan whose weights are ``a w``), and the
+    logarithms are taken once, here, when ``HessianOperator`` is built: a snapshot, as its
+    ``D`` and ``w`` are. A product that autograd, forward-mode AD or torch.func must record
+    takes the composition (``None`` is returned)."""
+
+    def __init__(self, P: PlanOperator, row_weight: torch.Tensor):
+        self.P = P
+        a, b = P.weights
+        with torch.no_grad():
+            log_w = torch.log(row_weight)       # -inf on rows of zero mass: zero rows of w * P
+            self.log_a = None if a is None else torch.log(a)
+            self.log_b = None if b is None else torch.log(b)
+            self.log_rows = log_w if a is None else self.log_a + log_w
+
+    def __call__(self, V, row_weight, diag):
+        P = self.P
+        if recorded(P.x, P.y, P.f, P.g, P.weights[0], P.weights[1], V, row_weight, diag):
+            return None
+        options = P._kernel_options()
+        U = plan_apply(P.x, P.y, P.f, P.g, V, log_a=self.log_rows, log_b=self.log_b, **options)
+        T = plan_apply(P.y, P.x, P.g, P.f, U, log_a=self.log_b, log_b=self.log_a, **options)
+        return (diag if V.ndim == 1 else diag[:, None]).mul(V).sub_(T)
 
 
 class DualHessianOperator(BlockOperator):

@@ -129,6 +129,33 @@ def test_building_from_a_plan_reads_nothing_back(monkeypatch):
     torch.testing.assert_close(S.to_dense(), _schur(p), rtol=1e-12, atol=1e-14)
 
 
+def test_streaming_schur_product_is_two_plan_passes_and_differentiable(monkeypatch):
+    """S @ V on a streaming plan is two plan passes (the row weights in the first pass's
+    log-weights), equal to the dense S; with potentials that require grad it takes the
+    composition, whose gradient is the dense one's."""
+    import otlinop.hessian as hessian_module
+    p = ref.problem(**CASES["unbalanced"])
+    S = _S(p)
+    V = torch.randn(S.shape[1], 3, dtype=F64)
+    calls = []
+    real = hessian_module.plan_apply
+    monkeypatch.setattr(hessian_module, "plan_apply", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = S @ V
+    assert len(calls) == 2
+    torch.testing.assert_close(out, _schur(p) @ V, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(S @ V[:, 0], _schur(p) @ V[:, 0], rtol=1e-12, atol=1e-14)
+    f = p.f.clone().requires_grad_()
+    Sg = HessianOperator(p.x, p.y, f, p.g, **p.kwargs())
+    calls.clear()
+    (grad,) = torch.autograd.grad((Sg @ V).square().sum(), [f])
+    assert calls == []   # the composition, through the plan's autograd Function
+    f_ref = p.f.clone().requires_grad_()
+    shift = DEFAULT_RIDGE * ref.plan(p.x, p.y, f_ref, p.g, p.a, p.b, p.eps, p.c).sum(0).mean()
+    dense = ref.schur(p.x, p.y, f_ref, p.g, p.a, p.b, p.eps, p.c, p.reach_x, p.reach_y, shift=shift)
+    (expected,) = torch.autograd.grad((dense @ V).square().sum(), [f_ref])
+    torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_dual_solve_through_schur(case):
     p = ref.problem(**CASES[case])
