@@ -123,6 +123,27 @@ def test_forward_over_reverse_is_hvp_x(case):
     assert len(log) == 1 and log[0].converged, f"{len(log)} Schur solves for 3 directions, expected one"
 
 
+def test_forward_over_reverse_runs_the_hvp_on_plain_kernels(monkeypatch):
+    """torch.func.jvp opens a forward-mode level for its whole call, but the jvp rule's HVP
+    runs on plain tensors: its Schur products take the two-pass path (no autograd Function
+    per plan product), as hvp_x's do, and give the same numbers."""
+    import otlinop.hessian as hessian_module
+    import otlinop._operators.plan_product as plan_product
+    x, y, a, b = _clouds()
+    A = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    L = _loss("no-debias")
+    schur, functions = [], []
+    real_apply, real_function = hessian_module.plan_apply, plan_product.PlanMatmul.apply
+    monkeypatch.setattr(hessian_module, "plan_apply", lambda *a, **k: schur.append(1) or real_apply(*a, **k))
+    monkeypatch.setattr(plan_product.PlanMatmul, "apply", lambda *a: functions.append(1) or real_function(*a))
+    got = torch.func.jvp(lambda x: torch.func.grad(L)(x, y, a, b), (x,), (A,))[1]
+    assert len(schur) >= 4 and functions == []
+    opts = CASES["no-debias"]
+    F, G = sinkhorn_loss(x, y, a, b, blur=BLUR, converge="always", potentials=True, **opts)
+    ref, _ = hvp_x(x, y, F, G, A, eps=BLUR ** 2, a=a, b=b, cost_scale=opts["cost_scale"])
+    _close(got, ref, "jvp(grad) against hvp_x")
+
+
 @pytest.mark.parametrize("case", ["balanced", "unbalanced"])
 def test_against_finite_differences(case):
     x, y, a, b = _clouds()

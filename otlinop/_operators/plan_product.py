@@ -416,10 +416,14 @@ def recorded(*tensors) -> bool:
     mode is on and one of them requires grad, a forward-mode AD level is open, or a
     torch.func transform is running. Otherwise the Function (about 0.1 ms of host time
     per call, where binding its arguments dominates) records nothing and the kernel is
-    called directly."""
-    if torch._C._functorch.maybe_current_level() is not None or getattr(fwAD, "_current_level", -1) >= 0:
+    called directly. A dual level alone does not count: torch.func.jvp opens one for its
+    whole call, and the jvp rules inside it (an HVP's products) run on plain tensors."""
+    if torch._C._functorch.maybe_current_level() is not None:
         return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return True
+    return getattr(fwAD, "_current_level", -1) >= 0 and any(
+        t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _transformed(*tensors) -> bool:
