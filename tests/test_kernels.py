@@ -506,7 +506,8 @@ def test_split_rule_fills_the_gpu():
     assert column_splits(400, 50_000, 132) == (1, 50_000)
     splits, cols = column_splits(79, 10_000, 132)     # n = 10k in 128-row tiles
     assert splits == 4 and splits * 79 >= 264
-    assert column_splits(10, 1500, 132)[0] == 1       # too few columns to split
+    assert column_splits(10, 200, 132)[0] == 1        # too few columns to split
+    assert column_splits(16, 2048, 132)[0] == 8       # n = m = 2048: 16 row tiles, splits of 256 columns
     assert sm_count(torch.device("cpu")) is None      # the CPU (and the interpreter): no split
     assert column_splits(79, 10_000, None) == (1, 10_000)
     # The launchers' _splits hook: a count, or a plan that must cover the columns.
