@@ -125,7 +125,9 @@ def test_solvers_vector_table_reports_a_failing_fused_cell(capsys):
     row = next(line for line in captured.out.splitlines() if line.startswith("| 32 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == cells[4] == "failed: RuntimeError: no kernel here" and cells[5] == "-"
-    assert float(cells[1]) > 0 and float(cells[3]) > 0
+    # A measured cell: a time, or "below noise" when the difference of two timings is lost in a
+    # busy machine's noise (seen on a loaded 2-core CPU).
+    assert all(cell == "below noise" or float(cell) > 0 for cell in (cells[1], cells[3]))
 
 
 def test_hvp_suite_reports_a_failing_fused_row_and_goes_on(capsys):
