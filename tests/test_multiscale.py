@@ -331,6 +331,29 @@ def test_repruning_converged_matches_the_wide_pattern_and_dense():
     assert max(_dropped_by_dense(res)) <= max(res.truncation_bound) <= 1e-12
 
 
+def test_three_dimensional_converged_matches_dense_within_the_bound():
+    """d = 3 (the issue's case; the other tests run mostly in 2-D): converged multiscale and dense
+    solves on a unit cube agree within the certificate: the cost, the potentials (up to the
+    constant shared by f and -g), and the HVP in x on the block-sparse plan."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(300, 3, generator=g, dtype=F64), torch.rand(260, 3, generator=g, dtype=F64)
+    opts = dict(blur=0.08, threshold=1e-10, max_iter=5000)
+    ms = sinkhorn(x, y, multiscale=Multiscale(cluster_scale=0.15), **opts)
+    dense = sinkhorn(x, y, **opts)
+    bound = max(ms.truncation_bound)
+    assert ms.converged and dense.converged and ms.plan.fill < 0.5 and 0 < bound < 1e-5
+    assert abs(float(ms.cost - dense.cost)) <= bound * abs(float(dense.cost))
+    shift = (ms.f - dense.f).mean()
+    # A dropped mass of at most `bound` per row or column moves a potential by about eps * bound,
+    # on top of the two solves' own tolerance.
+    tol = 10 * ms.eps * bound + 1e-9
+    assert float((ms.f - dense.f - shift).abs().max()) < tol and float((ms.g - dense.g + shift).abs().max()) < tol
+    A = torch.randn(x.shape, generator=g, dtype=F64)
+    Hx, _, info = plan_hvp(ms.plan, A, eps=ms.eps, M=solvers.jacobi())
+    Hxd, _ = otlinop.hvp_x(x, y, dense.f, dense.g, A, eps=dense.eps, a=dense.a, b=dense.b)
+    assert info.converged and _rel(Hx, Hxd) < 2 * bound
+
+
 def test_repruning_falls_back_when_the_certificate_grows(monkeypatch):
     """A re-pruning that drops what the final plan needs (here: a tolerance of 0.9, rows and columns
     left with little more than their best pair) is caught by the final certificate: the solve returns
