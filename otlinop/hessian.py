@@ -27,7 +27,7 @@ from ._base import LinearOperator
 from ._checks import nonnegative_scalar, positive_scalar, reach_or_none
 from ._operators.concrete import BlockOperator, Diag
 from ._operators.plan_product import recorded
-from .kernels.plan_apply import plan_apply
+from .kernels.plan_apply import plan_apply_prepared, plan_apply_validated
 from .plan import PlanOperator, plan_operator_for
 
 __all__ = ["HessianOperator", "DualHessianOperator", "dual_hessian", "DEFAULT_RIDGE"]
@@ -232,14 +232,24 @@ class _DenseSchur:
             self.log_a = None if a is None else torch.log(a)
             self.log_b = None if b is None else torch.log(b)
             self.log_rows = log_w if a is None else self.log_a + log_w
+        # The two passes' checks of the plan's data, once (the operand is checked by the operator's
+        # matvec: its shape, dtype and device are those of the plan's columns).
+        self._rows = plan_apply_prepared(P.x, P.y, P.f, P.g, eps=P.eps, log_a=self.log_rows, log_b=self.log_b,
+                                         cost_scale=P.cost_scale)
+        self._cols = plan_apply_prepared(P.y, P.x, P.g, P.f, eps=P.eps, log_a=self.log_b, log_b=self.log_a,
+                                         cost_scale=P.cost_scale)
 
     def __call__(self, V, row_weight, diag):
         P = self.P
         if recorded(P.x, P.y, P.f, P.g, P.weights[0], P.weights[1], V, row_weight, diag):
             return None
-        options = P._kernel_options()
-        U = plan_apply(P.x, P.y, P.f, P.g, V, log_a=self.log_rows, log_b=self.log_b, **options)
-        T = plan_apply(P.y, P.x, P.g, P.f, U, log_a=self.log_b, log_b=self.log_a, **options)
+        kernel = dict(backend=P.backend, precision=P.precision)
+        geo, eps, cost_scale = self._rows
+        U = plan_apply_validated(geo, P.x, P.y, P.f, P.g, V, log_a=self.log_rows, log_b=self.log_b, eps=eps,
+                                 cost_scale=cost_scale, **kernel)
+        geo, eps, cost_scale = self._cols
+        T = plan_apply_validated(geo, P.y, P.x, P.g, P.f, U, log_a=self.log_b, log_b=self.log_a, eps=eps,
+                                 cost_scale=cost_scale, **kernel)
         return (diag if V.ndim == 1 else diag[:, None]).mul(V).sub_(T)
 
 

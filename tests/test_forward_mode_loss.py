@@ -133,8 +133,9 @@ def test_forward_over_reverse_runs_the_hvp_on_plain_kernels(monkeypatch):
     A = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
     L = _loss("no-debias")
     schur, functions = [], []
-    real_apply, real_function = hessian_module.plan_apply, plan_product.PlanMatmul.apply
-    monkeypatch.setattr(hessian_module, "plan_apply", lambda *a, **k: schur.append(1) or real_apply(*a, **k))
+    real_apply, real_function = hessian_module.plan_apply_validated, plan_product.PlanMatmul.apply
+    monkeypatch.setattr(hessian_module, "plan_apply_validated",
+                        lambda *a, **k: schur.append(1) or real_apply(*a, **k))
     monkeypatch.setattr(plan_product.PlanMatmul, "apply", lambda *a: functions.append(1) or real_function(*a))
     got = torch.func.jvp(lambda x: torch.func.grad(L)(x, y, a, b), (x,), (A,))[1]
     assert len(schur) >= 4 and functions == []
