@@ -11,7 +11,8 @@ with the CG loop as a CUDA graph (``cg(graph=True)``), and on the truncated plan
 as an operator built once (``loss_hessian_operator``, truncated plan, the
 inner CG as a graph captured per product or kept in a ``solvers.GraphCache``):
 time (median), inner CG iterations and relative error against the reference.
-The truncated rows with a CUDA graph are also run with the inner CG's vector
+The jacobi() rows (streaming plan, eager and with a CUDA graph; truncated plan
+with a graph) are also run with the inner CG's vector
 work in the fused kernels of ``solvers.cg`` (``config.cg_fused``, off by
 default; "fused CG vector ops" in the table) instead of separate torch
 operations, side by side; a fused row that fails is reported under the table
@@ -316,7 +317,11 @@ def _case(args, n, d, cuda, cg):
     Ak32 = Ak.float()
     graphed = functools.partial(cg, graph=True)
     calls = [_Row("M = None", None, cg), _Row("M = jacobi()", jacobi(), cg), _Row("M = neumann(3)", neumann(3), cg),
-             _Row("M = jacobi(), cg graph", jacobi(), graphed)]
+             _Row("M = jacobi(), cg graph", jacobi(), graphed),
+             # The streaming plan's solve with the fused CG kernels, eager and captured: whether
+             # config.cg_fused should be on by default (issue 18, item 2).
+             _Row(f"M = jacobi(), {FUSED_LABEL}", jacobi(), cg, fused=True),
+             _Row(f"M = jacobi(), cg graph, {FUSED_LABEL}", jacobi(), graphed, fused=True)]
     if args.k > 1:
         calls.append(_Row(f"M = jacobi(), k = {args.k} directions in one call", jacobi(), cg, k=args.k,
                           single=calls[1]))
