@@ -313,7 +313,10 @@ def _plan_apply_triton(geo, x, y, f, g, V, log_a, log_b, eps, cost_scale, precis
         )
     if not log_scale:
         if splits > 1:
-            out.copy_(target.sum(0))
+            if out.dtype == target.dtype:
+                torch.sum(target, 0, out=out)     # one launch: the same reduction, written in place
+            else:
+                out.copy_(target.sum(0))
         return out
     if splits > 1:
         # Each split's sums carry their own shift: bring them to the largest one.
