@@ -190,6 +190,8 @@ class HessianOperator(LinearOperator):
         self._fused = getattr(P, "schur_product", None)
         if self._fused is None and type(P) is PlanOperator:
             self._fused = _DenseSchur(P, self._row_weight)
+            # N as neumann() applies it (terms times per preconditioning), in the same two passes.
+            self.N = _SchurRemainder(self.N, self._fused)
         super().__init__((P.shape[1], P.shape[1]), P.dtype, P.device, is_symmetric=True, is_psd=True)
 
     def _matmat(self, V):
@@ -225,7 +227,7 @@ class _DenseSchur:
     takes the composition (``None`` is returned)."""
 
     def __init__(self, P: PlanOperator, row_weight: torch.Tensor):
-        self.P = P
+        self.P, self.row_weight = P, row_weight
         a, b = P.weights
         with torch.no_grad():
             log_w = torch.log(row_weight)       # -inf on rows of zero mass: zero rows of w * P
@@ -239,18 +241,54 @@ class _DenseSchur:
         self._cols = plan_apply_prepared(P.y, P.x, P.g, P.f, eps=P.eps, log_a=self.log_b, log_b=self.log_a,
                                          cost_scale=P.cost_scale)
 
-    def __call__(self, V, row_weight, diag):
+    def _recorded(self, *tensors) -> bool:
         P = self.P
-        if recorded(P.x, P.y, P.f, P.g, P.weights[0], P.weights[1], V, row_weight, diag):
-            return None
+        return recorded(P.x, P.y, P.f, P.g, P.weights[0], P.weights[1], self.row_weight, *tensors)
+
+    def _passes(self, V):
+        """``P.T @ (w * (P @ V))``: the two plan passes."""
+        P = self.P
         kernel = dict(backend=P.backend, precision=P.precision)
         geo, eps, cost_scale = self._rows
         U = plan_apply_validated(geo, P.x, P.y, P.f, P.g, V, log_a=self.log_rows, log_b=self.log_b, eps=eps,
                                  cost_scale=cost_scale, **kernel)
         geo, eps, cost_scale = self._cols
-        T = plan_apply_validated(geo, P.y, P.x, P.g, P.f, U, log_a=self.log_b, log_b=self.log_a, eps=eps,
-                                 cost_scale=cost_scale, **kernel)
-        return (diag if V.ndim == 1 else diag[:, None]).mul(V).sub_(T)
+        return plan_apply_validated(geo, P.y, P.x, P.g, P.f, U, log_a=self.log_b, log_b=self.log_a, eps=eps,
+                                    cost_scale=cost_scale, **kernel)
+
+    def congruence(self, V):
+        """``N V = P.T @ (w * (P @ V))`` (the splitting's remainder), or None where it must be recorded."""
+        return None if self._recorded(V) else self._passes(V)
+
+    def __call__(self, V, row_weight, diag):
+        if self._recorded(V, row_weight, diag):
+            return None
+        return (diag if V.ndim == 1 else diag[:, None]).mul(V).sub_(self._passes(V))
+
+
+class _SchurRemainder(LinearOperator):
+    """``N = P.T @ Diag(w) @ P`` of ``HessianOperator.splitting()`` on a streaming plan: its
+    products are ``_DenseSchur``'s two passes, the composition ``composed`` where autograd,
+    forward AD or torch.func must record them. Symmetric PSD (a congruence)."""
+
+    def __init__(self, composed: LinearOperator, fused: _DenseSchur):
+        super().__init__(composed.shape, composed.dtype, composed.device, is_symmetric=True, is_psd=True)
+        self._composed, self._fused = composed, fused
+
+    def _matvec(self, v):
+        out = self._fused.congruence(v)
+        return self._composed._matvec(v) if out is None else out
+
+    def _matmat(self, V):
+        out = self._fused.congruence(V)
+        return self._composed._matmat(V) if out is None else out
+
+    # What to_linear_operator rebuilds on other tensors: the composition.
+    def _parts(self):
+        return (self._composed,)
+
+    def _from_parts(self, parts, *, dtype, device):
+        return parts[0]
 
 
 class DualHessianOperator(BlockOperator):

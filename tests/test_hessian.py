@@ -130,9 +130,9 @@ def test_building_from_a_plan_reads_nothing_back(monkeypatch):
 
 
 def test_streaming_schur_product_is_two_plan_passes_and_differentiable(monkeypatch):
-    """S @ V on a streaming plan is two plan passes (the row weights in the first pass's
-    log-weights), equal to the dense S; with potentials that require grad it takes the
-    composition, whose gradient is the dense one's."""
+    """S @ V and the splitting's N @ V on a streaming plan are two plan passes (the row
+    weights in the first pass's log-weights), equal to the dense ones; with potentials that
+    require grad they take the composition, whose gradient is the dense one's."""
     import otlinop.hessian as hessian_module
     p = ref.problem(**CASES["unbalanced"])
     S = _S(p)
@@ -144,16 +144,25 @@ def test_streaming_schur_product_is_two_plan_passes_and_differentiable(monkeypat
     assert len(calls) == 2
     torch.testing.assert_close(out, _schur(p) @ V, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(S @ V[:, 0], _schur(p) @ V[:, 0], rtol=1e-12, atol=1e-14)
+    # The splitting's N (what neumann() applies) is the same two passes.
+    D, N = S.splitting()
+    calls.clear()
+    torch.testing.assert_close(N @ V, (torch.diag(D) - _schur(p)) @ V, rtol=1e-10, atol=1e-13)
+    assert len(calls) == 2
     f = p.f.clone().requires_grad_()
     Sg = HessianOperator(p.x, p.y, f, p.g, **p.kwargs())
     calls.clear()
-    (grad,) = torch.autograd.grad((Sg @ V).square().sum(), [f])
+    (grad,) = torch.autograd.grad((Sg @ V).square().sum(), [f], retain_graph=True)
+    (grad_n,) = torch.autograd.grad((Sg.splitting()[1] @ V).sum(), [f])
     assert calls == []   # the composition, through the plan's autograd Function
     f_ref = p.f.clone().requires_grad_()
     shift = DEFAULT_RIDGE * ref.plan(p.x, p.y, f_ref, p.g, p.a, p.b, p.eps, p.c).sum(0).mean()
     dense = ref.schur(p.x, p.y, f_ref, p.g, p.a, p.b, p.eps, p.c, p.reach_x, p.reach_y, shift=shift)
-    (expected,) = torch.autograd.grad((dense @ V).square().sum(), [f_ref])
+    (expected,) = torch.autograd.grad((dense @ V).square().sum(), [f_ref], retain_graph=True)
     torch.testing.assert_close(grad, expected, rtol=1e-9, atol=1e-12)
+    D_ref = ref.k(p.reach_y, p.eps) * ref.plan(p.x, p.y, f_ref, p.g, p.a, p.b, p.eps, p.c).sum(0) + shift
+    (expected_n,) = torch.autograd.grad(((torch.diag(D_ref) - dense) @ V).sum(), [f_ref])
+    torch.testing.assert_close(grad_n, expected_n, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", CASES)
