@@ -186,7 +186,8 @@ class HessianOperator(LinearOperator):
         self._S = Diag(self.D, psd=True) - self.N
         # A plan that offers the fused product (TruncatedPlanOperator) applies S in two
         # launches instead of five; a streaming plan in two passes and one multiply-subtract
-        # (_DenseSchur). The composition above stays for splitting() and for autograd.
+        # (_DenseSchur), and so does its N (_SchurRemainder). The compositions above serve the
+        # products that autograd, forward AD or torch.func record.
         self._fused = getattr(P, "schur_product", None)
         if self._fused is None and type(P) is PlanOperator:
             self._fused = _DenseSchur(P, self._row_weight)

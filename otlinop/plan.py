@@ -24,7 +24,6 @@ from ._base import LinearOperator
 from ._checks import Geometry, matrix
 from ._operators.concrete import Diag
 from ._operators.plan_product import PlanMatmul, plan_matmul, recorded, transport_gradient, validated_plan_data
-from .kernels.plan_apply import plan_apply
 from .kernels.plan_bilinear import plan_bilinear
 from .marginals import plan_marginals
 
@@ -165,12 +164,11 @@ class PlanOperator(LinearOperator):
     # ----------------------------------------------------------------- hooks
     def _apply(self, V):
         """(m,) or (m, k) -> (n,) or (n, k); V=None gives P 1."""
+        args = (self.x, self.y, self.f, self.g, V, self._a, self._b, self.eps, self.cost_scale, self.backend,
+                self.precision)
         if not recorded(self.x, self.y, self.f, self.g, V, self._a, self._b):
-            # Nothing to differentiate: PlanMatmul.forward's computation, without the Function.
-            return plan_apply(self.x, self.y, self.f, self.g, V, log_a=None if self._a is None else torch.log(self._a),
-                              log_b=None if self._b is None else torch.log(self._b), **self._kernel_options())
-        return PlanMatmul.apply(self.x, self.y, self.f, self.g, V, self._a, self._b, self.eps,
-                                self.cost_scale, self.backend, self.precision)
+            return PlanMatmul.forward(*args)     # nothing to differentiate: the computation without the Function
+        return PlanMatmul.apply(*args)
 
     def _matvec(self, v):
         return self._apply(v)

@@ -413,8 +413,8 @@ def _vmapped(*tensors) -> bool:
 
 def recorded(*tensors) -> bool:
     """Whether a product of these tensors must go through its autograd Function: grad
-    mode is on and one of them requires grad, a forward-mode AD level is open, or a
-    torch.func transform is running. Otherwise the Function (about 0.1 ms of host time
+    mode is on and one of them requires grad, one of them carries a forward-mode tangent,
+    or a torch.func transform is running. Otherwise the Function (about 0.1 ms of host time
     per call, where binding its arguments dominates) records nothing and the kernel is
     called directly. A dual level alone does not count: torch.func.jvp opens one for its
     whole call, and the jvp rules inside it (an HVP's products) run on plain tensors."""
