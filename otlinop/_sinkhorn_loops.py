@@ -52,9 +52,14 @@ class LocalOps:
     #: Whether the debiasing bank may stack the two clouds along the batch (n = m).
     stack_self = True
 
-    def pair(self, x, y, f, g, log_a, log_b, *, eps, **opts):
-        """``[smin_C(log b + g/eps) | smin_C^T(log a + f/eps)]``, (B, n + m), undamped."""
-        return softmin_pair_unchecked(x, y, f, g, log_a, log_b, eps=eps, **opts)
+    def pair(self, x, y, f, g, log_a, log_b, *, eps, average=None, **opts):
+        """``[smin_C(log b + g/eps) | smin_C^T(log a + f/eps)]``, (B, n + m), undamped.
+
+        With ``average`` (the potentials ``[f | g]``), the averaged step
+        ``torch.lerp(average, S, 0.5)`` instead, in ``average``'s dtype (the
+        Triton kernels write it from their merge: no separate launch).
+        """
+        return softmin_pair_unchecked(x, y, f, g, log_a, log_b, eps=eps, average=average, **opts)
 
     def rows(self, x, y, h, *, eps, **opts):
         """The update of f from the column log-weights h (B, m): (B, n)."""
@@ -64,9 +69,10 @@ class LocalOps:
         """The update of g from the row log-weights h (B, n): (B, m)."""
         return softmin(y, x, h, eps=eps, **opts)
 
-    def self_smin(self, side: int, c, f, log_w, *, eps, **opts):
-        """The update of a debiasing potential of the cloud ``c`` (side 0: x, 1: y, or both stacked)."""
-        return softmin_self_unchecked(c, f, log_w, eps=eps, **opts)
+    def self_smin(self, side: int, c, f, log_w, *, eps, average=None, **opts):
+        """The update of a debiasing potential of the cloud ``c`` (side 0: x, 1: y, or both stacked);
+        ``average`` as in :meth:`pair` (``f`` itself)."""
+        return softmin_self_unchecked(c, f, log_w, eps=eps, average=average, **opts)
 
     def total(self, t: torch.Tensor) -> torch.Tensor:
         """Sums over the points (..., B) completed over every part of the clouds: here, already whole."""
@@ -251,8 +257,12 @@ class SelfBank:
         return [out[0][:self._B], out[0][self._B:]] if self._stacked else out
 
     def step(self, eps: float) -> None:
-        """One averaged update."""
-        self._pots = [torch.lerp(p, s, 0.5) for p, s in zip(self._pots, self._smins(self._pots, eps))]
+        """One averaged update (undamped: written by the soft-min's merge kernel)."""
+        if any(rho is not None for rho in self._rhos):
+            self._pots = [torch.lerp(p, s, 0.5) for p, s in zip(self._pots, self._smins(self._pots, eps))]
+            return
+        self._pots = [self._ops.self_smin(side, c, p, lw, eps=eps, average=p, **self._opts)
+                      for side, (c, p, lw) in enumerate(zip(self._clouds, self._pots, self._logs))]
 
     def potentials(self) -> list:
         return [self._pots[0][:self._B], self._pots[0][self._B:]] if self._stacked else list(self._pots)
@@ -345,6 +355,12 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
             S[:, n:].mul_(damping(eps, rho_y))
         return S
 
+    def averaged(FG, eps):
+        """The averaged step ``lerp(FG, smins(FG), 1/2)``; undamped, from the soft-mins' merge kernel."""
+        if rho_x is None and rho_y is None:
+            return ops.pair(x, y, FG[:, :n], FG[:, n:], log_a, log_b, eps=eps, average=FG, **opts)
+        return torch.lerp(FG, smins(FG, eps), 0.5)
+
     # Initialisation at the first (largest) eps, the other potential being 0:
     # the soft-min is then nearly a convolution of the cost with the weights.
     # A warm start replaces it; a missing half is the update of the given one
@@ -386,7 +402,7 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
             run = next((k for k in range(i, total) if eps_at(k) != eps), total) - i
             if (replay is None or replay.key != eps) and run >= GRAPH_MIN_RUN:
                 # The state is FG alone: every other input is fixed for the run.
-                replay = StepGraph(graphs, lambda st: (torch.lerp(st[0], smins(st[0], eps), 0.5),), (FG,),
+                replay = StepGraph(graphs, lambda st: (averaged(st[0], eps),), (FG,),
                                    x.device, key=eps)
             if replay is not None and replay.key == eps:
                 span = next((k for k in range(i, i + run) if checks(k)), i + run) - i
@@ -394,9 +410,9 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
                 monitor.advance(span)
                 i += span
                 continue
-        S = smins(FG, eps)
         warm = True
         if checks(i):
+            S = smins(FG, eps)
             err = row_error(FG[:, :n], S[:, :n] * reciprocal(damping(eps, rho_x)), inp.a, eps, rho_x, ops)
             refining = refine > 0 and i >= len(eps_list)
             value = monitor.record(i, eps, err, FG[:, :n], FG[:, n:], read=refining)
@@ -405,9 +421,11 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
                 # Stop before this step's averaging: the state whose error was read is the one
                 # returned, and its soft-mins S are the final extrapolation.
                 break
-        # Averaged (Jacobi) updates: plain simultaneous updates oscillate.
-        FG = torch.lerp(FG, S, 0.5)
-        S = None
+            # Averaged (Jacobi) updates: plain simultaneous updates oscillate.
+            FG = torch.lerp(FG, S, 0.5)
+            S = None
+        else:
+            FG = averaged(FG, eps)
         if selves is not None:
             selves.step(eps)
         monitor.advance()

@@ -456,3 +456,44 @@ def test_gpu_memory_n_200k():
     extra = torch.cuda.max_memory_allocated() - base
     assert torch.isfinite(sf).all() and torch.isfinite(sg).all()
     assert extra < 100 * 2**20, f"peak extra allocation {extra / 2**20:.1f} MiB"
+
+
+# --------------------------------------------------------------------------
+# The averaged step written by the merge kernel (the Sinkhorn loop's lerp)
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("B", [None, 2])
+def test_averaged_step_is_the_loops_lerp_bit_for_bit(backend, B):
+    """``average=FG`` gives ``torch.lerp(FG, S, 0.5)`` with the same bits (pair and self problems), with
+    the column splits forced (the merge's row and column branches both average)."""
+    device = DEVICE if backend == "triton" else "cpu"
+    x, y, f, g, la, lb = (t.to(device, torch.float32) for t in make_case(37, 29, 3, B=B, seed=3))
+    lead = (B,) if B is not None else ()
+    opts = dict(eps=0.2, cost_scale=1.0, backend=backend, precision="ieee")
+    FG = torch.cat([f, g], -1)
+    if backend == "triton":
+        # Compare with the same (forced) ranges: the averaging alone differs.
+        geo = sp.Geometry(sp._FN, B is not None, B or 1, 37, 29, 3, torch.float32, x.device)
+        S = sp._pair_triton(geo, x, y, f, g, la, lb, 0.2, 1.0, "ieee", forced_ranges=(2, 2))
+        avg = sp._pair_triton(geo, x, y, f, g, la, lb, 0.2, 1.0, "ieee", forced_ranges=(2, 2), average=FG)
+    else:
+        S = sp.softmin_pair_unchecked(x, y, f, g, la, lb, **opts)
+        avg = sp.softmin_pair_unchecked(x, y, f, g, la, lb, average=FG, **opts)
+    assert avg.shape == lead + (66,)
+    assert torch.equal(avg, torch.lerp(FG, S, 0.5))
+    # The self problem (x, x) through its unchecked entry point.
+    s = sp.softmin_self_unchecked(x, f, la, **opts)
+    s_avg = sp.softmin_self_unchecked(x, f, la, average=f, **opts)
+    assert torch.equal(s_avg, torch.lerp(f, s, 0.5))
+    # float64 potentials of float32 points: averaged in float64, after the kernel.
+    f64 = torch.cat([f, g], -1).double()
+    out = sp.softmin_pair_unchecked(x, y, f, g, la, lb, average=f64, **opts)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, torch.lerp(f64, sp.softmin_pair_unchecked(x, y, f, g, la, lb, **opts).double(), 0.5))
+
+
+def test_averaged_step_refuses_a_misshapen_state():
+    x, y, f, g, la, lb = (t.to(DEVICE, torch.float32) for t in make_case(5, 4, 2))
+    with pytest.raises(ValueError, match="potentials to average have shape"):
+        sp.softmin_pair_unchecked(x, y, f, g, la, lb, eps=0.5, cost_scale=1.0, backend="triton", precision=None,
+                                  average=f)

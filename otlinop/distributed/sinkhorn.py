@@ -53,7 +53,7 @@ class ShardedOps(LocalOps):
         self.row_ring, self.col_ring, self.d, self.group = rows, cols, d, group
         self.pair_ring = Ring([(n + m) * (d + 1) for n, m in zip(rows.sizes, cols.sizes)], group)
 
-    def pair(self, x, y, f, g, log_a, log_b, *, eps, **opts):
+    def pair(self, x, y, f, g, log_a, log_b, *, eps, average=None, **opts):
         d = self.d
         x0, y0 = x[0], y[0]
         ha = log_a[0] + f[0] / eps
@@ -76,7 +76,8 @@ class ShardedOps(LocalOps):
         parts = [p if p is not None else (None, None) for p in self.pair_ring.map(payload, compute)]
         sf = -eps * merge_lse_or_empty([p[0] for p in parts], x0.shape[0], ha)
         sg = -eps * merge_lse_or_empty([p[1] for p in parts], y0.shape[0], hb)
-        return torch.cat([sf, sg]).unsqueeze(0)
+        out = torch.cat([sf, sg]).unsqueeze(0)
+        return out if average is None else torch.lerp(average, out.to(average.dtype), 0.5)
 
     def rows(self, x, y, h, *, eps, **opts):
         return (-eps * ring_lse(x[0], y[0], h[0], self.col_ring, eps=eps, **opts)).unsqueeze(0)
@@ -84,9 +85,10 @@ class ShardedOps(LocalOps):
     def cols(self, x, y, h, *, eps, **opts):
         return (-eps * ring_lse(y[0], x[0], h[0], self.row_ring, eps=eps, **opts)).unsqueeze(0)
 
-    def self_smin(self, side: int, c, f, log_w, *, eps, **opts):
+    def self_smin(self, side: int, c, f, log_w, *, eps, average=None, **opts):
         ring = self.row_ring if side == 0 else self.col_ring
-        return (-eps * ring_lse(c[0], c[0], log_w[0] + f[0] / eps, ring, eps=eps, **opts)).unsqueeze(0)
+        out = (-eps * ring_lse(c[0], c[0], log_w[0] + f[0] / eps, ring, eps=eps, **opts)).unsqueeze(0)
+        return out if average is None else torch.lerp(average, out.to(average.dtype), 0.5)
 
     def total(self, t: torch.Tensor) -> torch.Tensor:
         return ordered_sum(t, self.group)

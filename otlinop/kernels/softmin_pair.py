@@ -250,16 +250,22 @@ def _pair_kernel(
 
 @triton.jit(do_not_specialize=["n_rows", "n", "m", "row_parts", "col_parts"])
 def _pair_merge_kernel(
-    RM, RS, CM, CS, X, Y, XN, YN, F, LOG_A, OUT,
+    RM, RS, CM, CS, X, Y, XN, YN, F, LOG_A, OUT, PREV,
     n_rows, n, m, row_parts, col_parts,
     stride_rp, stride_rb, stride_cp, stride_cb,
-    stride_xb, stride_yb, stride_xnb, stride_ynb, stride_fb, stride_lab, stride_ob,
+    stride_xb, stride_yb, stride_xnb, stride_ynb, stride_fb, stride_lab, stride_ob, stride_pb,
     k2, inv_eps2, out_scale, max_loss, eps, EPS,
     D: tl.constexpr, DP: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNKS: tl.constexpr,
     DOT: tl.constexpr, CPREC: tl.constexpr, HAS_LOG_A: tl.constexpr,
-    FIXUP: tl.constexpr, EPS_IN_MEMORY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+    FIXUP: tl.constexpr, EPS_IN_MEMORY: tl.constexpr, AVERAGE: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Merge the partial (max, sum) pairs, in a fixed order, into OUT = [sf | sg].
+
+    With AVERAGE, OUT receives the averaged step ``PREV + (S - PREV) / 2``
+    instead of the soft-mins S (PREV laid out as OUT: the potentials
+    ``[f | g]`` that the soft-mins update), which saves the loop an
+    elementwise launch per step.
 
     A column whose partial sums may have lost more than 2^-LOSS_BITS of its
     mass to underflow (or whose weight is zero) is recomputed here exactly:
@@ -284,6 +290,7 @@ def _pair_merge_kernel(
         parts = row_parts
         NORM = XN + b * stride_xnb
         dst = OUT + b * stride_ob + idx
+        src = PREV + b * stride_pb + idx
     else:
         idx = (pid - row_programs) * BLOCK + tl.arange(0, BLOCK)
         ok = idx < m
@@ -293,6 +300,7 @@ def _pair_merge_kernel(
         parts = col_parts
         NORM = YN + b * stride_ynb
         dst = OUT + b * stride_ob + n_rows + idx
+        src = PREV + b * stride_pb + n_rows + idx
     mx = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     for p in range(0, parts):
         mx = tl.maximum(mx, tl.load(PM + p * stride_p + idx, mask=ok, other=float("-inf")))
@@ -315,6 +323,10 @@ def _pair_merge_kernel(
                                              BLOCK, BLOCK_N), lse)
     # No finite term: lse = -inf, out = +inf (soft-min), never NaN.
     out = out_scale * (lse - k2 * norm)
+    if AVERAGE:
+        # torch.lerp's formula at weight 1/2: the same numbers as the loop's torch.lerp.
+        prev = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+        out = out - (out - prev) * 0.5
     tl.store(dst, out.to(OUT.dtype.element_ty), mask=ok)
 
 
@@ -460,11 +472,13 @@ def _validate(fn, x, y, f, g, log_a, log_b, eps, cost_scale):
     return geo, eps, cost_scale
 
 
-def _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision, forced_ranges=None, fixup=True):
+def _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision, forced_ranges=None, fixup=True,
+                 average=None):
     # float32 potentials for half points, as softmin.
     out = torch.empty(geo.shape(geo.n + geo.m), device=geo.device, dtype=compute_dtype(geo.dtype))
+    _check_average(average, out)
     if geo.n == 0 or geo.m == 0:
-        return out.fill_(float("inf"))
+        return _averaged(out.fill_(float("inf")), average)
     pair = prepare_pair(x, y, precision)
     f, g, log_a, log_b = (unit_last(t) for t in (f, g, log_a, log_b))
     (R, rows), (S, cols) = range_plan(geo.n, geo.m, geo.B, sm_count(geo.device), forced=forced_ranges)
@@ -478,12 +492,23 @@ def _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision, forc
     lb = log_b if log_b is not None else g
     _launch(geo, pair, f, g, la, lb, log_a is not None, log_b is not None, eps, cost_scale, out,
             grid=(R, S, geo.B), blocks=part, ranges=(rows, cols), partials=(rm, rs, cm, cs),
-            strides=part_strides, n_rows=geo.n, parts=(S, R), self_=False, fixup=fixup)
+            strides=part_strides, n_rows=geo.n, parts=(S, R), self_=False, fixup=fixup, average=average)
     return out
 
 
+def _averaged(s, average):
+    """``lerp(average, s, 1/2)`` (the merge kernel's AVERAGE), ``s`` without ``average``."""
+    return s if average is None else torch.lerp(average, s.to(average.dtype), 0.5)
+
+
+def _check_average(average, out) -> None:
+    if average is not None and average.shape != out.shape:
+        raise ValueError(f"softmin: the potentials to average have shape {tuple(average.shape)}, "
+                         f"the soft-mins {tuple(out.shape)}")
+
+
 def _launch(geo, pair, f, g, la, lb, has_log_a, has_log_b, eps, cost_scale, out, *, grid, blocks, ranges,
-            partials, strides, n_rows, parts, self_, fixup):
+            partials, strides, n_rows, parts, self_, fixup, average=None):
     """Launch the fused kernel on ``grid`` and the merge into ``out`` (both problems).
 
     ``partials`` = (row maxima, row sums, column maxima, column sums) and
@@ -492,7 +517,9 @@ def _launch(geo, pair, f, g, la, lb, has_log_a, has_log_b, eps, cost_scale, out,
     ``out`` (0 for the self problem, whose points all merge as columns);
     ``blocks``: the block table of the self problem (any tensor otherwise);
     ``fixup``: whether the merge recomputes flagged columns exactly (tests
-    switch it off to see them).
+    switch it off to see them); ``average``: None, or the potentials that
+    ``out`` updates (its shape and dtype, unit last stride), when ``out``
+    is to hold the averaged step ``lerp(average, S, 1/2)``.
     """
     P = PreparedPair
     bs = batch_stride
@@ -523,22 +550,25 @@ def _launch(geo, pair, f, g, la, lb, has_log_a, has_log_b, eps, cost_scale, out,
         # 64 columns per merge program: the width of an exact recomputation.
         block, block_n = (32, 16) if interpreting() else (64, 64)
         programs = cdiv(n_rows, block) + cdiv(geo.m, block)
+        prev = out if average is None else average
         _pair_merge_kernel[(programs, geo.B)](
-            *partials, pair.x, pair.y, pair.xn, pair.yn, f, la, out,
+            *partials, pair.x, pair.y, pair.xn, pair.yn, f, la, out, prev,
             n_rows, geo.n, geo.m, *parts,
             *strides,
             *prepared_strides,
-            bs(f, 1), bs(la, 1), bs(out, 1),
+            bs(f, 1), bs(la, 1), bs(out, 1), bs(prev, 1),
             k2, LOG2E, -LN2, math.log2(geo.n) - 126.0 + LOSS_BITS, *eps_args,
             **layout, HAS_LOG_A=has_log_a,
-            FIXUP=fixup, EPS_IN_MEMORY=in_memory, BLOCK=block, BLOCK_N=block_n, num_warps=4,
+            FIXUP=fixup, EPS_IN_MEMORY=in_memory, AVERAGE=average is not None, BLOCK=block, BLOCK_N=block_n,
+            num_warps=4,
         )
 
 
-def _self_triton(geo, x, f, log_a, eps, cost_scale, precision, forced_ranges=None, fixup=True):
+def _self_triton(geo, x, f, log_a, eps, cost_scale, precision, forced_ranges=None, fixup=True, average=None):
     out = torch.empty(geo.shape(geo.n), device=geo.device, dtype=compute_dtype(geo.dtype))
+    _check_average(average, out)
     if geo.n == 0:
-        return out
+        return _averaged(out, average)
     pair = prepare_pair(x, x, precision)
     f, log_a = unit_last(f), unit_last(log_a)
     la = log_a if log_a is not None else f
@@ -551,7 +581,7 @@ def _self_triton(geo, x, f, log_a, eps, cost_scale, precision, forced_ranges=Non
     _launch(geo, pair, f, f, la, la, log_a is not None, log_a is not None, eps, cost_scale, out,
             grid=(blocks.shape[0], 1, geo.B), blocks=blocks, ranges=(rows, rows), partials=(pm, ps, pm, ps),
             strides=(geo.n, part.stride(1), geo.n, part.stride(1)), n_rows=0, parts=(0, T), self_=True,
-            fixup=fixup)
+            fixup=fixup, average=average)
     return out
 
 
@@ -645,19 +675,26 @@ def softmin_pair_cat(x, y, f, g, log_a=None, log_b=None, *, eps, cost_scale=1.0,
     return _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision, _ranges, _fixup)
 
 
-def softmin_pair_unchecked(x, y, f, g, log_a, log_b, *, eps: float, cost_scale: float, backend, precision):
+def softmin_pair_unchecked(x, y, f, g, log_a, log_b, *, eps: float, cost_scale: float, backend, precision,
+                           average=None):
     """:func:`softmin_pair_cat` without the input checks, for loops that ran them once.
 
     The inputs must be valid (as :func:`softmin_pair` checks them); ``eps``
     and ``cost_scale`` positive floats. No host synchronisation.
+    ``average``: None, or the potentials ``[f | g]`` (the output's shape):
+    then the result is the averaged step ``torch.lerp(average, S, 0.5)`` of
+    the soft-mins S, which the Triton path writes from its merge kernel (no
+    separate launch) when ``average`` has the output's dtype.
     """
     batched = x.ndim == 3 or y.ndim == 3
     B = x.shape[0] if x.ndim == 3 else (y.shape[0] if y.ndim == 3 else 1)
     geo = Geometry(_FN, batched, B, x.shape[-2], y.shape[-2], x.shape[-1], x.dtype, x.device)
     precision = resolve_precision(_FN, precision)
     if resolve_backend(_FN, backend, x) == "torch":
-        return _pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale)
-    return _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision)
+        return _averaged(_pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale), average)
+    if average is not None and average.dtype != compute_dtype(geo.dtype):
+        return _averaged(_pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision), average)
+    return _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision, average=unit_last(average))
 
 
 def softmin_self(x, f, log_a=None, *, eps, cost_scale=1.0, backend=None, precision=None, _ranges=None,
@@ -715,14 +752,19 @@ def softmin_self(x, f, log_a=None, *, eps, cost_scale=1.0, backend=None, precisi
     return _self_triton(geo, x, f, log_a, eps, cost_scale, precision, _ranges, _fixup)
 
 
-def softmin_self_unchecked(x, f, log_a, *, eps: float, cost_scale: float, backend, precision):
-    """:func:`softmin_self` without the input checks, for loops that ran them once."""
+def softmin_self_unchecked(x, f, log_a, *, eps: float, cost_scale: float, backend, precision, average=None):
+    """:func:`softmin_self` without the input checks, for loops that ran them once.
+
+    ``average``: as in :func:`softmin_pair_unchecked` (the potential ``f``'s shape).
+    """
     geo = Geometry(_FN_SELF, x.ndim == 3, x.shape[0] if x.ndim == 3 else 1, x.shape[-2], x.shape[-2],
                            x.shape[-1], x.dtype, x.device)
     precision = resolve_precision(_FN_SELF, precision)
     if resolve_backend(_FN_SELF, backend, x) == "torch":
-        return _self_torch(x, f, log_a, eps, cost_scale)
-    return _self_triton(geo, x, f, log_a, eps, cost_scale, precision)
+        return _averaged(_self_torch(x, f, log_a, eps, cost_scale), average)
+    if average is not None and average.dtype != compute_dtype(geo.dtype):
+        return _averaged(_self_triton(geo, x, f, log_a, eps, cost_scale, precision), average)
+    return _self_triton(geo, x, f, log_a, eps, cost_scale, precision, average=unit_last(average))
 
 
 # --------------------------------------------------------------------------
