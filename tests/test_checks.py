@@ -365,3 +365,22 @@ def test_checks_sit_below_the_kernels():
             assert node.level == 0, f"relative import from {node.module}"
             imported.add(node.module.split(".")[0])
     assert imported <= {"__future__", "math", "numbers", "os", "dataclasses", "torch", "solvers"}, imported
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_flags_every_nan_and_infinity(device, dtype):
+    """The checks' one-reduction finiteness flag (a max-abs norm) against torch.isfinite, a bad entry
+    anywhere in a long tensor (the GPU reduction's blocks and lanes), finite extremes of the dtype."""
+    from otlinop._checks import all_finite
+    n = 100_003
+    for bad in (math.nan, math.inf, -math.inf):
+        for pos in (0, 1, 4097, n // 2, n - 1):
+            t = torch.randn(n, device=device).to(dtype)
+            t[pos] = bad
+            assert not bool(all_finite(t)), (bad, pos)
+    top = torch.finfo(dtype).max
+    assert bool(all_finite(torch.tensor([top, -top, 0.0], device=device, dtype=dtype)))
+    assert bool(all_finite(torch.randn(3, 5, device=device).to(dtype)[:, ::2]))
+    assert bool(all_finite(torch.empty(0, device=device, dtype=dtype)))
+    assert not bool(all_finite(torch.tensor([[1.0, math.nan]], device=device, dtype=dtype).t()))

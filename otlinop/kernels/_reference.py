@@ -27,7 +27,8 @@ config.declare("torch_block_bytes", 64 * 2**20, owner="otlinop.kernels", doc=(
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of the torch references: the input dtype, half inputs promoted to float32."""
-    return torch.promote_types(dtype, torch.float32)
+    # (float32 and float64 without torch.promote_types: a dispatched op, run per kernel launch)
+    return dtype if dtype in (torch.float32, torch.float64) else torch.promote_types(dtype, torch.float32)
 
 
 def row_blocks(n: int, m: int, batch: int, itemsize: int, temporaries: int):
