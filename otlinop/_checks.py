@@ -764,6 +764,25 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def plain_values(t):
+    """``t``'s values as a tensor outside every torch.func grad or jvp level and without a
+    forward-AD tangent (None passes through): what the value checks read.
+
+    The checks and the default diameter only read values; on a wrapped tensor each of
+    their ops would run through the transforms' interpreters (torch.func.jvp
+    decomposes some of them in Python). A vmap level stays (its batch is part of
+    the values).
+    """
+    if t is None or torch.compiler.is_compiling():     # (dynamo traces no functorch internals)
+        return t
+    F = torch._C._functorch
+    while F.is_functorch_wrapped_tensor(t) and not F.is_batchedtensor(t):
+        t = F.get_unwrapped(t)
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0 and not F.is_functorch_wrapped_tensor(t):
+        t = torch.autograd.forward_ad.unpack_dual(t).primal
+    return t
+
+
 def all_finite(t: torch.Tensor) -> torch.Tensor:
     """0-d bool tensor: no entry of ``t`` is NaN or infinite; no synchronisation.
 
@@ -951,7 +970,10 @@ def measures_and_read(owner: str, x, y, a, b, *, balanced: bool, check: bool, re
     b = weights(geo, "b", b, "y")
     inp = Inputs(x, y, a, b, True) if geo.batched else \
         Inputs(x.unsqueeze(0), y.unsqueeze(0), a.unsqueeze(0), b.unsqueeze(0), False)
-    flags = _mass_flags(x, y, a, b, balanced, cost_scale) if check and not capturing() else []
+    # The values of the data, outside any torch.func level: the flags and read only read them.
+    values = Inputs(*(plain_values(t) for t in (inp.x, inp.y, inp.a, inp.b)), inp.batched)
+    flags = _mass_flags(values.x, values.y, values.a, values.b, balanced, cost_scale) \
+        if check and not capturing() else []
     if read is None:
         _raise_first(owner, flags)
         return inp, None
@@ -959,7 +981,7 @@ def measures_and_read(owner: str, x, y, a, b, *, balanced: bool, check: bool, re
         raise RuntimeError(f"{owner}: a CUDA graph is being captured, where no value can be read back to "
                            "the host; pass the option that provides it (e.g. diameter=...) to capture this call")
     with torch.no_grad():
-        extra = read(inp).to(torch.float64).reshape(1)
+        extra = read(values).to(torch.float64).reshape(1)
         values = torch.cat([torch.stack([f for f, _ in flags]).to(torch.float64), extra]) if flags else extra
         values = values.tolist()
     for ok, (_, message) in zip(values, flags):

@@ -112,7 +112,8 @@ class SecondOrder:
     potentials to convergence (:func:`converged`) when a backward records a
     graph; "always" in the forward already; "never" differentiates the
     schedule's potentials. ``report`` receives each :class:`Refinement`;
-    ``refine_max_iter`` bounds its iterations (a test shortens it).
+    ``refine_max_iter`` bounds its iterations (a test shortens it);
+    ``weight_tangents`` is set by the loss call.
     """
 
     owner: str = "SamplesLoss"
@@ -124,6 +125,9 @@ class SecondOrder:
     converge: str = "create_graph"
     report: Callable | None = None
     refine_max_iter: int = REFINE_MAX_ITER
+    #: Whether the weights (a, b) may carry forward-mode tangents, as the call read them
+    #: (None: not read; inside a Function a torch.func.jvp level hides it).
+    weight_tangents: tuple | None = None
 
     @property
     def solve_options(self) -> dict:

@@ -90,6 +90,21 @@ def _nested_forward_mode() -> bool:
     return sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) > 1
 
 
+def may_carry_tangent(t) -> bool:
+    """Outside any autograd Function: False only when ``t`` certainly carries no forward-mode
+    tangent. Readable there: a plain tensor's forward-AD tangent, and that of a tensor
+    wrapped by one torch.func.jvp level; under nested levels (jvp of grad) the outer
+    levels' tangents are hidden, so any wrapped tensor there may carry one."""
+    if t is None:
+        return False
+    F = torch._C._functorch
+    if F.is_functorch_wrapped_tensor(t):
+        inner = F.get_unwrapped(t)
+        if F.is_batchedtensor(t) or F.is_functorch_wrapped_tensor(inner):
+            return True
+    return getattr(fwAD, "_current_level", -1) >= 0 and fwAD.unpack_dual(t).tangent is not None
+
+
 def _has_tangent(t) -> bool:
     """Whether forward mode may carry a tangent on ``t``: a torch.autograd.forward_ad dual
     tensor, or one that a torch.func.jvp level wraps (also under grad or vmap levels, where
@@ -365,7 +380,10 @@ def _gradients(x, y, a, b, pots, spec, second, needs) -> tuple:
     """Gradients of the per-entry loss w.r.t. (x, y, a, b) at the potentials ``pots``
     (None where ``needs`` is False), in the potentials' dtype: the point gradients
     through ``_SinkhornGrad`` (its derivatives are HVPs), the weight gradients
-    elementwise in the potentials, their derivatives guarded (not implemented)."""
+    elementwise in the potentials, their derivatives guarded (not implemented).
+    Whether a and b carry forward-mode tangents is ``second.weight_tangents`` when the
+    call read it (inside a Function, ``_has_tangent`` must count every tensor of a
+    torch.func.jvp level, the weights that the level lifted included)."""
     dt = pots[0].dtype
     sol = _solution(pots)
     gx = gy = ga = gb = None
@@ -384,8 +402,9 @@ def _gradients(x, y, a, b, pots, spec, second, needs) -> tuple:
     # The weight gradients are elementwise in the (constant) potentials: any derivative of
     # them (d^2 S / da dx, d^2 S / da^2) is not implemented, so a path from the data raises.
     ga, gb = _guard(ga, depends("a"), x, y, a, b), _guard(gb, depends("b"), x, y, a, b)
-    names = " and ".join(n for n, t in (("a", a), ("b", b))
-                         if (torch.is_grad_enabled() and t.requires_grad) or _has_tangent(t))
+    tangents = second.weight_tangents or (_has_tangent(a), _has_tangent(b))
+    names = " and ".join(n for n, t, tangent in (("a", a, tangents[0]), ("b", b, tangents[1]))
+                         if (torch.is_grad_enabled() and t.requires_grad) or tangent)
     if names:
         # The gradients' derivatives w.r.t. the weights (d^2 S / da dx, d^2 S / da^2) are not implemented.
         why = f"a derivative of the gradients w.r.t. the weights {names} was requested"
@@ -500,6 +519,11 @@ class _Loss(Function):
         if _nested_forward_mode():
             raise NotImplementedError(_FORWARD_OVER_FORWARD_MESSAGE.format(owner=ctx.second.owner))
         x, y, a, b, *pots = ctx.saved_tensors
+        known = ctx.second.weight_tangents
+        if known is not None:
+            # torch.func passes zero tangents for the weights it lifted (default weights): the
+            # call read that they carry none, so their (guarded) gradients are not needed.
+            da, db = (da if known[0] else None), (db if known[1] else None)
         tangents = (dx, dy, da, db)
         needs = tuple(t is not None for t in tangents)
         with torch.no_grad():

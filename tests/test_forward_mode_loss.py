@@ -15,6 +15,8 @@ if not torch.cuda.is_available():
 
 import time  # noqa: E402
 
+import torch.autograd.forward_ad as fwAD  # noqa: E402
+
 import pytest  # noqa: E402
 
 from otlinop.hvp import hvp_x  # noqa: E402
@@ -312,3 +314,30 @@ def test_forward_over_reverse_hvp_timing_gpu():
     # float32 Schur solves (inner rtol 1e-6) at the same converged potentials.
     err = float((got - ref).norm() / ref.norm())
     assert err < 1e-3, f"jvp(grad(loss)) is {err:.1e} off hvp_x"
+
+
+@pytest.mark.parametrize("case", ["balanced", "no-debias", "unbalanced"])
+def test_weight_tangents_are_read_at_the_call(case):
+    """The loss reads at the call whether the weights carry a tangent (inside its Functions a
+    torch.func level hides it). A real tangent on the weights, through torch.func.jvp or a
+    forward-AD dual, still gives <grad_a, da> + <grad_b, db>; default weights under jvp(grad)
+    give the analytic HVP; a tangent on the weights through the gradient still raises."""
+    x, y, a, b = _clouds()
+    L = _loss(case)
+    da, db = torch.randn(a.shape, dtype=F64), torch.randn(b.shape, dtype=F64)
+    (gx, gy, ga, gb), _ = _analytic(L, x, y, a, b, torch.zeros_like(x))
+    expected = (ga * da).sum() + (gb * db).sum()
+    _, jvp_func = torch.func.jvp(lambda a, b: L(x, y, a, b), (a, b), (da, db))
+    _close(jvp_func, expected, "torch.func.jvp along the weights")
+    with fwAD.dual_level():
+        out = L(x, y, fwAD.make_dual(a, da), fwAD.make_dual(b, db))
+        _close(fwAD.unpack_dual(out).tangent, expected, "forward-AD dual weights")
+    # Default (uniform) weights, made inside the call: the HVP of the loss in x.
+    A = torch.randn(x.shape, dtype=F64)
+    u, v = torch.full(a.shape, 1 / a.numel(), dtype=F64), torch.full(b.shape, 1 / b.numel(), dtype=F64)
+    _, H = _analytic(L, x, y, u, v, A)
+    got = torch.func.jvp(torch.func.grad(lambda x: sinkhorn_loss(x, y, **dict(CASES[case], blur=BLUR,
+                                                                             converge="always"))), (x,), (A,))[1]
+    _close(got, H, "jvp(grad) with default weights")
+    with pytest.raises(NotImplementedError, match="involve the weights"):
+        torch.func.jvp(lambda a: torch.func.grad(L)(x, y, a, b), (a,), (da,))
