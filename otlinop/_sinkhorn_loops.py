@@ -31,6 +31,7 @@ import torch
 from solvers import config
 
 from ._checks import Inputs
+from .kernels._dispatch import resolve_backend
 from .kernels.softmin import reciprocal, softmin
 from .kernels.softmin_pair import softmin_pair_unchecked, softmin_self_unchecked
 
@@ -216,7 +217,8 @@ class Monitor:
 # The debiasing problems (x, x) and (y, y)
 # --------------------------------------------------------------------------
 config.declare("stack_self_problems", True, owner="otlinop.sinkhorn", doc=(
-    "with n = m the two debiasing problems (x, x) and (y, y) advance in one launch per step; "
+    "with n = m the two debiasing problems (x, x) and (y, y) advance in one launch per step, and "
+    "(balanced, Triton soft-mins, n m <= STACK_DEBIAS_MAX_ENTRIES) with (x, y) in that same launch; "
     "False runs them as separate calls"))
 
 
@@ -266,6 +268,29 @@ class SelfBank:
 
     def potentials(self) -> list:
         return [self._pots[0][:self._B], self._pots[0][self._B:]] if self._stacked else list(self._pots)
+
+
+#: The debiased loss stacks its three problems into one batch of pair problems (one launch
+#: per step, _stack_debias) up to this many cost entries n m per problem. The stacked self
+#: problems run every entry of their symmetric costs, where softmin_self runs the upper
+#: triangle: n m more exponentials per step in all, which costs less than a second launch
+#: and its merge while the launches are latency-bound (n = m = 2048: about 4e6
+#: exponentials, a microsecond on an H100, against the ~20 us pair launches of its
+#: profile). Chosen from that arithmetic, not from a measured crossover.
+STACK_DEBIAS_MAX_ENTRIES = 1 << 24
+
+
+def _stack_debias(inp: Inputs, rho_x, rho_y, backend, ops: LocalOps) -> bool:
+    """Whether the debiased loop runs its three problems as one batch (:func:`symmetric_loop`):
+    n = m, balanced, Triton soft-mins (the torch reference would compute twice the self
+    problems' work on a compute-bound CPU), one process, small problems."""
+    x, y = inp.x, inp.y
+    n, m = x.shape[1], y.shape[1]
+    if not (config.stack_self_problems and ops.stack_self and n == m and n * m <= STACK_DEBIAS_MAX_ENTRIES):
+        return False
+    if rho_x is not None or rho_y is not None:
+        return False
+    return resolve_backend("softmin_pair", backend, x) == "triton"
 
 
 # --------------------------------------------------------------------------
@@ -344,6 +369,16 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
     log_a, log_b = inp.log_a, inp.log_b
     n = x.shape[1]
     opts = dict(cost_scale=cost_scale, backend=backend, precision=precision)
+    # xy: the rows of the state FG that hold (f, g); the others, if any, the stacked debiasing problems.
+    B = x.shape[0]
+    xy = slice(0, B)
+    stacked = debias and f0 is None and g0 is None and extrapolate and _stack_debias(inp, rho_x, rho_y, backend, ops)
+    if stacked:
+        # (x, y), (x, x), (y, y) as one batch of 3B pair problems: one launch (and one merge) per step
+        # for all three. The self problems' states are [f_aa | f_aa] and [g_bb | g_bb], the two
+        # halves (the row and column updates of a symmetric problem) equal up to rounding.
+        x, y = torch.cat([x, x, y]), torch.cat([y, x, y])
+        log_a, log_b = torch.cat([log_a, log_a, log_b]), torch.cat([log_b, log_a, log_b])
 
     def smins(FG, eps):
         """Damped soft-min updates [T_f(g) | T_g(f)] of FG = [f | g]."""
@@ -377,7 +412,8 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
         FG[:, :n] = smins(FG, eps0)[:, :n]
     else:
         FG = smins(FG, eps0)
-    selves = SelfBank(x, y, log_a, log_b, eps0, rho_x, rho_y, opts, inp.pot_dtype, ops) if debias else None
+    selves = SelfBank(x, y, log_a, log_b, eps0, rho_x, rho_y, opts, inp.pot_dtype, ops) \
+        if debias and not stacked else None
 
     total = len(eps_list) + refine
 
@@ -390,7 +426,7 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
         # runs exactly the schedule, as GeomLoss).
         return i > 0 and (i % monitor.check_every == 0 or (refine > 0 and i == len(eps_list)))
 
-    graphed = graphs is not None and selves is None
+    graphed = graphs is not None and not debias
     # A soft-min ran already (kernels compiled and tuned), here or before a resumed loop.
     warm = f0 is None or g0 is None or start > 0
     replay = None       # the StepGraph of the current run of equal eps
@@ -413,11 +449,11 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
         warm = True
         if checks(i):
             S = smins(FG, eps)
-            err = row_error(FG[:, :n], S[:, :n] * reciprocal(damping(eps, rho_x)), inp.a, eps, rho_x, ops)
+            err = row_error(FG[xy, :n], S[xy, :n] * reciprocal(damping(eps, rho_x)), inp.a, eps, rho_x, ops)
             refining = refine > 0 and i >= len(eps_list)
-            value = monitor.record(i, eps, err, FG[:, :n], FG[:, n:], read=refining)
+            value = monitor.record(i, eps, err, FG[xy, :n], FG[xy, n:], read=refining)
             if refining and (value <= threshold or not math.isfinite(value) or monitor.stagnant(
-                    i, value, lambda: resolution(FG[:, :n], FG[:, n:], eps, precision, ops))):
+                    i, value, lambda: resolution(FG[xy, :n], FG[xy, n:], eps, precision, ops))):
                 # Stop before this step's averaging: the state whose error was read is the one
                 # returned, and its soft-mins S are the final extrapolation.
                 break
@@ -440,8 +476,12 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
     stopped = S is not None
     if not stopped:
         S = smins(FG, eps)
-    pre = [FG[:, :n], FG[:, n:]]
-    pots = [S[:, :n], S[:, n:]]
+    pre = [FG[xy, :n], FG[xy, n:]]
+    pots = [S[xy, :n], S[xy, n:]]
+    if stacked:
+        # The row halves: f_aa of (x, x), g_bb of (y, y).
+        pre += [FG[B:2 * B, :n], FG[2 * B:, :n]]
+        pots += [S[B:2 * B, :n], S[2 * B:, :n]]
     if selves is not None:
         pre += selves.potentials()
         pots += selves.smins(eps)
