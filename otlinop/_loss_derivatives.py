@@ -158,7 +158,8 @@ def solve(inp: Inputs, spec: Spec, verbose: bool = False) -> Solution:
     if verbose:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(spec.eps_list), desc="SamplesLoss", leave=False)
-    monitor = Monitor(check_every=1 << 30, callback=None, bar=bar, method="symmetric", inp=inp)
+    # Nothing reads the errors back (kept=False): the final one is computed only for the bar.
+    monitor = Monitor(check_every=1 << 30, callback=None, bar=bar, method="symmetric", inp=inp, kept=False)
     with torch.no_grad(), config.override(check_finite=False):
         # Eager steps (no graphs): a schedule without refinement has no run of GRAPH_MIN_RUN steps at one eps.
         pots, pre, _ = symmetric_loop(inp, list(spec.eps_list), spec.rho_x, spec.rho_y, debias=spec.debias,

@@ -160,6 +160,9 @@ class Monitor:
     stalled: bool = False
     stall_span: int = 0             # once stalled: iterations without progress
     floor: float = math.nan         # once stalled: the arithmetic's resolution (see resolution())
+    #: Whether the errors are read afterwards (finish()); False: only a callback or bar reads them
+    #: (the loss's solve), so the error after the final extrapolation need not be computed.
+    kept: bool = True
 
     @property
     def syncs(self) -> bool:
@@ -485,7 +488,7 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
     if selves is not None:
         pre += selves.potentials()
         pots += selves.smins(eps)
-    if not stopped:     # (a stopping check recorded this very error)
+    if not stopped and (monitor.kept or monitor.syncs):     # (a stopping check recorded this very error)
         monitor.record(i, eps, row_error(pre[0], pots[0] / damping(eps, rho_x), inp.a, eps, rho_x, ops),
                        pots[0], pots[1])
     return pots, pre, i

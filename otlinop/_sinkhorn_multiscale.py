@@ -149,7 +149,7 @@ def multiscale_loop(cx: Clustering, cy: Clustering, schedule: list, *, truncate:
     Xc, Yc = cx.centroid.to(pot_dtype), cy.centroid.to(pot_dtype)
     A, B = cx.weight.to(pot_dtype), cy.weight.to(pot_dtype)
     coarse = Inputs(Xc[None], Yc[None], A[None], B[None], False)
-    quiet = Monitor(check_every=1 << 30, callback=None, bar=None, method="symmetric", inp=coarse)
+    quiet = Monitor(check_every=1 << 30, callback=None, bar=None, method="symmetric", inp=coarse, kept=False)
     with torch.no_grad(), config.override(check_finite=False):
         _, pre, _ = symmetric_loop(coarse, schedule[:jump + 1], None, None, debias=False, f0=None, g0=None,
                                    monitor=quiet, **opts)

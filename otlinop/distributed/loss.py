@@ -212,7 +212,7 @@ def sinkhorn_loss(x, y, a=None, b=None, *, p=2, blur=0.05, reach=None, diameter=
                 backend=backend, precision=precision)
     ops = ShardedOps(rows, cols, x.shape[-1], group)
     data = type(inp)(inp.x.detach(), inp.y.detach(), inp.a.detach(), inp.b.detach(), False)
-    monitor = Monitor(check_every=1 << 30, callback=None, bar=None, method="symmetric", inp=data)
+    monitor = Monitor(check_every=1 << 30, callback=None, bar=None, method="symmetric", inp=data, kept=False)
     with torch.no_grad():
         pots, pre, _ = symmetric_loop(data, list(schedule), rho, rho, debias=debias, f0=None, g0=None,
                                       monitor=monitor, cost_scale=cost_scale, backend=backend, precision=precision,
