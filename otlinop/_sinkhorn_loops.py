@@ -350,8 +350,11 @@ def symmetric_loop(inp: Inputs, eps_list, rho_x, rho_y, *, debias: bool, f0, g0,
     (f, g) live in one tensor FG = [f | g] (B, n + m), and both of their
     soft-min updates come from one pass over the cost (softmin_pair: each
     dot x_i . y_j computed once for both), so a step costs that launch, its
-    merge and one averaging op. The debiasing potentials, if any, are a
-    second, stacked bank (SelfBank). After the schedule, up to ``refine``
+    merge (which also writes the averaged state on balanced sides). The
+    debiasing potentials, if any, are a second, stacked bank (SelfBank), or,
+    for small balanced problems with n = m on Triton soft-mins
+    (:func:`_stack_debias`), more rows of FG itself: then one launch serves
+    all three problems. After the schedule, up to ``refine``
     more steps at its last eps, until a check (the first one at the end of
     the schedule) finds the marginal error <= ``threshold``, a non-finite
     error, or a stall (``Monitor.stagnant``). With ``graphs`` (None: every

@@ -143,8 +143,9 @@ def test_hvp_suite_reports_a_failing_fused_row_and_goes_on(capsys):
     lines = captured.out.splitlines()
     failed = [line for line in lines if "failed: RuntimeError: no kernel here" in line]
     assert len(failed) == 4 and all(hvp_bench.FUSED_LABEL in line for line in failed)
-    # 10 HVP rows measured (2 of them k = 16 batched), 4 failed (the fused rows), 4 SamplesLoss rows.
-    assert sum(line.startswith("| otlinop |") for line in lines) == 10 + 4 + 4
+    # 10 HVP rows measured (2 of them k = 16 batched), 4 failed (the fused rows), 4 SamplesLoss rows
+    # and 2 torch.func rows.
+    assert sum(line.startswith("| otlinop |") for line in lines) == 10 + 4 + 4 + 2
     assert not config.cg_fused
 
     with pytest.raises(RuntimeError, match="broken everywhere"):
@@ -174,6 +175,11 @@ def test_hvp_suite_runs_tiny_on_the_cpu(capsys, tmp_path):
             assert float(ms) > 0 and int(its) > 0 and float(err) < 1e-3, (label, rows[label])
         first = next(label for label in rows if label.startswith("SamplesLoss forward + backward"))
         assert "converging iterations" in first and "(converged)" in first
+        # Issue 23's forward-over-reverse HVP beside the analytic one: the same numbers.
+        ms, its, err = rows[hvp_bench.FUNC_JVP_LABEL]
+        assert float(ms) > 0 and int(its) > 0 and float(err) < 1e-3
+        assert float(rows[hvp_bench.FUNC_GRAD_LABEL][0]) > 0
+    assert out.count("forward over reverse: (jvp(grad) - grad) / hvp_x(M = jacobi()) = ") == 2
     assert out.count("4 directions in one call (M = jacobi(), k = 4 directions in one call): ") == 2
     assert out.count("float64 reference read from") == 0
     assert hvp_bench.main(argv) == 0

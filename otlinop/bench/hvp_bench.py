@@ -22,6 +22,10 @@ row they compare with. Double-backward rows differentiate ``SamplesLoss``
 (debias off, ``cost_scale=1``, ``blur = sqrt(eps)``, GeomLoss' schedule) twice
 after its forward and first backward (``create_graph=True``, whose converging
 iterations are timed and counted in a row of their own; docs/second-order.md).
+Two torch.func rows time ``torch.func.grad`` of that loss and the
+forward-over-reverse HVP ``torch.func.jvp(torch.func.grad(loss))`` (M =
+jacobi()); under the table, ``(jvp(grad) - grad) / hvp_x``, the HVP's share
+against the analytic ``hvp_x`` row (docs/forward-mode.md).
 
 When flash-sinkhorn is importable (``flash_sinkhorn`` or ``ot_triton``, from
 ``--peer-path`` folders or the environment), the same run measures it in a
@@ -295,7 +299,23 @@ def _double_backward(args, data32, A32, ref, measure, cg):
         rows.append((label, ms, L.last_hvp_solve.n_iter, _rel(H, ref)))
         print(f"otlinop {label}: {ms:.2f} ms, {L.last_hvp_solve.n_iter} iterations, error {rows[-1][3]:.1e}",
               flush=True)
+    # torch.func (issue 23): grad(loss), then the forward-over-reverse HVP jvp(grad(loss)), which
+    # runs that gradient's work and one HVP; their difference is what the HVP adds.
+    L = loss(jacobi())
+    grad = torch.func.grad(lambda x: L(a32, x, b32, y32))
+    _, ms = measure(lambda: grad(x32))
+    rows.append((FUNC_GRAD_LABEL, ms, "-", None))
+    print(f"otlinop {FUNC_GRAD_LABEL}: {ms:.2f} ms", flush=True)
+    H, ms = measure(lambda: torch.func.jvp(grad, (x32,), (A32,))[1])
+    rows.append((FUNC_JVP_LABEL, ms, L.last_hvp_solve.n_iter, _rel(H, ref)))
+    print(f"otlinop {FUNC_JVP_LABEL}: {ms:.2f} ms, {L.last_hvp_solve.n_iter} iterations, error {rows[-1][3]:.1e}",
+          flush=True)
     return rows
+
+
+#: The torch.func rows of :func:`_double_backward` (SamplesLoss, M = jacobi()).
+FUNC_GRAD_LABEL = "torch.func.grad(SamplesLoss)"
+FUNC_JVP_LABEL = "torch.func.jvp(torch.func.grad(SamplesLoss)) (forward over reverse), M = jacobi()"
 
 
 def _case(args, n, d, cuda, cg):
@@ -423,6 +443,12 @@ def _case(args, n, d, cuda, cg):
         for mode, r in peer["double_backward"].items():
             print(f"| {label} | double backward (50 its), {mode} | {r['ms']:.2f} | - | {r['rel_err']:.1e} |")
     print()
+    analytic = next((r for r in rows if r[0].label == "M = jacobi()"), None)
+    times = {label: ms for label, ms, _, _ in double}
+    if analytic is not None and FUNC_GRAD_LABEL in times and FUNC_JVP_LABEL in times:
+        added = times[FUNC_JVP_LABEL] - times[FUNC_GRAD_LABEL]
+        print(f"forward over reverse: (jvp(grad) - grad) / hvp_x(M = jacobi()) = {added / analytic[1]:.2f} "
+              f"({times[FUNC_JVP_LABEL]:.2f} - {times[FUNC_GRAD_LABEL]:.2f} against {analytic[1]:.2f} ms)")
     for row, ms, _, err in rows:
         one = next((r for r in rows if r[0] is row.single), None)
         if row.k > 1 and one is not None:
