@@ -110,6 +110,21 @@ def counting_graphs():
 
 
 @pytest.fixture
+def count_calls(monkeypatch):
+    """``count_calls(module, *names) -> dict``: the functions ``module.<name>`` wrapped, for the
+    rest of the test, so that the dict counts their calls (name -> count)."""
+    def install(module, *names):
+        calls = dict.fromkeys(names, 0)
+        for name in names:
+            def wrapped(*args, _fn=getattr(module, name), _name=name, **kwargs):
+                calls[_name] += 1
+                return _fn(*args, **kwargs)
+            monkeypatch.setattr(module, name, wrapped)
+        return calls
+    return install
+
+
+@pytest.fixture
 def override():
     """``override(**switches)``: ``config.override`` for the rest of the test,
     restored at its teardown (failures included)."""

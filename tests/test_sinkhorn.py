@@ -574,7 +574,7 @@ def test_stacked_debias_problems_match_separate_calls(reach):
 
 
 @pytest.mark.parametrize("batch", [None, 2])
-def test_debiased_loss_runs_its_three_problems_in_one_launch(batch, monkeypatch):
+def test_debiased_loss_runs_its_three_problems_in_one_launch(batch, count_calls):
     """Balanced, n == m, Triton soft-mins: (x, y), (x, x) and (y, y) are one batch of pair
     problems, one soft-min launch per step (softmin_self never runs), with the loss, its
     gradients and the potentials of separate launches (float32: to rounding)."""
@@ -588,33 +588,24 @@ def test_debiased_loss_runs_its_three_problems_in_one_launch(batch, monkeypatch)
     a = torch.rand(lead + (48,), generator=gen).to(DEVICE) + 0.1
     b = torch.rand(lead + (48,), generator=gen).to(DEVICE) + 0.1
     a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
-    calls = {"pair": 0, "self": 0}
-    pair, self_ = loops.softmin_pair_unchecked, loops.softmin_self_unchecked
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(loops, "softmin_pair_unchecked", counted("pair", pair))
-    monkeypatch.setattr(loops, "softmin_self_unchecked", counted("self", self_))
+    calls = count_calls(loops, "softmin_pair_unchecked", "softmin_self_unchecked")
     loss = SamplesLoss("sinkhorn", blur=0.1, scaling=0.5, backend="triton")
     results = {}
     for stack in (True, False):
-        calls.update(pair=0, self=0)
+        calls.update(softmin_pair_unchecked=0, softmin_self_unchecked=0)
         with config.override(stack_self_problems=stack):
             xr = x.clone().requires_grad_()
             value = loss(a, xr, b, y)
             (grad,) = torch.autograd.grad(value.sum(), xr)
             pots = SamplesLoss("sinkhorn", blur=0.1, scaling=0.5, backend="triton", potentials=True)(a, x, b, y)
         results[stack] = (value.detach(), grad, *pots)
+        pair, self_ = calls["softmin_pair_unchecked"], calls["softmin_self_unchecked"]
         if stack:
-            assert calls["self"] == 0 and calls["pair"] > 0
-            steps = calls["pair"]
+            assert self_ == 0 and pair > 0
+            steps = pair
         else:
             # (x, x) and (y, y) as two calls each step (stack_self_problems=False), beside (x, y).
-            assert calls["pair"] == steps and calls["self"] == 2 * steps, (calls, steps)
+            assert pair == steps and self_ == 2 * steps, (calls, steps)
     for got, expected in zip(results[True], results[False]):
         scale = float(expected.abs().max())
         assert float((got - expected).abs().max()) <= 2e-5 * scale
