@@ -44,6 +44,9 @@ import torch
 
 from solvers import config
 
+from ._measure_flags import box_diameter_from, measure_flags
+from ._measure_flags import usable as fused_checks_usable
+
 __all__ = [
     "REAL_DTYPES", "HALF_DTYPES", "BACKENDS", "PRECISIONS", "fmt_shape",
     "positive_scalar", "nonnegative_scalar", "fraction", "positive_int", "nonnegative_int", "flag",
@@ -794,26 +797,32 @@ def all_finite(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, math.inf) < math.inf
 
 
-def _value_flags(tensors: dict, *, allow_neg_inf=(), allow_pos_inf=(), nonnegative=(), hint: str = "") -> list:
-    """``(flag, message)`` pairs, the flags 0-d bool tensors still on the device."""
+def _value_flags(tensors: dict, *, allow_neg_inf=(), allow_pos_inf=(), nonnegative=(), hint: str = "",
+                 messages_only: bool = False) -> list:
+    """``(flag, message)`` pairs, the flags 0-d bool tensors still on the device (None with
+    ``messages_only``: the messages of a caller that computes the flags otherwise)."""
     out = []
+
+    def flag(compute):
+        return None if messages_only else compute()
+
     with torch.no_grad():
         for name, t in tensors.items():
             if t is None or t.numel() == 0:
                 continue
             if name in allow_neg_inf:
                 # The max is NaN or +inf iff t holds one (amax propagates NaN); -inf stays below.
-                out.append((t.amax() < math.inf, f"{name} contains NaN or +inf values; -inf is allowed "
-                                                 "(a zero weight), NaN and +inf are not"))
+                out.append((flag(lambda: t.amax() < math.inf), f"{name} contains NaN or +inf values; -inf is "
+                                                               "allowed (a zero weight), NaN and +inf are not"))
             elif name in allow_pos_inf:
-                out.append((t.amin() > -math.inf, f"{name} contains NaN or -inf values; +inf is allowed, "
-                                                  "NaN and -inf are not"))
+                out.append((flag(lambda: t.amin() > -math.inf), f"{name} contains NaN or -inf values; +inf is "
+                                                                "allowed, NaN and -inf are not"))
             else:
-                out.append((all_finite(t), f"{name} contains NaN or inf values; "
-                                                     + (hint or "every entry must be finite")))
+                out.append((flag(lambda: all_finite(t)), f"{name} contains NaN or inf values; "
+                                                         + (hint or "every entry must be finite")))
             if name in nonnegative:
-                out.append(((t >= 0).all(), f"the weights {name} have negative entries; weights must be >= 0 "
-                                            "(zeros are allowed)"))
+                out.append((flag(lambda: (t >= 0).all()), f"the weights {name} have negative entries; weights "
+                                                          "must be >= 0 (zeros are allowed)"))
     return out
 
 
@@ -822,7 +831,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
-def _extent_flag(x: torch.Tensor, y: torch.Tensor, cost_scale: float) -> list:
+def _extent_flag(x: torch.Tensor, y: torch.Tensor, cost_scale: float, messages_only: bool = False) -> list:
     """``(flag, message)``: the largest cost ``c |x_i - y_j|^2`` stays finite in the compute dtype.
 
     Bounded by ``c diam^2`` (diam: the diagonal of the joint bounding box); the kernels
@@ -833,14 +842,16 @@ def _extent_flag(x: torch.Tensor, y: torch.Tensor, cost_scale: float) -> list:
         return []
     dtype = compute_dtype(x.dtype)
     d = x.shape[-1]
-    with torch.no_grad():
-        pts = (x.reshape(-1, d), y.reshape(-1, d))
-        lo = torch.minimum(pts[0].amin(0), pts[1].amin(0)).double()
-        hi = torch.maximum(pts[0].amax(0), pts[1].amax(0)).double()
-        reach = 4.0 * cost_scale * ((hi - lo) ** 2).sum()
-        limit = torch.finfo(dtype).max
-        name = str(dtype).replace("torch.", "")
-    return [(reach <= limit, f"the points are too far apart: their costs c |x_i - y_j|^2 (c = cost_scale = "
+    limit = torch.finfo(dtype).max
+    name = str(dtype).replace("torch.", "")
+    flag = None
+    if not messages_only:
+        with torch.no_grad():
+            pts = (x.reshape(-1, d), y.reshape(-1, d))
+            lo = torch.minimum(pts[0].amin(0), pts[1].amin(0)).double()
+            hi = torch.maximum(pts[0].amax(0), pts[1].amax(0)).double()
+            flag = 4.0 * cost_scale * ((hi - lo) ** 2).sum() <= limit
+    return [(flag, f"the points are too far apart: their costs c |x_i - y_j|^2 (c = cost_scale = "
                              f"{cost_scale:g}) overflow {name} (4 c diam^2 exceeds {limit:.1e}, diam the "
                              "diagonal of the points' bounding box); rescale the points (scaling them by s "
                              "scales the costs by s^2: pass eps * s^2)")]
@@ -972,8 +983,8 @@ def measures_and_read(owner: str, x, y, a, b, *, balanced: bool, check: bool, re
         Inputs(x.unsqueeze(0), y.unsqueeze(0), a.unsqueeze(0), b.unsqueeze(0), False)
     # The values of the data, outside any torch.func level: the flags and read only read them.
     values = Inputs(*(plain_values(t) for t in (inp.x, inp.y, inp.a, inp.b)), inp.batched)
-    flags = _mass_flags(values.x, values.y, values.a, values.b, balanced, cost_scale) \
-        if check and not capturing() else []
+    flags, box = _mass_flags_and_box(values.x, values.y, values.a, values.b, balanced, cost_scale) \
+        if check and not capturing() else ([], None)
     if read is None:
         _raise_first(owner, flags)
         return inp, None
@@ -981,13 +992,29 @@ def measures_and_read(owner: str, x, y, a, b, *, balanced: bool, check: bool, re
         raise RuntimeError(f"{owner}: a CUDA graph is being captured, where no value can be read back to "
                            "the host; pass the option that provides it (e.g. diameter=...) to capture this call")
     with torch.no_grad():
-        extra = read(values).to(torch.float64).reshape(1)
+        # The default diameter from the extremes the checks found, when they came with them.
+        extra = (box_diameter_from(*box) if read is box_diameter and box is not None else read(values))
+        extra = extra.to(torch.float64).reshape(1)
         values = torch.cat([torch.stack([f for f, _ in flags]).to(torch.float64), extra]) if flags else extra
         values = values.tolist()
     for ok, (_, message) in zip(values, flags):
         if not ok:
             raise ValueError(f"{owner}: {message}")
     return inp, values[-1]
+
+
+def box_diameter(inp: Inputs) -> torch.Tensor:
+    """The diagonal of the joint bounding box of all the points of ``inp`` (every batch entry),
+    a 0-d float64 tensor: the default diameter of the eps schedule, as a ``read`` of
+    :func:`measures_and_read` (which takes it from its checks' extremes when it has them)."""
+    d = inp.x.shape[-1]
+    with torch.no_grad():
+        pts = (inp.x.reshape(-1, d), inp.y.reshape(-1, d))
+        lo = torch.minimum(pts[0].min(0).values, pts[1].min(0).values)
+        hi = torch.maximum(pts[0].max(0).values, pts[1].max(0).values)
+        # In float64: the difference of two half-precision extremes can round to a
+        # different schedule than the same points in float32.
+        return box_diameter_from(lo, hi)
 
 
 def measures_ok(x, y, a, b, *, balanced: bool, cost_scale: float = 1.0) -> torch.Tensor:
@@ -1003,23 +1030,39 @@ def _mass_flags(x, y, a, b, balanced: bool, cost_scale: float) -> list:
     """The value flags of :func:`measures` (finite points whose costs stay finite,
     finite weights >= 0, positive masses whose product is finite, equal ones when
     ``balanced``), still on the device."""
+    return _mass_flags_and_box(x, y, a, b, balanced, cost_scale)[0]
+
+
+def _mass_flags_and_box(x, y, a, b, balanced: bool, cost_scale: float) -> tuple:
+    """``(flags, box)``: :func:`_mass_flags`, and the per-coordinate extremes ``(lo, hi)``
+    of both clouds when they came with the flags (None otherwise). On CUDA (float32 or
+    half points, contiguous data) all of it is one launch (``otlinop._measure_flags``),
+    where the torch ops below are about forty."""
+    limit = torch.finfo(compute_dtype(x.dtype)).max
+    name = str(compute_dtype(x.dtype)).replace("torch.", "")
+    tol = max(1e-3, 8 * torch.finfo(a.dtype).eps)     # half-precision weights cannot even represent 1/n exactly
+    mass_messages = [
+        "the weights a have zero total mass; each measure needs a positive mass",
+        "the weights b have zero total mass; each measure needs a positive mass",
+        f"the weights' total masses are too large: their product sum(a) * sum(b), the mass of a⊗b "
+        f"in eps KL(P | a⊗b), overflows {name} (above {limit:.1e}); rescale the weights (scaling both "
+        "by s scales the plan by s and shifts the potentials by -eps log(s) in total)"]
+    if balanced:
+        mass_messages.append("balanced OT needs equal total masses, but sum(a) != sum(b) (relative difference "
+                             "above 1e-3, or 8 ulps for half precision); normalise the weights, or pass reach=... "
+                             "for unbalanced OT")
+    if fused_checks_usable(x, y, a, b):
+        values, lo, hi = measure_flags(x, y, a, b, balanced=balanced, cost_scale=cost_scale, limit=limit, tol=tol)
+        # The torch path's messages, in its order, beside the kernel's flags (views: no launch).
+        messages = [m for _, m in _value_flags({"x": x, "y": y, "a": a, "b": b}, nonnegative=("a", "b"),
+                                               messages_only=True)]
+        messages += [m for _, m in _extent_flag(x, y, cost_scale, messages_only=True)] + mass_messages
+        return list(zip(values.unbind(0), messages)), (lo, hi)
     flags = _value_flags({"x": x, "y": y, "a": a, "b": b}, nonnegative=("a", "b"))
     flags += _extent_flag(x, y, cost_scale)
     with torch.no_grad():
         ma, mb = a.sum(-1, dtype=torch.float64), b.sum(-1, dtype=torch.float64)
-        limit = torch.finfo(compute_dtype(x.dtype)).max
-        name = str(compute_dtype(x.dtype)).replace("torch.", "")
-        flags += [((ma > 0).all(), "the weights a have zero total mass; each measure needs a positive mass"),
-                  ((mb > 0).all(), "the weights b have zero total mass; each measure needs a positive mass"),
-                  ((ma * mb <= limit).all(),
-                   f"the weights' total masses are too large: their product sum(a) * sum(b), the mass of a⊗b "
-                   f"in eps KL(P | a⊗b), overflows {name} (above {limit:.1e}); rescale the weights (scaling both "
-                   "by s scales the plan by s and shifts the potentials by -eps log(s) in total)")]
+        checks = [(ma > 0).all(), (mb > 0).all(), (ma * mb <= limit).all()]
         if balanced:
-            # Half-precision weights cannot even represent 1/n exactly.
-            tol = max(1e-3, 8 * torch.finfo(a.dtype).eps)
-            flags.append((((ma - mb).abs() <= tol * torch.maximum(ma, mb)).all(),
-                          "balanced OT needs equal total masses, but sum(a) != sum(b) (relative difference "
-                          "above 1e-3, or 8 ulps for half precision); normalise the weights, or pass reach=... "
-                          "for unbalanced OT"))
-    return flags
+            checks.append(((ma - mb).abs() <= tol * torch.maximum(ma, mb)).all())
+    return flags + list(zip(checks, mass_messages)), None

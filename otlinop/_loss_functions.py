@@ -36,9 +36,9 @@ from solvers import config
 from solvers._function import Function
 
 from ._call_graphs import LOSS_GRAPHS
-from ._checks import Inputs, measures_and_read, measures_ok
+from ._checks import Inputs, box_diameter, measures_and_read, measures_ok
 from ._loss_derivatives import Solution, converged, loss_value, sinkhorn_grad, sinkhorn_hvp, solve, weight_grad
-from ._sinkhorn_schedule import diameter_tensor, schedule_tensor
+from ._sinkhorn_schedule import schedule_tensor
 from .kernels._reference import compute_dtype
 
 __all__ = ["SinkhornLoss", "over_vmap"]
@@ -629,7 +629,7 @@ def over_vmap(fn):
         a, b = squeezed(a, x), squeezed(b, y)
         xs, ys, as_, bs = _all_entries((x, y, a, b), own_batch=x.ndim == 3)
         diameter = options.get("diameter")
-        read = None if diameter is not None else (lambda inp: diameter_tensor(inp.x, inp.y))
+        read = None if diameter is not None else box_diameter
         cost_scale = 1.0 if options.get("cost_scale") is None else options["cost_scale"]
         _, diam = measures_and_read(owner, xs, ys, as_, bs, balanced=options.get("reach") is None,
                                     check=config.check_finite, read=read, cost_scale=cost_scale)

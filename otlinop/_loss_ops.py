@@ -31,9 +31,9 @@ from typing import Optional
 import torch
 from torch.library import custom_op
 
-from ._checks import measures_and_read
+from ._checks import box_diameter, measures_and_read
 from ._loss_derivatives import SecondOrder, Solution, Spec, converged, loss_value, sinkhorn_grad, solve
-from ._sinkhorn_schedule import diameter_tensor, resolve_eps
+from ._sinkhorn_schedule import resolve_eps
 from .kernels._layout import scoped_cache
 from .kernels._reference import compute_dtype
 
@@ -49,17 +49,13 @@ def _spec(eps_list, eps, rho, debias, cost_scale, backend, precision) -> Spec:
                 backend=backend, precision=precision)
 
 
-def _box_diameter(inp) -> torch.Tensor:
-    return diameter_tensor(inp.x, inp.y)
-
-
 def checked_schedule(owner: str, x, y, a, b, *, blur: float, scaling: float, diameter, rho, check: bool,
                      cost_scale: float):
     """``(Inputs, eps, schedule)`` of one loss call: the value checks (when ``check``) and
     the default diameter share one host synchronisation; with ``check`` False and
     ``diameter`` given there is none (a CUDA graph can capture the call)."""
     inp, diam = measures_and_read(owner, x, y, a, b, balanced=rho is None, check=check,
-                                  read=_box_diameter if diameter is None else None, cost_scale=cost_scale)
+                                  read=box_diameter if diameter is None else None, cost_scale=cost_scale)
     if diameter is None:
         diameter = blur if diam <= 0 else diam    # every point at one place: any positive scale works
     eps, schedule, _ = resolve_eps(owner, "symmetric", blur, None, scaling, diameter, inp)

@@ -17,8 +17,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ._checks import (Inputs, backend_name, flag, fraction, function, nonnegative_scalar, positive_int,
-                      positive_scalar, precision_name, reach_or_none)
+from ._checks import (Inputs, backend_name, box_diameter, flag, fraction, function, nonnegative_scalar,
+                      positive_int, positive_scalar, precision_name, reach_or_none)
 
 __all__ = ["DEFAULT_BLUR", "DEFAULT_MAX_ITER", "LONG_SCHEDULE", "METHODS", "LoopOptions", "diameter", "diameter_tensor",
            "epsilon_schedule", "loop_options", "resolve_eps", "resolve_reach", "schedule_tensor"]
@@ -40,13 +40,7 @@ def diameter(x: torch.Tensor, y: torch.Tensor) -> float:
 def diameter_tensor(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """:func:`diameter` as a 0-d float64 tensor on the points' device (nothing read back)."""
     d = x.shape[-1]
-    with torch.no_grad():
-        pts = (x.reshape(-1, d), y.reshape(-1, d))
-        lo = torch.minimum(pts[0].min(0).values, pts[1].min(0).values)
-        hi = torch.maximum(pts[0].max(0).values, pts[1].max(0).values)
-        # In float64: the difference of two half-precision extremes can round to a
-        # different schedule than the same points in float32.
-        return (hi.double() - lo.double()).norm()
+    return box_diameter(Inputs(x.reshape(1, -1, d), y.reshape(1, -1, d), None, None, True))
 
 
 def schedule_tensor(eps_list, device) -> torch.Tensor:

@@ -27,8 +27,8 @@ TYPES = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "b
 def _calls():
     """Representative public calls: the loss (forward, backward, debiased and unbalanced), both
     Sinkhorn methods, plan products, an HVP through CG, a truncated plan, multiscale Sinkhorn,
-    CG's fused iteration (float32 and float64); d = 3 and 64 (other dot layouts), float32 and
-    bfloat16 points."""
+    CG's fused iteration (float32 and float64), the one-launch value checks; d = 3 and 64 (other
+    dot layouts), float32 and bfloat16 points."""
     import torch
 
     import otlinop
@@ -42,6 +42,12 @@ def _calls():
             value = otlinop.SamplesLoss(blur=0.3, backend="triton", **options)(x, y)
             torch.autograd.grad(value, x)
         xf, yf = x.detach().float(), y.float()
+        # The one-launch value checks (the CUDA path of measures_and_read), balanced or not.
+        from otlinop._measure_flags import measure_flags
+        w = torch.full((1, 40), 1 / 40), torch.full((1, 30), 1 / 30)
+        for balanced in (True, False):
+            measure_flags(x.detach().unsqueeze(0), y.unsqueeze(0), *w, balanced=balanced, cost_scale=0.5,
+                          limit=3e38, tol=1e-3)
         # Few iterations: each variant's first launch is what counts.
         res = sinkhorn(xf, yf, blur=0.5, backend="triton", max_iter=12 if d == 3 else 14)
         sinkhorn(xf, yf, eps=0.25, method="alternating", backend="triton", max_iter=3, check_every=1)

@@ -351,20 +351,27 @@ def test_value_checks_follow_the_switch(override):
 
 
 def test_checks_sit_below_the_kernels():
-    """otlinop._checks imports torch, the standard library and solvers.config only."""
+    """otlinop._checks imports torch, the standard library and solvers.config only, and its one
+    sibling otlinop._measure_flags (the checks' own kernel), which imports torch and triton only."""
     import ast
 
     import otlinop._checks as checks
+    import otlinop._measure_flags as kernel
 
-    tree = ast.parse(open(checks.__file__).read())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, f"relative import from {node.module}"
-            imported.add(node.module.split(".")[0])
-    assert imported <= {"__future__", "math", "numbers", "os", "dataclasses", "torch", "solvers"}, imported
+    def imports(module, siblings=()):
+        tree = ast.parse(open(module.__file__).read())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0 or node.module in siblings, f"relative import from {node.module}"
+                imported.add(node.module.split(".")[0] if node.level == 0 else "." + node.module)
+        return imported
+
+    assert imports(checks, siblings=("_measure_flags",)) <= {"__future__", "math", "numbers", "os", "dataclasses",
+                                                             "torch", "solvers", "._measure_flags"}
+    assert imports(kernel) <= {"__future__", "contextlib", "torch", "triton"}
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
@@ -384,3 +391,88 @@ def test_all_finite_flags_every_nan_and_infinity(device, dtype):
     assert bool(all_finite(torch.randn(3, 5, device=device).to(dtype)[:, ::2]))
     assert bool(all_finite(torch.empty(0, device=device, dtype=dtype)))
     assert not bool(all_finite(torch.tensor([[1.0, math.nan]], device=device, dtype=dtype).t()))
+
+
+def _measure_cases():
+    gen = torch.Generator().manual_seed(11)
+
+    def data(B=None, n=37, m=29, d=3, shared=False, dtype=torch.float32, scale=1.0):
+        lead = () if B is None else (B,)
+        x = (scale * torch.randn(lead + (n, d), generator=gen)).to(dtype)
+        y = (scale * torch.randn(lead + (m, d), generator=gen) + 0.5).to(dtype)
+        wl = () if (B is None or shared) else (B,)
+        a = torch.rand(wl + (n,), generator=gen, dtype=torch.float64) + 0.1
+        b = torch.rand(wl + (m,), generator=gen, dtype=torch.float64) + 0.1
+        a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+        return [x, y, a.float(), b.float()]
+
+    cases = {"plain": data(), "batched": data(B=3), "shared weights": data(B=2, shared=True),
+             "d = 1": data(d=1), "d = 64": data(d=64, n=300), "d = 100": data(d=100, m=7),
+             "float16": data(dtype=torch.float16), "bfloat16": data(B=2, dtype=torch.bfloat16),
+             "long clouds": data(n=3000, m=2100)}
+    for where in (0, 17, -1):
+        for bad in (math.nan, math.inf, -math.inf):
+            c = data(B=2)
+            c[0].view(-1)[where] = bad
+            cases[f"x[{where}] = {bad}"] = c
+            c = data()
+            c[1].view(-1)[where] = bad
+            cases[f"y[{where}] = {bad}"] = c
+            c = data(B=2)
+            c[2].view(-1)[where] = bad
+            cases[f"a[{where}] = {bad}"] = c
+            c = data()
+            c[3].view(-1)[where] = bad
+            cases[f"b[{where}] = {bad}"] = c
+    c = data(B=2)
+    c[2][1, 3] = -0.01
+    cases["a negative"] = c
+    c = data()
+    c[3][:] = 0.0
+    cases["b zero mass"] = c
+    c = data(B=3)
+    c[2][1] *= 1.5
+    cases["unequal masses in one entry"] = c
+    c = data()
+    c[2], c[3] = c[2] * 1e20, c[3] * 1e20
+    cases["masses' product overflows float32"] = c
+    cases["extent overflows float32"] = data(scale=3e18)
+    cases["extent just fits"] = data(scale=1e18)
+    return cases
+
+
+MEASURE_CASES = _measure_cases()
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+@pytest.mark.parametrize("case", sorted(MEASURE_CASES))
+def test_one_launch_measure_checks_match_the_torch_flags(case, balanced):
+    """otlinop._measure_flags (one Triton program: the CUDA path of measures_and_read) gives the torch
+    checks' flags, in their order, for good data and for every class of bad value, and the exact
+    per-coordinate extremes the default diameter is taken from (interpreter here, compiled on a GPU)."""
+    from otlinop import _checks
+    from otlinop._measure_flags import measure_flags
+    from otlinop.kernels._dispatch import interpreter_defect
+
+    if not torch.cuda.is_available() and interpreter_defect() is not None:
+        pytest.skip(f"the interpreter cannot run the kernels: {interpreter_defect()}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, y, a, b = (t.to(device) for t in MEASURE_CASES[case])
+    x3, y3 = (t if t.ndim == 3 else t.unsqueeze(0) for t in (x, y))
+    a2, b2 = (t if (t.ndim == 2 or x.ndim == 3) else t.unsqueeze(0) for t in (a, b))
+    cost_scale = 0.5
+    expected, _ = _checks._mass_flags_and_box(x3.cpu(), y3.cpu(), a2.cpu(), b2.cpu(), balanced, cost_scale)
+    limit = torch.finfo(_checks.compute_dtype(x.dtype)).max
+    tol = max(1e-3, 8 * torch.finfo(a.dtype).eps)
+    flags, lo, hi = measure_flags(x3, y3, a2, b2, balanced=balanced, cost_scale=cost_scale, limit=limit, tol=tol)
+    want = [bool(f) for f, _ in expected]
+    got = [bool(v) for v in flags.tolist()[:len(want)]]
+    assert got == want, [m[:40] for (f, m), g in zip(expected, got) if bool(f) != g]
+    if balanced is False:
+        assert float(flags[10]) == 1.0
+    if all(want[:2]):
+        d = x.shape[-1]
+        pts = torch.cat([x3.reshape(-1, d), y3.reshape(-1, d)]).cpu().double()
+        assert torch.equal(lo.cpu(), pts.amin(0)) and torch.equal(hi.cpu(), pts.amax(0))
+        assert torch.equal(_checks.box_diameter_from(lo, hi).cpu(),
+                           _checks.box_diameter(_checks.Inputs(x3.cpu(), y3.cpu(), None, None, True)))

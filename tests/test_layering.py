@@ -30,6 +30,7 @@ PACKAGES = ("otlinop", "solvers")
 LAYERS = {
     "solvers": 0,
     "otlinop._checks": 0,
+    "otlinop._measure_flags": 0,   # the checks' one-launch kernel
     "otlinop.kernels": 1,
     "otlinop._base": 2,
     "otlinop._interop": 2,
