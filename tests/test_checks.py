@@ -412,18 +412,11 @@ def _measure_cases():
              "long clouds": data(n=3000, m=2100)}
     for where in (0, 17, -1):
         for bad in (math.nan, math.inf, -math.inf):
-            c = data(B=2)
-            c[0].view(-1)[where] = bad
-            cases[f"x[{where}] = {bad}"] = c
-            c = data()
-            c[1].view(-1)[where] = bad
-            cases[f"y[{where}] = {bad}"] = c
-            c = data(B=2)
-            c[2].view(-1)[where] = bad
-            cases[f"a[{where}] = {bad}"] = c
-            c = data()
-            c[3].view(-1)[where] = bad
-            cases[f"b[{where}] = {bad}"] = c
+            # x and a in a batch of 2, y and b unbatched.
+            for k, name in enumerate("xyab"):
+                c = data(B=2 if name in "xa" else None)
+                c[k].view(-1)[where] = bad
+                cases[f"{name}[{where}] = {bad}"] = c
     c = data(B=2)
     c[2][1, 3] = -0.01
     cases["a negative"] = c
