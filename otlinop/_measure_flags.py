@@ -44,8 +44,12 @@ _NUM_WARPS = 4
 
 def usable(x, y, a, b) -> bool:
     """Whether :func:`measure_flags` serves these (batched) data: CUDA, Triton, half or single
-    precision points, float32 or float64 weights, every tensor contiguous."""
+    precision points, float32 or float64 weights, every tensor contiguous, plain (not a
+    torch.func wrapper: a vmap batch stays wrapped in the checks' values), and no
+    torch.compile trace (whose fake tensors have no memory to read)."""
     ts = (x, y, a, b)
+    if torch.compiler.is_compiling() or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in ts):
+        return False
     return (HAS_TRITON and x.is_cuda and x.dtype in _POINT_DTYPES and y.dtype == x.dtype and x.shape[-1] <= MAX_D
             and all(t.is_contiguous() and t.device == x.device for t in ts)
             and a.dtype in (torch.float32, torch.float64, *_POINT_DTYPES) and b.dtype == a.dtype)
