@@ -24,6 +24,7 @@ from ._base import LinearOperator
 from ._checks import Geometry, matrix
 from ._operators.concrete import Diag
 from ._operators.plan_product import PlanMatmul, plan_matmul, recorded, transport_gradient, validated_plan_data
+from .kernels.plan_apply import plan_apply
 from .kernels.plan_bilinear import plan_bilinear
 from .marginals import plan_marginals
 
@@ -167,8 +168,26 @@ class PlanOperator(LinearOperator):
         args = (self.x, self.y, self.f, self.g, V, self._a, self._b, self.eps, self.cost_scale, self.backend,
                 self.precision)
         if not recorded(self.x, self.y, self.f, self.g, V, self._a, self._b):
-            return PlanMatmul.forward(*args)     # nothing to differentiate: the computation without the Function
+            # Nothing to differentiate: the Function's computation, with the weights' logarithms
+            # taken once per operator (two launches a product less).
+            log_a, log_b = self._log_weights()
+            return plan_apply(self.x, self.y, self.f, self.g, V, log_a=log_a, log_b=log_b, eps=self.eps,
+                              cost_scale=self.cost_scale, backend=self.backend, precision=self.precision)
         return PlanMatmul.apply(*args)
+
+    def _log_weights(self) -> tuple:
+        """``(log a, log b)`` (None where a weight is absent), kept while the weights (tensors the
+        operator holds) keep their version: an in-place change recomputes them."""
+        weights = (self._a, self._b)
+        if any(w is not None and w.is_inference() for w in weights):     # (no version counter)
+            return tuple(None if w is None else torch.log(w) for w in weights)
+        key = tuple(None if w is None else (id(w), w._version) for w in weights)
+        cached = getattr(self, "_logs", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, tuple(None if w is None else torch.log(w) for w in weights))
+            self._logs = cached
+        return cached[1]
 
     def _matvec(self, v):
         return self._apply(v)

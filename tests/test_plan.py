@@ -609,3 +609,21 @@ def test_transport_gradient_matches_dense_and_is_accurate_far_from_origin():
                                cost_scale=0.5)
     err = float((got32.double() - expected).norm() / expected.norm())
     assert err < 5e-6, err  # the uncentred formula gives 1.2e-5 here
+
+
+def test_products_take_the_weights_logarithms_once_and_follow_in_place_changes(count_calls):
+    """A product that nothing records reuses the logarithms of the plan's weights; an in-place
+    change of a weight is seen by the next product (the plan of the new weights)."""
+    import otlinop.plan as plan_module
+
+    x, y, f, g, a, b = _data(9, 7, 2, weights=True)
+    P = PlanOperator(x, y, f, g, eps=0.5, a=a, b=b)
+    v = torch.randn(7, dtype=F64)
+    first = P @ v
+    calls = count_calls(plan_module.torch, "log")
+    assert torch.equal(P @ v, first) and calls["log"] == 0
+    with torch.no_grad():
+        a.mul_(2.0)
+    dense = torch.exp((f[:, None] + g[None, :] - ((x[:, None] - y[None]) ** 2).sum(-1)) / 0.5) * a[:, None] * b
+    torch.testing.assert_close(P @ v, dense @ v, rtol=1e-12, atol=0)
+    assert calls["log"] == 2
