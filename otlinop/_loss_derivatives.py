@@ -33,7 +33,7 @@ from solvers import config
 
 from ._checks import Inputs
 from ._operators.plan_product import softmin_gradient
-from ._sinkhorn_loops import Monitor, alternating_loop, damping, row_error, symmetric_loop
+from ._sinkhorn_loops import Monitor, alternating_loop, damping, row_error, stack_debias_problems, symmetric_loop
 from .hvp import hvp, hvp_self, hvp_x, hvp_y, inner_rtol
 from .kernels.softmin_pair import softmin_self_unchecked
 
@@ -398,10 +398,26 @@ def sinkhorn_grad(x, y, a, b, sol: Solution, spec: Spec, needs, *, point_grad=po
     All tensors are batched and in the potentials' dtype. Implements the
     formulas of ``otlinop.loss``'s module docstring with ``plan_matmul``
     passes: one per point cloud, two with debiasing, each a ``point_grad``
-    call (an argument so that a test can count them).
+    call (an argument so that a test can count them); where the forward ran
+    the debiased problems as one batch (``stack_debias_problems``), all the
+    passes are one batched call.
     """
     need_x, need_y, need_a, need_b = needs
     gx = gy = ga = gb = None
+    if (need_x or need_y) and spec.debias and not spec.relaxed and \
+            stack_debias_problems(x.shape[1], y.shape[1], spec.backend, x):
+        # As the forward (symmetric_loop): the passes of the debiased gradients as one batch.
+        parts = []
+        if need_x:
+            parts += [(x, y, sol.f, sol.g_pre, a, b), (x, x, sol.f_aa, sol.f_aa_pre, a, a)]
+        if need_y:
+            parts += [(y, x, sol.g, sol.f_pre, b, a), (y, y, sol.g_bb, sol.g_bb_pre, b, b)]
+        G = point_grad(*(torch.cat(ts) for ts in zip(*parts)), spec).split(x.shape[0])
+        if need_x:
+            gx = G[0] - G[1]
+        if need_y:
+            gy = G[-2] - G[-1]
+        need_x = need_y = False
     if need_x:
         gx = point_grad(x, y, sol.f, sol.g_pre, a, b, spec, rho=spec.rho_x)
         if spec.debias:

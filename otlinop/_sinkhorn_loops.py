@@ -283,17 +283,21 @@ class SelfBank:
 STACK_DEBIAS_MAX_ENTRIES = 1 << 24
 
 
+def stack_debias_problems(n: int, m: int, backend, x: torch.Tensor) -> bool:
+    """Whether a balanced debiased loss on clouds of n and m points runs its problems as one batch
+    (the forward's three soft-mins per step, the backward's gradient passes): n = m, Triton
+    soft-mins, n m <= STACK_DEBIAS_MAX_ENTRIES (the torch reference would compute twice
+    the self problems' work on a compute-bound CPU)."""
+    return (config.stack_self_problems and n == m and n * m <= STACK_DEBIAS_MAX_ENTRIES
+            and resolve_backend("softmin_pair", backend, x) == "triton")
+
+
 def _stack_debias(inp: Inputs, rho_x, rho_y, backend, ops: LocalOps) -> bool:
     """Whether the debiased loop runs its three problems as one batch (:func:`symmetric_loop`):
-    n = m, balanced, Triton soft-mins (the torch reference would compute twice the self
-    problems' work on a compute-bound CPU), one process, small problems."""
-    x, y = inp.x, inp.y
-    n, m = x.shape[1], y.shape[1]
-    if not (config.stack_self_problems and ops.stack_self and n == m and n * m <= STACK_DEBIAS_MAX_ENTRIES):
+    balanced, one process, and :func:`stack_debias_problems`."""
+    if rho_x is not None or rho_y is not None or not ops.stack_self:
         return False
-    if rho_x is not None or rho_y is not None:
-        return False
-    return resolve_backend("softmin_pair", backend, x) == "triton"
+    return stack_debias_problems(inp.x.shape[1], inp.y.shape[1], backend, inp.x)
 
 
 # --------------------------------------------------------------------------

@@ -576,8 +576,9 @@ def test_stacked_debias_problems_match_separate_calls(reach):
 @pytest.mark.parametrize("batch", [None, 2])
 def test_debiased_loss_runs_its_three_problems_in_one_launch(batch, count_calls):
     """Balanced, n == m, Triton soft-mins: (x, y), (x, x) and (y, y) are one batch of pair
-    problems, one soft-min launch per step (softmin_self never runs), with the loss, its
-    gradients and the potentials of separate launches (float32: to rounding)."""
+    problems, one soft-min launch per step (softmin_self never runs), and the backward's two
+    gradient passes one batched pass, with the loss, its gradients and the potentials of
+    separate launches (float32: to rounding)."""
     import otlinop._sinkhorn_loops as loops
     from otlinop.loss import SamplesLoss
 
@@ -588,7 +589,10 @@ def test_debiased_loss_runs_its_three_problems_in_one_launch(batch, count_calls)
     a = torch.rand(lead + (48,), generator=gen).to(DEVICE) + 0.1
     b = torch.rand(lead + (48,), generator=gen).to(DEVICE) + 0.1
     a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    import otlinop._loss_derivatives as derivatives
+
     calls = count_calls(loops, "softmin_pair_unchecked", "softmin_self_unchecked")
+    passes = count_calls(derivatives, "softmin_gradient")     # the backward's plan passes
     loss = SamplesLoss("sinkhorn", blur=0.1, scaling=0.5, backend="triton")
     results = {}
     for stack in (True, False):
@@ -596,9 +600,16 @@ def test_debiased_loss_runs_its_three_problems_in_one_launch(batch, count_calls)
         with config.override(stack_self_problems=stack):
             xr = x.clone().requires_grad_()
             value = loss(a, xr, b, y)
+            passes["softmin_gradient"] = 0
             (grad,) = torch.autograd.grad(value.sum(), xr)
+            # The gradient in x and its debiasing term: one batched pass, or two.
+            assert passes["softmin_gradient"] == (1 if stack else 2)
+            yr = y.clone().requires_grad_()
+            passes["softmin_gradient"] = 0
+            grads_xy = torch.autograd.grad(loss(a, xr, b, yr).sum(), (xr, yr))
+            assert passes["softmin_gradient"] == (1 if stack else 4)
             pots = SamplesLoss("sinkhorn", blur=0.1, scaling=0.5, backend="triton", potentials=True)(a, x, b, y)
-        results[stack] = (value.detach(), grad, *pots)
+        results[stack] = (value.detach(), grad, *grads_xy, *pots)
         pair, self_ = calls["softmin_pair_unchecked"], calls["softmin_self_unchecked"]
         if stack:
             assert self_ == 0 and pair > 0
