@@ -392,6 +392,9 @@ def point_grad(x, y, f, g_pre, a, b, spec: Spec, *, rho=None) -> torch.Tensor:
     return softmin_gradient(x, y, g_pre, ah, eps=spec.eps, b=b, **spec.kernel_options)
 
 
+_LOCAL_POINT_GRAD = point_grad
+
+
 def sinkhorn_grad(x, y, a, b, sol: Solution, spec: Spec, needs, *, point_grad=point_grad) -> tuple:
     """Gradients of the per-entry loss (B,) w.r.t. x, y, a, b (None where not needed).
 
@@ -404,9 +407,10 @@ def sinkhorn_grad(x, y, a, b, sol: Solution, spec: Spec, needs, *, point_grad=po
     """
     need_x, need_y, need_a, need_b = needs
     gx = gy = ga = gb = None
-    if (need_x or need_y) and spec.debias and not spec.relaxed and \
+    if (need_x or need_y) and spec.debias and not spec.relaxed and point_grad is _LOCAL_POINT_GRAD and \
             stack_debias_problems(x.shape[1], y.shape[1], spec.backend, x):
-        # As the forward (symmetric_loop): the passes of the debiased gradients as one batch.
+        # As the forward (symmetric_loop): the passes of the debiased gradients as one batch (not
+        # for another point_grad, such as the distributed loss's rings, which tell the clouds apart).
         parts = []
         if need_x:
             parts += [(x, y, sol.f, sol.g_pre, a, b), (x, x, sol.f_aa, sol.f_aa_pre, a, a)]

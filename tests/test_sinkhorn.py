@@ -620,3 +620,27 @@ def test_debiased_loss_runs_its_three_problems_in_one_launch(batch, count_calls)
     for got, expected in zip(results[True], results[False]):
         scale = float(expected.abs().max())
         assert float((got - expected).abs().max()) <= 2e-5 * scale
+
+
+def test_gradient_passes_stack_only_with_the_local_point_grad():
+    """sinkhorn_grad batches the debiased passes only with its own point_grad: another one (the
+    distributed loss's rings, which tell the clouds apart by identity) gets one call per pass."""
+    from otlinop._checks import Inputs
+    from otlinop._loss_derivatives import Spec, point_grad, sinkhorn_grad, solve
+    from otlinop.sinkhorn import epsilon_schedule
+
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(1, 24, 2, generator=gen), torch.randn(1, 24, 2, generator=gen) + 0.3
+    a = b = torch.full((1, 24), 1 / 24)
+    spec = Spec(tuple(epsilon_schedule(4.0, 0.3, 0.5)), 0.09, None, None, True, 0.5, "triton", None)
+    sol = solve(Inputs(x, y, a, b, batched=True), spec)
+    calls = []
+
+    def counting(*args, **kw):
+        calls.append((args[0] is x, args[1] is y or args[1] is x))
+        return point_grad(*args, **kw)
+
+    gx, *_ = sinkhorn_grad(x, y, a, b, sol, spec, (True, False, False, False), point_grad=counting)
+    assert calls == [(True, True), (True, True)]
+    stacked, *_ = sinkhorn_grad(x, y, a, b, sol, spec, (True, False, False, False))
+    torch.testing.assert_close(stacked, gx, rtol=1e-5, atol=1e-6)
