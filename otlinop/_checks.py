@@ -831,25 +831,34 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
-def _extent_flag(x: torch.Tensor, y: torch.Tensor, cost_scale: float, messages_only: bool = False) -> list:
+def _box(x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """``(lo, hi)``: the per-coordinate extremes of both clouds (every batch entry), float64 (d,)
+    each; NaN where a coordinate holds one."""
+    d = x.shape[-1]
+    with torch.no_grad():
+        pts = (x.reshape(-1, d), y.reshape(-1, d))
+        return (torch.minimum(pts[0].amin(0), pts[1].amin(0)).double(),
+                torch.maximum(pts[0].amax(0), pts[1].amax(0)).double())
+
+
+def _extent_flag(x: torch.Tensor, y: torch.Tensor, cost_scale: float, messages_only: bool = False,
+                 box: tuple | None = None) -> list:
     """``(flag, message)``: the largest cost ``c |x_i - y_j|^2`` stays finite in the compute dtype.
 
     Bounded by ``c diam^2`` (diam: the diagonal of the joint bounding box); the kernels
     form ``|x|^2 + |y|^2 - 2 x.y`` on centred points, up to ``4 c diam^2``, which must
-    be finite. No synchronisation: the flag joins the others.
+    be finite. No synchronisation: the flag joins the others. ``box``: :func:`_box` of the
+    clouds, when the caller has it.
     """
     if x.numel() == 0 or y.numel() == 0:
         return []
     dtype = compute_dtype(x.dtype)
-    d = x.shape[-1]
     limit = torch.finfo(dtype).max
     name = str(dtype).replace("torch.", "")
     flag = None
     if not messages_only:
+        lo, hi = _box(x, y) if box is None else box
         with torch.no_grad():
-            pts = (x.reshape(-1, d), y.reshape(-1, d))
-            lo = torch.minimum(pts[0].amin(0), pts[1].amin(0)).double()
-            hi = torch.maximum(pts[0].amax(0), pts[1].amax(0)).double()
             flag = 4.0 * cost_scale * ((hi - lo) ** 2).sum() <= limit
     return [(flag, f"the points are too far apart: their costs c |x_i - y_j|^2 (c = cost_scale = "
                              f"{cost_scale:g}) overflow {name} (4 c diam^2 exceeds {limit:.1e}, diam the "
@@ -992,7 +1001,7 @@ def measures_and_read(owner: str, x, y, a, b, *, balanced: bool, check: bool, re
         raise RuntimeError(f"{owner}: a CUDA graph is being captured, where no value can be read back to "
                            "the host; pass the option that provides it (e.g. diameter=...) to capture this call")
     with torch.no_grad():
-        # The default diameter from the extremes the checks found, when they came with them.
+        # The default diameter from the extremes the checks found, when they ran.
         extra = (box_diameter_from(*box) if read is box_diameter and box is not None else read(values))
         extra = extra.to(torch.float64).reshape(1)
         values = torch.cat([torch.stack([f for f, _ in flags]).to(torch.float64), extra]) if flags else extra
@@ -1007,14 +1016,9 @@ def box_diameter(inp: Inputs) -> torch.Tensor:
     """The diagonal of the joint bounding box of all the points of ``inp`` (every batch entry),
     a 0-d float64 tensor: the default diameter of the eps schedule, as a ``read`` of
     :func:`measures_and_read` (which takes it from its checks' extremes when it has them)."""
-    d = inp.x.shape[-1]
-    with torch.no_grad():
-        pts = (inp.x.reshape(-1, d), inp.y.reshape(-1, d))
-        lo = torch.minimum(pts[0].min(0).values, pts[1].min(0).values)
-        hi = torch.maximum(pts[0].max(0).values, pts[1].max(0).values)
-        # In float64: the difference of two half-precision extremes can round to a
-        # different schedule than the same points in float32.
-        return box_diameter_from(lo, hi)
+    # In float64 (_box): the difference of two half-precision extremes can round to a
+    # different schedule than the same points in float32.
+    return box_diameter_from(*_box(inp.x, inp.y))
 
 
 def measures_ok(x, y, a, b, *, balanced: bool, cost_scale: float = 1.0) -> torch.Tensor:
@@ -1035,9 +1039,9 @@ def _mass_flags(x, y, a, b, balanced: bool, cost_scale: float) -> list:
 
 def _mass_flags_and_box(x, y, a, b, balanced: bool, cost_scale: float) -> tuple:
     """``(flags, box)``: :func:`_mass_flags`, and the per-coordinate extremes ``(lo, hi)``
-    of both clouds when they came with the flags (None otherwise). On CUDA (float32 or
-    half points, contiguous data) all of it is one launch (``otlinop._measure_flags``),
-    where the torch ops below are about forty."""
+    of both clouds (float64; the default diameter's). On CUDA (float32 or half points,
+    contiguous data) all of it is one launch (``otlinop._measure_flags``), where the torch
+    ops below are about forty."""
     limit = torch.finfo(compute_dtype(x.dtype)).max
     name = str(compute_dtype(x.dtype)).replace("torch.", "")
     tol = max(1e-3, 8 * torch.finfo(a.dtype).eps)     # half-precision weights cannot even represent 1/n exactly
@@ -1058,11 +1062,12 @@ def _mass_flags_and_box(x, y, a, b, balanced: bool, cost_scale: float) -> tuple:
                                                messages_only=True)]
         messages += [m for _, m in _extent_flag(x, y, cost_scale, messages_only=True)] + mass_messages
         return list(zip(values.unbind(0), messages)), (lo, hi)
+    box = _box(x, y) if x.numel() and y.numel() else None     # (the default diameter's extremes too)
     flags = _value_flags({"x": x, "y": y, "a": a, "b": b}, nonnegative=("a", "b"))
-    flags += _extent_flag(x, y, cost_scale)
+    flags += _extent_flag(x, y, cost_scale, box=box)
     with torch.no_grad():
         ma, mb = a.sum(-1, dtype=torch.float64), b.sum(-1, dtype=torch.float64)
         checks = [(ma > 0).all(), (mb > 0).all(), (ma * mb <= limit).all()]
         if balanced:
             checks.append(((ma - mb).abs() <= tol * torch.maximum(ma, mb)).all())
-    return flags + list(zip(checks, mass_messages)), None
+    return flags + list(zip(checks, mass_messages)), box
