@@ -90,6 +90,12 @@ def _nested_forward_mode() -> bool:
     return sum(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()) > 1
 
 
+def forward_mode_active() -> bool:
+    """Whether a tensor may carry a forward-mode tangent here: a forward-AD dual level is open,
+    or a torch.func transform is running (its levels may be jvp ones)."""
+    return getattr(fwAD, "_current_level", -1) >= 0 or torch._C._functorch.maybe_current_level() is not None
+
+
 def may_carry_tangent(t) -> bool:
     """Outside any autograd Function: False only when ``t`` certainly carries no forward-mode
     tangent. Readable there: a plain tensor's forward-AD tangent, and that of a tensor

@@ -59,7 +59,7 @@ from ._checks import (Inputs, backend_name, capturing, choice, flag, fraction, m
                       positive_int, positive_scalar, precision_name, preconditioner, reach_or_none,
                       solver_function)
 from ._loss_derivatives import CONVERGE, SecondOrder, Spec, converged, solve
-from ._loss_functions import SinkhornLoss, may_carry_tangent, over_vmap
+from ._loss_functions import SinkhornLoss, forward_mode_active, may_carry_tangent, over_vmap
 from ._loss_multiscale import MultiscaleLoss, multiscale_potentials, refuse_for_multiscale
 from ._loss_ops import checked_schedule, loss_op
 from .kernels._dispatch import check_backend
@@ -193,10 +193,11 @@ def _samples_loss(owner: str, a, x, b, y, *, blur, reach, diameter, scaling, cos
         F, G = inp.unbatch(F).to(compute_dtype(x.dtype)), inp.unbatch(G).to(compute_dtype(x.dtype))
         # Shaped like the weights, as GeomLoss (view_as).
         return F.reshape(shape_a or F.shape), G.reshape(shape_b or G.shape)
-    if second.weight_tangents is None:
+    if second.weight_tangents is None and forward_mode_active():
         # Read here, outside the Functions (inside them a torch.func.jvp level hides it, and the
         # guards of the weights' second derivatives would go on every gradient). Default
-        # weights are made here: no tangent, under any level.
+        # weights are made here: no tangent, under any level. (Without forward mode no tangent
+        # exists: a plain call skips this.)
         second = dataclasses.replace(second, weight_tangents=(a is not None and may_carry_tangent(inp.a),
                                                               b is not None and may_carry_tangent(inp.b)))
     value = SinkhornLoss.apply(inp.x, inp.y, inp.a, inp.b, spec, second, verbose)
