@@ -39,8 +39,7 @@ def diameter(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def diameter_tensor(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """:func:`diameter` as a 0-d float64 tensor on the points' device (nothing read back)."""
-    d = x.shape[-1]
-    return box_diameter(Inputs(x.reshape(1, -1, d), y.reshape(1, -1, d), None, None, True))
+    return box_diameter(Inputs(x, y, None, None, True))
 
 
 def schedule_tensor(eps_list, device) -> torch.Tensor:

@@ -165,15 +165,13 @@ class PlanOperator(LinearOperator):
     # ----------------------------------------------------------------- hooks
     def _apply(self, V):
         """(m,) or (m, k) -> (n,) or (n, k); V=None gives P 1."""
-        args = (self.x, self.y, self.f, self.g, V, self._a, self._b, self.eps, self.cost_scale, self.backend,
-                self.precision)
         if not recorded(self.x, self.y, self.f, self.g, V, self._a, self._b):
             # Nothing to differentiate: the Function's computation, with the weights' logarithms
             # taken once per operator (two launches a product less).
             log_a, log_b = self._log_weights()
-            return plan_apply(self.x, self.y, self.f, self.g, V, log_a=log_a, log_b=log_b, eps=self.eps,
-                              cost_scale=self.cost_scale, backend=self.backend, precision=self.precision)
-        return PlanMatmul.apply(*args)
+            return plan_apply(self.x, self.y, self.f, self.g, V, log_a=log_a, log_b=log_b, **self._kernel_options())
+        return PlanMatmul.apply(self.x, self.y, self.f, self.g, V, self._a, self._b, self.eps, self.cost_scale,
+                                self.backend, self.precision)
 
     def _log_weights(self) -> tuple:
         """``(log a, log b)`` (None where a weight is absent), kept while the weights (tensors the

@@ -29,6 +29,7 @@ from .._sinkhorn_result import ConvergenceWarning, convergence_status
 from .._sinkhorn_schedule import DEFAULT_BLUR, DEFAULT_MAX_ITER, loop_options, resolve_eps
 from ..kernels import lse_cost
 from ..kernels._dispatch import check_backend
+from ..kernels.softmin_pair import averaged_step
 from .plan import (Ring, RingPlanOperator, checked_over_group, merge_lse_or_empty, ordered_max, ordered_sum,
                    require_group, ring_lse, same_dimension)
 
@@ -76,8 +77,7 @@ class ShardedOps(LocalOps):
         parts = [p if p is not None else (None, None) for p in self.pair_ring.map(payload, compute)]
         sf = -eps * merge_lse_or_empty([p[0] for p in parts], x0.shape[0], ha)
         sg = -eps * merge_lse_or_empty([p[1] for p in parts], y0.shape[0], hb)
-        out = torch.cat([sf, sg]).unsqueeze(0)
-        return out if average is None else torch.lerp(average, out.to(average.dtype), 0.5)
+        return averaged_step(torch.cat([sf, sg]).unsqueeze(0), average)
 
     def rows(self, x, y, h, *, eps, **opts):
         return (-eps * ring_lse(x[0], y[0], h[0], self.col_ring, eps=eps, **opts)).unsqueeze(0)
@@ -87,8 +87,8 @@ class ShardedOps(LocalOps):
 
     def self_smin(self, side: int, c, f, log_w, *, eps, average=None, **opts):
         ring = self.row_ring if side == 0 else self.col_ring
-        out = (-eps * ring_lse(c[0], c[0], log_w[0] + f[0] / eps, ring, eps=eps, **opts)).unsqueeze(0)
-        return out if average is None else torch.lerp(average, out.to(average.dtype), 0.5)
+        out = -eps * ring_lse(c[0], c[0], log_w[0] + f[0] / eps, ring, eps=eps, **opts)
+        return averaged_step(out.unsqueeze(0), average)
 
     def total(self, t: torch.Tensor) -> torch.Tensor:
         return ordered_sum(t, self.group)

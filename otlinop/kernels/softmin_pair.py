@@ -478,7 +478,7 @@ def _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision, forc
     out = torch.empty(geo.shape(geo.n + geo.m), device=geo.device, dtype=compute_dtype(geo.dtype))
     _check_average(average, out)
     if geo.n == 0 or geo.m == 0:
-        return _averaged(out.fill_(float("inf")), average)
+        return averaged_step(out.fill_(float("inf")), average)
     pair = prepare_pair(x, y, precision)
     f, g, log_a, log_b = (unit_last(t) for t in (f, g, log_a, log_b))
     (R, rows), (S, cols) = range_plan(geo.n, geo.m, geo.B, sm_count(geo.device), forced=forced_ranges)
@@ -496,8 +496,9 @@ def _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision, forc
     return out
 
 
-def _averaged(s, average):
-    """``lerp(average, s, 1/2)`` (the merge kernel's AVERAGE), ``s`` without ``average``."""
+def averaged_step(s, average):
+    """``lerp(average, s, 1/2)`` (the merge kernel's AVERAGE), ``s`` without ``average``: the
+    averaged step of loops whose soft-mins come from elsewhere (torch references, rings)."""
     return s if average is None else torch.lerp(average, s.to(average.dtype), 0.5)
 
 
@@ -568,7 +569,7 @@ def _self_triton(geo, x, f, log_a, eps, cost_scale, precision, forced_ranges=Non
     out = torch.empty(geo.shape(geo.n), device=geo.device, dtype=compute_dtype(geo.dtype))
     _check_average(average, out)
     if geo.n == 0:
-        return _averaged(out, average)
+        return averaged_step(out, average)
     pair = prepare_pair(x, x, precision)
     f, log_a = unit_last(f), unit_last(log_a)
     la = log_a if log_a is not None else f
@@ -691,9 +692,9 @@ def softmin_pair_unchecked(x, y, f, g, log_a, log_b, *, eps: float, cost_scale: 
     geo = Geometry(_FN, batched, B, x.shape[-2], y.shape[-2], x.shape[-1], x.dtype, x.device)
     precision = resolve_precision(_FN, precision)
     if resolve_backend(_FN, backend, x) == "torch":
-        return _averaged(_pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale), average)
+        return averaged_step(_pair_torch(x, y, f, g, log_a, log_b, eps, cost_scale), average)
     if average is not None and average.dtype != compute_dtype(geo.dtype):
-        return _averaged(_pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision), average)
+        return averaged_step(_pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision), average)
     return _pair_triton(geo, x, y, f, g, log_a, log_b, eps, cost_scale, precision, average=unit_last(average))
 
 
@@ -761,9 +762,9 @@ def softmin_self_unchecked(x, f, log_a, *, eps: float, cost_scale: float, backen
                            x.shape[-1], x.dtype, x.device)
     precision = resolve_precision(_FN_SELF, precision)
     if resolve_backend(_FN_SELF, backend, x) == "torch":
-        return _averaged(_self_torch(x, f, log_a, eps, cost_scale), average)
+        return averaged_step(_self_torch(x, f, log_a, eps, cost_scale), average)
     if average is not None and average.dtype != compute_dtype(geo.dtype):
-        return _averaged(_self_triton(geo, x, f, log_a, eps, cost_scale, precision), average)
+        return averaged_step(_self_triton(geo, x, f, log_a, eps, cost_scale, precision), average)
     return _self_triton(geo, x, f, log_a, eps, cost_scale, precision, average=unit_last(average))
 
 
